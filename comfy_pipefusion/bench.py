@@ -1,0 +1,144 @@
+"""Benchmark: the strategies side by side on one model, seed, size and step count.
+
+    python -m comfy_pipefusion.bench --preset small --json bench.json
+
+Serial runs in a process of its own with 1 thread (never beside idle ranks); the parallel strategies
+run in one torchrun group of --world-size ranks, one after another. Every job runs --repeats times with
+the model loaded; wall_s is the median of those runs (wall_s_min is also written). Errors are measured
+against serial on the returned LATENT; bytes sent are counted per rank and compared with the analytic
+formulas of parallel/costs.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .config import STRATEGIES, TEXT_STREAMS, ParallelConfig, SampleSpec
+from .group import run_jobs
+from .models import flux
+from .parallel.costs import expected_bytes
+
+ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m comfy_pipefusion.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small", choices=sorted(flux.PRESETS))
+    ap.add_argument("--strategies", default="serial,pipefusion,distrifusion,naive_patch")
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--patches", type=int, default=0, help="PipeFusion's M (default: world size)")
+    ap.add_argument("--warmup-steps", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None, help="default: the preset's")
+    ap.add_argument("--height", type=int, default=None, help="default: the preset's")
+    ap.add_argument("--width", type=int, default=None, help="default: the preset's")
+    ap.add_argument("--threads-per-rank", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text-streams", default="last_patch",
+                    help=f"PipeFusion text schemes to run, comma-separated: {', '.join(TEXT_STREAMS)}")
+    ap.add_argument("--balance", default="compute", choices=("compute", "memory"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=sorted(ELEM))
+    ap.add_argument("--json", default=None, help="write the results here")
+    return ap.parse_args(argv)
+
+
+def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
+    """Validate everything before any process starts; returns (spec, serial jobs, parallel jobs)."""
+    preset = flux.PRESETS[args.preset]
+    spec = SampleSpec(height=args.height or preset["height"], width=args.width or preset["width"],
+                      steps=args.steps or preset["steps"], seed=args.seed, dtype=args.dtype)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r} in --strategies: choose from {', '.join(STRATEGIES)}")
+    streams = [s.strip() for s in args.text_streams.split(",") if s.strip()]
+    num_blocks = len(flux.blocks_of(flux.build_meta(preset["config"])))
+    sample = {k: getattr(spec, k) for k in ("height", "width", "steps", "seed", "dtype")}
+    serial = [{"name": "serial", "parallel": {"strategy": "serial"}, "sample": sample, "repeats": args.repeats}]
+    par = []
+    for s in strategies:
+        if s == "serial":
+            continue
+        for stream in (streams if s == "pipefusion" else ["last_patch"]):
+            p = {"strategy": s, "patches": args.patches if s == "pipefusion" else 0,
+                 "warmup_steps": args.warmup_steps, "text_stream": stream, "balance": args.balance}
+            cfg = ParallelConfig(world_size=args.world_size, **p)
+            cfg.check_model(num_blocks)
+            cfg.check_image(spec.token_rows)
+            name = s if s != "pipefusion" or len(streams) == 1 else f"{s}-{stream}"
+            par.append({"name": name, "parallel": p, "sample": sample, "repeats": args.repeats})
+    return spec, serial, par
+
+
+def summarise(args, spec, serial, results) -> dict:
+    preset = flux.PRESETS[args.preset]
+    cfg_model = preset["config"]
+    ref, ref_m = serial
+    base = ref_m["wall_s_median"]
+    rows = []
+    for name, (x, m), job in results:
+        p = job["parallel"]
+        n = 1 if p["strategy"] == "serial" else args.world_size
+        cfg = ParallelConfig(world_size=n, **p)
+        err = (x - ref).float()
+        dims = dict(world=n, batch=1, width=cfg_model["num_attention_heads"] * cfg_model["attention_head_dim"],
+                    n_txt=preset["text_tokens"], rows=spec.token_rows, cols=spec.token_cols, steps=spec.steps,
+                    warmup=cfg.warmup_steps, patches=cfg.num_patches, elem=ELEM[spec.dtype],
+                    layers=cfg_model["num_layers"] + cfg_model["num_single_layers"], text_stream=cfg.text_stream)
+        rows.append({"strategy": p["strategy"], "name": name, "text_stream": cfg.text_stream,
+                     "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
+                     "threads_per_rank": 1 if n == 1 else args.threads_per_rank,
+                     "wall_s": m["wall_s_median"], "wall_s_min": m["wall_s_min"], "wall_s_runs": m["wall_s_runs"],
+                     "speedup_vs_serial": base / m["wall_s_median"],
+                     "max_abs_err_vs_serial": float(err.abs().max()),
+                     "rel_l2_err_vs_serial": float(err.norm() / ref.float().norm()),
+                     "param_bytes_per_rank": m["param_bytes_per_rank"],
+                     "bytes_sent_per_step_per_rank": [b / spec.steps for b in m["bytes_sent_per_rank"]],
+                     "expected_bytes_per_step_per_rank": [
+                         expected_bytes(p["strategy"], rank=r, **dims) / spec.steps for r in range(n)]})
+    return {"model": {"name": f"flux-{args.preset}", "params": ref_m["params"]}, "steps": spec.steps,
+            "height": spec.height, "width": spec.width, "seed": spec.seed, "timing": "median of repeats",
+            "repeats": args.repeats, "results": rows}
+
+
+def print_table(report: dict) -> None:
+    print(f"model {report['model']['name']} ({report['model']['params'] / 1e6:.1f}M params), "
+          f"{report['width']}x{report['height']}, {report['steps']} steps, wall = {report['timing']}")
+    head = f"{'strategy':<26}{'N':>3}{'M':>4}{'W':>3}{'wall_s':>9}{'speedup':>9}{'max_abs':>10}{'rel_l2':>10}" \
+           f"{'MB/rank (max)':>15}{'KB sent/step/rank (max)':>25}"
+    print(head)
+    print("-" * len(head))
+    for r in report["results"]:
+        print(f"{r['name']:<26}{r['world_size']:>3}{r['patches']:>4}{r['warmup_steps']:>3}{r['wall_s']:>9.3f}"
+              f"{r['speedup_vs_serial']:>8.2f}x{r['max_abs_err_vs_serial']:>10.2e}{r['rel_l2_err_vs_serial']:>10.2e}"
+              f"{max(r['param_bytes_per_rank']) / 2**20:>15.1f}{max(r['bytes_sent_per_step_per_rank']) / 1024:>25.1f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        spec, serial_jobs, par_jobs = plan_jobs(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    serial = run_jobs(args.preset, args.seed, serial_jobs, world_size=1, threads=1)["serial"]
+    results = [("serial", serial, serial_jobs[0])]
+    if par_jobs:
+        out = run_jobs(args.preset, args.seed, par_jobs, world_size=args.world_size, threads=args.threads_per_rank)
+        results += [(j["name"], out[j["name"]], j) for j in par_jobs]
+    report = summarise(args, spec, serial, results)
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    raise SystemExit(main())

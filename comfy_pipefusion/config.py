@@ -1,0 +1,140 @@
+"""Frozen, validated configuration for one parallel sampling job.
+
+Every check raises ``ValueError`` whose message names the numbers involved and the fix, so that a bad
+setting is refused before any process group starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STRATEGIES = ("serial", "pipefusion", "distrifusion", "naive_patch")
+TEXT_STREAMS = ("last_patch", "first_patch", "every_patch")
+SAMPLERS = ("euler", "frozen")
+BALANCES = ("compute", "memory")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one image is spread over the ranks of a group."""
+
+    strategy: str = "pipefusion"
+    """serial | pipefusion | distrifusion | naive_patch."""
+    world_size: int = 1
+    """Number of ranks (one per GPU, or CPU processes)."""
+    patches: int = 0
+    """PipeFusion's M: number of token-row bands per image; 0 means the default (= world_size)."""
+    warmup_steps: int = 1
+    """Synchronous full-image steps before the asynchronous (stale K/V) steps start; at least 1."""
+    stage_split: tuple[int, ...] | None = None
+    """PipeFusion only: number of blocks per stage, in block order; None splits by ``balance``."""
+    text_stream: str = "last_patch"
+    """PipeFusion's text-token scheme (see parallel/pipefusion.py)."""
+    balance: str = "compute"
+    """PipeFusion's automatic split: 'compute' (equal work per stage: fastest) or 'memory' (equal
+    parameter bytes per stage: for models that only fit when spread evenly)."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.text_stream not in TEXT_STREAMS:
+            raise ValueError(f"unknown text_stream {self.text_stream!r}: choose one of {', '.join(TEXT_STREAMS)}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"unknown balance {self.balance!r}: choose one of {', '.join(BALANCES)}")
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be at least 1, got {self.world_size}")
+        if self.strategy == "serial" and self.world_size != 1:
+            raise ValueError(f"strategy 'serial' runs on exactly 1 rank, got world_size {self.world_size}")
+        if self.strategy != "serial" and self.world_size < 2:
+            raise ValueError(
+                f"strategy {self.strategy!r} needs at least 2 ranks, got world_size {self.world_size}; "
+                "use strategy 'serial' on a single device")
+        if self.patches < 0:
+            raise ValueError(f"patches must be 0 (default) or positive, got {self.patches}")
+        if self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be at least 1 (it fills the K/V buffers), got {self.warmup_steps}")
+        if self.stage_split is not None:
+            if self.strategy != "pipefusion":
+                raise ValueError(f"stage_split applies to pipefusion only, not {self.strategy!r}")
+            if len(self.stage_split) != self.world_size or min(self.stage_split) < 1:
+                raise ValueError(
+                    f"stage_split {list(self.stage_split)} must give at least 1 block to each of the "
+                    f"{self.world_size} stages")
+
+    @property
+    def num_patches(self) -> int:
+        """M as used by the strategy: distrifusion and naive_patch use one band per rank."""
+        if self.strategy == "pipefusion":
+            return self.patches or self.world_size
+        if self.strategy == "serial":
+            return 1
+        return self.world_size
+
+    def check_image(self, token_rows: int) -> None:
+        """Raise if the image has too few token rows for the bands; before any worker starts."""
+        m = self.num_patches
+        if m > token_rows:
+            raise ValueError(
+                f"{m} patches ({self.strategy}) need at least {m} token rows, but the image has only "
+                f"{token_rows} (height/16); use at most {token_rows} patches/ranks or a taller image")
+
+    def check_model(self, num_blocks: int) -> None:
+        """Raise if the model has too few blocks for the stages; before any worker starts."""
+        if self.strategy != "pipefusion":
+            return
+        if self.world_size > num_blocks:
+            raise ValueError(
+                f"pipefusion with {self.world_size} stages needs at least {self.world_size} blocks, "
+                f"the model has {num_blocks}; use at most {num_blocks} ranks")
+        if self.stage_split is not None and sum(self.stage_split) != num_blocks:
+            raise ValueError(
+                f"stage_split {list(self.stage_split)} covers {sum(self.stage_split)} blocks, "
+                f"the model has {num_blocks}")
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What to sample: size, steps, seed and the sampler."""
+
+    height: int = 256
+    """Image height in pixels, multiple of 16 (Flux packs 2x2 latent pixels of 8x8 image pixels)."""
+    width: int = 256
+    """Image width in pixels, multiple of 16."""
+    steps: int = 8
+    """Denoising steps, at least 1."""
+    seed: int = 0
+    """Seed of the initial noise, as ComfyUI's KSampler uses it."""
+    sampler: str = "euler"
+    """euler, or 'frozen': the test sampler whose update is the identity until the last step."""
+    batch: int = 1
+    """Images per job."""
+    dtype: str = "float32"
+    """Compute dtype of the transformer."""
+    guidance: float = 3.5
+    """Flux distilled guidance (used when the model has a guidance embedding)."""
+    shift: float | None = None
+    """Flux time shift; None derives it from the resolution as ComfyUI's ModelSamplingFlux does."""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    """Free-form annotations carried along (not used by the engine)."""
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v < 16 or v % 16:
+                raise ValueError(f"{name} {v} must be a positive multiple of 16 (e.g. {max(16, v // 16 * 16)})")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r} is not implemented: choose one of {', '.join(SAMPLERS)}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be at least 1, got {self.batch}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} unknown: choose one of {', '.join(DTYPES)}")
+
+    @property
+    def token_rows(self) -> int:
+        return self.height // 16
+
+    @property
+    def token_cols(self) -> int:
+        return self.width // 16

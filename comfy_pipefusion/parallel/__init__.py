@@ -1,0 +1,16 @@
+"""Parallel strategies. Each ``run_*`` samples one job on this rank and returns the latent on rank 0."""
+from __future__ import annotations
+
+
+def strategy_fn(name: str):
+    """The function that runs strategy ``name`` on a rank (imports lazily: nothing at import time)."""
+    if name == "pipefusion":
+        from .pipefusion import run_pipefusion
+        return run_pipefusion
+    if name == "distrifusion":
+        from .distrifusion import run_distrifusion
+        return run_distrifusion
+    if name == "naive_patch":
+        from .naive import run_naive_patch
+        return run_naive_patch
+    raise ValueError(f"no parallel runner for strategy {name!r}")

@@ -1,0 +1,75 @@
+"""Which rank holds which part of the model: the stage split and per-rank materialisation."""
+from __future__ import annotations
+
+import torch
+
+from ..config import ParallelConfig
+from ..models import flux
+
+
+def balanced_split(costs: list[float], stages: int) -> tuple[int, ...]:
+    """Blocks per stage, contiguous, minimising the most expensive stage (ties: earlier stages lighter).
+
+    Exact dynamic programme over (blocks, stages); a DiT has at most a few hundred blocks.
+    """
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise ValueError(f"cannot split {n} blocks into {stages} stages (need 1 <= stages <= {n})")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[s][i]: the least max-stage cost of putting the first i blocks on s stages; cut[s][i]: last cut.
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                v = max(best[s - 1][j], prefix[i] - prefix[j])
+                if v < best[s][i] - 1e-12:
+                    best[s][i], cut[s][i] = v, j
+    sizes, i = [], n
+    for s in range(stages, 0, -1):
+        sizes.append(i - cut[s][i])
+        i = cut[s][i]
+    return tuple(reversed(sizes))
+
+
+def stage_split(model, cfg: ParallelConfig) -> tuple[int, ...]:
+    blocks = flux.blocks_of(model)
+    if cfg.stage_split is not None:
+        return cfg.stage_split
+    return balanced_split([flux.block_cost(model, b, cfg.balance) for b in blocks], cfg.world_size)
+
+
+def rank_blocks(model, cfg: ParallelConfig, rank: int) -> list[flux.Block]:
+    """The blocks this rank runs: its stage's under pipefusion, all of them otherwise."""
+    blocks = flux.blocks_of(model)
+    if cfg.strategy != "pipefusion":
+        return blocks
+    sizes = stage_split(model, cfg)
+    start = sum(sizes[:rank])
+    return blocks[start:start + sizes[rank]]
+
+
+def rank_modules(model, cfg: ParallelConfig, rank: int) -> list[str]:
+    """Names of the submodules this rank materialises."""
+    if cfg.strategy != "pipefusion":
+        return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+    names = list(flux.SHARED_MODULES)
+    if rank == 0:
+        names += flux.FIRST_MODULES
+    if rank == cfg.world_size - 1:
+        names += flux.LAST_MODULES
+    return names + [b.prefix for b in rank_blocks(model, cfg, rank)]
+
+
+def load_rank_model(config: dict, seed: int, cfg: ParallelConfig, rank: int, device: torch.device,
+                    dtype: torch.dtype):
+    """Build on the meta device and fill only this rank's part; returns (model, its blocks)."""
+    model = flux.build_meta(config)
+    cfg.check_model(len(flux.blocks_of(model)))
+    flux.materialize(model, rank_modules(model, cfg, rank), device, dtype, seed)
+    model.eval().requires_grad_(False)
+    return model, rank_blocks(model, cfg, rank)

@@ -1,0 +1,72 @@
+"""Patch arithmetic: pure functions, no torch.distributed, no model.
+
+The sequence a DiT attends over is ``[text tokens; image tokens]`` (the *joint* sequence). Image tokens are
+the packed latent in row-major order, ``cols`` tokens per row. A patch is a contiguous band of token rows,
+optionally with a contiguous range of text tokens; ``Span`` names both ranges.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def split_even(n: int, parts: int) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into ``parts`` contiguous ranges whose sizes differ by at most one.
+
+    The first ``n % parts`` ranges are one longer. Raises when a range would be empty.
+    """
+    if parts < 1 or parts > n:
+        raise ValueError(f"cannot split {n} rows into {parts} non-empty bands (need 1 <= bands <= {n})")
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+@dataclass(frozen=True)
+class Span:
+    """Token ranges of one patch: text tokens ``[t0, t1)`` and image tokens ``[i0, i1)``."""
+
+    t0: int
+    t1: int
+    i0: int
+    i1: int
+
+    @property
+    def n_txt(self) -> int:
+        return self.t1 - self.t0
+
+    @property
+    def n_img(self) -> int:
+        return self.i1 - self.i0
+
+    def joint_index(self, n_txt_total: int) -> torch.Tensor:
+        """Positions of this patch's tokens in the joint sequence, text first."""  # [n_txt + n_img]
+        return torch.cat([torch.arange(self.t0, self.t1),
+                          torch.arange(n_txt_total + self.i0, n_txt_total + self.i1)])
+
+
+def image_bands(rows: int, cols: int, patches: int) -> list[tuple[int, int]]:
+    """Image-token ranges of ``patches`` bands of whole token rows."""
+    return [(r0 * cols, r1 * cols) for r0, r1 in split_even(rows, patches)]
+
+
+def pipefusion_spans(rows: int, cols: int, n_txt: int, patches: int, text_stream: str) -> list[Span]:
+    """Patches of one asynchronous PipeFusion step; the text tokens ride with the text patch(es)."""
+    bands = image_bands(rows, cols, patches)
+    text_on = {"first_patch": {0}, "last_patch": {patches - 1}, "every_patch": set(range(patches))}[text_stream]
+    return [Span(0, n_txt if p in text_on else 0, a, b) for p, (a, b) in enumerate(bands)]
+
+
+def displaced_spans(rows: int, cols: int, n_txt: int, ranks: int) -> list[Span]:
+    """DistriFusion: rank r owns text band r and image band r of the joint sequence."""
+    txt = split_even(n_txt, ranks) if n_txt >= ranks else [(0, n_txt)] + [(n_txt, n_txt)] * (ranks - 1)
+    return [Span(t0, t1, a, b) for (t0, t1), (a, b) in zip(txt, image_bands(rows, cols, ranks))]
+
+
+def full_span(n_txt: int, n_img: int) -> Span:
+    return Span(0, n_txt, 0, n_img)
