@@ -38,10 +38,14 @@ def init_group(threads: int) -> tuple[Comm, torch.device]:
     """Join the torchrun group (if any) on this rank's device; set CPU threads."""
     torch.set_num_threads(max(1, threads))
     if "RANK" not in os.environ:
-        return Comm(0, 1), torch.device("cpu")
+        return Comm(0, 1), torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"rank {rank} wants cuda:{local} but only {torch.cuda.device_count()} GPUs "
+                               "are visible; start fewer ranks per node or set CUDA_VISIBLE_DEVICES")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
     else:
@@ -76,7 +80,12 @@ def run_job(job: dict, comm: Comm, device: torch.device, models: ModelCache) -> 
     """Run one job ``repeats`` times; rank 0 returns the latent and the metrics."""
     preset = flux.PRESETS[job["preset"]]
     spec = SampleSpec(**{**{k: preset[k] for k in ("height", "width", "steps")}, **job["sample"]})
-    cfg = ParallelConfig(world_size=comm.world_size, **job["parallel"])
+    par = dict(job["parallel"])
+    asked = par.pop("world_size", comm.world_size)
+    if asked != comm.world_size:
+        raise ValueError(f"job {job['name']!r} asks for world_size {asked} but the group has "
+                         f"{comm.world_size} ranks; start the group with {asked} ranks")
+    cfg = ParallelConfig(world_size=comm.world_size, **par)
     problem = preset_problem(job["preset"], spec)
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]

@@ -61,7 +61,17 @@ esac
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-echo "torch==$TORCH_VERSION" > "$WORK/constraints.txt"
+# torch is pinned hard; the rest are the versions this host was tested with (packages that
+# only ComfyUI pulls in), so a fresh machine resolves the same set.
+cat > "$WORK/constraints.txt" <<EOF
+torch==$TORCH_VERSION
+torchvision==0.28.0
+spandrel==0.4.2
+kornia==0.9.0
+av==18.1.0
+torchsde==0.2.6
+transformers>=4.50.3,<6
+EOF
 # /etc/xdg/pip/pip.conf may add its own global constraint file; ours is passed in addition.
 # pip output minus per-machine noise (unusable local index entries, the root-user warning).
 pip_quiet() {

@@ -1,0 +1,35 @@
+"""The benchmark command end to end, as README tells a newcomer to run it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+KEYS = {"strategy": str, "world_size": int, "patches": int, "warmup_steps": int, "threads_per_rank": int,
+        "wall_s": float, "speedup_vs_serial": float, "max_abs_err_vs_serial": float,
+        "rel_l2_err_vs_serial": float, "param_bytes_per_rank": list, "bytes_sent_per_step_per_rank": list}
+
+
+def test_bench_writes_the_documented_json(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "comfy_pipefusion.bench", "--preset", "tiny", "--steps", "3",
+                           "--warmup-steps", "3", "--repeats", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pipefusion" in proc.stdout and "speedup" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["model"]["name"] == "flux-tiny" and report["model"]["params"] > 500_000
+    assert (report["steps"], report["height"], report["width"]) == (3, 128, 128)
+    rows = {r["strategy"]: r for r in report["results"]}
+    assert set(rows) == {"serial", "pipefusion", "distrifusion", "naive_patch"}
+    for r in rows.values():
+        for key, typ in KEYS.items():
+            assert isinstance(r[key], typ), (r["strategy"], key)
+        assert len(r["param_bytes_per_rank"]) == len(r["bytes_sent_per_step_per_rank"]) == r["world_size"]
+        assert r["bytes_sent_per_step_per_rank"] == r["expected_bytes_per_step_per_rank"]
+    assert rows["serial"]["speedup_vs_serial"] == 1.0 and rows["serial"]["max_abs_err_vs_serial"] == 0.0
+    # warm-up >= steps: both stale strategies are synchronous and exact; the naive bands are not
+    assert rows["pipefusion"]["max_abs_err_vs_serial"] <= 1e-5
+    assert rows["distrifusion"]["max_abs_err_vs_serial"] <= 1e-5
+    assert rows["naive_patch"]["rel_l2_err_vs_serial"] > 1e-3
