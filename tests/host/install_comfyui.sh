@@ -45,7 +45,7 @@ EOF
 }
 
 # ---- fast path -------------------------------------------------------------
-if [ -f "$MARKER" ] && [ -f "$DEST/main.py" ] && grep -qF "$WANT_MARKER" "$MARKER" && host_ok; then
+if [ -f "$MARKER" ] && [ -f "$DEST/main.py" ] && grep -qF "$WANT_MARKER " "$MARKER" && host_ok; then
   say "already installed: $DEST"
   exit 0
 fi
