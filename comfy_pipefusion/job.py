@@ -6,7 +6,7 @@ shift), so what a job returns is what ComfyUI's KSampler would return.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -82,8 +82,9 @@ class BandProblem:
 
 
 def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor,
-                 latent: torch.Tensor | None = None) -> Problem:
-    """Build a job from conditioning and an optional input LATENT (zeros: text to image)."""
+                 latent: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> Problem:
+    """Build a job from conditioning, an optional input LATENT (zeros: text to image) and optional noise
+    (default: ComfyUI's noise for ``spec.seed``)."""
     h, w = spec.height // 8, spec.width // 8
     shape = (spec.batch, flux.LATENT_CHANNELS, h, w)
     if latent is None:
@@ -95,7 +96,10 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor,
         sigmas = frozen_sigmas(spec.steps)
     else:
         sigmas = flux_sigmas(spec.height, spec.width, spec.steps, spec.shift)
-    noise = comfy_noise(shape, spec.seed)
+    if noise is None:
+        noise = comfy_noise(shape, spec.seed)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} does not match the latent's {shape}")
     s0 = float(sigmas[0])
     x0 = flux.pack_latent(s0 * noise + (1.0 - s0) * process_in(latent.float()))
     guidance = torch.full((spec.batch,), float(spec.guidance))
@@ -114,7 +118,3 @@ def preset_problem(preset: str, spec: SampleSpec) -> Problem:
     p = flux.PRESETS[preset]
     txt, pooled = synthetic_conditioning(p["config"], p["text_tokens"], spec.batch, spec.seed)
     return make_problem(spec, txt, pooled)
-
-
-def with_spec(problem: Problem, **changes) -> Problem:
-    return replace(problem, spec=replace(problem.spec, **changes))

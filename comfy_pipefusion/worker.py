@@ -1,12 +1,13 @@
 """The torchrun entry point: one process per rank.
 
     python -m torch.distributed.run --standalone --nproc_per_node N -m comfy_pipefusion.worker \
-        --jobs jobs.json --out DIR [--threads T]
+        --jobs jobs.json --out DIR [--threads T]          # run a file of jobs, then exit
+    ... -m comfy_pipefusion.worker --serve GROUP_DIR        # a warm group serving the launcher
 
 Without torchrun (no RANK in the environment) it runs as a single rank with no process group, which is
 how the serial reference is timed in a process of its own. CUDA ranks use NCCL on cuda:LOCAL_RANK, CPU
-ranks use gloo. Rank 0 writes ``DIR/NAME.safetensors`` (the LATENT samples) and ``DIR/NAME.json``
-(timings, parameter bytes and bytes sent per rank) for each job of the file.
+ranks use gloo. In job-file mode rank 0 writes ``DIR/NAME.safetensors`` (the LATENT samples) and
+``DIR/NAME.json`` (timings, parameter bytes and bytes sent per rank) for each job.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import logging
 import os
 import statistics
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -23,15 +26,17 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from .config import ParallelConfig, SampleSpec
-from .job import preset_problem
+from .job import make_problem, preset_problem
 from .models import flux
 from .parallel import strategy_fn
 from .parallel.comm import Comm
-from .parallel.plan import load_rank_model, rank_modules
+from .parallel.plan import ModelSource, load_rank_model, rank_modules
+from .parallel.runtime import Control
 from .parallel.serial import run_serial
 
 log = logging.getLogger("comfy_pipefusion.worker")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COLLECTIVE_TIMEOUT = timedelta(hours=1)  # idle ranks are pinged well within it (serve.py)
 
 
 def init_group(threads: int) -> tuple[Comm, torch.device]:
@@ -47,99 +52,136 @@ def init_group(threads: int) -> tuple[Comm, torch.device]:
                                "are visible; start fewer ranks per node or set CUDA_VISIBLE_DEVICES")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device, timeout=COLLECTIVE_TIMEOUT)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    return Comm(rank, world), device
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    return Comm(rank, world, device=device), device
 
 
-def _setup_logging(rank: int, world: int) -> None:
+def setup_logging(rank: int, world: int) -> None:
     logging.basicConfig(level=os.environ.get("PIPEFUSION_LOG", "WARNING"),
                         format=f"%(asctime)s [rank {rank}/{world}] %(name)s: %(message)s")
 
 
 class ModelCache:
-    """One model per distinct set of modules this rank holds (a new split or strategy rebuilds it)."""
+    """One model per (source, modules this rank holds, dtype); a new one drops the old weights first."""
 
-    def __init__(self, config: dict, seed: int, device: torch.device) -> None:
-        self.config, self.seed, self.device = config, seed, device
-        self.key, self.value = None, None
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.key, self.value = device, None, None
 
-    def get(self, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
-        meta = flux.build_meta(self.config)
-        key = (tuple(rank_modules(meta, cfg, rank)), dtype)
+    def get(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
+        meta = flux.build_meta(source.config())
+        key = (source, tuple(rank_modules(meta, cfg, rank)), dtype)
         if key != self.key:
-            self.value = None  # drop the old weights before loading new ones
-            self.value = load_rank_model(self.config, self.seed, cfg, rank, self.device, dtype)
+            self.key, self.value = None, None
+            self.value = load_rank_model(source, cfg, rank, self.device, dtype)
             self.key = key
         return self.value
 
 
-def run_job(job: dict, comm: Comm, device: torch.device, models: ModelCache) -> dict | None:
-    """Run one job ``repeats`` times; rank 0 returns the latent and the metrics."""
-    preset = flux.PRESETS[job["preset"]]
-    spec = SampleSpec(**{**{k: preset[k] for k in ("height", "width", "steps")}, **job["sample"]})
+@dataclass
+class Prepared:
+    cfg: ParallelConfig
+    spec: SampleSpec
+    problem: object
+    model: torch.nn.Module
+    blocks: list
+    dtype: torch.dtype
+
+
+def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = None) -> Prepared:
+    """Validate a job and load what it needs on this rank (no communication)."""
+    source = ModelSource(**job["model"])
+    defaults = {k: flux.PRESETS[source.preset][k] for k in ("height", "width", "steps")} if source.preset else {}
+    spec = SampleSpec(**{**defaults, **job["sample"]})
     par = dict(job["parallel"])
     asked = par.pop("world_size", comm.world_size)
     if asked != comm.world_size:
-        raise ValueError(f"job {job['name']!r} asks for world_size {asked} but the group has "
+        raise ValueError(f"job {job.get('name', '')!r} asks for world_size {asked} but the group has "
                          f"{comm.world_size} ranks; start the group with {asked} ranks")
     cfg = ParallelConfig(world_size=comm.world_size, **par)
-    problem = preset_problem(job["preset"], spec)
+    if tensors is None:
+        problem = preset_problem(source.preset, spec)
+    else:
+        problem = make_problem(spec, tensors["txt"], tensors["pooled"], tensors.get("latent"), tensors.get("noise"))
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
-    model, blocks = models.get(cfg, comm.rank, dtype)
-    walls, x = [], None
-    for _ in range(int(job.get("repeats", 1))):
+    model, blocks = models.get(source, cfg, comm.rank, dtype)
+    return Prepared(cfg, spec, problem, model, blocks, dtype)
+
+
+def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) -> torch.Tensor | None:
+    """Sample once; returns the LATENT samples on rank 0."""
+    with torch.inference_mode():
+        if prep.cfg.strategy == "serial":
+            x = run_serial(prep.model, prep.problem, prep.dtype, device, control)
+        else:
+            x = strategy_fn(prep.cfg.strategy)(prep.model, prep.blocks, prep.problem, prep.cfg, comm,
+                                               prep.dtype, device, control)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return prep.problem.finish(x) if x is not None else None
+
+
+def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
+    local = {"param_bytes": flux.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "pid": os.getpid()}
+    if not dist.is_initialized():
+        return [local]
+    out = [None] * comm.world_size
+    dist.all_gather_object(out, local)
+    return out
+
+
+def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int) -> tuple[torch.Tensor | None, dict]:
+    """Run ``repeats`` times with the model loaded; rank 0 gets the samples and the metrics."""
+    walls, samples = [], None
+    for _ in range(repeats):
         comm.bytes_sent = 0
         comm.barrier()
         start = time.perf_counter()
-        with torch.inference_mode():
-            if cfg.strategy == "serial":
-                x = run_serial(model, problem, dtype, device)
-            else:
-                x = strategy_fn(cfg.strategy)(model, blocks, problem, cfg, comm, dtype, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        samples = execute(prep, comm, device, Control())
         comm.barrier()
         walls.append(time.perf_counter() - start)
-    local = {"param_bytes": flux.param_bytes(model), "bytes_sent": comm.bytes_sent}
-    per_rank = [local]
-    if dist.is_initialized():
-        per_rank = [None] * comm.world_size
-        dist.all_gather_object(per_rank, local)
-    if comm.rank != 0:
-        return None
+    stats = rank_stats(prep, comm)
     metrics = {"wall_s_runs": walls, "wall_s_median": statistics.median(walls), "wall_s_min": min(walls),
-               "param_bytes_per_rank": [r["param_bytes"] for r in per_rank],
-               "bytes_sent_per_rank": [r["bytes_sent"] for r in per_rank],
-               "params": sum(p.numel() for p in flux.build_meta(models.config).parameters()),
+               "param_bytes_per_rank": [r["param_bytes"] for r in stats],
+               "bytes_sent_per_rank": [r["bytes_sent"] for r in stats],
+               "params": sum(p.numel() for p in prep.model.parameters()),
                "device": str(device), "threads": torch.get_num_threads()}
-    return {"samples": problem.finish(x), "metrics": metrics}
+    return samples, metrics
+
+
+def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device) -> None:
+    spec = json.loads(jobs_path.read_text())
+    models = ModelCache(device)
+    for job in spec["jobs"]:
+        job = {"model": spec["model"], **job}
+        log.info("job %s: %s", job["name"], job["parallel"])
+        samples, metrics = run_timed(prepare(job, comm, models), comm, device, int(job.get("repeats", 1)))
+        if comm.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({"samples": samples.contiguous()}, str(out / f"{job['name']}.safetensors"))
+            (out / f"{job['name']}.json").write_text(json.dumps(metrics))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--jobs", required=True, help="JSON file: {'model': {...}, 'jobs': [...]}")
-    ap.add_argument("--out", required=True, help="folder for the results (rank 0 writes)")
+    ap.add_argument("--jobs", help="JSON file: {'model': {...}, 'jobs': [...]}")
+    ap.add_argument("--out", help="folder for the results of --jobs (rank 0 writes)")
+    ap.add_argument("--serve", help="group directory of a launcher: serve its jobs until shutdown")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("PIPEFUSION_THREADS", "1")))
     args = ap.parse_args(argv)
-    spec = json.loads(Path(args.jobs).read_text())
+    if bool(args.jobs) == bool(args.serve) or (args.jobs and not args.out):
+        ap.error("give either --jobs FILE --out DIR, or --serve GROUP_DIR")
     comm, device = init_group(args.threads)
-    _setup_logging(comm.rank, comm.world_size)
-    preset = flux.PRESETS[spec["model"]["preset"]]
-    models = ModelCache(preset["config"], int(spec["model"].get("seed", 0)), device)
-    out = Path(args.out)
+    setup_logging(comm.rank, comm.world_size)
     try:
-        for job in spec["jobs"]:
-            job = {"preset": spec["model"]["preset"], **job}
-            log.info("job %s: %s", job["name"], job["parallel"])
-            result = run_job(job, comm, device, models)
-            if result is not None:
-                out.mkdir(parents=True, exist_ok=True)
-                save_file({"samples": result["samples"].contiguous()}, str(out / f"{job['name']}.safetensors"))
-                (out / f"{job['name']}.json").write_text(json.dumps(result["metrics"]))
+        if args.serve:
+            from .serve import serve
+            serve(Path(args.serve), comm, device)
+        else:
+            run_file(Path(args.jobs), Path(args.out), comm, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -9,7 +9,7 @@ from comfy_pipefusion.config import ParallelConfig, SampleSpec
 from comfy_pipefusion.group import run_jobs
 from comfy_pipefusion.job import preset_problem
 from comfy_pipefusion.models import flux
-from comfy_pipefusion.parallel.plan import load_rank_model
+from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
 from comfy_pipefusion.parallel.serial import run_serial
 
 PRESET = "tiny"
@@ -47,8 +47,8 @@ def suite_jobs(world: int) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def serial_model():
-    cfg = flux.PRESETS[PRESET]["config"]
-    model, _ = load_rank_model(cfg, 0, ParallelConfig("serial", 1), 0, torch.device("cpu"), torch.float32)
+    model, _ = load_rank_model(ModelSource(preset=PRESET), ParallelConfig("serial", 1), 0, torch.device("cpu"),
+                               torch.float32)
     return model
 
 

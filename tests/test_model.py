@@ -7,7 +7,7 @@ import torch
 from comfy_pipefusion.attention import StaleKV
 from comfy_pipefusion.config import ParallelConfig
 from comfy_pipefusion.models import flux
-from comfy_pipefusion.parallel.plan import balanced_split, load_rank_model, rank_modules
+from comfy_pipefusion.parallel.plan import ModelSource, balanced_split, load_rank_model, rank_modules
 from comfy_pipefusion.patches import Span, full_span, image_bands
 
 
@@ -82,7 +82,7 @@ def test_balanced_split():
 def test_rank_materialises_only_its_stage():
     cfg = flux.PRESETS["tiny"]["config"]
     par = ParallelConfig(strategy="pipefusion", world_size=2)
-    model, blocks = load_rank_model(cfg, 0, par, 1, torch.device("cpu"), torch.float32)
+    model, blocks = load_rank_model(ModelSource(preset="tiny"), par, 1, torch.device("cpu"), torch.float32)
     held = {n for n, p in model.named_parameters() if not p.is_meta}
     assert blocks == flux.blocks_of(model)[3:]
     assert all(n.startswith(tuple(rank_modules(model, par, 1))) for n in held)
@@ -94,6 +94,6 @@ def test_rank_materialises_only_its_stage():
 def test_weights_do_not_depend_on_the_split(serial_model):
     cfg = flux.PRESETS["tiny"]["config"]
     par = ParallelConfig(strategy="pipefusion", world_size=2)
-    model, _ = load_rank_model(cfg, 0, par, 1, torch.device("cpu"), torch.float32)
+    model, _ = load_rank_model(ModelSource(preset="tiny"), par, 1, torch.device("cpu"), torch.float32)
     a = model.single_transformer_blocks[3].attn.to_q.weight
     assert torch.equal(a, serial_model.single_transformer_blocks[3].attn.to_q.weight)

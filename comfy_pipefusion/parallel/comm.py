@@ -13,10 +13,11 @@ import torch.distributed as dist
 class Comm:
     """This rank's view of a process group, with a byte counter."""
 
-    def __init__(self, rank: int, world_size: int, group=None) -> None:
+    def __init__(self, rank: int, world_size: int, group=None, device: torch.device | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
         self.group = group
+        self.device = device or torch.device("cpu")
         self.bytes_sent = 0
 
     def isend(self, tensor: torch.Tensor, dst: int):

@@ -10,9 +10,9 @@ from .serial import run_local
 
 
 def run_naive_patch(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, device: torch.device,
-                    on_step=None) -> torch.Tensor | None:
+                    control=None) -> torch.Tensor | None:
     rows = split_even(problem.rows, comm.world_size)
     r0, r1 = rows[comm.rank]
     x = problem.x0.to(device).clone()
-    x[:, r0 * problem.cols:r1 * problem.cols] = run_local(model, problem.band(r0, r1), dtype, device, on_step)
+    x[:, r0 * problem.cols:r1 * problem.cols] = run_local(model, problem.band(r0, r1), dtype, device, control, comm)
     return gather_bands(comm, x, [(a * problem.cols, b * problem.cols) for a, b in rows])

@@ -21,7 +21,7 @@ import torch
 
 from ..models import flux
 from ..patches import full_span, pipefusion_spans
-from .runtime import JobRuntime
+from .runtime import Control, JobCancelled, JobRuntime
 
 
 def schedule(problem, patches: int, warmup: int, text_stream: str) -> list[tuple[int, object]]:
@@ -50,40 +50,78 @@ class _Sends:
 
 
 def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, device: torch.device,
-                   on_step=None) -> torch.Tensor | None:
-    """This rank's stage of the ring. Returns the final latent [B, S_img, 64] on rank 0, else None."""
+                   control: Control | None = None) -> torch.Tensor | None:
+    """This rank's stage of the ring. Returns the final latent [B, S_img, 64] on rank 0, else None.
+
+    Stage-to-stage messages carry one extra row whose first element is the stop flag. Stage 0 checks for
+    cancel before each step; on cancel it sends stop messages for the (at most two) items the next stage
+    has posted receives for, drains the ring, and every stage passes the stop on the same way. Every
+    rank then raises ``JobCancelled`` with no request left in flight.
+    """
+    control = control or Control()
     s, n = comm.rank, comm.world_size
     first, last = s == 0, s == n - 1
     rt = JobRuntime(model, problem, dtype, device, first, last)
     kvs = rt.kv_buffers(blocks)
     items = schedule(problem, cfg.num_patches, cfg.warmup_steps, cfg.text_stream)
     width = model.config.num_attention_heads * model.config.attention_head_dim
-    b = problem.batch
+    b, chans = problem.batch, problem.x0.shape[2]
+
+    def message(sp) -> torch.Tensor:  # [B, n_txt + n_img + 1, D]: tokens, then the flag row
+        return torch.zeros(b, sp.n_txt + sp.n_img + 1, width, dtype=dtype, device=device)
 
     def post_recv(i: int):
         if i >= len(items):
             return None
         t, sp = items[i]
         if not first:  # activations of item i from the previous stage, text first
-            return comm.irecv(torch.empty(b, sp.n_txt + sp.n_img, width, dtype=dtype, device=device), s - 1)
+            return comm.irecv(message(sp), s - 1)
         if t > 0:  # the latent patch the last stage produced at step t - 1
-            return comm.irecv(torch.empty(b, sp.n_img, problem.x0.shape[2], device=device), n - 1)
+            return comm.irecv(torch.empty(b, sp.n_img, chans, device=device), n - 1)
         return None
+
+    def stop(i: int, pending) -> None:
+        """Stop at item i: collect what is still coming to us, tell the next stage, raise."""
+        if first:  # the ring still brings every patch of this step
+            t = items[i][0]
+            if pending is not None:
+                pending.wait()
+            for j in range(i + 1, len(items)):
+                if items[j][0] == t:
+                    post_recv(j).wait()
+        elif pending is not None:
+            pending.wait()  # the stop message for item i + 1
+        if not last:
+            for j in (i, i + 1):
+                if j < len(items):
+                    msg = message(items[j][1])
+                    msg[0, -1, 0] = 1
+                    sends.add(comm.isend(msg, s + 1))
+        sends.drain()
+        raise JobCancelled(f"cancelled at step {items[i][0] + 1}")
 
     sends = _Sends(cap=2 * (len(items) // max(1, rt.steps) + n) + 2)
     ring_next = next((i for i, (t, _) in enumerate(items) if t > 0), len(items))
     nxt = post_recv(0)
     for i, (t, sp) in enumerate(items):
+        if first and t > 0 and items[i - 1][0] != t and control.cancelled():
+            stop(i, nxt)
         cur, nxt = nxt, post_recv(i + 1)
         if first:
             x_in = problem.x0[:, sp.i0:sp.i1].to(device) if cur is None else cur.wait()
             txt, img = (rt.emb.txt if sp.n_txt else None), rt.embed_image(x_in)
         else:
-            h = cur.wait()  # [B, n_txt + n_img, D]
-            txt, img = (h[:, :sp.n_txt] if sp.n_txt else None), h[:, sp.n_txt:]
+            h = cur.wait()  # [B, n_txt + n_img + 1, D]
+            if h[0, -1, 0] != 0:
+                stop(i, nxt)
+            txt, img = (h[:, :sp.n_txt] if sp.n_txt else None), h[:, sp.n_txt:-1]
         txt, img = flux.run_blocks(model, blocks, kvs, sp, txt, img, rt.temb(t), rt.emb.rope_for(sp))
         if not last:
-            sends.add(comm.isend(img if txt is None else torch.cat([txt, img], 1), s + 1))
+            msg = message(sp)
+            if txt is not None:
+                msg[:, :sp.n_txt] = txt
+            msg[:, sp.n_txt:-1] = img
+            sends.add(comm.isend(msg, s + 1))
         else:
             rt.update(t, sp.i0, sp.i1, img)
             # Ring: every patch of step t + 1 whose rows are now all updated goes back to stage 0.
@@ -91,8 +129,8 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
                 r = items[ring_next][1]
                 sends.add(comm.isend(rt.x[:, r.i0:r.i1].clone(), 0))
                 ring_next += 1
-        if on_step and (i + 1 == len(items) or items[i + 1][0] != t):
-            on_step(t)
+        if i + 1 == len(items) or items[i + 1][0] != t:
+            control.step_done(t)
     sends.drain()
     if last:
         comm.isend(rt.x, 0).wait()

@@ -1,10 +1,12 @@
 """Which rank holds which part of the model: the stage split and per-rank materialisation."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..config import ParallelConfig
-from ..models import flux
+from ..models import checkpoint, flux
 
 
 def balanced_split(costs: list[float], stages: int) -> tuple[int, ...]:
@@ -65,11 +67,37 @@ def rank_modules(model, cfg: ParallelConfig, rank: int) -> list[str]:
     return names + [b.prefix for b in rank_blocks(model, cfg, rank)]
 
 
-def load_rank_model(config: dict, seed: int, cfg: ParallelConfig, rank: int, device: torch.device,
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: a built-in preset (random weights from ``seed``) or a checkpoint."""
+
+    preset: str | None = None
+    checkpoint: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.preset is None) == (self.checkpoint is None):
+            raise ValueError("a model source is either a preset or a checkpoint path")
+        if self.preset is not None and self.preset not in flux.PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(flux.PRESETS)}")
+
+    def config(self) -> dict:
+        if self.preset is not None:
+            return flux.PRESETS[self.preset]["config"]
+        return checkpoint.inspect_checkpoint(self.checkpoint)
+
+    def fill(self, model, names: list[str], device: torch.device, dtype: torch.dtype) -> None:
+        if self.preset is not None:
+            flux.materialize(model, names, device, dtype, self.seed)
+        else:
+            checkpoint.load_modules(model, self.checkpoint, names, device, dtype)
+
+
+def load_rank_model(source: ModelSource, cfg: ParallelConfig, rank: int, device: torch.device,
                     dtype: torch.dtype):
     """Build on the meta device and fill only this rank's part; returns (model, its blocks)."""
-    model = flux.build_meta(config)
+    model = flux.build_meta(source.config())
     cfg.check_model(len(flux.blocks_of(model)))
-    flux.materialize(model, rank_modules(model, cfg, rank), device, dtype, seed)
+    source.fill(model, rank_modules(model, cfg, rank), device, dtype)
     model.eval().requires_grad_(False)
     return model, rank_blocks(model, cfg, rank)

@@ -65,3 +65,34 @@ def gather_bands(comm, x: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.
     for r, (i0, i1) in enumerate(ranges[1:], start=1):
         x[:, i0:i1] = comm.irecv(torch.empty_like(x[:, i0:i1]), r).wait()
     return x
+
+
+class JobCancelled(Exception):
+    """The job was cancelled; every rank stopped at the same step boundary and the group is usable."""
+
+
+class Control:
+    """A job's hooks on one rank: progress after each step, and the cancel decision.
+
+    Only rank 0 hears the user; ``cancelled`` is its flag. Strategies whose ranks run in lockstep share it
+    with ``agree_stop`` (a one-element broadcast per step, not counted as traffic); PipeFusion sends the
+    decision down the pipe with the data instead, so the pipeline never drains at a step boundary.
+    """
+
+    def __init__(self, on_step=None, cancelled=None) -> None:
+        self._on_step = on_step
+        self._cancelled = cancelled
+
+    def step_done(self, t: int) -> None:
+        if self._on_step is not None:
+            self._on_step(t)
+
+    def cancelled(self) -> bool:
+        return bool(self._cancelled and self._cancelled())
+
+    def agree_stop(self, comm) -> bool:
+        if comm.world_size == 1 or not torch.distributed.is_initialized():
+            return self.cancelled()
+        flag = torch.tensor([1.0 if comm.rank == 0 and self.cancelled() else 0.0], device=comm.device)
+        torch.distributed.broadcast(flag, 0, group=comm.group)
+        return bool(flag.item())

@@ -1,0 +1,157 @@
+"""Transport between the ComfyUI process and the worker group (both sides use this module).
+
+- ``run_root()``: the private run directory (mode 0700, owned by this user) where every group keeps its
+  control socket, authkey, pid file and log.
+- ``ShmTensor``: a tensor in a ``multiprocessing.shared_memory`` segment, mapped without copies. Names are
+  ``pf_<owner pid>_<128 random bits>``: unguessable, and sweepable once the owner is dead. Only the
+  creator unlinks; attaching processes just close.
+- ``listen``/``connect``/``send``/``recv``: JSON messages over an AF_UNIX socket. The authkey challenge
+  (HMAC) runs before any message is read, and messages are never unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import stat
+import tempfile
+from multiprocessing import resource_tracker, shared_memory
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+
+import torch
+
+SHM_PREFIX = "pf_"
+_SHM_NAME = re.compile(r"^pf_(\d+)_[0-9a-f]{32}$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+
+
+def run_root() -> Path:
+    """This user's private run directory; refuses one that another user owns or others can enter."""
+    base = Path(os.environ.get("PIPEFUSION_RUN_DIR") or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    root = base / f"comfy-pipefusion-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    st = root.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{root} must be a directory owned by uid {os.getuid()} with mode 0700 "
+                              f"(found mode {oct(st.st_mode & 0o777)}, uid {st.st_uid}); remove it and retry")
+    return root
+
+
+def private_dir(parent: Path, prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o700)
+    return path
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+class ShmTensor:
+    """A tensor living in a shared memory segment."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, shape, dtype: str, owner: bool) -> None:
+        self.shm, self.shape, self.dtype, self.owner = shm, tuple(shape), dtype, owner
+        n = 1
+        for s in self.shape:
+            n *= s
+        self.tensor = torch.frombuffer(shm.buf, dtype=DTYPES[dtype], count=n).view(self.shape) if n else \
+            torch.empty(self.shape, dtype=DTYPES[dtype])
+
+    @classmethod
+    def create(cls, shape, dtype: str = "float32") -> "ShmTensor":
+        nbytes = max(1, torch.empty((), dtype=DTYPES[dtype]).element_size() * _numel(shape))
+        name = f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(16)}"
+        return cls(shared_memory.SharedMemory(name=name, create=True, size=nbytes), shape, dtype, owner=True)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "ShmTensor":
+        dtype = next(k for k, v in DTYPES.items() if v == t.dtype)
+        seg = cls.create(tuple(t.shape), dtype)
+        seg.tensor.copy_(t)
+        return seg
+
+    @classmethod
+    def attach(cls, desc: dict) -> "ShmTensor":
+        if not _SHM_NAME.match(desc["name"]):
+            raise ValueError(f"not a comfy-pipefusion segment name: {desc['name']!r}")
+        shm = shared_memory.SharedMemory(name=desc["name"])
+        # Python < 3.13 registers attached segments with the resource tracker, which would unlink them
+        # when this process exits; the creator owns them.
+        try:
+            resource_tracker.unregister(shm._name, "shared_memory")
+        except Exception:
+            pass
+        return cls(shm, desc["shape"], desc["dtype"], owner=False)
+
+    def describe(self) -> dict:
+        return {"name": self.shm.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    def close(self) -> None:
+        """Release the mapping; the owner also unlinks the segment. Safe to call twice."""
+        self.tensor = None
+        if self.shm is None:
+            return
+        try:
+            self.shm.close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the mapping goes with the process
+        if self.owner:
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+        self.shm = None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def shm_segments(owner_pid: int | None = None) -> list[str]:
+    """Names of our segments in /dev/shm, optionally only those of one owner pid."""
+    root = Path("/dev/shm")
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _SHM_NAME.match(p.name)
+        if m and (owner_pid is None or int(m.group(1)) == owner_pid):
+            out.append(p.name)
+    return out
+
+
+def unlink_segment(name: str) -> None:
+    if _SHM_NAME.match(name):
+        try:
+            os.unlink(Path("/dev/shm") / name)
+        except FileNotFoundError:
+            pass
+
+
+# ------------------------------------------------------------------------------------------- control
+
+def listen(path: Path, authkey: bytes) -> Listener:
+    return Listener(address=str(path), family="AF_UNIX", authkey=authkey)
+
+
+def connect(path: Path, authkey: bytes):
+    return Client(address=str(path), family="AF_UNIX", authkey=authkey)
+
+
+def send(conn, kind: str, **payload) -> None:
+    conn.send_bytes(json.dumps({"type": kind, **payload}).encode())
+
+
+def recv(conn) -> dict:
+    msg = json.loads(conn.recv_bytes(maxlength=1 << 24).decode())
+    if not isinstance(msg, dict) or "type" not in msg:
+        raise ValueError("malformed control message")
+    return msg
