@@ -2,14 +2,24 @@
 
 ComfyUI imports this file from custom_nodes/. Node mappings are exported only when ComfyUI itself is
 importable; in plain Python (tests, the benchmark, the workers) importing this package does nothing heavy.
+The one thing done on import under ComfyUI: this folder joins sys.path so that the core package
+``comfy_pipefusion`` (and the workers started from here) can be imported by that name.
 """
 import importlib.util
+import os
+import sys
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 WEB_DIRECTORY = "./web"
 
-if importlib.util.find_spec("comfy") is not None and __package__:
+if __package__ and importlib.util.find_spec("folder_paths") is not None:
+    if __name__.split(".")[-1] == "comfy_pipefusion":
+        raise ImportError("comfy-pipefusion: the folder custom_nodes/comfy_pipefusion hides the core package of "
+                          "the same name; rename the folder to custom_nodes/comfy-pipefusion")
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if _here not in sys.path:
+        sys.path.insert(0, _here)
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401,F811
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -18,6 +18,8 @@ setup() {
         "$PY" -m pip install -q -c constraints.txt -r requirements.txt -r requirements-test.txt
         echo "$want" > "$stamp"
     fi
+    # The real ComfyUI server the integration tests drive (idempotent; under a second when present).
+    PYTHON="$PY" bash tests/host/install_comfyui.sh >&2
 }
 
 cmd="${1:-}"

@@ -21,18 +21,29 @@ class GroupError(RuntimeError):
     """The worker group failed; the message carries the tail of its output."""
 
 
-def worker_command(world_size: int, jobs: Path, out: Path, threads: int) -> list[str]:
-    tail = ["-m", "comfy_pipefusion.worker", "--jobs", str(jobs), "--out", str(out), "--threads", str(threads)]
+def worker_command(world_size: int, args: list[str]) -> list[str]:
+    """The command that starts ``world_size`` worker ranks with ``args`` (plain Python for one rank)."""
+    tail = ["-m", "comfy_pipefusion.worker", *args]
     if world_size == 1:
         return [sys.executable, *tail]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
-            "--max_restarts=0", *tail]
+            "--max_restarts=0", "--monitor_interval=0.5", *tail]
 
 
-def worker_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
+INHERITED_NOT = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                 "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def worker_env(threads: int, devices: tuple[int, ...] | None = None, cpu_only: bool = False) -> dict[str, str]:
+    """A clean worker environment: the chosen GPUs (none with ``cpu_only``), the thread count, no inherited
+    allocator (cudaMallocAsync) or rendezvous settings, and this package importable."""
+    env = {k: v for k, v in os.environ.items() if k not in INHERITED_NOT}
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+    elif cpu_only:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env["OMP_NUM_THREADS"] = str(threads)
-    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)  # never inherit a cudaMallocAsync setting
+    env["PYTHONUNBUFFERED"] = "1"
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -47,7 +58,8 @@ def run_jobs(preset: str, seed: int, jobs: list[dict], world_size: int, threads:
         spec.write_text(json.dumps({"model": {"preset": preset, "seed": seed}, "jobs": jobs}))
         log = tmp / "worker.log"
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(worker_command(world_size, spec, tmp / "out", threads), stdout=fh,
+            args = ["--jobs", str(spec), "--out", str(tmp / "out"), "--threads", str(threads)]
+            proc = subprocess.Popen(worker_command(world_size, args), stdout=fh,
                                     stderr=subprocess.STDOUT, env=worker_env(threads), start_new_session=True)
             try:
                 rc = proc.wait(timeout=timeout)

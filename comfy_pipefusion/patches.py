@@ -55,11 +55,32 @@ def image_bands(rows: int, cols: int, patches: int) -> list[tuple[int, int]]:
     return [(r0 * cols, r1 * cols) for r0, r1 in split_even(rows, patches)]
 
 
+def balanced_rows(rows: int, cols: int, extra: list[int]) -> list[tuple[int, int]]:
+    """Row bands whose token counts (``cols`` per row, plus ``extra[p]`` text tokens on patch p) are as
+    equal as whole rows allow: each boundary is the row nearest to its share of all tokens, and every
+    band keeps at least one row."""
+    m = len(extra)
+    if not 1 <= m <= rows:
+        raise ValueError(f"cannot split {rows} rows into {m} non-empty bands (need 1 <= bands <= {rows})")
+    target = (rows * cols + sum(extra)) / m
+    bounds = [0]
+    for p in range(m - 1):
+        ideal = round(((p + 1) * target - sum(extra[:p + 1])) / cols)
+        bounds.append(min(max(ideal, bounds[-1] + 1), rows - (m - p - 1)))
+    bounds.append(rows)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def pipefusion_spans(rows: int, cols: int, n_txt: int, patches: int, text_stream: str) -> list[Span]:
-    """Patches of one asynchronous PipeFusion step; the text tokens ride with the text patch(es)."""
-    bands = image_bands(rows, cols, patches)
+    """Patches of one asynchronous PipeFusion step; the text tokens ride with the text patch(es).
+
+    Bands are balanced by tokens: a patch that carries the text gets fewer image rows, so that every
+    patch costs the same and the pipeline never waits on its largest patch.
+    """
     text_on = {"first_patch": {0}, "last_patch": {patches - 1}, "every_patch": set(range(patches))}[text_stream]
-    return [Span(0, n_txt if p in text_on else 0, a, b) for p, (a, b) in enumerate(bands)]
+    extra = [n_txt if p in text_on else 0 for p in range(patches)]
+    bands = balanced_rows(rows, cols, extra)
+    return [Span(0, extra[p], r0 * cols, r1 * cols) for p, (r0, r1) in enumerate(bands)]
 
 
 def displaced_spans(rows: int, cols: int, n_txt: int, ranks: int) -> list[Span]:

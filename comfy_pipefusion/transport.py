@@ -139,6 +139,9 @@ def unlink_segment(name: str) -> None:
 # ------------------------------------------------------------------------------------------- control
 
 def listen(path: Path, authkey: bytes) -> Listener:
+    if len(str(path).encode()) > 100:
+        raise ValueError(f"control socket path {path} is longer than AF_UNIX allows (about 100 bytes); "
+                         "set PIPEFUSION_RUN_DIR to a shorter directory")
     return Listener(address=str(path), family="AF_UNIX", authkey=authkey)
 
 

@@ -43,3 +43,19 @@ def test_displaced_spans_split_text_too():
 def test_joint_index_puts_text_first():
     assert Span(1, 3, 2, 4).joint_index(5).tolist() == [1, 2, 7, 8]
     assert torch.equal(Span(0, 0, 0, 2).joint_index(3), torch.tensor([3, 4]))
+
+
+def test_pipefusion_bands_balance_tokens_with_the_text():
+    spans = pipefusion_spans(32, 32, 256, 2, "last_patch")
+    assert [s.n_txt + s.n_img for s in spans] == [640, 640]  # the text patch gets 12 rows, the other 20
+    first = pipefusion_spans(8, 8, 8, 3, "first_patch")
+    assert first[0].n_txt == 8 and first[0].n_img < first[1].n_img
+    assert [(s.i0, s.i1) for s in first][-1][1] == 64
+    many = pipefusion_spans(8, 8, 64, 8, "last_patch")  # text as large as the image: still a row each
+    assert [s.n_img for s in many] == [8] * 8
+
+
+def test_balanced_rows_refuses_too_many_bands():
+    from comfy_pipefusion.patches import balanced_rows
+    with pytest.raises(ValueError, match="cannot split 3 rows into 4"):
+        balanced_rows(3, 4, [0, 0, 0, 1])

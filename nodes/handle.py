@@ -1,0 +1,25 @@
+"""PIPEFUSION_MODEL: what the loader hands to the sampler. It owns a Launcher, so the worker group stays
+warm for as long as ComfyUI keeps this loader output."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from comfy_pipefusion.config import ParallelConfig
+
+from ..launcher import GroupPlan, Launcher
+
+
+@dataclass(eq=False)
+class PipeFusionModel:
+    path: str  # the checkpoint file
+    model_config: dict  # detected FluxTransformer2DModel configuration
+    parallel: ParallelConfig
+    plan: GroupPlan
+    dtype: str
+    launcher: Launcher
+
+    def job(self, sample: dict) -> dict:
+        p = self.parallel
+        return {"model": {"checkpoint": self.path},
+                "parallel": {"strategy": p.strategy, "patches": p.patches, "warmup_steps": p.warmup_steps},
+                "sample": {**sample, "dtype": self.dtype}}

@@ -1,0 +1,68 @@
+"""PipeFusion DiT Loader: checks the checkpoint and the plan; the group starts with the first job."""
+from __future__ import annotations
+
+import folder_paths
+import torch
+
+from comfy_pipefusion.config import ParallelConfig
+from comfy_pipefusion.models.checkpoint import inspect_checkpoint
+
+from ..launcher import GroupPlan, Launcher
+from .convert import DTYPE_CHOICES, parse_devices
+from .handle import PipeFusionModel
+from .status import report_state
+
+
+class PipeFusionDiTLoader:
+    CATEGORY = "PipeFusion"
+    RETURN_TYPES = ("PIPEFUSION_MODEL",)
+    RETURN_NAMES = ("pipefusion_model",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads a Diffusion Transformer onto a group of GPUs (or CPU ranks) for the PipeFusion KSampler."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (folder_paths.get_filename_list("diffusion_models"),),
+            "weight_dtype": (list(DTYPE_CHOICES),),
+            "devices": ("STRING", {"default": "auto", "tooltip": "GPU indices like 0,1; cpu:N for N CPU ranks; "
+                                                                  "auto = every GPU (cpu:2 without GPUs)"}),
+            "strategy": (["pipefusion", "distrifusion", "serial"],),
+            "patches": ("INT", {"default": 0, "min": 0, "max": 256,
+                                "tooltip": "PipeFusion's patches per image; 0 = one per GPU"}),
+            "warmup_steps": ("INT", {"default": 1, "min": 1, "max": 1000,
+                                     "tooltip": "synchronous full-image steps before stale activations are used"}),
+        }}
+
+    def load(self, unet_name, weight_dtype, devices, strategy, patches, warmup_steps):
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        config = inspect_checkpoint(path)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        devs, ranks = parse_devices(devices, gpus)
+        if strategy == "serial" and ranks != 1:
+            devs, ranks = (devs[:1] if devs else None), 1
+        parallel = ParallelConfig(strategy=strategy, world_size=ranks, patches=patches, warmup_steps=warmup_steps)
+        parallel.check_model(config["num_layers"] + config["num_single_layers"])
+        dtype = weight_dtype if weight_dtype != "default" else ("bfloat16" if devs else "float32")
+        # Only what changes the weights each rank holds needs a new group; patches and warm-up steps are
+        # settings of each job, so changing them keeps the warm group (this node's Launcher persists).
+        plan = GroupPlan(world_size=ranks, devices=devs, key=f"{path}|{strategy}|{dtype}")
+        if getattr(self, "_launcher", None) is None:
+            self._launcher = Launcher(on_state=report_state)
+        return (PipeFusionModel(path, config, parallel, plan, dtype, self._launcher),)
+
+
+class PipeFusionUnload:
+    CATEGORY = "PipeFusion"
+    RETURN_TYPES = ()
+    FUNCTION = "unload"
+    OUTPUT_NODE = True
+    DESCRIPTION = "Stops the worker group of a PipeFusion model and frees its memory."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"pipefusion_model": ("PIPEFUSION_MODEL",)}}
+
+    def unload(self, pipefusion_model):
+        pipefusion_model.launcher.stop()
+        return ()

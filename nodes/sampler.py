@@ -1,0 +1,61 @@
+"""PipeFusion KSampler: KSampler's inputs, sampled by the worker group of a PIPEFUSION_MODEL."""
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from ..launcher import GroupError, JobCancelled, JobError
+from .convert import check_latent, check_sampler, conditioning_tensors
+
+
+class PipeFusionKSampler:
+    CATEGORY = "PipeFusion"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    DESCRIPTION = "Denoises a latent like KSampler, with the model spread over the PipeFusion worker group."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pipefusion_model": ("PIPEFUSION_MODEL",),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "latent_image": ("LATENT",),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }}
+
+    def sample(self, pipefusion_model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+               latent_image, denoise=1.0):
+        model = pipefusion_model
+        try:
+            check_sampler(sampler_name, scheduler, denoise, cfg)
+            samples = check_latent(latent_image)
+            batch, _, h, w = samples.shape
+            model.parallel.check_image(h // 2)
+            txt, pooled, guidance = conditioning_tensors(positive, model.model_config, batch)
+        except ValueError as exc:
+            raise ValueError(f"PipeFusion KSampler: {exc}") from None
+        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        job = model.job({"height": h * 8, "width": w * 8, "steps": steps, "seed": seed, "batch": batch,
+                         "guidance": guidance, "sampler": sampler_name})
+        bar = comfy.utils.ProgressBar(steps)
+        try:
+            out, _ = model.launcher.run(model.plan, job, {"txt": txt, "pooled": pooled, "latent": samples,
+                                                          "noise": noise}, tuple(samples.shape),
+                                        on_progress=lambda step, total: bar.update_absolute(step, total),
+                                        cancelled=comfy.model_management.processing_interrupted)
+        except JobCancelled:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            raise RuntimeError("PipeFusion: the job was cancelled") from None
+        except (GroupError, JobError) as exc:
+            raise RuntimeError(f"PipeFusion: {exc}") from None
+        result = {k: v for k, v in latent_image.items() if k != "samples"}
+        result["samples"] = out
+        return (result,)

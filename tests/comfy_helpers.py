@@ -1,0 +1,97 @@
+"""Helpers for tests that drive a real ComfyUI server through its HTTP API and websocket."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "host"))
+
+from comfy_server import ComfyServer, default_host_dir, host_installed  # noqa: E402
+
+END = ("execution_success", "execution_error", "execution_interrupted")
+
+
+def ensure_host() -> Path:
+    """The ComfyUI host for this interpreter, installed on first use (never skipped)."""
+    host = default_host_dir()
+    if not host_installed(host):
+        subprocess.run(["bash", str(ROOT / "tests/host/install_comfyui.sh"), str(host)], check=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+    return host
+
+
+def start_server(base: Path, run_dir: Path, extra_env: dict | None = None) -> ComfyServer:
+    env = {**os.environ, "PIPEFUSION_RUN_DIR": str(run_dir), **(extra_env or {})}
+    srv = ComfyServer(ensure_host(), base, custom_nodes={"comfy-pipefusion": ROOT,
+                                                         "pf_test_nodes": ROOT / "tests/host/pf_test_nodes"},
+                      env=env, startup_timeout=180)
+    srv.start()
+    return srv
+
+
+def run_prompt(srv: ComfyServer, prompt: dict, on_message=None, timeout: float = 300.0) -> tuple[str, list]:
+    """Queue ``prompt``, read the websocket until it ends; returns (ending message type, all messages)."""
+    client = uuid.uuid4().hex
+    ws = srv.ws_connect(client)
+    try:
+        ws.settimeout(1.0)
+        pid = srv.queue_prompt(prompt, client)
+        msgs, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                raw = ws.recv()
+            except Exception as exc:  # websocket timeout: check again
+                if "timed out" in str(exc).lower() or type(exc).__name__ == "WebSocketTimeoutException":
+                    continue
+                raise
+            if not isinstance(raw, str):
+                continue
+            msg = json.loads(raw)
+            if msg.get("data", {}).get("prompt_id") not in (None, pid):
+                continue
+            msgs.append(msg)
+            if on_message is not None:
+                on_message(msg)
+            if msg["type"] in END and msg["data"].get("prompt_id") == pid:
+                return msg["type"], msgs
+        raise TimeoutError(f"prompt {pid} did not end within {timeout} s:\n{srv.log_tail(40)}")
+    finally:
+        ws.close()
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The torchrun worker processes (not the agent) below the server process."""
+    out = []
+    for p in psutil.Process(server_pid).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "comfy_pipefusion.worker" in cmd and "torch.distributed.run" not in cmd:
+            out.append(p.pid)
+    return sorted(out)
+
+
+def flux_prompt(unet: str, steps: int, seed: int, *, strategy="pipefusion", devices="cpu:2", patches=2,
+                warmup=1, size=128, prefix="latents/pf", tokens=8, width=32, pooled=32) -> dict:
+    return {
+        "1": {"class_type": "PipeFusionDiTLoader",
+              "inputs": {"unet_name": unet, "weight_dtype": "float32", "devices": devices, "strategy": strategy,
+                         "patches": patches, "warmup_steps": warmup}},
+        "2": {"class_type": "PipeFusionTestConditioning",
+              "inputs": {"tokens": tokens, "width": width, "pooled_width": pooled, "seed": 0, "guidance": 3.5}},
+        "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "4": {"class_type": "PipeFusionKSampler",
+              "inputs": {"pipefusion_model": ["1", 0], "seed": seed, "steps": steps, "cfg": 1.0,
+                         "sampler_name": "euler", "scheduler": "simple", "positive": ["2", 0],
+                         "negative": ["2", 0], "latent_image": ["3", 0], "denoise": 1.0}},
+        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": prefix}},
+    }
