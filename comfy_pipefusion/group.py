@@ -50,8 +50,9 @@ def worker_env(threads: int, devices: tuple[int, ...] | None = None, cpu_only: b
 
 
 def run_jobs(preset: str, seed: int, jobs: list[dict], world_size: int, threads: int = 1,
-             timeout: float = 600.0) -> dict[str, tuple[torch.Tensor, dict]]:
-    """Run ``jobs`` (worker job dicts) on a fresh group; returns {name: (samples, metrics)}."""
+             timeout: float | None = None) -> dict[str, tuple[torch.Tensor, dict]]:
+    """Run ``jobs`` (worker job dicts) on a fresh group; returns {name: (samples, metrics)}. ``timeout``
+    (seconds, None: no limit) bounds the whole group; on timeout or interrupt the group is killed."""
     with tempfile.TemporaryDirectory(prefix="pipefusion-") as tmp:
         tmp = Path(tmp)
         spec = tmp / "jobs.json"

@@ -56,9 +56,7 @@ class ShmTensor:
 
     def __init__(self, shm: shared_memory.SharedMemory, shape, dtype: str, owner: bool) -> None:
         self.shm, self.shape, self.dtype, self.owner = shm, tuple(shape), dtype, owner
-        n = 1
-        for s in self.shape:
-            n *= s
+        n = _numel(self.shape)
         self.tensor = torch.frombuffer(shm.buf, dtype=DTYPES[dtype], count=n).view(self.shape) if n else \
             torch.empty(self.shape, dtype=DTYPES[dtype])
 

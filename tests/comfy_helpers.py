@@ -14,24 +14,31 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "host"))
 
-from comfy_server import ComfyServer, default_host_dir, host_installed  # noqa: E402
+from comfy_server import ComfyServer, configured_version, default_host_dir, host_installed  # noqa: E402
 
 END = ("execution_success", "execution_error", "execution_interrupted")
 
 
-def ensure_host() -> Path:
-    """The ComfyUI host for this interpreter, installed on first use (never skipped)."""
-    host = default_host_dir()
+def ensure_host(version: str | None = None) -> Path:
+    """The ComfyUI host (release `version`, default the configured one) for this interpreter,
+    installed on first use (never skipped: a failed install raises)."""
+    version = version or configured_version()
+    host = default_host_dir(version)
     if not host_installed(host):
-        subprocess.run(["bash", str(ROOT / "tests/host/install_comfyui.sh"), str(host)], check=True,
-                       env={**os.environ, "PYTHON": sys.executable})
+        rc = subprocess.run(["bash", str(ROOT / "tests/host/install_comfyui.sh"), str(host)],
+                            env={**os.environ, "PYTHON": sys.executable,
+                                 "PIPEFUSION_COMFY_VERSION": version}).returncode
+        if rc:
+            raise RuntimeError(f"tests/host/install_comfyui.sh could not install ComfyUI {version} into {host} "
+                               f"(exit {rc}; its output is above)")
     return host
 
 
-def start_server(base: Path, run_dir: Path, extra_env: dict | None = None) -> ComfyServer:
+def start_server(base: Path, run_dir: Path, extra_env: dict | None = None,
+                 version: str | None = None) -> ComfyServer:
     env = {**os.environ, "PIPEFUSION_RUN_DIR": str(run_dir), **(extra_env or {})}
-    srv = ComfyServer(ensure_host(), base, custom_nodes={"comfy-pipefusion": ROOT,
-                                                         "pf_test_nodes": ROOT / "tests/host/pf_test_nodes"},
+    srv = ComfyServer(ensure_host(version), base,
+                      custom_nodes={"comfy-pipefusion": ROOT, "pf_test_nodes": ROOT / "tests/host/pf_test_nodes"},
                       env=env, startup_timeout=180)
     srv.start()
     return srv

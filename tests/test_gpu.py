@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 def test_nccl_pipefusion_and_distrifusion_match_serial(serial_ref):
     jobs = [{"name": n, "sample": {"sampler": "frozen", "steps": 4},
              "parallel": {"strategy": s, "warmup_steps": 1}} for n, s in (("pf", "pipefusion"), ("df", "distrifusion"))]
-    res = run_jobs("tiny", 0, jobs, world_size=2)
+    res = run_jobs("tiny", 0, jobs, world_size=2, timeout=600)
     ref = serial_ref("frozen", 4)
     for name in ("pf", "df"):
         assert res[name][1]["device"].startswith("cuda")
@@ -23,5 +23,5 @@ def test_nccl_pipefusion_and_distrifusion_match_serial(serial_ref):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_serial_matches_cpu(serial_ref):
     res = run_jobs("tiny", 0, [{"name": "s", "sample": {"sampler": "frozen", "steps": 4},
-                                "parallel": {"strategy": "serial"}}], world_size=1)
+                                "parallel": {"strategy": "serial"}}], world_size=1, timeout=600)
     assert float((res["s"][0] - serial_ref("frozen", 4)).abs().max()) <= 1e-3

@@ -97,3 +97,20 @@ def test_weights_do_not_depend_on_the_split(serial_model):
     model, _ = load_rank_model(ModelSource(preset="tiny"), par, 1, torch.device("cpu"), torch.float32)
     a = model.single_transformer_blocks[3].attn.to_q.weight
     assert torch.equal(a, serial_model.single_transformer_blocks[3].attn.to_q.weight)
+
+
+def test_without_guidance_embedding_matches_diffusers():
+    """Flux.1-schnell has no guidance embedding: the same patch-wise path, no guidance input."""
+    cfg = {**flux.PRESETS["tiny"]["config"], "guidance_embeds": False}
+    model = flux.build_meta(cfg)
+    flux.materialize(model, [n for n, m in model.named_children() if any(True for _ in m.parameters())],
+                     torch.device("cpu"), torch.float32, 3)
+    torch.manual_seed(1)
+    x, txt = torch.randn(1, 64, 64), torch.randn(1, 8, cfg["joint_attention_dim"])
+    pooled, sigma = torch.randn(1, cfg["pooled_projection_dim"]), torch.tensor([0.4])
+    img_ids, txt_ids = flux.image_ids(8, 8), torch.zeros(8, 3)
+    with torch.inference_mode():
+        ref = model(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=sigma,
+                    img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]
+        ours, _ = run_ours(model, x, txt, pooled, sigma, None, img_ids, txt_ids, [full_span(8, 64)])
+    assert float((ours - ref).abs().max()) <= 1e-5

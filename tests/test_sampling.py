@@ -48,7 +48,7 @@ def test_latent_in_out_roundtrip_and_initial_noise():
 def test_euler_and_frozen_steps():
     sig = torch.tensor([1.0, 0.5, 0.0])
     x, den = torch.ones(1, 2, 64), torch.zeros(1, 2, 64)
-    assert torch.allclose(Euler(sig, x).step(0, slice(None), x, den), torch.full_like(x, 0.5))
-    assert torch.equal(Euler(sig, x).step(1, slice(None), x, den), den)  # sigma_next 0: the prediction
-    f = Frozen(sig, x)
+    assert torch.allclose(Euler(sig).step(0, slice(None), x, den), torch.full_like(x, 0.5))
+    assert torch.equal(Euler(sig).step(1, slice(None), x, den), den)  # sigma_next 0: the prediction
+    f = Frozen(sig)
     assert f.step(0, slice(None), x, den) is x and torch.equal(f.step(1, slice(None), x, den), den)

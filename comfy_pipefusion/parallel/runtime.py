@@ -27,7 +27,7 @@ class JobRuntime:
         txt = problem.txt.to(device, dtype) if first else None
         self.emb = flux.Embeddings(model, txt, problem.txt_ids.to(device), problem.img_ids.to(device))
         self.x = problem.x0.to(device).clone() if last else None  # [B, S_img, 64] float32
-        self.sampler = make_sampler(problem.spec.sampler, problem.sigmas, problem.x0) if last else None
+        self.sampler = make_sampler(problem.spec.sampler, problem.sigmas) if last else None
         self._temb: dict[int, torch.Tensor] = {}
         self._sigma_b = [torch.full((b,), float(s), device=device) for s in problem.sigmas]
 

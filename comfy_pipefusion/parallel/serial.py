@@ -15,7 +15,7 @@ def run_serial(model, problem, dtype: torch.dtype, device: torch.device, control
     """Sample with diffusers' FluxTransformer2DModel.forward at every step; returns [B, S_img, 64]."""
     b = problem.batch
     x = problem.x0.to(device).clone()
-    sampler = make_sampler(problem.spec.sampler, problem.sigmas, x)
+    sampler = make_sampler(problem.spec.sampler, problem.sigmas)
     txt, pooled = problem.txt.to(device, dtype), problem.pooled.to(device, dtype)
     guidance = problem.guidance.to(device) if model.config.guidance_embeds else None
     img_ids, txt_ids = problem.img_ids.to(device), problem.txt_ids.to(device)

