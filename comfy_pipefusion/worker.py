@@ -69,10 +69,12 @@ class ModelCache:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.key, self.value = device, None, None
+        self.meta_source, self.meta = None, None  # structure of the last source: header read once
 
     def get(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
-        meta = flux.build_meta(source.config())
-        key = (source, tuple(rank_modules(meta, cfg, rank)), dtype)
+        if source != self.meta_source:
+            self.meta_source, self.meta = source, flux.build_meta(source.config())
+        key = (source, tuple(rank_modules(self.meta, cfg, rank)), dtype)
         if key != self.key:
             self.key, self.value = None, None
             self.value = load_rank_model(source, cfg, rank, self.device, dtype)
