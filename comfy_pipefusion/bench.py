@@ -1,6 +1,7 @@
 """Benchmark: the strategies side by side on one model, seed, size and step count.
 
     python -m comfy_pipefusion.bench --preset small --json bench.json
+    python -m comfy_pipefusion.bench --checkpoint flux1-dev.safetensors --height 1024 --width 1024 --steps 28
 
 Serial runs in a process of its own with 1 thread (never beside idle ranks); the parallel strategies
 run in one torchrun group of --world-size ranks, one after another. Every job runs --repeats times with
@@ -18,7 +19,8 @@ import torch
 
 from .config import STRATEGIES, TEXT_STREAMS, ParallelConfig, SampleSpec
 from .group import run_jobs
-from .models import flux
+from .models import family
+from .parallel.plan import ModelSource
 from .parallel.costs import expected_bytes
 
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -27,7 +29,12 @@ ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m comfy_pipefusion.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small", choices=sorted(flux.PRESETS))
+    ap.add_argument("--preset", default=None,
+                    help="a built-in model with random weights (default: small): "
+                         + ", ".join(n for f in family.FAMILIES for n in family.get(f).PRESETS))
+    ap.add_argument("--checkpoint", default=None, help="a checkpoint file instead of a preset (any supported "
+                    "family and layout; text conditioning is synthetic)")
+    ap.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: the preset's, or 256)")
     ap.add_argument("--strategies", default="serial,pipefusion,distrifusion,naive_patch")
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--patches", type=int, default=0, help="PipeFusion's M (default: world size)")
@@ -46,9 +53,25 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
+def model_of(args) -> tuple[dict, object, dict, dict]:
+    """(worker model source, family, config, defaults) for --preset / --checkpoint."""
+    if args.preset and args.checkpoint:
+        raise ValueError("give either --preset or --checkpoint, not both")
+    if args.checkpoint:
+        source = {"checkpoint": args.checkpoint, "seed": args.seed}
+        defaults = dict(height=512, width=512, steps=8, text_tokens=256)
+    else:
+        source = {"preset": args.preset or "small", "seed": args.seed}
+        defaults = family.find_preset(source["preset"])[1]
+    fam, config = ModelSource(**source).describe()
+    if args.text_tokens:
+        defaults = {**defaults, "text_tokens": args.text_tokens}
+    return source, fam, config, defaults
+
+
 def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
     """Validate everything before any process starts; returns (spec, serial jobs, parallel jobs)."""
-    preset = flux.PRESETS[args.preset]
+    _, fam, config, preset = model_of(args)
     spec = SampleSpec(height=args.height or preset["height"], width=args.width or preset["width"],
                       steps=args.steps or preset["steps"], seed=args.seed, dtype=args.dtype)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -56,9 +79,11 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
         if s not in STRATEGIES:
             raise ValueError(f"unknown strategy {s!r} in --strategies: choose from {', '.join(STRATEGIES)}")
     streams = [s.strip() for s in args.text_streams.split(",") if s.strip()]
-    num_blocks = len(flux.blocks_of(flux.build_meta(preset["config"])))
+    num_blocks = len(fam.blocks_of(fam.build_meta(config)))
     sample = {k: getattr(spec, k) for k in ("height", "width", "steps", "seed", "dtype")}
-    serial = [{"name": "serial", "parallel": {"strategy": "serial"}, "sample": sample, "repeats": args.repeats}]
+    extra = {"text_tokens": preset["text_tokens"]}
+    serial = [{"name": "serial", "parallel": {"strategy": "serial"}, "sample": sample, "repeats": args.repeats,
+               **extra}]
     par = []
     for s in strategies:
         if s == "serial":
@@ -70,13 +95,15 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
             cfg.check_model(num_blocks)
             cfg.check_image(spec.token_rows)
             name = s if s != "pipefusion" or len(streams) == 1 else f"{s}-{stream}"
-            par.append({"name": name, "parallel": p, "sample": sample, "repeats": args.repeats})
+            par.append({"name": name, "parallel": p, "sample": sample, "repeats": args.repeats, **extra})
     return spec, serial, par
 
 
 def summarise(args, spec, serial, results) -> dict:
-    preset = flux.PRESETS[args.preset]
-    cfg_model = preset["config"]
+    source, fam, cfg_model, preset = model_of(args)
+    meta = fam.build_meta(cfg_model)
+    layers = len(fam.blocks_of(meta))
+    n_txt = preset["text_tokens"] if fam.JOINT_TEXT else 0
     ref, ref_m = serial
     base = ref_m["wall_s_median"]
     rows = []
@@ -85,10 +112,10 @@ def summarise(args, spec, serial, results) -> dict:
         n = 1 if p["strategy"] == "serial" else args.world_size
         cfg = ParallelConfig(world_size=n, **p)
         err = (x - ref).float()
-        dims = dict(world=n, batch=1, width=cfg_model["num_attention_heads"] * cfg_model["attention_head_dim"],
-                    n_txt=preset["text_tokens"], rows=spec.token_rows, cols=spec.token_cols, steps=spec.steps,
+        dims = dict(world=n, batch=1, width=meta.config.num_attention_heads * meta.config.attention_head_dim,
+                    n_txt=n_txt, rows=spec.token_rows, cols=spec.token_cols, steps=spec.steps,
                     warmup=cfg.warmup_steps, patches=cfg.num_patches, elem=ELEM[spec.dtype],
-                    layers=cfg_model["num_layers"] + cfg_model["num_single_layers"], text_stream=cfg.text_stream)
+                    layers=layers, text_stream=cfg.text_stream, channels=4 * fam.latent_format(cfg_model).channels)
         rows.append({"strategy": p["strategy"], "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
                      "threads_per_rank": 1 if n == 1 else args.threads_per_rank,
@@ -100,7 +127,9 @@ def summarise(args, spec, serial, results) -> dict:
                      "bytes_sent_per_step_per_rank": [b / spec.steps for b in m["bytes_sent_per_rank"]],
                      "expected_bytes_per_step_per_rank": [
                          expected_bytes(p["strategy"], rank=r, **dims) / spec.steps for r in range(n)]})
-    return {"model": {"name": f"flux-{args.preset}", "params": ref_m["params"]}, "steps": spec.steps,
+    name = source.get("preset") or source["checkpoint"]
+    return {"model": {"name": f"{fam.NAME}-{name}" if "preset" in source else name, "family": fam.NAME,
+                      "params": ref_m["params"]}, "steps": spec.steps,
             "height": spec.height, "width": spec.width, "seed": spec.seed, "timing": "median of repeats",
             "repeats": args.repeats, "results": rows}
 
@@ -122,13 +151,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         spec, serial_jobs, par_jobs = plan_jobs(args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    serial = run_jobs(args.preset, args.seed, serial_jobs, world_size=1, threads=1)["serial"]
+    source = model_of(args)[0]
+    serial = run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source)["serial"]
     results = [("serial", serial, serial_jobs[0])]
     if par_jobs:
-        out = run_jobs(args.preset, args.seed, par_jobs, world_size=args.world_size, threads=args.threads_per_rank)
+        out = run_jobs(None, args.seed, par_jobs, world_size=args.world_size, threads=args.threads_per_rank,
+                       model=source)
         results += [(j["name"], out[j["name"]], j) for j in par_jobs]
     report = summarise(args, spec, serial, results)
     print_table(report)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,23 +22,35 @@ class GroupError(RuntimeError):
     """The worker group failed; the message carries the tail of its output."""
 
 
-def worker_command(world_size: int, args: list[str]) -> list[str]:
-    """The command that starts ``world_size`` worker ranks with ``args`` (plain Python for one rank)."""
-    tail = ["-m", "comfy_pipefusion.worker", *args]
+def worker_command(world_size: int, args: list[str], store_dir: Path) -> list[str]:
+    """The command that starts ``world_size`` worker ranks with ``args`` (plain Python for one rank).
+
+    Single-machine groups open no TCP port of their own: torchrun's rendezvous and the process group's
+    store are files in ``store_dir`` (a private directory), where ``--standalone`` would bind a TCPStore
+    on every network interface. Only the backends' own peer sockets remain, pinned to loopback by
+    ``worker_env``.
+    """
+    tail = ["-m", "comfy_pipefusion.worker", *args, "--store", str(Path(store_dir) / "pg.store")]
     if world_size == 1:
         return [sys.executable, *tail]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={world_size}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={Path(store_dir) / 'rdzv.store'}",
+            "--rdzv-conf=store_type=file", f"--rdzv-id={secrets.token_hex(8)}", "--local-addr=127.0.0.1",
             "--max_restarts=0", "--monitor_interval=0.5", *tail]
 
 
 INHERITED_NOT = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "RANK", "LOCAL_RANK", "WORLD_SIZE",
                  "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def worker_env(threads: int, devices: tuple[int, ...] | None = None, cpu_only: bool = False) -> dict[str, str]:
     """A clean worker environment: the chosen GPUs (none with ``cpu_only``), the thread count, no inherited
-    allocator (cudaMallocAsync) or rendezvous settings, and this package importable."""
+    allocator (cudaMallocAsync) or rendezvous settings, peer sockets on loopback only (gloo and NCCL would
+    otherwise bind the address the host name resolves to), no shared TCP store in torchrun, and this
+    package importable."""
     env = {k: v for k, v in os.environ.items() if k not in INHERITED_NOT}
+    env.update(LOOPBACK)
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
     elif cpu_only:
@@ -49,18 +62,21 @@ def worker_env(threads: int, devices: tuple[int, ...] | None = None, cpu_only: b
     return env
 
 
-def run_jobs(preset: str, seed: int, jobs: list[dict], world_size: int, threads: int = 1,
-             timeout: float | None = None) -> dict[str, tuple[torch.Tensor, dict]]:
-    """Run ``jobs`` (worker job dicts) on a fresh group; returns {name: (samples, metrics)}. ``timeout``
-    (seconds, None: no limit) bounds the whole group; on timeout or interrupt the group is killed."""
+def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, threads: int = 1,
+             timeout: float | None = None, model: dict | None = None) -> dict[str, tuple[torch.Tensor, dict]]:
+    """Run ``jobs`` (worker job dicts) on a fresh group; returns {name: (samples, metrics)}. The model is
+    the built-in ``preset`` (random weights from ``seed``) unless ``model`` gives another source (e.g.
+    ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no limit) bounds the whole group; on timeout or
+    interrupt the group is killed."""
     with tempfile.TemporaryDirectory(prefix="pipefusion-") as tmp:
         tmp = Path(tmp)
         spec = tmp / "jobs.json"
-        spec.write_text(json.dumps({"model": {"preset": preset, "seed": seed}, "jobs": jobs}))
+        source = model or {"preset": preset, "seed": seed}
+        spec.write_text(json.dumps({"model": source, "jobs": jobs}))
         log = tmp / "worker.log"
         with open(log, "wb") as fh:
             args = ["--jobs", str(spec), "--out", str(tmp / "out"), "--threads", str(threads)]
-            proc = subprocess.Popen(worker_command(world_size, args), stdout=fh,
+            proc = subprocess.Popen(worker_command(world_size, args, tmp), stdout=fh,
                                     stderr=subprocess.STDOUT, env=worker_env(threads), start_new_session=True)
             try:
                 rc = proc.wait(timeout=timeout)

@@ -11,17 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from .config import SampleSpec
-from .models import flux
+from .models import family
+from .models.family import LatentFormat, pack_latent, unpack_latent
 from .sampling.noise import comfy_noise
 from .sampling.sigmas import flux_sigmas, frozen_sigmas
-
-
-def process_in(latent: torch.Tensor) -> torch.Tensor:
-    return (latent - flux.LATENT_SHIFT) * flux.LATENT_SCALE
-
-
-def process_out(latent: torch.Tensor) -> torch.Tensor:
-    return latent / flux.LATENT_SCALE + flux.LATENT_SHIFT
 
 
 @dataclass(frozen=True)
@@ -32,10 +25,21 @@ class Problem:
     sigmas: torch.Tensor  # [steps + 1] float32
     x0: torch.Tensor  # [B, S_img, 64] float32, noised, sampling space
     txt: torch.Tensor  # [B, S_txt, joint_dim] text-encoder states
-    pooled: torch.Tensor  # [B, pooled_dim]
+    pooled: torch.Tensor | None  # [B, pooled_dim]; None for families without a pooled vector
     guidance: torch.Tensor | None  # [B], None for models without a guidance embedding
     rows: int  # image token rows
     cols: int  # image token columns
+    family: str = "flux"
+    latent: LatentFormat = LatentFormat(16, 0.3611, 0.1159)
+
+    @property
+    def joint_text(self) -> bool:
+        return family.get(self.family).JOINT_TEXT
+
+    @property
+    def n_span_txt(self) -> int:
+        """Text tokens inside the attention sequence: all of them for joint-text families, else none."""
+        return self.n_txt if self.joint_text else 0
 
     @property
     def n_txt(self) -> int:
@@ -49,44 +53,19 @@ class Problem:
     def batch(self) -> int:
         return self.x0.shape[0]
 
-    @property
-    def txt_ids(self) -> torch.Tensor:
-        return torch.zeros(self.n_txt, 3)
-
-    @property
-    def img_ids(self) -> torch.Tensor:
-        return flux.image_ids(self.rows, self.cols)
-
-    def band(self, r0: int, r1: int) -> "BandProblem":
-        """The rows [r0, r1) alone, keeping their positions (naive patch baseline)."""
-        return BandProblem(self, r0, r1)
-
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """Packed sampling-space tokens -> ComfyUI LATENT samples [B, 16, h, w]."""
-        return process_out(flux.unpack_latent(x.float().cpu(), self.rows * 2, self.cols * 2))
-
-
-class BandProblem:
-    """A view of a Problem restricted to a band of token rows, with the band's true RoPE positions."""
-
-    def __init__(self, full: Problem, r0: int, r1: int) -> None:
-        self.full, self.r0, self.r1 = full, r0, r1
-        i0, i1 = r0 * full.cols, r1 * full.cols
-        self.spec, self.sigmas, self.txt, self.pooled, self.guidance = \
-            full.spec, full.sigmas, full.txt, full.pooled, full.guidance
-        self.x0 = full.x0[:, i0:i1]
-        self.rows, self.cols = r1 - r0, full.cols
-        self.n_txt, self.n_img, self.batch = full.n_txt, self.rows * self.cols, full.batch
-        self.txt_ids = full.txt_ids
-        self.img_ids = full.img_ids[i0:i1]
+        """Packed sampling-space tokens -> ComfyUI LATENT samples [B, C, h, w]."""
+        return self.latent.process_out(unpack_latent(x.float().cpu(), self.rows * 2, self.cols * 2))
 
 
 def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor,
-                 latent: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> Problem:
+                 latent: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                 fam: str = "flux", fmt: LatentFormat | None = None) -> Problem:
     """Build a job from conditioning, an optional input LATENT (zeros: text to image) and optional noise
-    (default: ComfyUI's noise for ``spec.seed``)."""
+    (default: ComfyUI's noise for ``spec.seed``), for a model of family ``fam`` with latent format ``fmt``."""
+    fmt = fmt or family.get(fam).LATENT
     h, w = spec.height // 8, spec.width // 8
-    shape = (spec.batch, flux.LATENT_CHANNELS, h, w)
+    shape = (spec.batch, fmt.channels, h, w)
     if latent is None:
         latent = torch.zeros(shape)
     if tuple(latent.shape) != shape:
@@ -101,20 +80,27 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor,
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} does not match the latent's {shape}")
     s0 = float(sigmas[0])
-    x0 = flux.pack_latent(s0 * noise + (1.0 - s0) * process_in(latent.float()))
+    x0 = pack_latent(s0 * noise + (1.0 - s0) * fmt.process_in(latent.float()))
     guidance = torch.full((spec.batch,), float(spec.guidance))
-    return Problem(spec, sigmas, x0, txt, pooled, guidance, spec.height // 16, spec.width // 16)
+    return Problem(spec, sigmas, x0, txt, pooled, guidance, spec.height // 16, spec.width // 16, fam, fmt)
 
 
-def synthetic_conditioning(config: dict, n_txt: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_conditioning(config: dict, n_txt: int, batch: int, seed: int,
+                           fam: str = "flux") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Text-encoder-like inputs of the right shapes for built-in models (no text encoder needed)."""
+    width, pooled_width = family.get(fam).conditioning_dims(config)
     g = torch.Generator().manual_seed(seed + 7919)
-    txt = torch.randn(batch, n_txt, config["joint_attention_dim"], generator=g)
-    pooled = torch.randn(batch, config["pooled_projection_dim"], generator=g)
+    txt = torch.randn(batch, n_txt, width, generator=g)
+    pooled = torch.randn(batch, pooled_width, generator=g) if pooled_width else None
     return txt, pooled
 
 
+def synthetic_problem(fam, config: dict, spec: SampleSpec, n_txt: int) -> Problem:
+    """A job with text-encoder-like conditioning of the right shapes for ``config`` (benchmarks, tests)."""
+    txt, pooled = synthetic_conditioning(config, n_txt, spec.batch, spec.seed, fam.NAME)
+    return make_problem(spec, txt, pooled, fam=fam.NAME, fmt=fam.latent_format(config))
+
+
 def preset_problem(preset: str, spec: SampleSpec) -> Problem:
-    p = flux.PRESETS[preset]
-    txt, pooled = synthetic_conditioning(p["config"], p["text_tokens"], spec.batch, spec.seed)
-    return make_problem(spec, txt, pooled)
+    fam, p = family.find_preset(preset)
+    return synthetic_problem(fam, p["config"], spec, p["text_tokens"])

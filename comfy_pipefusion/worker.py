@@ -26,8 +26,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from .config import ParallelConfig, SampleSpec
-from .job import make_problem, preset_problem
-from .models import flux
+from .job import make_problem, preset_problem, synthetic_problem
+from .models import family
 from .parallel import strategy_fn
 from .parallel.comm import Comm
 from .parallel.plan import ModelSource, load_rank_model, rank_modules
@@ -39,12 +39,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 COLLECTIVE_TIMEOUT = timedelta(hours=1)  # idle ranks are pinged well within it (serve.py)
 
 
-def init_group(threads: int) -> tuple[Comm, torch.device]:
-    """Join the torchrun group (if any) on this rank's device; set CPU threads."""
+def init_group(threads: int, store: str | None = None) -> tuple[Comm, torch.device]:
+    """Join the torchrun group (if any) on this rank's device; set CPU threads. ``store``: a file the
+    ranks rendezvous in (no TCP store; see group.worker_command), else torchrun's environment."""
     torch.set_num_threads(max(1, threads))
     if "RANK" not in os.environ:
         return Comm(0, 1), torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    init = f"file://{store}" if store else None
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         if local >= torch.cuda.device_count():
@@ -52,10 +54,11 @@ def init_group(threads: int) -> tuple[Comm, torch.device]:
                                "are visible; start fewer ranks per node or set CUDA_VISIBLE_DEVICES")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world, device_id=device,
+                                timeout=COLLECTIVE_TIMEOUT)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     return Comm(rank, world, device=device), device
 
 
@@ -71,10 +74,16 @@ class ModelCache:
         self.device, self.key, self.value = device, None, None
         self.meta_source, self.meta = None, None  # structure of the last source: header read once
 
-    def get(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
+    def describe(self, source: ModelSource) -> tuple[object, dict, torch.nn.Module]:
+        """(family, config, meta-device model) of ``source``, read once per source."""
         if source != self.meta_source:
-            self.meta_source, self.meta = source, flux.build_meta(source.config())
-        key = (source, tuple(rank_modules(self.meta, cfg, rank)), dtype)
+            fam, config = source.describe()
+            self.meta_source, self.meta = source, (fam, config, fam.build_meta(config))
+        return self.meta
+
+    def get(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
+        fam, _, meta = self.describe(source)
+        key = (source, tuple(rank_modules(fam, meta, cfg, rank)), dtype)
         if key != self.key:
             self.key, self.value = None, None
             self.value = load_rank_model(source, cfg, rank, self.device, dtype)
@@ -95,7 +104,8 @@ class Prepared:
 def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = None) -> Prepared:
     """Validate a job and load what it needs on this rank (no communication)."""
     source = ModelSource(**job["model"])
-    defaults = {k: flux.PRESETS[source.preset][k] for k in ("height", "width", "steps")} if source.preset else {}
+    defaults = {k: family.find_preset(source.preset)[1][k] for k in ("height", "width", "steps")} \
+        if source.preset else {}
     spec = SampleSpec(**{**defaults, **job["sample"]})
     par = dict(job["parallel"])
     asked = par.pop("world_size", comm.world_size)
@@ -103,10 +113,15 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         raise ValueError(f"job {job.get('name', '')!r} asks for world_size {asked} but the group has "
                          f"{comm.world_size} ranks; start the group with {asked} ranks")
     cfg = ParallelConfig(world_size=comm.world_size, **par)
-    if tensors is None:
+    if tensors is None and source.preset:
         problem = preset_problem(source.preset, spec)
+    elif tensors is None:  # a checkpoint with synthetic conditioning (the benchmark)
+        fam, config, _ = models.describe(source)
+        problem = synthetic_problem(fam, config, spec, int(job.get("text_tokens", 64)))
     else:
-        problem = make_problem(spec, tensors["txt"], tensors["pooled"], tensors.get("latent"), tensors.get("noise"))
+        fam, config, _ = models.describe(source)
+        problem = make_problem(spec, tensors["txt"], tensors.get("pooled"), tensors.get("latent"),
+                               tensors.get("noise"), fam=fam.NAME, fmt=fam.latent_format(config))
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
     model, blocks = models.get(source, cfg, comm.rank, dtype)
@@ -127,7 +142,7 @@ def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) 
 
 
 def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
-    local = {"param_bytes": flux.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "pid": os.getpid()}
+    local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "pid": os.getpid()}
     if not dist.is_initialized():
         return [local]
     out = [None] * comm.world_size
@@ -172,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", help="JSON file: {'model': {...}, 'jobs': [...]}")
     ap.add_argument("--out", help="folder for the results of --jobs (rank 0 writes)")
     ap.add_argument("--serve", help="group directory of a launcher: serve its jobs until shutdown")
+    ap.add_argument("--store", help="file the ranks rendezvous in (set by the launcher)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("PIPEFUSION_THREADS", "1")))
     args = ap.parse_args(argv)
     if bool(args.jobs) == bool(args.serve) or (args.jobs and not args.out):
         ap.error("give either --jobs FILE --out DIR, or --serve GROUP_DIR")
-    comm, device = init_group(args.threads)
+    comm, device = init_group(args.threads, args.store)
     setup_logging(comm.rank, comm.world_size)
     try:
         if args.serve:

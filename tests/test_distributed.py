@@ -95,9 +95,9 @@ def test_pipefusion_ranks_hold_only_their_stage(world, group_results):
     for job in ("pf_frozen_memory", f"pf_frozen_m{PATCHES[world][0]}"):
         cfg = ParallelConfig(world_size=world, **suite_jobs_by_name(world)[job]["parallel"])
         got = res[job][1]["param_bytes_per_rank"]
-        assert got == [nbytes(rank_modules(meta, cfg, r)) for r in range(world)], job
+        assert got == [nbytes(rank_modules(flux, meta, cfg, r)) for r in range(world)], job
         blocks = [b.prefix for b in flux.blocks_of(meta)]
-        held = [set(rank_modules(meta, cfg, r)) & set(blocks) for r in range(world)]
+        held = [set(rank_modules(flux, meta, cfg, r)) & set(blocks) for r in range(world)]
         assert sorted(sum((sorted(h) for h in held), [])) == sorted(blocks)  # every block once, nowhere twice
     mem = res["pf_frozen_memory"][1]["param_bytes_per_rank"]
     assert max(mem) <= total / world + embedders + final, (mem, total / world)

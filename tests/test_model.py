@@ -32,13 +32,14 @@ def run_ours(model, x, txt, pooled, sigma, guidance, img_ids, txt_ids, spans, kv
     cfg = model.config
     kvs = kvs or [StaleKV(1, cfg.num_attention_heads, txt.shape[1], x.shape[1], cfg.attention_head_dim,
                           torch.float32, torch.device("cpu")) for _ in blocks]
-    emb = flux.Embeddings(model, txt, txt_ids, img_ids)
-    temb = flux.time_embedding(model, sigma, pooled, guidance, torch.float32)
+    rows = int(img_ids[:, 1].max()) + 1
+    emb = flux.embeddings(model, txt, txt.shape[1], rows, x.shape[1] // rows, torch.device("cpu"), torch.float32)
+    temb = flux.time_embedding(model, emb, sigma, pooled, guidance, torch.float32)
     outs = []
     for sp in spans:
         t = emb.txt[:, sp.t0:sp.t1] if sp.n_txt else None
-        _, img = flux.run_blocks(model, blocks, kvs, sp, t, model.x_embedder(x[:, sp.i0:sp.i1]), temb,
-                                 emb.rope_for(sp))
+        img = flux.embed_image(model, emb, x[:, sp.i0:sp.i1], sp)
+        _, img = flux.run_blocks(model, blocks, kvs, sp, t, img, temb, emb.for_span(sp))
         outs.append(flux.final_layer(model, img, temb))
     return torch.cat(outs, 1), kvs
 
@@ -85,7 +86,7 @@ def test_rank_materialises_only_its_stage():
     model, blocks = load_rank_model(ModelSource(preset="tiny"), par, 1, torch.device("cpu"), torch.float32)
     held = {n for n, p in model.named_parameters() if not p.is_meta}
     assert blocks == flux.blocks_of(model)[3:]
-    assert all(n.startswith(tuple(rank_modules(model, par, 1))) for n in held)
+    assert all(n.startswith(tuple(rank_modules(flux, model, par, 1))) for n in held)
     assert not any(n.startswith(("x_embedder", "context_embedder", "transformer_blocks")) for n in held)
     assert model.single_transformer_blocks[0].proj_out.weight.is_meta
     assert not model.single_transformer_blocks[3].proj_out.weight.is_meta

@@ -7,16 +7,15 @@ covering everything, this is exactly diffusers' own forward (tested against it).
 """
 from __future__ import annotations
 
-import zlib
-from dataclasses import dataclass
-
 import torch
-from diffusers import FluxTransformer2DModel
-from diffusers.models.embeddings import apply_rotary_emb
 
-LATENT_CHANNELS = 16
-LATENT_SCALE = 0.3611
-LATENT_SHIFT = 0.1159
+from . import family
+from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
+
+NAME = "flux"
+JOINT_TEXT = True
+LATENT = LatentFormat(channels=16, scale=0.3611, shift=0.1159)
+LATENT_CHANNELS, LATENT_SCALE, LATENT_SHIFT = LATENT.channels, LATENT.scale, LATENT.shift
 
 # Built-in models with random weights, Flux.1's architecture at smaller sizes.
 PRESETS: dict[str, dict] = {
@@ -38,26 +37,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
-@dataclass(frozen=True)
-class Block:
-    """One transformer block in execution order."""
-
-    kind: str  # "double" | "single"
-    index: int  # index inside its ModuleList
-
-    @property
-    def prefix(self) -> str:
-        return f"transformer_blocks.{self.index}" if self.kind == "double" else \
-            f"single_transformer_blocks.{self.index}"
-
-
-def blocks_of(model: FluxTransformer2DModel) -> list[Block]:
-    return [Block("double", i) for i in range(len(model.transformer_blocks))] + \
-           [Block("single", i) for i in range(len(model.single_transformer_blocks))]
-
-
-def module_of(model: FluxTransformer2DModel, block: Block) -> torch.nn.Module:
-    return model.get_submodule(block.prefix)
+def blocks_of(model) -> list[Block]:
+    """Double-stream blocks ("double", ``transformer_blocks.N``), then single-stream ones."""
+    return [Block("double", i, f"transformer_blocks.{i}") for i in range(len(model.transformer_blocks))] + \
+           [Block("single", i, f"single_transformer_blocks.{i}") for i in range(len(model.single_transformer_blocks))]
 
 
 # Modules every rank needs (temb drives every block's AdaLN), those of the first stage, of the last one.
@@ -66,44 +49,25 @@ FIRST_MODULES = ("x_embedder", "context_embedder")
 LAST_MODULES = ("norm_out", "proj_out")
 
 
-def build_meta(config: dict) -> FluxTransformer2DModel:
+def build_meta(config: dict):
     """The whole model on the meta device: structure only, no memory."""
+    from diffusers import FluxTransformer2DModel
+
     with torch.device("meta"):
         return FluxTransformer2DModel(**config)
 
 
-def _init_value(name: str, shape: torch.Size, seed: int, depth: int) -> torch.Tensor:
-    """Deterministic synthetic weight for parameter ``name``: the same on every rank, any split."""
-    g = torch.Generator().manual_seed((zlib.crc32(name.encode()) ^ seed) & 0x7FFFFFFF)
-    x = torch.randn(shape, generator=g)
-    if len(shape) == 1:
-        return 1.0 + 0.05 * x if "norm" in name else 0.02 * x
-    scale = shape[1] ** -0.5
-    if name.endswith(("to_out.0.weight", "to_add_out.weight", "ff.net.2.weight",
-                      "ff_context.net.2.weight")) or (name.startswith("single") and "proj_out" in name):
-        scale /= (2 * depth) ** 0.5  # residual branches: keep the stream's scale over depth
-    return scale * x
+def _residual(name: str) -> bool:
+    return name.endswith(("to_out.0.weight", "to_add_out.weight", "ff.net.2.weight", "ff_context.net.2.weight")) \
+        or (name.startswith("single") and "proj_out" in name)
 
 
-def materialize(model: FluxTransformer2DModel, names: list[str], device: torch.device, dtype: torch.dtype,
-                seed: int) -> None:
-    """Allocate and fill only the submodules ``names``; everything else stays on the meta device."""
-    depth = len(blocks_of(model))
-    for name in names:
-        sub = model.get_submodule(name)
-        sub.to_empty(device=device)
-        for pname, p in sub.named_parameters(prefix=name):
-            with torch.no_grad():
-                p.copy_(_init_value(pname, p.shape, seed, depth))
-        sub.to(dtype)
+def materialize(model, names: list[str], device: torch.device, dtype: torch.dtype, seed: int) -> None:
+    """Allocate and fill only the submodules ``names`` with synthetic weights; the rest stays on meta."""
+    family.materialize(model, names, device, dtype, seed, len(blocks_of(model)), _residual)
 
 
-def param_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters this process actually holds (meta tensors hold none)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
-
-
-def block_cost(model: FluxTransformer2DModel, block: Block, balance: str) -> float:
+def block_cost(model, block: Block, balance: str) -> float:
     """Weight of a block for the stage split.
 
     'compute': a double block's image path (q, k, v, out, 4x MLP) and a single block's (q, k, v, MLP in,
@@ -116,20 +80,12 @@ def block_cost(model: FluxTransformer2DModel, block: Block, balance: str) -> flo
     return float(sum(p.numel() for p in module_of(model, block).parameters()))
 
 
-# ----------------------------------------------------------------------------------------- layout
-
-def pack_latent(latent: torch.Tensor) -> torch.Tensor:
-    """[B, 16, h, w] latent -> [B, (h/2)(w/2), 64] tokens, row-major, channels (c, ph, pw)."""
-    b, c, h, w = latent.shape
-    x = latent.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+def latent_format(config: dict) -> LatentFormat:
+    return LATENT
 
 
-def unpack_latent(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of ``pack_latent`` for a latent of ``h`` x ``w``."""
-    b, _, d = tokens.shape
-    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, h, w)
+def conditioning_dims(config: dict) -> tuple[int, int | None]:
+    return config["joint_attention_dim"], config["pooled_projection_dim"]
 
 
 def image_ids(rows: int, cols: int) -> torch.Tensor:
@@ -145,26 +101,39 @@ def image_ids(rows: int, cols: int) -> torch.Tensor:
 class Embeddings:
     """What a job computes once per rank: text embedding (first stage) and the full RoPE table."""
 
-    def __init__(self, model: FluxTransformer2DModel, txt: torch.Tensor | None, txt_ids: torch.Tensor,
-                 img_ids: torch.Tensor) -> None:
-        self.model = model
-        cos, sin = model.pos_embed(torch.cat([txt_ids, img_ids]))  # [S, Dh] each
-        self.rope = (cos, sin)
-        self.n_txt = txt_ids.shape[0]
+    def __init__(self, model, txt: torch.Tensor | None, n_txt: int, rows: int, cols: int,
+                 device: torch.device) -> None:
+        self.n_txt = n_txt
+        ids = torch.cat([torch.zeros(n_txt, 3), image_ids(rows, cols)]).to(device)
+        self.rope = model.pos_embed(ids)  # (cos, sin): [S, Dh] each
         self.txt = model.context_embedder(txt) if txt is not None else None  # [B, S_t, D]
+        self.extra = None
 
-    def rope_for(self, span) -> tuple[torch.Tensor, torch.Tensor]:
+    def for_span(self, span) -> tuple[torch.Tensor, torch.Tensor]:
         idx = span.joint_index(self.n_txt).to(self.rope[0].device)
         return self.rope[0][idx], self.rope[1][idx]
 
 
-def time_embedding(model: FluxTransformer2DModel, sigma: torch.Tensor, pooled: torch.Tensor,
-                   guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """temb for one step, as diffusers' forward computes it (timestep and guidance scaled by 1000)."""
-    t = sigma.to(dtype) * 1000  # [B]
+def embeddings(model, txt: torch.Tensor | None, n_txt: int, rows: int, cols: int, device: torch.device,
+               dtype: torch.dtype) -> Embeddings:
+    return Embeddings(model, None if txt is None else txt.to(device, dtype), n_txt, rows, cols, device)
+
+
+def time_embedding(model, emb, t: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """temb for one evaluation, as diffusers' forward computes it (timestep and guidance scaled by 1000)."""
+    t = t.to(dtype) * 1000  # [B]
     if model.config.guidance_embeds:
         return model.time_text_embed(t, guidance.to(dtype) * 1000, pooled)
     return model.time_text_embed(t, pooled)
+
+
+def embed_image(model, emb, x: torch.Tensor, span) -> torch.Tensor:
+    return model.x_embedder(x)  # [B, L, D]; positions enter through RoPE
+
+
+def kv_buffers(model, block: Block, make):
+    return make("joint")
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -178,6 +147,8 @@ def _qkv(attn, x, to_q, to_k, to_v, norm_q, norm_k):
 
 
 def _rope(q, k, rope):
+    from diffusers.models.embeddings import apply_rotary_emb
+
     return apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
 
 
@@ -233,3 +204,12 @@ def run_blocks(model, blocks: list[Block], kvs: list, span, txt, img, temb, rope
 def final_layer(model, img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     """Image tokens -> predicted velocity per token. [B, L, D] -> [B, L, 64]"""
     return model.proj_out(model.norm_out(img, temb))
+
+
+def forward(model, x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor,
+            guidance: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor:
+    """diffusers' FluxTransformer2DModel.forward over the whole packed latent: the serial reference."""
+    n_txt = txt.shape[1]
+    return model(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
+                 img_ids=image_ids(rows, cols).to(x.device), txt_ids=torch.zeros(n_txt, 3, device=x.device),
+                 guidance=guidance if model.config.guidance_embeds else None, return_dict=False)[0]

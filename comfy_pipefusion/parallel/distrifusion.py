@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from ..attention import DisplacedKV
-from ..models import flux
 from ..patches import displaced_spans
 from .runtime import Control, JobCancelled, JobRuntime, gather_bands
 
@@ -19,24 +18,35 @@ from .runtime import Control, JobCancelled, JobRuntime, gather_bands
 def run_distrifusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, device: torch.device,
                      control: Control | None = None) -> torch.Tensor | None:
     """This rank's band. Returns the final latent [B, S_img, 64] on rank 0, else None."""
-    spans = displaced_spans(problem.rows, problem.cols, problem.n_txt, comm.world_size)
+    spans = displaced_spans(problem.rows, problem.cols, problem.n_span_txt, comm.world_size)
     sp = spans[comm.rank]
     rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
     kvs = rt.kv_buffers(blocks, DisplacedKV, spans=spans, rank=comm.rank, comm=comm)
-    rope = rt.emb.rope_for(sp)
-    txt = rt.emb.txt[:, sp.t0:sp.t1] if sp.n_txt else None
+    txt = rt.span_txt(sp)
     control = control or Control()
-    for t in range(rt.steps):
-        if t and control.agree_stop(comm):
-            for kv in kvs:
-                kv.finish()  # every rank started the same gathers: they complete
-            raise JobCancelled(f"cancelled before step {t + 1}")
-        for kv in kvs:
-            kv.set_mode(sync=t < cfg.warmup_steps, exchange=t < rt.steps - 1)
-        _, img = flux.run_blocks(model, blocks, kvs, sp, txt, rt.embed_image(rt.x[:, sp.i0:sp.i1]),
-                                 rt.temb(t), rope)
+    evals, sync = len(rt.evals), rt.sync_evals(cfg.warmup_steps)
+    for t in range(evals):
+        if t and rt.step_of(t) != rt.step_of(t - 1) and control.agree_stop(comm):
+            _finish(kvs)  # every rank started the same gathers: they complete
+            raise JobCancelled(f"cancelled before step {rt.step_of(t) + 1}")
+        for kv in _flat(kvs):
+            kv.set_mode(sync=t < sync, exchange=t < evals - 1)
+        _, img = rt.run_blocks(blocks, kvs, sp, txt, rt.embed_image(rt.x[:, sp.i0:sp.i1], sp), t)
         rt.update(t, sp.i0, sp.i1, img)
-        control.step_done(t)
-    for kv in kvs:
-        kv.finish()
+        if t + 1 == evals or rt.step_of(t + 1) != rt.step_of(t):
+            control.step_done(rt.step_of(t))
+    _finish(kvs)
     return gather_bands(comm, rt.x, [(s.i0, s.i1) for s in spans])
+
+
+def _flat(kvs: list) -> list:
+    """Every buffer: a family may give a block several (e.g. SD3.5's second, image-only attention)."""
+    out = []
+    for kv in kvs:
+        out += list(kv) if isinstance(kv, (list, tuple)) else [kv]
+    return out
+
+
+def _finish(kvs: list) -> None:
+    for kv in _flat(kvs):
+        kv.finish()

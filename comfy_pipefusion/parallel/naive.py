@@ -14,5 +14,5 @@ def run_naive_patch(model, blocks: list, problem, cfg, comm, dtype: torch.dtype,
     rows = split_even(problem.rows, comm.world_size)
     r0, r1 = rows[comm.rank]
     x = problem.x0.to(device).clone()
-    x[:, r0 * problem.cols:r1 * problem.cols] = run_local(model, problem.band(r0, r1), dtype, device, control, comm)
+    x[:, r0 * problem.cols:r1 * problem.cols] = run_local(model, problem, dtype, device, control, comm, (r0, r1))
     return gather_bands(comm, x, [(a * problem.cols, b * problem.cols) for a, b in rows])

@@ -19,18 +19,17 @@ from collections import deque
 
 import torch
 
-from ..models import flux
 from ..patches import full_span, pipefusion_spans
 from .runtime import Control, JobCancelled, JobRuntime
 
 
-def schedule(problem, patches: int, warmup: int, text_stream: str) -> list[tuple[int, object]]:
-    """Items (step, Span) in the order every stage processes them."""
-    steps = len(problem.sigmas) - 1
-    full = full_span(problem.n_txt, problem.n_img)
-    bands = pipefusion_spans(problem.rows, problem.cols, problem.n_txt, patches, text_stream)
-    return [(t, full) for t in range(min(warmup, steps))] + \
-           [(t, sp) for t in range(warmup, steps) for sp in bands]
+def schedule(problem, evals: int, sync: int, patches: int, text_stream: str) -> list[tuple[int, object]]:
+    """Items (evaluation, Span) in the order every stage processes them: the first ``sync`` evaluations
+    whole, the rest as bands."""
+    full = full_span(problem.n_span_txt, problem.n_img)
+    bands = pipefusion_spans(problem.rows, problem.cols, problem.n_span_txt, patches, text_stream)
+    return [(t, full) for t in range(min(sync, evals))] + \
+           [(t, sp) for t in range(sync, evals) for sp in bands]
 
 
 class _Sends:
@@ -63,8 +62,8 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
     first, last = s == 0, s == n - 1
     rt = JobRuntime(model, problem, dtype, device, first, last)
     kvs = rt.kv_buffers(blocks)
-    items = schedule(problem, cfg.num_patches, cfg.warmup_steps, cfg.text_stream)
-    width = model.config.num_attention_heads * model.config.attention_head_dim
+    items = schedule(problem, len(rt.evals), rt.sync_evals(cfg.warmup_steps), cfg.num_patches, cfg.text_stream)
+    width = rt.width
     b, chans = problem.batch, problem.x0.shape[2]
 
     def message(sp) -> torch.Tensor:  # [B, n_txt + n_img + 1, D]: tokens, then the flag row
@@ -98,9 +97,10 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
                     msg[0, -1, 0] = 1
                     sends.add(comm.isend(msg, s + 1))
         sends.drain()
-        raise JobCancelled(f"cancelled at step {items[i][0] + 1}")
+        raise JobCancelled(f"cancelled at step {rt_step(items[i][0]) + 1}")
 
-    sends = _Sends(cap=2 * (len(items) // max(1, rt.steps) + n) + 2)
+    sends = _Sends(cap=2 * (len(items) // max(1, len(rt.evals)) + n) + 2)
+    rt_step = rt.step_of
     ring_next = next((i for i, (t, _) in enumerate(items) if t > 0), len(items))
     nxt = post_recv(0)
     for i, (t, sp) in enumerate(items):
@@ -109,13 +109,13 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
         cur, nxt = nxt, post_recv(i + 1)
         if first:
             x_in = problem.x0[:, sp.i0:sp.i1].to(device) if cur is None else cur.wait()
-            txt, img = (rt.emb.txt if sp.n_txt else None), rt.embed_image(x_in)
+            txt, img = rt.span_txt(sp), rt.embed_image(x_in, sp)
         else:
             h = cur.wait()  # [B, n_txt + n_img + 1, D]
             if h[0, -1, 0] != 0:
                 stop(i, nxt)
             txt, img = (h[:, :sp.n_txt] if sp.n_txt else None), h[:, sp.n_txt:-1]
-        txt, img = flux.run_blocks(model, blocks, kvs, sp, txt, img, rt.temb(t), rt.emb.rope_for(sp))
+        txt, img = rt.run_blocks(blocks, kvs, sp, txt, img, t)
         if not last:
             msg = message(sp)
             if txt is not None:
@@ -129,8 +129,8 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
                 r = items[ring_next][1]
                 sends.add(comm.isend(rt.x[:, r.i0:r.i1].clone(), 0))
                 ring_next += 1
-        if i + 1 == len(items) or items[i + 1][0] != t:
-            control.step_done(t)
+        if i + 1 == len(items) or rt_step(items[i + 1][0]) != rt_step(t):
+            control.step_done(rt_step(t))
     sends.drain()
     if last:
         comm.isend(rt.x, 0).wait()

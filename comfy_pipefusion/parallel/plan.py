@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ParallelConfig
-from ..models import checkpoint, flux
+from ..models import checkpoint, family
 
 
 def balanced_split(costs: list[float], stages: int) -> tuple[int, ...]:
@@ -38,33 +38,33 @@ def balanced_split(costs: list[float], stages: int) -> tuple[int, ...]:
     return tuple(reversed(sizes))
 
 
-def stage_split(model, cfg: ParallelConfig) -> tuple[int, ...]:
-    blocks = flux.blocks_of(model)
+def stage_split(fam, model, cfg: ParallelConfig) -> tuple[int, ...]:
+    blocks = fam.blocks_of(model)
     if cfg.stage_split is not None:
         return cfg.stage_split
-    return balanced_split([flux.block_cost(model, b, cfg.balance) for b in blocks], cfg.world_size)
+    return balanced_split([fam.block_cost(model, b, cfg.balance) for b in blocks], cfg.world_size)
 
 
-def rank_blocks(model, cfg: ParallelConfig, rank: int) -> list[flux.Block]:
+def rank_blocks(fam, model, cfg: ParallelConfig, rank: int) -> list[family.Block]:
     """The blocks this rank runs: its stage's under pipefusion, all of them otherwise."""
-    blocks = flux.blocks_of(model)
+    blocks = fam.blocks_of(model)
     if cfg.strategy != "pipefusion":
         return blocks
-    sizes = stage_split(model, cfg)
+    sizes = stage_split(fam, model, cfg)
     start = sum(sizes[:rank])
     return blocks[start:start + sizes[rank]]
 
 
-def rank_modules(model, cfg: ParallelConfig, rank: int) -> list[str]:
-    """Names of the submodules this rank materialises."""
+def rank_modules(fam, model, cfg: ParallelConfig, rank: int) -> list[str]:
+    """Names of the submodules (or root parameters) this rank materialises."""
     if cfg.strategy != "pipefusion":
-        return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
-    names = list(flux.SHARED_MODULES)
+        return family.all_names(model)
+    names = list(fam.SHARED_MODULES)
     if rank == 0:
-        names += flux.FIRST_MODULES
+        names += [n for n in fam.FIRST_MODULES if n not in names]
     if rank == cfg.world_size - 1:
-        names += flux.LAST_MODULES
-    return names + [b.prefix for b in rank_blocks(model, cfg, rank)]
+        names += [n for n in fam.LAST_MODULES if n not in names]
+    return [n for n in names if family.holds(model, n)] + [b.prefix for b in rank_blocks(fam, model, cfg, rank)]
 
 
 @dataclass(frozen=True)
@@ -78,17 +78,19 @@ class ModelSource:
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.checkpoint is None):
             raise ValueError("a model source is either a preset or a checkpoint path")
-        if self.preset is not None and self.preset not in flux.PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(flux.PRESETS)}")
-
-    def config(self) -> dict:
         if self.preset is not None:
-            return flux.PRESETS[self.preset]["config"]
-        return checkpoint.inspect_checkpoint(self.checkpoint)
+            family.find_preset(self.preset)  # raises, listing the presets
 
-    def fill(self, model, names: list[str], device: torch.device, dtype: torch.dtype) -> None:
+    def describe(self) -> tuple[object, dict]:
+        """(family module, diffusers config) of this source; a checkpoint's header is read, not its data."""
         if self.preset is not None:
-            flux.materialize(model, names, device, dtype, self.seed)
+            fam, preset = family.find_preset(self.preset)
+            return fam, preset["config"]
+        return family.get("flux"), checkpoint.inspect_checkpoint(self.checkpoint)
+
+    def fill(self, fam, model, names: list[str], device: torch.device, dtype: torch.dtype) -> None:
+        if self.preset is not None:
+            fam.materialize(model, names, device, dtype, self.seed)
         else:
             checkpoint.load_modules(model, self.checkpoint, names, device, dtype)
 
@@ -96,8 +98,9 @@ class ModelSource:
 def load_rank_model(source: ModelSource, cfg: ParallelConfig, rank: int, device: torch.device,
                     dtype: torch.dtype):
     """Build on the meta device and fill only this rank's part; returns (model, its blocks)."""
-    model = flux.build_meta(source.config())
-    cfg.check_model(len(flux.blocks_of(model)))
-    source.fill(model, rank_modules(model, cfg, rank), device, dtype)
+    fam, config = source.describe()
+    model = fam.build_meta(config)
+    cfg.check_model(len(fam.blocks_of(model)))
+    source.fill(fam, model, rank_modules(fam, model, cfg, rank), device, dtype)
     model.eval().requires_grad_(False)
-    return model, rank_blocks(model, cfg, rank)
+    return model, rank_blocks(fam, model, cfg, rank)

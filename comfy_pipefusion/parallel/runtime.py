@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..attention import StaleKV
-from ..models import flux
+from ..patches import Span
+from ..models import family
 from ..sampling.samplers import flow_denoised, make_sampler
 
 
@@ -13,47 +14,83 @@ class JobRuntime:
     """What one rank holds while it samples one job.
 
     ``model`` may hold only some modules (the rest on the meta device): ``first`` says whether this rank
-    embeds the text (and image), ``last`` whether it owns the sampler and the latent.
+    embeds the image (and, for joint-text families, the text), ``last`` whether it owns the sampler and
+    the latent. Work is counted in model *evaluations* (a sampler may evaluate the model more than once
+    per step); ``rt.x`` holds, per token, the input of the next evaluation.
     """
 
     def __init__(self, model, problem, dtype: torch.dtype, device: torch.device, first: bool, last: bool) -> None:
         self.model, self.problem, self.dtype, self.device = model, problem, dtype, device
+        self.fam = family.get(problem.family)
         self.first, self.last = first, last
-        self.sigmas = problem.sigmas
+        self.sampler = make_sampler(problem.spec.sampler, problem.sigmas)  # every rank: its schedule;
+        # only the last stage steps it
+        self.evals = [float(s) for s in getattr(self.sampler, "evals", problem.sigmas[:-1].tolist())]
         self.steps = len(problem.sigmas) - 1
         b = problem.batch
-        self.pooled = problem.pooled.to(device, dtype)
+        self.pooled = problem.pooled.to(device, dtype) if problem.pooled is not None else None
         self.guidance = problem.guidance.to(device) if problem.guidance is not None else None
-        txt = problem.txt.to(device, dtype) if first else None
-        self.emb = flux.Embeddings(model, txt, problem.txt_ids.to(device), problem.img_ids.to(device))
-        self.x = problem.x0.to(device).clone() if last else None  # [B, S_img, 64] float32
-        self.sampler = make_sampler(problem.spec.sampler, problem.sigmas) if last else None
-        self._temb: dict[int, torch.Tensor] = {}
-        self._sigma_b = [torch.full((b,), float(s), device=device) for s in problem.sigmas]
+        wants_txt = first or not self.fam.JOINT_TEXT
+        self.emb = self.fam.embeddings(model, problem.txt if wants_txt else None, problem.n_txt, problem.rows,
+                                       problem.cols, device, dtype)
+        self.x = problem.x0.to(device).clone() if last else None  # [B, S_img, C] float32
+        self._temb: dict[int, object] = {}
+        self._sigma_b = [torch.full((b,), s, device=device) for s in self.evals]
 
-    def temb(self, t: int) -> torch.Tensor:
-        """Step t's conditioning vector for every block's AdaLN (computed once per step)."""
-        if t not in self._temb:
-            self._temb = {t: flux.time_embedding(self.model, self._sigma_b[t], self.pooled, self.guidance,
-                                                 self.dtype)}
-        return self._temb[t]
+    @property
+    def width(self) -> int:
+        return self.model.config.num_attention_heads * self.model.config.attention_head_dim
+
+    def step_of(self, k: int) -> int:
+        """The sampling step evaluation ``k`` belongs to."""
+        return self.sampler.step_of(k) if hasattr(self.sampler, "step_of") else k
+
+    def sync_evals(self, warmup_steps: int) -> int:
+        """How many leading evaluations belong to the first ``warmup_steps`` sampling steps."""
+        return sum(1 for k in range(len(self.evals)) if self.step_of(k) < warmup_steps)
+
+    def temb(self, k: int):
+        """Evaluation k's conditioning for every block's AdaLN (computed once per evaluation)."""
+        if k not in self._temb:
+            self._temb = {k: self.fam.time_embedding(self.model, self.emb, self._sigma_b[k], self.pooled,
+                                                     self.guidance, self.dtype)}
+        return self._temb[k]
 
     def kv_buffers(self, blocks: list, cls=StaleKV, n_img: int | None = None, **kw) -> list:
-        cfg = self.model.config
-        return [cls(self.problem.batch, cfg.num_attention_heads, self.problem.n_txt,
-                    self.problem.n_img if n_img is None else n_img, cfg.attention_head_dim,
-                    self.dtype, self.device, **kw) for _ in blocks]
+        cfg, p = self.model.config, self.problem
+        n_img = p.n_img if n_img is None else n_img
 
-    def embed_image(self, x_patch: torch.Tensor) -> torch.Tensor:
-        return self.model.x_embedder(x_patch.to(self.dtype))  # [B, L, D]
+        def make(kind: str):
+            n_txt, extra = (p.n_span_txt, kw) if kind == "joint" else (0, _image_only(kw))
+            return cls(p.batch, cfg.num_attention_heads, n_txt, n_img, cfg.attention_head_dim,
+                       self.dtype, self.device, **extra)
+        return [self.fam.kv_buffers(self.model, b, make) for b in blocks]
 
-    def update(self, t: int, i0: int, i1: int, img: torch.Tensor) -> torch.Tensor:
-        """Last layer + sampler step on image tokens [i0, i1); returns the patch's new latent."""
-        v = flux.final_layer(self.model, img, self.temb(t)).float()  # [B, L, 64]
+    def embed_image(self, x_patch: torch.Tensor, span) -> torch.Tensor:
+        return self.fam.embed_image(self.model, self.emb, x_patch.to(self.dtype), span)  # [B, L, D]
+
+    def run_blocks(self, blocks: list, kvs: list, span, txt, img, k: int, pos_span=None):
+        pos = self.emb.for_span(pos_span or span)
+        return self.fam.run_blocks(self.model, blocks, kvs, span, txt, img, self.temb(k), pos)
+
+    def span_txt(self, span):
+        """The embedded text tokens a span carries into the blocks (first stage of joint-text families)."""
+        return self.emb.txt[:, span.t0:span.t1] if span.n_txt and self.emb.txt is not None else None
+
+    def update(self, k: int, i0: int, i1: int, img: torch.Tensor) -> torch.Tensor:
+        """Last layer + sampler step on image tokens [i0, i1); returns the patch's next input."""
+        v = self.fam.final_layer(self.model, img, self.temb(k)).float()  # [B, L, C]
         x = self.x[:, i0:i1]
-        new = self.sampler.step(t, slice(i0, i1), x, flow_denoised(x, v, float(self.sigmas[t])))
+        new = self.sampler.step(k, slice(i0, i1), x, flow_denoised(x, v, self.evals[k]))
         self.x[:, i0:i1] = new
         return new
+
+
+def _image_only(kw: dict) -> dict:
+    """Buffer arguments for an image-only attention: spans (DistriFusion's bands) without their text."""
+    if "spans" not in kw:
+        return kw
+    return {**kw, "spans": [Span(0, 0, s.i0, s.i1) for s in kw["spans"]]}
 
 
 def gather_bands(comm, x: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor | None:

@@ -1,52 +1,59 @@
 """The references: diffusers' own forward over the whole image (``serial``), and our patch-wise blocks run
-on one span covering a whole (sub-)image (``run_local``, which the naive patch baseline uses per band)."""
+on one span covering a whole image or one band of it (``run_local``, which the naive patch baseline uses
+per band)."""
 from __future__ import annotations
 
 import torch
 
-from ..models import flux
-from ..patches import full_span
+from ..models import family
+from ..patches import Span, full_span
 from ..sampling.samplers import flow_denoised, make_sampler
 from .runtime import Control, JobCancelled, JobRuntime
 
 
 def run_serial(model, problem, dtype: torch.dtype, device: torch.device, control: Control | None = None,
                comm=None) -> torch.Tensor:
-    """Sample with diffusers' FluxTransformer2DModel.forward at every step; returns [B, S_img, 64]."""
-    b = problem.batch
+    """Sample with the family's diffusers forward at every evaluation; returns [B, S_img, C]."""
+    fam = family.get(problem.family)
     x = problem.x0.to(device).clone()
     sampler = make_sampler(problem.spec.sampler, problem.sigmas)
-    txt, pooled = problem.txt.to(device, dtype), problem.pooled.to(device, dtype)
-    guidance = problem.guidance.to(device) if model.config.guidance_embeds else None
-    img_ids, txt_ids = problem.img_ids.to(device), problem.txt_ids.to(device)
+    evals = [float(s) for s in getattr(sampler, "evals", problem.sigmas[:-1].tolist())]
+    step_of = getattr(sampler, "step_of", lambda k: k)
+    txt = problem.txt.to(device, dtype)
+    pooled = problem.pooled.to(device, dtype) if problem.pooled is not None else None
+    guidance = problem.guidance.to(device) if problem.guidance is not None else None
     control = control or Control()
-    for t in range(len(problem.sigmas) - 1):
-        if t and control.cancelled():
-            raise JobCancelled(f"cancelled before step {t + 1}")
-        sigma = float(problem.sigmas[t])
-        v = model(hidden_states=x.to(dtype), encoder_hidden_states=txt, pooled_projections=pooled,
-                  timestep=torch.full((b,), sigma, device=device), img_ids=img_ids, txt_ids=txt_ids,
-                  guidance=guidance, return_dict=False)[0].float()
-        x = sampler.step(t, slice(None), x, flow_denoised(x, v, sigma))
-        control.step_done(t)
+    for k, sigma in enumerate(evals):
+        if k and step_of(k) != step_of(k - 1) and control.cancelled():
+            raise JobCancelled(f"cancelled before step {step_of(k) + 1}")
+        t = torch.full((problem.batch,), sigma, device=device)
+        v = fam.forward(model, x.to(dtype), t, txt, pooled, guidance, problem.rows, problem.cols).float()
+        x = sampler.step(k, slice(None), x, flow_denoised(x, v, sigma))
+        if k + 1 == len(evals) or step_of(k + 1) != step_of(k):
+            control.step_done(step_of(k))
     return x
 
 
 def run_local(model, problem, dtype: torch.dtype, device: torch.device, control: Control | None = None,
-              comm=None) -> torch.Tensor:
-    """Our blocks on one span covering all of ``problem``'s tokens (no other rank involved).
+              comm=None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Our blocks on one span covering the token rows ``rows`` (default: all) as if they were the whole
+    image (no other rank involved; the band keeps its true positions). Returns the band's latent.
 
     With ``comm``, the ranks running their own ``run_local`` agree on cancel at every step boundary."""
+    r0, r1 = rows or (0, problem.rows)
+    i0, i1 = r0 * problem.cols, r1 * problem.cols
     rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
-    blocks = flux.blocks_of(model)
-    kvs = rt.kv_buffers(blocks)
-    span = full_span(problem.n_txt, problem.n_img)
-    rope = rt.emb.rope_for(span)
+    blocks = rt.fam.blocks_of(model)
+    kvs = rt.kv_buffers(blocks, n_img=i1 - i0)
+    local = full_span(problem.n_span_txt, i1 - i0)  # positions in this band's buffers
+    where = Span(0, problem.n_span_txt, i0, i1)  # positions in the image
     control = control or Control()
-    for t in range(rt.steps):
-        if t and (control.agree_stop(comm) if comm else control.cancelled()):
-            raise JobCancelled(f"cancelled before step {t + 1}")
-        _, img = flux.run_blocks(model, blocks, kvs, span, rt.emb.txt, rt.embed_image(rt.x), rt.temb(t), rope)
-        rt.update(t, 0, problem.n_img, img)
-        control.step_done(t)
-    return rt.x
+    for k in range(len(rt.evals)):
+        if k and rt.step_of(k) != rt.step_of(k - 1) and (control.agree_stop(comm) if comm else control.cancelled()):
+            raise JobCancelled(f"cancelled before step {rt.step_of(k) + 1}")
+        _, img = rt.run_blocks(blocks, kvs, local, rt.span_txt(local), rt.embed_image(rt.x[:, i0:i1], where),
+                               k, where)
+        rt.update(k, i0, i1, img)
+        if k + 1 == len(rt.evals) or rt.step_of(k + 1) != rt.step_of(k):
+            control.step_done(rt.step_of(k))
+    return rt.x[:, i0:i1]
