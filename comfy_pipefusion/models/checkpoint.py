@@ -1,98 +1,292 @@
-"""Flux checkpoints on disk: detect the configuration from key names and shapes, and load one rank's
-modules straight from the safetensors file (memory-mapped, tensor by tensor).
+"""Checkpoints on disk: what a file is (from its header alone) and one rank's modules loaded from it.
 
-Layout read here: diffusers' FluxTransformer2DModel state dict in one file (``transformer_blocks.N.*``,
-``single_transformer_blocks.N.*``, ``x_embedder``, ...). Anything else is refused before any worker
-starts, with what was found and what is supported.
+    info = open_checkpoint(path)                 # family, diffusers config, layout, stored dtype, files
+    load_modules(model, info, names, device, dtype)
+                                                 # fill only ``names`` of a meta-device model, tensor by tensor
+
+``path`` is a .safetensors file (original single-file layouts, or a diffusers transformer), a sharded diffusers
+transformer given by its ``*.safetensors.index.json`` or by any one of its shards (the index next to it is
+found), or a diffusers folder holding either. Detection reads headers only; a file we cannot load is refused
+with a CheckpointError that names what was found and lists what is supported, before any worker starts.
+
+Loading reads each tensor's bytes straight into the memory that keeps it (``tensorfile``): a rank's resident
+memory grows by its own modules, never by the file. float8 Linear weights stay 8-bit (``fp8``).
 """
 from __future__ import annotations
 
+import json
+import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from torch import nn
 
-SUPPORTED = "Flux.1 transformer in diffusers layout (one .safetensors file)"
-_DOUBLE = re.compile(r"^transformer_blocks\.(\d+)\.")
-_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.")
+from . import fp8, keys_flux, keys_pixart, keys_sd3
+from .detect import SUPPORTED, DetectError, identify, strip_prefix
+from . import detect
+from .keymap import KeyMap, for_module, sources
+from .tensorfile import Entry, Reader, TensorFileError, read_header
+
+INDEX_SUFFIX = ".safetensors.index.json"
+_SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")
+ORIGINAL_MAPS = {"flux": keys_flux.original_map, "sd3": keys_sd3.original_map, "pixart": keys_pixart.original_map}
 
 
 class CheckpointError(ValueError):
     """The file is not a checkpoint we can load; the message says what was found and what is supported."""
 
 
-def read_shapes(path: str | Path) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """{key: shape} and the header metadata, without reading any tensor data."""
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint holds, read from its header(s)."""
+
+    family: str
+    """'flux' | 'sd3' | 'pixart': which diffusers class (and engine family) it fills."""
+    config: dict = field(hash=False)
+    """Keyword arguments of that class (FluxTransformer2DModel, SD3Transformer2DModel, PixArtTransformer2DModel)."""
+    layout: str
+    """'original' (the authors' single file), 'diffusers' (one file) or 'diffusers-sharded' (an index)."""
+    dtype: torch.dtype
+    """The dtype most of its weights are stored in (bf16, fp16, fp32 or float8_e4m3fn)."""
+    files: tuple[str, ...]
+    """The .safetensors files that hold its tensors (one unless sharded)."""
+    prefix: str = ""
+    """Prefix of the model's keys inside the file: '' or 'model.diffusion_model.' (full checkpoints)."""
+    variant: str = ""
+    """A human name: 'Flux.1-dev', 'SD3.5 medium', 'PixArt-Σ 2K', ..."""
+
+
+def _error(name: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{name}: {what}. Supported: {SUPPORTED}")
+
+
+def _index_files(index: Path) -> tuple[str, ...]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _error(index.name, f"not a readable safetensors index ({exc})") from exc
+    files = tuple(dict.fromkeys(str(index.parent / f) for f in weight_map.values()))
+    missing = [Path(f).name for f in files if not Path(f).is_file()]
+    if missing:
+        raise _error(index.name, f"{len(missing)} of its {len(files)} shards are missing: {', '.join(missing[:4])}")
+    return files
+
+
+def resolve_files(path: str | Path) -> tuple[tuple[str, ...], bool]:
+    """(files, sharded) for a file, an index, one shard (its index is found next to it) or a diffusers folder."""
     path = Path(path)
+    if path.is_dir():
+        for base in (path, path / "transformer"):
+            if (base / f"diffusion_pytorch_model{INDEX_SUFFIX}").is_file():
+                return _index_files(base / f"diffusion_pytorch_model{INDEX_SUFFIX}"), True
+            if (base / "diffusion_pytorch_model.safetensors").is_file():
+                return (str(base / "diffusion_pytorch_model.safetensors"),), False
+        raise _error(path.name, "a folder without diffusion_pytorch_model.safetensors or its index")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.name.endswith(INDEX_SUFFIX):
+        return _index_files(path), True
+    if path.suffix != ".safetensors":
+        raise _error(path.name, f"a {path.suffix or 'suffix-less'} file; only .safetensors files are read "
+                                "(convert .pth/.ckpt/.bin with safetensors, GGUF is not supported)")
+    shard = _SHARD.match(path.name)
+    if shard:
+        index = path.parent / f"{shard.group(1)}{INDEX_SUFFIX}"
+        if not index.is_file():
+            raise _error(path.name, f"shard {int(shard.group(2))} of {int(shard.group(3))} and no {index.name} "
+                                    "next to it")
+        return _index_files(index), True
+    return (str(path),), False
+
+
+def read_entries(files: tuple[str, ...], prefix: str) -> tuple[dict[str, Entry], dict[str, str]]:
+    """({key without prefix: Entry}, metadata) over all files; keys outside the prefix are dropped."""
+    entries, metadata = {}, {}
+    for name in files:
+        try:
+            found, meta = read_header(name)
+        except (TensorFileError, OSError) as exc:
+            raise _error(Path(name).name, f"not a readable safetensors file ({exc})") from exc
+        dup = entries.keys() & found.keys()
+        if dup:
+            raise _error(Path(name).name, f"tensor {sorted(dup)[0]} is also in another shard")
+        entries.update(found)
+        metadata.update(meta)
+    if not entries:
+        raise _error(Path(files[0]).name, "the file holds no tensors")
+    return {k[len(prefix):]: e for k, e in entries.items() if k.startswith(prefix)}, metadata
+
+
+def key_map(info: CheckpointInfo, entries: dict[str, Entry]) -> KeyMap:
+    """diffusers key -> pieces of stored tensors, for the whole model."""
+    if info.layout == "original":
+        return ORIGINAL_MAPS[info.family](info.config)
+    return {k: ((k, 0, None),) for k in entries}
+
+
+def _check_map(name: str, kmap: KeyMap, entries: dict[str, Entry], expected: set[str]) -> None:
+    """Every stored tensor the map reads exists, its row ranges tile it exactly, and no diffusers key is unfilled."""
+    missing = sorted(sources(kmap) - entries.keys()) + sorted(expected - kmap.keys())
+    if missing:
+        raise _error(name, f"{len(missing)} tensors of the model are missing, e.g. {', '.join(missing[:4])}; "
+                           "the file is incomplete")
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for pieces in kmap.values():
+        for key, start, stop in pieces:
+            rows = entries[key].shape[0] if entries[key].shape else 1
+            ranges.setdefault(key, []).append((start, rows if stop is None else stop))
+    for key, spans in ranges.items():
+        rows, pos = (entries[key].shape[0] if entries[key].shape else 1), 0
+        for start, stop in sorted(spans):
+            if start != pos:
+                break
+            pos = stop
+        if pos != rows:
+            raise _error(name, f"tensor {key} has shape {list(entries[key].shape)}, which does not split into "
+                               f"the row ranges {sorted(spans)} this model's width needs")
+
+
+def _dominant_dtype(entries: dict[str, Entry]) -> torch.dtype:
+    count: dict[torch.dtype, int] = {}
+    for e in entries.values():
+        count[e.dtype] = count.get(e.dtype, 0) + math.prod(e.shape)
+    return max(count, key=count.get)
+
+
+def open_checkpoint(path: str | Path) -> CheckpointInfo:
+    """What ``path`` holds (headers only); raises CheckpointError naming what was found otherwise."""
+    files, sharded = resolve_files(path)
+    name = Path(path).name
+    raw, metadata = read_entries(files, prefix="")
+    prefix = strip_prefix(raw)
+    entries = {k[len(prefix):]: e for k, e in raw.items() if k.startswith(prefix)}
+    shapes = {k: list(e.shape) for k, e in entries.items()}
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
-    except CheckpointError:
-        raise
-    except Exception as exc:  # truncated, not safetensors, ...
-        raise CheckpointError(f"{path.name} is not a readable safetensors file ({exc}); "
-                              f"supported: {SUPPORTED}") from exc
+        family, layout = identify(set(shapes))
+        if family == "flux":
+            config = (detect.flux_original_config if layout == "original" else detect.flux_diffusers_config)(
+                shapes, metadata)
+            variant = "Flux.1-dev" if config["guidance_embeds"] else "Flux.1-schnell"
+        elif family == "sd3":
+            config = detect.sd3_original_config(shapes, metadata)
+            variant = detect.sd3_variant(config)
+        else:
+            config = detect.pixart_original_config(shapes, metadata, Path(files[0]).name)
+            variant = detect.pixart_variant(shapes, config)
+    except DetectError as exc:
+        raise _error(name, str(exc)) from exc
+    except (KeyError, IndexError, ValueError) as exc:  # a key the family always has is absent, a shape is odd
+        raise _error(name, f"looks like {family} but {exc!r} does not fit; the file is incomplete or not "
+                           "a supported variant") from exc
+    if layout == "diffusers" and sharded:
+        layout = "diffusers-sharded"
+    info = CheckpointInfo(family, config, layout, _dominant_dtype(entries), files, prefix, variant)
+    kmap = key_map(info, entries)
+    expected = set(ORIGINAL_MAPS[family](config)) if layout != "original" else set()
+    _check_map(name, kmap, entries, expected)
+    return info
 
 
-def rope_axes(head_dim: int, metadata: dict) -> tuple[int, int, int]:
-    """RoPE split of a head: Flux.1's (16, 56, 56) for 128, the same proportions otherwise."""
-    if "pipefusion.axes_dims_rope" in metadata:
-        return tuple(int(v) for v in metadata["pipefusion.axes_dims_rope"].split(","))
-    a0 = head_dim // 8
-    a1 = (head_dim - a0) // 2
-    if a0 % 2 or a1 % 2 or a0 + 2 * a1 != head_dim:
-        raise CheckpointError(f"head dimension {head_dim} has no Flux RoPE split (Flux.1 uses 128)")
-    return a0, a1, a1
+def sources_for(info: CheckpointInfo, name: str) -> KeyMap:
+    """The adapter of one module (``transformer_blocks.3``, ``norm_out``, ...): diffusers key -> stored pieces."""
+    entries, _ = read_entries(info.files, info.prefix)
+    return for_module(key_map(info, entries), name)
 
 
-def detect_flux(shapes: dict[str, list[int]], metadata: dict, name: str = "checkpoint") -> dict:
-    """FluxTransformer2DModel kwargs from key names and shapes."""
-    if "x_embedder.weight" not in shapes or "context_embedder.weight" not in shapes:
-        found = ", ".join(sorted(shapes)[:4]) or "no tensors"
-        raise CheckpointError(f"{name} is not a {SUPPORTED}: found keys like {found}")
-    doubles = {int(m.group(1)) for k in shapes if (m := _DOUBLE.match(k))}
-    singles = {int(m.group(1)) for k in shapes if (m := _SINGLE.match(k))}
-    if doubles != set(range(len(doubles))) or singles != set(range(len(singles))) or not doubles | singles:
-        raise CheckpointError(f"{name}: block indices are not contiguous (double {sorted(doubles)}, "
-                              f"single {sorted(singles)}); the file looks truncated")
-    width, channels = shapes["x_embedder.weight"]
-    norm = "transformer_blocks.0.attn.norm_q.weight" if doubles else "single_transformer_blocks.0.attn.norm_q.weight"
-    head_dim = shapes[norm][0]
-    return dict(in_channels=channels, num_layers=len(doubles), num_single_layers=len(singles),
-                attention_head_dim=head_dim, num_attention_heads=width // head_dim,
-                joint_attention_dim=shapes["context_embedder.weight"][1],
-                pooled_projection_dim=shapes["time_text_embed.text_embedder.linear_1.weight"][1],
-                guidance_embeds=any(k.startswith("time_text_embed.guidance_embedder.") for k in shapes),
-                axes_dims_rope=rope_axes(head_dim, metadata))
+def _tensors_of(model: nn.Module, name: str):
+    """(key, owning module, attribute, kind) for what ``name`` holds: a submodule's parameters and buffers, or
+    one tensor of the root (e.g. PixArt's ``scale_shift_table``). kind: 'param', 'buffer', 'derived'."""
+    try:
+        sub = model.get_submodule(name)
+    except AttributeError:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if attr not in owner._parameters and attr not in owner._buffers:
+            raise CheckpointError(f"the model has no module or tensor {name!r}") from None
+        return [(name, owner, attr, "param" if attr in owner._parameters else "buffer")]
+    out = []
+    for mname, mod in sub.named_modules(prefix=name):
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                out.append((f"{mname}.{attr}", mod, attr, "param"))
+        for attr, b in mod._buffers.items():
+            if b is not None:
+                kind = "derived" if attr in mod._non_persistent_buffers_set else "buffer"
+                out.append((f"{mname}.{attr}", mod, attr, kind))
+    return out
+
+
+def _derived_buffer(mod: nn.Module, attr: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer the file does not hold, recomputed as its module's constructor does."""
+    from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+
+    if isinstance(mod, PatchEmbed) and attr == "pos_embed":  # PixArt: fixed sin-cos table
+        grid = math.isqrt(mod.pos_embed.shape[1])
+        table = get_2d_sincos_pos_embed(mod.proj.out_channels, grid, base_size=mod.base_size,
+                                        interpolation_scale=mod.interpolation_scale, output_type="pt")
+        return table.float().unsqueeze(0).to(device=device, dtype=dtype)
+    raise CheckpointError(f"internal: no rule to compute buffer {attr} of {type(mod).__name__}")
+
+
+def _fill(reader: Reader, key: str, shape: torch.Size, pieces, entries: dict[str, Entry], device, dtype,
+          keep_fp8) -> torch.Tensor:
+    resolved = []
+    for src, start, stop in pieces:
+        e = entries[src]
+        resolved.append((e, start, (e.shape[0] if e.shape else 1) if stop is None else stop))
+    first = resolved[0][0]
+    rows = sum(stop - start for _, start, stop in resolved)
+    got = tuple(first.shape) if len(pieces) == 1 and pieces[0][2] is None else (rows, *first.shape[1:])
+    if got != tuple(shape):
+        raise CheckpointError(f"{Path(first.file).name}: {key} needs shape {list(shape)} but the file gives "
+                              f"{list(got)} (from {', '.join(p[0] for p in pieces)})")
+    out = torch.empty(shape, dtype=first.dtype if keep_fp8(first.dtype) else dtype, device=device)
+    reader.fill(out, resolved)
+    return out
+
+
+def load_modules(model: nn.Module, info: CheckpointInfo | str | Path, names: list[str], device: torch.device,
+                 dtype: torch.dtype) -> None:
+    """Fill the submodules (or root tensors) ``names`` of a meta-device model from the checkpoint; the rest
+    stays on the meta device. Tensors are read one at a time into their final place, in ``dtype``, except
+    float8 Linear weights, which stay 8-bit (``fp8.StoredFp8Linear``)."""
+    if not isinstance(info, CheckpointInfo):
+        info = open_checkpoint(info)
+    entries, _ = read_entries(info.files, info.prefix)
+    kmap = key_map(info, entries)
+    with Reader() as reader, torch.no_grad():
+        for name in names:
+            for key, mod, attr, kind in _tensors_of(model, name):
+                if kind == "derived":
+                    mod._buffers[attr] = _derived_buffer(mod, attr, device, dtype)
+                    continue
+                if key not in kmap:
+                    raise CheckpointError(f"{Path(info.files[0]).name} has nothing for {key}: the file is "
+                                          "incomplete or of another model")
+                current = getattr(mod, attr)
+                keep = lambda stored: kind == "param" and fp8.can_keep(mod, attr, stored)  # noqa: E731
+                t = _fill(reader, key, current.shape, kmap[key], entries, device, dtype, keep)
+                if kind == "param":
+                    mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+                    if t.dtype in fp8.FP8:
+                        fp8.keep_stored(mod)
+                else:
+                    mod._buffers[attr] = t
 
 
 def inspect_checkpoint(path: str | Path) -> dict:
-    """Detected configuration of ``path`` (reads the header only); raises CheckpointError."""
-    shapes, metadata = read_shapes(path)
-    return detect_flux(shapes, metadata, Path(path).name)
+    """Flux config of ``path`` (headers only), as the engine reads it today; raises CheckpointError."""
+    info = open_checkpoint(path)
+    if info.family != "flux":
+        raise CheckpointError(f"{Path(path).name} is {info.variant}; this engine build samples Flux.1 only "
+                              "(open_checkpoint describes every family)")
+    return info.config
 
 
-def load_modules(model: torch.nn.Module, path: str | Path, names: list[str], device: torch.device,
-                 dtype: torch.dtype) -> None:
-    """Fill the submodules ``names`` of a meta-device model from ``path``; others stay on meta."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        for name in names:
-            sub = model.get_submodule(name)
-            sub.to_empty(device=device)
-            for pname, p in sub.named_parameters(prefix=name):
-                if pname not in keys:
-                    raise CheckpointError(f"{Path(path).name} has no tensor {pname}: the file is incomplete")
-                with torch.no_grad():
-                    p.copy_(f.get_tensor(pname))
-            sub.to(dtype)
-
-
-def save_checkpoint(model: torch.nn.Module, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
-    """Write a full model in the layout ``load_modules`` reads (used for tests and examples)."""
+def save_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write a whole Flux model in diffusers' layout, as one file (tests and examples)."""
     from safetensors.torch import save_file
 
     axes = ",".join(str(a) for a in model.config.axes_dims_rope)

@@ -1,0 +1,80 @@
+"""Checkpoints written in every layout the loader reads, from a diffusers state dict: the inverse of the key
+adapters, so tests can make small synthetic files the way real ones are laid out (names, prefixes, dtypes,
+shards with their index). Not used by the engine.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import detect
+from .checkpoint import INDEX_SUFFIX, ORIGINAL_MAPS
+from .keymap import invert
+
+
+def _metadata(family: str, config: dict) -> dict[str, str]:
+    """What a small model needs beyond its shapes: head dimensions and RoPE axes that differ from the real ones."""
+    head = config["attention_head_dim"]
+    if family == "flux":
+        axes = tuple(config.get("axes_dims_rope", (16, 56, 56)))
+        try:
+            default = detect.rope_axes(head, {})
+        except detect.DetectError:
+            default = None
+        return {} if axes == default else {"pipefusion.axes_dims_rope": ",".join(map(str, axes))}
+    default = 72 if family == "pixart" else (None if config.get("qk_norm") else 64)
+    return {} if default in (None, head) else {detect.HEAD_DIM_KEY: str(head)}
+
+
+def pixart_extras(config: dict, tokens: int) -> dict[str, torch.Tensor]:
+    """The two tensors real PixArt files carry that diffusers does not load: the sin-cos table (its length is the
+    sample size) and the empty-caption embedding (120 tokens for α, 300 for Σ)."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    grid = config["sample_size"] // config["patch_size"]
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    table = get_2d_sincos_pos_embed(width, grid, base_size=grid, interpolation_scale=1.0, output_type="pt")
+    return {"pos_embed": table.float().unsqueeze(0),
+            "y_embedder.y_embedding": torch.randn(tokens, config["caption_channels"]) / 10}
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, small_dtype: torch.dtype | None):
+    """Weights (2-D and up) in ``dtype``; vectors in ``small_dtype`` (fp8 files often keep norms and biases wider)."""
+    out = {}
+    for k, v in tensors.items():
+        want = dtype if v.dim() >= 2 else (small_dtype or dtype)
+        out[k] = (v.to(want) if want is not None else v).detach().contiguous()
+    return out
+
+
+def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], family: str, config: dict, *,
+                     layout: str = "original", prefix: str = "", dtype: torch.dtype | None = None,
+                     small_dtype: torch.dtype | None = None, shards: int = 1,
+                     extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``state_dict`` (diffusers keys) in ``layout`` ('original' or 'diffusers'); returns what to open:
+    the file, or the index of ``shards`` > 1 diffusers shards (written next to it)."""
+    path = Path(path)
+    tensors = invert(state_dict, ORIGINAL_MAPS[family](config)) if layout == "original" else dict(state_dict)
+    tensors.update(extra or {})
+    tensors = {prefix + k: v for k, v in _cast(tensors, dtype, small_dtype).items()}
+    metadata = _metadata(family, config)
+    if shards <= 1:
+        save_file(tensors, str(path), metadata=metadata)
+        return path
+    keys = list(tensors)
+    per = math.ceil(len(keys) / shards)
+    stem = path.name.removesuffix(".safetensors")
+    weight_map = {}
+    for i in range(shards):
+        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i * per:(i + 1) * per]}
+        save_file(part, str(path.parent / name), metadata=metadata)
+        weight_map.update({k: name for k in part})
+    index = path.parent / f"{stem}{INDEX_SUFFIX}"
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return index

@@ -1,0 +1,212 @@
+"""What a checkpoint is, from its key names and tensor shapes alone (headers only, no tensor data).
+
+``identify`` names the family and layout, or refuses with what was found; ``*_config`` turn shapes into the
+keyword arguments of the diffusers class. Width, depth, channels, caption and pooled widths, guidance
+embedding, dual attention layers, qk norm and the position-embedding grid are all in the shapes; the head
+dimension is in the shapes where the file has qk norms (Flux, SD3.5) and is otherwise each family's constant
+(SD3 64, PixArt 72), overridable by the header metadata ``pipefusion.attention_head_dim`` for small test models.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+SUPPORTED = ("Flux.1 dev/schnell (original single file, with or without the 'model.diffusion_model.' prefix; "
+             "diffusers transformer, one file or shards with their index), SD3 medium / SD3.5 medium / SD3.5 "
+             "large (original single file, with or without the prefix), PixArt-α 512/1024 and PixArt-Σ "
+             "512/1024/2K (original layout); .safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn")
+PREFIXES = ("model.diffusion_model.", "module.")
+HEAD_DIM_KEY = "pipefusion.attention_head_dim"
+
+
+class DetectError(ValueError):
+    """Not a checkpoint we can load: the message names what was found."""
+
+
+def _has(keys, *names: str) -> bool:
+    return all(n in keys for n in names)
+
+
+def _any(keys, *parts: str) -> bool:
+    return any(p in k for k in keys for p in parts)
+
+
+def strip_prefix(keys) -> str:
+    """The prefix the model's keys carry ('' if none): full checkpoints keep the DiT under model.diffusion_model."""
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix) for k in keys):
+            return prefix
+    return ""
+
+
+def what_else(keys: set[str]) -> str | None:
+    """A name for the things we refuse (adapters, UNets, video models, other DiTs), or None."""
+    lower = {k.lower() for k in keys}
+    if _any(lower, "lora_", ".lora.", "lora.up", "lora.down", "lora_a.", "lora_b.", ".hada_", ".lokr_"):
+        return "a LoRA / LyCORIS adapter (lora_* tensors), not a model"
+    if "input_blocks.0.0.weight" in keys:
+        return "an SDXL UNet" if "label_emb.0.0.weight" in keys else "an SD1.x/SD2.x UNet"
+    if _has(keys, "conv_in.weight") and _any(keys, "down_blocks."):
+        return "a UNet in diffusers layout"
+    if _has(keys, "patch_embedding.weight") and _any(keys, "self_attn.q.weight"):
+        return "a Wan video model"
+    if _any(keys, "individual_token_refiner") or "img_in.proj.weight" in keys:
+        return "a HunyuanVideo model"
+    if _has(keys, "patchify_proj.weight") or (_any(keys, "adaln_single.") and _any(keys, "scale_shift_table")
+                                              and "pos_embed.proj.weight" not in keys):
+        return "an LTX-Video model"
+    if _any(keys, "t5_y_embedder."):
+        return "a Mochi video model"
+    if "distilled_guidance_layer.in_proj.weight" in keys:
+        return "a Chroma model (a Flux derivative without modulation layers)"
+    if _any(keys, "double_stream_modulation_img."):
+        return "a Flux.2 model"
+    if _any(keys, "encoder.down.", "decoder.up."):
+        return "a VAE"
+    if _any(keys, "encoder.block.", "text_model.encoder."):
+        return "a text encoder"
+    return None
+
+
+def identify(keys: set[str]) -> tuple[str, str]:
+    """(family, layout) of the unprefixed ``keys``: family flux|sd3|pixart, layout original|diffusers."""
+    other = what_else(keys)
+    if other:
+        raise DetectError(f"this is {other}")
+    if "double_blocks.0.img_attn.qkv.weight" in keys or "single_blocks.0.linear1.weight" in keys:
+        return "flux", "original"
+    if _has(keys, "x_embedder.weight", "context_embedder.weight") and _any(keys, "transformer_blocks."):
+        return "flux", "diffusers"
+    if _any(keys, "joint_blocks.0.x_block."):
+        return "sd3", "original"
+    if _has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv."):
+        return "pixart", "original"
+    if _has(keys, "pos_embed.proj.weight", "context_embedder.weight"):
+        raise DetectError("this is SD3 in diffusers layout, which is not read: use the original single file")
+    if _has(keys, "adaln_single.linear.weight", "pos_embed.proj.weight"):
+        raise DetectError("this is PixArt in diffusers layout, which is not read: use the original checkpoint")
+    sample = ", ".join(sorted(keys)[:5])
+    raise DetectError(f"no known diffusion transformer: {len(keys)} tensors with keys like {sample}")
+
+
+def block_count(keys, prefix: str) -> int:
+    """N for contiguous ``prefix.0. .. prefix.N-1.``; raises if an index is missing."""
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    found = {int(m.group(1)) for k in keys if (m := pat.match(k))}
+    if found != set(range(len(found))):
+        missing = sorted(set(range(max(found) + 1)) - found)
+        raise DetectError(f"{prefix}: blocks {missing[:8]} are missing among 0..{max(found)}; the file is "
+                          "incomplete or truncated")
+    return len(found)
+
+
+def _head_dim(metadata: dict, default: int) -> int:
+    return int(metadata.get(HEAD_DIM_KEY, default))
+
+
+def rope_axes(head_dim: int, metadata: dict) -> tuple[int, int, int]:
+    """RoPE split of a head: Flux.1's (16, 56, 56) for 128, the same proportions otherwise."""
+    if "pipefusion.axes_dims_rope" in metadata:
+        return tuple(int(v) for v in metadata["pipefusion.axes_dims_rope"].split(","))
+    a0 = head_dim // 8
+    a1 = (head_dim - a0) // 2
+    if a0 % 2 or a1 % 2 or a0 + 2 * a1 != head_dim:
+        raise DetectError(f"head dimension {head_dim} has no Flux RoPE split (Flux.1 uses 128)")
+    return a0, a1, a1
+
+
+def _flux(width, head_dim, channels, out_channels, doubles, singles, joint, pooled, guidance, metadata) -> dict:
+    if width % head_dim:
+        raise DetectError(f"width {width} is not a multiple of the head dimension {head_dim}")
+    config = dict(in_channels=channels, num_layers=doubles, num_single_layers=singles,
+                  attention_head_dim=head_dim, num_attention_heads=width // head_dim, joint_attention_dim=joint,
+                  pooled_projection_dim=pooled, guidance_embeds=guidance, axes_dims_rope=rope_axes(head_dim, metadata))
+    if out_channels != channels:
+        config["out_channels"] = out_channels
+    return config
+
+
+def flux_original_config(shapes: dict, metadata: dict) -> dict:
+    doubles, singles = block_count(shapes, "double_blocks"), block_count(shapes, "single_blocks")
+    width, channels = shapes["img_in.weight"]
+    norm = "double_blocks.0.img_attn.norm.query_norm.scale" if doubles else "single_blocks.0.norm.query_norm.scale"
+    if doubles and shapes["double_blocks.0.img_mlp.0.weight"][0] != 4 * width:
+        raise DetectError(f"MLP width {shapes['double_blocks.0.img_mlp.0.weight'][0]} for width {width}: "
+                          "diffusers' Flux has MLP ratio 4")
+    return _flux(width, shapes[norm][0], channels, shapes["final_layer.linear.weight"][0], doubles, singles,
+                 shapes["txt_in.weight"][1], shapes["vector_in.in_layer.weight"][1],
+                 "guidance_in.in_layer.weight" in shapes, metadata)
+
+
+def flux_diffusers_config(shapes: dict, metadata: dict) -> dict:
+    doubles = block_count(shapes, "transformer_blocks")
+    singles = block_count(shapes, "single_transformer_blocks")
+    width, channels = shapes["x_embedder.weight"]
+    norm = "transformer_blocks.0.attn.norm_q.weight" if doubles else "single_transformer_blocks.0.attn.norm_q.weight"
+    return _flux(width, shapes[norm][0], channels, shapes["proj_out.weight"][0], doubles, singles,
+                 shapes["context_embedder.weight"][1], shapes["time_text_embed.text_embedder.linear_1.weight"][1],
+                 any(k.startswith("time_text_embed.guidance_embedder.") for k in shapes), metadata)
+
+
+def sd3_original_config(shapes: dict, metadata: dict) -> dict:
+    n = block_count(shapes, "joint_blocks")
+    width, channels, patch, _ = shapes["x_embedder.proj.weight"]
+    qk = "joint_blocks.0.x_block.attn.ln_q.weight" in shapes
+    if "joint_blocks.0.x_block.attn.ln_q.bias" in shapes:
+        raise DetectError("SD3 with LayerNorm qk norms (ln_q.bias): only RMS qk norms (SD3.5) are supported")
+    head_dim = shapes["joint_blocks.0.x_block.attn.ln_q.weight"][0] if qk else _head_dim(metadata, 64)
+    grid = math.isqrt(shapes["pos_embed"][1])
+    if grid * grid != shapes["pos_embed"][1]:
+        raise DetectError(f"SD3 pos_embed of {shapes['pos_embed'][1]} positions is not a square grid")
+    dual = sorted({int(k.split(".")[1]) for k in shapes if ".x_block.attn2." in k})
+    return dict(sample_size=128, patch_size=patch, in_channels=channels, num_layers=n, attention_head_dim=head_dim,
+                num_attention_heads=width // head_dim, joint_attention_dim=shapes["context_embedder.weight"][1],
+                caption_projection_dim=width, pooled_projection_dim=shapes["y_embedder.mlp.0.weight"][1],
+                out_channels=shapes["final_layer.linear.weight"][0] // (patch * patch), pos_embed_max_size=grid,
+                dual_attention_layers=tuple(dual), qk_norm="rms_norm" if qk else None)
+
+
+def sd3_variant(config: dict) -> str:
+    n, dual = config["num_layers"], bool(config["dual_attention_layers"])
+    names = {(24, False): "SD3 medium", (24, True): "SD3.5 medium", (38, False): "SD3.5 large"}
+    return names.get((n, dual), f"SD3-family MMDiT ({n} blocks{', dual attention' if dual else ''})")
+
+
+PIXART_SIZES = {"256": 32, "512": 64, "1024": 128, "2048": 256, "2k": 256}
+
+
+def pixart_sample_size(shapes: dict, patch: int, filename: str) -> int:
+    """Latent size the model was trained at: from its stored sin-cos table, else the file name, else 1024's."""
+    if "pos_embed" in shapes:
+        grid = math.isqrt(shapes["pos_embed"][1])
+        return grid * patch
+    m = re.search(r"(?<![0-9a-z])(256|512|1024|2048|2k)(?![0-9])", filename.lower())
+    return PIXART_SIZES[m.group(1)] if m else 128
+
+
+def pixart_original_config(shapes: dict, metadata: dict, filename: str) -> dict:
+    if any(".attn.q_norm." in k for k in shapes):
+        raise DetectError("PixArt with qk norms (attn.q_norm): diffusers' PixArtTransformer2DModel has none")
+    if any(".attn.sr." in k for k in shapes):
+        raise DetectError("PixArt-Σ with KV compression (attn.sr): diffusers' PixArtTransformer2DModel has none")
+    n = block_count(shapes, "blocks")
+    width, channels, patch, _ = shapes["x_embedder.proj.weight"]
+    head_dim = _head_dim(metadata, 72)
+    if width % head_dim:
+        raise DetectError(f"PixArt width {width} is not a multiple of the head dimension {head_dim}")
+    return dict(num_attention_heads=width // head_dim, attention_head_dim=head_dim, in_channels=channels,
+                out_channels=shapes["final_layer.linear.weight"][0] // (patch * patch), num_layers=n,
+                cross_attention_dim=width, attention_bias=True,
+                sample_size=pixart_sample_size(shapes, patch, filename), patch_size=patch,
+                activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                norm_elementwise_affine=False, norm_eps=1e-6,
+                caption_channels=shapes["y_embedder.y_proj.fc1.weight"][1],
+                use_additional_conditions="csize_embedder.mlp.0.weight" in shapes)
+
+
+def pixart_variant(shapes: dict, config: dict) -> str:
+    """α (120 caption tokens, SD1.5 latents) or Σ (300 tokens, SDXL latents), and its resolution."""
+    tokens = shapes.get("y_embedder.y_embedding", [None])[0]
+    version = {120: "α", 300: "Σ"}.get(tokens) or ("α" if config["use_additional_conditions"] else "α or Σ")
+    size = config["sample_size"] * 8
+    return f"PixArt-{version} {'2K' if size == 2048 else size}"
