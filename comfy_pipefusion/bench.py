@@ -3,8 +3,9 @@
     python -m comfy_pipefusion.bench --preset small --json bench.json
     python -m comfy_pipefusion.bench --checkpoint flux1-dev.safetensors --height 1024 --width 1024 --steps 28
 
-Serial runs in a process of its own with 1 thread (never beside idle ranks); the parallel strategies
-run in one torchrun group of --world-size ranks, one after another. Every job runs --repeats times with
+Everything runs in one torchrun group of --world-size ranks, one job after another. Serial runs on rank 0
+alone with the other ranks blocked in a barrier (idle: waits do not spin), so it has the machine to itself
+and the bench pays for one group's start-up, not two. Every job runs --repeats times with
 the model loaded; wall_s is the median of those runs (wall_s_min is also written). Errors are measured
 against serial on the returned LATENT; bytes sent are counted per rank and compared with the analytic
 formulas of parallel/costs.py.
@@ -118,7 +119,7 @@ def summarise(args, spec, serial, results) -> dict:
                     layers=layers, text_stream=cfg.text_stream, channels=4 * fam.latent_format(cfg_model).channels)
         rows.append({"strategy": p["strategy"], "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
-                     "threads_per_rank": 1 if n == 1 else args.threads_per_rank,
+                     "threads_per_rank": args.threads_per_rank,
                      "wall_s": m["wall_s_median"], "wall_s_min": m["wall_s_min"], "wall_s_runs": m["wall_s_runs"],
                      "speedup_vs_serial": base / m["wall_s_median"],
                      "max_abs_err_vs_serial": float(err.abs().max()),
@@ -155,12 +156,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     source = model_of(args)[0]
-    serial = run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source)["serial"]
-    results = [("serial", serial, serial_jobs[0])]
-    if par_jobs:
-        out = run_jobs(None, args.seed, par_jobs, world_size=args.world_size, threads=args.threads_per_rank,
-                       model=source)
-        results += [(j["name"], out[j["name"]], j) for j in par_jobs]
+    world = args.world_size if par_jobs else 1
+    out = run_jobs(None, args.seed, serial_jobs + par_jobs, world_size=world, threads=args.threads_per_rank,
+                   model=source)
+    serial = out["serial"]
+    results = [("serial", serial, serial_jobs[0])] + [(j["name"], out[j["name"]], j) for j in par_jobs]
     report = summarise(args, spec, serial, results)
     print_table(report)
     if args.json:

@@ -108,11 +108,14 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         if source.preset else {}
     spec = SampleSpec(**{**defaults, **job["sample"]})
     par = dict(job["parallel"])
-    asked = par.pop("world_size", comm.world_size)
-    if asked != comm.world_size:
+    # The serial reference in a group runs on rank 0 alone; the other ranks hold nothing and wait, blocked
+    # in the barriers around it (gloo and NCCL waits do not spin), so it has the machine to itself.
+    solo = par.get("strategy") == "serial"
+    asked = par.pop("world_size", 1 if solo else comm.world_size)
+    if asked != (1 if solo else comm.world_size):
         raise ValueError(f"job {job.get('name', '')!r} asks for world_size {asked} but the group has "
                          f"{comm.world_size} ranks; start the group with {asked} ranks")
-    cfg = ParallelConfig(world_size=comm.world_size, **par)
+    cfg = ParallelConfig(world_size=1 if solo else comm.world_size, **par)
     if tensors is None and source.preset:
         problem = preset_problem(source.preset, spec)
     elif tensors is None:  # a checkpoint with synthetic conditioning (the benchmark)
@@ -124,12 +127,14 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
                                tensors.get("noise"), fam=fam.NAME, fmt=fam.latent_format(config))
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
-    model, blocks = models.get(source, cfg, comm.rank, dtype)
+    model, blocks = models.get(source, cfg, comm.rank, dtype) if not solo or comm.rank == 0 else (None, [])
     return Prepared(cfg, spec, problem, model, blocks, dtype)
 
 
 def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) -> torch.Tensor | None:
     """Sample once; returns the LATENT samples on rank 0."""
+    if prep.model is None:  # a rank sitting out the serial reference
+        return None
     with torch.inference_mode():
         if prep.cfg.strategy == "serial":
             x = run_serial(prep.model, prep.problem, prep.dtype, device, control)
@@ -142,7 +147,8 @@ def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) 
 
 
 def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
-    local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "pid": os.getpid()}
+    held = family.param_bytes(prep.model) if prep.model is not None else 0
+    local = {"param_bytes": held, "bytes_sent": comm.bytes_sent, "pid": os.getpid()}
     if not dist.is_initialized():
         return [local]
     out = [None] * comm.world_size
@@ -161,10 +167,12 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int) ->
         comm.barrier()
         walls.append(time.perf_counter() - start)
     stats = rank_stats(prep, comm)
+    if prep.cfg.world_size == 1:
+        stats = stats[:1]
     metrics = {"wall_s_runs": walls, "wall_s_median": statistics.median(walls), "wall_s_min": min(walls),
                "param_bytes_per_rank": [r["param_bytes"] for r in stats],
                "bytes_sent_per_rank": [r["bytes_sent"] for r in stats],
-               "params": sum(p.numel() for p in prep.model.parameters()),
+               "params": sum(p.numel() for p in prep.model.parameters()) if prep.model is not None else 0,
                "device": str(device), "threads": torch.get_num_threads()}
     return samples, metrics
 
