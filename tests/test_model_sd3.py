@@ -160,3 +160,10 @@ def test_final_layer_packs_like_the_latent():
         for ph in range(2):
             for pw in range(2):
                 assert packed[c, ph, pw] == (ph * 2 + pw) * 3 + c
+
+
+def test_kv_buffers_are_real_buffers_only():
+    """The engine walks every buffer of a block (DistriFusion's set_mode/finish): no placeholders."""
+    model = sd3.build_meta(sd3.PRESETS["sd3.5m-tiny"]["config"])
+    kinds = [sd3.kv_buffers(model, b, lambda kind: kind) for b in sd3.blocks_of(model)]
+    assert kinds == [("joint", "image"), ("joint", "image"), ("joint",)]

@@ -158,9 +158,11 @@ def embed_image(model, emb: Embeddings, x: torch.Tensor, span) -> torch.Tensor:
 
 
 def kv_buffers(model, block: Block, make) -> tuple:
-    """(joint buffer, image-only buffer for attn2 or None)."""
-    blk = module_of(model, block)
-    return make("joint"), (make("image") if blk.attn2 is not None else None)
+    """(joint buffer,) or, with dual attention, (joint buffer, image-only buffer for attn2): a tuple of
+    real buffers only, since the engine walks every buffer of a block (DistriFusion's mode and finish)."""
+    if module_of(model, block).attn2 is None:
+        return (make("joint"),)
+    return make("joint"), make("image")
 
 
 def _qkv(attn, x, to_q, to_k, to_v, norm_q, norm_k):
@@ -177,7 +179,7 @@ def joint_block(blk, kvs, span, txt, img, temb):
     """One MMDiT block on one patch. txt: [B, span.n_txt, D] or None; img: [B, span.n_img, D].
 
     Returns (txt or None, img); the ``context_pre_only`` block returns no text."""
-    kv, kv2 = kvs
+    kv = kvs[0]
     attn = blk.attn
     if blk.use_dual_attention:
         n_img, g_msa, sh_mlp, sc_mlp, g_mlp, n_img2, g_msa2 = blk.norm1(img, emb=temb)
@@ -199,7 +201,7 @@ def joint_block(blk, kvs, span, txt, img, temb):
     if blk.use_dual_attention:
         a2 = blk.attn2
         q2, k2, v2 = _qkv(a2, n_img2, a2.to_q, a2.to_k, a2.to_v, a2.norm_q, a2.norm_k)
-        out2 = kv2.attend(Span(0, 0, span.i0, span.i1), q2, k2, v2).to(q2.dtype)  # image tokens only
+        out2 = kvs[1].attend(Span(0, 0, span.i0, span.i1), q2, k2, v2).to(q2.dtype)  # image tokens only
         img = img + g_msa2.unsqueeze(1) * a2.to_out[0](out2)
 
     n2 = blk.norm2(img) * (1 + sc_mlp[:, None]) + sh_mlp[:, None]
