@@ -2,17 +2,24 @@
 
 Rank 0 connects to the launcher's control socket (``GROUP_DIR/control.sock``, authkey in
 ``GROUP_DIR/authkey``), says ``ready`` with every rank's pid, then relays: each job is broadcast to all
-ranks, which attach its shared-memory tensors, sample, and rank 0 writes the LATENT into the output
-segment. A reader thread on rank 0 takes ``cancel`` while a job runs. Errors while preparing a job are
-the same on every rank (validation, a bad file) and are answered without losing the group; an error while
-sampling ends this process, torchrun takes the group down, and the launcher reports the traceback it
-finds in ``GROUP_DIR/error-rank<r>.txt``.
+ranks, which attach its shared-memory tensors, load the model (rank 0 says ``phase: loading``), agree on
+errors and on a cancel that came while loading, sample (``phase: sampling``, one ``progress`` per step),
+and rank 0 writes the LATENT into the output segment. A reader thread on rank 0 takes ``cancel`` while a
+job runs. Errors while preparing a job are the same on every rank (validation, a bad file) and are
+answered without losing the group; an error while sampling ends this process, torchrun takes the group
+down, and the launcher reports the traceback it finds in ``GROUP_DIR/error-rank<r>.txt``.
+
+Every rank beats: a thread rewrites ``GROUP_DIR/beat-rank<r>`` (job id and last finished step) every
+``BEAT_S``, so the launcher's watchdog can name a rank that stopped (SIGSTOP, a frozen process).
+Every rank dies with its torchrun agent (PR_SET_PDEATHSIG), so no rank outlives the group.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -28,6 +35,8 @@ from .worker import ModelCache, execute, prepare, rank_stats
 
 log = logging.getLogger("comfy_pipefusion.serve")
 PING_S = 600.0  # idle ranks wait in a broadcast; keep it well inside the collective timeout
+BEAT_S = 0.5  # heartbeat period; the launcher's watchdog allows many missed beats
+DEBUG_LOAD_DELAY = "PIPEFUSION_DEBUG_LOAD_DELAY_S"  # fault tests: widen the loading window (seconds)
 
 
 class _Inbox:
@@ -46,12 +55,50 @@ class _Inbox:
                     self.cancel_id = msg.get("id")
                 elif msg["type"] in ("job", "shutdown"):
                     self.jobs.put(msg)
-        except (EOFError, OSError):
+        except (EOFError, OSError, ValueError):
             self.cancel_id = self.current  # the launcher is gone: stop what runs, then exit
             self.jobs.put({"type": "shutdown"})
 
     def cancelled(self) -> bool:
         return self.current is not None and self.cancel_id == self.current
+
+
+class _Heartbeat:
+    """This rank's sign of life: ``GROUP_DIR/beat-rank<r>`` rewritten every BEAT_S by a daemon thread."""
+
+    def __init__(self, group_dir: Path, rank: int) -> None:
+        self.path, self.job, self.step = group_dir / f"beat-rank{rank}", "", 0
+        self._beat_once()
+        threading.Thread(target=self._beat, name="pipefusion-heartbeat", daemon=True).start()
+
+    def _beat_once(self) -> None:
+        try:
+            self.path.write_text(f"{self.job} {self.step}")
+        except OSError:
+            pass  # the group directory is being removed: the launcher is stopping this group
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(BEAT_S)
+            self._beat_once()
+
+
+def _die_with_agent() -> None:
+    """SIGKILL this rank when its parent (the torchrun agent, or the launcher for one rank) dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _gather(obj, comm: Comm) -> list:
+    if comm.world_size == 1:
+        return [obj]
+    out = [None] * comm.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _broadcast(obj, comm: Comm):
@@ -62,12 +109,6 @@ def _broadcast(obj, comm: Comm):
     return box[0]
 
 
-def _attach(job: dict) -> tuple[dict, dict]:
-    segs = {k: transport.ShmTensor.attach(d) for k, d in job.get("tensors", {}).items()}
-    tensors = {k: s.tensor for k, s in segs.items() if k != "out"}
-    return segs, tensors
-
-
 def _write_error(group_dir: Path, rank: int) -> None:
     try:
         (group_dir / f"error-rank{rank}.txt").write_text(traceback.format_exc())
@@ -76,17 +117,16 @@ def _write_error(group_dir: Path, rank: int) -> None:
 
 
 def serve(group_dir: Path, comm: Comm, device: torch.device) -> None:
+    _die_with_agent()
+    beat = _Heartbeat(group_dir, comm.rank)
     conn = inbox = None
     if comm.rank == 0:
         conn = transport.connect(group_dir / "control.sock", (group_dir / "authkey").read_bytes())
         inbox = _Inbox(conn)
-    pids = [os.getpid()]
-    if comm.world_size > 1:
-        pids = [None] * comm.world_size
-        dist.all_gather_object(pids, os.getpid())
+    pids = _gather(os.getpid(), comm)
     if conn is not None:
         transport.send(conn, "ready", pids=pids, world_size=comm.world_size, device=str(device))
-    models = ModelCache(device)
+    models, stamp = ModelCache(device), None
     try:
         while True:
             msg = None
@@ -99,34 +139,54 @@ def serve(group_dir: Path, comm: Comm, device: torch.device) -> None:
             if msg["type"] == "shutdown":
                 return
             if msg["type"] == "job":
-                _serve_job(msg, comm, device, models, conn, inbox)
+                if msg.get("model_stamp") != stamp:  # the checkpoint file changed on disk: read it again
+                    models, stamp = ModelCache(device), msg.get("model_stamp")
+                _serve_job(msg, comm, device, models, conn, inbox, beat)
     except BaseException:
         _write_error(group_dir, comm.rank)
         raise
 
 
-def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, conn, inbox) -> None:
-    jid = job["id"]
-    segs, tensors = _attach(job)
+def _prepare(job: dict, comm: Comm, models: ModelCache, segs: dict):
+    """(Prepared, None) or (None, the error) on this rank: attach the tensors, load the model."""
     try:
-        try:
-            prep, err = prepare(job, comm, models, tensors), None
-        except Exception as exc:  # the same on every rank: answer it, keep the group
-            prep, err = None, f"{type(exc).__name__}: {exc}"
-        errors = [err]
-        if comm.world_size > 1:
-            errors = [None] * comm.world_size
-            dist.all_gather_object(errors, err)
-        first_err = next((e for e in errors if e), None)
+        delay = float(os.environ.get(DEBUG_LOAD_DELAY) or 0)
+        if delay:
+            time.sleep(delay)
+        for k, d in job.get("tensors", {}).items():
+            segs[k] = transport.ShmTensor.attach(d)
+        tensors = {k: s.tensor for k, s in segs.items() if k != "out"}
+        return prepare(job, comm, models, tensors), None
+    except Exception as exc:  # the same on every rank: answer it, keep the group
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, conn, inbox, beat) -> None:
+    jid = job["id"]
+    beat.job, beat.step = jid, 0
+    segs: dict = {}
+    try:
+        if conn is not None:
+            transport.send(conn, "phase", id=jid, phase="loading")
+        prep, err = _prepare(job, comm, models, segs)
+        votes = _gather((err, inbox is not None and inbox.cancel_id == jid), comm)
+        first_err = next((e for e, _ in votes if e), None)
         if first_err:
             if conn is not None:
-                transport.send(conn, "error", id=jid, phase="prepare", message=first_err, rank=errors.index(first_err))
+                rank = [e for e, _ in votes].index(first_err)
+                transport.send(conn, "error", id=jid, phase="prepare", message=first_err, rank=rank)
+            return
+        if votes[0][1]:  # rank 0 heard a cancel while the ranks were loading
+            if conn is not None:
+                transport.send(conn, "cancelled", id=jid, message="cancelled while loading the model")
             return
         steps = prep.spec.steps
-        if inbox is not None:
+        if conn is not None:
+            transport.send(conn, "phase", id=jid, phase="sampling", steps=steps)
             inbox.current = jid
 
         def on_step(t: int) -> None:
+            beat.step = t + 1
             if conn is not None:
                 transport.send(conn, "progress", id=jid, step=t + 1, steps=steps)
 

@@ -24,6 +24,7 @@ import torch
 
 SHM_PREFIX = "pf_"
 _SHM_NAME = re.compile(r"^pf_(\d+)_[0-9a-f]{32}$")
+SHM_DIR = Path("/dev/shm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 
 
@@ -51,6 +52,24 @@ def write_secret(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+class ShmFull(RuntimeError):
+    """/dev/shm has no room for a segment; the message says how much is needed and how to make room."""
+
+    def __init__(self, nbytes: int, exc: OSError) -> None:
+        try:
+            st = os.statvfs(SHM_DIR)
+            free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+            where = f"{SHM_DIR} has {_mib(free)} free of {_mib(total)}"
+        except OSError:
+            where = f"{SHM_DIR} is not usable"
+        super().__init__(f"shared memory is full: a {_mib(nbytes)} segment does not fit ({where}; "
+                         f"{exc.strerror}). Free space in {SHM_DIR} or enlarge it (docker: --shm-size)")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
 class ShmTensor:
     """A tensor living in a shared memory segment."""
 
@@ -62,9 +81,18 @@ class ShmTensor:
 
     @classmethod
     def create(cls, shape, dtype: str = "float32") -> "ShmTensor":
+        """A new segment, its pages reserved up front: on a full /dev/shm this raises ShmFull, where
+        writing into a sparse mapping would kill the process with SIGBUS."""
         nbytes = max(1, torch.empty((), dtype=DTYPES[dtype]).element_size() * _numel(shape))
         name = f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(16)}"
-        return cls(shared_memory.SharedMemory(name=name, create=True, size=nbytes), shape, dtype, owner=True)
+        shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+        try:
+            os.posix_fallocate(shm._fd, 0, nbytes)
+        except OSError as exc:
+            shm.close()
+            shm.unlink()
+            raise ShmFull(nbytes, exc) from None
+        return cls(shm, shape, dtype, owner=True)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "ShmTensor":
@@ -115,7 +143,7 @@ def _numel(shape) -> int:
 
 def shm_segments(owner_pid: int | None = None) -> list[str]:
     """Names of our segments in /dev/shm, optionally only those of one owner pid."""
-    root = Path("/dev/shm")
+    root = SHM_DIR
     if not root.is_dir():
         return []
     out = []
@@ -129,7 +157,7 @@ def shm_segments(owner_pid: int | None = None) -> list[str]:
 def unlink_segment(name: str) -> None:
     if _SHM_NAME.match(name):
         try:
-            os.unlink(Path("/dev/shm") / name)
+            os.unlink(SHM_DIR / name)
         except FileNotFoundError:
             pass
 

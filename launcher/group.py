@@ -17,12 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from multiprocessing import AuthenticationError
+
+import psutil
 import torch
 
 from comfy_pipefusion import transport
 from comfy_pipefusion.group import worker_command, worker_env
 
-from .sweep import process_identity, remove_group, sweep
+from .sweep import kill_tree, process_identity, read_json, remove_group, sweep
 
 class GroupError(RuntimeError):
     """The worker group failed; the message says how, with the failing rank's traceback tail."""
@@ -62,29 +65,32 @@ def _die_with_parent() -> None:
 class WorkerGroup:
     """A started group. ``run`` one job at a time; ``stop`` always leaves nothing behind."""
 
-    def __init__(self, plan: GroupPlan, root: Path, startup_timeout: float = 300.0) -> None:
-        self.plan, self.root = plan, root
+    def __init__(self, plan: GroupPlan, root: Path, startup_timeout: float = 300.0, cancelled=None,
+                 watchdog_s: float = 60.0) -> None:
+        self.plan, self.root, self.watchdog_s = plan, root, watchdog_s
         self.proc = self.conn = self.listener = None
         self.worker_pids: list[int] = []
         self.busy = False
         sweep(root)
         self.dir = transport.private_dir(root, "group-")
         try:
-            self._start(startup_timeout)
+            self._start(startup_timeout, cancelled)
         except BaseException:
+            self.kill()
             self.stop()
             raise
 
     # ------------------------------------------------------------------------------------- start
 
-    def _start(self, timeout: float) -> None:
+    def _start(self, timeout: float, cancelled=None) -> None:
         (self.dir / "owner").write_text(json.dumps(process_identity()))
         authkey = secrets.token_bytes(32)
         transport.write_secret(self.dir / "authkey", authkey)
         self.listener = transport.listen(self.dir / "control.sock", authkey)
         self.log_path = self.dir / "worker.log"
         with open(self.log_path, "ab") as log:
-            cmd = worker_command(self.plan.world_size, ["--serve", str(self.dir), "--threads", str(self.plan.threads)])
+            cmd = worker_command(self.plan.world_size, ["--serve", str(self.dir), "--threads", str(self.plan.threads)],
+                                 self.dir)
             env = worker_env(self.plan.threads, self.plan.devices, cpu_only=self.plan.devices is None)
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, cwd=str(self.dir),
@@ -101,6 +107,8 @@ class WorkerGroup:
                                  f"{self.failure_report()}")
             if time.monotonic() > deadline:
                 raise GroupError(f"the worker group did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+            if cancelled is not None and cancelled():
+                raise JobCancelled("cancelled while the worker group was starting; it was stopped")
         if not accepted or isinstance(accepted[0], BaseException):
             raise GroupError(f"the worker group could not connect: {accepted[0] if accepted else '?'}")
         self.conn = accepted[0]
@@ -114,10 +122,15 @@ class WorkerGroup:
         self._write_pids()
 
     def _accept(self):
-        try:
-            return self.listener.accept()
-        except BaseException as exc:  # closed by stop(), or a client without the authkey
-            return exc
+        """The first client that proves it holds the authkey (rank 0). One without it is refused before
+        any of its bytes is read as a message, and the wait goes on."""
+        while True:
+            try:
+                return self.listener.accept()
+            except AuthenticationError:
+                continue
+            except BaseException as exc:  # closed by stop()
+                return exc
 
     def _write_pids(self) -> None:
         idents = [process_identity(self.proc.pid)] if self.proc and self.proc.poll() is None else []
@@ -132,6 +145,36 @@ class WorkerGroup:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and self.conn is not None
+
+    def silent_ranks(self) -> list[tuple[int, float]]:
+        """(rank, seconds since its last heartbeat) of each rank silent for longer than the watchdog."""
+        out, now = [], time.time()
+        for r in range(self.plan.world_size):
+            try:
+                age = now - (self.dir / f"beat-rank{r}").stat().st_mtime
+            except OSError:
+                age = float("inf")
+            if age > self.watchdog_s:
+                out.append((r, age))
+        return out
+
+    def rank_steps(self) -> dict[int, str]:
+        """Each rank's last finished step of the current job, from its heartbeat file."""
+        out = {}
+        for r in range(self.plan.world_size):
+            try:
+                out[r] = (self.dir / f"beat-rank{r}").read_text().split()[-1]
+            except (OSError, IndexError):
+                out[r] = "?"
+        return out
+
+    def describe_rank(self, rank: int) -> str:
+        pid = self.worker_pids[rank] if rank < len(self.worker_pids) else None
+        try:
+            state = psutil.Process(pid).status() if pid else "unknown"
+        except psutil.Error:
+            state = "gone"
+        return f"rank {rank} (pid {pid}, process state: {state})"
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -150,7 +193,7 @@ class WorkerGroup:
     # ------------------------------------------------------------------------------------- jobs
 
     def run(self, job: dict, tensors: dict[str, torch.Tensor], out_shape: tuple[int, ...], on_progress=None,
-            cancelled=None, stall_timeout: float = 600.0) -> tuple[torch.Tensor, dict]:
+            cancelled=None, stall_timeout: float = 600.0, on_phase=None) -> tuple[torch.Tensor, dict]:
         """Run one job; tensors travel in shared memory. Returns (LATENT samples, the done message)."""
         if not self.alive():
             raise GroupError("the worker group is not running")
@@ -159,28 +202,31 @@ class WorkerGroup:
             for name, t in tensors.items():
                 segs[name] = transport.ShmTensor.from_tensor(t.detach().float().contiguous().cpu())
             segs["out"] = transport.ShmTensor.create(out_shape)
+        except transport.ShmFull as exc:
+            for s in segs.values():
+                s.close()
+            raise JobError(str(exc)) from None
+        try:
             jid = secrets.token_hex(8)
             self.busy = True  # until the group's last word on this job
             transport.send(self.conn, "job", id=jid, tensors={k: s.describe() for k, s in segs.items()}, **job)
-            reply = self._wait(jid, on_progress, cancelled, stall_timeout)
+            reply = self._wait(jid, _Watch(on_progress, cancelled, stall_timeout, on_phase))
             return segs["out"].tensor.clone(), reply
         finally:
             for s in segs.values():
                 s.close()
 
-    def _wait(self, jid: str, on_progress, cancelled, stall_timeout: float) -> dict:
+    def _wait(self, jid: str, w: "_Watch") -> dict:
         """Relay the job's messages. A progress callback that raises (ComfyUI's interrupt is raised from
         its progress hook) cancels the job; once every rank has stopped, that exception is re-raised."""
-        cancel_sent, last, raised = False, time.monotonic(), None
         while True:
-            if not cancel_sent and (raised is not None or (cancelled is not None and cancelled())):
+            if not w.cancel_sent and (w.raised is not None or (w.cancelled is not None and w.cancelled())):
                 transport.send(self.conn, "cancel", id=jid)
-                cancel_sent = True
+                w.cancel_sent = True
             if self.proc.poll() is not None:
                 self._drop_connection()
                 raise GroupError(f"the worker group died (exit code {self.proc.returncode}):\n{self.failure_report()}")
-            if time.monotonic() - last > stall_timeout:
-                raise GroupError(f"no word from the worker group for {stall_timeout:.0f} s; it was stopped")
+            self._watchdog(w)
             try:
                 ready = self.conn.poll(0.05)
                 msg = transport.recv(self.conn) if ready else None
@@ -189,22 +235,51 @@ class WorkerGroup:
                 continue
             if msg is None or msg.get("id") != jid:
                 continue
-            last = time.monotonic()
-            if msg["type"] in ("done", "cancelled", "error"):
+            w.last = time.monotonic()
+            kind = msg["type"]
+            if kind in ("done", "cancelled", "error"):
                 self.busy = False
-            if msg["type"] == "progress" and on_progress is not None and raised is None:
-                try:
-                    on_progress(msg["step"], msg["steps"])
-                except BaseException as exc:
-                    raised = exc
-            elif msg["type"] in ("done", "cancelled") and raised is not None:
-                raise raised
-            elif msg["type"] == "done":
+            if kind == "phase":
+                w.phase, w.steps = msg["phase"], msg.get("steps", w.steps)
+                if w.on_phase is not None:
+                    w.on_phase(w.phase)
+            elif kind == "progress":
+                w.step = msg["step"]
+                if w.on_progress is not None and w.raised is None:
+                    try:
+                        w.on_progress(msg["step"], msg["steps"])
+                    except BaseException as exc:
+                        w.raised = exc
+            elif kind in ("done", "cancelled") and w.raised is not None:
+                raise w.raised
+            elif kind == "done":
                 return msg
-            elif msg["type"] == "cancelled":
+            elif kind == "cancelled":
                 raise JobCancelled(msg.get("message", "cancelled"))
-            elif msg["type"] == "error":
+            elif kind == "error":
                 raise JobError(msg["message"])
+
+    def _watchdog(self, w: "_Watch") -> None:
+        """Stop the group and raise when a rank went silent (every phase) or sampling stalled."""
+        now = time.monotonic()
+        if now < w.next_check:
+            return
+        w.next_check = now + 0.25
+        silent = self.silent_ranks()
+        where = f"at step {w.step}/{w.steps}" if w.phase == "sampling" else f"while {w.phase}"
+        if silent:
+            rank, age = silent[0]
+            who = self.describe_rank(rank)
+            self.kill()
+            raise GroupError(f"{who} stopped responding {where}: no heartbeat for {age:.1f} s (watchdog "
+                             f"{self.watchdog_s:g} s, env PIPEFUSION_WATCHDOG_S). The worker group was stopped; "
+                             "the next prompt starts a fresh one")
+        if w.phase == "sampling" and now - w.last > w.stall_timeout:
+            steps = ", ".join(f"rank {r}: {s}" for r, s in self.rank_steps().items())
+            self.kill()
+            raise GroupError(f"no progress {where} for {w.stall_timeout:.0f} s although every rank is alive "
+                             f"(last finished step per rank: {steps}; env PIPEFUSION_STALL_S). The worker "
+                             "group was stopped; the next prompt starts a fresh one")
 
     # ------------------------------------------------------------------------------------- stop
 
@@ -216,6 +291,18 @@ class WorkerGroup:
             except OSError:
                 pass
         self.conn = self.listener = None
+
+    def kill(self) -> None:
+        """End every process of the group now (SIGKILL): for a group that cannot be asked to stop."""
+        self._drop_connection()
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        kill_tree(read_json(self.dir / "pids", []), grace_s=0)
+        if self.proc is not None:
+            self.proc.wait()
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Ask the group to exit, then end whatever is left; remove the group directory. Idempotent."""
@@ -232,8 +319,19 @@ class WorkerGroup:
                 self.proc.wait(timeout=5)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
-        remove_group(self.dir)  # kills anything still listed in the pid file
+        remove_group(self.dir)  # kills anything still listed in the pid file (stopped ones too)
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.kill()
             self.proc.wait()
+
+
+class _Watch:
+    """What ``WorkerGroup._wait`` tracks for one job."""
+
+    def __init__(self, on_progress, cancelled, stall_timeout: float, on_phase) -> None:
+        self.on_progress, self.cancelled, self.stall_timeout, self.on_phase = on_progress, cancelled, stall_timeout, on_phase
+        self.cancel_sent, self.raised = False, None
+        self.phase, self.step, self.steps = "loading", 0, "?"
+        self.last = time.monotonic()
+        self.next_check = 0.0

@@ -40,7 +40,9 @@ def read_json(path: Path, default=None):
 
 
 def kill_tree(idents: list[dict], grace_s: float = 5.0) -> None:
-    """Terminate the processes ``idents`` name (only if they are still those processes) and children."""
+    """Terminate the processes ``idents`` name (only if they are still those processes) and children:
+    SIGTERM (and SIGCONT, so that a stopped process can act on it), SIGKILL after ``grace_s``; with
+    ``grace_s`` 0, SIGKILL at once."""
     procs = []
     for ident in idents:
         if not is_alive(ident):
@@ -50,22 +52,25 @@ def kill_tree(idents: list[dict], grace_s: float = 5.0) -> None:
             procs += [p] + p.children(recursive=True)
         except psutil.Error:
             continue
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    alive = procs
+    if grace_s > 0:
+        for p in procs:
+            for sig in (signal.SIGTERM, signal.SIGCONT):
+                try:
+                    p.send_signal(sig)
+                except psutil.Error:
+                    pass
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=grace_s)
+    psutil.wait_procs(alive, timeout=5)
 
 
-def remove_group(gdir: Path) -> None:
-    kill_tree(read_json(gdir / "pids", []))
+def remove_group(gdir: Path, grace_s: float = 5.0) -> None:
+    kill_tree(read_json(gdir / "pids", []), grace_s)
     shutil.rmtree(gdir, ignore_errors=True)
 
 
@@ -79,10 +84,13 @@ def sweep(root: Path, keep: set[Path] = frozenset(), same_owner_too: bool = Fals
             continue
         owner = read_json(gdir / "owner")
         mine = owner is not None and owner.get("pid") == me["pid"] and is_alive(owner)
-        too_young = owner is None and time.time() - gdir.stat().st_mtime < 30  # still being set up
+        try:
+            too_young = owner is None and time.time() - gdir.stat().st_mtime < 30  # still being set up
+        except OSError:  # removed meanwhile
+            continue
         if (mine and not same_owner_too) or too_young or (owner is not None and not mine and is_alive(owner)):
             continue
-        remove_group(gdir)
+        remove_group(gdir, grace_s=0 if owner is None or not is_alive(owner) else 5.0)  # orphans: no grace
         removed.append(gdir)
     for name in transport.shm_segments():
         pid = int(name.split("_")[1])
