@@ -17,9 +17,10 @@ class PipeFusionModel:
     plan: GroupPlan
     dtype: str
     launcher: Launcher
+    stamp: str = ""  # the checkpoint file's size, time and inode when the loader ran
 
     def job(self, sample: dict) -> dict:
         p = self.parallel
-        return {"model": {"checkpoint": self.path},
+        return {"model": {"checkpoint": self.path}, "model_stamp": self.stamp,
                 "parallel": {"strategy": p.strategy, "patches": p.patches, "warmup_steps": p.warmup_steps},
                 "sample": {**sample, "dtype": self.dtype}}

@@ -1,6 +1,8 @@
 """PipeFusion DiT Loader: checks the checkpoint and the plan; the group starts with the first job."""
 from __future__ import annotations
 
+import os
+
 import folder_paths
 import torch
 
@@ -11,6 +13,14 @@ from ..launcher import GroupPlan, Launcher
 from .convert import DTYPE_CHOICES, parse_devices
 from .handle import PipeFusionModel
 from .status import report_state
+
+
+def file_stamp(path: str | None) -> str:
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 class PipeFusionDiTLoader:
@@ -34,8 +44,15 @@ class PipeFusionDiTLoader:
                                      "tooltip": "synchronous full-image steps before stale activations are used"}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, unet_name, **_):
+        """The checkpoint file's size and time: a file replaced or truncated on disk runs the loader (and
+        its checks) again, and its jobs make the workers read the file again."""
+        return file_stamp(folder_paths.get_full_path("diffusion_models", unet_name))
+
     def load(self, unet_name, weight_dtype, devices, strategy, patches, warmup_steps):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        stamp = file_stamp(path)
         config = inspect_checkpoint(path)
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         devs, ranks = parse_devices(devices, gpus)
@@ -49,7 +66,7 @@ class PipeFusionDiTLoader:
         plan = GroupPlan(world_size=ranks, devices=devs, key=f"{path}|{strategy}|{dtype}")
         if getattr(self, "_launcher", None) is None:
             self._launcher = Launcher(on_state=report_state)
-        return (PipeFusionModel(path, config, parallel, plan, dtype, self._launcher),)
+        return (PipeFusionModel(path, config, parallel, plan, dtype, self._launcher, stamp),)
 
 
 class PipeFusionUnload:
