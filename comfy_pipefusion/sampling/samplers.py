@@ -1,26 +1,18 @@
-"""Per-patch sampler steps.
+"""Per-patch samplers with ComfyUI 0.3.75's names and math (comfy/k_diffusion/sampling.py, comfy/samplers.py).
 
-A sampler advances the latent of one patch (a slice of image tokens) from step ``t`` to ``t + 1`` given the
-model's denoised prediction for that patch. State that a multistep sampler keeps is held in full-latent
-buffers and sliced per patch, so patches of different sizes at different steps (warm-up steps use one
-patch, later steps M bands) stay consistent and the result does not depend on M.
+See ``base`` for the contract (``evals``, ``step_of``, ``step``). This module holds the one-evaluation-per-step
+samplers and the registry; two-stage samplers are in ``two_stage``, multistep ones in ``multistep``, UniPC
+in ``unipc``. Parameters are KSampler's defaults (eta 1, s_noise 1, r 1/2, no churn), and each sampler
+takes the branch ComfyUI takes for the model's prediction type (flow/CONST or eps).
 """
 from __future__ import annotations
 
 import torch
 
-
-class Sampler:
-    """Base: ``sigmas`` [steps + 1]; ``step`` returns the patch's new latent."""
-
-    name = "base"
-
-    def __init__(self, sigmas: torch.Tensor) -> None:
-        self.sigmas = sigmas
-        self.steps = len(sigmas) - 1
-
-    def step(self, t: int, sl: slice, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+from .base import Sampler, TokenBuffer, ancestral_step, f32, to_d  # noqa: F401  (Sampler is public here)
+from .multistep import Dpmpp2M, Dpmpp2MSde
+from .two_stage import Dpm2, DpmppSde, Heun
+from .unipc import UniPC
 
 
 class Euler(Sampler):
@@ -28,9 +20,15 @@ class Euler(Sampler):
 
     name = "euler"
 
-    def step(self, t, sl, x, denoised):
-        sigma, nxt = float(self.sigmas[t]), float(self.sigmas[t + 1])
-        return x + (x - denoised) / sigma * (nxt - sigma)
+    def _update(self, k, sl, x, denoised):
+        s, nxt = self.sigmas[k], self.sigmas[k + 1]
+        return x + to_d(x, s, denoised) * (nxt - s)
+
+
+class Ddim(Euler):
+    """ComfyUI's "ddim" is Euler (its only difference, random inpainting noise, needs a noise mask)."""
+
+    name = "ddim"
 
 
 class Frozen(Sampler):
@@ -41,18 +39,78 @@ class Frozen(Sampler):
     """
 
     name = "frozen"
+    inverse_scaling = False
 
-    def step(self, t, sl, x, denoised):
-        return denoised.clone() if t == self.steps - 1 else x
-
-
-SAMPLERS = {cls.name: cls for cls in (Euler, Frozen)}
+    def _update(self, k, sl, x, denoised):
+        return denoised.clone() if k == self.steps - 1 else x
 
 
-def make_sampler(name: str, sigmas: torch.Tensor) -> Sampler:
+class EulerAncestral(Sampler):
+    """euler_ancestral: for eps models Euler to sigma_down plus sigma_up of fresh noise; for flow models
+    ComfyUI runs its RF variant (a step to sigma_down in the flow's interpolation, then re-noise)."""
+
+    name = "euler_ancestral"
+    needs_model_sampling = True
+    needs_noise = True
+
+    def __init__(self, sigmas, model_sampling=None, noise=None) -> None:
+        super().__init__(sigmas, model_sampling, noise)
+        self._stream = noise.gaussian()
+        self._draws, n = [], 0  # the default noise sampler's call index of each step (None: no draw)
+        for i in range(self.steps):
+            s, nxt = self.sigmas[i], self.sigmas[i + 1]
+            draws = bool(nxt != 0) if self.flow else bool(ancestral_step(s, nxt)[0] != 0)
+            self._draws.append(n if draws else None)
+            n += draws
+
+    def _update(self, k, sl, x, denoised):
+        s, nxt, draw = self.sigmas[k], self.sigmas[k + 1], self._draws[k]
+        if draw is None:
+            return denoised
+        noise = self._stream(draw, s, nxt)[:, sl]
+        if not self.flow:
+            down, up = ancestral_step(s, nxt)
+            return x + to_d(x, s, denoised) * (down - s) + noise * 1.0 * up
+        down = nxt * (1 + (nxt / s - 1) * 1.0)
+        alpha_next, alpha_down = 1 - nxt, 1 - down
+        renoise = (nxt ** 2 - down ** 2 * alpha_next ** 2 / alpha_down ** 2) ** 0.5
+        ratio = down / s
+        x = ratio * x + (1 - ratio) * denoised
+        return (alpha_next / alpha_down) * x + noise * 1.0 * renoise
+
+
+class Lcm(Sampler):
+    """lcm: jump to the prediction, then re-noise it to sigma_next with the model's noise scaling."""
+
+    name = "lcm"
+    needs_model_sampling = True
+    needs_noise = True
+
+    def __init__(self, sigmas, model_sampling=None, noise=None) -> None:
+        super().__init__(sigmas, model_sampling, noise)
+        self._stream = noise.gaussian()
+        self._draws, n = [], 0  # the default noise sampler's call index of each step (None: no draw)
+        for i in range(self.steps):
+            draws = bool(self.sigmas[i + 1] > 0)
+            self._draws.append(n if draws else None)
+            n += draws
+
+    def _update(self, k, sl, x, denoised):
+        nxt, draw = self.sigmas[k + 1], self._draws[k]
+        if draw is None:
+            return denoised
+        return self.model_sampling.noise_scaling(nxt, self._stream(draw, self.sigmas[k], nxt)[:, sl], denoised)
+
+
+SAMPLERS = {cls.name: cls for cls in (Euler, EulerAncestral, Heun, Dpm2, DpmppSde, Dpmpp2M, Dpmpp2MSde, Ddim,
+                                      UniPC, Lcm, Frozen)}
+
+
+def make_sampler(name: str, sigmas: torch.Tensor, model_sampling=None, noise=None) -> Sampler:
+    """The sampler ``name`` over ``sigmas`` (use scheduler_sigmas(..., sampler=name) for KSampler's sigmas)."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler {name!r} is not implemented: choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](sigmas)
+    return SAMPLERS[name](sigmas, model_sampling, noise)
 
 
 def flow_denoised(x: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
