@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Sampler, TokenBuffer, ancestral_step, f32, to_d  # noqa: F401  (Sampler is public here)
+from .base import Sampler, ancestral_step, to_d  # noqa: F401  (Sampler is public here)
 from .multistep import Dpmpp2M, Dpmpp2MSde
 from .two_stage import Dpm2, DpmppSde, Heun
 from .unipc import UniPC

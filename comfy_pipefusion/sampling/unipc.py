@@ -11,6 +11,8 @@ Here evaluation k returns the *predicted* point of update k + 1; the corrector o
 evaluation k's prediction arrives. The data predictions of the last order + 1 evaluations, the predictor's
 base term and the predicted point are full-latent buffers. ComfyUI writes the 0.001 into the caller's
 sigmas, so its final inverse noise scaling uses 0.001 too (a 1/0.999 factor for flow models): kept.
+ComfyUI's first evaluation sees (x / c) * c rather than x (c = sqrt(1 + sigma_0^2)), which can differ from
+the engine's x by one float32 ulp; the step itself uses ComfyUI's arithmetic.
 """
 from __future__ import annotations
 
