@@ -73,6 +73,9 @@ def identify(keys: set[str]) -> tuple[str, str]:
     other = what_else(keys)
     if other:
         raise DetectError(f"this is {other}")
+    if "scaled_fp8" in keys or any(k.endswith((".scale_weight", ".scale_input")) for k in keys):
+        raise DetectError("this is a scaled-fp8 file (per-tensor scale_weight tensors), which is not read yet: "
+                          "use the plain float8_e4m3fn, bf16 or fp16 file")
     if "double_blocks.0.img_attn.qkv.weight" in keys or "single_blocks.0.linear1.weight" in keys:
         return "flux", "original"
     if _has(keys, "x_embedder.weight", "context_embedder.weight") and _any(keys, "transformer_blocks."):
