@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 
 STRATEGIES = ("serial", "pipefusion", "distrifusion", "naive_patch")
 TEXT_STREAMS = ("last_patch", "first_patch", "every_patch")
-SAMPLERS = ("euler", "frozen")
+SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
+            "lcm", "frozen")
+SCHEDULERS = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "ddim_uniform",
+              "linear_quadratic")
 BALANCES = ("compute", "memory")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -105,7 +108,14 @@ class SampleSpec:
     seed: int = 0
     """Seed of the initial noise, as ComfyUI's KSampler uses it."""
     sampler: str = "euler"
-    """euler, or 'frozen': the test sampler whose update is the identity until the last step."""
+    """One of ComfyUI's samplers in SAMPLERS, or 'frozen': the test sampler whose update is the identity
+    until the last step (with a constant schedule: stale activations then equal fresh ones)."""
+    scheduler: str = "simple"
+    """One of ComfyUI's schedulers in SCHEDULERS."""
+    denoise: float = 1.0
+    """Fraction of the schedule to run (img2img below 1), as ComfyUI's KSampler."""
+    cfg: float = 1.0
+    """Classifier-free guidance scale; 1 skips the negative pass (Flux uses its distilled guidance)."""
     batch: int = 1
     """Images per job."""
     dtype: str = "float32"
@@ -113,7 +123,8 @@ class SampleSpec:
     guidance: float = 3.5
     """Flux distilled guidance (used when the model has a guidance embedding)."""
     shift: float | None = None
-    """Flux time shift; None derives it from the resolution as ComfyUI's ModelSamplingFlux does."""
+    """Time shift of the flow families (ModelSamplingFlux / ModelSamplingSD3); None: what ComfyUI's stock
+    loader uses for the model (Flux.1-dev 1.15, schnell 1, SD3 3)."""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
     """Free-form annotations carried along (not used by the engine)."""
 
@@ -126,6 +137,13 @@ class SampleSpec:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not implemented: choose one of {', '.join(SAMPLERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {self.scheduler!r} is not implemented: choose one of {', '.join(SCHEDULERS)}")
+        if not 0.0 < self.denoise <= 1.0:
+            raise ValueError(f"denoise {self.denoise} must be in (0, 1]: 1 samples from pure noise, 0.6 keeps "
+                             "more of the input latent; 0 would not sample at all")
+        if self.cfg < 0:
+            raise ValueError(f"cfg {self.cfg} must not be negative (1 disables classifier-free guidance)")
         if self.batch < 1:
             raise ValueError(f"batch must be at least 1, got {self.batch}")
         if self.dtype not in DTYPES:

@@ -1,11 +1,13 @@
 """One sampling job's inputs, identical on every rank: schedule, initial latent, conditioning, positions.
 
-The sampler works in the model's sampling space on packed tokens ([B, S_img, 64] for Flux). Latents
-enter and leave in ComfyUI's LATENT convention (``process_in``/``process_out`` apply Flux's scale and
-shift), so what a job returns is what ComfyUI's KSampler would return.
+The sampler works in the model's sampling space on packed tokens ([B, S_img, 4C]). Latents enter and
+leave in ComfyUI's LATENT convention (the family's latent format), the schedule and the starting point
+come from the model sampling ComfyUI's stock loader gives the model (optionally shifted), and with cfg != 1
+the model runs on the batch [positive; negative], so what a job returns is what ComfyUI's KSampler returns.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,8 +15,10 @@ import torch
 from .config import SampleSpec
 from .models import family
 from .models.family import LatentFormat, pack_latent, unpack_latent
+from .sampling.model_sampling import model_sampling_for
 from .sampling.noise import comfy_noise
-from .sampling.sigmas import flux_sigmas, frozen_sigmas
+from .sampling.schedulers import scheduler_sigmas
+from .sampling.sigmas import frozen_sigmas
 
 
 @dataclass(frozen=True)
@@ -23,14 +27,27 @@ class Problem:
 
     spec: SampleSpec
     sigmas: torch.Tensor  # [steps + 1] float32
-    x0: torch.Tensor  # [B, S_img, 64] float32, noised, sampling space
-    txt: torch.Tensor  # [B, S_txt, joint_dim] text-encoder states
-    pooled: torch.Tensor | None  # [B, pooled_dim]; None for families without a pooled vector
-    guidance: torch.Tensor | None  # [B], None for models without a guidance embedding
+    x0: torch.Tensor  # [B, S_img, 4C] float32, noised, sampling space
+    txt: torch.Tensor  # [MB, S_txt, joint_dim] text-encoder states; MB = 2B with cfg: [positive; negative]
+    pooled: torch.Tensor | None  # [MB, pooled_dim]; None for families without a pooled vector
+    guidance: torch.Tensor | None  # [MB], None for models without a guidance embedding
     rows: int  # image token rows
     cols: int  # image token columns
     family: str = "flux"
     latent: LatentFormat = LatentFormat(16, 0.3611, 0.1159)
+    sampling: str = "flux"  # the model sampling's kind (sampling/model_sampling.py)
+
+    @property
+    def cfg(self) -> bool:
+        """Whether the model runs on [positive; negative] (classifier-free guidance)."""
+        return self.txt.shape[0] == 2 * self.batch
+
+    @property
+    def model_batch(self) -> int:
+        return self.txt.shape[0]
+
+    def model_sampling(self):
+        return model_sampling_for(self.sampling, self.spec.shift)
 
     @property
     def joint_text(self) -> bool:
@@ -58,12 +75,22 @@ class Problem:
         return self.latent.process_out(unpack_latent(x.float().cpu(), self.rows * 2, self.cols * 2))
 
 
-def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor,
+def sampling_kind(fam, config: dict) -> str:
+    """The model sampling ComfyUI's stock loader gives this model."""
+    if fam.NAME == "flux":
+        return "flux" if config.get("guidance_embeds", True) else "flux_schnell"
+    return fam.NAME
+
+
+def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | None,
                  latent: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                 fam: str = "flux", fmt: LatentFormat | None = None) -> Problem:
-    """Build a job from conditioning, an optional input LATENT (zeros: text to image) and optional noise
-    (default: ComfyUI's noise for ``spec.seed``), for a model of family ``fam`` with latent format ``fmt``."""
+                 fam: str = "flux", fmt: LatentFormat | None = None, sampling: str | None = None,
+                 negative: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Problem:
+    """Build a job from conditioning, an optional input LATENT (zeros: text to image), optional noise
+    (default: ComfyUI's noise for ``spec.seed``) and, for cfg != 1, the ``negative`` (text, pooled), for a
+    model of family ``fam`` with latent format ``fmt`` and model sampling ``sampling``."""
     fmt = fmt or family.get(fam).LATENT
+    sampling = sampling or ("flux" if fam == "flux" else fam)
     h, w = spec.height // 8, spec.width // 8
     shape = (spec.batch, fmt.channels, h, w)
     if latent is None:
@@ -71,18 +98,49 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor,
     if tuple(latent.shape) != shape:
         raise ValueError(f"latent shape {tuple(latent.shape)} does not match {shape} for "
                          f"{spec.width}x{spec.height} with batch {spec.batch}")
+    ms = model_sampling_for(sampling, spec.shift)
     if spec.sampler == "frozen":
         sigmas = frozen_sigmas(spec.steps)
     else:
-        sigmas = flux_sigmas(spec.height, spec.width, spec.steps, spec.shift)
+        sigmas = scheduler_sigmas(ms, spec.scheduler, spec.steps, spec.denoise, sampler=spec.sampler)
+    if len(sigmas) < 2:
+        raise ValueError(f"{spec.steps} steps at denoise {spec.denoise} leave nothing to sample")
     if noise is None:
         noise = comfy_noise(shape, spec.seed)
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} does not match the latent's {shape}")
-    s0 = float(sigmas[0])
-    x0 = pack_latent(s0 * noise + (1.0 - s0) * fmt.process_in(latent.float()))
+    # ComfyUI leaves an all-zero (empty) latent as it is, and moves any other into the sampling space.
+    image = fmt.process_in(latent.float()) if torch.count_nonzero(latent) else latent.float()
+    x0 = pack_latent(ms.start(sigmas, noise, image).float())
     guidance = torch.full((spec.batch,), float(spec.guidance))
-    return Problem(spec, sigmas, x0, txt, pooled, guidance, spec.height // 16, spec.width // 16, fam, fmt)
+    if abs(spec.cfg - 1.0) > 1e-9:
+        if negative is None:
+            raise ValueError(f"cfg {spec.cfg} needs a negative conditioning (or set cfg to 1)")
+        txt, pooled = _with_negative(txt, pooled, *negative)
+        guidance = torch.cat([guidance, guidance])
+    return Problem(spec, sigmas, x0, txt, pooled, guidance, spec.height // 16, spec.width // 16, fam, fmt, sampling)
+
+
+def _with_negative(txt, pooled, neg_txt, neg_pooled):
+    """[positive; negative] as one batch. Text of different lengths is repeated up to their least common
+    multiple when that is at most 4x the shorter (ComfyUI's rule for running them in one batch)."""
+    a, b = txt.shape[1], neg_txt.shape[1]
+    if a != b:
+        n = math.lcm(a, b)
+        if n // min(a, b) > 4:
+            raise ValueError(f"positive and negative prompts encode to {a} and {b} tokens, which ComfyUI "
+                             "would not batch together; make them closer in length (e.g. shorten the longer)")
+        txt, neg_txt = txt.repeat(1, n // a, 1), neg_txt.repeat(1, n // b, 1)
+    if neg_txt.shape[0] != txt.shape[0] or neg_txt.shape[2] != txt.shape[2]:
+        raise ValueError(f"negative conditioning {tuple(neg_txt.shape)} does not fit the positive "
+                         f"{tuple(txt.shape)}: encode both with the same text encoders")
+    both = torch.cat([txt, neg_txt])
+    if pooled is None:
+        return both, None
+    if neg_pooled is None or neg_pooled.shape != pooled.shape:
+        raise ValueError("the negative conditioning has no pooled output matching the positive's; "
+                         "encode both with the same text encoders")
+    return both, torch.cat([pooled, neg_pooled])
 
 
 def synthetic_conditioning(config: dict, n_txt: int, batch: int, seed: int,
@@ -96,11 +154,14 @@ def synthetic_conditioning(config: dict, n_txt: int, batch: int, seed: int,
 
 
 def synthetic_problem(fam, config: dict, spec: SampleSpec, n_txt: int) -> Problem:
-    """A job with text-encoder-like conditioning of the right shapes for ``config`` (benchmarks, tests)."""
+    """A job with text-encoder-like conditioning of the right shapes for ``config`` (benchmarks, tests);
+    with cfg != 1 the negative is another draw."""
     txt, pooled = synthetic_conditioning(config, n_txt, spec.batch, spec.seed, fam.NAME)
-    return make_problem(spec, txt, pooled, fam=fam.NAME, fmt=fam.latent_format(config))
+    negative = synthetic_conditioning(config, n_txt, spec.batch, spec.seed + 1, fam.NAME)
+    return make_problem(spec, txt, pooled, fam=fam.NAME, fmt=fam.latent_format(config),
+                        sampling=sampling_kind(fam, config), negative=negative)
 
 
 def preset_problem(preset: str, spec: SampleSpec) -> Problem:
-    fam, p = family.find_preset(preset)
+    fam, p = family.find_preset(preset)  # noqa: F811
     return synthetic_problem(fam, p["config"], spec, p["text_tokens"])

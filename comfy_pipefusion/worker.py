@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from .config import ParallelConfig, SampleSpec
-from .job import make_problem, preset_problem, synthetic_problem
+from .job import make_problem, preset_problem, sampling_kind, synthetic_problem
 from .models import family
 from .parallel import strategy_fn
 from .parallel.comm import Comm
@@ -123,8 +123,10 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         problem = synthetic_problem(fam, config, spec, int(job.get("text_tokens", 64)))
     else:
         fam, config, _ = models.describe(source)
+        negative = (tensors["neg_txt"], tensors.get("neg_pooled")) if "neg_txt" in tensors else None
         problem = make_problem(spec, tensors["txt"], tensors.get("pooled"), tensors.get("latent"),
-                               tensors.get("noise"), fam=fam.NAME, fmt=fam.latent_format(config))
+                               tensors.get("noise"), fam=fam.NAME, fmt=fam.latent_format(config),
+                               sampling=sampling_kind(fam, config), negative=negative)
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
     model, blocks = models.get(source, cfg, comm.rank, dtype) if not solo or comm.rank == 0 else (None, [])

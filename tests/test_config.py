@@ -1,7 +1,6 @@
 """Bad configurations are refused with the numbers and the fix, before any process group starts."""
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -52,7 +51,10 @@ def test_bad_parallel_fields(kwargs, message):
     (dict(height=100), "height 100 must be a positive multiple of 16 .*96"),
     (dict(width=0), "width 0 must be a positive multiple of 16"),
     (dict(steps=0), "steps must be at least 1, got 0"),
-    (dict(sampler="dpmpp_2m"), "sampler 'dpmpp_2m' is not implemented: choose one of euler, frozen"),
+    (dict(sampler="dpmpp_3m_sde"), "sampler 'dpmpp_3m_sde' is not implemented: choose one of euler, "),
+    (dict(scheduler="kl_optimal"), "scheduler 'kl_optimal' is not implemented: choose one of simple, "),
+    (dict(denoise=0.0), r"denoise 0.0 must be in \(0, 1\]"),
+    (dict(cfg=-1.0), "cfg -1.0 must not be negative"),
 ])
 def test_bad_sample_spec(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -64,8 +66,9 @@ def test_bad_sample_spec(kwargs, message):
     (["--world-size", "7"], "7 stages needs at least 7 blocks, the model has 6"),
     (["--strategies", "serial,tensor"], "unknown strategy 'tensor'"),
 ])
-def test_bench_refuses_before_starting_anything(argv, message, capsys):
-    start = time.monotonic()
+def test_bench_refuses_before_starting_anything(argv, message, capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr(bench, "run_jobs", lambda *a, **k: started.append(a))  # would start a group
     assert bench.main(["--preset", "tiny", *argv]) == 2
     assert message in capsys.readouterr().err
-    assert time.monotonic() - start < 5  # no worker group was started (one takes ~10 s to import)
+    assert not started

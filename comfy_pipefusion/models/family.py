@@ -16,7 +16,9 @@ A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engin
     latent_format(config) -> LatentFormat
     conditioning_dims(config) -> (text width, pooled width or None)
     kv_buffers(model, block, make)     the block's attention state; ``make(kind)`` builds one buffer over
-                                       the "joint" sequence or the "image" tokens only
+                                       the "joint" sequence or the "image" tokens only; a block may hold a
+                                       tuple of buffers (no None entries); "image" buffers are written with
+                                       text-free spans
     embeddings(model, txt, n_txt, rows, cols, device, dtype) -> object
                                        once per job and rank: ``.txt`` (embedded text, or None when ``txt`` is
                                        None: the engine passes the text only where it is needed, i.e. on the
@@ -24,11 +26,13 @@ A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engin
                                        ``.for_span(span)`` (what the blocks need for a span's positions,
                                        e.g. RoPE: passed to run_blocks as ``pos``), ``.extra`` (anything else)
     time_embedding(model, emb, t, pooled, guidance, dtype) -> object
-                                       per evaluation; ``t`` is the model sampling's timestep [B]
+                                       per evaluation; ``t`` is the model sampling's timestep [MB] (what
+                                       diffusers' forward takes); the object may carry per-job state
     embed_image(model, emb, x, span) -> [B, L, D]
                                        packed latent tokens of the span -> hidden states (with positions)
     run_blocks(model, blocks, kvs, span, txt, img, temb, pos) -> (txt or None, img)
-    final_layer(model, img, temb) -> [B, L, C]   the prediction, packed like the latent
+    final_layer(model, img, temb) -> [MB, L, C]  the model output (velocity or eps), packed like the
+                                       latent; the model sampling turns it into a denoised latent
     forward(model, x, t, txt, pooled, guidance, rows, cols) -> [B, S, C]
                                        diffusers' own forward over the whole latent: the serial reference
 """
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("flux",)  # sd3 and pixart join when their modules land
+FAMILIES = ("flux", "sd3", "pixart")
 
 
 def get(name: str):

@@ -31,7 +31,7 @@ def run_distrifusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype
             raise JobCancelled(f"cancelled before step {rt.step_of(t) + 1}")
         for kv in _flat(kvs):
             kv.set_mode(sync=t < sync, exchange=t < evals - 1)
-        _, img = rt.run_blocks(blocks, kvs, sp, txt, rt.embed_image(rt.x[:, sp.i0:sp.i1], sp), t)
+        _, img = rt.run_blocks(blocks, kvs, sp, txt, rt.embed_image(rt.x[:, sp.i0:sp.i1], sp, t), t)
         rt.update(t, sp.i0, sp.i1, img)
         if t + 1 == evals or rt.step_of(t + 1) != rt.step_of(t):
             control.step_done(rt.step_of(t))

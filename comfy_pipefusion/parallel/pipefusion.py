@@ -64,10 +64,10 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
     kvs = rt.kv_buffers(blocks)
     items = schedule(problem, len(rt.evals), rt.sync_evals(cfg.warmup_steps), cfg.num_patches, cfg.text_stream)
     width = rt.width
-    b, chans = problem.batch, problem.x0.shape[2]
+    b, mb, chans = problem.batch, problem.model_batch, problem.x0.shape[2]
 
-    def message(sp) -> torch.Tensor:  # [B, n_txt + n_img + 1, D]: tokens, then the flag row
-        return torch.zeros(b, sp.n_txt + sp.n_img + 1, width, dtype=dtype, device=device)
+    def message(sp) -> torch.Tensor:  # [MB, n_txt + n_img + 1, D]: tokens, then the flag row
+        return torch.zeros(mb, sp.n_txt + sp.n_img + 1, width, dtype=dtype, device=device)
 
     def post_recv(i: int):
         if i >= len(items):
@@ -109,7 +109,7 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
         cur, nxt = nxt, post_recv(i + 1)
         if first:
             x_in = problem.x0[:, sp.i0:sp.i1].to(device) if cur is None else cur.wait()
-            txt, img = rt.span_txt(sp), rt.embed_image(x_in, sp)
+            txt, img = rt.span_txt(sp), rt.embed_image(x_in, sp, t)
         else:
             h = cur.wait()  # [B, n_txt + n_img + 1, D]
             if h[0, -1, 0] != 0:

@@ -7,7 +7,9 @@ import torch
 from ..attention import StaleKV
 from ..patches import Span
 from ..models import family
-from ..sampling.samplers import flow_denoised, make_sampler
+from ..models.family import pack_latent
+from ..sampling.noise import SamplerNoise
+from ..sampling.samplers import make_sampler
 
 
 class JobRuntime:
@@ -23,11 +25,14 @@ class JobRuntime:
         self.model, self.problem, self.dtype, self.device = model, problem, dtype, device
         self.fam = family.get(problem.family)
         self.first, self.last = first, last
-        self.sampler = make_sampler(problem.spec.sampler, problem.sigmas)  # every rank: its schedule;
-        # only the last stage steps it
-        self.evals = [float(s) for s in getattr(self.sampler, "evals", problem.sigmas[:-1].tolist())]
+        self.ms = problem.model_sampling()
+        noise = SamplerNoise((problem.batch, problem.latent.channels, problem.rows * 2, problem.cols * 2),
+                             problem.spec.seed, pack_latent, device)
+        # Every rank builds the sampler for its schedule (evaluations, steps); only the last stage steps it.
+        self.sampler = make_sampler(problem.spec.sampler, problem.sigmas, self.ms, noise)
+        self.evals = [float(s) for s in self.sampler.evals]
         self.steps = len(problem.sigmas) - 1
-        b = problem.batch
+        mb = problem.model_batch
         self.pooled = problem.pooled.to(device, dtype) if problem.pooled is not None else None
         self.guidance = problem.guidance.to(device) if problem.guidance is not None else None
         wants_txt = first or not self.fam.JOINT_TEXT
@@ -35,7 +40,7 @@ class JobRuntime:
                                        problem.cols, device, dtype)
         self.x = problem.x0.to(device).clone() if last else None  # [B, S_img, C] float32
         self._temb: dict[int, object] = {}
-        self._sigma_b = [torch.full((b,), s, device=device) for s in self.evals]
+        self._t = [self.ms.timestep(torch.full((mb,), s, device=device)) for s in self.evals]
 
     @property
     def width(self) -> int:
@@ -43,16 +48,20 @@ class JobRuntime:
 
     def step_of(self, k: int) -> int:
         """The sampling step evaluation ``k`` belongs to."""
-        return self.sampler.step_of(k) if hasattr(self.sampler, "step_of") else k
+        return self.sampler.step_of(k)
 
     def sync_evals(self, warmup_steps: int) -> int:
         """How many leading evaluations belong to the first ``warmup_steps`` sampling steps."""
         return sum(1 for k in range(len(self.evals)) if self.step_of(k) < warmup_steps)
 
+    def timestep(self, k: int) -> torch.Tensor:
+        """Evaluation k's timestep as the model takes it, [MB]."""
+        return self._t[k]
+
     def temb(self, k: int):
         """Evaluation k's conditioning for every block's AdaLN (computed once per evaluation)."""
         if k not in self._temb:
-            self._temb = {k: self.fam.time_embedding(self.model, self.emb, self._sigma_b[k], self.pooled,
+            self._temb = {k: self.fam.time_embedding(self.model, self.emb, self._t[k], self.pooled,
                                                      self.guidance, self.dtype)}
         return self._temb[k]
 
@@ -62,12 +71,17 @@ class JobRuntime:
 
         def make(kind: str):
             n_txt, extra = (p.n_span_txt, kw) if kind == "joint" else (0, _image_only(kw))
-            return cls(p.batch, cfg.num_attention_heads, n_txt, n_img, cfg.attention_head_dim,
+            return cls(p.model_batch, cfg.num_attention_heads, n_txt, n_img, cfg.attention_head_dim,
                        self.dtype, self.device, **extra)
         return [self.fam.kv_buffers(self.model, b, make) for b in blocks]
 
-    def embed_image(self, x_patch: torch.Tensor, span) -> torch.Tensor:
-        return self.fam.embed_image(self.model, self.emb, x_patch.to(self.dtype), span)  # [B, L, D]
+    def embed_image(self, x_patch: torch.Tensor, span, k: int) -> torch.Tensor:
+        """Evaluation k's model input for a patch of the latent: scaled as the model sampling wants,
+        doubled for [positive; negative] under cfg, embedded. [B, L, C] -> [MB, L, D]"""
+        x = self.ms.calculate_input(self.evals[k], x_patch)
+        if self.problem.cfg:
+            x = torch.cat([x, x])
+        return self.fam.embed_image(self.model, self.emb, x.to(self.dtype), span)
 
     def run_blocks(self, blocks: list, kvs: list, span, txt, img, k: int, pos_span=None):
         pos = self.emb.for_span(pos_span or span)
@@ -79,11 +93,21 @@ class JobRuntime:
 
     def update(self, k: int, i0: int, i1: int, img: torch.Tensor) -> torch.Tensor:
         """Last layer + sampler step on image tokens [i0, i1); returns the patch's next input."""
-        v = self.fam.final_layer(self.model, img, self.temb(k)).float()  # [B, L, C]
+        out = self.fam.final_layer(self.model, img, self.temb(k)).float()  # [MB, L, C]
         x = self.x[:, i0:i1]
-        new = self.sampler.step(k, slice(i0, i1), x, flow_denoised(x, v, self.evals[k]))
+        new = self.sampler.step(k, slice(i0, i1), x, self.denoised(k, x, out))
         self.x[:, i0:i1] = new
         return new
+
+
+    def denoised(self, k: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The model's prediction as a denoised latent, with classifier-free guidance applied as ComfyUI
+        does (on the denoised predictions: negative + cfg * (positive - negative))."""
+        if not self.problem.cfg:
+            return self.ms.calculate_denoised(self.evals[k], out, x)
+        pos, neg = out.chunk(2)
+        pos, neg = self.ms.calculate_denoised(self.evals[k], pos, x), self.ms.calculate_denoised(self.evals[k], neg, x)
+        return neg + (pos - neg) * self.problem.spec.cfg
 
 
 def _image_only(kw: dict) -> dict:

@@ -5,33 +5,28 @@ from __future__ import annotations
 
 import torch
 
-from ..models import family
 from ..patches import Span, full_span
-from ..sampling.samplers import flow_denoised, make_sampler
 from .runtime import Control, JobCancelled, JobRuntime
 
 
 def run_serial(model, problem, dtype: torch.dtype, device: torch.device, control: Control | None = None,
                comm=None) -> torch.Tensor:
     """Sample with the family's diffusers forward at every evaluation; returns [B, S_img, C]."""
-    fam = family.get(problem.family)
-    x = problem.x0.to(device).clone()
-    sampler = make_sampler(problem.spec.sampler, problem.sigmas)
-    evals = [float(s) for s in getattr(sampler, "evals", problem.sigmas[:-1].tolist())]
-    step_of = getattr(sampler, "step_of", lambda k: k)
+    rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
     txt = problem.txt.to(device, dtype)
-    pooled = problem.pooled.to(device, dtype) if problem.pooled is not None else None
-    guidance = problem.guidance.to(device) if problem.guidance is not None else None
     control = control or Control()
-    for k, sigma in enumerate(evals):
-        if k and step_of(k) != step_of(k - 1) and control.cancelled():
-            raise JobCancelled(f"cancelled before step {step_of(k) + 1}")
-        t = torch.full((problem.batch,), sigma, device=device)
-        v = fam.forward(model, x.to(dtype), t, txt, pooled, guidance, problem.rows, problem.cols).float()
-        x = sampler.step(k, slice(None), x, flow_denoised(x, v, sigma))
-        if k + 1 == len(evals) or step_of(k + 1) != step_of(k):
-            control.step_done(step_of(k))
-    return x
+    for k in range(len(rt.evals)):
+        if k and rt.step_of(k) != rt.step_of(k - 1) and control.cancelled():
+            raise JobCancelled(f"cancelled before step {rt.step_of(k) + 1}")
+        x_in = rt.ms.calculate_input(rt.evals[k], rt.x)
+        if problem.cfg:
+            x_in = torch.cat([x_in, x_in])
+        out = rt.fam.forward(model, x_in.to(dtype), rt.timestep(k), txt, rt.pooled, rt.guidance, problem.rows,
+                             problem.cols).float()
+        rt.x = rt.sampler.step(k, slice(None), rt.x, rt.denoised(k, rt.x, out))
+        if k + 1 == len(rt.evals) or rt.step_of(k + 1) != rt.step_of(k):
+            control.step_done(rt.step_of(k))
+    return rt.x
 
 
 def run_local(model, problem, dtype: torch.dtype, device: torch.device, control: Control | None = None,
@@ -51,7 +46,7 @@ def run_local(model, problem, dtype: torch.dtype, device: torch.device, control:
     for k in range(len(rt.evals)):
         if k and rt.step_of(k) != rt.step_of(k - 1) and (control.agree_stop(comm) if comm else control.cancelled()):
             raise JobCancelled(f"cancelled before step {rt.step_of(k) + 1}")
-        _, img = rt.run_blocks(blocks, kvs, local, rt.span_txt(local), rt.embed_image(rt.x[:, i0:i1], where),
+        _, img = rt.run_blocks(blocks, kvs, local, rt.span_txt(local), rt.embed_image(rt.x[:, i0:i1], where, k),
                                k, where)
         rt.update(k, i0, i1, img)
         if k + 1 == len(rt.evals) or rt.step_of(k + 1) != rt.step_of(k):
