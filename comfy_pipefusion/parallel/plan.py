@@ -86,13 +86,14 @@ class ModelSource:
         if self.preset is not None:
             fam, preset = family.find_preset(self.preset)
             return fam, preset["config"]
-        return family.get("flux"), checkpoint.inspect_checkpoint(self.checkpoint)
+        info = checkpoint.open_checkpoint(self.checkpoint)
+        return family.get(info.family), info.config
 
     def fill(self, fam, model, names: list[str], device: torch.device, dtype: torch.dtype) -> None:
         if self.preset is not None:
             fam.materialize(model, names, device, dtype, self.seed)
-        else:
-            checkpoint.load_modules(model, self.checkpoint, names, device, dtype)
+        else:  # fp8 weights stay 8-bit (computed in ``dtype``): never cast the loaded model afterwards
+            checkpoint.load_modules(model, checkpoint.open_checkpoint(self.checkpoint), names, device, dtype)
 
 
 def load_rank_model(source: ModelSource, cfg: ParallelConfig, rank: int, device: torch.device,
