@@ -36,7 +36,7 @@ from .worker import ModelCache, execute, prepare, rank_stats
 log = logging.getLogger("comfy_pipefusion.serve")
 PING_S = 600.0  # idle ranks wait in a broadcast; keep it well inside the collective timeout
 BEAT_S = 0.5  # heartbeat period; the launcher's watchdog allows many missed beats
-DEBUG_LOAD_DELAY = "PIPEFUSION_DEBUG_LOAD_DELAY_S"  # fault tests: widen the loading window (seconds)
+DEBUG_LOAD_DELAY = "PIPEFUSION_DEBUG_LOAD_DELAY_S"  # fault tests: a slower weight load (seconds)
 
 
 class _Inbox:
@@ -151,7 +151,7 @@ def _prepare(job: dict, comm: Comm, models: ModelCache, segs: dict):
     """(Prepared, None) or (None, the error) on this rank: attach the tensors, load the model."""
     try:
         delay = float(os.environ.get(DEBUG_LOAD_DELAY) or 0)
-        if delay:
+        if delay and models.value is None:  # only when the weights are read: a fresh group, a changed file
             time.sleep(delay)
         for k, d in job.get("tensors", {}).items():
             segs[k] = transport.ShmTensor.attach(d)

@@ -67,7 +67,7 @@ class ShmFull(RuntimeError):
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
 class ShmTensor:

@@ -72,12 +72,11 @@ class Launcher:
         g = self.group
         if g is None or g.plan != plan:
             return False
-        if g.alive() and not g.silent_ranks():
+        why = g.trouble()
+        if why is None:
             return True
-        why = (f"exited while idle (exit code {g.proc.returncode})" if g.proc.poll() is not None else
-               f"stopped responding while idle ({g.describe_rank(g.silent_ranks()[0][0])})")
-        log.warning("PipeFusion: the worker group %s; starting a fresh one.\n%s", why, g.failure_report())
-        self._set("failed", f"the group {why}")
+        log.warning("PipeFusion: the idle worker group %s; starting a fresh one.\n%s", why, g.failure_report())
+        self._set("failed", f"the idle group {why}")
         g.kill()
         self.stop()
         return False

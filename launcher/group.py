@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -26,6 +27,9 @@ from comfy_pipefusion import transport
 from comfy_pipefusion.group import worker_command, worker_env
 
 from .sweep import kill_tree, process_identity, read_json, remove_group, sweep
+
+_ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)(?:\s*\((\w+)\))?")
+
 
 class GroupError(RuntimeError):
     """The worker group failed; the message says how, with the failing rank's traceback tail."""
@@ -144,7 +148,34 @@ class WorkerGroup:
     # ------------------------------------------------------------------------------------- state
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and self.conn is not None
+        """torchrun and every rank run (torchrun outlives a dead rank by a moment while it tears down)."""
+        if self.proc is None or self.proc.poll() is not None or self.conn is None:
+            return False
+        for pid in self.worker_pids:
+            try:
+                if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                    return False
+            except psutil.Error:
+                return False
+        return True
+
+    def trouble(self) -> str | None:
+        """What is wrong with this group, or None when it can take a job."""
+        if self.proc is None or self.conn is None:
+            return "is not connected"
+        if self.proc.poll() is not None:
+            return f"exited (exit code {self.proc.returncode})"
+        for rank, pid in enumerate(self.worker_pids):
+            try:
+                if psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                    continue
+            except psutil.Error:
+                pass
+            return f"lost rank {rank} (pid {pid})"
+        silent = self.silent_ranks()
+        if silent:
+            return f"has a rank that stopped responding: {self.describe_rank(silent[0][0])}"
+        return None
 
     def silent_ranks(self) -> list[tuple[int, float]]:
         """(rank, seconds since its last heartbeat) of each rank silent for longer than the watchdog."""
@@ -182,6 +213,18 @@ class WorkerGroup:
         except OSError:
             return "(no worker log)"
 
+    def root_cause(self) -> str:
+        """', rank R (pid P) ended with exit code C (SIGNAL)' from torchrun's summary in the log, or ''."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        found = _ROOT_CAUSE.findall(text.rsplit("Root Cause", 1)[-1]) if "Root Cause" in text else []
+        if not found:
+            return ""
+        rank, code, pid, sig = found[0]
+        return f", rank {rank} (pid {pid}) ended with exit code {code}" + (f" ({sig})" if sig else "")
+
     def failure_report(self) -> str:
         """The failing ranks' traceback tails, then the tail of the group's log (torchrun's summary)."""
         parts = []
@@ -209,7 +252,12 @@ class WorkerGroup:
         try:
             jid = secrets.token_hex(8)
             self.busy = True  # until the group's last word on this job
-            transport.send(self.conn, "job", id=jid, tensors={k: s.describe() for k, s in segs.items()}, **job)
+            try:
+                transport.send(self.conn, "job", id=jid, tensors={k: s.describe() for k, s in segs.items()}, **job)
+            except OSError as exc:  # rank 0 went away since alive() was asked
+                self.kill()
+                raise GroupError(f"the worker group went away before the job started ({exc}):\n"
+                                 f"{self.failure_report()}") from None
             reply = self._wait(jid, _Watch(on_progress, cancelled, stall_timeout, on_phase))
             return segs["out"].tensor.clone(), reply
         finally:
@@ -225,7 +273,8 @@ class WorkerGroup:
                 w.cancel_sent = True
             if self.proc.poll() is not None:
                 self._drop_connection()
-                raise GroupError(f"the worker group died (exit code {self.proc.returncode}):\n{self.failure_report()}")
+                raise GroupError(f"the worker group died (exit code {self.proc.returncode}){self.root_cause()}:\n"
+                                 f"{self.failure_report()}")
             self._watchdog(w)
             try:
                 ready = self.conn.poll(0.05)

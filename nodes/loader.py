@@ -7,7 +7,7 @@ import folder_paths
 import torch
 
 from comfy_pipefusion.config import ParallelConfig
-from comfy_pipefusion.models.checkpoint import inspect_checkpoint
+from comfy_pipefusion.models.checkpoint import open_checkpoint
 
 from ..launcher import GroupPlan, Launcher
 from .convert import DTYPE_CHOICES, parse_devices
@@ -51,22 +51,29 @@ class PipeFusionDiTLoader:
         return file_stamp(folder_paths.get_full_path("diffusion_models", unet_name))
 
     def load(self, unet_name, weight_dtype, devices, strategy, patches, warmup_steps):
+        try:
+            return self._load(unet_name, weight_dtype, devices, strategy, patches, warmup_steps)
+        except ValueError as exc:
+            raise ValueError(f"PipeFusion DiT Loader: {exc}") from None
+
+    def _load(self, unet_name, weight_dtype, devices, strategy, patches, warmup_steps):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         stamp = file_stamp(path)
-        config = inspect_checkpoint(path)
+        info = open_checkpoint(path)  # header only: family, configuration, layout; refuses what we cannot run
+        config = info.config
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         devs, ranks = parse_devices(devices, gpus)
         if strategy == "serial" and ranks != 1:
             devs, ranks = (devs[:1] if devs else None), 1
         parallel = ParallelConfig(strategy=strategy, world_size=ranks, patches=patches, warmup_steps=warmup_steps)
-        parallel.check_model(config["num_layers"] + config["num_single_layers"])
+        parallel.check_model(config.get("num_layers", 0) + config.get("num_single_layers", 0))
         dtype = weight_dtype if weight_dtype != "default" else ("bfloat16" if devs else "float32")
         # Only what changes the weights each rank holds needs a new group; patches and warm-up steps are
         # settings of each job, so changing them keeps the warm group (this node's Launcher persists).
         plan = GroupPlan(world_size=ranks, devices=devs, key=f"{path}|{strategy}|{dtype}")
         if getattr(self, "_launcher", None) is None:
             self._launcher = Launcher(on_state=report_state)
-        return (PipeFusionModel(path, config, parallel, plan, dtype, self._launcher, stamp),)
+        return (PipeFusionModel(path, config, parallel, plan, dtype, self._launcher, stamp, info.family),)
 
 
 class PipeFusionUnload:

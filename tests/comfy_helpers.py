@@ -35,11 +35,11 @@ def ensure_host(version: str | None = None) -> Path:
 
 
 def start_server(base: Path, run_dir: Path, extra_env: dict | None = None,
-                 version: str | None = None) -> ComfyServer:
+                 version: str | None = None, python: str = sys.executable) -> ComfyServer:
     env = {**os.environ, "PIPEFUSION_RUN_DIR": str(run_dir), **(extra_env or {})}
     srv = ComfyServer(ensure_host(version), base,
                       custom_nodes={"comfy-pipefusion": ROOT, "pf_test_nodes": ROOT / "tests/host/pf_test_nodes"},
-                      env=env, startup_timeout=180)
+                      env=env, startup_timeout=180, python=python)
     srv.start()
     return srv
 
@@ -74,17 +74,48 @@ def run_prompt(srv: ComfyServer, prompt: dict, on_message=None, timeout: float =
         ws.close()
 
 
-def worker_pids(server_pid: int) -> list[int]:
-    """The torchrun worker processes (not the agent) below the server process."""
+def worker_pids(server_pid: int, agent: bool = False) -> list[int]:
+    """The torchrun worker processes (with ``agent``, only the torchrun agent) below the server process."""
     out = []
     for p in psutil.Process(server_pid).children(recursive=True):
         try:
             cmd = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        if "comfy_pipefusion.worker" in cmd and "torch.distributed.run" not in cmd:
+        if "comfy_pipefusion.worker" in cmd and ("torch.distributed.run" in cmd) == agent:
             out.append(p.pid)
     return sorted(out)
+
+
+def running(pids) -> list[int]:
+    """Those of ``pids`` that still run (zombies do not count)."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def wait_until(pred, timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
+def error_message(msgs: list) -> str:
+    """The exception message of a prompt that ended with execution_error."""
+    return msgs[-1]["data"].get("exception_message", "") if msgs and msgs[-1]["type"] == "execution_error" else ""
+
+
+def states(msgs: list) -> list[str]:
+    """The worker group states the web extension was told during a prompt."""
+    return [m["data"]["state"] for m in msgs if m["type"] == "pipefusion.status"]
 
 
 def flux_prompt(unet: str, steps: int, seed: int, *, strategy="pipefusion", devices="cpu:2", patches=2,
