@@ -12,12 +12,13 @@ from ..launcher import GroupPlan, Launcher
 @dataclass(eq=False)
 class PipeFusionModel:
     path: str  # the checkpoint file
-    model_config: dict  # detected FluxTransformer2DModel configuration
+    model_config: dict  # detected diffusers configuration of the family's transformer
     parallel: ParallelConfig
     plan: GroupPlan
     dtype: str
     launcher: Launcher
     stamp: str = ""  # the checkpoint file's size, time and inode when the loader ran
+    family: str = "flux"  # flux | sd3 | pixart (models/family.py)
 
     def job(self, sample: dict) -> dict:
         p = self.parallel
