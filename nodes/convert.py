@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import torch
 
-IMPLEMENTED_SAMPLERS = ("euler",)
-IMPLEMENTED_SCHEDULERS = ("simple",)
+from comfy_pipefusion.config import SAMPLERS, SCHEDULERS
+
+IMPLEMENTED_SAMPLERS = tuple(s for s in SAMPLERS if s != "frozen")  # frozen is the engine's test sampler
+IMPLEMENTED_SCHEDULERS = SCHEDULERS
 DTYPE_CHOICES = ("default", "float32", "bfloat16", "float16")
 
 
@@ -38,34 +40,51 @@ def parse_devices(text: str, gpu_count: int) -> tuple[tuple[int, ...] | None, in
 
 def check_sampler(sampler_name: str, scheduler: str, denoise: float, cfg: float) -> None:
     if sampler_name not in IMPLEMENTED_SAMPLERS:
-        raise ValueError(f"sampler {sampler_name!r} is not implemented yet; implemented: "
+        raise ValueError(f"sampler {sampler_name!r} is not implemented; implemented: "
                          f"{', '.join(IMPLEMENTED_SAMPLERS)}")
     if scheduler not in IMPLEMENTED_SCHEDULERS:
-        raise ValueError(f"scheduler {scheduler!r} is not implemented yet; implemented: "
+        raise ValueError(f"scheduler {scheduler!r} is not implemented; implemented: "
                          f"{', '.join(IMPLEMENTED_SCHEDULERS)}")
-    if abs(denoise - 1.0) > 1e-6:
-        raise ValueError(f"denoise {denoise} is not implemented yet (img2img); use denoise 1.0")
-    if abs(cfg - 1.0) > 1e-6:
-        raise ValueError(f"cfg {cfg}: Flux uses its distilled guidance (FluxGuidance node); set cfg to 1.0")
+    if denoise <= 0.0:
+        raise ValueError(f"denoise {denoise} samples nothing; use a value in (0, 1] (1 = from pure noise)")
 
 
-def conditioning_tensors(cond, model_cfg: dict, batch: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(text states [B, S, joint], pooled [B, P], guidance) from a Flux CONDITIONING."""
+def conditioning_tensors(cond, family: str, model_cfg: dict, batch: int,
+                         which: str = "positive") -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(text states [B, S, width], pooled [B, P] or None, Flux guidance) from a CONDITIONING of ``family``."""
+    hint = ENCODER_HINTS.get(family, "")
     if not isinstance(cond, list) or not cond:
-        raise ValueError("positive conditioning is empty; connect a CLIPTextEncode (and FluxGuidance)")
+        raise ValueError(f"{which} conditioning is empty; connect a CLIPTextEncode ({hint})")
     if len(cond) > 1:
-        raise ValueError(f"positive conditioning has {len(cond)} entries (combined/area conditioning); "
+        raise ValueError(f"{which} conditioning has {len(cond)} entries (combined/area conditioning); "
                          "only a single conditioning is supported yet")
     txt, extra = cond[0][0], cond[0][1]
-    joint, pooled_dim = model_cfg["joint_attention_dim"], model_cfg["pooled_projection_dim"]
-    if txt.ndim != 3 or txt.shape[-1] != joint:
-        raise ValueError(f"conditioning width {tuple(txt.shape)[-1]} does not fit this model, which expects "
-                         f"{joint}: encode the prompt with the Flux text encoders (DualCLIPLoader type flux)")
-    pooled = extra.get("pooled_output")
-    if pooled is None or pooled.shape[-1] != pooled_dim:
-        got = None if pooled is None else tuple(pooled.shape)
-        raise ValueError(f"pooled output {got} does not fit this model, which expects width {pooled_dim}")
-    return _batch(txt, batch, "conditioning"), _batch(pooled, batch, "pooled output"), float(extra.get("guidance", 3.5))
+    width, pooled_dim = _conditioning_dims(family, model_cfg)
+    if txt.ndim != 3 or txt.shape[-1] != width:
+        raise ValueError(f"{which} conditioning width {tuple(txt.shape)[-1]} does not fit this {family} model, "
+                         f"which expects {width}: encode the prompt with {hint}")
+    pooled = None
+    if pooled_dim:
+        pooled = extra.get("pooled_output")
+        if pooled is None or pooled.shape[-1] != pooled_dim:
+            got = None if pooled is None else tuple(pooled.shape)
+            raise ValueError(f"{which} pooled output {got} does not fit this {family} model, which expects "
+                             f"width {pooled_dim}: encode the prompt with {hint}")
+        pooled = _batch(pooled, batch, f"{which} pooled output")
+    return _batch(txt, batch, f"{which} conditioning"), pooled, float(extra.get("guidance", 3.5))
+
+
+def _conditioning_dims(family: str, cfg: dict) -> tuple[int, int | None]:
+    if family == "pixart":
+        return cfg["caption_channels"], None
+    return cfg["joint_attention_dim"], cfg["pooled_projection_dim"]
+
+
+ENCODER_HINTS = {"flux": "the Flux text encoders: DualCLIPLoader type flux",
+                 "sd3": "the SD3 text encoders: TripleCLIPLoader (clip_l, clip_g, t5xxl)",
+                 "pixart": "the PixArt text encoder: CLIPLoader type pixart with t5xxl"}
+LATENT_CHANNELS = {"flux": (16, "EmptySD3LatentImage"), "sd3": (16, "EmptySD3LatentImage"),
+                   "pixart": (4, "EmptyLatentImage")}
 
 
 def _batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
@@ -76,11 +95,13 @@ def _batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     raise ValueError(f"{what} has batch {t.shape[0]} but the latent has {batch}")
 
 
-def check_latent(latent: dict, channels: int = 16) -> torch.Tensor:
+def check_latent(latent: dict, family: str = "flux") -> torch.Tensor:
     samples = latent["samples"]
+    channels, node = LATENT_CHANNELS[family]
     if samples.ndim != 4 or samples.shape[1] != channels:
-        raise ValueError(f"latent of shape {tuple(samples.shape)}: Flux needs {channels} channels "
-                         "(EmptySD3LatentImage); 4 channels is an SD1.5/SDXL latent")
+        got = tuple(samples.shape)
+        raise ValueError(f"latent of shape {got}: a {family} model needs {channels} channels ({node}); "
+                         f"{got[1] if len(got) > 1 else '?'} channels is a latent of another model family")
     h, w = samples.shape[2:]
     if h % 2 or w % 2:
         raise ValueError(f"latent {h}x{w} (image {h * 8}x{w * 8}): the image size must be a multiple of 16")

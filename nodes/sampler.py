@@ -29,26 +29,39 @@ class PipeFusionKSampler:
             "negative": ("CONDITIONING",),
             "latent_image": ("LATENT",),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }, "optional": {
+            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                "tooltip": "time shift of Flux/SD3 sampling, as ModelSamplingFlux/SD3 set it; "
+                                           "0 = what ComfyUI uses for this model (Flux-dev 1.15, SD3 3.0)"}),
         }}
 
     def sample(self, pipefusion_model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-               latent_image, denoise=1.0):
+               latent_image, denoise=1.0, shift=0.0):
         model = pipefusion_model
         try:
             check_sampler(sampler_name, scheduler, denoise, cfg)
-            samples = check_latent(latent_image)
+            samples = check_latent(latent_image, model.family)
             batch, _, h, w = samples.shape
             model.parallel.check_image(h // 2)
-            txt, pooled, guidance = conditioning_tensors(positive, model.model_config, batch)
+            txt, pooled, guidance = conditioning_tensors(positive, model.family, model.model_config, batch)
+            tensors = {"txt": txt, "latent": samples}
+            if pooled is not None:
+                tensors["pooled"] = pooled
+            if abs(cfg - 1.0) > 1e-6:  # true classifier-free guidance: the negative runs in the same batch
+                neg_txt, neg_pooled, _ = conditioning_tensors(negative, model.family, model.model_config, batch,
+                                                              "negative")
+                tensors["neg_txt"] = neg_txt
+                if neg_pooled is not None:
+                    tensors["neg_pooled"] = neg_pooled
         except ValueError as exc:
             raise ValueError(f"PipeFusion KSampler: {exc}") from None
-        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        tensors["noise"] = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
         job = model.job({"height": h * 8, "width": w * 8, "steps": steps, "seed": seed, "batch": batch,
-                         "guidance": guidance, "sampler": sampler_name})
+                         "guidance": guidance, "sampler": sampler_name, "scheduler": scheduler,
+                         "denoise": denoise, "cfg": cfg, "shift": shift if shift > 0 else None})
         bar = comfy.utils.ProgressBar(steps)
         try:
-            out, _ = model.launcher.run(model.plan, job, {"txt": txt, "pooled": pooled, "latent": samples,
-                                                          "noise": noise}, tuple(samples.shape),
+            out, _ = model.launcher.run(model.plan, job, tensors, tuple(samples.shape),
                                         on_progress=lambda step, total: bar.update_absolute(step, total),
                                         cancelled=comfy.model_management.processing_interrupted)
         except JobCancelled:

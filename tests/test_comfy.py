@@ -145,9 +145,10 @@ def test_bad_input_is_a_clear_node_error(server):
     status, msgs = run_prompt(server, {**flux_prompt(UNET, steps=2, seed=9),
                                        "4": {**flux_prompt(UNET, steps=2, seed=9)["4"],
                                              "inputs": {**flux_prompt(UNET, steps=2, seed=9)["4"]["inputs"],
-                                                        "sampler_name": "dpmpp_2m"}}})
+                                                        "sampler_name": "dpmpp_3m_sde"}}})
     assert status == "execution_error"
-    assert "sampler 'dpmpp_2m' is not implemented yet; implemented: euler" in msgs[-1]["data"]["exception_message"]
+    assert "sampler 'dpmpp_3m_sde' is not implemented; implemented: euler, euler_ancestral, heun" \
+        in msgs[-1]["data"]["exception_message"]
 
 
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
@@ -183,7 +184,7 @@ def test_workflow_nodes_exist_and_links_are_consistent(server, path):
         assert len(n["widgets_values"]) == len(widgets), (path.name, n["type"], widgets)
         required = spec["input"].get("required", {})
         for name, desc in required.items():
-            if not (isinstance(desc[0], list) or desc[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")):
+            if not (isinstance(desc[0], list) or desc[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")):
                 assert name in linked, f"{path.name}: {n['type']}.{name} is not connected"
         for slot, inp in enumerate(n.get("inputs", [])):
             if inp.get("link") is not None:

@@ -1,9 +1,12 @@
-"""Writes workflows/*.json (ComfyUI's UI format): Flux.1 dev on 2 and 4 GPUs, Flux.1 schnell on 2 GPUs.
+"""Writes workflows/*.json (ComfyUI's UI format): Flux.1 dev on 2 and 4 GPUs, Flux.1 schnell on 2 GPUs,
+SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on 2 GPUs.
 
     python tools/make_workflows.py
 
-Stock nodes for everything but the DiT: DualCLIPLoader -> CLIPTextEncode (-> FluxGuidance), VAELoader ->
-VAEDecode -> SaveImage. widgets_values follow each node's widget inputs in ComfyUI's order.
+Stock nodes for everything but the DiT: the family's text encoder loader (DualCLIPLoader for Flux,
+TripleCLIPLoader for SD3.5, CLIPLoader type pixart for PixArt) -> CLIPTextEncode (-> FluxGuidance), the
+family's empty latent, VAELoader -> VAEDecode -> SaveImage. widgets_values follow each node's widget
+inputs in ComfyUI's order.
 """
 from __future__ import annotations
 
@@ -39,14 +42,25 @@ class Graph:
                 "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
-def flux(unet: str, devices: str, steps: int, guidance: float | None, prompt: str) -> dict:
+def _encoders(g: Graph, kind: str) -> dict:
+    if kind == "flux":
+        return g.node("DualCLIPLoader", (0, 0), ["t5xxl_fp16.safetensors", "clip_l.safetensors", "flux", "default"],
+                      outputs=[("CLIP", "CLIP")])
+    if kind == "sd3":
+        return g.node("TripleCLIPLoader", (0, 0), ["clip_l.safetensors", "clip_g.safetensors",
+                                                   "t5xxl_fp16.safetensors"], outputs=[("CLIP", "CLIP")])
+    return g.node("CLIPLoader", (0, 0), ["t5xxl_fp16.safetensors", "pixart", "default"], outputs=[("CLIP", "CLIP")])
+
+
+def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidance: float | None, prompt: str,
+             negative: str, sampler_name: str, scheduler: str, vae_name: str, size: int) -> dict:
     g = Graph()
-    clip = g.node("DualCLIPLoader", (0, 0), ["t5xxl_fp16.safetensors", "clip_l.safetensors", "flux", "default"],
-                  outputs=[("CLIP", "CLIP")])
+    clip = _encoders(g, kind)
     pos = g.node("CLIPTextEncode", (360, 0), [prompt], inputs=[("clip", "CLIP")],
                  outputs=[("CONDITIONING", "CONDITIONING")], title="Positive prompt")
-    neg = g.node("CLIPTextEncode", (360, 200), [""], inputs=[("clip", "CLIP")],
-                 outputs=[("CONDITIONING", "CONDITIONING")], title="Negative (unused at cfg 1)")
+    neg_title = "Negative (unused at cfg 1)" if cfg == 1.0 else "Negative prompt"
+    neg = g.node("CLIPTextEncode", (360, 200), [negative], inputs=[("clip", "CLIP")],
+                 outputs=[("CONDITIONING", "CONDITIONING")], title=neg_title)
     g.link(clip, 0, pos, "clip")
     g.link(clip, 0, neg, "clip")
     positive = pos
@@ -56,15 +70,18 @@ def flux(unet: str, devices: str, steps: int, guidance: float | None, prompt: st
         g.link(pos, 0, positive, "conditioning")
     loader = g.node("PipeFusionDiTLoader", (0, 400), [unet, "default", devices, "pipefusion", 0, 1],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
-    latent = g.node("EmptySD3LatentImage", (360, 400), [1024, 1024, 1], outputs=[("LATENT", "LATENT")])
-    sampler = g.node("PipeFusionKSampler", (1080, 100), [0, "randomize", steps, 1.0, "euler", "simple", 1.0],
+    if kind == "pixart":
+        latent = g.node("EmptyLatentImage", (360, 400), [size, size, 1], outputs=[("LATENT", "LATENT")])
+    else:
+        latent = g.node("EmptySD3LatentImage", (360, 400), [size, size, 1], outputs=[("LATENT", "LATENT")])
+    sampler = g.node("PipeFusionKSampler", (1080, 100), [0, "randomize", steps, cfg, sampler_name, scheduler, 1.0, 0.0],
                      inputs=[("pipefusion_model", "PIPEFUSION_MODEL"), ("positive", "CONDITIONING"),
                              ("negative", "CONDITIONING"), ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
     g.link(loader, 0, sampler, "pipefusion_model")
     g.link(positive, 0, sampler, "positive")
     g.link(neg, 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
-    vae = g.node("VAELoader", (1080, 400), ["ae.safetensors"], outputs=[("VAE", "VAE")])
+    vae = g.node("VAELoader", (1080, 400), [vae_name], outputs=[("VAE", "VAE")])
     decode = g.node("VAEDecode", (1440, 100), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
                     outputs=[("IMAGE", "IMAGE")])
     g.link(sampler, 0, decode, "samples")
@@ -74,11 +91,22 @@ def flux(unet: str, devices: str, steps: int, guidance: float | None, prompt: st
     return g.dump()
 
 
+def flux(unet: str, devices: str, steps: int, guidance: float | None, prompt: str) -> dict:
+    return workflow("flux", unet, devices, steps, 1.0, guidance, prompt, "", "euler", "simple", "ae.safetensors",
+                    1024)
+
+
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
 WORKFLOWS = {
     "flux1-dev-2gpu.json": flux("flux1-dev.safetensors", "0,1", 20, 3.5, PROMPT),
     "flux1-dev-4gpu.json": flux("flux1-dev.safetensors", "0,1,2,3", 20, 3.5, PROMPT),
     "flux1-schnell-2gpu.json": flux("flux1-schnell.safetensors", "0,1", 4, None, PROMPT),
+    "sd3.5-large-4gpu-cfg.json": workflow("sd3", "sd3.5_large.safetensors", "0,1,2,3", 28, 4.5, None, PROMPT,
+                                          "blurry, low quality, watermark", "dpmpp_2m", "sgm_uniform",
+                                          "sd3.5_vae.safetensors", 1024),
+    "pixart-sigma-1024-2gpu.json": workflow("pixart", "PixArt-Sigma-XL-2-1024-MS.safetensors", "0,1", 20, 4.5, None,
+                                            PROMPT, "blurry, low quality", "euler", "normal", "sdxl_vae.safetensors",
+                                            1024),
 }
 
 if __name__ == "__main__":
