@@ -133,3 +133,34 @@ def flux_prompt(unet: str, steps: int, seed: int, *, strategy="pipefusion", devi
                          "negative": ["2", 0], "latent_image": ["3", 0], "denoise": 1.0}},
         "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": prefix}},
     }
+
+
+def serial_latent(ckpt: Path, steps: int, seed: int, size: int = 128, tokens: int = 8, width: int = 32,
+                  pooled: int = 32):
+    """What flux_prompt's LATENT must be when every step is synchronous (warm-up >= steps): the serial
+    reference on the same checkpoint, conditioning (PipeFusionTestConditioning, seed 0) and noise."""
+    import torch
+
+    from comfy_pipefusion.config import ParallelConfig, SampleSpec
+    from comfy_pipefusion.job import make_problem
+    from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
+    from comfy_pipefusion.parallel.serial import run_serial
+    from comfy_pipefusion.sampling.noise import comfy_noise
+
+    model, _ = load_rank_model(ModelSource(checkpoint=str(ckpt)), ParallelConfig("serial", 1), 0,
+                               torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(0 + 7919)
+    txt, pool = torch.randn(1, tokens, width, generator=g), torch.randn(1, pooled, generator=g)
+    shape = (1, 16, size // 8, size // 8)
+    spec = SampleSpec(height=size, width=size, steps=steps, seed=seed)
+    problem = make_problem(spec, txt, pool, torch.zeros(shape), comfy_noise(shape, seed))
+    with torch.inference_mode():
+        return problem.finish(run_serial(model, problem, torch.float32, torch.device("cpu")))
+
+
+def saved_latent(srv, prefix: str):
+    """The LATENT that SaveLatent wrote last under ``prefix``."""
+    from safetensors.torch import load_file
+
+    files = sorted((srv.base_dir / "output").glob(f"{prefix}_*.latent"), key=lambda p: p.stat().st_mtime)
+    return load_file(str(files[-1]))["latent_tensor"]
