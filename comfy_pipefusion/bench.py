@@ -20,6 +20,7 @@ import torch
 
 from .config import STRATEGIES, TEXT_STREAMS, ParallelConfig, SampleSpec
 from .group import run_jobs
+from .job import evaluation_plan, sampling_kind
 from .models import family
 from .parallel.plan import ModelSource
 from .parallel.costs import expected_bytes
@@ -43,6 +44,8 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, default=None, help="default: the preset's")
     ap.add_argument("--height", type=int, default=None, help="default: the preset's")
     ap.add_argument("--width", type=int, default=None, help="default: the preset's")
+    ap.add_argument("--sampler", default="euler", help="a ComfyUI sampler name (see config.SAMPLERS)")
+    ap.add_argument("--scheduler", default="simple", help="a ComfyUI scheduler name (see config.SCHEDULERS)")
     ap.add_argument("--threads-per-rank", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text-streams", default="last_patch",
@@ -74,14 +77,15 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
     """Validate everything before any process starts; returns (spec, serial jobs, parallel jobs)."""
     _, fam, config, preset = model_of(args)
     spec = SampleSpec(height=args.height or preset["height"], width=args.width or preset["width"],
-                      steps=args.steps or preset["steps"], seed=args.seed, dtype=args.dtype)
+                      steps=args.steps or preset["steps"], seed=args.seed, dtype=args.dtype,
+                      sampler=args.sampler, scheduler=args.scheduler)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
         if s not in STRATEGIES:
             raise ValueError(f"unknown strategy {s!r} in --strategies: choose from {', '.join(STRATEGIES)}")
     streams = [s.strip() for s in args.text_streams.split(",") if s.strip()]
     num_blocks = len(fam.blocks_of(fam.build_meta(config)))
-    sample = {k: getattr(spec, k) for k in ("height", "width", "steps", "seed", "dtype")}
+    sample = {k: getattr(spec, k) for k in ("height", "width", "steps", "seed", "dtype", "sampler", "scheduler")}
     extra = {"text_tokens": preset["text_tokens"]}
     serial = [{"name": "serial", "parallel": {"strategy": "serial"}, "sample": sample, "repeats": args.repeats,
                **extra}]
@@ -103,9 +107,13 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
 def summarise(args, spec, serial, results) -> dict:
     source, fam, cfg_model, preset = model_of(args)
     meta = fam.build_meta(cfg_model)
-    layers = len(fam.blocks_of(meta))
+    kinds = []  # the attention layers' kinds, as the family lays out its buffers
+    for b in fam.blocks_of(meta):
+        got = fam.kv_buffers(meta, b, lambda kind: kind)
+        kinds += list(got) if isinstance(got, (list, tuple)) else [got]
     n_txt = preset["text_tokens"] if fam.JOINT_TEXT else 0
     ref, ref_m = serial
+    evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
     base = ref_m["wall_s_median"]
     rows = []
     for name, (x, m), job in results:
@@ -114,9 +122,11 @@ def summarise(args, spec, serial, results) -> dict:
         cfg = ParallelConfig(world_size=n, **p)
         err = (x - ref).float()
         dims = dict(world=n, batch=1, width=meta.config.num_attention_heads * meta.config.attention_head_dim,
-                    n_txt=n_txt, rows=spec.token_rows, cols=spec.token_cols, steps=spec.steps,
-                    warmup=cfg.warmup_steps, patches=cfg.num_patches, elem=ELEM[spec.dtype],
-                    layers=layers, text_stream=cfg.text_stream, channels=4 * fam.latent_format(cfg_model).channels)
+                    n_txt=n_txt, rows=spec.token_rows, cols=spec.token_cols, steps=evals,
+                    warmup=sum(1 for k in range(evals) if step_of(k) < cfg.warmup_steps),
+                    patches=cfg.num_patches, elem=ELEM[spec.dtype],
+                    layers=kinds.count("joint"), image_layers=kinds.count("image"), text_stream=cfg.text_stream,
+                    channels=4 * fam.latent_format(cfg_model).channels)
         rows.append({"strategy": p["strategy"], "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
                      "threads_per_rank": args.threads_per_rank,
@@ -130,7 +140,8 @@ def summarise(args, spec, serial, results) -> dict:
                          expected_bytes(p["strategy"], rank=r, **dims) / spec.steps for r in range(n)]})
     name = source.get("preset") or source["checkpoint"]
     return {"model": {"name": f"{fam.NAME}-{name}" if "preset" in source else name, "family": fam.NAME,
-                      "params": ref_m["params"]}, "steps": spec.steps,
+                      "params": ref_m["params"]}, "steps": spec.steps, "evaluations": evals,
+            "sampler": spec.sampler, "scheduler": spec.scheduler,
             "height": spec.height, "width": spec.width, "seed": spec.seed, "timing": "median of repeats",
             "repeats": args.repeats, "results": rows}
 

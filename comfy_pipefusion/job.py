@@ -121,6 +121,18 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
     return Problem(spec, sigmas, x0, txt, pooled, guidance, spec.height // 16, spec.width // 16, fam, fmt, sampling)
 
 
+def evaluation_plan(spec: SampleSpec, sampling: str):
+    """(model evaluations, evaluation -> sampling step) of ``spec`` for a model sampling kind."""
+    from .sampling.samplers import make_sampler
+    from .sampling.noise import SamplerNoise
+
+    ms = model_sampling_for(sampling, spec.shift)
+    sigmas = frozen_sigmas(spec.steps) if spec.sampler == "frozen" else \
+        scheduler_sigmas(ms, spec.scheduler, spec.steps, spec.denoise, sampler=spec.sampler)
+    sampler = make_sampler(spec.sampler, sigmas, ms, SamplerNoise((1, 1, 2, 2), spec.seed, pack_latent))
+    return len(sampler.evals), sampler.step_of
+
+
 def _with_negative(txt, pooled, neg_txt, neg_pooled):
     """[positive; negative] as one batch. Text of different lengths is repeated up to their least common
     multiple when that is at most 4x the shorter (ComfyUI's rule for running them in one batch)."""

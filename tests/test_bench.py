@@ -33,3 +33,30 @@ def test_bench_writes_the_documented_json(tmp_path: Path):
     assert rows["pipefusion"]["max_abs_err_vs_serial"] <= 1e-5
     assert rows["distrifusion"]["max_abs_err_vs_serial"] <= 1e-5
     assert rows["naive_patch"]["rel_l2_err_vs_serial"] > 1e-3
+
+
+def test_bench_runs_a_checkpoint_with_a_two_evaluation_sampler(tmp_path: Path):
+    """--checkpoint takes any supported file (here an SD3.5-medium-like original single file); heun evaluates
+    the model twice per step, and the bytes sent still match the formulas counted in evaluations."""
+    import torch
+
+    from comfy_pipefusion.models import family
+    from comfy_pipefusion.models.checkpoint_write import write_checkpoint
+
+    fam, preset = family.find_preset("sd3.5m-tiny")
+    model = fam.build_meta(preset["config"])
+    fam.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
+    ckpt = write_checkpoint(tmp_path / "sd35m.safetensors", model.state_dict(), "sd3", dict(model.config),
+                            prefix="model.diffusion_model.")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "comfy_pipefusion.bench", "--checkpoint", str(ckpt), "--steps", "3",
+                           "--height", "128", "--width", "128", "--text-tokens", "8", "--sampler", "heun",
+                           "--strategies", "serial,pipefusion,distrifusion", "--warmup-steps", "3",
+                           "--repeats", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["model"]["family"] == "sd3" and report["sampler"] == "heun" and report["evaluations"] == 5
+    for r in report["results"]:
+        assert r["max_abs_err_vs_serial"] <= 1e-5, r["strategy"]
+        assert r["bytes_sent_per_step_per_rank"] == r["expected_bytes_per_step_per_rank"], r["strategy"]
