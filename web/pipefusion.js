@@ -1,8 +1,8 @@
-// comfy-pipefusion: shows the worker group's state (starting, ready, busy, failed, stopped) on PipeFusion nodes.
+// comfy-pipefusion: shows the worker group's state (starting, loading, ready, busy, failed, stopped) on PipeFusion nodes.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const COLORS = { starting: "#a86f00", ready: "#2e7d32", busy: "#1565c0", failed: "#c62828", stopped: "#555555" };
+const COLORS = { starting: "#a86f00", loading: "#6a1b9a", ready: "#2e7d32", busy: "#1565c0", failed: "#c62828", stopped: "#555555" };
 const TYPES = new Set(["PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload"]);
 
 function pipefusionNodes() {
