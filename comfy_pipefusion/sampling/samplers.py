@@ -45,6 +45,17 @@ class Frozen(Sampler):
         return denoised.clone() if k == self.steps - 1 else x
 
 
+def _draw_indices(steps: int, draws) -> list[int | None]:
+    """The default noise sampler's call index of each step (None where ``draws(step)`` is false: ComfyUI
+    makes no draw there, so later steps keep their place in the stream)."""
+    out, n = [], 0
+    for i in range(steps):
+        d = draws(i)
+        out.append(n if d else None)
+        n += d
+    return out
+
+
 class EulerAncestral(Sampler):
     """euler_ancestral: for eps models Euler to sigma_down plus sigma_up of fresh noise; for flow models
     ComfyUI runs its RF variant (a step to sigma_down in the flow's interpolation, then re-noise)."""
@@ -56,12 +67,8 @@ class EulerAncestral(Sampler):
     def __init__(self, sigmas, model_sampling=None, noise=None) -> None:
         super().__init__(sigmas, model_sampling, noise)
         self._stream = noise.gaussian()
-        self._draws, n = [], 0  # the default noise sampler's call index of each step (None: no draw)
-        for i in range(self.steps):
-            s, nxt = self.sigmas[i], self.sigmas[i + 1]
-            draws = bool(nxt != 0) if self.flow else bool(ancestral_step(s, nxt)[0] != 0)
-            self._draws.append(n if draws else None)
-            n += draws
+        self._draws = _draw_indices(self.steps, lambda i: bool(self.sigmas[i + 1] != 0) if self.flow else
+                                    bool(ancestral_step(self.sigmas[i], self.sigmas[i + 1])[0] != 0))
 
     def _update(self, k, sl, x, denoised):
         s, nxt, draw = self.sigmas[k], self.sigmas[k + 1], self._draws[k]
@@ -89,11 +96,7 @@ class Lcm(Sampler):
     def __init__(self, sigmas, model_sampling=None, noise=None) -> None:
         super().__init__(sigmas, model_sampling, noise)
         self._stream = noise.gaussian()
-        self._draws, n = [], 0  # the default noise sampler's call index of each step (None: no draw)
-        for i in range(self.steps):
-            draws = bool(self.sigmas[i + 1] > 0)
-            self._draws.append(n if draws else None)
-            n += draws
+        self._draws = _draw_indices(self.steps, lambda i: bool(self.sigmas[i + 1] > 0))
 
     def _update(self, k, sl, x, denoised):
         nxt, draw = self.sigmas[k + 1], self._draws[k]
