@@ -58,8 +58,19 @@ def init_group(threads: int, store: str | None = None) -> tuple[Comm, torch.devi
                                 timeout=COLLECTIVE_TIMEOUT)
     else:
         device = torch.device("cpu")
+        pin_cpus(rank, world, threads)
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     return Comm(rank, world, device=device), device
+
+
+def pin_cpus(rank: int, world: int, threads: int) -> None:
+    """With PIPEFUSION_PIN_CPUS=1, CPU rank r keeps to its own ``threads`` cores (when there are enough), so
+    ranks do not migrate onto each other's cores and caches."""
+    if os.environ.get("PIPEFUSION_PIN_CPUS") != "1" or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= world * threads:
+        os.sched_setaffinity(0, cpus[rank * threads:(rank + 1) * threads])
 
 
 def setup_logging(rank: int, world: int) -> None:
