@@ -3,9 +3,10 @@
     python -m comfy_pipefusion.bench --preset small --json bench.json
     python -m comfy_pipefusion.bench --checkpoint flux1-dev.safetensors --height 1024 --width 1024 --steps 28
 
-Everything runs in one torchrun group of --world-size ranks, one job after another. Serial runs on rank 0
-alone with the other ranks blocked in a barrier (idle: waits do not spin), so it has the machine to itself
-and the bench pays for one group's start-up, not two. Every job runs --repeats times with
+Serial runs in a process of its own with 1 thread, the parallel strategies in one torchrun group of
+--world-size ranks, one after another. Both start together, so their imports overlap, but the serial
+process waits until every rank is up and sleeping (not in a collective), runs its timed jobs alone, and
+only then do the ranks start theirs. Every job runs --repeats times with
 the model loaded; wall_s is the median of those runs (wall_s_min is also written). Errors are measured
 against serial on the returned LATENT; bytes sent are counted per rank and compared with the analytic
 formulas of parallel/costs.py.
@@ -15,6 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+import threading
+from pathlib import Path
 
 import torch
 
@@ -84,7 +88,7 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
         if s not in STRATEGIES:
             raise ValueError(f"unknown strategy {s!r} in --strategies: choose from {', '.join(STRATEGIES)}")
     streams = [s.strip() for s in args.text_streams.split(",") if s.strip()]
-    num_blocks = len(fam.blocks_of(fam.build_meta(config)))
+    num_blocks = config.get("num_layers", 0) + config.get("num_single_layers", 0)  # without building the model
     sample = {k: getattr(spec, k) for k in ("height", "width", "steps", "seed", "dtype", "sampler", "scheduler")}
     extra = {"text_tokens": preset["text_tokens"]}
     serial = [{"name": "serial", "parallel": {"strategy": "serial"}, "sample": sample, "repeats": args.repeats,
@@ -106,11 +110,8 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
 
 def summarise(args, spec, serial, results) -> dict:
     source, fam, cfg_model, preset = model_of(args)
-    meta = fam.build_meta(cfg_model)
-    kinds = []  # the attention layers' kinds, as the family lays out its buffers
-    for b in fam.blocks_of(meta):
-        got = fam.kv_buffers(meta, b, lambda kind: kind)
-        kinds += list(got) if isinstance(got, (list, tuple)) else [got]
+    layers = serial[1]["attention_layers"]  # counted by the worker, which has the model's structure
+    width = serial[1]["width"]
     n_txt = preset["text_tokens"] if fam.JOINT_TEXT else 0
     ref, ref_m = serial
     evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
@@ -121,11 +122,11 @@ def summarise(args, spec, serial, results) -> dict:
         n = 1 if p["strategy"] == "serial" else args.world_size
         cfg = ParallelConfig(world_size=n, **p)
         err = (x - ref).float()
-        dims = dict(world=n, batch=1, width=meta.config.num_attention_heads * meta.config.attention_head_dim,
+        dims = dict(world=n, batch=1, width=width,
                     n_txt=n_txt, rows=spec.token_rows, cols=spec.token_cols, steps=evals,
                     warmup=sum(1 for k in range(evals) if step_of(k) < cfg.warmup_steps),
                     patches=cfg.num_patches, elem=ELEM[spec.dtype],
-                    layers=kinds.count("joint"), image_layers=kinds.count("image"), text_stream=cfg.text_stream,
+                    layers=layers["joint"], image_layers=layers["image"], text_stream=cfg.text_stream,
                     channels=4 * fam.latent_format(cfg_model).channels)
         rows.append({"strategy": p["strategy"], "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
@@ -144,6 +145,40 @@ def summarise(args, spec, serial, results) -> dict:
             "sampler": spec.sampler, "scheduler": spec.scheduler,
             "height": spec.height, "width": spec.width, "seed": spec.seed, "timing": "median of repeats",
             "repeats": args.repeats, "results": rows}
+
+
+def run_side_by_side(args, source: dict, serial_jobs: list[dict], par_jobs: list[dict]):
+    """Serial in a process of its own (1 thread) and the parallel jobs in one group, started together so
+    their start-ups (imports, rendezvous) overlap, but never timed together: the serial process waits until
+    every rank is up and idle, runs, and only then do the ranks start their jobs. Returns (serial result,
+    {name: result})."""
+    if not par_jobs:
+        return run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source)["serial"], {}
+    with tempfile.TemporaryDirectory(prefix="pipefusion-bench-") as tmp:
+        ready, done = Path(tmp) / "group-ready", Path(tmp) / "serial-done"
+        results: dict = {}
+
+        def group() -> None:
+            try:
+                results["group"] = run_jobs(None, args.seed, par_jobs, world_size=args.world_size,
+                                            threads=args.threads_per_rank, model=source,
+                                            worker_args=["--ready-file", str(ready), "--wait-for", str(done)])
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                results["group_error"] = exc
+            finally:
+                ready.touch()  # a failed group must not leave the serial process waiting
+
+        thread = threading.Thread(target=group, name="pipefusion-bench-group")
+        thread.start()
+        try:
+            serial = run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source,
+                              worker_args=["--wait-for", str(ready)])["serial"]
+        finally:
+            done.touch()
+            thread.join()
+        if "group_error" in results:
+            raise results["group_error"]
+        return serial, results["group"]
 
 
 def print_table(report: dict) -> None:
@@ -167,10 +202,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     source = model_of(args)[0]
-    world = args.world_size if par_jobs else 1
-    out = run_jobs(None, args.seed, serial_jobs + par_jobs, world_size=world, threads=args.threads_per_rank,
-                   model=source)
-    serial = out["serial"]
+    serial, out = run_side_by_side(args, source, serial_jobs, par_jobs)
     results = [("serial", serial, serial_jobs[0])] + [(j["name"], out[j["name"]], j) for j in par_jobs]
     report = summarise(args, spec, serial, results)
     print_table(report)

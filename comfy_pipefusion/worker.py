@@ -119,14 +119,11 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         if source.preset else {}
     spec = SampleSpec(**{**defaults, **job["sample"]})
     par = dict(job["parallel"])
-    # The serial reference in a group runs on rank 0 alone; the other ranks hold nothing and wait, blocked
-    # in the barriers around it (gloo and NCCL waits do not spin), so it has the machine to itself.
-    solo = par.get("strategy") == "serial"
-    asked = par.pop("world_size", 1 if solo else comm.world_size)
-    if asked != (1 if solo else comm.world_size):
+    asked = par.pop("world_size", comm.world_size)
+    if asked != comm.world_size:
         raise ValueError(f"job {job.get('name', '')!r} asks for world_size {asked} but the group has "
                          f"{comm.world_size} ranks; start the group with {asked} ranks")
-    cfg = ParallelConfig(world_size=1 if solo else comm.world_size, **par)
+    cfg = ParallelConfig(world_size=comm.world_size, **par)
     if tensors is None and source.preset:
         problem = preset_problem(source.preset, spec)
     elif tensors is None:  # a checkpoint with synthetic conditioning (the benchmark)
@@ -140,14 +137,12 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
                                sampling=sampling_kind(fam, config), negative=negative)
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
-    model, blocks = models.get(source, cfg, comm.rank, dtype) if not solo or comm.rank == 0 else (None, [])
+    model, blocks = models.get(source, cfg, comm.rank, dtype)
     return Prepared(cfg, spec, problem, model, blocks, dtype)
 
 
 def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) -> torch.Tensor | None:
     """Sample once; returns the LATENT samples on rank 0."""
-    if prep.model is None:  # a rank sitting out the serial reference
-        return None
     with torch.inference_mode():
         if prep.cfg.strategy == "serial":
             x = run_serial(prep.model, prep.problem, prep.dtype, device, control)
@@ -160,8 +155,7 @@ def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) 
 
 
 def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
-    held = family.param_bytes(prep.model) if prep.model is not None else 0
-    local = {"param_bytes": held, "bytes_sent": comm.bytes_sent, "pid": os.getpid()}
+    local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "pid": os.getpid()}
     if not dist.is_initialized():
         return [local]
     out = [None] * comm.world_size
@@ -180,19 +174,43 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int) ->
         comm.barrier()
         walls.append(time.perf_counter() - start)
     stats = rank_stats(prep, comm)
-    if prep.cfg.world_size == 1:
-        stats = stats[:1]
     metrics = {"wall_s_runs": walls, "wall_s_median": statistics.median(walls), "wall_s_min": min(walls),
                "param_bytes_per_rank": [r["param_bytes"] for r in stats],
                "bytes_sent_per_rank": [r["bytes_sent"] for r in stats],
-               "params": sum(p.numel() for p in prep.model.parameters()) if prep.model is not None else 0,
+               "params": sum(p.numel() for p in prep.model.parameters()),
                "device": str(device), "threads": torch.get_num_threads()}
+    metrics["attention_layers"] = attention_layers(prep.model, prep.problem)
+    metrics["width"] = prep.model.config.num_attention_heads * prep.model.config.attention_head_dim
     return samples, metrics
 
 
-def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device) -> None:
+def attention_layers(model, problem) -> dict[str, int]:
+    """How many attention layers of each kind ("joint", "image") the whole model has (the structure is
+    there on every rank, weights or not): what DistriFusion's traffic depends on."""
+    fam = family.get(problem.family)
+    counts = {"joint": 0, "image": 0}
+    for b in fam.blocks_of(model):
+        got = fam.kv_buffers(model, b, lambda kind: kind)
+        for kind in got if isinstance(got, (list, tuple)) else [got]:
+            counts[kind] += 1
+    return counts
+
+
+def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, ready: Path | None = None,
+             wait_for: Path | None = None) -> None:
+    """Run a file of jobs. ``ready``: touched (by rank 0, once every rank has joined and built the model's
+    structure, i.e. imported everything) before the first job; ``wait_for``: every rank sleeps until this
+    file exists before the first job. The benchmark uses them to start the serial process and the group
+    together while timing each with the machine to itself."""
     spec = json.loads(jobs_path.read_text())
     models = ModelCache(device)
+    if ready or wait_for:
+        models.describe(ModelSource(**{**spec["model"], **spec["jobs"][0].get("model", {})}))
+        comm.barrier()
+        if ready and comm.rank == 0:
+            ready.touch()
+        while wait_for and not wait_for.exists():
+            time.sleep(0.05)  # a sleeping poll: no core taken, no collective pending
     for job in spec["jobs"]:
         job = {"model": spec["model"], **job}
         log.info("job %s: %s", job["name"], job["parallel"])
@@ -210,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve", help="group directory of a launcher: serve its jobs until shutdown")
     ap.add_argument("--store", help="file the ranks rendezvous in (set by the launcher)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("PIPEFUSION_THREADS", "1")))
+    ap.add_argument("--ready-file", help="with --jobs: touched when every rank is up, before the first job")
+    ap.add_argument("--wait-for", help="with --jobs: wait until this file exists before the first job")
     args = ap.parse_args(argv)
     if bool(args.jobs) == bool(args.serve) or (args.jobs and not args.out):
         ap.error("give either --jobs FILE --out DIR, or --serve GROUP_DIR")
@@ -220,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             from .serve import serve
             serve(Path(args.serve), comm, device)
         else:
-            run_file(Path(args.jobs), Path(args.out), comm, device)
+            run_file(Path(args.jobs), Path(args.out), comm, device,
+                     Path(args.ready_file) if args.ready_file else None,
+                     Path(args.wait_for) if args.wait_for else None)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
