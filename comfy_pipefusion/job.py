@@ -36,6 +36,7 @@ class Problem:
     family: str = "flux"
     latent: LatentFormat = LatentFormat(16, 0.3611, 0.1159)
     sampling: str = "flux"  # the model sampling's kind (sampling/model_sampling.py)
+    inpaint: "Inpaint | None" = None  # a LATENT's noise mask, as ComfyUI's KSampler applies it
 
     @property
     def cfg(self) -> bool:
@@ -75,6 +76,27 @@ class Problem:
         return self.latent.process_out(unpack_latent(x.float().cpu(), self.rows * 2, self.cols * 2))
 
 
+@dataclass(frozen=True)
+class Inpaint:
+    """ComfyUI's noise-mask sampling (KSamplerX0Inpaint), packed like the latent [B, S, 4C]: before each
+    evaluation the model input keeps the sampler's latent where ``mask`` is 1 and takes the input image,
+    noised to the evaluation's sigma with ``noise``, where it is 0; after it the prediction does the same
+    with the clean image. Every operation is per token, so a patch applies it to its own slice."""
+
+    mask: torch.Tensor
+    image: torch.Tensor
+    noise: torch.Tensor
+
+    def model_input(self, ms, sigma: float, x: torch.Tensor, sl: slice) -> torch.Tensor:
+        m = self.mask[:, sl].to(x.device)
+        kept = ms.noise_scaling(sigma, self.noise[:, sl].to(x.device), self.image[:, sl].to(x.device))
+        return x * m + kept * (1.0 - m)
+
+    def denoised(self, denoised: torch.Tensor, sl: slice) -> torch.Tensor:
+        m = self.mask[:, sl].to(denoised.device)
+        return denoised * m + self.image[:, sl].to(denoised.device) * (1.0 - m)
+
+
 def sampling_kind(fam, config: dict) -> str:
     """The model sampling ComfyUI's stock loader gives this model."""
     if fam.NAME == "flux":
@@ -85,10 +107,12 @@ def sampling_kind(fam, config: dict) -> str:
 def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | None,
                  latent: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  fam: str = "flux", fmt: LatentFormat | None = None, sampling: str | None = None,
-                 negative: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Problem:
+                 negative: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 mask: torch.Tensor | None = None) -> Problem:
     """Build a job from conditioning, an optional input LATENT (zeros: text to image), optional noise
     (default: ComfyUI's noise for ``spec.seed``) and, for cfg != 1, the ``negative`` (text, pooled), for a
-    model of family ``fam`` with latent format ``fmt`` and model sampling ``sampling``."""
+    model of family ``fam`` with latent format ``fmt`` and model sampling ``sampling``. ``mask``: a noise
+    mask already shaped like the latent (ComfyUI's prepare_mask) for inpainting."""
     fmt = fmt or family.get(fam).LATENT
     sampling = sampling or ("flux" if fam == "flux" else fam)
     h, w = spec.height // 8, spec.width // 8
@@ -118,7 +142,15 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
             raise ValueError(f"cfg {spec.cfg} needs a negative conditioning (or set cfg to 1)")
         txt, pooled = _with_negative(txt, pooled, *negative)
         guidance = torch.cat([guidance, guidance])
-    return Problem(spec, sigmas, x0, txt, pooled, guidance, spec.height // 16, spec.width // 16, fam, fmt, sampling)
+    inpaint = None
+    if mask is not None:
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"noise mask shape {tuple(mask.shape)} does not match the latent's {shape}")
+        if spec.sampler == "ddim":  # ComfyUI's ddim keeps the masked area with noise of its own (seed + 1)
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(spec.seed + 1))
+        inpaint = Inpaint(pack_latent(mask.float()), pack_latent(image), pack_latent(noise.float()))
+    return Problem(spec, sigmas, x0, txt, pooled, guidance, spec.height // 16, spec.width // 16, fam, fmt, sampling,
+                   inpaint)
 
 
 def evaluation_plan(spec: SampleSpec, sampling: str):

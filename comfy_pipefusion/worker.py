@@ -134,7 +134,7 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         negative = (tensors["neg_txt"], tensors.get("neg_pooled")) if "neg_txt" in tensors else None
         problem = make_problem(spec, tensors["txt"], tensors.get("pooled"), tensors.get("latent"),
                                tensors.get("noise"), fam=fam.NAME, fmt=fam.latent_format(config),
-                               sampling=sampling_kind(fam, config), negative=negative)
+                               sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get("mask"))
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
     model, blocks = models.get(source, cfg, comm.rank, dtype)

@@ -105,6 +105,4 @@ def check_latent(latent: dict, family: str = "flux") -> torch.Tensor:
     h, w = samples.shape[2:]
     if h % 2 or w % 2:
         raise ValueError(f"latent {h}x{w} (image {h * 8}x{w * 8}): the image size must be a multiple of 16")
-    if "noise_mask" in latent:
-        raise ValueError("latents with a noise mask (inpainting) are not supported yet")
     return samples

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import comfy.model_management
 import comfy.sample
+import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 
@@ -56,6 +57,8 @@ class PipeFusionKSampler:
         except ValueError as exc:
             raise ValueError(f"PipeFusion KSampler: {exc}") from None
         tensors["noise"] = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        if latent_image.get("noise_mask") is not None:  # inpainting: the mask as KSampler shapes it
+            tensors["mask"] = comfy.sampler_helpers.prepare_mask(latent_image["noise_mask"], samples.shape, "cpu")
         job = model.job({"height": h * 8, "width": w * 8, "steps": steps, "seed": seed, "batch": batch,
                          "guidance": guidance, "sampler": sampler_name, "scheduler": scheduler,
                          "denoise": denoise, "cfg": cfg, "shift": shift if shift > 0 else None})

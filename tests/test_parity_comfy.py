@@ -62,11 +62,15 @@ def _cases() -> dict[str, dict]:
             add("flux", "euler", scheduler)
     for sampler, scheduler in (("euler", "simple"), ("dpmpp_2m_sde", "karras")):
         add("flux", sampler, scheduler, denoise=0.6, batch=2)
+    # inpainting: a noise mask on a non-empty latent (ddim keeps the masked area with noise of its own)
+    for sampler, scheduler, denoise in (("euler", "simple", 1.0), ("ddim", "simple", 1.0), ("dpmpp_2m", "karras", 0.8)):
+        add("flux", sampler, scheduler, mask=1, denoise=denoise)
     # SD3 is cheap (width 192): every sampler with CFG and a negative, the schedulers in turn
     for i, sampler in enumerate(SAMPLERS):
         add("sd3", sampler, SCHEDULERS[i % len(SCHEDULERS)], cfg=4.0)
     for sampler, scheduler in (("euler", "normal"), ("dpmpp_sde", "simple")):
         add("sd3", sampler, scheduler, cfg=4.0, denoise=0.6, batch=2)
+    add("sd3", "euler_ancestral", "karras", cfg=4.0, mask=1, batch=2)
     return cases
 
 
@@ -103,7 +107,7 @@ def parity_prompt(case: dict, prefix: str, seed: int = 7) -> dict:
     f = FAMILY[case["family"]]
     batch, denoise, cfg = case.get("batch", 1), case.get("denoise", 1.0), case.get("cfg", 1.0)
     cond = {"tokens": f["tokens"], "width": f["width"], "pooled_width": f["pooled"], "guidance": 3.5}
-    if denoise < 1.0:  # img2img: a seeded random (never empty) latent
+    if denoise < 1.0 or case.get("mask"):  # img2img, inpainting: a seeded random (never empty) latent
         latent = {"class_type": "PipeFusionTestLatent",
                   "inputs": {"width": f["size"], "height": f["size"], "batch_size": batch, "channels": 16,
                              "seed": 11, "scale": 1.0}}
@@ -113,7 +117,18 @@ def parity_prompt(case: dict, prefix: str, seed: int = 7) -> dict:
     sample = {"seed": seed, "steps": STEPS, "cfg": cfg, "sampler_name": case["sampler"],
               "scheduler": case["scheduler"], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
               "denoise": denoise}
+    masked = {}
+    if case.get("mask"):  # SetLatentNoiseMask with the left half kept (mask 0) and the right half sampled
+        size = f["size"]
+        masked = {
+            "10": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": size, "height": size}},
+            "11": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": size // 2, "height": size}},
+            "12": {"class_type": "MaskComposite", "inputs": {"destination": ["10", 0], "source": ["11", 0],
+                                                             "x": 0, "y": 0, "operation": "multiply"}},
+            "13": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["12", 0]}}}
+        sample["latent_image"] = ["13", 0]
     return {
+        **masked,
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": f["file"], "weight_dtype": "default"}},
         "2": {"class_type": "PipeFusionDiTLoader",
               "inputs": {"unet_name": f["file"], "weight_dtype": "float32", "devices": "cpu:2",
@@ -183,3 +198,5 @@ def test_bound_separates_settings(outcome):
     img = outcome("flux-euler-simple-denoise0.6-batch2")[0]
     assert rel_l2(img[0], img[1]) > 20 * TOL
     assert rel_l2(img[:1], outcome("flux-euler-simple")[0]) > 20 * TOL
+    # the noise mask keeps half of the input latent: the result is not the unmasked one from the same noise
+    assert rel_l2(outcome("flux-euler-simple-mask1-denoise1.0")[0], outcome("flux-euler-simple")[0]) > 20 * TOL

@@ -78,6 +78,8 @@ class JobRuntime:
     def embed_image(self, x_patch: torch.Tensor, span, k: int) -> torch.Tensor:
         """Evaluation k's model input for a patch of the latent: scaled as the model sampling wants,
         doubled for [positive; negative] under cfg, embedded. [B, L, C] -> [MB, L, D]"""
+        if self.problem.inpaint is not None:
+            x_patch = self.problem.inpaint.model_input(self.ms, self.evals[k], x_patch, slice(span.i0, span.i1))
         x = self.ms.calculate_input(self.evals[k], x_patch)
         if self.problem.cfg:
             x = torch.cat([x, x])
@@ -95,19 +97,25 @@ class JobRuntime:
         """Last layer + sampler step on image tokens [i0, i1); returns the patch's next input."""
         out = self.fam.final_layer(self.model, img, self.temb(k)).float()  # [MB, L, C]
         x = self.x[:, i0:i1]
-        new = self.sampler.step(k, slice(i0, i1), x, self.denoised(k, x, out))
+        new = self.sampler.step(k, slice(i0, i1), x, self.denoised(k, x, out, slice(i0, i1)))
         self.x[:, i0:i1] = new
         return new
 
 
-    def denoised(self, k: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The model's prediction as a denoised latent, with classifier-free guidance applied as ComfyUI
-        does (on the denoised predictions: negative + cfg * (positive - negative))."""
+    def denoised(self, k: int, x: torch.Tensor, out: torch.Tensor, sl: slice) -> torch.Tensor:
+        """The model's prediction for tokens ``sl`` as a denoised latent, with classifier-free guidance
+        applied as ComfyUI does (on the denoised predictions: negative + cfg * (positive - negative)) and
+        the noise mask's clean image where the mask is 0. ``x`` is the sampler's latent of the patch."""
+        inpaint = self.problem.inpaint
+        if inpaint is not None:
+            x = inpaint.model_input(self.ms, self.evals[k], x, sl)  # what the model saw (before its scaling)
         if not self.problem.cfg:
-            return self.ms.calculate_denoised(self.evals[k], out, x)
-        pos, neg = out.chunk(2)
-        pos, neg = self.ms.calculate_denoised(self.evals[k], pos, x), self.ms.calculate_denoised(self.evals[k], neg, x)
-        return neg + (pos - neg) * self.problem.spec.cfg
+            den = self.ms.calculate_denoised(self.evals[k], out, x)
+        else:
+            pos, neg = out.chunk(2)
+            pos, neg = self.ms.calculate_denoised(self.evals[k], pos, x), self.ms.calculate_denoised(self.evals[k], neg, x)
+            den = neg + (pos - neg) * self.problem.spec.cfg
+        return den if inpaint is None else inpaint.denoised(den, sl)
 
 
 def _image_only(kw: dict) -> dict:

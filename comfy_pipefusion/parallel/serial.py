@@ -18,12 +18,13 @@ def run_serial(model, problem, dtype: torch.dtype, device: torch.device, control
     for k in range(len(rt.evals)):
         if k and rt.step_of(k) != rt.step_of(k - 1) and control.cancelled():
             raise JobCancelled(f"cancelled before step {rt.step_of(k) + 1}")
-        x_in = rt.ms.calculate_input(rt.evals[k], rt.x)
+        x_in = rt.x if problem.inpaint is None else problem.inpaint.model_input(rt.ms, rt.evals[k], rt.x, slice(None))
+        x_in = rt.ms.calculate_input(rt.evals[k], x_in)
         if problem.cfg:
             x_in = torch.cat([x_in, x_in])
         out = rt.fam.forward(model, x_in.to(dtype), rt.timestep(k), txt, rt.pooled, rt.guidance, problem.rows,
                              problem.cols).float()
-        rt.x = rt.sampler.step(k, slice(None), rt.x, rt.denoised(k, rt.x, out))
+        rt.x = rt.sampler.step(k, slice(None), rt.x, rt.denoised(k, rt.x, out, slice(None)))
         if k + 1 == len(rt.evals) or rt.step_of(k + 1) != rt.step_of(k):
             control.step_done(rt.step_of(k))
     return rt.x
