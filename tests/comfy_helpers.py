@@ -44,6 +44,22 @@ def start_server(base: Path, run_dir: Path, extra_env: dict | None = None,
     return srv
 
 
+def start_model_server(tmp_path_factory, model, unet: str, name: str = "comfy", python: str | None = None,
+                       **kw) -> ComfyServer:
+    """A real ComfyUI server in fresh folders with ``model`` saved as models/diffusion_models/``unet``
+    (``srv.ckpt``); ``python`` must run it inside a prepared environment when given. The caller stops it."""
+    from comfy_pipefusion.models.checkpoint import save_checkpoint
+
+    base = tmp_path_factory.mktemp(name)
+    run_dir = tmp_path_factory.mktemp("run")
+    run_dir.chmod(0o700)
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    save_checkpoint(model, base / "models" / "diffusion_models" / unet)
+    srv = start_server(base, run_dir, python=python or sys.executable, **kw)
+    srv.ckpt, srv.run_dir = base / "models" / "diffusion_models" / unet, run_dir
+    return srv
+
+
 def run_prompt(srv: ComfyServer, prompt: dict, on_message=None, timeout: float = 300.0) -> tuple[str, list]:
     """Queue ``prompt``, read the websocket until it ends; returns (ending message type, all messages)."""
     client = uuid.uuid4().hex

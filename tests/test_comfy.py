@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -16,25 +15,18 @@ from comfy_pipefusion import transport
 from comfy_pipefusion.config import ParallelConfig, SampleSpec
 from comfy_pipefusion.job import make_problem, synthetic_conditioning
 from comfy_pipefusion.models import flux
-from comfy_pipefusion.models.checkpoint import save_checkpoint
 from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
 from comfy_pipefusion.parallel.serial import run_serial
 from comfy_pipefusion.sampling.noise import comfy_noise
 
-from comfy_helpers import flux_prompt, run_prompt, start_server, worker_pids
+from comfy_helpers import flux_prompt, run_prompt, start_model_server, worker_pids
 
 UNET = "tiny-flux.safetensors"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, serial_model):
-    base = tmp_path_factory.mktemp("comfy")
-    run_dir = tmp_path_factory.mktemp("run")
-    run_dir.chmod(0o700)
-    (base / "models" / "diffusion_models").mkdir(parents=True)
-    save_checkpoint(serial_model, base / "models" / "diffusion_models" / UNET)
-    srv = start_server(base, run_dir)
-    srv.ckpt = base / "models" / "diffusion_models" / UNET
+    srv = start_model_server(tmp_path_factory, serial_model, UNET)
     yield srv
     srv.stop()
 

