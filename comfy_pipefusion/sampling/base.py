@@ -85,6 +85,19 @@ def sigma_of_half_log_snr(lam: torch.Tensor, flow: bool) -> torch.Tensor:
     return lam.neg().sigmoid() if flow else lam.neg().exp()
 
 
+def sde_schedule(sigmas, model_sampling):
+    """(sigmas the SDE samplers step through, the Brownian tree's (min, max) span or None), as ComfyUI sets
+    them up: the tree spans the positive sigmas; for flow models a first sigma of 1 is nudged to
+    ``percent_to_sigma(1e-4)``."""
+    sig = f32(sigmas)
+    positive = sig[sig > 0]
+    span = (positive.min(), sig.max()) if len(positive) else None
+    if getattr(model_sampling, "flow", False) and len(sig) > 1 and sig[0] >= 1:
+        sig = sig.clone()
+        sig[0] = model_sampling.percent_to_sigma(1e-4)
+    return sig, span
+
+
 class Sampler:
     """Base: ``sigmas`` [steps + 1]; subclasses give ``_plan`` (the evaluations) and ``_update``.
 

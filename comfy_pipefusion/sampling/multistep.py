@@ -5,7 +5,7 @@ previous prediction of its tokens, then overwrites it with its own.
 """
 from __future__ import annotations
 
-from .base import Sampler, TokenBuffer, f32, half_log_snr
+from .base import Sampler, TokenBuffer, f32, half_log_snr, sde_schedule
 
 
 class Dpmpp2M(Sampler):
@@ -46,12 +46,7 @@ class Dpmpp2MSde(Sampler):
     eta = 1.0
 
     def __init__(self, sigmas, model_sampling=None, noise=None) -> None:
-        sig = f32(sigmas)
-        positive = sig[sig > 0]
-        span = (positive.min(), sig.max()) if len(positive) else None
-        if getattr(model_sampling, "flow", False) and len(sig) > 1 and sig[0] >= 1:
-            sig = sig.clone()
-            sig[0] = model_sampling.percent_to_sigma(1e-4)
+        sig, span = sde_schedule(sigmas, model_sampling)
         super().__init__(sig, model_sampling, noise)
         self.final_sigma = f32(sigmas)[-1]
         self._stream = noise.brownian(*span) if span else None

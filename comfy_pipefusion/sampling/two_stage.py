@@ -6,7 +6,7 @@ finishes the step from the step's start, which is kept in a full-latent buffer. 
 """
 from __future__ import annotations
 
-from .base import Eval, Sampler, TokenBuffer, ancestral_step, f32, half_log_snr, sigma_of_half_log_snr, to_d
+from .base import Eval, Sampler, TokenBuffer, ancestral_step, f32, half_log_snr, sde_schedule, sigma_of_half_log_snr, to_d
 
 
 class _TwoStage(Sampler):
@@ -84,12 +84,7 @@ class DpmppSde(_TwoStage):
     r = 0.5
 
     def __init__(self, sigmas, model_sampling=None, noise=None) -> None:
-        sig = f32(sigmas)
-        positive = sig[sig > 0]
-        self._tree_span = (positive.min(), sig.max()) if len(positive) else None
-        if getattr(model_sampling, "flow", False) and len(sig) > 1 and sig[0] >= 1:
-            sig = sig.clone()
-            sig[0] = model_sampling.percent_to_sigma(1e-4)
+        sig, self._tree_span = sde_schedule(sigmas, model_sampling)
         self.flow = bool(getattr(model_sampling, "flow", False))
         self._coef = [self._coefficients(sig[i], sig[i + 1]) for i in range(len(sig) - 1)]
         super().__init__(sig, model_sampling, noise)
