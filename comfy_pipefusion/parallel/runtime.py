@@ -31,7 +31,6 @@ class JobRuntime:
         # Every rank builds the sampler for its schedule (evaluations, steps); only the last stage steps it.
         self.sampler = make_sampler(problem.spec.sampler, problem.sigmas, self.ms, noise)
         self.evals = [float(s) for s in self.sampler.evals]
-        self.steps = len(problem.sigmas) - 1
         mb = problem.model_batch
         self.pooled = problem.pooled.to(device, dtype) if problem.pooled is not None else None
         self.guidance = problem.guidance.to(device) if problem.guidance is not None else None
