@@ -127,14 +127,18 @@ class WorkerGroup:
 
     def _accept(self):
         """The first client that proves it holds the authkey (rank 0). One without it is refused before
-        any of its bytes is read as a message, and the wait goes on."""
+        any of its bytes is read as a message, and the wait goes on; so does it when a stranger hangs up
+        half-way through the handshake. It ends when stop() drops the listener."""
+        listener = self.listener
         while True:
             try:
-                return self.listener.accept()
+                return listener.accept()
             except AuthenticationError:
                 continue
-            except BaseException as exc:  # closed by stop()
-                return exc
+            except BaseException as exc:
+                if self.listener is not listener:  # dropped by stop()
+                    return exc
+                time.sleep(0.01)  # a stranger's broken handshake (EOF, broken pipe, oversized answer)
 
     def _write_pids(self) -> None:
         idents = [process_identity(self.proc.pid)] if self.proc and self.proc.poll() is None else []
@@ -333,13 +337,14 @@ class WorkerGroup:
     # ------------------------------------------------------------------------------------- stop
 
     def _drop_connection(self) -> None:
-        for c in (self.conn, self.listener):
+        dropped = (self.conn, self.listener)
+        self.conn = self.listener = None  # first, so the accepting thread knows the failure is ours
+        for c in dropped:
             try:
                 if c is not None:
                     c.close()
             except OSError:
                 pass
-        self.conn = self.listener = None
 
     def kill(self) -> None:
         """End every process of the group now (SIGKILL): for a group that cannot be asked to stop."""
