@@ -4,17 +4,19 @@
     python -m comfy_pipefusion.bench --checkpoint flux1-dev.safetensors --height 1024 --width 1024 --steps 28
 
 Serial runs in a process of its own with 1 thread, the parallel strategies in one torchrun group of
---world-size ranks, one after another. Both start together, so their imports overlap, but the serial
-process waits until every rank is up and sleeping (not in a collective), runs its timed jobs alone, and
-only then do the ranks start theirs. Every job runs --repeats times with
-the model loaded; wall_s is the median of those runs (wall_s_min is also written). Errors are measured
-against serial on the returned LATENT; bytes sent are counted per rank and compared with the analytic
-formulas of parallel/costs.py.
+--world-size ranks, one after another. Both start together, so their imports overlap, but the timed runs
+are taken in turns (turns.py): for each parallel strategy, --repeats times a serial run then a run of the
+strategy, each with the machine to itself (the other process sleeps; no rank waits in a collective).
+wall_s is the median of a job's runs (wall_s_min is also written); a strategy's speedup is against the
+serial runs taken beside it, so a machine whose speed drifts over minutes compares like with like. Errors
+are measured against serial on the returned LATENT; bytes sent are counted per rank and compared with the
+analytic formulas of parallel/costs.py; wait_s_per_rank is each rank's time blocked on the others.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -28,6 +30,7 @@ from .job import evaluation_plan, sampling_kind
 from .models import family
 from .parallel.plan import ModelSource
 from .parallel.costs import expected_bytes
+from .turns import TurnAborted, conduct
 
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -115,9 +118,11 @@ def summarise(args, spec, serial, results) -> dict:
     n_txt = preset["text_tokens"] if fam.JOINT_TEXT else 0
     ref, ref_m = serial
     evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
-    base = ref_m["wall_s_median"]
     rows = []
-    for name, (x, m), job in results:
+    for k, (name, (x, m), job) in enumerate(results):
+        # the serial runs taken beside this job's runs (all of them for the serial row itself)
+        beside = ref_m["wall_s_runs"][(k - 1) * args.repeats:k * args.repeats] if k else ref_m["wall_s_runs"]
+        beside = beside or ref_m["wall_s_runs"]
         p = job["parallel"]
         n = 1 if p["strategy"] == "serial" else args.world_size
         cfg = ParallelConfig(world_size=n, **p)
@@ -132,11 +137,15 @@ def summarise(args, spec, serial, results) -> dict:
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
                      "threads_per_rank": args.threads_per_rank,
                      "wall_s": m["wall_s_median"], "wall_s_min": m["wall_s_min"], "wall_s_runs": m["wall_s_runs"],
-                     "speedup_vs_serial": base / m["wall_s_median"],
+                     "run_spans": m["run_spans"],
+                     "speedup_vs_serial": statistics.median(beside) / m["wall_s_median"],
+                     "speedup_vs_serial_min": min(beside) / m["wall_s_min"],
+                     "serial_wall_s_beside": beside,
                      "max_abs_err_vs_serial": float(err.abs().max()),
                      "rel_l2_err_vs_serial": float(err.norm() / ref.float().norm()),
                      "param_bytes_per_rank": m["param_bytes_per_rank"],
                      "bytes_sent_per_step_per_rank": [b / spec.steps for b in m["bytes_sent_per_rank"]],
+                     "wait_s_per_rank": m["wait_s_per_rank"],
                      "expected_bytes_per_step_per_rank": [
                          expected_bytes(p["strategy"], rank=r, **dims) / spec.steps for r in range(n)]})
     name = source.get("preset") or source["checkpoint"]
@@ -144,41 +153,52 @@ def summarise(args, spec, serial, results) -> dict:
                       "params": ref_m["params"]}, "steps": spec.steps, "evaluations": evals,
             "sampler": spec.sampler, "scheduler": spec.scheduler,
             "height": spec.height, "width": spec.width, "seed": spec.seed, "timing": "median of repeats",
+            "timing_note": "serial and each parallel strategy timed in turns, run by run; a strategy's "
+                           "speedup is against the serial runs taken beside it (median/median; "
+                           "speedup_vs_serial_min: min/min)",
             "repeats": args.repeats, "results": rows}
 
 
 def run_side_by_side(args, source: dict, serial_jobs: list[dict], par_jobs: list[dict]):
     """Serial in a process of its own (1 thread) and the parallel jobs in one group, started together so
-    their start-ups (imports, rendezvous) overlap, but never timed together: the serial process waits until
-    every rank is up and idle, runs, and only then do the ranks start their jobs. Returns (serial result,
-    {name: result})."""
+    their start-ups overlap, then timed in turns (turns.py): for each parallel job, serial run, parallel
+    run, serial run, ... Nothing is ever timed beside another process's work, and each parallel job meets
+    the machine in the state serial met it in. Returns (serial result, {name: result}, turn spans)."""
     if not par_jobs:
-        return run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source)["serial"], {}
+        return run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source)["serial"], {}, []
+    serial_jobs = [{**serial_jobs[0], "repeats": args.repeats * len(par_jobs)}]
+    order = [tag for _ in par_jobs for _ in range(args.repeats) for tag in ("serial", "group")]
     with tempfile.TemporaryDirectory(prefix="pipefusion-bench-") as tmp:
-        ready, done = Path(tmp) / "group-ready", Path(tmp) / "serial-done"
         results: dict = {}
 
-        def group() -> None:
-            try:
-                results["group"] = run_jobs(None, args.seed, par_jobs, world_size=args.world_size,
-                                            threads=args.threads_per_rank, model=source,
-                                            worker_args=["--ready-file", str(ready), "--wait-for", str(done)])
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                results["group_error"] = exc
-            finally:
-                ready.touch()  # a failed group must not leave the serial process waiting
+        def start(tag: str, jobs: list[dict], world_size: int, threads: int) -> threading.Thread:
+            def body() -> None:
+                try:
+                    results[tag] = run_jobs(None, args.seed, jobs, world_size=world_size, threads=threads,
+                                            model=source, worker_args=["--turns", tmp, "--turn-tag", tag])
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    results[tag] = exc
 
-        thread = threading.Thread(target=group, name="pipefusion-bench-group")
-        thread.start()
+            thread = threading.Thread(target=body, name=f"pipefusion-bench-{tag}")
+            thread.start()
+            return thread
+
+        threads = {"serial": start("serial", serial_jobs, 1, 1),
+                   "group": start("group", par_jobs, args.world_size, args.threads_per_rank)}
         try:
-            serial = run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source,
-                              worker_args=["--wait-for", str(ready)])["serial"]
-        finally:
-            done.touch()
-            thread.join()
-        if "group_error" in results:
-            raise results["group_error"]
-        return serial, results["group"]
+            spans = conduct(Path(tmp), order, {"serial": 1, "group": args.world_size},
+                            alive=lambda tag: threads[tag].is_alive())
+        except TurnAborted as exc:
+            for t in threads.values():
+                t.join()
+            failed = [r for r in results.values() if isinstance(r, BaseException)]
+            raise (failed[0] if failed else exc) from None
+        for t in threads.values():
+            t.join()
+        for r in results.values():
+            if isinstance(r, BaseException):
+                raise r
+        return results["serial"]["serial"], results["group"], spans
 
 
 def print_table(report: dict) -> None:
@@ -202,9 +222,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     source = model_of(args)[0]
-    serial, out = run_side_by_side(args, source, serial_jobs, par_jobs)
+    serial, out, spans = run_side_by_side(args, source, serial_jobs, par_jobs)
     results = [("serial", serial, serial_jobs[0])] + [(j["name"], out[j["name"]], j) for j in par_jobs]
     report = summarise(args, spec, serial, results)
+    report["turns"] = spans
     print_table(report)
     if args.json:
         with open(args.json, "w") as fh:

@@ -68,7 +68,7 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
     """Run ``jobs`` (worker job dicts) on a fresh group; returns {name: (samples, metrics)}. The model is
     the built-in ``preset`` (random weights from ``seed``) unless ``model`` gives another source (e.g.
     ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no limit) bounds the whole group; on timeout or
-    interrupt the group is killed. ``worker_args`` go to every rank (e.g. ``--ready-file``/``--wait-for``)."""
+    interrupt the group is killed. ``worker_args`` go to every rank (e.g. ``--turns DIR --turn-tag TAG``)."""
     with tempfile.TemporaryDirectory(prefix="pipefusion-") as tmp:
         tmp = Path(tmp)
         spec = tmp / "jobs.json"

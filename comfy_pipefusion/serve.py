@@ -191,7 +191,7 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
                 transport.send(conn, "progress", id=jid, step=t + 1, steps=steps)
 
         control = Control(on_step=on_step, cancelled=inbox.cancelled if inbox else None)
-        comm.bytes_sent = 0
+        comm.reset_counters()
         start = time.perf_counter()
         try:
             samples = execute(prep, comm, device, control)

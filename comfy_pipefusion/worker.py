@@ -33,6 +33,7 @@ from .parallel.comm import Comm
 from .parallel.plan import ModelSource, load_rank_model, rank_modules
 from .parallel.runtime import Control
 from .parallel.serial import run_serial
+from .turns import Turns
 
 log = logging.getLogger("comfy_pipefusion.worker")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -155,7 +156,8 @@ def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) 
 
 
 def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
-    local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "pid": os.getpid()}
+    local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "wait_s": comm.wait_s,
+             "pid": os.getpid()}
     if not dist.is_initialized():
         return [local]
     out = [None] * comm.world_size
@@ -163,20 +165,27 @@ def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
     return out
 
 
-def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int) -> tuple[torch.Tensor | None, dict]:
-    """Run ``repeats`` times with the model loaded; rank 0 gets the samples and the metrics."""
-    walls, samples = [], None
+def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
+              turns: Turns | None = None) -> tuple[torch.Tensor | None, dict]:
+    """Run ``repeats`` times with the model loaded; rank 0 gets the samples and the metrics. With ``turns``,
+    each run waits for its turn (the benchmark interleaves processes run by run)."""
+    turns = turns or Turns(None, "", comm.rank)
+    walls, spans, samples = [], [], None
     for _ in range(repeats):
-        comm.bytes_sent = 0
+        turns.wait()
+        comm.reset_counters()
         comm.barrier()
-        start = time.perf_counter()
+        begin, start = time.time(), time.perf_counter()
         samples = execute(prep, comm, device, Control())
         comm.barrier()
         walls.append(time.perf_counter() - start)
+        spans.append([begin, time.time()])
+        turns.done()
     stats = rank_stats(prep, comm)
-    metrics = {"wall_s_runs": walls, "wall_s_median": statistics.median(walls), "wall_s_min": min(walls),
+    metrics = {"wall_s_runs": walls, "run_spans": spans, "wall_s_median": statistics.median(walls), "wall_s_min": min(walls),
                "param_bytes_per_rank": [r["param_bytes"] for r in stats],
                "bytes_sent_per_rank": [r["bytes_sent"] for r in stats],
+               "wait_s_per_rank": [r["wait_s"] for r in stats],  # of the last run
                "params": sum(p.numel() for p in prep.model.parameters()),
                "device": str(device), "threads": torch.get_num_threads()}
     metrics["attention_layers"] = attention_layers(prep.model, prep.problem)
@@ -196,25 +205,14 @@ def attention_layers(model, problem) -> dict[str, int]:
     return counts
 
 
-def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, ready: Path | None = None,
-             wait_for: Path | None = None) -> None:
-    """Run a file of jobs. ``ready``: touched (by rank 0, once every rank has joined and built the model's
-    structure, i.e. imported everything) before the first job; ``wait_for``: every rank sleeps until this
-    file exists before the first job. The benchmark uses them to start the serial process and the group
-    together while timing each with the machine to itself."""
+def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns: Turns | None = None) -> None:
+    """Run a file of jobs; with ``turns``, each timed run waits for its turn (see turns.py)."""
     spec = json.loads(jobs_path.read_text())
     models = ModelCache(device)
-    if ready or wait_for:
-        models.describe(ModelSource(**{**spec["model"], **spec["jobs"][0].get("model", {})}))
-        comm.barrier()
-        if ready and comm.rank == 0:
-            ready.touch()
-        while wait_for and not wait_for.exists():
-            time.sleep(0.05)  # a sleeping poll: no core taken, no collective pending
     for job in spec["jobs"]:
         job = {"model": spec["model"], **job}
         log.info("job %s: %s", job["name"], job["parallel"])
-        samples, metrics = run_timed(prepare(job, comm, models), comm, device, int(job.get("repeats", 1)))
+        samples, metrics = run_timed(prepare(job, comm, models), comm, device, int(job.get("repeats", 1)), turns)
         if comm.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             save_file({"samples": samples.contiguous()}, str(out / f"{job['name']}.safetensors"))
@@ -228,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve", help="group directory of a launcher: serve its jobs until shutdown")
     ap.add_argument("--store", help="file the ranks rendezvous in (set by the launcher)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("PIPEFUSION_THREADS", "1")))
-    ap.add_argument("--ready-file", help="with --jobs: touched when every rank is up, before the first job")
-    ap.add_argument("--wait-for", help="with --jobs: wait until this file exists before the first job")
+    ap.add_argument("--turns", help="with --jobs: take each timed run in turn, as told in this folder (turns.py)")
+    ap.add_argument("--turn-tag", default="group", help="with --turns: this process's name in the turns")
     args = ap.parse_args(argv)
     if bool(args.jobs) == bool(args.serve) or (args.jobs and not args.out):
         ap.error("give either --jobs FILE --out DIR, or --serve GROUP_DIR")
@@ -240,9 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             from .serve import serve
             serve(Path(args.serve), comm, device)
         else:
-            run_file(Path(args.jobs), Path(args.out), comm, device,
-                     Path(args.ready_file) if args.ready_file else None,
-                     Path(args.wait_for) if args.wait_for else None)
+            turns = Turns(Path(args.turns), args.turn_tag, comm.rank) if args.turns else None
+            run_file(Path(args.jobs), Path(args.out), comm, device, turns)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -33,6 +33,19 @@ def test_bench_writes_the_documented_json(tmp_path: Path):
     assert rows["pipefusion"]["max_abs_err_vs_serial"] <= 1e-5
     assert rows["distrifusion"]["max_abs_err_vs_serial"] <= 1e-5
     assert rows["naive_patch"]["rel_l2_err_vs_serial"] > 1e-3
+    # time blocked on other ranks: none for serial; in synchronous pipefusion each stage waits for the other
+    assert rows["serial"]["wait_s_per_rank"] == [0.0]
+    assert len(rows["pipefusion"]["wait_s_per_rank"]) == 2 and min(rows["pipefusion"]["wait_s_per_rank"]) > 0
+    # timing honesty: serial and the group took turns, run by run, and no two timed runs overlapped
+    assert [t["process"] for t in report["turns"]] == ["serial", "group"] * 3
+    runs = sorted([tuple(s) + ("serial",) for s in rows["serial"]["run_spans"]] +
+                  [tuple(s) + (name,) for name in ("pipefusion", "distrifusion", "naive_patch")
+                   for s in rows[name]["run_spans"]])
+    assert [r[2] for r in runs] == ["serial", "pipefusion", "serial", "distrifusion", "serial", "naive_patch"]
+    assert all(a[1] <= b[0] for a, b in zip(runs, runs[1:])), runs
+    for name in ("pipefusion", "distrifusion", "naive_patch"):  # each against the serial run beside it
+        beside = rows[name]["serial_wall_s_beside"]
+        assert len(beside) == 1 and rows[name]["speedup_vs_serial"] == beside[0] / rows[name]["wall_s"]
 
 
 def test_bench_runs_a_checkpoint_with_a_two_evaluation_sampler(tmp_path: Path):
