@@ -5,10 +5,11 @@
 
 Serial runs in a process of its own with 1 thread, the parallel strategies in one torchrun group of
 --world-size ranks, one after another. Both start together, so their imports overlap, but the timed runs
-are taken in turns (turns.py): for each parallel strategy, --repeats times a serial run then a run of the
-strategy, each with the machine to itself (the other process sleeps; no rank waits in a collective).
-wall_s is the median of a job's runs (wall_s_min is also written); a strategy's speedup is against the
-serial runs taken beside it, so a machine whose speed drifts over minutes compares like with like. Errors
+are taken in turns (turns.py): a serial run, one strategy's --repeats runs, a serial run, the next
+strategy's runs, ..., a serial run, each turn with the machine to itself (the other process sleeps; no rank
+waits in a collective). wall_s is the median of a job's runs (wall_s_min is also written); a strategy's
+speedup is against the two serial runs around it, so a machine whose speed drifts over minutes compares
+like with like. Errors
 are measured against serial on the returned LATENT; bytes sent are counted per rank and compared with the
 analytic formulas of parallel/costs.py; wait_s_per_rank is each rank's time blocked on the others.
 """
@@ -120,9 +121,8 @@ def summarise(args, spec, serial, results) -> dict:
     evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
     rows = []
     for k, (name, (x, m), job) in enumerate(results):
-        # the serial runs taken beside this job's runs (all of them for the serial row itself)
-        beside = ref_m["wall_s_runs"][(k - 1) * args.repeats:k * args.repeats] if k else ref_m["wall_s_runs"]
-        beside = beside or ref_m["wall_s_runs"]
+        # the serial runs taken just before and after this job's runs (all of them for the serial row)
+        beside = ref_m["wall_s_runs"][k - 1:k + 1] if k else ref_m["wall_s_runs"]
         p = job["parallel"]
         n = 1 if p["strategy"] == "serial" else args.world_size
         cfg = ParallelConfig(world_size=n, **p)
@@ -153,21 +153,22 @@ def summarise(args, spec, serial, results) -> dict:
                       "params": ref_m["params"]}, "steps": spec.steps, "evaluations": evals,
             "sampler": spec.sampler, "scheduler": spec.scheduler,
             "height": spec.height, "width": spec.width, "seed": spec.seed, "timing": "median of repeats",
-            "timing_note": "serial and each parallel strategy timed in turns, run by run; a strategy's "
-                           "speedup is against the serial runs taken beside it (median/median; "
-                           "speedup_vs_serial_min: min/min)",
+            "timing_note": "serial and the parallel strategies timed in turns (serial, one strategy's "
+                           "runs, serial, the next's, ..., serial); a strategy's speedup is against the "
+                           "two serial runs around it (median/median; speedup_vs_serial_min: min/min)",
             "repeats": args.repeats, "results": rows}
 
 
 def run_side_by_side(args, source: dict, serial_jobs: list[dict], par_jobs: list[dict]):
     """Serial in a process of its own (1 thread) and the parallel jobs in one group, started together so
-    their start-ups overlap, then timed in turns (turns.py): for each parallel job, serial run, parallel
-    run, serial run, ... Nothing is ever timed beside another process's work, and each parallel job meets
-    the machine in the state serial met it in. Returns (serial result, {name: result}, turn spans)."""
+    their start-ups overlap, then timed in turns (turns.py): a serial run, a parallel job's --repeats runs,
+    a serial run, the next job's runs, ..., a serial run. Nothing is ever timed beside another process's
+    work, and each parallel job is compared with the two serial runs around it, taken in the state the
+    machine was in then. Returns (serial result with every serial run, {name: result}, turn spans)."""
     if not par_jobs:
         return run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source)["serial"], {}, []
-    serial_jobs = [{**serial_jobs[0], "repeats": args.repeats * len(par_jobs)}]
-    order = [tag for _ in par_jobs for _ in range(args.repeats) for tag in ("serial", "group")]
+    serial_jobs = [{**serial_jobs[0], "name": f"serial-{i}", "repeats": 1} for i in range(len(par_jobs) + 1)]
+    order = ["serial", "group"] * len(par_jobs) + ["serial"]
     with tempfile.TemporaryDirectory(prefix="pipefusion-bench-") as tmp:
         results: dict = {}
 
@@ -198,7 +199,11 @@ def run_side_by_side(args, source: dict, serial_jobs: list[dict], par_jobs: list
         for r in results.values():
             if isinstance(r, BaseException):
                 raise r
-        return results["serial"]["serial"], results["group"], spans
+        runs = [results["serial"][j["name"]] for j in serial_jobs]
+        walls = [w for _, m in runs for w in m["wall_s_runs"]]
+        merged = {**runs[0][1], "wall_s_runs": walls, "wall_s_median": statistics.median(walls),
+                  "wall_s_min": min(walls), "run_spans": [s for _, m in runs for s in m["run_spans"]]}
+        return (runs[0][0], merged), results["group"], spans
 
 
 def print_table(report: dict) -> None:

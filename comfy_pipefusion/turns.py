@@ -1,13 +1,13 @@
-"""Timed runs taken in turns by separate processes, so that none is ever timed beside another's work.
+"""Timed work taken in turns by separate processes, so that none is ever timed beside another's work.
 
 The benchmark times serial in one process and the parallel strategies in a process group. On a shared or
-noisy machine the speed drifts over minutes, so it interleaves them run by run (serial, parallel, serial,
-parallel, ...) and compares each strategy with the serial runs taken beside it. A *conductor* (in the
-benchmark's process) says whose turn it is through files in one folder:
+noisy machine the speed drifts over minutes, so it interleaves them (serial, a strategy's runs, serial, the
+next strategy's runs, ..., serial) and compares each strategy with the serial runs around it. A
+*conductor* (in the benchmark's process) says whose turn it is through files in one folder:
 
-- before its n-th timed run, every rank of process TAG touches ``waiting-TAG-n-RANK`` and sleeps (a
-  polling sleep: no core taken, no collective pending) until ``go-TAG-n`` exists;
-- after the run, rank 0 touches ``done-TAG-n``;
+- before its n-th turn, every rank of process TAG touches ``waiting-TAG-n-RANK`` and sleeps (a polling
+  sleep: no core taken, no collective pending) until ``go-TAG-n`` exists;
+- after its timed runs, rank 0 touches ``done-TAG-n``;
 - the conductor gives a process its turn only when every other process is idle: all its ranks wait for
   their next turn, or it has run all its turns and ended; ``abort`` ends every wait with an error.
 """
@@ -48,7 +48,7 @@ class Turns:
 
 
 def conduct(root: Path, order: list[str], ranks: dict[str, int], alive, timeout_s: float = 3600.0) -> list[dict]:
-    """Give the turns in ``order`` (a list of process tags, one entry per timed run). ``ranks``: each tag's
+    """Give the turns in ``order`` (a list of process tags, one entry per turn). ``ranks``: each tag's
     number of ranks; ``alive(tag)``: whether that process is still running. Returns when every turn is done,
     with the span of each ([{"process", "start", "end"}], ``time.time()`` seconds). A process that ends
     or stalls before its turns are done aborts them all (``TurnAborted``)."""

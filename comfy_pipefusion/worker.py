@@ -168,11 +168,11 @@ def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
 def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
               turns: Turns | None = None) -> tuple[torch.Tensor | None, dict]:
     """Run ``repeats`` times with the model loaded; rank 0 gets the samples and the metrics. With ``turns``,
-    each run waits for its turn (the benchmark interleaves processes run by run)."""
+    the runs wait for this job's turn (the benchmark takes serial and the group in turns)."""
     turns = turns or Turns(None, "", comm.rank)
     walls, spans, samples = [], [], None
+    turns.wait()
     for _ in range(repeats):
-        turns.wait()
         comm.reset_counters()
         comm.barrier()
         begin, start = time.time(), time.perf_counter()
@@ -180,9 +180,10 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
         comm.barrier()
         walls.append(time.perf_counter() - start)
         spans.append([begin, time.time()])
-        turns.done()
+    turns.done()
     stats = rank_stats(prep, comm)
-    metrics = {"wall_s_runs": walls, "run_spans": spans, "wall_s_median": statistics.median(walls), "wall_s_min": min(walls),
+    metrics = {"wall_s_runs": walls, "run_spans": spans, "wall_s_median": statistics.median(walls),
+               "wall_s_min": min(walls),
                "param_bytes_per_rank": [r["param_bytes"] for r in stats],
                "bytes_sent_per_rank": [r["bytes_sent"] for r in stats],
                "wait_s_per_rank": [r["wait_s"] for r in stats],  # of the last run
@@ -206,7 +207,7 @@ def attention_layers(model, problem) -> dict[str, int]:
 
 
 def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns: Turns | None = None) -> None:
-    """Run a file of jobs; with ``turns``, each timed run waits for its turn (see turns.py)."""
+    """Run a file of jobs; with ``turns``, each job's timed runs wait for its turn (see turns.py)."""
     spec = json.loads(jobs_path.read_text())
     models = ModelCache(device)
     for job in spec["jobs"]:
