@@ -330,7 +330,7 @@ class WorkerGroup:
         if w.phase == "sampling" and now - w.last > w.stall_timeout:
             steps = ", ".join(f"rank {r}: {s}" for r, s in self.rank_steps().items())
             self.kill()
-            raise GroupError(f"no progress {where} for {w.stall_timeout:.0f} s although every rank is alive "
+            raise GroupError(f"no progress {where} for {w.stall_timeout:g} s although every rank is alive "
                              f"(last finished step per rank: {steps}; env PIPEFUSION_STALL_S). The worker "
                              "group was stopped; the next prompt starts a fresh one")
 

@@ -190,3 +190,34 @@ def test_bad_job_is_refused_and_the_group_stays(ckpt, run_root):
         assert reply["pids"] == pids
     finally:
         launcher.stop()
+
+
+def test_a_stall_with_every_rank_alive_stops_the_group_and_names_the_setting(ckpt, run_root):
+    """The stall watchdog: every rank alive and sending heartbeats, but no step finishes within the stall
+    timeout (PIPEFUSION_STALL_S; here 0.3 s, against 1024x1024 steps that take longer). The group is
+    stopped, the message says where it stood and which setting to raise, and the next job gets a fresh
+    group."""
+    launcher = Launcher(run_root, stall_timeout=0.3)
+    plan = GroupPlan(world_size=2)
+    cfg = flux.PRESETS["tiny"]["config"]
+    txt, pooled = synthetic_conditioning(cfg, 8, 1, 3)
+    from comfy_pipefusion.sampling.noise import comfy_noise
+    big = SampleSpec(height=1024, width=1024, steps=50, seed=3)
+    tensors = {"txt": txt, "pooled": pooled, "latent": torch.zeros(1, 16, 128, 128),
+               "noise": comfy_noise((1, 16, 128, 128), 3)}
+    try:
+        launcher.ensure(plan)
+        pids = list(launcher.group.worker_pids) + [launcher.group.proc.pid]
+        started = time.monotonic()
+        with pytest.raises(GroupError, match=r"no progress at step \d+/50 for 0.3 s although every rank is "
+                                             r"alive \(last finished step per rank: rank 0: \d+, rank 1: \d+; "
+                                             r"env PIPEFUSION_STALL_S\)"):
+            launcher.run(plan, job(ckpt, big, warmup=1), tensors, (1, 16, 128, 128))
+        assert time.monotonic() - started < 30
+        assert launcher.state == "failed" and gone(pids)
+        small, st = inputs(steps=2)
+        out, reply = launcher.run(plan, job(ckpt, small), st, (1, 16, 16, 16))
+        assert set(reply["pids"]).isdisjoint(pids)
+        assert float((out - serial_latent(ckpt, small, st)).abs().max()) <= 1e-5
+    finally:
+        launcher.stop()
