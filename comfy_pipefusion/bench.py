@@ -47,7 +47,8 @@ def parse_args(argv):
     ap.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: the preset's, or 256)")
     ap.add_argument("--strategies", default="serial,pipefusion,distrifusion,naive_patch")
     ap.add_argument("--world-size", type=int, default=2)
-    ap.add_argument("--patches", type=int, default=0, help="PipeFusion's M (default: world size)")
+    ap.add_argument("--patches", default="0",
+                    help="PipeFusion's M (default 0: world size); a comma-separated list runs one job per M")
     ap.add_argument("--warmup-steps", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="default: the preset's")
     ap.add_argument("--height", type=int, default=None, help="default: the preset's")
@@ -92,6 +93,10 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
         if s not in STRATEGIES:
             raise ValueError(f"unknown strategy {s!r} in --strategies: choose from {', '.join(STRATEGIES)}")
     streams = [s.strip() for s in args.text_streams.split(",") if s.strip()]
+    try:
+        patches = [int(m) for m in str(args.patches).split(",") if m.strip()] or [0]
+    except ValueError:
+        raise ValueError(f"--patches takes whole numbers separated by commas, got {args.patches!r}") from None
     num_blocks = config.get("num_layers", 0) + config.get("num_single_layers", 0)  # without building the model
     sample = {k: getattr(spec, k) for k in ("height", "width", "steps", "seed", "dtype", "sampler", "scheduler")}
     extra = {"text_tokens": preset["text_tokens"]}
@@ -101,13 +106,15 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
     for s in strategies:
         if s == "serial":
             continue
-        for stream in (streams if s == "pipefusion" else ["last_patch"]):
-            p = {"strategy": s, "patches": args.patches if s == "pipefusion" else 0,
-                 "warmup_steps": args.warmup_steps, "text_stream": stream, "balance": args.balance}
+        pf = s == "pipefusion"
+        for stream, m in [(t, m) for t in streams for m in patches] if pf else [("last_patch", 0)]:
+            p = {"strategy": s, "patches": m, "warmup_steps": args.warmup_steps, "text_stream": stream,
+                 "balance": args.balance}
             cfg = ParallelConfig(world_size=args.world_size, **p)
             cfg.check_model(num_blocks)
             cfg.check_image(spec.token_rows)
-            name = s if s != "pipefusion" or len(streams) == 1 else f"{s}-{stream}"
+            name = s + (f"-{stream}" if pf and len(streams) > 1 else "") + \
+                (f"-M{m}" if pf and len(patches) > 1 else "")
             par.append({"name": name, "parallel": p, "sample": sample, "repeats": args.repeats, **extra})
     return spec, serial, par
 

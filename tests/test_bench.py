@@ -52,7 +52,8 @@ def test_bench_writes_the_documented_json(tmp_path: Path):
 
 def test_bench_runs_a_checkpoint_with_a_two_evaluation_sampler(tmp_path: Path):
     """--checkpoint takes any supported file (here an SD3.5-medium-like original single file); heun evaluates
-    the model twice per step, and the bytes sent still match the formulas counted in evaluations."""
+    the model twice per step, and the bytes sent still match the formulas counted in evaluations, for
+    each of the patch counts --patches lists."""
     import torch
 
     from comfy_pipefusion.models import family
@@ -66,12 +67,15 @@ def test_bench_runs_a_checkpoint_with_a_two_evaluation_sampler(tmp_path: Path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "comfy_pipefusion.bench", "--checkpoint", str(ckpt), "--steps", "3",
                            "--height", "128", "--width", "128", "--text-tokens", "8", "--sampler", "heun",
-                           "--strategies", "serial,pipefusion,distrifusion", "--warmup-steps", "3",
+                           "--strategies", "serial,pipefusion,distrifusion", "--patches", "1,4", "--warmup-steps", "3",
                            "--repeats", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["model"]["family"] == "sd3" and report["sampler"] == "heun" and report["evaluations"] == 5
+    # a list of patch counts: one pipefusion job per M
+    assert [(r["name"], r["patches"]) for r in report["results"]] == \
+        [("serial", 1), ("pipefusion-M1", 1), ("pipefusion-M4", 4), ("distrifusion", 2)]
     for r in report["results"]:
         assert r["max_abs_err_vs_serial"] <= 1e-5, r["strategy"]
         assert r["bytes_sent_per_step_per_rank"] == r["expected_bytes_per_step_per_rank"], r["strategy"]
