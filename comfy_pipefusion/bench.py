@@ -9,9 +9,9 @@ are taken in turns (turns.py): a serial run, one strategy's --repeats runs, a se
 strategy's runs, ..., a serial run, each turn with the machine to itself (the other process sleeps; no rank
 waits in a collective). wall_s is the median of a job's runs (wall_s_min is also written); a strategy's
 speedup is against the two serial runs around it, so a machine whose speed drifts over minutes compares
-like with like. Errors
-are measured against serial on the returned LATENT; bytes sent are counted per rank and compared with the
-analytic formulas of parallel/costs.py; wait_s_per_rank is each rank's time blocked on the others.
+like with like. Errors are measured against serial on the returned LATENT; bytes sent are counted per rank
+and compared with the analytic formulas of parallel/costs.py; wait_s_per_rank is each rank's time blocked
+on the others.
 """
 from __future__ import annotations
 
@@ -193,19 +193,17 @@ def run_side_by_side(args, source: dict, serial_jobs: list[dict], par_jobs: list
 
         threads = {"serial": start("serial", serial_jobs, 1, 1),
                    "group": start("group", par_jobs, args.world_size, args.threads_per_rank)}
+        aborted = None
         try:
             spans = conduct(Path(tmp), order, {"serial": 1, "group": args.world_size},
                             alive=lambda tag: threads[tag].is_alive())
         except TurnAborted as exc:
-            for t in threads.values():
-                t.join()
-            failed = [r for r in results.values() if isinstance(r, BaseException)]
-            raise (failed[0] if failed else exc) from None
+            aborted = exc
         for t in threads.values():
             t.join()
-        for r in results.values():
-            if isinstance(r, BaseException):
-                raise r
+        failed = [r for r in results.values() if isinstance(r, BaseException)]
+        if failed or aborted:  # the process that failed says why better than the conductor can
+            raise (failed[0] if failed else aborted) from None
         runs = [results["serial"][j["name"]] for j in serial_jobs]
         walls = [w for _, m in runs for w in m["wall_s_runs"]]
         merged = {**runs[0][1], "wall_s_runs": walls, "wall_s_median": statistics.median(walls),

@@ -24,8 +24,8 @@ class TurnAborted(RuntimeError):
 
 
 class Turns:
-    """One rank's side: ``wait()`` before each timed run, ``done()`` after it. Without a folder, both are
-    no-ops (runs are not interleaved)."""
+    """One rank's side: ``wait()`` before a turn's timed runs, ``done()`` after them. Without a folder,
+    both are no-ops (nothing is interleaved)."""
 
     def __init__(self, root: Path | None, tag: str, rank: int) -> None:
         self.root, self.tag, self.rank, self.n = root, tag, rank, 0

@@ -77,6 +77,14 @@ def gone(pids, timeout: float = 10.0) -> bool:
     return False
 
 
+def assert_fresh_group_serves(launcher: Launcher, plan: GroupPlan, ckpt: str, old_pids: list[int]) -> None:
+    """After a failure, the next job runs on a new group (none of ``old_pids``) and equals serial."""
+    small, st = inputs(steps=2)
+    out, reply = launcher.run(plan, job(ckpt, small), st, (1, 16, 16, 16))
+    assert set(reply["pids"]).isdisjoint(old_pids)
+    assert float((out - serial_latent(ckpt, small, st)).abs().max()) <= 1e-5
+
+
 def test_warm_group_runs_jobs_reports_progress_and_cancels(ckpt, run_root):
     launcher = Launcher(run_root)
     plan = GroupPlan(world_size=2, key="a")
@@ -142,10 +150,7 @@ def test_killed_rank_fails_the_job_fast_and_next_job_gets_a_fresh_group(ckpt, ru
         assert elapsed < 10, elapsed
         assert "died" in str(err.value) and "worker log" in str(err.value)
         assert launcher.state == "failed" and gone(first_pids)
-        small, st = inputs(steps=2)
-        out, reply = launcher.run(plan, job(ckpt, small), st, (1, 16, 16, 16))
-        assert set(reply["pids"]).isdisjoint(first_pids)
-        assert float((out - serial_latent(ckpt, small, st)).abs().max()) <= 1e-5
+        assert_fresh_group_serves(launcher, plan, ckpt, first_pids)
     finally:
         launcher.stop()
 
@@ -215,9 +220,6 @@ def test_a_stall_with_every_rank_alive_stops_the_group_and_names_the_setting(ckp
             launcher.run(plan, job(ckpt, big, warmup=1), tensors, (1, 16, 128, 128))
         assert time.monotonic() - started < 30
         assert launcher.state == "failed" and gone(pids)
-        small, st = inputs(steps=2)
-        out, reply = launcher.run(plan, job(ckpt, small), st, (1, 16, 16, 16))
-        assert set(reply["pids"]).isdisjoint(pids)
-        assert float((out - serial_latent(ckpt, small, st)).abs().max()) <= 1e-5
+        assert_fresh_group_serves(launcher, plan, ckpt, pids)
     finally:
         launcher.stop()
