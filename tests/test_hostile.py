@@ -22,6 +22,7 @@ from comfy_pipefusion.models import family
 from comfy_pipefusion.models.checkpoint import save_checkpoint
 from comfy_pipefusion.models.checkpoint_write import write_checkpoint
 from comfy_pipefusion.models.tensorfile import MAX_HEADER
+from launcher.logfile import LOG_LIMIT, read_tail
 
 from comfy_helpers import (error_message, flux_prompt, run_prompt, saved_latent, serial_latent, start_server,
                            worker_pids)
@@ -102,7 +103,7 @@ def server(tmp_path_factory, serial_model):
     models.mkdir(parents=True)
     _write_models(models, serial_model, tmp_path_factory.mktemp("files"))
     srv = start_server(base, run_dir)
-    srv.models = models
+    srv.models, srv.run_dir = models, run_dir
     yield srv
     srv.stop()
 
@@ -176,3 +177,28 @@ def test_hostile_flux_file_with_vae_tensors_samples_like_the_plain_file(server):
     want = serial_latent(server.models / PLAIN, steps=2, seed=5)
     got = saved_latent(server, "latents/vae")
     assert (got - want).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------- the worker log
+
+def test_hostile_worker_log_is_rotated_and_bounded(server):
+    """A flood of worker output (appended to the log the workers hold open, as their writes are) is cut
+    to a bounded size by the next job, which still succeeds; the newest bytes stay readable."""
+    p = flux_prompt(WITH_VAE, steps=2, seed=6, warmup=2, prefix="latents/log")
+    logs = list(server.run_dir.glob(f"comfy-pipefusion-{os.getuid()}/group-*/worker.log"))
+    if not logs:  # the group of the previous test is gone (run alone): start one
+        status, msgs = run_prompt(server, p, timeout=300)
+        assert status == "execution_success", error_message(msgs)
+        logs = list(server.run_dir.glob(f"comfy-pipefusion-{os.getuid()}/group-*/worker.log"))
+    (log,) = logs
+    line = b"x" * 1023 + b"\n"
+    with open(log, "ab") as f:
+        for _ in range(3 * LOG_LIMIT // len(line)):
+            f.write(line)
+        f.write(b"the newest line before the job\n")
+    status, msgs = run_prompt(server, p, timeout=300)
+    assert status == "execution_success", error_message(msgs)
+    kept = log.with_name("worker.log.1")
+    assert log.stat().st_size <= LOG_LIMIT and kept.stat().st_size <= LOG_LIMIT
+    assert b"the newest line before the job" in kept.read_bytes()[-4096:]
+    assert "the newest line before the job" in read_tail(log)
