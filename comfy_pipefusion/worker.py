@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             from .serve import serve
             serve(Path(args.serve), comm, device)
         else:
+            from .group import die_with_parent
+            die_with_parent()  # a one-shot group's rank ends with its agent (or its owner, for one rank)
             turns = Turns(Path(args.turns), args.turn_tag, comm.rank) if args.turns else None
             run_file(Path(args.jobs), Path(args.out), comm, device, turns)
     finally:
