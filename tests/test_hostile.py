@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ from test_checkpoint import write as write_family
 PLAIN = "tiny-flux.safetensors"
 WITH_VAE = "tiny-flux-with-vae.safetensors"
 SECRET = b"TOP SECRET: the neighbour's file"
-SHARDED = "evil-00001-of-00002.safetensors"
+LOAD_DELAY_S = 4.0  # the workers' weight load is made this slow (spread over its tensors): a window to cancel in
 
 
 def _header(path: Path) -> tuple[dict, bytes]:
@@ -102,7 +104,7 @@ def server(tmp_path_factory, serial_model):
     models = base / "models" / "diffusion_models"
     models.mkdir(parents=True)
     _write_models(models, serial_model, tmp_path_factory.mktemp("files"))
-    srv = start_server(base, run_dir)
+    srv = start_server(base, run_dir, {"PIPEFUSION_DEBUG_LOAD_DELAY_S": str(LOAD_DELAY_S)})
     srv.models, srv.run_dir = models, run_dir
     yield srv
     srv.stop()
@@ -202,3 +204,37 @@ def test_hostile_worker_log_is_rotated_and_bounded(server):
     assert log.stat().st_size <= LOG_LIMIT and kept.stat().st_size <= LOG_LIMIT
     assert b"the newest line before the job" in kept.read_bytes()[-4096:]
     assert "the newest line before the job" in read_tail(log)
+
+
+# ------------------------------------------------------------------------------------- cancel while loading
+
+def test_hostile_cancel_while_loading_stops_every_rank_within_a_second(server):
+    """Cancel 1 s into a 4 s weight load: every rank stops reading (the answer needs all of them), the
+    group stays, nothing is left, and the next prompt loads the whole model again and samples right."""
+    p = flux_prompt(WITH_VAE, steps=2, seed=7, warmup=2, prefix="latents/cancel")
+    status, msgs = run_prompt(server, p, timeout=300)
+    assert status == "execution_success", error_message(msgs)
+    pids = worker_pids(server.pid)
+    os.utime(server.models / WITH_VAE)  # the file changed: the loader runs again, the ranks read it again
+    sent: dict = {}
+
+    def on_message(m):
+        if not sent and m["type"] == "pipefusion.status" and m["data"]["state"] == "loading":
+            def cancel():
+                sent["at"] = time.monotonic()
+                server.interrupt()
+            sent["timer"] = threading.Timer(1.0, cancel)
+            sent["timer"].start()
+    status, msgs = run_prompt(server, {**p, "4": {**p["4"], "inputs": {**p["4"]["inputs"], "seed": 8}}},
+                              on_message=on_message, timeout=300)
+    took = time.monotonic() - sent["at"]
+    print(f"\nFAULT cancel 1 s into a {LOAD_DELAY_S:g} s weight load: {took:.2f} s: {status}")
+    assert status == "execution_interrupted", error_message(msgs)
+    assert not [m for m in msgs if m["type"] == "progress" and m["data"]["node"] == "4"]  # no step ran
+    assert took < 1.0
+    assert worker_pids(server.pid) == pids and transport.shm_segments(server.pid) == []
+    status, msgs = run_prompt(server, p, timeout=300)
+    assert status == "execution_success", error_message(msgs)
+    assert worker_pids(server.pid) == pids
+    got = saved_latent(server, "latents/cancel")
+    assert (got - serial_latent(server.models / PLAIN, steps=2, seed=7)).abs().max() <= 1e-5

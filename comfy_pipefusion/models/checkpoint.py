@@ -260,32 +260,35 @@ def _fill(reader: Reader, key: str, shape: torch.Size, pieces, entries: dict[str
 
 
 def load_modules(model: nn.Module, info: CheckpointInfo | str | Path, names: list[str], device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, progress=None) -> None:
     """Fill the submodules (or root tensors) ``names`` of a meta-device model from the checkpoint; the rest
     stays on the meta device. Tensors are read one at a time into their final place, in ``dtype``, except
-    float8 Linear weights, which stay 8-bit (``fp8.StoredFp8Linear``)."""
+    float8 Linear weights, which stay 8-bit (``fp8.StoredFp8Linear``). ``progress(i, n)`` is called before
+    tensor i of n is read; an exception it raises (a cancel) abandons the load, and the model with it."""
     if not isinstance(info, CheckpointInfo):
         info = open_checkpoint(info)
     entries, _ = read_entries(info.files, info.prefix)
     kmap = key_map(info, entries)
+    work = [t for name in names for t in _tensors_of(model, name)]
     with Reader() as reader, torch.no_grad():
-        for name in names:
-            for key, mod, attr, kind in _tensors_of(model, name):
-                if kind == "derived":
-                    mod._buffers[attr] = _derived_buffer(mod, attr, device, dtype)
-                    continue
-                if key not in kmap:
-                    raise CheckpointError(f"{Path(info.files[0]).name} has nothing for {key}: the file is "
-                                          "incomplete or of another model")
-                current = getattr(mod, attr)
-                keep = lambda stored: kind == "param" and fp8.can_keep(mod, attr, stored)  # noqa: E731
-                t = _fill(reader, key, current.shape, kmap[key], entries, device, dtype, keep)
-                if kind == "param":
-                    mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
-                    if t.dtype in fp8.FP8:
-                        fp8.keep_stored(mod)
-                else:
-                    mod._buffers[attr] = t
+        for i, (key, mod, attr, kind) in enumerate(work):
+            if progress is not None:
+                progress(i, len(work))
+            if kind == "derived":
+                mod._buffers[attr] = _derived_buffer(mod, attr, device, dtype)
+                continue
+            if key not in kmap:
+                raise CheckpointError(f"{Path(info.files[0]).name} has nothing for {key}: the file is "
+                                      "incomplete or of another model")
+            current = getattr(mod, attr)
+            keep = lambda stored: kind == "param" and fp8.can_keep(mod, attr, stored)  # noqa: E731
+            t = _fill(reader, key, current.shape, kmap[key], entries, device, dtype, keep)
+            if kind == "param":
+                mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+                if t.dtype in fp8.FP8:
+                    fp8.keep_stored(mod)
+            else:
+                mod._buffers[attr] = t
 
 
 def inspect_checkpoint(path: str | Path) -> dict:
