@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from comfy_pipefusion import transport
 from comfy_pipefusion.config import MAX_SEED
