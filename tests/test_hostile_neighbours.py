@@ -152,3 +152,19 @@ def test_hostile_a_squatted_tmp_run_dir_falls_back_to_a_private_one(nobody, nobo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         mine.unlink(missing_ok=True)
+
+
+def test_hostile_a_dead_owners_group_in_an_old_fallback_run_dir_is_swept(tmp_path):
+    """A run dir made beside a squatted one lives only as long as its process knows it; the next start of
+    any of this user's processes finds a dead owner's group there and removes it."""
+    stable = tmp_path / f"comfy-pipefusion-{os.getuid()}"
+    stable.mkdir(mode=0o700)
+    old = Path(tempfile.mkdtemp(prefix=f"comfy-pipefusion-{os.getuid()}-", dir=tmp_path))
+    group = old / "group-dead"
+    group.mkdir(mode=0o700)
+    (group / "owner").write_text(json.dumps({"pid": _dead_pid(), "create_time": 1.0}))
+    (group / "pids").write_text("[]")
+    other = tmp_path / "comfy-pipefusion-99999-x"  # another uid's name: not ours to judge
+    (other / "group-dead").mkdir(parents=True)
+    assert sweep(stable) == [group]
+    assert not group.exists() and (other / "group-dead").exists()
