@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
 from .config import STRATEGIES, TEXT_STREAMS, ParallelConfig, SampleSpec
-from .group import run_jobs
+from .group import end_children, owned_tempdir, run_jobs
 from .job import evaluation_plan, sampling_kind
 from .models import family
 from .parallel.plan import ModelSource
@@ -176,7 +176,7 @@ def run_side_by_side(args, source: dict, serial_jobs: list[dict], par_jobs: list
         return run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source)["serial"], {}, []
     serial_jobs = [{**serial_jobs[0], "name": f"serial-{i}", "repeats": 1} for i in range(len(par_jobs) + 1)]
     order = ["serial", "group"] * len(par_jobs) + ["serial"]
-    with tempfile.TemporaryDirectory(prefix="pipefusion-bench-") as tmp:
+    with owned_tempdir("pipefusion-bench-") as tmp:
         results: dict = {}
 
         def start(tag: str, jobs: list[dict], world_size: int, threads: int) -> threading.Thread:
@@ -224,7 +224,16 @@ def print_table(report: dict) -> None:
               f"{max(r['param_bytes_per_rank']) / 2**20:>15.1f}{max(r['bytes_sent_per_step_per_rank']) / 1024:>25.1f}")
 
 
+def _end_with_signal(signum, frame) -> None:
+    """SIGTERM/SIGINT: end every process the bench started, then unwind (its temp directories go)."""
+    end_children()
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _end_with_signal)
     args = parse_args(argv)
     try:
         spec, serial_jobs, par_jobs = plan_jobs(args)

@@ -15,6 +15,23 @@ SCHEDULERS = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta"
               "linear_quadratic")
 BALANCES = ("compute", "memory")
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # KSampler's widget range; torch's generators take seeds up to 2**64 - 1
+
+
+def check_seed(seed: int, sampler: str) -> None:
+    """A seed the stock KSampler can sample with ``sampler``.
+
+    ComfyUI 0.3.75's ddim is euler with random inpainting noise: ``KSAMPLER.sample`` (comfy/samplers.py)
+    seeds it with ``torch.manual_seed(seed + 1)`` on every ddim job, masked or not, which raises "Overflow
+    when unpacking long long" at seed 2**64 - 1. The stock KSampler fails there, so this job is refused the
+    same way, but before anything starts and with the way out.
+    """
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed {seed} is outside KSampler's range 0..{MAX_SEED}")
+    if sampler == "ddim" and seed == MAX_SEED:
+        raise ValueError(f"seed {seed} with sampler ddim: ComfyUI's ddim draws its inpainting noise from seed + 1, "
+                         f"which overflows torch's 64-bit seed (the stock KSampler fails on it too); use a seed "
+                         f"up to {MAX_SEED - 1}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,7 @@ class SampleSpec:
                 raise ValueError(f"{name} {v} must be a positive multiple of 16 (e.g. {max(16, v // 16 * 16)})")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+        check_seed(self.seed, self.sampler)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not implemented: choose one of {', '.join(SAMPLERS)}")
         if self.scheduler not in SCHEDULERS:

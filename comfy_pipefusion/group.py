@@ -2,18 +2,28 @@
 
 World size 1 runs the worker as a plain process (no process group at all); more ranks run it under
 torchrun. The group runs in a session of its own and is killed whole on timeout or interrupt.
+
+A one-shot group ends with its owner however the owner ends: the process it starts (torchrun's agent or
+the single worker) gets SIGKILL from the kernel when the owner dies (PR_SET_PDEATHSIG), and every rank
+likewise when the agent dies. Its files live in ``pipefusion-<owner pid>-*`` under the temp directory:
+removed when ``run_jobs`` returns or raises; an owner killed outright (SIGKILL) cannot remove them, so each
+``run_jobs`` first removes this user's such directories whose owner is gone (``sweep_tempdirs``).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
 
@@ -62,6 +72,54 @@ def worker_env(threads: int, devices: tuple[int, ...] | None = None, cpu_only: b
     return env
 
 
+_TEMP = re.compile(r"pipefusion-(?:bench-)?(\d+)-")
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when the thread that started it ends (run in the
+    child: Popen's ``preexec_fn``); a parent already gone ends it at once."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def owned_tempdir(prefix: str = "pipefusion-") -> tempfile.TemporaryDirectory:
+    """A temporary directory named after this process, so that ``sweep_tempdirs`` knows its owner."""
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
+
+
+def sweep_tempdirs() -> list[Path]:
+    """Remove this user's ``pipefusion-<pid>-*`` temporary directories whose owner process is gone."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob("pipefusion-*"):
+        m = _TEMP.match(path.name)
+        try:
+            if not m or path.lstat().st_uid != os.getuid() or psutil.pid_exists(int(m.group(1))):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def end_children() -> None:
+    """SIGKILL every process this one started, whole trees, sessions of their own included."""
+    try:
+        procs = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
 def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, threads: int = 1,
              timeout: float | None = None, model: dict | None = None,
              worker_args: list[str] | None = None) -> dict[str, tuple[torch.Tensor, dict]]:
@@ -69,7 +127,8 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
     the built-in ``preset`` (random weights from ``seed``) unless ``model`` gives another source (e.g.
     ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no limit) bounds the whole group; on timeout or
     interrupt the group is killed. ``worker_args`` go to every rank (e.g. ``--turns DIR --turn-tag TAG``)."""
-    with tempfile.TemporaryDirectory(prefix="pipefusion-") as tmp:
+    sweep_tempdirs()
+    with owned_tempdir() as tmp:
         tmp = Path(tmp)
         spec = tmp / "jobs.json"
         source = model or {"preset": preset, "seed": seed}
@@ -78,7 +137,8 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
         with open(log, "wb") as fh:
             args = ["--jobs", str(spec), "--out", str(tmp / "out"), "--threads", str(threads), *(worker_args or [])]
             proc = subprocess.Popen(worker_command(world_size, args, tmp), stdout=fh,
-                                    stderr=subprocess.STDOUT, env=worker_env(threads), start_new_session=True)
+                                    stderr=subprocess.STDOUT, env=worker_env(threads), start_new_session=True,
+                                    preexec_fn=die_with_parent)
             try:
                 rc = proc.wait(timeout=timeout)
             except BaseException:
@@ -86,7 +146,9 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
                 proc.wait()
                 raise
         if rc != 0:
-            tail = log.read_text(errors="replace")[-4000:]
+            with open(log, "rb") as fh:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4000))
+                tail = fh.read().decode(errors="replace")
             raise GroupError(f"worker group of {world_size} exited with code {rc}:\n{tail}")
         return {j["name"]: (load_file(str(tmp / "out" / f"{j['name']}.safetensors"))["samples"],
                             json.loads((tmp / "out" / f"{j['name']}.json").read_text())) for j in jobs}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SampleSpec
+from .config import MAX_SEED, SampleSpec
 from .models import family
 from .models.family import LatentFormat, pack_latent, unpack_latent
 from .sampling.model_sampling import model_sampling_for
@@ -191,7 +191,7 @@ def synthetic_conditioning(config: dict, n_txt: int, batch: int, seed: int,
                            fam: str = "flux") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Text-encoder-like inputs of the right shapes for built-in models (no text encoder needed)."""
     width, pooled_width = family.get(fam).conditioning_dims(config)
-    g = torch.Generator().manual_seed(seed + 7919)
+    g = torch.Generator().manual_seed((seed + 7919) & MAX_SEED)  # any KSampler seed, wrapped
     txt = torch.randn(batch, n_txt, width, generator=g)
     pooled = torch.randn(batch, pooled_width, generator=g) if pooled_width else None
     return txt, pooled
@@ -201,7 +201,7 @@ def synthetic_problem(fam, config: dict, spec: SampleSpec, n_txt: int) -> Proble
     """A job with text-encoder-like conditioning of the right shapes for ``config`` (benchmarks, tests);
     with cfg != 1 the negative is another draw."""
     txt, pooled = synthetic_conditioning(config, n_txt, spec.batch, spec.seed, fam.NAME)
-    negative = synthetic_conditioning(config, n_txt, spec.batch, spec.seed + 1, fam.NAME)
+    negative = synthetic_conditioning(config, n_txt, spec.batch, (spec.seed + 1) & MAX_SEED, fam.NAME)
     return make_problem(spec, txt, pooled, fam=fam.NAME, fmt=fam.latent_format(config),
                         sampling=sampling_kind(fam, config), negative=negative)
 

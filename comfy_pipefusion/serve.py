@@ -37,13 +37,55 @@ log = logging.getLogger("comfy_pipefusion.serve")
 PING_S = 600.0  # idle ranks wait in a broadcast; keep it well inside the collective timeout
 BEAT_S = 0.5  # heartbeat period; the launcher's watchdog allows many missed beats
 DEBUG_LOAD_DELAY = "PIPEFUSION_DEBUG_LOAD_DELAY_S"  # fault tests: a slower weight load (seconds)
+CANCEL_FILE = "cancel"  # the id of the job rank 0 was told to cancel
+CANCEL_POLL_S = 0.05  # how often a loading rank looks at CANCEL_FILE
+
+
+class _LoadCancelled(Exception):
+    """The job was cancelled while this rank read its weights; the half-filled model is dropped."""
+
+
+def _write_quietly(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError:
+        pass  # the group directory is being removed: the launcher is stopping this group
+
+
+def _load_watch(group_dir: Path, jid: str):
+    """``progress(i, n)`` for the weight load of job ``jid``: raises _LoadCancelled within CANCEL_POLL_S of a
+    cancel, on every rank (each reads CANCEL_FILE). The debug delay is spread over the tensors read, so
+    that a test can cancel a load in progress."""
+    delay = float(os.environ.get(DEBUG_LOAD_DELAY) or 0)
+    path, seen = group_dir / CANCEL_FILE, [0.0]
+
+    def cancelled() -> bool:
+        try:
+            return path.read_text() == jid
+        except OSError:
+            return False
+
+    def progress(i: int, n: int) -> None:
+        end = time.monotonic() + delay / max(n, 1)
+        while True:
+            now = time.monotonic()
+            if now - seen[0] >= CANCEL_POLL_S:
+                seen[0] = now
+                if cancelled():
+                    raise _LoadCancelled(f"cancelled while reading tensor {i + 1} of {n}")
+            if now >= end:
+                return
+            time.sleep(min(CANCEL_POLL_S, end - now))
+    return progress
 
 
 class _Inbox:
-    """Rank 0's reader of the control socket: jobs go to a queue, cancel sets a flag."""
+    """Rank 0's reader of the control socket: jobs go to a queue, cancel sets a flag and, for the ranks that
+    are loading weights (no collective runs then), writes the job id to ``GROUP_DIR/cancel``."""
 
-    def __init__(self, conn) -> None:
+    def __init__(self, conn, group_dir: Path) -> None:
         self.conn, self.jobs, self.cancel_id = conn, queue.Queue(), None
+        self.cancel_file = group_dir / CANCEL_FILE
         self.current = None
         threading.Thread(target=self._read, name="pipefusion-control", daemon=True).start()
 
@@ -53,6 +95,7 @@ class _Inbox:
                 msg = transport.recv(self.conn)
                 if msg["type"] == "cancel":
                     self.cancel_id = msg.get("id")
+                    _write_quietly(self.cancel_file, str(self.cancel_id))
                 elif msg["type"] in ("job", "shutdown"):
                     self.jobs.put(msg)
         except (EOFError, OSError, ValueError):
@@ -122,7 +165,7 @@ def serve(group_dir: Path, comm: Comm, device: torch.device) -> None:
     conn = inbox = None
     if comm.rank == 0:
         conn = transport.connect(group_dir / "control.sock", (group_dir / "authkey").read_bytes())
-        inbox = _Inbox(conn)
+        inbox = _Inbox(conn, group_dir)
     pids = _gather(os.getpid(), comm)
     if conn is not None:
         transport.send(conn, "ready", pids=pids, world_size=comm.world_size, device=str(device))
@@ -141,6 +184,7 @@ def serve(group_dir: Path, comm: Comm, device: torch.device) -> None:
             if msg["type"] == "job":
                 if msg.get("model_stamp") != stamp:  # the checkpoint file changed on disk: read it again
                     models, stamp = ModelCache(device), msg.get("model_stamp")
+                models.progress = _load_watch(group_dir, msg["id"])
                 _serve_job(msg, comm, device, models, conn, inbox, beat)
     except BaseException:
         _write_error(group_dir, comm.rank)
@@ -148,17 +192,18 @@ def serve(group_dir: Path, comm: Comm, device: torch.device) -> None:
 
 
 def _prepare(job: dict, comm: Comm, models: ModelCache, segs: dict):
-    """(Prepared, None) or (None, the error) on this rank: attach the tensors, load the model."""
+    """(Prepared, None, False), (None, the error, False) or (None, None, True) when a cancel stopped this
+    rank's weight load: attach the tensors, load the model."""
     try:
-        delay = float(os.environ.get(DEBUG_LOAD_DELAY) or 0)
-        if delay and models.value is None:  # only when the weights are read: a fresh group, a changed file
-            time.sleep(delay)
         for k, d in job.get("tensors", {}).items():
             segs[k] = transport.ShmTensor.attach(d)
         tensors = {k: s.tensor for k, s in segs.items() if k != "out"}
-        return prepare(job, comm, models, tensors), None
+        return prepare(job, comm, models, tensors), None, False
+    except _LoadCancelled as exc:
+        log.info("job %s: %s", job["id"], exc)
+        return None, None, True
     except Exception as exc:  # the same on every rank: answer it, keep the group
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, f"{type(exc).__name__}: {exc}", False
 
 
 def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, conn, inbox, beat) -> None:
@@ -168,15 +213,15 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
     try:
         if conn is not None:
             transport.send(conn, "phase", id=jid, phase="loading")
-        prep, err = _prepare(job, comm, models, segs)
-        votes = _gather((err, inbox is not None and inbox.cancel_id == jid), comm)
+        prep, err, stopped = _prepare(job, comm, models, segs)
+        votes = _gather((err, stopped or (inbox is not None and inbox.cancel_id == jid)), comm)
         first_err = next((e for e, _ in votes if e), None)
         if first_err:
             if conn is not None:
                 rank = [e for e, _ in votes].index(first_err)
                 transport.send(conn, "error", id=jid, phase="prepare", message=first_err, rank=rank)
             return
-        if votes[0][1]:  # rank 0 heard a cancel while the ranks were loading
+        if any(c for _, c in votes):  # a cancel came while the ranks were loading: no rank samples
             if conn is not None:
                 transport.send(conn, "cancelled", id=jid, message="cancelled while loading the model")
             return

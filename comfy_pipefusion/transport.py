@@ -3,7 +3,9 @@
 - ``run_root()``: the private run directory (mode 0700, owned by this user) where every group keeps its
   control socket, authkey, pid file and log.
 - ``ShmTensor``: a tensor in a ``multiprocessing.shared_memory`` segment, mapped without copies. Names are
-  ``pf_<owner pid>_<128 random bits>``: unguessable, and sweepable once the owner is dead. Only the
+  ``pf_<owner pid>_<pid namespace>_<128 random bits>``: unguessable, and sweepable once the owner is dead.
+  A pid means something only in its pid namespace (containers sharing /dev/shm each have their own), so
+  a segment is ours to judge only when its namespace is ours and its file is owned by our uid. Only the
   creator unlinks; attaching processes just close.
 - ``listen``/``connect``/``send``/``recv``: JSON messages over an AF_UNIX socket. The authkey challenge
   (HMAC) runs before any message is read, and messages are never unpickled.
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -22,22 +25,50 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("comfy_pipefusion.transport")
 SHM_PREFIX = "pf_"
-_SHM_NAME = re.compile(r"^pf_(\d+)_[0-9a-f]{32}$")
+_SHM_NAME = re.compile(r"pf_(\d{1,10})_([0-9a-f]{1,16})_[0-9a-f]{32}")
 SHM_DIR = Path("/dev/shm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 
 
+def _private(path: Path) -> bool:
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
 def run_root() -> Path:
-    """This user's private run directory; refuses one that another user owns or others can enter."""
-    base = Path(os.environ.get("PIPEFUSION_RUN_DIR") or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    """This user's private run directory: ``comfy-pipefusion-<uid>`` in PIPEFUSION_RUN_DIR, XDG_RUNTIME_DIR
+    or the temp directory. A chosen directory that another user owns or others can enter is refused. In the
+    shared temp directory anyone can create that name first: then a fresh private one is made beside it
+    (``mkdtemp``: an unpredictable name, created atomically with mode 0700, so it cannot be squatted)."""
+    chosen = os.environ.get("PIPEFUSION_RUN_DIR") or os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(chosen or tempfile.gettempdir())
     root = base / f"comfy-pipefusion-{os.getuid()}"
-    root.mkdir(mode=0o700, exist_ok=True)
-    st = root.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+    try:
+        root.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        if chosen:
+            raise
+    if _private(root):
+        return root
+    if chosen:
+        st = root.lstat()
         raise PermissionError(f"{root} must be a directory owned by uid {os.getuid()} with mode 0700 "
                               f"(found mode {oct(st.st_mode & 0o777)}, uid {st.st_uid}); remove it and retry")
-    return root
+    log.warning("%s is not a private directory of uid %d (another user may have created it); using a fresh "
+                "private directory beside it", root, os.getuid())
+    return Path(tempfile.mkdtemp(prefix=f"{root.name}-", dir=base))
+
+
+def fallback_roots(base: Path) -> list[Path]:
+    """This user's private run directories that ``run_root`` made in ``base`` when the usual one was taken."""
+    return sorted(p for p in base.glob(f"comfy-pipefusion-{os.getuid()}-*") if _private(p))
 
 
 def private_dir(parent: Path, prefix: str) -> Path:
@@ -84,7 +115,7 @@ class ShmTensor:
         """A new segment, its pages reserved up front: on a full /dev/shm this raises ShmFull, where
         writing into a sparse mapping would kill the process with SIGBUS."""
         nbytes = max(1, torch.empty((), dtype=DTYPES[dtype]).element_size() * _numel(shape))
-        name = f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(16)}"
+        name = f"{SHM_PREFIX}{os.getpid()}_{pid_namespace()}_{secrets.token_hex(16)}"
         shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
         try:
             os.posix_fallocate(shm._fd, 0, nbytes)
@@ -103,7 +134,7 @@ class ShmTensor:
 
     @classmethod
     def attach(cls, desc: dict) -> "ShmTensor":
-        if not _SHM_NAME.match(desc["name"]):
+        if not _SHM_NAME.fullmatch(desc["name"]):
             raise ValueError(f"not a comfy-pipefusion segment name: {desc['name']!r}")
         shm = shared_memory.SharedMemory(name=desc["name"])
         # Python < 3.13 registers attached segments with the resource tracker, which would unlink them
@@ -141,21 +172,40 @@ def _numel(shape) -> int:
     return n
 
 
+def pid_namespace() -> str:
+    """This process's pid namespace (hex inode of /proc/self/ns/pid; '0' where it cannot be read)."""
+    try:
+        return format(os.stat("/proc/self/ns/pid").st_ino, "x")
+    except OSError:
+        return "0"
+
+
 def shm_segments(owner_pid: int | None = None) -> list[str]:
-    """Names of our segments in /dev/shm, optionally only those of one owner pid."""
-    root = SHM_DIR
-    if not root.is_dir():
+    """Names of our segments in /dev/shm (our pid namespace, files of our uid), optionally of one owner pid."""
+    if not SHM_DIR.is_dir():
         return []
-    out = []
-    for p in root.iterdir():
-        m = _SHM_NAME.match(p.name)
-        if m and (owner_pid is None or int(m.group(1)) == owner_pid):
+    ns, uid, out = pid_namespace(), os.getuid(), []
+    for p in SHM_DIR.iterdir():
+        m = _SHM_NAME.fullmatch(p.name)
+        if not m or m.group(2) != ns or (owner_pid is not None and int(m.group(1)) != owner_pid):
+            continue
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_uid == uid:
             out.append(p.name)
     return out
 
 
+def segment_owner(name: str) -> int:
+    """The owner pid in a segment's name."""
+    return int(name.split("_")[1])
+
+
 def unlink_segment(name: str) -> None:
-    if _SHM_NAME.match(name):
+    """Remove one of our segments; an error other than 'already gone' is raised."""
+    if _SHM_NAME.fullmatch(name):
         try:
             os.unlink(SHM_DIR / name)
         except FileNotFoundError:

@@ -85,6 +85,7 @@ class ModelCache:
     def __init__(self, device: torch.device) -> None:
         self.device, self.key, self.value = device, None, None
         self.meta_source, self.meta = None, None  # structure of the last source: header read once
+        self.progress = None  # called before each tensor read (serve: cancel while loading)
 
     def describe(self, source: ModelSource) -> tuple[object, dict, torch.nn.Module]:
         """(family, config, meta-device model) of ``source``, read once per source."""
@@ -97,8 +98,8 @@ class ModelCache:
         fam, _, meta = self.describe(source)
         key = (source, tuple(rank_modules(fam, meta, cfg, rank)), dtype)
         if key != self.key:
-            self.key, self.value = None, None
-            self.value = load_rank_model(source, cfg, rank, self.device, dtype)
+            self.key, self.value = None, None  # a load that raises (a cancel) leaves nothing half-loaded
+            self.value = load_rank_model(source, cfg, rank, self.device, dtype, self.progress)
             self.key = key
         return self.value
 
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             from .serve import serve
             serve(Path(args.serve), comm, device)
         else:
+            from .group import die_with_parent
+            die_with_parent()  # a one-shot group's rank ends with its agent (or its owner, for one rank)
             turns = Turns(Path(args.turns), args.turn_tag, comm.rank) if args.turns else None
             run_file(Path(args.jobs), Path(args.out), comm, device, turns)
     finally:

@@ -2,7 +2,8 @@
 
 The group runs ``python -m torch.distributed.run ... -m comfy_pipefusion.worker --serve GROUP_DIR`` in a
 session of its own, with a clean environment, and dies with its owner (PR_SET_PDEATHSIG). Everything it
-uses lives in GROUP_DIR (mode 0700): the control socket, the authkey (0600), the pid files and the log.
+uses lives in GROUP_DIR (mode 0700): the control socket, the authkey (0600), the pid files and the log
+(bounded and read from its end: ``logfile``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 from comfy_pipefusion import transport
 from comfy_pipefusion.group import worker_command, worker_env
 
+from . import logfile
 from .sweep import kill_tree, process_identity, read_json, remove_group, sweep
 
 _ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)(?:\s*\((\w+)\))?")
@@ -213,14 +215,14 @@ class WorkerGroup:
 
     def log_tail(self, lines: int = 30) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(logfile.read_tail(self.log_path).splitlines()[-lines:])
         except OSError:
             return "(no worker log)"
 
     def root_cause(self) -> str:
         """', rank R (pid P) ended with exit code C (SIGNAL)' from torchrun's summary in the log, or ''."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            text = logfile.read_tail(self.log_path)
         except OSError:
             return ""
         found = _ROOT_CAUSE.findall(text.rsplit("Root Cause", 1)[-1]) if "Root Cause" in text else []
@@ -244,6 +246,7 @@ class WorkerGroup:
         """Run one job; tensors travel in shared memory. Returns (LATENT samples, the done message)."""
         if not self.alive():
             raise GroupError("the worker group is not running")
+        logfile.rotate(self.log_path)
         segs = {}
         try:
             for name, t in tensors.items():
@@ -318,6 +321,7 @@ class WorkerGroup:
         if now < w.next_check:
             return
         w.next_check = now + 0.25
+        logfile.rotate(self.log_path)
         silent = self.silent_ranks()
         where = f"at step {w.step}/{w.steps}" if w.phase == "sampling" else f"while {w.phase}"
         if silent:

@@ -2,11 +2,13 @@
 
 Each group directory in the private run root has an ``owner`` file (pid and start time of the ComfyUI
 process that started it) and a ``pids`` file (torchrun and worker pids). A group whose owner is gone is
-killed and removed; segments named after a dead owner pid are unlinked.
+killed and removed (in this user's fallback run directories beside the root too); our segments (our uid,
+our pid namespace) named after a dead owner pid are unlinked.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +18,8 @@ from pathlib import Path
 import psutil
 
 from comfy_pipefusion import transport
+
+log = logging.getLogger("comfy_pipefusion.launcher")
 
 
 def process_identity(pid: int | None = None) -> dict:
@@ -79,7 +83,8 @@ def sweep(root: Path, keep: set[Path] = frozenset(), same_owner_too: bool = Fals
     segments whose owner died. Returns the group directories removed."""
     me = process_identity()
     removed = []
-    for gdir in sorted(root.glob("group-*")):
+    roots = [root] + [r for r in transport.fallback_roots(root.parent) if r != root]
+    for gdir in sorted(g for r in roots for g in r.glob("group-*")):
         if gdir in keep:
             continue
         owner = read_json(gdir / "owner")
@@ -92,8 +97,11 @@ def sweep(root: Path, keep: set[Path] = frozenset(), same_owner_too: bool = Fals
             continue
         remove_group(gdir, grace_s=0 if owner is None or not is_alive(owner) else 5.0)  # orphans: no grace
         removed.append(gdir)
-    for name in transport.shm_segments():
-        pid = int(name.split("_")[1])
-        if not psutil.pid_exists(pid):
+    for name in transport.shm_segments():  # ours only: our uid and pid namespace
+        if psutil.pid_exists(transport.segment_owner(name)):
+            continue
+        try:
             transport.unlink_segment(name)
+        except OSError as exc:  # one segment must never stop a start
+            log.warning("could not remove the dead owner's segment /dev/shm/%s: %s", name, exc)
     return removed

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from comfy_pipefusion.config import SAMPLERS, SCHEDULERS
+from comfy_pipefusion.config import SAMPLERS, SCHEDULERS, check_seed
 
 IMPLEMENTED_SAMPLERS = tuple(s for s in SAMPLERS if s != "frozen")  # frozen is the engine's test sampler
 IMPLEMENTED_SCHEDULERS = SCHEDULERS
@@ -38,13 +38,14 @@ def parse_devices(text: str, gpu_count: int) -> tuple[tuple[int, ...] | None, in
     return devs, len(devs)
 
 
-def check_sampler(sampler_name: str, scheduler: str, denoise: float, cfg: float) -> None:
+def check_sampler(sampler_name: str, scheduler: str, denoise: float, cfg: float, seed: int = 0) -> None:
     if sampler_name not in IMPLEMENTED_SAMPLERS:
         raise ValueError(f"sampler {sampler_name!r} is not implemented; implemented: "
                          f"{', '.join(IMPLEMENTED_SAMPLERS)}")
     if scheduler not in IMPLEMENTED_SCHEDULERS:
         raise ValueError(f"scheduler {scheduler!r} is not implemented; implemented: "
                          f"{', '.join(IMPLEMENTED_SCHEDULERS)}")
+    check_seed(seed, sampler_name)
     if denoise <= 0.0:
         raise ValueError(f"denoise {denoise} samples nothing; use a value in (0, 1] (1 = from pure noise)")
 

@@ -129,8 +129,9 @@ def test_segment_names_are_unguessable_and_private():
     try:
         for seg in (a, b):
             name = seg.describe()["name"]
-            prefix, pid, token = name.split("_")
+            prefix, pid, ns, token = name.split("_")
             assert prefix == "pf" and int(pid) == os.getpid() and len(token) == 32  # 128 random bits
+            assert ns == transport.pid_namespace()  # a pid names a process only within its namespace
             assert stat.S_IMODE(os.stat(f"/dev/shm/{name}").st_mode) == 0o600
         assert a.describe()["name"] != b.describe()["name"]
         with pytest.raises(ValueError, match="not a comfy-pipefusion segment"):

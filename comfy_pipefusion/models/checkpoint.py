@@ -27,10 +27,11 @@ from . import fp8, keys_flux, keys_pixart, keys_sd3
 from .detect import SUPPORTED, DetectError, identify, strip_prefix
 from . import detect
 from .keymap import KeyMap, for_module, sources
-from .tensorfile import Entry, Reader, TensorFileError, read_header
+from .tensorfile import MAX_HEADER, Entry, Reader, TensorFileError, read_header
 
 INDEX_SUFFIX = ".safetensors.index.json"
 _SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")
+_SHARD_NAME = re.compile(r"(?!\.)[^/\\\x00-\x1f]{1,200}\.safetensors")  # a bare file name, not hidden
 ORIGINAL_MAPS = {"flux": keys_flux.original_map, "sd3": keys_sd3.original_map, "pixart": keys_pixart.original_map}
 
 
@@ -64,9 +65,19 @@ def _error(name: str, what: str) -> CheckpointError:
 
 def _index_files(index: Path) -> tuple[str, ...]:
     try:
+        if index.stat().st_size > MAX_HEADER:  # real indexes are ~100 KB
+            raise ValueError(f"{index.stat().st_size} bytes, more than an index needs ({MAX_HEADER})")
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise _error(index.name, f"not a readable safetensors index ({exc})") from exc
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise _error(index.name, "its weight_map is not a non-empty object of tensor name -> shard file")
+    # A downloaded index must not make the loader open (and describe) files elsewhere: a shard is a bare
+    # .safetensors file name beside the index. The refusal names only the index's own text.
+    bad = [f for f in weight_map.values() if not isinstance(f, str) or not _SHARD_NAME.fullmatch(f)]
+    if bad:
+        raise _error(index.name, f"its weight_map names {bad[0]!r} as a shard; a shard must be a bare "
+                                 "*.safetensors file name in the index's own folder (no path, no '..')")
     files = tuple(dict.fromkeys(str(index.parent / f) for f in weight_map.values()))
     missing = [Path(f).name for f in files if not Path(f).is_file()]
     if missing:
@@ -175,9 +186,10 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
         else:
             config = detect.pixart_original_config(shapes, metadata, Path(files[0]).name)
             variant = detect.pixart_variant(shapes, config)
+        detect.check_bounds(config)
     except DetectError as exc:
         raise _error(name, str(exc)) from exc
-    except (KeyError, IndexError, ValueError) as exc:  # a key the family always has is absent, a shape is odd
+    except (KeyError, IndexError, ValueError, ArithmeticError) as exc:  # a key is absent, a shape is odd
         raise _error(name, f"looks like {family} but {exc!r} does not fit; the file is incomplete or not "
                            "a supported variant") from exc
     if layout == "diffusers" and sharded:
@@ -248,32 +260,35 @@ def _fill(reader: Reader, key: str, shape: torch.Size, pieces, entries: dict[str
 
 
 def load_modules(model: nn.Module, info: CheckpointInfo | str | Path, names: list[str], device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, progress=None) -> None:
     """Fill the submodules (or root tensors) ``names`` of a meta-device model from the checkpoint; the rest
     stays on the meta device. Tensors are read one at a time into their final place, in ``dtype``, except
-    float8 Linear weights, which stay 8-bit (``fp8.StoredFp8Linear``)."""
+    float8 Linear weights, which stay 8-bit (``fp8.StoredFp8Linear``). ``progress(i, n)`` is called before
+    tensor i of n is read; an exception it raises (a cancel) abandons the load, and the model with it."""
     if not isinstance(info, CheckpointInfo):
         info = open_checkpoint(info)
     entries, _ = read_entries(info.files, info.prefix)
     kmap = key_map(info, entries)
+    work = [t for name in names for t in _tensors_of(model, name)]
     with Reader() as reader, torch.no_grad():
-        for name in names:
-            for key, mod, attr, kind in _tensors_of(model, name):
-                if kind == "derived":
-                    mod._buffers[attr] = _derived_buffer(mod, attr, device, dtype)
-                    continue
-                if key not in kmap:
-                    raise CheckpointError(f"{Path(info.files[0]).name} has nothing for {key}: the file is "
-                                          "incomplete or of another model")
-                current = getattr(mod, attr)
-                keep = lambda stored: kind == "param" and fp8.can_keep(mod, attr, stored)  # noqa: E731
-                t = _fill(reader, key, current.shape, kmap[key], entries, device, dtype, keep)
-                if kind == "param":
-                    mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
-                    if t.dtype in fp8.FP8:
-                        fp8.keep_stored(mod)
-                else:
-                    mod._buffers[attr] = t
+        for i, (key, mod, attr, kind) in enumerate(work):
+            if progress is not None:
+                progress(i, len(work))
+            if kind == "derived":
+                mod._buffers[attr] = _derived_buffer(mod, attr, device, dtype)
+                continue
+            if key not in kmap:
+                raise CheckpointError(f"{Path(info.files[0]).name} has nothing for {key}: the file is "
+                                      "incomplete or of another model")
+            current = getattr(mod, attr)
+            keep = lambda stored: kind == "param" and fp8.can_keep(mod, attr, stored)  # noqa: E731
+            t = _fill(reader, key, current.shape, kmap[key], entries, device, dtype, keep)
+            if kind == "param":
+                mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+                if t.dtype in fp8.FP8:
+                    fp8.keep_stored(mod)
+            else:
+                mod._buffers[attr] = t
 
 
 def inspect_checkpoint(path: str | Path) -> dict:

@@ -39,8 +39,19 @@ def strip_prefix(keys) -> str:
     return ""
 
 
+def _dit_markers(keys) -> bool:
+    """Keys only a supported DiT has (what ``identify`` decides the family by)."""
+    return ("double_blocks.0.img_attn.qkv.weight" in keys or "single_blocks.0.linear1.weight" in keys
+            or _has(keys, "x_embedder.weight", "context_embedder.weight") or _any(keys, "joint_blocks.0.x_block.")
+            or (_has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv.")))
+
+
 def what_else(keys: set[str]) -> str | None:
-    """A name for the things we refuse (adapters, UNets, video models, other DiTs), or None."""
+    """A name for the things we refuse (adapters, UNets, video models, other DiTs), or None.
+
+    A VAE or text encoder riding along in an unprefixed DiT file (``vae.decoder...``) is not refused: the
+    file is decided by what it holds for the diffusion model, and the loader reads only the model's keys,
+    as ComfyUI's UNETLoader does."""
     lower = {k.lower() for k in keys}
     if _any(lower, "lora_", ".lora.", "lora.up", "lora.down", "lora_a.", "lora_b.", ".hada_", ".lokr_"):
         return "a LoRA / LyCORIS adapter (lora_* tensors), not a model"
@@ -61,6 +72,8 @@ def what_else(keys: set[str]) -> str | None:
         return "a Chroma model (a Flux derivative without modulation layers)"
     if _any(keys, "double_stream_modulation_img."):
         return "a Flux.2 model"
+    if _dit_markers(keys):
+        return None
     if _any(keys, "encoder.down.", "decoder.up."):
         return "a VAE"
     if _any(keys, "encoder.block.", "text_model.encoder."):
@@ -93,9 +106,12 @@ def identify(keys: set[str]) -> tuple[str, str]:
 
 
 def block_count(keys, prefix: str) -> int:
-    """N for contiguous ``prefix.0. .. prefix.N-1.``; raises if an index is missing."""
-    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    """N for contiguous ``prefix.0. .. prefix.N-1.``; raises if an index is missing or N is beyond any model."""
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d{{1,9}})\.")
     found = {int(m.group(1)) for k in keys if (m := pat.match(k))}
+    if len(found) > BOUNDS["num_layers"][1] or max(found, default=0) >= 10 * BOUNDS["num_layers"][1]:
+        raise DetectError(f"{prefix}: {len(found)} blocks numbered up to {max(found)}; no supported model has "
+                          f"more than {BOUNDS['num_layers'][1]}")
     if found != set(range(len(found))):
         missing = sorted(set(range(max(found) + 1)) - found)
         raise DetectError(f"{prefix}: blocks {missing[:8]} are missing among 0..{max(found)}; the file is "
@@ -103,14 +119,60 @@ def block_count(keys, prefix: str) -> int:
     return len(found)
 
 
+# Every value that sizes the model, with its bounds: a header sizes what the loader builds (on the meta device
+# in ComfyUI's process, then for real on every rank), so a value beyond any real model is refused. Real
+# models: width <= 3072 (Flux), blocks <= 57 (Flux 19 + 38), heads of 64..128, 16 latent channels.
+BOUNDS = {"num_layers": (0, 512), "num_single_layers": (0, 512), "attention_head_dim": (1, 1024),
+          "num_attention_heads": (1, 256), "in_channels": (1, 1024), "out_channels": (1, 1024),
+          "joint_attention_dim": (1, 65536), "pooled_projection_dim": (1, 65536), "caption_projection_dim": (1, 65536),
+          "cross_attention_dim": (1, 65536), "caption_channels": (1, 65536), "patch_size": (1, 16),
+          "sample_size": (1, 4096), "pos_embed_max_size": (1, 4096)}
+MAX_WIDTH = 65536  # heads x head dimension
+
+
+def check_bounds(config: dict) -> None:
+    """Refuse a configuration with a value no real model has (the message names it and the bounds)."""
+    for key, (lo, hi) in BOUNDS.items():
+        v = config.get(key)
+        if v is not None and not (isinstance(v, int) and lo <= v <= hi):
+            raise DetectError(f"{key} = {v!r} is outside {lo}..{hi}; the header does not describe a real model")
+    width = config["attention_head_dim"] * config["num_attention_heads"]
+    if width > MAX_WIDTH:
+        raise DetectError(f"width {width} (heads x head dimension) is beyond {MAX_WIDTH}; the header does not "
+                          "describe a real model")
+    if config.get("num_layers", 0) + config.get("num_single_layers", 0) < 1:
+        raise DetectError("the header describes a model without blocks")
+
+
+def _meta_int(metadata: dict, key: str, default: int) -> int:
+    """An integer from the header's metadata (small test models set their head dimension), bounded."""
+    raw = metadata.get(key, default)
+    try:
+        v = int(raw)
+    except (TypeError, ValueError):
+        raise DetectError(f"metadata {key} = {raw!r} is not an integer") from None
+    lo, hi = BOUNDS["attention_head_dim"]
+    if not lo <= v <= hi:
+        raise DetectError(f"metadata {key} = {raw!r} is outside {lo}..{hi}")
+    return v
+
+
 def _head_dim(metadata: dict, default: int) -> int:
-    return int(metadata.get(HEAD_DIM_KEY, default))
+    return _meta_int(metadata, HEAD_DIM_KEY, default)
 
 
 def rope_axes(head_dim: int, metadata: dict) -> tuple[int, int, int]:
     """RoPE split of a head: Flux.1's (16, 56, 56) for 128, the same proportions otherwise."""
     if "pipefusion.axes_dims_rope" in metadata:
-        return tuple(int(v) for v in metadata["pipefusion.axes_dims_rope"].split(","))
+        raw = metadata["pipefusion.axes_dims_rope"]
+        try:
+            axes = tuple(int(v) for v in str(raw).split(","))
+        except ValueError:
+            axes = ()
+        if len(axes) != 3 or any(a < 2 or a % 2 for a in axes) or sum(axes) != head_dim:
+            raise DetectError(f"metadata pipefusion.axes_dims_rope = {raw!r} is not three even positive sizes "
+                              f"that sum to the head dimension {head_dim}")
+        return axes
     a0 = head_dim // 8
     a1 = (head_dim - a0) // 2
     if a0 % 2 or a1 % 2 or a0 + 2 * a1 != head_dim:
@@ -119,7 +181,7 @@ def rope_axes(head_dim: int, metadata: dict) -> tuple[int, int, int]:
 
 
 def _flux(width, head_dim, channels, out_channels, doubles, singles, joint, pooled, guidance, metadata) -> dict:
-    if width % head_dim:
+    if head_dim < 1 or width % head_dim:
         raise DetectError(f"width {width} is not a multiple of the head dimension {head_dim}")
     config = dict(in_channels=channels, num_layers=doubles, num_single_layers=singles,
                   attention_head_dim=head_dim, num_attention_heads=width // head_dim, joint_attention_dim=joint,

@@ -20,7 +20,13 @@ import torch
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-MAX_HEADER = 100 * 2**20  # safetensors' own limit
+# The header is parsed in ComfyUI's process (the loader node), so its size bounds the memory and time a
+# downloaded file can cost there (JSON of N bytes costs ~10 N of Python objects). Real headers are small:
+# ~100 bytes per tensor, Flux.1-dev 780 tensors (~80 KB), the largest all-in-one files (SD3.5 large with
+# its text encoders and VAE, ~2,700 tensors) ~300 KB; trainers' metadata adds at most a few hundred KB.
+# 8 MiB is 25x the largest, instead of safetensors' own 100 MiB.
+MAX_HEADER = 8 * 2**20
+MAX_TENSORS = 50_000  # ~18x the largest real file's tensor count
 
 
 class TensorFileError(ValueError):
@@ -51,7 +57,10 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
         if len(head) < 8:
             raise TensorFileError(f"{path.name} has {size} bytes: too short for a safetensors header")
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
+        if n > MAX_HEADER:
+            raise TensorFileError(f"{path.name}: header length {n} is beyond the {MAX_HEADER} bytes a real "
+                                  "checkpoint's header needs (not safetensors, or made to exhaust memory)")
+        if 8 + n > size:
             raise TensorFileError(f"{path.name}: header length {n} does not fit in a file of {size} bytes "
                                   "(not safetensors, or truncated)")
         try:
@@ -61,6 +70,11 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
     if not isinstance(header, dict):
         raise TensorFileError(f"{path.name}: the header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise TensorFileError(f"{path.name}: __metadata__ is not a JSON object; the file is corrupt")
+    if len(header) > MAX_TENSORS:
+        raise TensorFileError(f"{path.name}: the header lists {len(header)} tensors; real checkpoints have a few "
+                              f"thousand at most (limit {MAX_TENSORS}), so this file is refused")
     entries, data_end = {}, 0
     for key, spec in header.items():
         try:
@@ -72,7 +86,7 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
         numel = 1
         for s in shape:
             numel *= s
-        if end - begin != numel * dtype.itemsize or begin < 0:
+        if any(s < 0 for s in shape) or end - begin != numel * dtype.itemsize or begin < 0:
             raise TensorFileError(f"{path.name}: tensor {key!r} claims bytes {begin}..{end} for shape {shape} "
                                   f"{spec['dtype']}; the header is corrupt")
         entries[key] = Entry(str(path), dtype, shape, 8 + n + begin, 8 + n + end)

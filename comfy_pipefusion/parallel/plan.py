@@ -89,19 +89,22 @@ class ModelSource:
         info = checkpoint.open_checkpoint(self.checkpoint)
         return family.get(info.family), info.config
 
-    def fill(self, fam, model, names: list[str], device: torch.device, dtype: torch.dtype) -> None:
+    def fill(self, fam, model, names: list[str], device: torch.device, dtype: torch.dtype, progress=None) -> None:
+        """Fill ``names`` of the meta ``model``; ``progress(i, n)`` before each tensor read from a checkpoint."""
         if self.preset is not None:
             fam.materialize(model, names, device, dtype, self.seed)
         else:  # fp8 weights stay 8-bit (computed in ``dtype``): never cast the loaded model afterwards
-            checkpoint.load_modules(model, checkpoint.open_checkpoint(self.checkpoint), names, device, dtype)
+            checkpoint.load_modules(model, checkpoint.open_checkpoint(self.checkpoint), names, device, dtype,
+                                    progress)
 
 
 def load_rank_model(source: ModelSource, cfg: ParallelConfig, rank: int, device: torch.device,
-                    dtype: torch.dtype):
-    """Build on the meta device and fill only this rank's part; returns (model, its blocks)."""
+                    dtype: torch.dtype, progress=None):
+    """Build on the meta device and fill only this rank's part; returns (model, its blocks). ``progress``:
+    see ``checkpoint.load_modules`` (it may raise to abandon the load)."""
     fam, config = source.describe()
     model = fam.build_meta(config)
     cfg.check_model(len(fam.blocks_of(model)))
-    source.fill(fam, model, rank_modules(fam, model, cfg, rank), device, dtype)
+    source.fill(fam, model, rank_modules(fam, model, cfg, rank), device, dtype, progress)
     model.eval().requires_grad_(False)
     return model, rank_blocks(fam, model, cfg, rank)
