@@ -1,0 +1,78 @@
+"""Two-rank schedules for test_comm_rules.py, run under torchrun: ``old`` is PipeFusion's first ordering
+(stage 0 posts its ring receive before it sends item 0, everything on one group), kept here only to show
+that the NCCL-rules mode catches it; ``new`` is the same exchange on the hop and ring groups. Each rank
+prints ``OK rank r`` when its exchange completed with the right values."""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from comfy_pipefusion.parallel.comm import Comm, ObjectRefused
+from comfy_pipefusion.parallel.rules import CommHang
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("order", choices=("old", "new", "hostile"))
+    ap.add_argument("--marker", help="hostile: the file the pickle would create if it were ever loaded")
+    ap.add_argument("--store", required=True)
+    args = ap.parse_args()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=world)
+    comm = Comm.create(rank, world, torch.device("cpu"), timedelta(minutes=5))
+    if args.order == "hostile":
+        return hostile(comm, args.marker)
+    fwd, back = (comm.data, comm.data) if args.order == "old" else (comm.hop(0), comm.ring)
+    try:
+        if rank == 0:
+            ring = comm.irecv(torch.zeros(4), 1, back)  # the latent patch of the next item, posted ahead
+            out = comm.isend(torch.arange(4.0), 1, fwd)  # item 0 forward
+            got = ring.wait()
+            out.wait()
+            assert got.tolist() == [1.0, 2.0, 3.0, 4.0], got
+        else:
+            x = comm.irecv(torch.zeros(4), 0, fwd).wait()
+            comm.isend(x + 1, 0, back).wait()
+    except CommHang as exc:
+        print(f"HANG rank {rank}: {exc}", file=sys.stderr, flush=True)
+        os._exit(3)  # executor threads stay stuck in gloo: do not wait for them
+    print(f"OK rank {rank}", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+class _Payload:
+    """What an attacker would put on the wire: unpickling it creates ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def hostile(comm: Comm, marker: str) -> int:
+    """Rank 1 plays a peer that answers gather_object with a pickle (framed as gather_object frames its
+    bytes); rank 0 must refuse it without loading it."""
+    if comm.rank == 1:
+        raw = pickle.dumps(_Payload(marker))
+        comm._all_gather(torch.tensor([len(raw)], dtype=torch.int64))
+        comm._all_gather(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        print("SENT rank 1", flush=True)
+    else:
+        try:
+            comm.gather_object({"rank": 0})
+        except ObjectRefused as exc:
+            print(f"REFUSED rank 0: {exc}", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""The NCCL-rules emulation (PIPEFUSION_COMM_RULES=nccl) and the control plane's object channel, on real
+two-rank torchrun/gloo groups running tests/comm_schedule.py."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from comfy_pipefusion.group import worker_env
+from comfy_pipefusion.parallel.comm import ObjectRefused, decode_object, encode_object
+from comfy_pipefusion.parallel.rules import HANG_ENV, MODE_ENV, Rules
+
+SCRIPT = Path(__file__).with_name("comm_schedule.py")
+HANG_S = 3
+
+
+def run_schedule(tmp_path: Path, order: str, mode: str, *extra: str) -> tuple[int, str, float]:
+    env = worker_env(1, cpu_only=True)
+    env.update({MODE_ENV: mode, HANG_ENV: str(HANG_S)})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint={tmp_path / 'rdzv.store'}", "--rdzv-conf=store_type=file",
+           f"--rdzv-id={os.getpid()}{order}{mode}", "--local-addr=127.0.0.1", "--max_restarts=0",
+           "--monitor_interval=0.5", str(SCRIPT), order, "--store", str(tmp_path / "pg.store"), *extra]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def test_nccl_rules_report_ring_receive_posted_before_send(tmp_path):
+    """The first PipeFusion ordering (stage 0 posts the ring receive, then sends item 0, on one group)
+    deadlocks under NCCL's in-order streams: the mode ends it within seconds and names what is stuck."""
+    rc, out, wall = run_schedule(tmp_path, "old", "nccl")
+    assert rc != 0, out
+    assert "HANG rank" in out, out[-3000:]
+    assert "waits for recv peer" in out and "shape [4] float32" in out
+    assert "'data' (ranks 0, 1)" in out and "issue #0" in out
+    assert wall < HANG_S + 40, wall
+
+
+def test_gloo_hides_the_same_ordering(tmp_path):
+    """Plain gloo runs the same schedule to the end: why the CPU suite never saw the hang."""
+    rc, out, _ = run_schedule(tmp_path, "old", "gloo")
+    assert rc == 0 and "OK rank 0" in out and "OK rank 1" in out, out[-3000:]
+
+
+def test_hop_and_ring_groups_pass_under_nccl_rules(tmp_path):
+    rc, out, _ = run_schedule(tmp_path, "new", "nccl")
+    assert rc == 0 and "OK rank 0" in out and "OK rank 1" in out, out[-3000:]
+
+
+def test_rules_settings_are_validated():
+    assert Rules.from_env({}).mode == "gloo"
+    assert Rules.from_env({MODE_ENV: "nccl", HANG_ENV: "2.5"}) == Rules("nccl", 2.5)
+    with pytest.raises(ValueError, match="PIPEFUSION_COMM_RULES='mpi'"):
+        Rules.from_env({MODE_ENV: "mpi"})
+    with pytest.raises(ValueError, match="PIPEFUSION_COMM_HANG_S='soon'"):
+        Rules.from_env({HANG_ENV: "soon"})
+    with pytest.raises(ValueError, match="positive"):
+        Rules.from_env({HANG_ENV: "0"})
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_hostile_pickle_on_the_control_plane_is_refused(tmp_path):
+    """A peer (or a local user on the gloo sockets) that sends a pickle where a JSON object is expected is
+    refused with a clear error; the pickle is never loaded (its payload would create a file)."""
+    marker = tmp_path / "pwned"
+    raw = pickle.dumps(_Payload(str(marker)))
+    with pytest.raises(ObjectRefused, match="from rank 1 that are a pickle"):
+        decode_object(raw, 1)
+    assert decode_object(encode_object({"a": [1, "x"]}).numpy().tobytes(), 0) == {"a": [1, "x"]}
+    with pytest.raises(TypeError, match="JSON values only"):
+        encode_object(_Payload("x"))
+    rc, out, _ = run_schedule(tmp_path, "hostile", "gloo", "--marker", str(marker))
+    assert rc == 0, out[-3000:]
+    assert "REFUSED rank 0: the control plane received" in out and "a pickle" in out, out[-3000:]
+    assert not marker.exists()
