@@ -61,7 +61,7 @@ def init_group(threads: int, store: str | None = None) -> tuple[Comm, torch.devi
         device = torch.device("cpu")
         pin_cpus(rank, world, threads)
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    return Comm(rank, world, device=device), device
+    return Comm.create(rank, world, device, COLLECTIVE_TIMEOUT), device
 
 
 def pin_cpus(rank: int, world: int, threads: int) -> None:
@@ -158,11 +158,7 @@ def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) 
 def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
     local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "wait_s": comm.wait_s,
              "pid": os.getpid()}
-    if not dist.is_initialized():
-        return [local]
-    out = [None] * comm.world_size
-    dist.all_gather_object(out, local)
-    return out
+    return comm.gather_object(local)
 
 
 def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,

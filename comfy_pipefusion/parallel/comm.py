@@ -73,11 +73,11 @@ class Comm:
         control = dist.new_group(backend="gloo", timeout=timeout)
         channels = {"data": Channel("data", everyone, None, True),
                     "control": Channel("control", everyone, control, False)}
-        for s in range(world - 1):
-            channels[f"hop{s}"] = Channel(f"hop {s}->{s + 1}", (s, s + 1), dist.new_group([s, s + 1], timeout=timeout),
-                                          True)
-        channels["ring"] = Channel(f"ring {world - 1}->0", (0, world - 1),
-                                   dist.new_group([0, world - 1], timeout=timeout), True)
+        pairs = {f"hop{s}": (f"hop {s}->{s + 1}", (s, s + 1)) for s in range(world - 1)}
+        pairs["ring"] = (f"ring {world - 1}->0", (0, world - 1))
+        for key, (name, ranks) in pairs.items():  # every rank creates every group, in this order
+            group = dist.new_group(list(ranks), timeout=timeout)
+            channels[key] = Channel(name, ranks, group, True) if rank in ranks else None
         comm = cls(rank, world, device=device, channels=channels)
         if rules.nccl:
             comm._emulate(rules)
@@ -93,7 +93,7 @@ class Comm:
         self.barrier()  # every rank mapped it
         if self.rank == 0:
             os.unlink(path)
-        gloo = [c for c in self.channels.values() if dist.get_backend(c.group) == "gloo"]
+        gloo = [c for c in self.channels.values() if c is not None and dist.get_backend(c.group) == "gloo"]
         for ch in gloo:
             ch.executor = Executor(ch, monitor)
         monitor.executors = [c.executor for c in gloo]
@@ -110,13 +110,21 @@ class Comm:
         return self.channels["control"]
 
     def hop(self, s: int) -> Channel:
-        """The group of the forward hop s -> s + 1 (only its data)."""
-        return self.channels.get(f"hop{s}", self.data)
+        """The group of the forward hop s -> s + 1 (only its data); this rank must be s or s + 1."""
+        return self._pair(f"hop{s}", f"hop {s}->{s + 1}")
 
     @property
     def ring(self) -> Channel:
-        """The group of the ring N - 1 -> 0 (latent patches, and the final latent)."""
-        return self.channels.get("ring", self.data)
+        """The group of the ring N - 1 -> 0 (latent patches, and the final latent); ranks 0 and N - 1."""
+        return self._pair("ring", f"ring {self.world_size - 1}->0")
+
+    def _pair(self, key: str, name: str) -> Channel:
+        if key not in self.channels:  # a Comm built by hand on one group: everything on it
+            return self.data
+        ch = self.channels[key]
+        if ch is None:
+            raise ValueError(f"rank {self.rank} is not a member of group {name}")
+        return ch
 
     # -- counters ---------------------------------------------------------------------------------
     @property

@@ -117,17 +117,18 @@ class Executor:
             self._thread = threading.Thread(target=self._run, daemon=True,
                                              name=f"pipefusion-stream-{self.channel.name}")
             self._thread.start()
-        self.q.put((op, fn))
+        self.q.put((op, fn, torch.is_inference_mode_enabled()))  # the thread runs it in the caller's mode
         return op
 
     def _run(self) -> None:
         while True:
-            op, fn = self.q.get()
+            op, fn, inference = self.q.get()
             self.head = op
             try:
-                work = fn()
-                if work is not None:
-                    work.wait()
+                with torch.inference_mode(inference):
+                    work = fn()
+                    if work is not None:
+                        work.wait()
             except BaseException as exc:  # handed to the waiter
                 op.error = exc
             self.head = None
