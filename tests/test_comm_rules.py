@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from comfy_pipefusion.group import worker_env
+from comfy_pipefusion.group import worker_command, worker_env
 from comfy_pipefusion.parallel.comm import ObjectRefused, decode_object, encode_object
 from comfy_pipefusion.parallel.rules import HANG_ENV, MODE_ENV, Rules
+from comfy_pipefusion.parallel.selftest import EXIT_SELFTEST, MARKER
 
 SCRIPT = Path(__file__).with_name("comm_schedule.py")
 HANG_S = 3
@@ -86,3 +87,17 @@ def test_hostile_pickle_on_the_control_plane_is_refused(tmp_path):
     assert rc == 0, out[-3000:]
     assert "REFUSED rank 0: the control plane received" in out and "a pickle" in out, out[-3000:]
     assert not marker.exists()
+
+
+def test_selftest_failure_marks_the_group_dir(tmp_path):
+    """A data-plane link that delivers wrong bytes ends the group at start-up, names the link and the
+    checksums, and leaves the marker the launcher reads (``--selftest-corrupt``: the tests' only way in)."""
+    cmd = worker_command(2, ["--serve", str(tmp_path), "--selftest-corrupt"], tmp_path)
+    proc = subprocess.run(cmd, env=worker_env(1, cpu_only=True), capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    marker = tmp_path / MARKER
+    assert marker.exists(), out[-3000:]
+    assert "link hop 0->1: rank 1 received checksum" in marker.read_text()
+    assert f"exitcode  : {EXIT_SELFTEST}" in out, out[-3000:]
