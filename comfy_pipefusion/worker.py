@@ -232,14 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("PIPEFUSION_THREADS", "1")))
     ap.add_argument("--turns", help="with --jobs: take each timed run in turn, as told in this folder (turns.py)")
     ap.add_argument("--turn-tag", default="group", help="with --turns: this process's name in the turns")
-    ap.add_argument("--selftest-corrupt", action="store_true", help=argparse.SUPPRESS)  # tests: fail the self-test
+    # tests only: a broken peer-to-peer link (wrong bytes) unless NCCL_P2P_DISABLE=1, to fail the self-test
+    ap.add_argument("--selftest-broken-p2p", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if bool(args.jobs) == bool(args.serve) or (args.jobs and not args.out):
         ap.error("give either --jobs FILE --out DIR, or --serve GROUP_DIR")
     setup_logging(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     try:
         comm, device = init_group(args.threads, args.store, Path(args.serve) if args.serve else None,
-                                  args.selftest_corrupt)
+                                  args.selftest_broken_p2p and os.environ.get("NCCL_P2P_DISABLE") != "1")
     except SelfTestFailed:  # logged, and marked in the group directory
         logging.shutdown()
         os._exit(EXIT_SELFTEST)  # a peer may still wait in a collective: do not tear the group down

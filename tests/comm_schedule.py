@@ -1,6 +1,7 @@
 """Two-rank schedules for test_comm_rules.py, run under torchrun: ``old`` is PipeFusion's first ordering
 (stage 0 posts its ring receive before it sends item 0, everything on one group), kept here only to show
-that the NCCL-rules mode catches it; ``new`` is the same exchange on the hop and ring groups. Each rank
+that the NCCL-rules mode catches it; ``new`` is the same exchange on the hop and ring groups; ``slow`` is ``new`` with rank 1 computing for a
+while first (longer than the hang timeout, which must not be called a hang). Each rank
 prints ``OK rank r`` when its exchange completed with the right values."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import os
 import pickle
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -19,7 +21,8 @@ from comfy_pipefusion.parallel.rules import CommHang
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("order", choices=("old", "new", "hostile"))
+    ap.add_argument("order", choices=("old", "new", "slow", "hostile"))
+    ap.add_argument("--compute-s", type=float, default=0.0, help="slow: rank 1 computes this long first")
     ap.add_argument("--marker", help="hostile: the file the pickle would create if it were ever loaded")
     ap.add_argument("--store", required=True)
     args = ap.parse_args()
@@ -37,6 +40,8 @@ def main() -> int:
             out.wait()
             assert got.tolist() == [1.0, 2.0, 3.0, 4.0], got
         else:
+            if args.order == "slow":  # a long compute: rank 0 blocked all along, rank 1 is not
+                time.sleep(args.compute_s)
             x = comm.irecv(torch.zeros(4), 0, fwd).wait()
             comm.isend(x + 1, 0, back).wait()
     except CommHang as exc:

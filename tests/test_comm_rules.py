@@ -2,6 +2,7 @@
 two-rank torchrun/gloo groups running tests/comm_schedule.py."""
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from comfy_pipefusion import transport
 from comfy_pipefusion.group import worker_command, worker_env
 from comfy_pipefusion.parallel.comm import ObjectRefused, decode_object, encode_object
 from comfy_pipefusion.parallel.rules import HANG_ENV, MODE_ENV, Rules
@@ -54,6 +56,13 @@ def test_hop_and_ring_groups_pass_under_nccl_rules(tmp_path):
     assert rc == 0 and "OK rank 0" in out and "OK rank 1" in out, out[-3000:]
 
 
+def test_a_long_compute_is_not_a_hang(tmp_path):
+    """Rank 0 waits twice the hang timeout while rank 1 computes: not every rank is blocked, no report."""
+    rc, out, wall = run_schedule(tmp_path, "slow", "nccl", "--compute-s", str(2 * HANG_S))
+    assert rc == 0 and "OK rank 0" in out and "HANG" not in out, out[-3000:]
+    assert wall >= 2 * HANG_S
+
+
 def test_rules_settings_are_validated():
     assert Rules.from_env({}).mode == "gloo"
     assert Rules.from_env({MODE_ENV: "nccl", HANG_ENV: "2.5"}) == Rules("nccl", 2.5)
@@ -91,8 +100,8 @@ def test_hostile_pickle_on_the_control_plane_is_refused(tmp_path):
 
 def test_selftest_failure_marks_the_group_dir(tmp_path):
     """A data-plane link that delivers wrong bytes ends the group at start-up, names the link and the
-    checksums, and leaves the marker the launcher reads (``--selftest-corrupt``: the tests' only way in)."""
-    cmd = worker_command(2, ["--serve", str(tmp_path), "--selftest-corrupt"], tmp_path)
+    checksums, and leaves the marker the launcher reads (``--selftest-broken-p2p``: the tests' only way in)."""
+    cmd = worker_command(2, ["--serve", str(tmp_path), "--selftest-broken-p2p"], tmp_path)
     proc = subprocess.run(cmd, env=worker_env(1, cpu_only=True), capture_output=True, text=True, timeout=120,
                           start_new_session=True)
     out = proc.stdout + proc.stderr
@@ -101,3 +110,24 @@ def test_selftest_failure_marks_the_group_dir(tmp_path):
     assert marker.exists(), out[-3000:]
     assert "link hop 0->1: rank 1 received checksum" in marker.read_text()
     assert f"exitcode  : {EXIT_SELFTEST}" in out, out[-3000:]
+
+
+def test_selftest_failure_restarts_the_group_once_without_p2p(caplog):
+    """The launcher restarts a group whose self-test failed once, with NCCL_P2P_DISABLE=1, and says why."""
+    import shutil
+    import tempfile
+
+    from launcher.group import GroupPlan, WorkerGroup
+
+    root = transport.private_dir(Path(tempfile.gettempdir()), "pfc-")  # short: the socket path has a limit
+    with caplog.at_level(logging.WARNING, logger="comfy_pipefusion.launcher"):
+        group = WorkerGroup(GroupPlan(2), root, startup_timeout=120, worker_args=("--selftest-broken-p2p",))
+    try:
+        assert group.alive() and len(group.worker_pids) == 2
+        assert group.p2p_disabled and "link hop 0->1: rank 1 received checksum" in group.p2p_disabled
+        assert "restarting the group once with NCCL_P2P_DISABLE=1" in caplog.text
+    finally:
+        group.stop()
+        leftovers = [p.name for p in root.iterdir() if p.name.startswith("group-")]
+        shutil.rmtree(root, ignore_errors=True)
+    assert not leftovers
