@@ -21,7 +21,7 @@ from comfy_pipefusion.parallel.rules import CommHang
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("order", choices=("old", "new", "slow", "hostile"))
+    ap.add_argument("order", choices=("old", "new", "slow", "hostile", "cancel"))
     ap.add_argument("--compute-s", type=float, default=0.0, help="slow: rank 1 computes this long first")
     ap.add_argument("--marker", help="hostile: the file the pickle would create if it were ever loaded")
     ap.add_argument("--store", required=True)
@@ -31,6 +31,8 @@ def main() -> int:
     comm = Comm.create(rank, world, torch.device("cpu"), timedelta(minutes=5))
     if args.order == "hostile":
         return hostile(comm, args.marker)
+    if args.order == "cancel":
+        return cancel(comm)
     fwd, back = (comm.data, comm.data) if args.order == "old" else (comm.hop(0), comm.ring)
     try:
         if rank == 0:
@@ -75,6 +77,39 @@ def hostile(comm: Comm, marker: str) -> int:
             comm.gather_object({"rank": 0})
         except ObjectRefused as exc:
             print(f"REFUSED rank 0: {exc}", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+def cancel(comm: Comm) -> int:
+    """Each strategy cancelled by rank 0 after 1 and after 3 steps, then an exact job on the same group:
+    every rank must stop with nothing left in flight, or the next job would hang or read stale bytes."""
+    from comfy_pipefusion.parallel.runtime import Control, JobCancelled
+    from comfy_pipefusion.parallel.serial import run_serial
+    from comfy_pipefusion.worker import ModelCache, execute, prepare
+
+    device, models, steps = torch.device("cpu"), ModelCache(torch.device("cpu")), 6
+    for strategy in ("pipefusion", "distrifusion"):
+        for stop_at in (1, 3):
+            job = {"name": "c", "model": {"preset": "tiny", "seed": 0}, "sample": {"steps": steps},
+                   "parallel": {"strategy": strategy, "warmup_steps": 1, "patches": comm.world_size + 1}}
+            done: list = []
+            control = Control(on_step=done.append, cancelled=lambda: len(done) >= stop_at)
+            try:
+                execute(prepare(job, comm, models), comm, device, control)
+                print(f"FINISHED {strategy} rank {comm.rank}", flush=True)
+            except JobCancelled:
+                print(f"CANCELLED {strategy} {stop_at} rank {comm.rank} after {len(done)}", flush=True)
+        job = {"name": "x", "model": {"preset": "tiny", "seed": 0}, "sample": {"steps": 2},
+               "parallel": {"strategy": strategy, "warmup_steps": 2}}
+        prep = prepare(job, comm, models)
+        x = execute(prep, comm, device, Control())
+        if comm.rank == 0:
+            serial = prepare({**job, "parallel": {"strategy": "serial", "world_size": 1}},
+                             Comm(0, 1), ModelCache(device))
+            with torch.inference_mode():
+                ref = prep.problem.finish(run_serial(serial.model, serial.problem, serial.dtype, device))
+            print(f"EXACT {strategy} {float((x - ref).abs().max()):.3g}", flush=True)
     dist.destroy_process_group()
     return 0
 

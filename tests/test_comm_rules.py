@@ -22,15 +22,15 @@ SCRIPT = Path(__file__).with_name("comm_schedule.py")
 HANG_S = 3
 
 
-def run_schedule(tmp_path: Path, order: str, mode: str, *extra: str) -> tuple[int, str, float]:
+def run_schedule(tmp_path: Path, order: str, mode: str, *extra: str, ranks: int = 2) -> tuple[int, str, float]:
     env = worker_env(1, cpu_only=True)
     env.update({MODE_ENV: mode, HANG_ENV: str(HANG_S)})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={ranks}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint={tmp_path / 'rdzv.store'}", "--rdzv-conf=store_type=file",
            f"--rdzv-id={os.getpid()}{order}{mode}", "--local-addr=127.0.0.1", "--max_restarts=0",
            "--monitor_interval=0.5", str(SCRIPT), order, "--store", str(tmp_path / "pg.store"), *extra]
     start = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
 
 
@@ -61,6 +61,22 @@ def test_a_long_compute_is_not_a_hang(tmp_path):
     rc, out, wall = run_schedule(tmp_path, "slow", "nccl", "--compute-s", str(2 * HANG_S))
     assert rc == 0 and "OK rank 0" in out and "HANG" not in out, out[-3000:]
     assert wall >= 2 * HANG_S
+
+
+@pytest.mark.parametrize("ranks", (3, 4))
+def test_cancel_leaves_nothing_in_flight_under_nccl_rules(tmp_path, ranks):
+    """PipeFusion and DistriFusion cancelled at a step boundary on 3 and 4 ranks under NCCL's rules: every
+    rank stops, and the next job on the same group is exact (nothing left in flight)."""
+    rc, out, _ = run_schedule(tmp_path, "cancel", "nccl", ranks=ranks)
+    assert rc == 0, out[-3000:]
+    for strategy in ("pipefusion", "distrifusion"):
+        for stop_at in (1, 3):
+            stopped = [line for line in out.splitlines() if line.startswith(f"CANCELLED {strategy} {stop_at} ")]
+            assert len(stopped) == ranks, out[-3000:]
+            assert f"CANCELLED {strategy} {stop_at} rank 0 after {stop_at}" in out
+        exact = [line for line in out.splitlines() if line.startswith(f"EXACT {strategy} ")]
+        assert exact and float(exact[0].split()[-1]) <= 1e-5, exact
+    assert "FINISHED" not in out
 
 
 def test_rules_settings_are_validated():
