@@ -63,7 +63,7 @@ def test_a_long_compute_is_not_a_hang(tmp_path):
     assert wall >= 2 * HANG_S
 
 
-@pytest.mark.parametrize("ranks", (3, 4))
+@pytest.mark.parametrize("ranks", (3, pytest.param(4, marks=pytest.mark.slow)))
 def test_cancel_leaves_nothing_in_flight_under_nccl_rules(tmp_path, ranks):
     """PipeFusion and DistriFusion cancelled at a step boundary on 3 and 4 ranks under NCCL's rules: every
     rank stops, and the next job on the same group is exact (nothing left in flight)."""
