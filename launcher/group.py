@@ -26,7 +26,6 @@ import torch
 
 from comfy_pipefusion import transport
 from comfy_pipefusion.group import worker_command, worker_env
-from comfy_pipefusion.parallel.selftest import MARKER as SELFTEST_MARKER
 
 from .sweep import kill_tree, process_identity, read_json, remove_group, sweep
 
@@ -101,8 +100,10 @@ class WorkerGroup:
             self.dir = transport.private_dir(root, "group-")
 
     def _selftest_failure(self) -> str | None:
+        from comfy_pipefusion.parallel.selftest import MARKER
+
         try:
-            return (self.dir / SELFTEST_MARKER).read_text().strip() or "no reason given"
+            return (self.dir / MARKER).read_text().strip() or "no reason given"
         except OSError:
             return None
 
