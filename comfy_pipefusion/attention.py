@@ -61,6 +61,8 @@ class DisplacedKV(StaleKV):
         chunk = (2, batch, self.max_len, heads, head_dim)
         # every rank's packed K/V in one fixed buffer [N, 2, B, Lmax, H, Dh], reused every step
         self.gathered = torch.empty((len(spans), *chunk), dtype=dtype, device=device)
+        # this rank's K/V as sent [1, 2, B, Lmax, H, Dh]; rewritten only after its last gather was waited
+        self.packed = torch.zeros((1, *chunk), dtype=dtype, device=device)
         self.pending = None
         self.sync = True
         self.exchange = True
@@ -70,9 +72,11 @@ class DisplacedKV(StaleKV):
         self.sync, self.exchange = sync, exchange
 
     def _pack(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kv = torch.stack([k, v])  # [2, B, L, H, Dh]
-        pad = self.max_len - kv.shape[2]
-        return (F.pad(kv, (0, 0, 0, 0, 0, pad)) if pad else kv)[None]  # [1, 2, B, Lmax, H, Dh]
+        """k, v [B, L, H, Dh] into the fixed send buffer (the padding rows are never read)."""
+        n = k.shape[1]
+        self.packed[0, 0, :, :n] = k
+        self.packed[0, 1, :, :n] = v
+        return self.packed
 
     def _fill_others(self) -> None:
         for r, (span, kv) in enumerate(zip(self.spans, self.gathered)):

@@ -16,12 +16,15 @@ with every patch: freshest, and M times the text work and traffic).
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 import torch
 
 from ..patches import full_span, pipefusion_spans
 from .runtime import Control, JobCancelled, JobRuntime
+
+log = logging.getLogger("comfy_pipefusion.pipefusion")
 
 
 def schedule(problem, evals: int, sync: int, patches: int, text_stream: str) -> list[tuple[int, object]]:
@@ -198,6 +201,8 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
             control.step_done(rt.step_of(t))
     sends.drain()
     decisions.finish()
+    log.debug("stage %d: %d items through %d activation and %d latent buffers", s, len(items), acts.allocated,
+              lats.allocated)
     if last:
         comm.isend(rt.x, 0, ring).wait()
         return None
