@@ -147,3 +147,19 @@ def test_selftest_failure_restarts_the_group_once_without_p2p(caplog):
         leftovers = [p.name for p in root.iterdir() if p.name.startswith("group-")]
         shutil.rmtree(root, ignore_errors=True)
     assert not leftovers
+
+
+def test_every_collective_goes_through_comm():
+    """Only parallel/comm.py calls torch.distributed's operations (worker.py starts and ends the group):
+    nothing bypasses the counters, the control plane's JSON channel or the NCCL-rules executors."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    call = re.compile(r"\b(?:dist|torch\.distributed)\.(?:i?send|i?recv|all_\w+|broadcast\w*|barrier|gather\w*|"
+                      r"scatter\w*|reduce\w*|batch_isend_irecv|new_group)\b")
+    allowed = {root / "comfy_pipefusion" / "parallel" / "comm.py"}
+    found = [f"{p.relative_to(root)}: {m.group(0)}"
+             for d in ("comfy_pipefusion", "launcher", "nodes") for p in (root / d).rglob("*.py")
+             if p not in allowed for m in call.finditer(p.read_text())]
+    assert found == [], found
+    assert call.search((root / "comfy_pipefusion" / "parallel" / "comm.py").read_text())  # the check can match
