@@ -74,7 +74,8 @@ class Comm:
         channels = {"data": Channel("data", everyone, None, True),
                     "control": Channel("control", everyone, control, False)}
         pairs = {f"hop{s}": (f"hop {s}->{s + 1}", (s, s + 1)) for s in range(world - 1)}
-        pairs["ring"] = (f"ring {world - 1}->0", (0, world - 1))
+        if world > 1:
+            pairs["ring"] = (f"ring {world - 1}->0", (0, world - 1))
         for key, (name, ranks) in pairs.items():  # every rank creates every group, in this order
             group = dist.new_group(list(ranks), timeout=timeout)
             channels[key] = Channel(name, ranks, group, True) if rank in ranks else None

@@ -186,7 +186,7 @@ class Monitor:
     def report(self, op: Op) -> str:
         ch = op.channel
         head = ch.executor.head
-        lines = [f"NCCL-rules hang ({MODE_ENV}=nccl): every rank of the group has been blocked for "
+        lines = [f"NCCL-rules hang ({MODE_ENV}=nccl): every rank has been blocked for "
                  f"{self.hang_s:g} s and no operation completed on any rank.",
                  f"rank {self.rank} waits for {op.describe()};",
                  f"at the head of group {ch.describe()}: "
