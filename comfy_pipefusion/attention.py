@@ -4,7 +4,8 @@ Each attention layer owns a fixed-shape buffer with the K and V of the whole joi
 ``[text; image]`` (post-RoPE). A patch writes its fresh K/V into its positions in place, then its queries
 attend over the entire buffer: positions written this step are fresh, the rest hold the last values
 written there (one step old). ``StaleKV`` is PipeFusion's buffer; ``DisplacedKV`` adds DistriFusion's
-exchange of every rank's fresh K/V, gathered asynchronously and consumed one step later.
+exchange of every rank's fresh K/V, gathered asynchronously into one preallocated buffer and consumed one
+step later.
 """
 from __future__ import annotations
 
@@ -58,7 +59,10 @@ class DisplacedKV(StaleKV):
         self.comm = comm
         self.max_len = max(s.n_txt + s.n_img for s in spans)
         chunk = (2, batch, self.max_len, heads, head_dim)
-        self.gathered = [torch.empty(chunk, dtype=dtype, device=device) for _ in spans]  # fixed, reused
+        # every rank's packed K/V in one fixed buffer [N, 2, B, Lmax, H, Dh], reused every step
+        self.gathered = torch.empty((len(spans), *chunk), dtype=dtype, device=device)
+        # this rank's K/V as sent [1, 2, B, Lmax, H, Dh]; rewritten only after its last gather was waited
+        self.packed = torch.zeros((1, *chunk), dtype=dtype, device=device)
         self.pending = None
         self.sync = True
         self.exchange = True
@@ -68,9 +72,11 @@ class DisplacedKV(StaleKV):
         self.sync, self.exchange = sync, exchange
 
     def _pack(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kv = torch.stack([k, v])  # [2, B, L, H, Dh]
-        pad = self.max_len - kv.shape[2]
-        return F.pad(kv, (0, 0, 0, 0, 0, pad)) if pad else kv
+        """k, v [B, L, H, Dh] into the fixed send buffer (the padding rows are never read)."""
+        n = k.shape[1]
+        self.packed[0, 0, :, :n] = k
+        self.packed[0, 1, :, :n] = v
+        return self.packed
 
     def _fill_others(self) -> None:
         for r, (span, kv) in enumerate(zip(self.spans, self.gathered)):
@@ -91,9 +97,9 @@ class DisplacedKV(StaleKV):
             self._fill_others()
         self.write(span, k, v)
         if self.sync:
-            self.comm.all_gather(self.gathered, self._pack(k, v))
+            self.comm.all_gather_into(self.gathered, self._pack(k, v))
             self._fill_others()
         out = F.scaled_dot_product_attention(q.transpose(1, 2), self.k, self.v).transpose(1, 2).flatten(2)
         if not self.sync and self.exchange:
-            self.pending = self.comm.all_gather(self.gathered, self._pack(k, v), async_op=True)
+            self.pending = self.comm.all_gather_into(self.gathered, self._pack(k, v), async_op=True)
         return out

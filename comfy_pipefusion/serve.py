@@ -26,7 +26,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from . import transport
 from .parallel.comm import Comm
@@ -34,7 +33,7 @@ from .parallel.runtime import Control, JobCancelled
 from .worker import ModelCache, execute, prepare, rank_stats
 
 log = logging.getLogger("comfy_pipefusion.serve")
-PING_S = 600.0  # idle ranks wait in a broadcast; keep it well inside the collective timeout
+PING_S = 600.0  # idle ranks wait in a control-plane broadcast; keep it well inside the collective timeout
 BEAT_S = 0.5  # heartbeat period; the launcher's watchdog allows many missed beats
 DEBUG_LOAD_DELAY = "PIPEFUSION_DEBUG_LOAD_DELAY_S"  # fault tests: a slower weight load (seconds)
 CANCEL_FILE = "cancel"  # the id of the job rank 0 was told to cancel
@@ -136,22 +135,6 @@ def _die_with_agent() -> None:
         os._exit(1)
 
 
-def _gather(obj, comm: Comm) -> list:
-    if comm.world_size == 1:
-        return [obj]
-    out = [None] * comm.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj, comm: Comm):
-    if comm.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _write_error(group_dir: Path, rank: int) -> None:
     try:
         (group_dir / f"error-rank{rank}.txt").write_text(traceback.format_exc())
@@ -166,7 +149,7 @@ def serve(group_dir: Path, comm: Comm, device: torch.device) -> None:
     if comm.rank == 0:
         conn = transport.connect(group_dir / "control.sock", (group_dir / "authkey").read_bytes())
         inbox = _Inbox(conn, group_dir)
-    pids = _gather(os.getpid(), comm)
+    pids = comm.gather_object(os.getpid())
     if conn is not None:
         transport.send(conn, "ready", pids=pids, world_size=comm.world_size, device=str(device))
     models, stamp = ModelCache(device), None
@@ -178,7 +161,7 @@ def serve(group_dir: Path, comm: Comm, device: torch.device) -> None:
                     msg = inbox.jobs.get(timeout=PING_S)
                 except queue.Empty:
                     msg = {"type": "ping"}
-            msg = _broadcast(msg, comm)
+            msg = comm.broadcast_object(msg)  # idle ranks wait here, on the CPU control plane
             if msg["type"] == "shutdown":
                 return
             if msg["type"] == "job":
@@ -214,7 +197,7 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
         if conn is not None:
             transport.send(conn, "phase", id=jid, phase="loading")
         prep, err, stopped = _prepare(job, comm, models, segs)
-        votes = _gather((err, stopped or (inbox is not None and inbox.cancel_id == jid)), comm)
+        votes = comm.gather_object([err, bool(stopped or (inbox is not None and inbox.cancel_id == jid))])
         first_err = next((e for e, _ in votes if e), None)
         if first_err:
             if conn is not None:

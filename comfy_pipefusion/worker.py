@@ -32,17 +32,22 @@ from .parallel import strategy_fn
 from .parallel.comm import Comm
 from .parallel.plan import ModelSource, load_rank_model, rank_modules
 from .parallel.runtime import Control
+from .parallel.selftest import EXIT_SELFTEST, SelfTestFailed, self_test
 from .parallel.serial import run_serial
 from .turns import Turns
 
 log = logging.getLogger("comfy_pipefusion.worker")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLLECTIVE_TIMEOUT = timedelta(hours=1)  # idle ranks are pinged well within it (serve.py)
+SELFTEST_S = 120.0  # the data plane's self-test at group start (first NCCL use includes communicator set-up)
 
 
-def init_group(threads: int, store: str | None = None) -> tuple[Comm, torch.device]:
+def init_group(threads: int, store: str | None = None, marker_dir: Path | None = None,
+               corrupt: bool = False) -> tuple[Comm, torch.device]:
     """Join the torchrun group (if any) on this rank's device; set CPU threads. ``store``: a file the
-    ranks rendezvous in (no TCP store; see group.worker_command), else torchrun's environment."""
+    ranks rendezvous in (no TCP store; see group.worker_command), else torchrun's environment. Then the
+    control plane, the hop and ring groups, and the data plane's self-test (selftest.py; ``marker_dir``
+    gets its failure marker, ``corrupt`` is the tests' way to make it fail)."""
     torch.set_num_threads(max(1, threads))
     if "RANK" not in os.environ:
         return Comm(0, 1), torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -61,7 +66,9 @@ def init_group(threads: int, store: str | None = None) -> tuple[Comm, torch.devi
         device = torch.device("cpu")
         pin_cpus(rank, world, threads)
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    return Comm(rank, world, device=device), device
+    comm = Comm.create(rank, world, device, COLLECTIVE_TIMEOUT)
+    self_test(comm, SELFTEST_S, marker_dir, corrupt)
+    return comm, device
 
 
 def pin_cpus(rank: int, world: int, threads: int) -> None:
@@ -159,11 +166,7 @@ def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) 
 def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
     local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "wait_s": comm.wait_s,
              "pid": os.getpid()}
-    if not dist.is_initialized():
-        return [local]
-    out = [None] * comm.world_size
-    dist.all_gather_object(out, local)
-    return out
+    return comm.gather_object(local)
 
 
 def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
@@ -230,11 +233,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("PIPEFUSION_THREADS", "1")))
     ap.add_argument("--turns", help="with --jobs: take each timed run in turn, as told in this folder (turns.py)")
     ap.add_argument("--turn-tag", default="group", help="with --turns: this process's name in the turns")
+    # tests only: a broken peer-to-peer link (wrong bytes) unless NCCL_P2P_DISABLE=1, to fail the self-test
+    ap.add_argument("--selftest-broken-p2p", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if bool(args.jobs) == bool(args.serve) or (args.jobs and not args.out):
         ap.error("give either --jobs FILE --out DIR, or --serve GROUP_DIR")
-    comm, device = init_group(args.threads, args.store)
-    setup_logging(comm.rank, comm.world_size)
+    setup_logging(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    try:
+        comm, device = init_group(args.threads, args.store, Path(args.serve) if args.serve else None,
+                                  args.selftest_broken_p2p and os.environ.get("NCCL_P2P_DISABLE") != "1")
+    except SelfTestFailed:  # logged, and marked in the group directory
+        logging.shutdown()
+        os._exit(EXIT_SELFTEST)  # a peer may still wait in a collective: do not tear the group down
     try:
         if args.serve:
             from .serve import serve

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import re
 import secrets
@@ -30,6 +31,7 @@ from comfy_pipefusion.group import worker_command, worker_env
 from . import logfile
 from .sweep import kill_tree, process_identity, read_json, remove_group, sweep
 
+log = logging.getLogger("comfy_pipefusion.launcher")
 _ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)(?:\s*\((\w+)\))?")
 
 
@@ -72,32 +74,54 @@ class WorkerGroup:
     """A started group. ``run`` one job at a time; ``stop`` always leaves nothing behind."""
 
     def __init__(self, plan: GroupPlan, root: Path, startup_timeout: float = 300.0, cancelled=None,
-                 watchdog_s: float = 60.0) -> None:
+                 watchdog_s: float = 60.0, worker_args: tuple[str, ...] = ()) -> None:
         self.plan, self.root, self.watchdog_s = plan, root, watchdog_s
+        self.worker_args = tuple(worker_args)  # tests only (e.g. a self-test that fails)
         self.proc = self.conn = self.listener = None
         self.worker_pids: list[int] = []
         self.busy = False
+        self.p2p_disabled: str | None = None  # why the group runs with NCCL_P2P_DISABLE=1, if it does
         sweep(root)
         self.dir = transport.private_dir(root, "group-")
+        env: dict[str, str] = {}
+        while True:
+            try:
+                self._start(startup_timeout, cancelled, env)
+                return
+            except BaseException as exc:
+                reason = self._selftest_failure() if isinstance(exc, GroupError) and not env else None
+                self.kill()
+                self.stop()
+                if reason is None or os.environ.get("NCCL_P2P_DISABLE") == "1":
+                    raise
+            # The data plane's self-test failed (selftest.py): once, without peer-to-peer transfers.
+            log.warning("the data-plane self-test failed (%s); restarting the group once with NCCL_P2P_DISABLE=1 "
+                        "(GPUs without peer-to-peer access, IOMMU/ACS boards)", reason)
+            self.p2p_disabled, env = reason, {"NCCL_P2P_DISABLE": "1"}
+            self.proc = self.conn = self.listener = None
+            self.dir = transport.private_dir(root, "group-")
+
+    def _selftest_failure(self) -> str | None:
+        from comfy_pipefusion.parallel.selftest import MARKER
+
         try:
-            self._start(startup_timeout, cancelled)
-        except BaseException:
-            self.kill()
-            self.stop()
-            raise
+            return (self.dir / MARKER).read_text().strip() or "no reason given"
+        except OSError:
+            return None
 
     # ------------------------------------------------------------------------------------- start
 
-    def _start(self, timeout: float, cancelled=None) -> None:
+    def _start(self, timeout: float, cancelled=None, extra_env: dict[str, str] | None = None) -> None:
         (self.dir / "owner").write_text(json.dumps(process_identity()))
         authkey = secrets.token_bytes(32)
         transport.write_secret(self.dir / "authkey", authkey)
         self.listener = transport.listen(self.dir / "control.sock", authkey)
         self.log_path = self.dir / "worker.log"
         with open(self.log_path, "ab") as log:
-            cmd = worker_command(self.plan.world_size, ["--serve", str(self.dir), "--threads", str(self.plan.threads)],
-                                 self.dir)
-            env = worker_env(self.plan.threads, self.plan.devices, cpu_only=self.plan.devices is None)
+            cmd = worker_command(self.plan.world_size, ["--serve", str(self.dir), "--threads", str(self.plan.threads),
+                                                        *self.worker_args], self.dir)
+            env = {**worker_env(self.plan.threads, self.plan.devices, cpu_only=self.plan.devices is None),
+                   **(extra_env or {})}
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, cwd=str(self.dir),
                                          start_new_session=True, preexec_fn=_die_with_parent)

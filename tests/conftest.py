@@ -1,6 +1,12 @@
 """Shared fixtures: serial references computed in this process, and one real torchrun group per world
-size that runs every distributed job of the suite (process start-up dominates on 2 cores)."""
+size that runs every distributed job of the suite (process start-up dominates on 2 cores).
+
+Every multi-rank group the suite starts (torchrun groups, the launcher's warm groups, the ComfyUI server's
+workers, the bench) runs under NCCL's ordering rules (``PIPEFUSION_COMM_RULES=nccl``, see
+comfy_pipefusion/parallel/rules.py): set here, before any group starts, so that every child inherits it."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -15,7 +21,14 @@ from comfy_pipefusion.parallel.serial import run_serial
 PRESET = "tiny"
 EXACT_STEPS = 4  # exactness runs
 STALE_STEPS = 8  # bounded-staleness runs
-PATCHES = {2: (2, 4, 3), 4: (4, 8, 5)}  # M = N, 2N, uneven
+PATCHES = {2: (2, 4, 3), 3: (3, 6, 4), 4: (4, 8, 5)}  # M = N, 2N, uneven
+COMM_RULES = {"PIPEFUSION_COMM_RULES": "nccl", "PIPEFUSION_COMM_HANG_S": "10"}
+
+
+def pytest_configure(config) -> None:
+    """NCCL's rules for every group of the session (tests that want plain gloo set it in their child's env)."""
+    for k, v in COMM_RULES.items():
+        os.environ.setdefault(k, v)
 
 
 def sample(sampler: str, steps: int) -> dict:

@@ -1,66 +1,281 @@
-"""Point-to-point and collective calls, each one counted.
+"""Every call to torch.distributed, on two planes, each one counted.
 
-Every tensor a strategy hands to torch.distributed goes through a ``Comm``, which adds the bytes this rank
-sends to ``bytes_sent``: for a send its size, for an all_gather its own chunk once per peer (what a ring
-or direct exchange puts on the wire from this rank), and to ``wait_s`` the time it spends blocked waiting
-for a request (idle time: pipeline bubbles, imbalance, transfer). The benchmark reports both.
+- The *control* plane is a CPU gloo group on every device type: jobs, votes, errors, the cancel decision,
+  pings, statistics. Its object collectives carry JSON, never pickles (a local user who reaches a gloo
+  socket must not get code run by unpickling): ``broadcast_object``, ``gather_object``, ``agree``.
+- The *data* plane carries tensors: the default group (NCCL on GPUs, gloo on CPUs) for DistriFusion's
+  gathers and the final bands, one group per PipeFusion forward hop (s -> s + 1) and one for the ring
+  (N - 1 -> 0), distinct even at N = 2, so that no group ever carries both directions between two ranks.
+  Every rank creates them in the same order when the group starts.
+
+``bytes_sent`` adds what this rank puts on the data plane (a send's size; an all_gather's own chunk once per
+peer); ``wait_s`` the time it waits for a data-plane request (pipeline bubbles, imbalance, transfer): host
+time on CPU, CUDA events on the waiting stream on GPU, so the figure means the same on both. Control
+traffic is counted in ``ops`` only. With ``PIPEFUSION_COMM_RULES=nccl`` every gloo group runs its
+operations through one in-order executor per rank, and a deadlock ends with ``CommHang`` (rules.py).
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
 import time
+from collections import Counter
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from .rules import Executor, Monitor, OpInfo, Rules
+
+log = logging.getLogger("comfy_pipefusion.comm")
+
+
+class ObjectRefused(ValueError):
+    """An object collective received bytes that are not JSON (a pickle, a foreign peer)."""
+
+
+class Channel:
+    """One process group: a name for messages, its (global) ranks, the torch handle, its executor."""
+
+    def __init__(self, name: str, ranks: tuple[int, ...], group, data: bool) -> None:
+        self.name, self.ranks, self.group, self.data = name, ranks, group, data
+        self.executor: Executor | None = None
+
+    def describe(self) -> str:
+        return f"'{self.name}' (ranks {', '.join(map(str, self.ranks))})"
+
 
 class Comm:
-    """This rank's view of a process group, with a byte counter."""
+    """This rank's view of the worker group: the control channel, the data channels, the counters."""
 
-    def __init__(self, rank: int, world_size: int, group=None, device: torch.device | None = None) -> None:
+    def __init__(self, rank: int, world_size: int, group=None, device: torch.device | None = None,
+                 channels: dict[str, Channel] | None = None, monitor: Monitor | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
-        self.group = group
         self.device = device or torch.device("cpu")
+        everyone = tuple(range(world_size))
+        self.channels = channels or {"data": Channel("data", everyone, group, True),
+                                     "control": Channel("control", everyone, group, False)}
+        self.monitor = monitor
         self.bytes_sent = 0
-        self.wait_s = 0.0
+        self._wait_host = 0.0
+        self._events: list = []
+        self.ops: Counter = Counter()
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, rank: int, world: int, device: torch.device, timeout: timedelta) -> "Comm":
+        """After init_process_group: the control group, one group per hop and the ring, every rank calling
+        new_group in the same order; in nccl-rules mode, an executor per gloo group."""
+        rules = Rules.from_env()
+        everyone = tuple(range(world))
+        control = dist.new_group(backend="gloo", timeout=timeout)
+        channels = {"data": Channel("data", everyone, None, True),
+                    "control": Channel("control", everyone, control, False)}
+        pairs = {f"hop{s}": (f"hop {s}->{s + 1}", (s, s + 1)) for s in range(world - 1)}
+        if world > 1:
+            pairs["ring"] = (f"ring {world - 1}->0", (0, world - 1))
+        for key, (name, ranks) in pairs.items():  # every rank creates every group, in this order
+            group = dist.new_group(list(ranks), timeout=timeout)
+            channels[key] = Channel(name, ranks, group, True) if rank in ranks else None
+        comm = cls(rank, world, device=device, channels=channels)
+        if rules.nccl:
+            comm._emulate(rules)
+        return comm
+
+    def _emulate(self, rules: Rules) -> None:
+        path = self.broadcast_object(Monitor.new_path(self.world_size) if self.rank == 0 else None)
+        try:
+            monitor = Monitor(self.rank, self.world_size, rules.hang_s, path)
+        except OSError as exc:
+            raise RuntimeError(f"PIPEFUSION_COMM_RULES=nccl needs every rank on one machine: rank {self.rank} "
+                               f"cannot map {path} ({exc})") from None
+        self.barrier()  # every rank mapped it
+        if self.rank == 0:
+            os.unlink(path)
+        gloo = [c for c in self.channels.values() if c is not None and dist.get_backend(c.group) == "gloo"]
+        for ch in gloo:
+            ch.executor = Executor(ch, monitor)
+        monitor.executors = [c.executor for c in gloo]
+        self.monitor = monitor
+        log.info("NCCL rules emulated on %d gloo groups (hang after %.3g s)", len(gloo), rules.hang_s)
+
+    # -- channels ---------------------------------------------------------------------------------
+    @property
+    def data(self) -> Channel:
+        return self.channels["data"]
+
+    @property
+    def control(self) -> Channel:
+        return self.channels["control"]
+
+    def hop(self, s: int) -> Channel:
+        """The group of the forward hop s -> s + 1 (only its data); this rank must be s or s + 1."""
+        return self._pair(f"hop{s}", f"hop {s}->{s + 1}")
+
+    @property
+    def ring(self) -> Channel:
+        """The group of the ring N - 1 -> 0 (latent patches, and the final latent); ranks 0 and N - 1."""
+        return self._pair("ring", f"ring {self.world_size - 1}->0")
+
+    def _pair(self, key: str, name: str) -> Channel:
+        if key not in self.channels:  # a Comm built by hand on one group: everything on it
+            return self.data
+        ch = self.channels[key]
+        if ch is None:
+            raise ValueError(f"rank {self.rank} is not a member of group {name}")
+        return ch
+
+    # -- counters ---------------------------------------------------------------------------------
+    @property
+    def wait_s(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._wait_host += sum(a.elapsed_time(b) for a, b in self._events) / 1000
+            self._events.clear()
+        return self._wait_host
 
     def reset_counters(self) -> None:
-        self.bytes_sent, self.wait_s = 0, 0.0
+        self.bytes_sent, self._wait_host, self._events, self.ops = 0, 0.0, [], Counter()
 
-    def isend(self, tensor: torch.Tensor, dst: int):
+    # -- issue ------------------------------------------------------------------------------------
+    def _issue(self, ch: Channel, kind: str, peer, tensor: torch.Tensor, fn) -> "Pending":
+        self.ops[ch.name, kind] += 1
+        if ch.executor is None:
+            return Pending(fn(), tensor, self, ch.data)
+        info = OpInfo(kind, peer, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))
+        return Pending(ch.executor.submit(info, fn), tensor, self, ch.data)
+
+    def isend(self, tensor: torch.Tensor, dst: int, ch: Channel | None = None) -> "Pending":
+        ch = ch or self.data
         tensor = tensor.contiguous()
-        self.bytes_sent += tensor.numel() * tensor.element_size()
-        return _Pending(dist.isend(tensor, dst, group=self.group), tensor, self)
+        if ch.data:
+            self.bytes_sent += tensor.numel() * tensor.element_size()
+        return self._issue(ch, "send", dst, tensor, lambda: dist.isend(tensor, dst, group=ch.group))
 
-    def irecv(self, tensor: torch.Tensor, src: int):
-        return _Pending(dist.irecv(tensor, src, group=self.group), tensor, self)
+    def irecv(self, tensor: torch.Tensor, src: int, ch: Channel | None = None) -> "Pending":
+        ch = ch or self.data
+        return self._issue(ch, "recv", src, tensor, lambda: dist.irecv(tensor, src, group=ch.group))
 
-    def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor, async_op: bool = False):
+    def all_gather_into(self, out: torch.Tensor, tensor: torch.Tensor, async_op: bool = False):
+        """All ranks' ``tensor`` [K, ...] into ``out`` [N * K, ...] (rank order) on the data plane: one
+        preallocated buffer, one collective."""
         tensor = tensor.contiguous()
         self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world_size - 1)
-        start = time.perf_counter()
-        work = dist.all_gather(outputs, tensor, group=self.group, async_op=async_op)
-        if not async_op:
-            self.wait_s += time.perf_counter() - start
-        return _Pending(work, tensor, self) if async_op else None
+        ch = self.data
+        pending = self._issue(ch, "all_gather", None, out, lambda: _gather_into(out, tensor, ch.group))
+        if async_op:
+            return pending
+        pending.wait()
+        return None
 
+    def all_reduce(self, tensor: torch.Tensor, ch: Channel | None = None) -> torch.Tensor:
+        ch = ch or self.data
+        return self._issue(ch, "all_reduce", None, tensor,
+                           lambda: dist.all_reduce(tensor, group=ch.group, async_op=True)).wait()
+
+    def _broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        ch = self.control
+        return self._issue(ch, "broadcast", src, tensor,
+                           lambda: dist.broadcast(tensor, src, group=ch.group, async_op=True)).wait()
+
+    def _all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        ch = self.control
+        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype)
+        return self._issue(ch, "all_gather", None, out, lambda: _gather_into(out, tensor[None], ch.group)).wait()
+
+    # -- control plane ----------------------------------------------------------------------------
     def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier(group=self.group)
+        if self.world_size > 1:
+            self._all_gather(torch.zeros(1, dtype=torch.uint8))
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (a one-byte broadcast on the control plane)."""
+        if self.world_size == 1:
+            return bool(flag)
+        return bool(self._broadcast(torch.tensor([1 if flag and self.rank == 0 else 0], dtype=torch.uint8))[0])
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s JSON value on every rank (``src`` gets the decoded copy too, so all ranks agree)."""
+        if self.world_size == 1:
+            return decode_object(encode_object(obj).numpy().tobytes(), src)
+        data = encode_object(obj) if self.rank == src else None
+        n = self._broadcast(torch.tensor([0 if data is None else data.numel()], dtype=torch.int64), src)
+        buf = data if data is not None else torch.empty(int(n[0]), dtype=torch.uint8)
+        return decode_object(self._broadcast(buf, src).numpy().tobytes(), src)
+
+    def gather_object(self, obj) -> list:
+        """Every rank's JSON value, in rank order, on every rank."""
+        data = encode_object(obj)
+        if self.world_size == 1:
+            return [decode_object(data.numpy().tobytes(), 0)]
+        sizes = self._all_gather(torch.tensor([data.numel()], dtype=torch.int64))[:, 0].tolist()
+        padded = torch.zeros(max(sizes), dtype=torch.uint8)
+        padded[:data.numel()] = data
+        rows = self._all_gather(padded)
+        return [decode_object(rows[r, :n].numpy().tobytes(), r) for r, n in enumerate(sizes)]
 
 
-class _Pending:
-    """A request in flight; holds the tensor alive until it completes."""
+class Pending:
+    """A request in flight; holds its tensor alive until it completes."""
 
-    def __init__(self, work, tensor: torch.Tensor, comm: Comm) -> None:
-        self.work = work
-        self.tensor = tensor
-        self.comm = comm
+    def __init__(self, work, tensor: torch.Tensor, comm: Comm, counted: bool) -> None:
+        self.work, self.tensor, self.comm, self.counted = work, tensor, comm, counted
+
+    def is_completed(self) -> bool:
+        if self.work is None:
+            return True
+        if hasattr(self.work, "done"):  # an executor's operation
+            return self.work.done.is_set()
+        return self.work.is_completed()
 
     def wait(self) -> torch.Tensor:
-        if self.work is not None:
-            start = time.perf_counter()
-            self.work.wait()
-            self.comm.wait_s += time.perf_counter() - start
-            self.work = None
+        if self.work is None:
+            return self.tensor
+        work, self.work = self.work, None
+        comm = self.comm
+        cuda = self.counted and comm.device.type == "cuda" and hasattr(work, "is_completed")
+        if cuda:  # the time the compute stream sits behind the transfer
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            work.wait()
+            end.record()
+            comm._events.append((begin, end))
+            return self.tensor
+        start = time.perf_counter()
+        if hasattr(work, "done"):
+            comm.monitor.wait(work)
+            if work.error is not None:
+                raise work.error
+        elif work is not None:
+            work.wait()
+        if self.counted:
+            comm._wait_host += time.perf_counter() - start
         return self.tensor
+
+
+def _gather_into(out: torch.Tensor, tensor: torch.Tensor, group):
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, tensor, group=group, async_op=True)
+
+
+def encode_object(obj) -> torch.Tensor:
+    """A JSON value as bytes in a uint8 tensor (what the control plane's object collectives carry)."""
+    try:
+        raw = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"object collectives carry JSON values only, not {type(obj).__name__}: {exc}") from None
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+
+
+def decode_object(raw: bytes, rank: int):
+    """The JSON value rank ``rank`` sent; anything else (a pickle, garbage) is refused, never unpickled."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        what = "a pickle" if raw[:1] == b"\x80" else "not JSON"
+        raise ObjectRefused(f"the control plane received {len(raw)} bytes from rank {rank} that are {what} "
+                            f"(first bytes {raw[:12]!r}); object collectives carry JSON only. Another process "
+                            "may have connected to the group's sockets, or the ranks run different versions "
+                            "of comfy-pipefusion: restart the group") from None

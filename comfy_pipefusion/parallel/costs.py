@@ -1,16 +1,15 @@
 """Analytic communication volume of each strategy: the bytes each rank sends in one job.
 
-Control traffic is not counted: DistriFusion and naive_patch broadcast a one-element stop flag per step.
+Control traffic (the control plane: cancel decisions, votes, statistics) is not counted.
 
 Notation: B batch, D model width, S_t text tokens (0 for cross-attention families), S_i image tokens,
 C latent channels per token (64 for Flux/SD3, 16 for PixArt; sent as float32), e bytes per activation
 element, T model evaluations (steps, or more for samplers that evaluate twice per step), W synchronous
 (warm-up) evaluations, M patches, N ranks, L attention layers.
 
-PipeFusion, stage s < N - 1: every item's activations go to s + 1 once: all image tokens every step, the
-text with one patch per step (M patches with 'every_patch'; the warm-up step's single patch carries it),
-and one flag row per message (the stop flag of cancel):
-    e * B * D * (T * S_i + S_t * (W' + (T - W') * k) + W' + (T - W') * M),  W' = min(W, T), k = M or 1.
+PipeFusion, stage s < N - 1: every item's activations go to s + 1 once: all image tokens every step, and
+the text with one patch per step (M patches with 'every_patch'; the warm-up step's single patch carries it):
+    e * B * D * (T * S_i + S_t * (W' + (T - W') * k)),  W' = min(W, T), k = M or 1.
 PipeFusion, last stage: each step's new latent goes back to stage 0 (T - 1 times), the final one to rank 0:
     4 * B * C * S_i * T.
 DistriFusion, rank r: at every attention layer of every step that exchanges K/V, its padded band's K and V
@@ -37,8 +36,7 @@ def expected_bytes(strategy: str, *, rank: int, world: int, batch: int, width: i
             return 4 * batch * channels * n_img * steps
         w = min(warmup, steps)
         k = patches if text_stream == "every_patch" else 1
-        items = w + (steps - w) * patches
-        return elem * batch * width * (steps * n_img + n_txt * (w + (steps - w) * k) + items)
+        return elem * batch * width * (steps * n_img + n_txt * (w + (steps - w) * k))
     if strategy == "distrifusion":
         spans = displaced_spans(rows, cols, n_txt, world)
         lmax = max(s.n_txt + s.n_img for s in spans)

@@ -39,6 +39,7 @@ class JobRuntime:
                                        problem.cols, device, dtype)
         self.x = problem.x0.to(device).clone() if last else None  # [B, S_img, C] float32
         self._temb: dict[int, object] = {}
+        self._pos: dict = {}  # per span: positions (RoPE) on the device, computed once per job
         self._t = [self.ms.timestep(torch.full((mb,), s, device=device)) for s in self.evals]
 
     @property
@@ -85,7 +86,10 @@ class JobRuntime:
         return self.fam.embed_image(self.model, self.emb, x.to(self.dtype), span)
 
     def run_blocks(self, blocks: list, kvs: list, span, txt, img, k: int, pos_span=None):
-        pos = self.emb.for_span(pos_span or span)
+        key = pos_span or span
+        if key not in self._pos:
+            self._pos[key] = self.emb.for_span(key)
+        pos = self._pos[key]
         return self.fam.run_blocks(self.model, blocks, kvs, span, txt, img, self.temb(k), pos)
 
     def span_txt(self, span):
@@ -143,8 +147,9 @@ class Control:
     """A job's hooks on one rank: progress after each step, and the cancel decision.
 
     Only rank 0 hears the user; ``cancelled`` is its flag. Strategies whose ranks run in lockstep share it
-    with ``agree_stop`` (a one-element broadcast per step, not counted as traffic); PipeFusion sends the
-    decision down the pipe with the data instead, so the pipeline never drains at a step boundary.
+    with ``agree_stop`` (a one-byte broadcast per step on the control plane, never queued behind data);
+    PipeFusion's stage 0 sends its decision ahead to the other stages instead (``pipefusion._Decisions``),
+    so the pipeline never drains at a step boundary.
     """
 
     def __init__(self, on_step=None, cancelled=None) -> None:
@@ -159,8 +164,4 @@ class Control:
         return bool(self._cancelled and self._cancelled())
 
     def agree_stop(self, comm) -> bool:
-        if comm.world_size == 1 or not torch.distributed.is_initialized():
-            return self.cancelled()
-        flag = torch.tensor([1.0 if comm.rank == 0 and self.cancelled() else 0.0], device=comm.device)
-        torch.distributed.broadcast(flag, 0, group=comm.group)
-        return bool(flag.item())
+        return comm.agree(self.cancelled() if comm.rank == 0 else False)
