@@ -265,8 +265,11 @@ def admit(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, fp8: bo
     tips = suggestions(fam, meta, cfg, size, budget, fp8)
     fix = "; to fit: " + "; or ".join(tips) if tips else \
         "; none of fewer pixels, a smaller batch, more devices or fp8 weights would make it fit on this machine"
-    raise AdmissionError(f"this job does not fit in memory: {what} needs {gib(budget.need(ranks[worst]))} on rank "
-                         f"{worst}: {ranks[worst].describe()}; {have}{fix}")
+    process = budget.need(ranks[worst]) - ranks[worst].total + (ranks[worst].weights if budget.weights_loaded else 0)
+    extra = f" + {gib(process)} for its process" if process else ""
+    loaded = " (its weights are loaded already)" if budget.weights_loaded else ""
+    raise AdmissionError(f"this job does not fit in memory: {what} needs {ranks[worst].describe()}{extra} on rank "
+                         f"{worst}{loaded}; {have}{fix}")
 
 
 def suggestions(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, fp8: bool) -> list[str]:

@@ -133,6 +133,8 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         if source.preset else {}
     spec = SampleSpec(**{**defaults, **job["sample"]})
     par = dict(job["parallel"])
+    if par.get("stage_split") is not None:  # JSON carries a list
+        par["stage_split"] = tuple(par["stage_split"])
     asked = par.pop("world_size", comm.world_size)
     if asked != comm.world_size:
         raise ValueError(f"job {job.get('name', '')!r} asks for world_size {asked} but the group has "
@@ -194,7 +196,11 @@ def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) 
                                                prep.dtype, device, control)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return prep.problem.finish(x) if x is not None else None
+    out = prep.problem.finish(x) if x is not None else None
+    if device.type == "cuda":  # the job's buffers are gone: give their cached blocks back (ComfyUI's VAE decode)
+        del x
+        torch.cuda.empty_cache()
+    return out
 
 
 def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
