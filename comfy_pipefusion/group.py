@@ -98,11 +98,12 @@ def worker_env(threads: int, devices: tuple[int, ...] | None = None, cpu_only: b
 
 def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, threads: int = 1,
              timeout: float | None = None, model: dict | None = None,
-             worker_args: list[str] | None = None) -> dict[str, tuple[torch.Tensor, dict]]:
+             worker_args: list[str] | None = None, cpu_only: bool = False) -> dict[str, tuple[torch.Tensor, dict]]:
     """Run ``jobs`` (worker job dicts) on a fresh group; returns {name: (samples, metrics)}. The model is
     the built-in ``preset`` (random weights from ``seed``) unless ``model`` gives another source (e.g.
     ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no limit) bounds the whole group; on timeout or
-    interrupt the group is killed. ``worker_args`` go to every rank (e.g. ``--turns DIR --turn-tag TAG``)."""
+    interrupt the group is killed. ``worker_args`` go to every rank (e.g. ``--turns DIR --turn-tag TAG``);
+    ``cpu_only`` hides the GPUs from the ranks."""
     with tempfile.TemporaryDirectory(prefix="pipefusion-") as tmp:
         tmp = Path(tmp)
         spec = tmp / "jobs.json"
@@ -112,7 +113,8 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
         with open(log, "wb") as fh:
             args = ["--jobs", str(spec), "--out", str(tmp / "out"), "--threads", str(threads), *(worker_args or [])]
             proc = subprocess.Popen(worker_command(world_size, args, tmp), stdout=fh,
-                                    stderr=subprocess.STDOUT, env=worker_env(threads), start_new_session=True)
+                                    stderr=subprocess.STDOUT, env=worker_env(threads, cpu_only=cpu_only),
+                                    start_new_session=True)
             try:
                 rc = proc.wait(timeout=timeout)
             except BaseException:
