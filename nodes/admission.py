@@ -5,11 +5,14 @@ The estimate is the core's (comfy_pipefusion/memory.py); each rank checks again 
 """
 from __future__ import annotations
 
+import os
+
 import psutil
 import torch
 
 from comfy_pipefusion import memory
 from comfy_pipefusion.config import ParallelConfig
+from comfy_pipefusion.group import visible_devices
 from comfy_pipefusion.models import family
 
 
@@ -33,9 +36,32 @@ def budget(devices: tuple[int, ...] | None, warm: bool, freed: int) -> memory.Bu
     """What the group will draw on; None where this process cannot tell (GPUs held by another group)."""
     if devices is None:
         return memory.Budget("cpu", (memory.available_ram(),), warm, warm, freed=freed)
-    if freed:  # a different group holds memory on some GPU: the ranks check again after it stops
-        return None
-    return memory.Budget("cuda", memory.free_gpu_bytes(list(devices)), warm, warm)
+    free = None if freed else gpu_free(devices)  # another group's GPU memory: the ranks check after it stops
+    return None if free is None else memory.Budget("cuda", free, warm, warm)
+
+
+def gpu_free(devices: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Each of ``devices``' free memory without creating a CUDA context on it: NVML where it is installed
+    (indices mapped through this process's CUDA_VISIBLE_DEVICES), else torch only for ComfyUI's current
+    device (which has a context already); None where that does not cover every device."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no NVML: fall back
+        pynvml = None
+    out = []
+    for d in devices:
+        if pynvml is not None:
+            ident = visible_devices((d,), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            handle = pynvml.nvmlDeviceGetHandleByUUID(ident) if not ident.isdigit() else \
+                pynvml.nvmlDeviceGetHandleByIndex(int(ident))
+            out.append(int(pynvml.nvmlDeviceGetMemoryInfo(handle).free))
+        elif torch.cuda.is_initialized() and d == torch.cuda.current_device():
+            out.append(memory.free_gpu_bytes([d])[0])
+        else:
+            return None
+    return tuple(out)
 
 
 def smallest_job(model) -> memory.JobSize:
