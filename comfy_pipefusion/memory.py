@@ -347,12 +347,14 @@ def stored_fp8(checkpoint_path: str | None) -> bool:
 
 
 def rank_budget(device: torch.device, rank: int, world: int, weights_loaded: bool, freed: int) -> Budget:
-    """What a running rank draws on: its GPU's free memory, or the RAM its machine's ranks share."""
+    """What a running rank draws on: its GPU's free memory, or the RAM its machine's ranks share (checked
+    by the machine's first rank for all of them)."""
     import os
 
     if device.type == "cuda":
         return Budget("cuda", free_gpu_bytes([device.index or 0]), True, weights_loaded, (rank,), freed)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     node = rank // per_node
-    return Budget("cpu", (available_ram(),), True, weights_loaded,
-                  tuple(range(node * per_node, min(world, (node + 1) * per_node))), freed * per_node)
+    # one check per machine, by its first rank, for all of its ranks (the others would see its load begin)
+    local = tuple(range(node * per_node, min(world, (node + 1) * per_node))) if rank % per_node == 0 else ()
+    return Budget("cpu", (available_ram(),), True, weights_loaded, local, freed * per_node)

@@ -131,3 +131,34 @@ def test_estimate_within_15_percent_of_measured_peak(mid, strategy):
         print(f"\nMEMORY {strategy} rank {r}: measured {grown / 2**20:.0f} MiB, estimated "
               f"{est[r].total / 2**20:.0f} MiB ({est[r].total / grown:.3f}): {est[r].describe()}")
         assert 0.85 <= est[r].total / grown <= 1.15, (r, grown, est[r].describe())
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.float8_e4m3fn])
+def test_weights_estimate_equals_what_a_stage_loads(tmp_path, stored):
+    """Each pipefusion stage's estimated weight bytes are exactly what loading it from the file holds,
+    float8 Linear weights kept 8-bit."""
+    from comfy_pipefusion.models.checkpoint import save_checkpoint
+    from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
+
+    fam, preset = family.find_preset("tiny")
+    model, _ = load_rank_model(ModelSource(preset="tiny"), ParallelConfig("serial", 1), 0, torch.device("cpu"),
+                               torch.float32)
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(model, path, stored)
+    fp8 = memory.stored_fp8(str(path))
+    assert fp8 == (stored == torch.float8_e4m3fn)
+    cfg, meta = ParallelConfig("pipefusion", 2), fam.build_meta(preset["config"])
+    for rank in range(2):
+        stage, _ = load_rank_model(ModelSource(checkpoint=str(path)), cfg, rank, torch.device("cpu"), torch.float32)
+        held = sum(t.numel() * t.element_size() for t in [*stage.parameters(), *stage.buffers()] if not t.is_meta)
+        est = memory.rank_bytes(fam, meta, cfg, memory.JobSize(2, 2, 8, 32), rank, fp8=fp8)
+        assert est.weights == held, (rank, est.weights, held)
+
+
+def test_cpu_ranks_of_one_machine_are_checked_once_together(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cpu0 = torch.device("cpu")
+    first, second = memory.rank_budget(cpu0, 0, 4, False, 0), memory.rank_budget(cpu0, 1, 4, False, 0)
+    other_machine = memory.rank_budget(cpu0, 2, 4, False, 0)
+    assert (first.ranks(4), second.ranks(4), other_machine.ranks(4)) == ([0, 1], [], [2, 3])
+    assert first.started and first.available[0] > 0
