@@ -26,9 +26,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .config import ParallelConfig
-from .models import family
 from .parallel.plan import rank_blocks, rank_modules
-from .patches import displaced_spans, pipefusion_spans
+from .patches import displaced_spans
 
 GiB = 2 ** 30
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -13,7 +13,6 @@ import struct
 import time
 
 import pytest
-import torch
 
 from comfy_pipefusion import memory, transport
 from comfy_pipefusion.models import flux

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,10 +29,6 @@ def mid():
 
 def size(px: int, **kw) -> memory.JobSize:
     return memory.JobSize(px // 16, px // 16, 256, 4096, **kw)
-
-
-def cpu(gib: float, **kw) -> memory.Budget:
-    return memory.Budget("cpu", (int(gib * GB),), **kw)
 
 
 def test_estimate_parts_follow_the_job(mid):
