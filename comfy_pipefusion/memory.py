@@ -99,7 +99,7 @@ class RankBytes:
     def describe(self) -> str:
         parts = [("weights", self.weights), ("K/V buffers", self.kv), ("gathered K/V", self.gathered),
                  ("activations", self.activations), ("latents", self.latent)]
-        return f"{gib(self.total)} (" + ", ".join(f"{n} {gib(b)}" for n, b in parts if b) + ")"
+        return f"{gib(self.total)} (" + ", ".join(f"{n} {gib(b)}" for n, b in parts if b >= GiB / 200) + ")"
 
 
 def gib(n: float) -> str:
@@ -245,16 +245,18 @@ def estimate(fam, meta, cfg: ParallelConfig, size: JobSize, device_type: str = "
     return [rank_bytes(fam, meta, cfg, size, r, device_type, fp8) for r in range(cfg.world_size)]
 
 
-def admit(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, fp8: bool = False) -> list[RankBytes]:
-    """The job's bytes per rank, or AdmissionError naming the numbers and what would make it fit."""
+def admit(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, fp8: bool = False,
+          label: str | None = None) -> list[RankBytes]:
+    """The job's bytes per rank, or AdmissionError naming the numbers and what would make it fit.
+    ``label`` replaces the image size in the message (e.g. a check of the weights alone)."""
     ranks = estimate(fam, meta, cfg, size, budget.device_type, fp8)
     if fits(ranks, budget):
         return ranks
     mine = budget.ranks(len(ranks))
     worst = max(mine, key=lambda r: budget.need(ranks[r]))
     what = f"{cfg.strategy} on {cfg.world_size} {'CPU rank' if budget.device_type == 'cpu' else 'GPU'}" \
-           f"{'s' if cfg.world_size > 1 else ''}, {size.pixels()}, batch {size.batch}" + \
-           (" with cfg" if size.cfg else "")
+           f"{'s' if cfg.world_size > 1 else ''}, " + \
+           (label or f"{size.pixels()}, batch {size.batch}" + (" with cfg" if size.cfg else ""))
     if budget.device_type == "cpu":
         total = sum(budget.need(ranks[r]) for r in mine)
         have = f"{gib(total)} for the {len(mine)} rank(s) on this machine, but only " \
@@ -267,8 +269,8 @@ def admit(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, fp8: bo
     process = budget.need(ranks[worst]) - ranks[worst].total + (ranks[worst].weights if budget.weights_loaded else 0)
     extra = f" + {gib(process)} for its process" if process else ""
     loaded = " (its weights are loaded already)" if budget.weights_loaded else ""
-    raise AdmissionError(f"this job does not fit in memory: {what} needs {ranks[worst].describe()}{extra} on rank "
-                         f"{worst}{loaded}; {have}{fix}")
+    raise AdmissionError(f"this job does not fit in memory: {what}: rank {worst} needs {ranks[worst].describe()}"
+                         f"{extra}{loaded}; {have}{fix}")
 
 
 def suggestions(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, fp8: bool) -> list[str]:

@@ -72,7 +72,7 @@ def smallest_job(model) -> memory.JobSize:
                           channels=4 * fam.latent_format(model.model_config).channels)
 
 
-def check(model, size: memory.JobSize) -> None:
+def check(model, size: memory.JobSize, label: str | None = None) -> None:
     """Refuse a job of ``model`` (a PipeFusionModel) that cannot fit, before the group starts: the
     checkpoint's header gives the configuration, the configuration the estimate. Before the check,
     ComfyUI's own models are unloaded from the group's GPUs as far as the job needs."""
@@ -86,7 +86,7 @@ def check(model, size: memory.JobSize) -> None:
     warm, freed = group_state(model.launcher, model.plan)
     b = budget(devices, warm, freed)
     if b is not None:
-        memory.admit(fam, meta, model.parallel, size, b, fp8)
+        memory.admit(fam, meta, model.parallel, size, b, fp8, label)
 
 
 def job_size(model, samples: torch.Tensor, txt: torch.Tensor, cfg: bool) -> memory.JobSize:

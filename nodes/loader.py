@@ -88,7 +88,7 @@ class PipeFusionDiTLoader:
         if getattr(self, "_launcher", None) is None:
             self._launcher = Launcher(on_state=report_state)
         model = PipeFusionModel(path, config, parallel, plan, dtype, self._launcher, stamp, info.family)
-        admission.check(model, admission.smallest_job(model))  # the weights and processes alone
+        admission.check(model, admission.smallest_job(model), "its weights and processes alone")
         return (model,)
 
 

@@ -95,6 +95,22 @@ def test_hostile_distrifusion_replicas_beyond_the_memory_are_refused(server):
     assert "distrifusion on 2 CPU ranks" in msg and "gathered K/V" in msg, msg
 
 
+def test_hostile_model_beyond_the_ram_is_refused_by_the_loader(server):
+    """A header whose weights alone exceed this machine's RAM (sparse: nothing on disk) is refused by the
+    loader, before any image size is known and before any worker starts."""
+    import psutil
+
+    block = 12 * 6144 ** 2 * 2  # a single block at width 6144 in bfloat16, about 0.9 GB
+    blocks = int(psutil.virtual_memory().total // block) + 2
+    config = dict(WIDE_CONFIG, num_attention_heads=48, num_single_layers=blocks)
+    write_sparse_checkpoint(flux.build_meta(config), server.ckpt.parent / "huge-flux.safetensors")
+    p = flux_prompt("huge-flux.safetensors", steps=2, seed=1, width=4096, pooled=768)
+    p["1"]["inputs"]["weight_dtype"] = "bfloat16"
+    msg = refused(server, p)
+    assert "PipeFusion DiT Loader: this job does not fit in memory: pipefusion on 2 CPU ranks, its weights and " \
+           "processes alone: rank" in msg and "GiB of RAM is available" in msg, msg
+
+
 def test_loader_stage_split_and_balance_reach_the_group(server):
     """A hand-made split runs (6 blocks as 4 + 2) and, every step synchronous, equals the serial reference;
     a split that does not cover the model is refused by the loader with the numbers."""
