@@ -104,8 +104,12 @@ def step_env(a) -> dict:
     gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(i)
+            free, total = torch.cuda.mem_get_info(i)  # creates this process's context on GPU i
             gpus.append({"name": torch.cuda.get_device_name(i), "free_gib": gib(free), "total_gib": gib(total)})
+        # what a CUDA context costs (memory.CUDA_CONTEXT_BYTES assumes 0.59 GiB): GPU 0's used memory
+        # beyond torch's own blocks, on a GPU nothing else uses
+        used = gpus[0]["total_gib"] - gpus[0]["free_gib"] - gib(torch.cuda.memory_reserved(0))
+        gpus[0]["context_gib_upper_bound"] = round(used, 3)
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": gpus, "device": str(a.device),
             "summary": f"torch {torch.__version__}, {len(gpus)} GPU(s)" + (f": {gpus[0]['name']}" if gpus else "")}
 
