@@ -99,11 +99,12 @@ class RankBytes:
     def describe(self) -> str:
         parts = [("weights", self.weights), ("K/V buffers", self.kv), ("gathered K/V", self.gathered),
                  ("activations", self.activations), ("latents", self.latent)]
-        return f"{gib(self.total)} (" + ", ".join(f"{n} {gib(b)}" for n, b in parts if b >= GiB / 200) + ")"
+        shown = ", ".join(f"{n} {gib(b)}" for n, b in parts if b >= 2 ** 20)
+        return f"{gib(self.total)} ({shown})" if shown else gib(self.total)
 
 
 def gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2 ** 20:.0f} MiB"
 
 
 def attention_kernel(device_type: str, dtype: str, head_dim: int) -> str:

@@ -163,6 +163,7 @@ def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models:
           dtype: torch.dtype) -> None:
     """Refuse a job this rank's memory cannot hold, before anything of it is allocated (memory.py)."""
     fam, _, meta = models.describe(source)
+    cfg.check_model(len(fam.blocks_of(meta)))  # the stage split below needs enough blocks
     loaded, freed = models.holds(source, cfg, comm.rank, dtype)
     budget = memory.rank_budget(models.device, comm.rank, comm.world_size, loaded, freed)
     memory.admit(fam, meta, cfg, memory.job_size(problem), budget, memory.stored_fp8(source.checkpoint))
