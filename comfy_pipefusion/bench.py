@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .config import STRATEGIES, TEXT_STREAMS, ParallelConfig, SampleSpec
+from . import memory
 from .group import end_children, owned_tempdir, run_jobs
 from .job import evaluation_plan, sampling_kind
 from .models import family
@@ -116,7 +117,29 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
             name = s + (f"-{stream}" if pf and len(streams) > 1 else "") + \
                 (f"-M{m}" if pf and len(patches) > 1 else "")
             par.append({"name": name, "parallel": p, "sample": sample, "repeats": args.repeats, **extra})
+    admit(args, fam, config, spec, serial, par)
     return spec, serial, par
+
+
+def admit(args, fam, config: dict, spec: SampleSpec, serial: list[dict], par: list[dict]) -> None:
+    """Refuse, before any process starts, a benchmark whose serial process and group cannot both fit in
+    this machine's RAM (they run side by side; the group holds one job's memory at a time)."""
+    meta = fam.build_meta(config)
+    n_txt = serial[0]["text_tokens"]
+    txt_dim = fam.conditioning_dims(config)[0]
+    size = memory.JobSize(spec.token_rows, spec.token_cols, n_txt, txt_dim, dtype=spec.dtype,
+                          channels=4 * fam.latent_format(config).channels)
+    fp8 = memory.stored_fp8(args.checkpoint)
+    ram = memory.available_ram()
+    first = memory.admit(fam, meta, ParallelConfig("serial", 1), size, memory.Budget("cpu", (ram,)), fp8)
+    left = max(0, ram - memory.CPU_PROCESS_BYTES - first[0].total) if par else ram
+    for job in par:
+        cfg = ParallelConfig(world_size=args.world_size, **job["parallel"])
+        try:
+            memory.admit(fam, meta, cfg, size, memory.Budget("cpu", (left,)), fp8)
+        except memory.AdmissionError as exc:
+            raise memory.AdmissionError(f"{exc} (beside the serial process, which needs "
+                                        f"{memory.gib(first[0].total + memory.CPU_PROCESS_BYTES)})") from None
 
 
 def summarise(args, spec, serial, results) -> dict:

@@ -49,20 +49,54 @@ def worker_command(world_size: int, args: list[str], store_dir: Path) -> list[st
             "--max_restarts=0", "--monitor_interval=0.5", *tail]
 
 
-INHERITED_NOT = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "RANK", "LOCAL_RANK", "WORLD_SIZE",
-                 "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+INHERITED_NOT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+                 "TORCHELASTIC_RUN_ID")
+ALLOC_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+ALLOC_DEFAULT = "expandable_segments:True"  # fewer fragments between jobs of different sizes
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
+def visible_devices(devices: tuple[int, ...], parent: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for the workers: ``devices`` are indices among the GPUs this process sees, which
+    the parent's own CUDA_VISIBLE_DEVICES (indices or UUIDs, e.g. ComfyUI's --cuda-device 1) maps to the
+    physical ones."""
+    if parent is None or parent.strip() == "":
+        if parent is not None and devices:
+            raise ValueError(f"GPUs {list(devices)} asked for, but CUDA_VISIBLE_DEVICES is empty here: "
+                             "this process sees no GPU; use cpu:N")
+        return ",".join(map(str, devices))
+    seen = [p.strip() for p in parent.split(",") if p.strip()]
+    bad = [d for d in devices if not 0 <= d < len(seen)]
+    if bad:
+        raise ValueError(f"GPU {bad[0]} does not exist here: CUDA_VISIBLE_DEVICES={parent!r} makes "
+                         f"{len(seen)} GPU(s) visible (0..{len(seen) - 1})")
+    return ",".join(seen[d] for d in devices)
+
+
+def allocator_env(env: dict[str, str]) -> None:
+    """The workers' CUDA allocator: the user's own setting when they made one (without a cudaMallocAsync
+    backend, which the workers do not support), else expandable segments."""
+    for var in ALLOC_VARS:
+        if var in env:
+            kept = [p for p in env[var].split(",") if p.strip() and "cudamallocasync" not in p.replace(" ", "").lower()]
+            if kept:
+                env[var] = ",".join(kept)
+            else:
+                del env[var]
+    if not any(var in env for var in ALLOC_VARS):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_DEFAULT
+
+
 def worker_env(threads: int, devices: tuple[int, ...] | None = None, cpu_only: bool = False) -> dict[str, str]:
-    """A clean worker environment: the chosen GPUs (none with ``cpu_only``), the thread count, no inherited
-    allocator (cudaMallocAsync) or rendezvous settings, peer sockets on loopback only (gloo and NCCL would
-    otherwise bind the address the host name resolves to), no shared TCP store in torchrun, and this
-    package importable."""
+    """A clean worker environment: the chosen GPUs (none with ``cpu_only``; ``devices`` counted among the
+    GPUs this process sees), the thread count, the allocator (``allocator_env``), no inherited rendezvous
+    settings, peer sockets on loopback only (gloo and NCCL would otherwise bind the address the host name
+    resolves to), no shared TCP store in torchrun, and this package importable."""
     env = {k: v for k, v in os.environ.items() if k not in INHERITED_NOT}
     env.update(LOOPBACK)
+    allocator_env(env)
     if devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
     elif cpu_only:
         env["CUDA_VISIBLE_DEVICES"] = ""
     env["OMP_NUM_THREADS"] = str(threads)
@@ -122,11 +156,12 @@ def end_children() -> None:
 
 def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, threads: int = 1,
              timeout: float | None = None, model: dict | None = None,
-             worker_args: list[str] | None = None) -> dict[str, tuple[torch.Tensor, dict]]:
+             worker_args: list[str] | None = None, cpu_only: bool = False) -> dict[str, tuple[torch.Tensor, dict]]:
     """Run ``jobs`` (worker job dicts) on a fresh group; returns {name: (samples, metrics)}. The model is
     the built-in ``preset`` (random weights from ``seed``) unless ``model`` gives another source (e.g.
     ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no limit) bounds the whole group; on timeout or
-    interrupt the group is killed. ``worker_args`` go to every rank (e.g. ``--turns DIR --turn-tag TAG``)."""
+    interrupt the group is killed. ``worker_args`` go to every rank (e.g. ``--turns DIR --turn-tag TAG``);
+    ``cpu_only`` hides the GPUs from the ranks."""
     sweep_tempdirs()
     with owned_tempdir() as tmp:
         tmp = Path(tmp)
@@ -137,8 +172,8 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
         with open(log, "wb") as fh:
             args = ["--jobs", str(spec), "--out", str(tmp / "out"), "--threads", str(threads), *(worker_args or [])]
             proc = subprocess.Popen(worker_command(world_size, args, tmp), stdout=fh,
-                                    stderr=subprocess.STDOUT, env=worker_env(threads), start_new_session=True,
-                                    preexec_fn=die_with_parent)
+                                    stderr=subprocess.STDOUT, env=worker_env(threads, cpu_only=cpu_only),
+                                    start_new_session=True, preexec_fn=die_with_parent)
             try:
                 rc = proc.wait(timeout=timeout)
             except BaseException:

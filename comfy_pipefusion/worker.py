@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from . import memory
 from .config import ParallelConfig, SampleSpec
 from .job import make_problem, preset_problem, sampling_kind, synthetic_problem
 from .models import family
@@ -101,9 +102,18 @@ class ModelCache:
             self.meta_source, self.meta = source, (fam, config, fam.build_meta(config))
         return self.meta
 
-    def get(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
+    def _key(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
         fam, _, meta = self.describe(source)
-        key = (source, tuple(rank_modules(fam, meta, cfg, rank)), dtype)
+        return (source, tuple(rank_modules(fam, meta, cfg, rank)), dtype)
+
+    def holds(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype) -> tuple[bool, int]:
+        """(whether the weights of this job are loaded, bytes of another model that a load would free)."""
+        if self.key == self._key(source, cfg, rank, dtype):
+            return True, 0
+        return False, family.param_bytes(self.value[0]) if self.value is not None else 0
+
+    def get(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
+        key = self._key(source, cfg, rank, dtype)
         if key != self.key:
             self.key, self.value = None, None  # a load that raises (a cancel) leaves nothing half-loaded
             self.value = load_rank_model(source, cfg, rank, self.device, dtype, self.progress)
@@ -119,6 +129,9 @@ class Prepared:
     model: torch.nn.Module
     blocks: list
     dtype: torch.dtype
+    base_bytes: int = 0  # this rank's memory before the load (RSS on CPU, allocated on GPU)
+    load_s: float = 0.0  # time to load the weights (0 when they were loaded already)
+    device: torch.device = torch.device("cpu")
 
 
 def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = None) -> Prepared:
@@ -128,6 +141,8 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         if source.preset else {}
     spec = SampleSpec(**{**defaults, **job["sample"]})
     par = dict(job["parallel"])
+    if par.get("stage_split") is not None:  # JSON carries a list
+        par["stage_split"] = tuple(par["stage_split"])
     asked = par.pop("world_size", comm.world_size)
     if asked != comm.world_size:
         raise ValueError(f"job {job.get('name', '')!r} asks for world_size {asked} but the group has "
@@ -146,8 +161,38 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
                                sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get("mask"))
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
+    admit(source, cfg, problem, comm, models, dtype)
+    base, start = memory_now(models.device), time.perf_counter()
     model, blocks = models.get(source, cfg, comm.rank, dtype)
-    return Prepared(cfg, spec, problem, model, blocks, dtype)
+    return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device)
+
+
+def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models: ModelCache,
+          dtype: torch.dtype) -> None:
+    """Refuse a job this rank's memory cannot hold, before anything of it is allocated (memory.py)."""
+    fam, _, meta = models.describe(source)
+    cfg.check_model(len(fam.blocks_of(meta)))  # the stage split below needs enough blocks
+    loaded, freed = models.holds(source, cfg, comm.rank, dtype)
+    budget = memory.rank_budget(models.device, comm.rank, comm.world_size, loaded, freed)
+    memory.admit(fam, meta, cfg, memory.job_size(problem), budget, memory.stored_fp8(source.checkpoint))
+
+
+def memory_now(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def memory_peak(device: torch.device) -> int:
+    """This process's peak memory: allocated on its GPU (since the last load), its peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) -> torch.Tensor | None:
@@ -160,12 +205,17 @@ def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) 
                                                prep.dtype, device, control)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return prep.problem.finish(x) if x is not None else None
+    out = prep.problem.finish(x) if x is not None else None
+    if device.type == "cuda":  # the job's buffers are gone: give their cached blocks back (ComfyUI's VAE decode)
+        del x
+        torch.cuda.empty_cache()
+    return out
 
 
 def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
     local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "wait_s": comm.wait_s,
-             "pid": os.getpid()}
+             "pid": os.getpid(), "base_bytes": prep.base_bytes, "peak_bytes": memory_peak(prep.device),
+             "load_s": prep.load_s}
     return comm.gather_object(local)
 
 
@@ -191,6 +241,9 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
                "param_bytes_per_rank": [r["param_bytes"] for r in stats],
                "bytes_sent_per_rank": [r["bytes_sent"] for r in stats],
                "wait_s_per_rank": [r["wait_s"] for r in stats],  # of the last run
+               "base_bytes_per_rank": [r["base_bytes"] for r in stats],  # before the load
+               "peak_bytes_per_rank": [r["peak_bytes"] for r in stats],  # load and runs
+               "load_s_per_rank": [r["load_s"] for r in stats],
                "params": sum(p.numel() for p in prep.model.parameters()),
                "device": str(device), "threads": torch.get_num_threads()}
     metrics["attention_layers"] = attention_layers(prep.model, prep.problem)

@@ -38,6 +38,31 @@ def parse_devices(text: str, gpu_count: int) -> tuple[tuple[int, ...] | None, in
     return devs, len(devs)
 
 
+def parse_stage_split(text: str, strategy: str) -> tuple[int, ...] | None:
+    """'' (automatic) or blocks per stage like '10,9' -> (10, 9); PipeFusion only."""
+    s = (text or "").strip().replace(" ", "")
+    if not s:
+        return None
+    try:
+        split = tuple(int(p) for p in s.split(","))
+    except ValueError:
+        raise ValueError(f"stage_split {text!r}: write blocks per stage like 10,9, or leave it empty") from None
+    if strategy != "pipefusion":
+        raise ValueError(f"stage_split {text!r} applies to pipefusion only (strategy is {strategy}); "
+                         "leave it empty")
+    return split
+
+
+def place_auto(devices: tuple[int, ...], comfy_device: int | None, rank_bytes: list[int]) -> tuple[int, ...]:
+    """``auto`` devices: the rank with the fewest bytes goes on ComfyUI's own GPU (which also holds the text
+    encoders and the VAE); the others keep their order."""
+    if comfy_device is None or comfy_device not in devices or len(devices) < 2:
+        return devices
+    light = min(range(len(devices)), key=lambda r: (rank_bytes[r], -r))
+    others = [d for d in devices if d != comfy_device]
+    return tuple(others[:light]) + (comfy_device,) + tuple(others[light:])
+
+
 def check_sampler(sampler_name: str, scheduler: str, denoise: float, cfg: float, seed: int = 0) -> None:
     if sampler_name not in IMPLEMENTED_SAMPLERS:
         raise ValueError(f"sampler {sampler_name!r} is not implemented; implemented: "

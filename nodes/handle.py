@@ -23,5 +23,7 @@ class PipeFusionModel:
     def job(self, sample: dict) -> dict:
         p = self.parallel
         return {"model": {"checkpoint": self.path}, "model_stamp": self.stamp,
-                "parallel": {"strategy": p.strategy, "patches": p.patches, "warmup_steps": p.warmup_steps},
+                "parallel": {"strategy": p.strategy, "patches": p.patches, "warmup_steps": p.warmup_steps,
+                             "balance": p.balance,
+                             "stage_split": list(p.stage_split) if p.stage_split else None},
                 "sample": {**sample, "dtype": self.dtype}}

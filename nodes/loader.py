@@ -10,7 +10,8 @@ from comfy_pipefusion.config import ParallelConfig
 from comfy_pipefusion.models.checkpoint import open_checkpoint
 
 from ..launcher import GroupPlan, Launcher
-from .convert import DTYPE_CHOICES, parse_devices
+from . import admission
+from .convert import DTYPE_CHOICES, parse_devices, parse_stage_split, place_auto
 from .handle import PipeFusionModel
 from .status import report_state
 
@@ -42,6 +43,12 @@ class PipeFusionDiTLoader:
                                 "tooltip": "PipeFusion's patches per image; 0 = one per GPU"}),
             "warmup_steps": ("INT", {"default": 1, "min": 1, "max": 1000,
                                      "tooltip": "synchronous full-image steps before stale activations are used"}),
+        }, "optional": {
+            "balance": (["compute", "memory"], {"tooltip": "PipeFusion's automatic stage split: compute = "
+                                                           "equal work per GPU (fastest), memory = equal weight "
+                                                           "bytes per GPU (for models that only fit so)"}),
+            "stage_split": ("STRING", {"default": "", "tooltip": "PipeFusion: blocks per stage, e.g. 10,9 "
+                                                                 "(empty = automatic, by balance)"}),
         }}
 
     @classmethod
@@ -50,13 +57,15 @@ class PipeFusionDiTLoader:
         its checks) again, and its jobs make the workers read the file again."""
         return file_stamp(folder_paths.get_full_path("diffusion_models", unet_name))
 
-    def load(self, unet_name, weight_dtype, devices, strategy, patches, warmup_steps):
+    def load(self, unet_name, weight_dtype, devices, strategy, patches, warmup_steps, balance="compute",
+             stage_split=""):
         try:
-            return self._load(unet_name, weight_dtype, devices, strategy, patches, warmup_steps)
+            return self._load(unet_name, weight_dtype, devices, strategy, patches, warmup_steps, balance,
+                              stage_split)
         except ValueError as exc:
             raise ValueError(f"PipeFusion DiT Loader: {exc}") from None
 
-    def _load(self, unet_name, weight_dtype, devices, strategy, patches, warmup_steps):
+    def _load(self, unet_name, weight_dtype, devices, strategy, patches, warmup_steps, balance, stage_split):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         stamp = file_stamp(path)
         info = open_checkpoint(path)  # header only: family, configuration, layout; refuses what we cannot run
@@ -65,15 +74,30 @@ class PipeFusionDiTLoader:
         devs, ranks = parse_devices(devices, gpus)
         if strategy == "serial" and ranks != 1:
             devs, ranks = (devs[:1] if devs else None), 1
-        parallel = ParallelConfig(strategy=strategy, world_size=ranks, patches=patches, warmup_steps=warmup_steps)
+        parallel = ParallelConfig(strategy=strategy, world_size=ranks, patches=patches, warmup_steps=warmup_steps,
+                                  balance=balance, stage_split=parse_stage_split(stage_split, strategy))
         parallel.check_model(config.get("num_layers", 0) + config.get("num_single_layers", 0))
+        admission.check_ranks(parallel, devs)
         dtype = weight_dtype if weight_dtype != "default" else ("bfloat16" if devs else "float32")
+        if devs and len(devs) > 1 and devices.strip().lower() == "auto":  # the heaviest stage off ComfyUI's GPU
+            devs = place_auto(devs, comfy_device(), admission.weights_per_rank(info.family, config, parallel, dtype))
         # Only what changes the weights each rank holds needs a new group; patches and warm-up steps are
         # settings of each job, so changing them keeps the warm group (this node's Launcher persists).
-        plan = GroupPlan(world_size=ranks, devices=devs, key=f"{path}|{strategy}|{dtype}")
+        plan = GroupPlan(world_size=ranks, devices=devs,
+                         key=f"{path}|{strategy}|{dtype}|{balance}|{parallel.stage_split}")
         if getattr(self, "_launcher", None) is None:
             self._launcher = Launcher(on_state=report_state)
-        return (PipeFusionModel(path, config, parallel, plan, dtype, self._launcher, stamp, info.family),)
+        model = PipeFusionModel(path, config, parallel, plan, dtype, self._launcher, stamp, info.family)
+        admission.check(model, admission.smallest_job(model), "its weights and processes alone")
+        return (model,)
+
+
+def comfy_device() -> int | None:
+    """ComfyUI's own GPU (its index among the visible ones), None on CPU."""
+    import comfy.model_management
+
+    dev = comfy.model_management.get_torch_device()
+    return (dev.index or 0) if getattr(dev, "type", "") == "cuda" else None
 
 
 class PipeFusionUnload:

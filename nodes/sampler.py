@@ -8,6 +8,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..launcher import GroupError, JobCancelled, JobError
+from . import admission
 from .convert import check_latent, check_sampler, conditioning_tensors
 
 
@@ -54,6 +55,9 @@ class PipeFusionKSampler:
                 tensors["neg_txt"] = neg_txt
                 if neg_pooled is not None:
                     tensors["neg_pooled"] = neg_pooled
+            # before the group starts or allocates: refused with the numbers if it cannot fit; ComfyUI's own
+            # models leave the group's GPUs first
+            admission.check(model, admission.job_size(model, samples, txt, "neg_txt" in tensors))
         except ValueError as exc:
             raise ValueError(f"PipeFusion KSampler: {exc}") from None
         tensors["noise"] = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))

@@ -68,7 +68,7 @@ def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidanc
         positive = g.node("FluxGuidance", (720, 0), [guidance], inputs=[("conditioning", "CONDITIONING")],
                           outputs=[("CONDITIONING", "CONDITIONING")])
         g.link(pos, 0, positive, "conditioning")
-    loader = g.node("PipeFusionDiTLoader", (0, 400), [unet, "default", devices, "pipefusion", 0, 1],
+    loader = g.node("PipeFusionDiTLoader", (0, 400), [unet, "default", devices, "pipefusion", 0, 1, "compute", ""],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
     if kind == "pixart":
         latent = g.node("EmptyLatentImage", (360, 400), [size, size, 1], outputs=[("LATENT", "LATENT")])
