@@ -141,8 +141,12 @@ class GroupRegistry:
         if stopped:
             log.info("PipeFusion: stopping %d worker group(s)%s: %s", len(stopped), f" ({why})" if why else "",
                      ", ".join(stopped))
-        for e in entries.values():
-            e.launcher.stop()
+        threads = [threading.Thread(target=e.launcher.stop, name="pipefusion-stop", daemon=True)
+                   for e in entries.values()]
+        for t in threads:  # side by side: each waits for its ranks' exit
+            t.start()
+        for t in threads:
+            t.join()
         return stopped
 
     def stop_on_devices(self, devices: set[int], why: str) -> list[str]:

@@ -43,10 +43,10 @@ def groups() -> GroupRegistry:
     reg = vars(host).get(ATTR)
     if reg is None:
         reg = vars(host).setdefault(ATTR, GroupRegistry(on_state=report_state, idle_s=idle_seconds()))
-        hook_memory(reg)
         loop = getattr(host, "loop", None)
         if loop is not None:  # signal handlers can only be set on the main thread, which runs the loop
             loop.call_soon_threadsafe(hook_exit_signals, reg)
+    hook_memory(reg)  # at every use: a release that restores patched functions (hook_breaker) undoes it
     return reg
 
 
