@@ -80,10 +80,10 @@ def common() -> dict:
             "l": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}}}
 
 
-def pf_prompt(seed: int = 1, steps: int = 1, files=(FILE_A,)) -> dict:
+def pf_prompt(seed: int = 1, steps: int = 1, files=(FILE_A,), strategy: str = "pipefusion") -> dict:
     p = common()
     for i, f in enumerate(files):
-        p.update(pf_nodes(f, "p" if i == 0 else f"q{i}", steps, seed))
+        p.update(pf_nodes(f, "p" if i == 0 else f"q{i}", steps, seed, strategy))
     return p
 
 
@@ -170,7 +170,7 @@ def test_lifecycle_two_plans_are_two_groups_listed_by_the_route(server):
     assert states[victim["key"]] == "failed" and list(states.values()).count("ready") == 1, states
 
 
-def test_lifecycle_free_stops_every_group_and_unload_node_stops_one(server):
+def test_lifecycle_free_stops_every_group_replace_and_unload_node_stop_one(server):
     ok(server, pf_prompt(seed=5, files=(FILE_A, FILE_B)))
     old = worker_pids(server.pid)
     assert len(old) == 4 and len(listed(server)) == 2
@@ -186,10 +186,16 @@ def test_lifecycle_free_stops_every_group_and_unload_node_stops_one(server):
     fresh = worker_pids(server.pid)
     assert len(fresh) == 2 and set(fresh).isdisjoint(old)
 
-    unload = {"u1": pf_nodes(FILE_A, "p")["p1"],
+    # the same checkpoint with other settings replaces the group: nothing of the old one is left
+    ok(server, pf_prompt(seed=6, strategy="distrifusion"), "p2")
+    other = worker_pids(server.pid)
+    assert len(other) == 2 and not running(fresh) and len(group_dirs(server)) == 1 and zombies(server) == []
+    assert [g["key"] for g in listed(server)] == [f"{FILE_A}|distrifusion|float32|cpu:2"]
+
+    unload = {"u1": pf_nodes(FILE_A, "p", strategy="distrifusion")["p1"],
               "u2": {"class_type": "PipeFusionUnload", "inputs": {"pipefusion_model": ["u1", 0]}}}
     ok(server, unload)
-    assert not running(fresh) and not group_dirs(server) and zombies(server) == [] and listed(server) == []
+    assert not running(other) and not group_dirs(server) and zombies(server) == [] and listed(server) == []
 
 
 def test_lifecycle_sigterm_mid_job_leaves_nothing(server):
