@@ -27,7 +27,6 @@ from .client import Launcher
 from .group import GroupPlan
 
 log = logging.getLogger("comfy_pipefusion.launcher")
-WARM = ("starting", "loading", "ready", "busy")
 
 
 def idle_seconds() -> float | None:
@@ -120,7 +119,7 @@ class GroupRegistry:
         """The keys of the groups that are started or starting."""
         with self._lock:
             entries = list(self._entries.items())
-        return [k for k, e in entries if e.launcher.group is not None or e.launcher.state in ("starting",)]
+        return [k for k, e in entries if e.launcher.group is not None or e.launcher.state == "starting"]
 
     # ------------------------------------------------------------------------------------- stopping
 
@@ -221,7 +220,8 @@ class GroupRegistry:
     # ------------------------------------------------------------------------------------- reporting
 
     def describe(self) -> list[dict]:
-        """One dict per group that is warm or failed (GET /pipefusion/groups)."""
+        """One dict per group that is starting, warm or failed (GET /pipefusion/groups): ``devices`` is
+        the list of CUDA indices, or "cpu"; ``rss_bytes_per_rank`` has None for a rank that is gone."""
         with self._lock:
             entries = list(self._entries.items())
         out = []
