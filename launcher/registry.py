@@ -86,6 +86,7 @@ class GroupRegistry:
         self._entries: dict[str, _Entry] = {}
         self._closed = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._announced: set[str] = set()  # keys whose start was logged
         atexit.register(_stop_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------------------------- lookup
@@ -210,7 +211,9 @@ class GroupRegistry:
             launcher.stop()
 
     def _on_state(self, key: str, state: str, detail: str) -> None:
-        if state in ("ready", "stopped", "failed"):
+        """Tell ``on_state``; log a group's start and end (not every job) with the groups that are warm."""
+        if (state == "ready" and key not in self._announced) or state in ("stopped", "failed"):
+            (self._announced.add if state == "ready" else self._announced.discard)(key)
             warm = self.warm()
             log.info("PipeFusion: group %s %s%s; warm groups: %s", key, state, f" ({detail})" if detail else "",
                      ", ".join(warm) if warm else "none")
