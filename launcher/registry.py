@@ -108,7 +108,8 @@ class GroupRegistry:
                 self._watcher = threading.Thread(target=self._watch, name="pipefusion-groups", daemon=True)
                 self._watcher.start()
         for e in old:
-            log.info("PipeFusion: group %s is replaced by %s", group_key(e.plan), key)
+            if e.launcher.group is not None:
+                log.info("PipeFusion: group %s is replaced by %s", group_key(e.plan), key)
             e.launcher.stop()
         return launcher
 
