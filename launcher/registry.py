@@ -150,6 +150,31 @@ class GroupRegistry:
             t.join()
         return stopped
 
+    def stop_idle(self, why: str) -> list[str]:
+        """Stop, side by side, every group that runs no job now (a busy one is left alone); returns
+        their keys."""
+        with self._lock:
+            entries = list(self._entries.items())
+        stopped: list[str] = []
+
+        def stop_if_idle(key: str, launcher: Launcher) -> None:
+            if not launcher.lock.acquire(blocking=False):
+                return
+            try:
+                if launcher.group is not None:
+                    log.info("PipeFusion: stopping idle worker group %s (%s)", key, why)
+                    stopped.append(key)
+                    launcher.stop()
+            finally:
+                launcher.lock.release()
+        threads = [threading.Thread(target=stop_if_idle, args=(k, e.launcher), name="pipefusion-stop", daemon=True)
+                   for k, e in entries]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return stopped
+
     def stop_on_devices(self, devices: set[int], why: str) -> list[str]:
         """Stop the idle groups that use any of the CUDA ``devices`` (a busy one is left alone)."""
         with self._lock:

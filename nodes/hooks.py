@@ -11,7 +11,8 @@ Freed, besides by our Unload node, when ComfyUI frees memory: ``comfy.model_mana
 after each prompt) stops every group, and ``free_memory(required, cuda:i)`` still short after ComfyUI
 unloaded its own models (one of its models loads on a GPU a group uses) stops the idle groups on that GPU,
 like ComfyUI's own models give way. Both are wrapped at run time, looked up by name as main.py and
-model_management do (0.3.52 to 0.3.75), never by editing ComfyUI's files. On SIGTERM/SIGHUP the groups
+model_management do (0.3.52 to 0.3.75), never by editing ComfyUI's files; the /free flags are also
+observed where the server sets them (``hook_free_flags``). On SIGTERM/SIGHUP the groups
 are killed, their directories and our segments removed, then ComfyUI's own handling of the signal runs.
 """
 from __future__ import annotations
@@ -47,7 +48,27 @@ def groups() -> GroupRegistry:
         if loop is not None:  # signal handlers can only be set on the main thread, which runs the loop
             loop.call_soon_threadsafe(hook_exit_signals, reg)
     hook_memory(reg)  # at every use: a release that restores patched functions (hook_breaker) undoes it
+    hook_free_flags(reg, getattr(host, "prompt_queue", None))
     return reg
+
+
+def hook_free_flags(reg: GroupRegistry, queue) -> None:
+    """``POST /free`` sets a flag that ComfyUI's prompt worker reads when it next wakes up; one set while
+    the worker finishes a prompt waits for the next prompt (its wake-up was missed). So the flag itself
+    is observed too: the idle groups stop at once (in a thread of their own: never in the server's loop);
+    a busy one stops when the worker calls unload_all_models after the prompt."""
+    if queue is None or getattr(queue.set_flag, "_pipefusion", False):
+        return
+    original = queue.set_flag
+
+    def set_flag(name, data, *args, **kwargs):
+        out = original(name, data, *args, **kwargs)
+        if name in ("unload_models", "free_memory") and data:
+            threading.Thread(target=reg.stop_idle, args=(f"POST /free {name}",), name="pipefusion-free",
+                             daemon=True).start()
+        return out
+    set_flag._pipefusion = True
+    queue.set_flag = set_flag  # on this instance only
 
 
 # ------------------------------------------------------------------------------------- ComfyUI frees memory

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -180,7 +181,9 @@ def test_lifecycle_free_stops_every_group_replace_and_unload_node_stop_one(serve
     took = time.monotonic() - t0
     print(f"\nLIFECYCLE POST /free unload_models: 2 groups (4 ranks) stopped in {took:.2f} s")
     assert listed(server) == [] and zombies(server) == [] and transport.shm_segments(server.pid) == []
-    assert "stopping 2 worker group(s) (ComfyUI unloads all models)" in server.log_tail(60)
+    log = server.log_tail(60)
+    assert ("stopping 2 worker group(s) (ComfyUI unloads all models)" in log
+            or log.count("PipeFusion: stopping idle worker group") == 2), log
 
     ok(server, pf_prompt(seed=6))  # a fresh group
     fresh = worker_pids(server.pid)
@@ -276,6 +279,36 @@ def test_lifecycle_replaced_plan_and_memory_pressure_decision(tmp_path_factory):
     assert pressure_index(cuda(1), 8 * 2**30, 9 * 2**30) is None
     assert pressure_index(cuda(1), 8 * 2**30, 7 * 2**30) == 1
     assert pressure_index(cuda(), 1e30, 7 * 2**30) == 0
+
+
+def test_lifecycle_stop_idle_leaves_a_busy_group(tmp_path_factory):
+    """What POST /free does at once: stop the idle groups; one that runs a job (its lock held by the prompt
+    thread) is left alone, to be stopped by unload_all_models after the prompt."""
+    root = Path(tmp_path_factory.mktemp("pf-busy"))
+    root.chmod(0o700)
+    reg = GroupRegistry(root)
+    try:
+        plans = [GroupPlan(1, key="busy"), GroupPlan(1, key="idle")]
+        busy, idle = (reg.launcher(p, slot=p.key) for p in plans)
+        groups = [busy.ensure(plans[0]), idle.ensure(plans[1])]
+        held, release = threading.Event(), threading.Event()
+
+        def job():
+            with busy.lock:
+                held.set()
+                release.wait(60)
+        t = threading.Thread(target=job)
+        t.start()
+        held.wait(10)
+        assert reg.stop_idle("test") == ["idle|cpu:1"]
+        assert idle.group is None and not groups[1].dir.exists() and groups[1].proc.returncode is not None
+        assert busy.group is groups[0] and groups[0].alive()
+        release.set()
+        t.join()
+        assert reg.stop_idle("test") == ["busy|cpu:1"] and not groups[0].dir.exists()
+    finally:
+        release.set()
+        reg.close()
 
 
 @pytest.mark.parametrize("raw,expected", [("", None), ("0", None), ("90", 90.0), ("2.5", 2.5)])
