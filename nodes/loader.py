@@ -9,11 +9,10 @@ import torch
 from comfy_pipefusion.config import ParallelConfig
 from comfy_pipefusion.models.checkpoint import open_checkpoint
 
-from ..launcher import GroupPlan, Launcher
+from ..launcher import GroupPlan
 from . import admission
 from .convert import DTYPE_CHOICES, parse_devices, parse_stage_split, place_auto
 from .handle import PipeFusionModel
-from .status import report_state
 
 
 def file_stamp(path: str | None) -> str:
@@ -82,12 +81,11 @@ class PipeFusionDiTLoader:
         if devs and len(devs) > 1 and devices.strip().lower() == "auto":  # the heaviest stage off ComfyUI's GPU
             devs = place_auto(devs, comfy_device(), admission.weights_per_rank(info.family, config, parallel, dtype))
         # Only what changes the weights each rank holds needs a new group; patches and warm-up steps are
-        # settings of each job, so changing them keeps the warm group (this node's Launcher persists).
+        # settings of each job, so changing them keeps the warm group. The group belongs to the ComfyUI
+        # process (nodes/hooks.py); another plan for the same checkpoint replaces it.
         plan = GroupPlan(world_size=ranks, devices=devs,
-                         key=f"{path}|{strategy}|{dtype}|{balance}|{parallel.stage_split}")
-        if getattr(self, "_launcher", None) is None:
-            self._launcher = Launcher(on_state=report_state)
-        model = PipeFusionModel(path, config, parallel, plan, dtype, self._launcher, stamp, info.family)
+                         key=f"{unet_name}|{strategy}|{dtype}|{balance}|{parallel.stage_split}")
+        model = PipeFusionModel(path, config, parallel, plan, dtype, slot=path, stamp=stamp, family=info.family)
         admission.check(model, admission.smallest_job(model), "its weights and processes alone")
         return (model,)
 
@@ -112,5 +110,5 @@ class PipeFusionUnload:
         return {"required": {"pipefusion_model": ("PIPEFUSION_MODEL",)}}
 
     def unload(self, pipefusion_model):
-        pipefusion_model.launcher.stop()
+        pipefusion_model.unload()
         return ()
