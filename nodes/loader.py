@@ -13,6 +13,7 @@ from ..launcher import GroupPlan, Launcher
 from .convert import DTYPE_CHOICES, parse_devices
 from .handle import PipeFusionModel
 from .status import report_state
+from .validate import check_plan
 
 
 def file_stamp(path: str | None) -> str:
@@ -43,6 +44,11 @@ class PipeFusionDiTLoader:
             "warmup_steps": ("INT", {"default": 1, "min": 1, "max": 1000,
                                      "tooltip": "synchronous full-image steps before stale activations are used"}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, devices, strategy):
+        """At queue time: devices that parse and exist, and enough of them for the strategy."""
+        return check_plan(devices, strategy, torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
     @classmethod
     def IS_CHANGED(cls, unet_name, **_):

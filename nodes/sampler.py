@@ -9,6 +9,7 @@ import comfy.utils
 
 from ..launcher import GroupError, JobCancelled, JobError
 from .convert import check_latent, check_sampler, conditioning_tensors
+from .validate import check_sampling
 
 
 class PipeFusionKSampler:
@@ -35,6 +36,11 @@ class PipeFusionKSampler:
                                 "tooltip": "time shift of Flux/SD3 sampling, as ModelSamplingFlux/SD3 set it; "
                                            "0 = what ComfyUI uses for this model (Flux-dev 1.15, SD3 3.0)"}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, sampler_name, scheduler):
+        """At queue time: a sampler and scheduler the worker group implements."""
+        return check_sampling(sampler_name, scheduler)
 
     def sample(self, pipefusion_model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                latent_image, denoise=1.0, shift=0.0):

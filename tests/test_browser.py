@@ -1,0 +1,220 @@
+"""The extension in a real browser: headless Chromium (playwright-core) on ComfyUI's own page, served by a
+real ComfyUI server with the extension installed. One server and one page for the module; screenshots of
+each step go to tests/.artifacts/browser/ (git-ignored) for a developer to look at."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from browser_helpers import ARTIFACTS, Page, browser_ready, page_problems
+from comfy_helpers import flux_prompt, start_model_server
+
+UNET = "tiny-flux.safetensors"
+WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
+OUR_TYPES = ("PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload")
+
+# In-page helpers, defined once on window by the fixture.
+PAGE_HELPERS = r"""() => {
+  const ours = new Set(%s);
+  window.pfTest = {
+    ours: () => app.graph._nodes.filter((n) => ours.has(n.comfyClass ?? n.type)),
+    // Our badge's text on a node, as the frontend would draw it now ('' = none shown).
+    badge: (node) => {
+      const b = (node.badges ?? []).map((x) => (typeof x === "function" ? x() : x));
+      return b.map((x) => x?.text ?? "").filter((t) => t.startsWith("PipeFusion")).join("|");
+    },
+    // Screen rectangle [x, y, w, h] of a node, title included, in CSS pixels of the page.
+    rect: (node) => {
+      const b = node.getBounding(new Float32Array(4));
+      const ds = app.canvas.ds, c = app.canvas.canvas.getBoundingClientRect();
+      return [c.left + (b[0] + ds.offset[0]) * ds.scale, c.top + (b[1] + ds.offset[1]) * ds.scale,
+              b[2] * ds.scale, b[3] * ds.scale];
+    },
+  };
+  return true;
+}""" % json.dumps(OUR_TYPES)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, serial_model):
+    why = browser_ready()
+    if why:
+        pytest.skip(why)
+    srv = start_model_server(tmp_path_factory, serial_model, UNET, "comfy-browser")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    # A returning user: the templates browser does not open by itself on the first visit.
+    server.post_json("/settings/Comfy.TutorialCompleted", True)
+    p = Page(server.url)
+    try:
+        p.wait("() => (window.app ?? window.comfyAPI?.app?.app)?.canvas && window.LiteGraph?.registered_node_types?.PipeFusionKSampler",
+               timeout=120)
+        p.js("() => { window.app ??= window.comfyAPI.app.app; return true; }")
+        p.js(PAGE_HELPERS)
+        yield p
+    finally:
+        p.close()
+
+
+def test_browser_page_loads_clean(page):
+    """ComfyUI's page with the extension: our script is served, registered, and nothing of ours errs."""
+    page.wait("() => (window.comfyAPI?.app?.app ?? window.app).extensionManager !== undefined", timeout=60)
+    names = page.js("() => app.extensions.map((e) => e.name)")
+    assert "comfy-pipefusion.status" in names
+    page.shot("01-page-loaded")
+    events = page.take_events()
+    assert page_problems(events) == [], events
+    served = page.js("async () => await (await fetch('/api/extensions')).json()")
+    assert "/extensions/comfy-pipefusion/pipefusion.js" in served
+
+
+# Loads a UI workflow at 100% zoom and measures it: node types the page does not know, pairs of nodes whose
+# boxes (title included) overlap, and for our nodes each widget's box and whether the canvas is what the
+# page shows at its centre (no other node, panel or toolbar over it).
+LOAD_AND_MEASURE = r"""async (wf) => {
+  await app.loadGraphData(wf, true, true, null, { showMissingNodesDialog: false, showMissingModelsDialog: false });
+  await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));  // sizes settle on draw
+  const nodes = app.graph._nodes;
+  const missing = nodes.filter((n) => !LiteGraph.registered_node_types[n.type]).map((n) => n.type);
+  const boxes = nodes.map((n) => ({ id: n.id, type: n.type, b: Array.from(n.getBounding(new Float32Array(4))) }));
+  const overlaps = [];
+  for (let i = 0; i < boxes.length; i++)
+    for (let j = i + 1; j < boxes.length; j++) {
+      const [a, b] = [boxes[i].b, boxes[j].b];
+      if (a[0] < b[0] + b[2] && b[0] < a[0] + a[2] && a[1] < b[1] + b[3] && b[1] < a[1] + a[3])
+        overlaps.push(`${boxes[i].type}#${boxes[i].id} / ${boxes[j].type}#${boxes[j].id}`);
+    }
+  const view = { scale: app.canvas.ds.scale, offset: Array.from(app.canvas.ds.offset) };
+  const offscreen = nodes.filter((n) => { const [x, y, w, h] = pfTest.rect(n);
+    return x < 0 || y < 0 || x + w > innerWidth || y + h > innerHeight; }).map((n) => n.type);
+  return { missing, overlaps, view, offscreen, ours: pfTest.ours().map((n) => n.id) };
+}"""
+
+# Puts one node at the top left of the canvas at 100% zoom, draws, and checks each of its widgets.
+FOCUS_AND_CHECK = r"""async (id) => {
+  const node = app.graph.getNodeById(id);
+  const ds = app.canvas.ds;
+  ds.scale = 1;
+  ds.offset[0] = 80 - node.pos[0];
+  ds.offset[1] = 120 - node.pos[1];
+  app.canvas.setDirty(true, true);
+  await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+  const canvas = app.canvas.canvas, c = canvas.getBoundingClientRect();
+  const hidden = [], outside = [];
+  for (const w of node.widgets ?? []) {
+    if (w.hidden || w.type === "hidden") continue;
+    const h = w.computeSize?.(node.size[0])?.[1] ?? LiteGraph.NODE_WIDGET_HEIGHT;
+    const y = w.last_y ?? w.y;
+    if (y === undefined || y + h > node.size[1] + 1) { outside.push(`${w.name}: y=${y} h=${h} node h=${node.size[1]}`); continue; }
+    for (const fx of [0.1, 0.5, 0.9]) {
+      const x = c.left + (node.pos[0] + node.size[0] * fx + ds.offset[0]) * ds.scale;
+      const yy = c.top + (node.pos[1] + y + h / 2 + ds.offset[1]) * ds.scale;
+      const el = document.elementFromPoint(x, yy);
+      if (el !== canvas) hidden.push(`${w.name} at ${fx}: under ${el?.tagName}.${el?.className}`);
+      for (const dy of [2, h / 2, h - 2]) {
+        const other = app.graph._nodes.find((o) => o !== node && o.isPointInside?.(node.pos[0] + node.size[0] * fx, node.pos[1] + y + dy));
+        if (other) hidden.push(`${w.name} at ${fx}: under node ${other.type}`);
+      }
+    }
+  }
+  return { hidden, outside, widgets: (node.widgets ?? []).map((w) => w.name) };
+}"""
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_browser_workflow_loads_readable(page, path):
+    """Each workflow: every node type known, no two nodes overlapping, and every widget of our nodes
+    unobscured at 100% zoom (screenshot per node)."""
+    result = page.js(LOAD_AND_MEASURE, json.loads(path.read_text()))
+    assert result["missing"] == []
+    assert result["overlaps"] == []
+    assert 0.7 <= result["view"]["scale"] <= 1.0, f"{path.name} opens at zoom {result['view']['scale']}"
+    assert result["offscreen"] == [], f"{path.name} opens with nodes outside the window: {result['offscreen']}"
+    page.shot(f"02-{path.stem}-opened")
+    assert result["ours"], f"{path.name} has none of our nodes"
+    for node_id in result["ours"]:
+        check = page.js(FOCUS_AND_CHECK, node_id)
+        page.shot(f"02-{path.stem}-node{node_id}-100pct")
+        assert check["outside"] == [] and check["hidden"] == [], check
+    assert page_problems(page.take_events()) == []
+
+
+# Records, every animation frame while a prompt runs: the canvas's frame counter (it stops when a draw
+# throws), our badges, the sampler's progress, and whether our nodes' title bars are painted on the canvas.
+RECORD = r"""() => {
+  const rec = { frames: [], badges: [], progress: [], invisible: 0, samples: 0, end: null, statuses: [] };
+  window.pfRun = rec;
+  const { api } = window.comfyAPI.api;
+  api.addEventListener("pipefusion.status", (e) => rec.statuses.push(e.detail.state));
+  for (const t of ["execution_success", "execution_error", "execution_interrupted"])
+    api.addEventListener(t, () => { rec.end ??= t; });
+  const ctx = app.canvas.canvas.getContext("2d");
+  const hex = (s) => [1, 3, 5].map((i) => parseInt(s.slice(i, i + 2), 16));
+  const tick = () => {
+    app.canvas.setDirty(true, true);
+    rec.frames.push(app.canvas.frame);
+    for (const n of pfTest.ours()) {
+      const b = pfTest.badge(n);
+      if (b && rec.badges.at(-1) !== b) rec.badges.push(b);
+      if (n.type === "PipeFusionKSampler" && n.progress !== undefined && rec.progress.at(-1) !== n.progress)
+        rec.progress.push(n.progress);
+      // The title bar's colour at its right end, in device pixels of the canvas.
+      const ds = app.canvas.ds, r = window.devicePixelRatio || 1;
+      const x = (n.pos[0] + n.size[0] - 12 + ds.offset[0]) * ds.scale * r;
+      const y = (n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2 + ds.offset[1]) * ds.scale * r;
+      if (x > 0 && y > 0 && x < app.canvas.canvas.width && y < app.canvas.canvas.height) {
+        const px = ctx.getImageData(x, y, 1, 1).data, want = hex(n.color ?? LiteGraph.NODE_DEFAULT_COLOR);
+        rec.samples++;
+        if (Math.abs(px[0] - want[0]) + Math.abs(px[1] - want[1]) + Math.abs(px[2] - want[2]) > 60) rec.invisible++;
+      }
+    }
+    if (!rec.end || rec.frames.length < 5) requestAnimationFrame(tick);
+  };
+  requestAnimationFrame(tick);
+  return true;
+}"""
+
+
+def test_browser_prompt_runs_with_the_page_open(page, server):
+    """A PipeFusion prompt (cpu:2) queued from the page: the canvas keeps drawing, our nodes stay painted,
+    the badge shows each state of the group, and the sampler node's progress bar moves."""
+    prompt = flux_prompt(UNET, steps=24, seed=3, prefix="latents/browser")
+    page.js("(p) => { app.loadApiJson(p, 'pipefusion-run.json'); return true; }", prompt)
+    page.js("""() => { const ds = app.canvas.ds; ds.scale = 1; ds.offset[0] = 60; ds.offset[1] = 80;
+                       app.canvas.setDirty(true, true); return true; }""")
+    page.wait("() => pfTest.ours().length === 2")
+    page.shot("03-run-before")
+    page.js(RECORD)
+    page.js("async () => { await app.queuePrompt(0, 1); return true; }")
+    shot_states, deadline = set(), time.monotonic() + 300
+    while time.monotonic() < deadline:
+        now = page.js("() => ({ end: pfRun.end, badge: pfRun.badges.at(-1) ?? '', progress: pfRun.progress.at(-1) })")
+        state = now["badge"].split(":")[1].split("·")[0].strip() if ":" in now["badge"] else ""
+        if state and state not in shot_states:
+            shot_states.add(state)
+            page.shot(f"03-run-{len(shot_states)}-{state}")
+        if now["progress"] and 0.3 < now["progress"] < 0.9 and "progress" not in shot_states:
+            shot_states.add("progress")
+            page.shot("03-run-progress")
+        if now["end"]:
+            break
+        time.sleep(0.1)
+    rec = page.wait("() => pfRun.end && pfRun.frames.length >= 5 && pfRun", timeout=60)
+    page.shot("03-run-after")
+    assert rec["end"] == "execution_success", server.log_tail(40)
+    frames = rec["frames"]
+    assert all(b >= a for a, b in zip(frames, frames[1:])) and frames[-1] - frames[0] >= len(frames) // 2, frames
+    assert rec["samples"] > 0 and rec["invisible"] == 0, rec
+    seen = {b.split(":")[1].split("·")[0].strip() for b in rec["badges"]}
+    assert {"starting", "ready", "busy"} <= seen, rec["badges"]
+    assert rec["badges"][-1].startswith("PipeFusion: ready"), rec["badges"]
+    moving = [p for p in rec["progress"] if 0 < p < 1]
+    assert len(set(moving)) >= 3, rec["progress"]
+    assert page_problems(page.take_events()) == []
