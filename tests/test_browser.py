@@ -218,3 +218,35 @@ def test_browser_prompt_runs_with_the_page_open(page, server):
     moving = [p for p in rec["progress"] if 0 < p < 1]
     assert len(set(moving)) >= 3, rec["progress"]
     assert page_problems(page.take_events()) == []
+
+
+def test_browser_bad_input_shows_as_a_validation_error(page, server):
+    """devices 'banana' queued from the page: refused by POST /prompt (VALIDATE_INPUTS) and shown the way
+    ComfyUI shows its own validation errors: the node outlined, the message in the error dialog."""
+    prompt = flux_prompt(UNET, steps=2, seed=4, devices="banana", prefix="latents/browser-bad")
+    page.js("(p) => { app.loadApiJson(p, 'pipefusion-bad.json'); return true; }", prompt)
+    page.wait("() => pfTest.ours().length === 2")
+    page.js("""() => { const n = pfTest.ours().find((n) => n.type === 'PipeFusionDiTLoader');
+                       const ds = app.canvas.ds; ds.scale = 1; ds.offset[0] = 120 - n.pos[0]; ds.offset[1] = 160 - n.pos[1];
+                       app.canvas.setDirty(true, true); return true; }""")
+    page.js("async () => { await app.queuePrompt(0, 1); return true; }")
+    errors = page.wait("() => app.lastNodeErrors && Object.keys(app.lastNodeErrors).length && app.lastNodeErrors",
+                       timeout=30)
+    loader = page.js("() => String(pfTest.ours().find((n) => n.type === 'PipeFusionDiTLoader').id)")
+    assert list(errors) == [loader], errors
+    detail = errors[loader]["errors"][0]
+    assert detail["type"] == "custom_validation_failed"
+    assert "devices 'banana': write GPU indices like 0,1 or cpu:2 or auto" in detail["details"]
+    dialog = page.wait("() => [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText).join('\\n')"
+                       " .includes('banana') && [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText).join('\\n')",
+                       timeout=30)
+    assert "PipeFusion DiT Loader" in dialog and "cpu:2" in dialog
+    page.shot("04-bad-input-dialog")
+    page.js("() => { document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close').forEach((b) => b.click()); return true; }")
+    page.wait("() => !document.querySelector('.p-dialog')", timeout=10)
+    page.js("() => { app.canvas.setDirty(true, true); return true; }")
+    page.shot("04-bad-input-node")
+    outline = page.js("() => { const n = app.graph.getNodeById(%s); return n.strokeStyles?.nodeError?.call(n)?.color ?? null; }"
+                      % loader)
+    assert outline, "the loader is not outlined as a node with errors"
+    assert page_problems(page.take_events()) == []
