@@ -200,7 +200,7 @@ def test_browser_prompt_runs_with_the_page_open(page, server):
         if state and state not in shot_states:
             shot_states.add(state)
             page.shot(f"03-run-{len(shot_states)}-{state}")
-        if now["progress"] and 0.3 < now["progress"] < 0.9 and "progress" not in shot_states:
+        if now.get("progress") and 0.3 < now["progress"] < 0.9 and "progress" not in shot_states:
             shot_states.add("progress")
             page.shot("03-run-progress")
         if now["end"]:
