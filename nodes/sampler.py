@@ -9,6 +9,7 @@ import comfy.utils
 
 from ..launcher import GroupError, JobCancelled, JobError
 from .convert import check_latent, check_sampler, conditioning_tensors
+from .errors import readable
 from .validate import check_sampling
 
 
@@ -76,7 +77,9 @@ class PipeFusionKSampler:
         except JobCancelled:
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise RuntimeError("PipeFusion: the job was cancelled") from None
-        except (GroupError, JobError) as exc:
+        except GroupError as exc:  # the group failed: its tracebacks and log go to the log, not the dialog
+            raise RuntimeError(readable(exc)) from None
+        except JobError as exc:  # the workers refused the job with a message meant for the user
             raise RuntimeError(f"PipeFusion: {exc}") from None
         result = {k: v for k, v in latent_image.items() if k != "samples"}
         result["samples"] = out

@@ -75,6 +75,14 @@ class Page:
         self.call("screenshot", path=str(path), selector=selector)
         return path
 
+    def close_dialogs(self) -> None:
+        """Closes ComfyUI's dialogs with their close button (an x icon), and waits until none is left."""
+        self.js("""() => { for (const d of document.querySelectorAll('.p-dialog'))
+            (d.querySelector('.p-dialog-close-button, .p-dialog-header-close')
+             ?? d.querySelector('button .pi-times, button [class*="lucide--x"]')?.closest('button'))?.click();
+          return true; }""")
+        self.wait("() => !document.querySelector('.p-dialog')", timeout=10)
+
     def take_events(self) -> list[dict]:
         new = self.call("events")
         self.events.extend(new)

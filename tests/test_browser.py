@@ -4,13 +4,16 @@ each step go to tests/.artifacts/browser/ (git-ignored) for a developer to look 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from browser_helpers import ARTIFACTS, Page, browser_ready, page_problems
-from comfy_helpers import flux_prompt, start_model_server
+from comfy_helpers import flux_prompt, start_model_server, worker_pids
 
 UNET = "tiny-flux.safetensors"
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
@@ -128,6 +131,29 @@ FOCUS_AND_CHECK = r"""async (id) => {
 }"""
 
 
+def test_browser_templates_show_thumbnails(page, server):
+    """The template browser lists our workflows under the extension, each card with its picture (the
+    <name>.jpg beside the JSON, which ComfyUI serves under /api/workflow_templates/<extension>/)."""
+    listed = server.get("/api/workflow_templates")["comfy-pipefusion"]
+    assert sorted(listed) == sorted(p.stem for p in WORKFLOWS)
+    for name in listed:
+        assert server.get(f"/api/workflow_templates/comfy-pipefusion/{quote(name)}.jpg")[:3] == b"\xff\xd8\xff", name
+    page.js("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); return true; }")
+    page.wait("() => [...document.querySelectorAll('.p-dialog *')].some((e) => e.innerText?.trim() === 'comfy-pipefusion')")
+    page.js("""() => { const item = [...document.querySelectorAll('.p-dialog *')].filter((e) => e.innerText?.trim() === 'comfy-pipefusion').at(-1);
+                       item.click(); return true; }""")
+    # The frontend fetches each picture and shows it from a blob: URL; a 404 would be in the page's events.
+    sizes = page.wait("""(n) => { const imgs = [...document.querySelectorAll('.p-dialog img')];
+                        return imgs.length === n && imgs.every((i) => i.complete && i.naturalWidth > 0)
+                          && imgs.map((i) => [i.naturalWidth, i.naturalHeight]); }""", len(listed), timeout=30)
+    assert sizes == [[512, 512]] * len(listed)
+    text = page.js("() => document.querySelector('.p-dialog').innerText")
+    assert all(name in text for name in listed), text
+    page.shot("05-templates")
+    page.close_dialogs()
+    assert page_problems(page.take_events()) == []
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_browser_workflow_loads_readable(page, path):
     """Each workflow: every node type known, no two nodes overlapping, and every widget of our nodes
@@ -242,11 +268,35 @@ def test_browser_bad_input_shows_as_a_validation_error(page, server):
                        timeout=30)
     assert "PipeFusion DiT Loader" in dialog and "cpu:2" in dialog
     page.shot("04-bad-input-dialog")
-    page.js("() => { document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close').forEach((b) => b.click()); return true; }")
-    page.wait("() => !document.querySelector('.p-dialog')", timeout=10)
+    page.close_dialogs()
     page.js("() => { app.canvas.setDirty(true, true); return true; }")
     page.shot("04-bad-input-node")
     outline = page.js("() => { const n = app.graph.getNodeById(%s); return n.strokeStyles?.nodeError?.call(n)?.color ?? null; }"
                       % loader)
     assert outline, "the loader is not outlined as a node with errors"
+    assert page_problems(page.take_events()) == []
+
+
+def test_browser_worker_death_reads_well(page, server):
+    """A rank killed mid-sampling: the dialog's message starts with what happened and what to do, the rank's
+    last error line follows, and the tracebacks and torchrun log tail are in ComfyUI's log, not the dialog."""
+    prompt = flux_prompt(UNET, steps=400, seed=5, prefix="latents/browser-death")
+    page.js("(p) => { app.loadApiJson(p, 'pipefusion-death.json'); return true; }", prompt)
+    page.wait("() => pfTest.ours().length === 2")
+    page.js("async () => { await app.queuePrompt(0, 1); return true; }")
+    page.wait("() => pfTest.ours().find((n) => n.type === 'PipeFusionKSampler').progress >= 2 / 400", timeout=120)
+    os.kill(worker_pids(server.pid)[-1], signal.SIGKILL)
+    text = page.wait("() => document.querySelector('.p-dialog')?.innerText", timeout=30)
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines[0] == "PipeFusionKSampler", lines
+    assert lines[1].startswith("PipeFusion: the worker group died") and lines[1].endswith(
+        "Queue the prompt again: the next prompt starts a fresh worker group."), lines
+    assert not any(word in text for word in ("worker log:", "traceback:", "Root Cause", "File \"")), text
+    assert "(the workers' tracebacks and log tail are in ComfyUI's log)" in text
+    page.shot("06-worker-died-dialog")
+    page.close_dialogs()
+    assert page.wait("() => pfTest.badge(pfTest.ours()[0])").startswith("PipeFusion: failed")
+    page.shot("06-worker-died-badge")
+    log = server.log_path.read_text(errors="replace")
+    assert "the worker group died" in log and "worker log:" in log and "traceback:" in log
     assert page_problems(page.take_events()) == []

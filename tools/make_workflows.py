@@ -1,7 +1,8 @@
-"""Writes workflows/*.json (ComfyUI's UI format): Flux.1 dev on 2 and 4 GPUs, Flux.1 schnell on 2 GPUs,
-SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on 2 GPUs.
+"""Writes workflows/*.json (ComfyUI's UI format) and a thumbnail .jpg beside each: Flux.1 dev on 2 and 4
+GPUs, Flux.1 schnell on 2 GPUs, SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on
+2 GPUs.
 
-    python tools/make_workflows.py
+    ./.venv/bin/python tools/make_workflows.py     (needs Pillow, which ComfyUI's requirements bring)
 
 Stock nodes for everything but the DiT: the family's text encoder loader (DualCLIPLoader for Flux,
 TripleCLIPLoader for SD3.5, CLIPLoader type pixart for PixArt) -> CLIPTextEncode (-> FluxGuidance), the
@@ -109,21 +110,56 @@ def flux(unet: str, devices: str, steps: int, guidance: float | None, prompt: st
                     1024)
 
 
+COLORS = ((66, 133, 244), (52, 168, 83), (251, 188, 5), (234, 67, 53))
+
+
+def thumbnail(path: Path, model: str, gpus: int, steps: int, cfg: bool) -> None:
+    """The template card's picture (ComfyUI 0.3.75 fetches <workflow name>.jpg beside the JSON): the image cut
+    into one patch band per GPU, and the chain of GPUs, each holding a stage of the model's blocks."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", (512, 512), (24, 26, 32))
+    d = ImageDraw.Draw(img)
+    big, small = ImageFont.load_default(size=40), ImageFont.load_default(size=22)
+    d.text((28, 24), model, font=big, fill=(240, 240, 240))
+    d.text((28, 76), f"PipeFusion, {gpus} GPUs, {steps} steps" + (", CFG" if cfg else ""), font=small,
+           fill=(190, 190, 200))
+    top, side = 130, 340
+    band = side / gpus
+    for i in range(gpus):  # the image, in patch bands
+        y = top + i * band
+        d.rectangle((28, y, 28 + side, y + band - 4), fill=tuple(c // 2 for c in COLORS[i]), outline=COLORS[i], width=3)
+        d.text((44, y + band / 2 - 12), f"patch {i + 1}", font=small, fill=(240, 240, 240))
+    box = (side - 16 * (gpus - 1)) / gpus
+    for i in range(gpus):  # the pipeline of stages
+        y = top + i * (box + 16)
+        d.rounded_rectangle((392, y, 488, y + box), radius=10, fill=COLORS[i])
+        d.text((404, y + box / 2 - 12), f"GPU {i}", font=small, fill=(20, 20, 20))
+    img.save(path, "JPEG", quality=88)
+
+
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
+# The file names are what ComfyUI's template browser shows as each card's title and description.
 WORKFLOWS = {
-    "flux1-dev-2gpu.json": flux("flux1-dev.safetensors", "0,1", 20, 3.5, PROMPT),
-    "flux1-dev-4gpu.json": flux("flux1-dev.safetensors", "0,1,2,3", 20, 3.5, PROMPT),
-    "flux1-schnell-2gpu.json": flux("flux1-schnell.safetensors", "0,1", 4, None, PROMPT),
-    "sd3.5-large-4gpu-cfg.json": workflow("sd3", "sd3.5_large.safetensors", "0,1,2,3", 28, 4.5, None, PROMPT,
-                                          "blurry, low quality, watermark", "dpmpp_2m", "sgm_uniform",
-                                          "sd3.5_vae.safetensors", 1024),
-    "pixart-sigma-1024-2gpu.json": workflow("pixart", "PixArt-Sigma-XL-2-1024-MS.safetensors", "0,1", 20, 4.5, None,
-                                            PROMPT, "blurry, low quality", "euler", "normal", "sdxl_vae.safetensors",
-                                            1024),
+    "Flux.1 dev on 2 GPUs (PipeFusion, 20 steps)": (
+        flux("flux1-dev.safetensors", "0,1", 20, 3.5, PROMPT), ("Flux.1 dev", 2, 20, False)),
+    "Flux.1 dev on 4 GPUs (PipeFusion, 20 steps)": (
+        flux("flux1-dev.safetensors", "0,1,2,3", 20, 3.5, PROMPT), ("Flux.1 dev", 4, 20, False)),
+    "Flux.1 schnell on 2 GPUs (PipeFusion, 4 steps)": (
+        flux("flux1-schnell.safetensors", "0,1", 4, None, PROMPT), ("Flux.1 schnell", 2, 4, False)),
+    "SD3.5 large on 4 GPUs with CFG (PipeFusion, 28 steps)": (
+        workflow("sd3", "sd3.5_large.safetensors", "0,1,2,3", 28, 4.5, None, PROMPT, "blurry, low quality, watermark",
+                 "dpmpp_2m", "sgm_uniform", "sd3.5_vae.safetensors", 1024), ("SD3.5 large", 4, 28, True)),
+    "PixArt-Sigma 1024 on 2 GPUs (PipeFusion, 20 steps)": (
+        workflow("pixart", "PixArt-Sigma-XL-2-1024-MS.safetensors", "0,1", 20, 4.5, None, PROMPT,
+                 "blurry, low quality", "euler", "normal", "sdxl_vae.safetensors", 1024), ("PixArt-Sigma", 2, 20, True)),
 }
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parent.parent / "workflows"
-    for name, wf in WORKFLOWS.items():
-        (out / name).write_text(json.dumps(wf, indent=1) + "\n")
-        print("wrote", out / name)
+    for old in [*out.glob("*.json"), *out.glob("*.jpg")]:
+        old.unlink()
+    for name, (wf, card) in WORKFLOWS.items():
+        (out / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
+        thumbnail(out / f"{name}.jpg", *card)
+        print("wrote", out / f"{name}.json", "and .jpg")

@@ -47,6 +47,10 @@ const ops = {
     await page.locator(selector).first().click({ timeout });
     return true;
   },
+  async key({ key }) {
+    await page.keyboard.press(key);
+    return true;
+  },
   async texts({ selector }) {
     return await page.locator(selector).allInnerTexts();
   },
