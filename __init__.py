@@ -2,8 +2,9 @@
 
 ComfyUI imports this file from custom_nodes/. Node mappings are exported only when ComfyUI itself is
 importable; in plain Python (tests, the benchmark, the workers) importing this package does nothing heavy.
-The one thing done on import under ComfyUI: this folder joins sys.path so that the core package
-``comfy_pipefusion`` (and the workers started from here) can be imported by that name.
+What is done on import under ComfyUI: this folder joins sys.path so that the core package
+``comfy_pipefusion`` (and the workers started from here) can be imported by that name, and the
+``/pipefusion/groups`` route is added to ComfyUI's server (nodes/hooks.py).
 """
 import importlib.util
 import os
@@ -21,5 +22,8 @@ if __package__ and importlib.util.find_spec("folder_paths") is not None:
     if _here not in sys.path:
         sys.path.insert(0, _here)
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401,F811
+    from .nodes.hooks import add_routes
+
+    add_routes()  # GET /pipefusion/groups: routes must be added before ComfyUI starts serving
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

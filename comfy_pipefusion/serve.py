@@ -207,7 +207,8 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
         if conn is not None:
             segs["out"].tensor.copy_(samples.reshape(segs["out"].tensor.shape))
             transport.send(conn, "done", id=jid, wall_s=wall, pids=[s["pid"] for s in stats],
-                           param_bytes_per_rank=[s["param_bytes"] for s in stats])
+                           param_bytes_per_rank=[s["param_bytes"] for s in stats],
+                           wait_s_per_rank=[s["wait_s"] for s in stats])
     finally:
         for s in segs.values():
             s.close()

@@ -1,5 +1,6 @@
 """The launcher the nodes call: at most one warm group per Launcher, restarted when the plan changes or
-the group died, and stopped when the process exits.
+the group died, and stopped when the process exits. Several Launchers (one per plan) live in a
+``GroupRegistry`` (registry.py).
 
 Timeouts (seconds) come from the arguments, else from the environment:
 ``PIPEFUSION_WATCHDOG_S`` (default 60): a rank without a heartbeat for this long is declared hung, the
@@ -12,6 +13,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import shutil
+import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -40,12 +44,13 @@ def env_seconds(name: str, default: float) -> float:
 def _stop_at_exit(ref) -> None:
     launcher = ref()
     if launcher is not None:
-        launcher.stop()
+        launcher.stop_or_kill()
 
 
 class Launcher:
-    """Owns one worker group at a time. Starting a group stops this process's other groups (only one
-    set of GPUs) and removes what dead owners left behind."""
+    """Owns one worker group at a time. Starting a group removes what dead owners left behind; this
+    process's other groups are the registry's business. ``lock`` is held while a job runs or the group
+    starts or stops: another thread that finds it taken leaves the group alone."""
 
     def __init__(self, root: Path | None = None, on_state=None, startup_timeout: float | None = None,
                  stall_timeout: float | None = None, watchdog_s: float | None = None) -> None:
@@ -56,6 +61,9 @@ class Launcher:
         self.watchdog_s = watchdog_s or env_seconds("PIPEFUSION_WATCHDOG_S", 60.0)
         self.group: WorkerGroup | None = None
         self.state, self.detail = "stopped", ""
+        self.lock = threading.RLock()
+        self.last_used = time.monotonic()  # the end of the last job (or start-up)
+        self.last_job: dict | None = None  # {"wall_s", "compute_s", "wait_s"} of the last finished job
         atexit.register(_stop_at_exit, weakref.ref(self))
 
     def _set(self, state: str, detail: str = "") -> None:
@@ -72,23 +80,35 @@ class Launcher:
         g = self.group
         if g is None or g.plan != plan:
             return False
-        why = g.trouble()
-        if why is None:
+        return not self.drop_if_broken()
+
+    def drop_if_broken(self) -> bool:
+        """Stop (and reap) an idle group that died or hung, reporting why; True when it did so."""
+        with self.lock:
+            g = self.group
+            why = g.trouble() if g is not None else None
+            if why is None:
+                return False
+            log.warning("PipeFusion: the idle worker group %s; it was stopped, the next prompt starts a fresh "
+                        "one.\n%s", why, g.failure_report())
+            g.kill()
+            g.stop()
+            self.group = None
+            self._set("failed", f"the idle group {why}")
             return True
-        log.warning("PipeFusion: the idle worker group %s; starting a fresh one.\n%s", why, g.failure_report())
-        self._set("failed", f"the idle group {why}")
-        g.kill()
-        self.stop()
-        return False
 
     def ensure(self, plan: GroupPlan, cancelled=None) -> WorkerGroup:
         """The warm group for ``plan``: reused when alive and of the same plan, else (re)started.
         ``cancelled()`` true during start-up stops the new group and raises JobCancelled."""
+        with self.lock:
+            return self._ensure(plan, cancelled)
+
+    def _ensure(self, plan: GroupPlan, cancelled=None) -> WorkerGroup:
         if self._usable(plan):
             return self.group
         self.stop()
         self._set("starting", f"{plan.world_size} ranks")
-        sweep(self.root, same_owner_too=True)
+        sweep(self.root)  # what dead owners left; this process's other groups stay
         try:
             self.group = WorkerGroup(plan, self.root, self.startup_timeout, cancelled, self.watchdog_s)
         except JobCancelled:
@@ -97,12 +117,20 @@ class Launcher:
         except BaseException as exc:
             self._set("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
+        self.last_used = time.monotonic()
         self._set("ready", f"{plan.world_size} ranks on {self.group.device}")
         return self.group
 
     def run(self, plan: GroupPlan, job: dict, tensors: dict, out_shape: tuple[int, ...], on_progress=None,
             cancelled=None):
-        group = self.ensure(plan, cancelled)
+        with self.lock:
+            try:
+                return self._run(plan, job, tensors, out_shape, on_progress, cancelled)
+            finally:
+                self.last_used = time.monotonic()
+
+    def _run(self, plan, job, tensors, out_shape, on_progress, cancelled):
+        group = self._ensure(plan, cancelled)
         self._set("busy")
         try:
             result = group.run(job, tensors, out_shape, on_progress, cancelled, self.stall_timeout,
@@ -118,11 +146,41 @@ class Launcher:
             self.group = None
             self._set("failed", str(exc).splitlines()[0] if isinstance(exc, GroupError) else type(exc).__name__)
             raise
+        self.last_job = job_times(result[1])
         self._set("ready")
         return result
 
     def stop(self) -> None:
-        if self.group is not None:
-            self.group.stop()
-            self.group = None
-            self._set("stopped")
+        with self.lock:
+            if self.group is not None:
+                self.group.stop()
+                self.group = None
+                self._set("stopped")
+
+    def stop_or_kill(self) -> None:
+        """Stop the group, or kill it when a job holds it (the process is exiting: no waiting for the job)."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self.stop()
+            finally:
+                self.lock.release()
+        else:
+            self.kill_now()
+
+    def kill_now(self) -> None:
+        """End the group at once without waiting for a job or the lock (ComfyUI is being terminated):
+        SIGKILL, reap torchrun, remove the group directory."""
+        g = self.group
+        if g is not None:
+            g.kill()
+            shutil.rmtree(g.dir, ignore_errors=True)
+
+
+def job_times(done: dict) -> dict:
+    """{"wall_s", "compute_s", "wait_s"} of a "done" message: the sampling wall time and, when the ranks
+    reported their time blocked on each other, its mean over ranks and the rest (compute); else None."""
+    wall = done.get("wall_s")
+    waits = done.get("wait_s_per_rank")
+    wait = sum(waits) / len(waits) if waits else None
+    return {"wall_s": wall, "compute_s": (wall - wait) if wall is not None and wait is not None else None,
+            "wait_s": wait}

@@ -1,5 +1,6 @@
-"""PIPEFUSION_MODEL: what the loader hands to the sampler. It owns a Launcher, so the worker group stays
-warm for as long as ComfyUI keeps this loader output."""
+"""PIPEFUSION_MODEL: what the loader hands to the sampler. It names a plan; the worker group of that
+plan belongs to the ComfyUI process (nodes/hooks.py), so it stays warm when ComfyUI's cache drops this
+value or the loader node."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from comfy_pipefusion.config import ParallelConfig
 
 from ..launcher import GroupPlan, Launcher
+from .hooks import groups
 
 
 @dataclass(eq=False)
@@ -16,9 +18,18 @@ class PipeFusionModel:
     parallel: ParallelConfig
     plan: GroupPlan
     dtype: str
-    launcher: Launcher
+    slot: str = ""  # a new plan of the same slot (checkpoint) replaces its group
     stamp: str = ""  # the checkpoint file's size, time and inode when the loader ran
     family: str = "flux"  # flux | sd3 | pixart (models/family.py)
+
+    @property
+    def launcher(self) -> Launcher:
+        """The Launcher of this plan in the process's registry (created, not started, on first use)."""
+        return groups().launcher(self.plan, self.slot)
+
+    def unload(self) -> bool:
+        """Stop this plan's group; True when one was there."""
+        return groups().stop(self.plan)
 
     def job(self, sample: dict) -> dict:
         p = self.parallel

@@ -9,10 +9,9 @@ import torch
 from comfy_pipefusion.config import ParallelConfig
 from comfy_pipefusion.models.checkpoint import open_checkpoint
 
-from ..launcher import GroupPlan, Launcher
+from ..launcher import GroupPlan
 from .convert import DTYPE_CHOICES, parse_devices
 from .handle import PipeFusionModel
-from .status import report_state
 from .validate import check_plan
 
 
@@ -75,11 +74,10 @@ class PipeFusionDiTLoader:
         parallel.check_model(config.get("num_layers", 0) + config.get("num_single_layers", 0))
         dtype = weight_dtype if weight_dtype != "default" else ("bfloat16" if devs else "float32")
         # Only what changes the weights each rank holds needs a new group; patches and warm-up steps are
-        # settings of each job, so changing them keeps the warm group (this node's Launcher persists).
-        plan = GroupPlan(world_size=ranks, devices=devs, key=f"{path}|{strategy}|{dtype}")
-        if getattr(self, "_launcher", None) is None:
-            self._launcher = Launcher(on_state=report_state)
-        return (PipeFusionModel(path, config, parallel, plan, dtype, self._launcher, stamp, info.family),)
+        # settings of each job, so changing them keeps the warm group. The group belongs to the ComfyUI
+        # process (nodes/hooks.py); another plan for the same checkpoint replaces it.
+        plan = GroupPlan(world_size=ranks, devices=devs, key=f"{unet_name}|{strategy}|{dtype}")
+        return (PipeFusionModel(path, config, parallel, plan, dtype, slot=path, stamp=stamp, family=info.family),)
 
 
 class PipeFusionUnload:
@@ -94,5 +92,5 @@ class PipeFusionUnload:
         return {"required": {"pipefusion_model": ("PIPEFUSION_MODEL",)}}
 
     def unload(self, pipefusion_model):
-        pipefusion_model.launcher.stop()
+        pipefusion_model.unload()
         return ()

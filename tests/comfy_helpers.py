@@ -35,11 +35,12 @@ def ensure_host(version: str | None = None) -> Path:
 
 
 def start_server(base: Path, run_dir: Path, extra_env: dict | None = None,
-                 version: str | None = None, python: str = sys.executable) -> ComfyServer:
+                 version: str | None = None, python: str = sys.executable, args: tuple = ()) -> ComfyServer:
+    """``args``: more ComfyUI flags (e.g. ``("--cache-none",)``)."""
     env = {**os.environ, "PIPEFUSION_RUN_DIR": str(run_dir), **(extra_env or {})}
     srv = ComfyServer(ensure_host(version), base,
                       custom_nodes={"comfy-pipefusion": ROOT, "pf_test_nodes": ROOT / "tests/host/pf_test_nodes"},
-                      env=env, startup_timeout=180, python=python)
+                      env=env, startup_timeout=180, python=python, extra_args=args)
     srv.start()
     return srv
 

@@ -1,0 +1,126 @@
+"""Where the warm worker groups live in ComfyUI, and what frees them.
+
+The groups belong to the ComfyUI process, not to a node object or a cache entry (ComfyUI's caches drop
+those whenever a prompt does not use them). Their ``GroupRegistry`` is created on first use and kept as
+an attribute of ``PromptServer.instance``: the one object ComfyUI creates once and keeps for the life of
+the process, reachable from every node and route, without module-level state of ours (a reloaded or
+re-imported node module finds the same registry).
+
+Freed, besides by our Unload node, when ComfyUI frees memory: ``comfy.model_management.unload_all_models``
+(``POST /free`` with ``unload_models`` or ``free_memory``, an out-of-memory error, ``--disable-smart-memory``
+after each prompt) stops every group, and ``free_memory(required, cuda:i)`` still short after ComfyUI
+unloaded its own models (one of its models loads on a GPU a group uses) stops the idle groups on that GPU,
+like ComfyUI's own models give way. Both are wrapped at run time, looked up by name as main.py and
+model_management do (0.3.52 to 0.3.75), never by editing ComfyUI's files. On SIGTERM/SIGHUP the groups
+are killed, their directories and our segments removed, then ComfyUI's own handling of the signal runs.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import threading
+
+from ..launcher import GroupRegistry, idle_seconds, pressure_index
+from .status import report_state
+
+ATTR = "pipefusion_groups"
+log = logging.getLogger("comfy_pipefusion.nodes")
+
+
+def _host():
+    from server import PromptServer
+
+    return getattr(PromptServer, "instance", None)
+
+
+def groups() -> GroupRegistry:
+    """The ComfyUI process's group registry, created (and hooked into ComfyUI) on first use."""
+    host = _host()
+    if host is None:
+        raise RuntimeError("PipeFusion: no ComfyUI server (PromptServer.instance) to keep the worker groups")
+    reg = vars(host).get(ATTR)
+    if reg is None:
+        reg = vars(host).setdefault(ATTR, GroupRegistry(on_state=report_state, idle_s=idle_seconds()))
+        loop = getattr(host, "loop", None)
+        if loop is not None:  # signal handlers can only be set on the main thread, which runs the loop
+            loop.call_soon_threadsafe(hook_exit_signals, reg)
+    hook_memory(reg)  # at every use: a release that restores patched functions (hook_breaker) undoes it
+    return reg
+
+
+# ------------------------------------------------------------------------------------- ComfyUI frees memory
+
+def hook_memory(reg: GroupRegistry) -> None:
+    import comfy.model_management as mm
+
+    if not getattr(mm.unload_all_models, "_pipefusion", False):
+        mm.unload_all_models = _after(mm.unload_all_models, lambda *a, **k: reg.stop_all("ComfyUI unloads all models"))
+    if not getattr(mm.free_memory, "_pipefusion", False):
+        def give_way(memory_required, device, *a, **k):
+            if not reg.warm():
+                return
+            index = pressure_index(device, memory_required, mm.get_free_memory(device))
+            if index is not None:
+                reg.stop_on_devices({index}, f"ComfyUI needs {memory_required / 2**30:.2f} GiB on {device} "
+                                             "for its own model after unloading its others")
+        mm.free_memory = _after(mm.free_memory, give_way)
+
+
+def _after(original, then):
+    """``original`` followed by ``then`` with the same arguments; ``then`` never breaks ComfyUI's call."""
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        try:
+            then(*args, **kwargs)
+        except Exception:
+            log.exception("PipeFusion: freeing the worker groups after %s failed", original.__name__)
+        return out
+    wrapper._pipefusion = True
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------- ComfyUI exits
+
+def hook_exit_signals(reg: GroupRegistry) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous = signal.getsignal(sig)
+        if previous in (signal.SIG_IGN, None) or getattr(previous, "_pipefusion", False):
+            continue
+        handler = functools.partial(_on_exit_signal, reg, previous)
+        handler._pipefusion = True
+        signal.signal(sig, handler)
+
+
+def _on_exit_signal(reg: GroupRegistry, previous, signum, frame) -> None:
+    """Kill every group now (a job may be running), then let the signal do what it did before."""
+    try:
+        reg.kill_all()
+    finally:
+        signal.signal(signum, previous if callable(previous) else signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            os.kill(os.getpid(), signum)
+
+
+# ------------------------------------------------------------------------------------- routes
+
+def add_routes() -> None:
+    """``GET /pipefusion/groups``: {"groups": [{"key", "world_size", "devices", "state", "detail", "pids",
+    "rss_bytes_per_rank", "last_job": {"wall_s", "compute_s", "wait_s"} | null}]}. Called once by the
+    package's ComfyUI entry (routes must exist before the server starts)."""
+    from aiohttp import web
+
+    host = _host()
+    if host is None:
+        return
+
+    @host.routes.get("/pipefusion/groups")
+    async def pipefusion_groups(request):
+        reg = vars(host).get(ATTR)
+        return web.json_response({"groups": reg.describe() if reg is not None else []})
