@@ -238,13 +238,39 @@ def test_browser_prompt_runs_with_the_page_open(page, server):
     frames = rec["frames"]
     assert all(b >= a for a, b in zip(frames, frames[1:])) and frames[-1] - frames[0] >= len(frames) // 2, frames
     assert rec["samples"] > 0 and rec["invisible"] == 0, rec
+    # A cold group: each state once, in order; no "ready" between start-up and the job.
+    assert rec["statuses"] == ["starting", "loading", "busy", "ready"], rec["statuses"]
     seen = {b.split(":")[1].split("·")[0].strip() for b in rec["badges"]}
-    assert {"starting", "ready", "busy"} <= seen, rec["badges"]
+    assert {"starting", "busy", "ready"} <= seen, rec["badges"]
     assert rec["badges"][-1].startswith("PipeFusion: ready"), rec["badges"]
     moving = [p for p in rec["progress"] if 0 < p < 1]
     assert len(set(moving)) >= 3, rec["progress"]
+    # The same prompt again on the warm group: busy, then ready; no loading flash.
+    page.js(RECORD)
+    page.js("async () => { await app.queuePrompt(0, 1); return true; }")
+    rec = page.wait("() => pfRun.end && pfRun.frames.length >= 5 && pfRun", timeout=120)
+    assert rec["end"] == "execution_success", server.log_tail(40)
+    assert rec["statuses"] == ["busy", "ready"], rec["statuses"]
     assert page_problems(page.take_events()) == []
 
+
+
+def test_browser_status_panel_lists_the_warm_group(page, server):
+    """The PipeFusion sidebar tab shows the warm group of the prompt above: plan, devices, memory per rank,
+    state and the last job's time split, as GET /pipefusion/groups reports them."""
+    groups = server.get("/pipefusion/groups")["groups"]
+    assert len(groups) == 1 and groups[0]["state"] == "ready", groups
+    page.js("() => { document.querySelector('.comfy-pipefusion-tab-button').click(); return true; }")
+    text = page.wait("() => document.querySelector('[data-pf=group]')?.innerText", timeout=15)
+    page.shot("07-status-panel")
+    rss = groups[0]["rss_bytes_per_rank"]
+    assert "tiny-flux.safetensors" in text and "pipefusion, 2 ranks, float32" in text, text
+    assert "ready" in text and "rank 0: " in text and "rank 1: " in text and len(rss) == 2 and min(rss) > 0, text
+    job = groups[0]["last_job"]
+    assert f"{job['wall_s']:.2f} s total: compute {job['compute_s']:.2f} s" in text, (text, job)
+    page.js("() => { document.querySelector('.comfy-pipefusion-tab-button').click(); return true; }")
+    page.wait("() => !document.querySelector('[data-pf=group]')", timeout=10)
+    assert page_problems(page.take_events()) == []
 
 def test_browser_bad_input_shows_as_a_validation_error(page, server):
     """devices 'banana' queued from the page: refused by POST /prompt (VALIDATE_INPUTS) and shown the way

@@ -33,6 +33,18 @@ function guarded(what, fn, fallback = undefined) {
   };
 }
 
+// The state of the group a node works with: its loader's checkpoint and strategy name the group (the
+// group key is "<unet_name>|<strategy>|<dtype>", nodes/loader.py); else the last state heard.
+function stateOf(node, status) {
+  const loader = node.comfyClass === "PipeFusionDiTLoader" ? node : node.getInputNode?.(0);
+  const widget = (name) => loader?.widgets?.find((w) => w.name === name)?.value;
+  if (loader?.comfyClass === "PipeFusionDiTLoader" && status.groups.size) {
+    const prefix = `${widget("unet_name")}|${widget("strategy")}|`;
+    for (const [key, value] of status.groups) if (key.startsWith(prefix)) return value;
+  }
+  return status;
+}
+
 function badgeText(status) {
   if (!status.state) return "";
   const text = `PipeFusion: ${status.state}${status.detail ? " · " + status.detail : ""}`;
@@ -42,11 +54,11 @@ function badgeText(status) {
 const NO_BADGE = { visible: false, height: 0, getWidth: () => 0, draw: () => {} };
 
 // The function node.badges calls at every draw: a fresh LGraphBadge for the current state.
-function badgeFactory(status) {
+function badgeFactory(node, status) {
   const Badge = window.LGraphBadge;
   return guarded("the PipeFusion badge", () => {
-    const text = badgeText(status);
-    return new Badge({ text, bgColor: COLORS[status.state] ?? "#555555", fgColor: "#ffffff" });
+    const own = stateOf(node, status);
+    return new Badge({ text: badgeText(own), bgColor: COLORS[own.state] ?? "#555555", fgColor: "#ffffff" });
   }, NO_BADGE);
 }
 
@@ -56,13 +68,14 @@ function drawFallback(node, status) {
   node.onDrawForeground = function (ctx, ...rest) {
     const out = before?.apply(this, [ctx, ...rest]);
     guarded("drawing the PipeFusion state", () => {
-      const text = badgeText(status);
+      const own = stateOf(this, status);
+      const text = badgeText(own);
       if (!text || this.flags?.collapsed) return;
       const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
       ctx.save();
       ctx.font = "12px sans-serif";
       const w = ctx.measureText(text).width + 12;
-      ctx.fillStyle = COLORS[status.state] ?? "#555555";
+      ctx.fillStyle = COLORS[own.state] ?? "#555555";
       ctx.fillRect(this.size[0] - w, -title - 22, w, 20);
       ctx.fillStyle = "#ffffff";
       ctx.textBaseline = "middle";
@@ -76,7 +89,7 @@ function drawFallback(node, status) {
 function attach(node, status) {
   if (!TYPES.has(node?.comfyClass ?? node?.type) || node.pipefusionBadge) return;
   if (typeof window.LGraphBadge === "function" && Array.isArray(node.badges)) {
-    node.pipefusionBadge = badgeFactory(status);
+    node.pipefusionBadge = badgeFactory(node, status);
     node.badges.push(node.pipefusionBadge);
   } else {
     node.pipefusionBadge = "foreground";
@@ -87,19 +100,22 @@ function attach(node, status) {
 function show(status, detail) {
   status.state = String(detail?.state ?? "");
   status.detail = String(detail?.detail ?? "");
-  status.since = Date.now();
+  if (detail?.group) {
+    if (status.state === "stopped") status.groups.delete(detail.group);
+    else status.groups.set(detail.group, { state: status.state, detail: status.detail });
+  }
   for (const node of app.graph?._nodes ?? []) {
     if (!TYPES.has(node.comfyClass ?? node.type)) continue;
     attach(node, status);
-    node.boxcolor = COLORS[status.state];
+    node.boxcolor = COLORS[stateOf(node, status).state];
   }
   app.graph?.setDirtyCanvas?.(true, true);
 }
 
 app.registerExtension({
   name: EXTENSION,
-  // The group's last state, read by every badge; one object per page (the extension's own).
-  status: { state: "", detail: "", since: 0 },
+  // The last state heard, and each group's (by key), read by every badge; one object per page.
+  status: { state: "", detail: "", groups: new Map() },
   setup: guarded("setting up the PipeFusion status", function () {
     const status = this.status;
     api.addEventListener(EVENT, guarded("the PipeFusion status event", (event) => show(status, event.detail)));
