@@ -12,33 +12,11 @@ from urllib.parse import quote
 
 import pytest
 
-from browser_helpers import ARTIFACTS, Page, browser_ready, page_problems
+from browser_helpers import PAGE_HELPERS, RECORD, Page, browser_ready, page_problems
 from comfy_helpers import flux_prompt, start_model_server, worker_pids
 
 UNET = "tiny-flux.safetensors"
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
-OUR_TYPES = ("PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload")
-
-# In-page helpers, defined once on window by the fixture.
-PAGE_HELPERS = r"""() => {
-  const ours = new Set(%s);
-  window.pfTest = {
-    ours: () => app.graph._nodes.filter((n) => ours.has(n.comfyClass ?? n.type)),
-    // Our badge's text on a node, as the frontend would draw it now ('' = none shown).
-    badge: (node) => {
-      const b = (node.badges ?? []).map((x) => (typeof x === "function" ? x() : x));
-      return b.map((x) => x?.text ?? "").filter((t) => t.startsWith("PipeFusion")).join("|");
-    },
-    // Screen rectangle [x, y, w, h] of a node, title included, in CSS pixels of the page.
-    rect: (node) => {
-      const b = node.getBounding(new Float32Array(4));
-      const ds = app.canvas.ds, c = app.canvas.canvas.getBoundingClientRect();
-      return [c.left + (b[0] + ds.offset[0]) * ds.scale, c.top + (b[1] + ds.offset[1]) * ds.scale,
-              b[2] * ds.scale, b[3] * ds.scale];
-    },
-  };
-  return true;
-}""" % json.dumps(OUR_TYPES)
 
 
 @pytest.fixture(scope="module")
@@ -170,42 +148,6 @@ def test_browser_workflow_loads_readable(page, path):
         page.shot(f"02-{path.stem}-node{node_id}-100pct")
         assert check["outside"] == [] and check["hidden"] == [], check
     assert page_problems(page.take_events()) == []
-
-
-# Records, every animation frame while a prompt runs: the canvas's frame counter (it stops when a draw
-# throws), our badges, the sampler's progress, and whether our nodes' title bars are painted on the canvas.
-RECORD = r"""() => {
-  const rec = { frames: [], badges: [], progress: [], invisible: 0, samples: 0, end: null, statuses: [] };
-  window.pfRun = rec;
-  const { api } = window.comfyAPI.api;
-  api.addEventListener("pipefusion.status", (e) => rec.statuses.push(e.detail.state));
-  for (const t of ["execution_success", "execution_error", "execution_interrupted"])
-    api.addEventListener(t, () => { rec.end ??= t; });
-  const ctx = app.canvas.canvas.getContext("2d");
-  const hex = (s) => [1, 3, 5].map((i) => parseInt(s.slice(i, i + 2), 16));
-  const tick = () => {
-    app.canvas.setDirty(true, true);
-    rec.frames.push(app.canvas.frame);
-    for (const n of pfTest.ours()) {
-      const b = pfTest.badge(n);
-      if (b && rec.badges.at(-1) !== b) rec.badges.push(b);
-      if (n.type === "PipeFusionKSampler" && n.progress !== undefined && rec.progress.at(-1) !== n.progress)
-        rec.progress.push(n.progress);
-      // The title bar's colour at its right end, in device pixels of the canvas.
-      const ds = app.canvas.ds, r = window.devicePixelRatio || 1;
-      const x = (n.pos[0] + n.size[0] - 12 + ds.offset[0]) * ds.scale * r;
-      const y = (n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2 + ds.offset[1]) * ds.scale * r;
-      if (x > 0 && y > 0 && x < app.canvas.canvas.width && y < app.canvas.canvas.height) {
-        const px = ctx.getImageData(x, y, 1, 1).data, want = hex(n.color ?? LiteGraph.NODE_DEFAULT_COLOR);
-        rec.samples++;
-        if (Math.abs(px[0] - want[0]) + Math.abs(px[1] - want[1]) + Math.abs(px[2] - want[2]) > 60) rec.invisible++;
-      }
-    }
-    if (!rec.end || rec.frames.length < 5) requestAnimationFrame(tick);
-  };
-  requestAnimationFrame(tick);
-  return true;
-}"""
 
 
 def test_browser_prompt_runs_with_the_page_open(page, server):
