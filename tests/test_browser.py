@@ -196,6 +196,43 @@ def test_browser_prompt_runs_with_the_page_open(page, server):
     assert page_problems(page.take_events()) == []
 
 
+# The colour of the canvas where the fallback draws the state (above each of our nodes' title, right end).
+PILL_COLOURS = r"""() => {
+  const ctx = app.canvas.canvas.getContext("2d"), ds = app.canvas.ds, r = window.devicePixelRatio || 1;
+  return pfTest.ours().map((n) => {
+    const x = (n.pos[0] + n.size[0] - 4 + ds.offset[0]) * ds.scale * r;
+    const y = (n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT - 12 + ds.offset[1]) * ds.scale * r;
+    return Array.from(ctx.getImageData(x, y, 1, 1).data.slice(0, 3));
+  });
+}"""
+
+
+def test_browser_fallback_without_the_badge_api(page, server):
+    """A frontend without LGraphBadge: the state is drawn by the node itself, and the canvas keeps drawing."""
+    page.js("() => { window.pfHiddenBadge = window.LGraphBadge; delete window.LGraphBadge; return true; }")
+    try:
+        page.js("(p) => { app.loadApiJson(p, 'pipefusion-fallback.json'); return true; }",
+                flux_prompt(UNET, steps=6, seed=6, prefix="latents/browser-fallback"))
+        page.wait("() => pfTest.ours().length === 2 && pfTest.ours().every((n) => n.pipefusionBadge === 'foreground')")
+        page.js("""() => { const ds = app.canvas.ds; ds.scale = 1; ds.offset[0] = 60; ds.offset[1] = 120;
+                           app.canvas.setDirty(true, true); return true; }""")
+        page.js(RECORD)
+        page.js("async () => { await app.queuePrompt(0, 1); return true; }")
+        rec = page.wait("() => pfRun.end && pfRun.frames.length >= 5 && pfRun", timeout=120)
+    finally:
+        page.js("() => { window.LGraphBadge = window.pfHiddenBadge; return true; }")
+    assert rec["end"] == "execution_success", server.log_tail(40)
+    assert rec["statuses"][-2:] == ["busy", "ready"], rec["statuses"]
+    assert rec["frames"][-1] - rec["frames"][0] >= len(rec["frames"]) // 2, rec["frames"]
+    page.js("() => { app.canvas.setDirty(true, true); return true; }")
+    page.wait("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
+    page.shot("03-run-fallback-ready")
+    ready = (0x2E, 0x7D, 0x32)
+    for colour in page.js(PILL_COLOURS):
+        assert sum(abs(a - b) for a, b in zip(colour, ready)) < 30, colour
+    assert page_problems(page.take_events()) == []
+
+
 
 def test_browser_status_panel_lists_the_warm_group(page, server):
     """The PipeFusion sidebar tab shows the warm group of the prompt above: plan, devices, memory per rank,
