@@ -23,6 +23,7 @@ from pathlib import Path
 from comfy_pipefusion import transport
 
 from .group import GroupError, GroupPlan, JobCancelled, JobError, WorkerGroup
+from .progress import LoadProgress
 from .sweep import sweep
 
 STATES = ("stopped", "starting", "loading", "ready", "busy", "failed")
@@ -141,19 +142,25 @@ class Launcher:
         weights, held = weights_of(job), self.weights
         self.weights = None  # until this job has the weights in place
 
+        progress = LoadProgress(group.worker_pids, lambda detail: self._set("loading", detail))
+
         def on_phase(phase: str) -> None:
             if phase != "loading":
+                progress.stop()
                 self._set("busy")
             elif weights != held:
                 self._set("loading", "reading the weights")
+                progress.start()
 
         try:
             result = group.run(job, tensors, out_shape, on_progress, cancelled, self.stall_timeout,
                                on_phase=on_phase)
         except (JobCancelled, JobError):
+            progress.stop()
             self._set("ready")
             raise
         except BaseException as exc:
+            progress.stop()
             if group.alive() and not group.busy and not isinstance(exc, GroupError):  # the job ended cleanly
                 self._set("ready")
                 raise
@@ -161,6 +168,7 @@ class Launcher:
             self.group = None
             self._set("failed", str(exc).splitlines()[0] if isinstance(exc, GroupError) else type(exc).__name__)
             raise
+        progress.stop()
         self.last_job = job_times(result[1])
         self.weights = weights
         self._set("ready")

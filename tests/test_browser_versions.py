@@ -60,7 +60,8 @@ def test_browser_badge_on_other_releases(release):
     rec = page.wait("() => pfRun.end && pfRun.frames.length >= 5 && pfRun", timeout=240)
     page.shot(f"08-release-{version}-after-run")
     assert rec["end"] == "execution_success", srv.log_tail(40)
-    assert rec["statuses"] == ["starting", "loading", "busy", "ready"], rec["statuses"]
+    assert [s for i, s in enumerate(rec["statuses"]) if i == 0 or rec["statuses"][i - 1] != s] == \
+        ["starting", "loading", "busy", "ready"], rec["statuses"]
     frames = rec["frames"]
     assert frames[-1] - frames[0] >= len(frames) // 2, frames  # the canvas drew all along
     assert rec["samples"] > 0 and rec["invisible"] == 0, rec

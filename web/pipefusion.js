@@ -11,7 +11,7 @@ const EVENT = "pipefusion.status";
 const COLORS = { starting: "#a86f00", loading: "#6a1b9a", ready: "#2e7d32", busy: "#1565c0", failed: "#c62828",
   stopped: "#555555" };
 const TYPES = new Set(["PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload"]);
-const MAX_TEXT = 48;
+const MAX_TEXT = 64;
 
 function warn(what, err) {
   try {
