@@ -43,7 +43,8 @@ def page(server):
     server.post_json("/settings/Comfy.TutorialCompleted", True)
     p = Page(server.url)
     try:
-        p.wait("() => (window.app ?? window.comfyAPI?.app?.app)?.canvas && window.LiteGraph?.registered_node_types?.PipeFusionKSampler",
+        p.wait("() => (window.app ?? window.comfyAPI?.app?.app)?.canvas"
+               " && window.LiteGraph?.registered_node_types?.PipeFusionKSampler",
                timeout=120)
         p.js("() => { window.app ??= window.comfyAPI.app.app; return true; }")
         p.js(PAGE_HELPERS)
@@ -101,14 +102,18 @@ FOCUS_AND_CHECK = r"""async (id) => {
     if (w.hidden || w.type === "hidden") continue;
     const h = w.computeSize?.(node.size[0])?.[1] ?? LiteGraph.NODE_WIDGET_HEIGHT;
     const y = w.last_y ?? w.y;
-    if (y === undefined || y + h > node.size[1] + 1) { outside.push(`${w.name}: y=${y} h=${h} node h=${node.size[1]}`); continue; }
+    if (y === undefined || y + h > node.size[1] + 1) {
+      outside.push(`${w.name}: y=${y} h=${h} node h=${node.size[1]}`);
+      continue;
+    }
     for (const fx of [0.1, 0.5, 0.9]) {
       const x = c.left + (node.pos[0] + node.size[0] * fx + ds.offset[0]) * ds.scale;
       const yy = c.top + (node.pos[1] + y + h / 2 + ds.offset[1]) * ds.scale;
       const el = document.elementFromPoint(x, yy);
       if (el !== canvas) hidden.push(`${w.name} at ${fx}: under ${el?.tagName}.${el?.className}`);
       for (const dy of [2, h / 2, h - 2]) {
-        const other = app.graph._nodes.find((o) => o !== node && o.isPointInside?.(node.pos[0] + node.size[0] * fx, node.pos[1] + y + dy));
+        const [px, py] = [node.pos[0] + node.size[0] * fx, node.pos[1] + y + dy];
+        const other = app.graph._nodes.find((o) => o !== node && o.isPointInside?.(px, py));
         if (other) hidden.push(`${w.name} at ${fx}: under node ${other.type}`);
       }
     }
@@ -125,9 +130,9 @@ def test_browser_templates_show_thumbnails(page, server):
     for name in listed:
         assert server.get(f"/api/workflow_templates/comfy-pipefusion/{quote(name)}.jpg")[:3] == b"\xff\xd8\xff", name
     page.js("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); return true; }")
-    page.wait("() => [...document.querySelectorAll('.p-dialog *')].some((e) => e.innerText?.trim() === 'comfy-pipefusion')")
-    page.js("""() => { const item = [...document.querySelectorAll('.p-dialog *')].filter((e) => e.innerText?.trim() === 'comfy-pipefusion').at(-1);
-                       item.click(); return true; }""")
+    ours = "() => [...document.querySelectorAll('.p-dialog *')].filter((e) => e.innerText?.trim() === 'comfy-pipefusion')"
+    page.wait(f"() => ({ours})().length > 0")
+    page.js(f"() => {{ ({ours})().at(-1).click(); return true; }}")
     # The frontend fetches each picture and shows it from a blob: URL; a 404 would be in the page's events.
     sizes = page.wait("""(n) => { const imgs = [...document.querySelectorAll('.p-dialog img')];
                         return imgs.length === n && imgs.every((i) => i.complete && i.naturalWidth > 0)
@@ -268,8 +273,8 @@ def test_browser_bad_input_shows_as_a_validation_error(page, server):
     prompt = flux_prompt(UNET, steps=2, seed=4, devices="banana", prefix="latents/browser-bad")
     page.js("(p) => { app.loadApiJson(p, 'pipefusion-bad.json'); return true; }", prompt)
     page.wait("() => pfTest.ours().length === 2")
-    page.js("""() => { const n = pfTest.ours().find((n) => n.type === 'PipeFusionDiTLoader');
-                       const ds = app.canvas.ds; ds.scale = 1; ds.offset[0] = 120 - n.pos[0]; ds.offset[1] = 160 - n.pos[1];
+    page.js("""() => { const n = pfTest.ours().find((n) => n.type === 'PipeFusionDiTLoader'), ds = app.canvas.ds;
+                       ds.scale = 1; ds.offset[0] = 120 - n.pos[0]; ds.offset[1] = 160 - n.pos[1];
                        app.canvas.setDirty(true, true); return true; }""")
     page.js("async () => { await app.queuePrompt(0, 1); return true; }")
     errors = page.wait("() => app.lastNodeErrors && Object.keys(app.lastNodeErrors).length && app.lastNodeErrors",
@@ -279,16 +284,15 @@ def test_browser_bad_input_shows_as_a_validation_error(page, server):
     detail = errors[loader]["errors"][0]
     assert detail["type"] == "custom_validation_failed"
     assert "devices 'banana': write GPU indices like 0,1 or cpu:2 or auto" in detail["details"]
-    dialog = page.wait("() => [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText).join('\\n')"
-                       " .includes('banana') && [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText).join('\\n')",
-                       timeout=30)
+    dialogs = "[...document.querySelectorAll('.p-dialog')].map((d) => d.innerText).join('\\n')"
+    dialog = page.wait(f"() => {dialogs}.includes('banana') && {dialogs}", timeout=30)
     assert "PipeFusion DiT Loader" in dialog and "cpu:2" in dialog
     page.shot("04-bad-input-dialog")
     page.close_dialogs()
     page.js("() => { app.canvas.setDirty(true, true); return true; }")
     page.shot("04-bad-input-node")
-    outline = page.js("() => { const n = app.graph.getNodeById(%s); return n.strokeStyles?.nodeError?.call(n)?.color ?? null; }"
-                      % loader)
+    outline = page.js("(id) => { const n = app.graph.getNodeById(id); return n.strokeStyles?.nodeError?.call(n)?.color; }",
+                      int(loader))
     assert outline, "the loader is not outlined as a node with errors"
     assert page_problems(page.take_events()) == []
 
