@@ -14,6 +14,7 @@ PLAYWRIGHT_CORE_VERSION=1.57.0
 DEST=${1:-${PIPEFUSION_BROWSER_DIR:-$HOME/.cache/comfy-pipefusion/browser}}
 CHROMIUM=${PIPEFUSION_CHROMIUM:-/usr/bin/chromium}
 say() { echo "[install_browser] $*" >&2; }
+export DEBIAN_FRONTEND=noninteractive
 
 if [ ! -x "$CHROMIUM" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
