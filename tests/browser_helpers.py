@@ -49,7 +49,11 @@ class Page:
         self.timeout, self._id = timeout, 0
         self.events: list[dict] = []
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        self.call("open", url=url)
+        try:
+            self.call("open", url=url)
+        except BaseException:
+            self.close()  # no bridge or browser left behind
+            raise
 
     def call(self, op: str, **kw):
         self._id += 1
@@ -91,7 +95,7 @@ class Page:
 
     def close(self):
         try:
-            if self.proc.poll() is None:
+            if self.proc.poll() is None and not self.proc.stdin.closed:
                 self.call("close")
                 self.proc.stdin.close()
                 self.proc.wait(timeout=30)
