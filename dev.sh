@@ -20,6 +20,9 @@ setup() {
     fi
     # The real ComfyUI server the integration tests drive (idempotent; under a second when present).
     PYTHON="$PY" bash tests/host/install_comfyui.sh >&2
+    # Chromium and playwright-core for the browser tests (idempotent; instant when present). A failure
+    # here is reported again, as a test failure, by the browser tests themselves.
+    bash tests/host/install_browser.sh || echo "dev.sh: tests/host/install_browser.sh failed (exit $?)" >&2
 }
 
 cmd="${1:-}"

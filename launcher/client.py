@@ -11,6 +11,7 @@ finished for this long while sampling, with every rank alive (a deadlock); ``PIP
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 from comfy_pipefusion import transport
 
 from .group import GroupError, GroupPlan, JobCancelled, JobError, WorkerGroup
+from .progress import LoadProgress
 from .sweep import sweep
 
 STATES = ("stopped", "starting", "loading", "ready", "busy", "failed")
@@ -64,6 +66,7 @@ class Launcher:
         self.lock = threading.RLock()
         self.last_used = time.monotonic()  # the end of the last job (or start-up)
         self.last_job: dict | None = None  # {"wall_s", "compute_s", "wait_s"} of the last finished job
+        self.weights: str | None = None  # which weights the group holds (weights_of), once a job loaded them
         atexit.register(_stop_at_exit, weakref.ref(self))
 
     def _set(self, state: str, detail: str = "") -> None:
@@ -103,10 +106,12 @@ class Launcher:
         with self.lock:
             return self._ensure(plan, cancelled)
 
-    def _ensure(self, plan: GroupPlan, cancelled=None) -> WorkerGroup:
+    def _ensure(self, plan: GroupPlan, cancelled=None, announce: bool = True) -> WorkerGroup:
+        """``announce``: say "ready" once started (a job that follows says what happens next instead)."""
         if self._usable(plan):
             return self.group
         self.stop()
+        self.weights = None
         self._set("starting", f"{plan.world_size} ranks")
         sweep(self.root)  # what dead owners left; this process's other groups stay
         try:
@@ -118,7 +123,8 @@ class Launcher:
             self._set("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
         self.last_used = time.monotonic()
-        self._set("ready", f"{plan.world_size} ranks on {self.group.device}")
+        if announce:
+            self._set("ready", f"{plan.world_size} ranks on {self.group.device}")
         return self.group
 
     def run(self, plan: GroupPlan, job: dict, tensors: dict, out_shape: tuple[int, ...], on_progress=None,
@@ -130,15 +136,31 @@ class Launcher:
                 self.last_used = time.monotonic()
 
     def _run(self, plan, job, tensors, out_shape, on_progress, cancelled):
-        group = self._ensure(plan, cancelled)
-        self._set("busy")
+        # States that mean something: "loading" only when the weights are read (the workers announce the
+        # phase on every job, a cache hit included), "busy" from the first step, no "ready" in between.
+        group = self._ensure(plan, cancelled, announce=False)
+        weights, held = weights_of(job), self.weights
+        self.weights = None  # until this job has the weights in place
+
+        progress = LoadProgress(group.worker_pids, lambda detail: self._set("loading", detail))
+
+        def on_phase(phase: str) -> None:
+            if phase != "loading":
+                progress.stop()
+                self._set("busy")
+            elif weights != held:
+                self._set("loading", "reading the weights")
+                progress.start()
+
         try:
             result = group.run(job, tensors, out_shape, on_progress, cancelled, self.stall_timeout,
-                               on_phase=lambda phase: self._set("loading" if phase == "loading" else "busy"))
+                               on_phase=on_phase)
         except (JobCancelled, JobError):
+            progress.stop()
             self._set("ready")
             raise
         except BaseException as exc:
+            progress.stop()
             if group.alive() and not group.busy and not isinstance(exc, GroupError):  # the job ended cleanly
                 self._set("ready")
                 raise
@@ -146,7 +168,9 @@ class Launcher:
             self.group = None
             self._set("failed", str(exc).splitlines()[0] if isinstance(exc, GroupError) else type(exc).__name__)
             raise
+        progress.stop()
         self.last_job = job_times(result[1])
+        self.weights = weights
         self._set("ready")
         return result
 
@@ -174,6 +198,14 @@ class Launcher:
         if g is not None:
             g.kill()
             shutil.rmtree(g.dir, ignore_errors=True)
+
+
+def weights_of(job: dict) -> str:
+    """What decides the weights a rank holds for ``job``: the checkpoint (and its file stamp), the dtype,
+    and the plan's split; not the per-job settings (patches, warm-up steps, sampling)."""
+    parallel = {k: v for k, v in job.get("parallel", {}).items() if k not in ("patches", "warmup_steps")}
+    return json.dumps([job.get("model"), job.get("model_stamp"), job.get("sample", {}).get("dtype"), parallel],
+                      sort_keys=True, default=str)
 
 
 def job_times(done: dict) -> dict:

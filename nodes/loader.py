@@ -13,6 +13,7 @@ from ..launcher import GroupPlan
 from . import admission
 from .convert import DTYPE_CHOICES, parse_devices, parse_stage_split, place_auto
 from .handle import PipeFusionModel
+from .validate import check_plan
 
 
 def file_stamp(path: str | None) -> str:
@@ -51,6 +52,11 @@ class PipeFusionDiTLoader:
         }}
 
     @classmethod
+    def VALIDATE_INPUTS(cls, devices, strategy):
+        """At queue time: devices that parse and exist, and enough of them for the strategy."""
+        return check_plan(devices, strategy, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+    @classmethod
     def IS_CHANGED(cls, unet_name, **_):
         """The checkpoint file's size and time: a file replaced or truncated on disk runs the loader (and
         its checks) again, and its jobs make the workers read the file again."""
@@ -83,8 +89,9 @@ class PipeFusionDiTLoader:
         # Only what changes the weights each rank holds needs a new group; patches and warm-up steps are
         # settings of each job, so changing them keeps the warm group. The group belongs to the ComfyUI
         # process (nodes/hooks.py); another plan for the same checkpoint replaces it.
+        split = f"|split {','.join(map(str, parallel.stage_split))}" if parallel.stage_split else ""
         plan = GroupPlan(world_size=ranks, devices=devs,
-                         key=f"{unet_name}|{strategy}|{dtype}|{balance}|{parallel.stage_split}")
+                         key=f"{unet_name}|{strategy}|{dtype}" + ("" if balance == "compute" else f"|{balance}") + split)
         model = PipeFusionModel(path, config, parallel, plan, dtype, slot=path, stamp=stamp, family=info.family)
         admission.check(model, admission.smallest_job(model), "its weights and processes alone")
         return (model,)

@@ -10,6 +10,8 @@ import comfy.utils
 from ..launcher import GroupError, JobCancelled, JobError
 from . import admission
 from .convert import check_latent, check_sampler, conditioning_tensors
+from .errors import readable
+from .validate import check_sampling
 
 
 class PipeFusionKSampler:
@@ -36,6 +38,11 @@ class PipeFusionKSampler:
                                 "tooltip": "time shift of Flux/SD3 sampling, as ModelSamplingFlux/SD3 set it; "
                                            "0 = what ComfyUI uses for this model (Flux-dev 1.15, SD3 3.0)"}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, sampler_name, scheduler):
+        """At queue time: a sampler and scheduler the worker group implements."""
+        return check_sampling(sampler_name, scheduler)
 
     def sample(self, pipefusion_model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                latent_image, denoise=1.0, shift=0.0):
@@ -74,7 +81,9 @@ class PipeFusionKSampler:
         except JobCancelled:
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise RuntimeError("PipeFusion: the job was cancelled") from None
-        except (GroupError, JobError) as exc:
+        except GroupError as exc:  # the group failed: its tracebacks and log go to the log, not the dialog
+            raise RuntimeError(readable(exc)) from None
+        except JobError as exc:  # the workers refused the job with a message meant for the user
             raise RuntimeError(f"PipeFusion: {exc}") from None
         result = {k: v for k, v in latent_image.items() if k != "samples"}
         result["samples"] = out

@@ -134,13 +134,15 @@ def test_killed_rank_fails_the_prompt_fast_and_the_next_gets_a_fresh_group(serve
 
 
 def test_bad_input_is_a_clear_node_error(server):
-    status, msgs = run_prompt(server, {**flux_prompt(UNET, steps=2, seed=9),
-                                       "4": {**flux_prompt(UNET, steps=2, seed=9)["4"],
-                                             "inputs": {**flux_prompt(UNET, steps=2, seed=9)["4"]["inputs"],
-                                                        "sampler_name": "dpmpp_3m_sde"}}})
-    assert status == "execution_error"
-    assert "sampler 'dpmpp_3m_sde' is not implemented; implemented: euler, euler_ancestral, heun" \
-        in msgs[-1]["data"]["exception_message"]
+    """An unimplemented sampler is refused when the prompt is queued (VALIDATE_INPUTS), on the node."""
+    from comfy_server import ComfyServerError
+    prompt = flux_prompt(UNET, steps=2, seed=9)
+    prompt["4"]["inputs"]["sampler_name"] = "dpmpp_3m_sde"
+    with pytest.raises(ComfyServerError) as err:
+        server.queue_prompt(prompt)
+    assert "HTTP 400" in str(err.value)
+    assert "sampler 'dpmpp_3m_sde' is not implemented by the worker group; choose one of euler, euler_ancestral" \
+        in str(err.value)
 
 
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))

@@ -79,9 +79,6 @@ BAD = {
     "size not a multiple of 16": (lambda p: edit(p, "3", width=120, height=120),
                                   "the image size must be a multiple of 16"),
     "denoise 0": (lambda p: edit(p, "4", denoise=0.0), "denoise 0.0"),
-    "GPU that does not exist": (lambda p: edit(p, "1", devices="0,1"), "GPU 0 does not exist"),
-    "GPU listed twice": (lambda p: edit(p, "1", devices="0,0"), "lists a GPU twice"),
-    "zero CPU ranks": (lambda p: edit(p, "1", devices="cpu:0"), "write cpu:N with N >= 1"),
     "more ranks than blocks": (lambda p: edit(p, "1", devices="cpu:7"),
                                "pipefusion with 7 stages needs at least 7 blocks, the model has 6"),
     "conditioning of another family": (lambda p: edit(p, "2", width=64),
@@ -95,7 +92,10 @@ BAD = {
                                         "sd15-unet.safetensors"),
     "not a safetensors file": (lambda p: edit(p, "1", unet_name="notes.safetensors"), "notes.safetensors"),
 }
-REFUSED_BY_COMFYUI = {  # out of the widgets' range: ComfyUI's own validation answers HTTP 400
+REFUSED_BY_COMFYUI = {  # out of the widgets' range, or refused by our VALIDATE_INPUTS: HTTP 400 at queue time
+    "GPU that does not exist": (lambda p: edit(p, "1", devices="0,1"), "GPU 0 does not exist"),
+    "GPU listed twice": (lambda p: edit(p, "1", devices="0,0"), "lists a GPU twice"),
+    "zero CPU ranks": (lambda p: edit(p, "1", devices="cpu:0"), "write cpu:N with N >= 1"),
     "zero steps": (lambda p: edit(p, "4", steps=0), "Value 0 smaller than min of 1"),
     "negative patches": (lambda p: edit(p, "1", patches=-1), "Value -1 smaller than min of 0"),
 }

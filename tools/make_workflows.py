@@ -1,7 +1,8 @@
-"""Writes workflows/*.json (ComfyUI's UI format): Flux.1 dev on 2 and 4 GPUs, Flux.1 schnell on 2 GPUs,
-SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on 2 GPUs.
+"""Writes workflows/*.json (ComfyUI's UI format) and a thumbnail .jpg beside each: Flux.1 dev on 2 and 4
+GPUs, Flux.1 schnell on 2 GPUs, SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on
+2 GPUs.
 
-    python tools/make_workflows.py
+    ./.venv/bin/python tools/make_workflows.py     (needs Pillow, which ComfyUI's requirements bring)
 
 Stock nodes for everything but the DiT: the family's text encoder loader (DualCLIPLoader for Flux,
 TripleCLIPLoader for SD3.5, CLIPLoader type pixart for PixArt) -> CLIPTextEncode (-> FluxGuidance), the
@@ -18,8 +19,8 @@ class Graph:
     def __init__(self) -> None:
         self.nodes, self.links = [], []
 
-    def node(self, type_: str, pos, widgets, inputs=(), outputs=(), title=None) -> dict:
-        n = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": [320, 130], "flags": {},
+    def node(self, type_: str, pos, widgets, inputs=(), outputs=(), title=None, size=None) -> dict:
+        n = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size or SIZES[type_]), "flags": {},
              "order": len(self.nodes), "mode": 0,
              "inputs": [{"name": name, "type": typ, "link": None} for name, typ in inputs],
              "outputs": [{"name": name, "type": typ, "links": [], "slot_index": i} for i, (name, typ) in enumerate(outputs)],
@@ -39,54 +40,67 @@ class Graph:
 
     def dump(self) -> dict:
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+                "links": self.links, "groups": [], "config": {}, "extra": {"ds": VIEW}, "version": 0.4}
+
+
+# Node sizes (body, without the 30 px title) that hold every widget: at least what the ComfyUI 0.3.75
+# frontend computes for the node (LGraphNode.computeSize), e.g. 286 px for the PipeFusion KSampler.
+SIZES = {"DualCLIPLoader": (300, 130), "TripleCLIPLoader": (300, 110), "CLIPLoader": (300, 110),
+         "CLIPTextEncode": (380, 130), "FluxGuidance": (280, 60), "PipeFusionDiTLoader": (300, 240),
+         "EmptySD3LatentImage": (280, 110), "EmptyLatentImage": (280, 110), "PipeFusionKSampler": (300, 290),
+         "VAELoader": (280, 60), "VAEDecode": (200, 50), "SaveImage": (300, 300)}
+# Columns 40 px apart, rows 60 px apart (a title is 30 px); the whole graph is 1,680 x 430 px.
+X = (0, 340, 760, 1080, 1420)
+# The view the workflow opens at: 75% (readable; the frontend stops drawing text below 60%), the graph
+# below the workflow tab and the run button, left of the minimap.
+VIEW = {"scale": 0.75, "offset": [90, 230]}
 
 
 def _encoders(g: Graph, kind: str) -> dict:
     if kind == "flux":
-        return g.node("DualCLIPLoader", (0, 0), ["t5xxl_fp16.safetensors", "clip_l.safetensors", "flux", "default"],
+        return g.node("DualCLIPLoader", (X[0], 0), ["t5xxl_fp16.safetensors", "clip_l.safetensors", "flux", "default"],
                       outputs=[("CLIP", "CLIP")])
     if kind == "sd3":
-        return g.node("TripleCLIPLoader", (0, 0), ["clip_l.safetensors", "clip_g.safetensors",
+        return g.node("TripleCLIPLoader", (X[0], 0), ["clip_l.safetensors", "clip_g.safetensors",
                                                    "t5xxl_fp16.safetensors"], outputs=[("CLIP", "CLIP")])
-    return g.node("CLIPLoader", (0, 0), ["t5xxl_fp16.safetensors", "pixart", "default"], outputs=[("CLIP", "CLIP")])
+    return g.node("CLIPLoader", (X[0], 0), ["t5xxl_fp16.safetensors", "pixart", "default"], outputs=[("CLIP", "CLIP")])
 
 
 def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidance: float | None, prompt: str,
              negative: str, sampler_name: str, scheduler: str, vae_name: str, size: int) -> dict:
     g = Graph()
     clip = _encoders(g, kind)
-    pos = g.node("CLIPTextEncode", (360, 0), [prompt], inputs=[("clip", "CLIP")],
+    pos = g.node("CLIPTextEncode", (X[1], 0), [prompt], inputs=[("clip", "CLIP")],
                  outputs=[("CONDITIONING", "CONDITIONING")], title="Positive prompt")
     neg_title = "Negative (unused at cfg 1)" if cfg == 1.0 else "Negative prompt"
-    neg = g.node("CLIPTextEncode", (360, 200), [negative], inputs=[("clip", "CLIP")],
+    neg = g.node("CLIPTextEncode", (X[1], 220), [negative], inputs=[("clip", "CLIP")],
                  outputs=[("CONDITIONING", "CONDITIONING")], title=neg_title)
     g.link(clip, 0, pos, "clip")
     g.link(clip, 0, neg, "clip")
     positive = pos
     if guidance is not None:
-        positive = g.node("FluxGuidance", (720, 0), [guidance], inputs=[("conditioning", "CONDITIONING")],
+        positive = g.node("FluxGuidance", (X[2], 0), [guidance], inputs=[("conditioning", "CONDITIONING")],
                           outputs=[("CONDITIONING", "CONDITIONING")])
         g.link(pos, 0, positive, "conditioning")
-    loader = g.node("PipeFusionDiTLoader", (0, 400), [unet, "default", devices, "pipefusion", 0, 1, "compute", ""],
+    loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "pipefusion", 0, 1, "compute", ""],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
     if kind == "pixart":
-        latent = g.node("EmptyLatentImage", (360, 400), [size, size, 1], outputs=[("LATENT", "LATENT")])
+        latent = g.node("EmptyLatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
     else:
-        latent = g.node("EmptySD3LatentImage", (360, 400), [size, size, 1], outputs=[("LATENT", "LATENT")])
-    sampler = g.node("PipeFusionKSampler", (1080, 100), [0, "randomize", steps, cfg, sampler_name, scheduler, 1.0, 0.0],
+        latent = g.node("EmptySD3LatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
+    sampler = g.node("PipeFusionKSampler", (X[3], 0), [0, "randomize", steps, cfg, sampler_name, scheduler, 1.0, 0.0],
                      inputs=[("pipefusion_model", "PIPEFUSION_MODEL"), ("positive", "CONDITIONING"),
                              ("negative", "CONDITIONING"), ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
     g.link(loader, 0, sampler, "pipefusion_model")
     g.link(positive, 0, sampler, "positive")
     g.link(neg, 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
-    vae = g.node("VAELoader", (1080, 400), [vae_name], outputs=[("VAE", "VAE")])
-    decode = g.node("VAEDecode", (1440, 100), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+    vae = g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")])
+    decode = g.node("VAEDecode", (X[4], 0), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
                     outputs=[("IMAGE", "IMAGE")])
     g.link(sampler, 0, decode, "samples")
     g.link(vae, 0, decode, "vae")
-    save = g.node("SaveImage", (1800, 100), ["PipeFusion"], inputs=[("images", "IMAGE")])
+    save = g.node("SaveImage", (X[4], 110), ["PipeFusion"], inputs=[("images", "IMAGE")])
     g.link(decode, 0, save, "images")
     return g.dump()
 
@@ -96,21 +110,56 @@ def flux(unet: str, devices: str, steps: int, guidance: float | None, prompt: st
                     1024)
 
 
+COLORS = ((66, 133, 244), (52, 168, 83), (251, 188, 5), (234, 67, 53))
+
+
+def thumbnail(path: Path, model: str, gpus: int, steps: int, cfg: bool) -> None:
+    """The template card's picture (ComfyUI 0.3.75 fetches <workflow name>.jpg beside the JSON): the image cut
+    into one patch band per GPU, and the chain of GPUs, each holding a stage of the model's blocks."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", (512, 512), (24, 26, 32))
+    d = ImageDraw.Draw(img)
+    big, small = ImageFont.load_default(size=40), ImageFont.load_default(size=22)
+    d.text((28, 24), model, font=big, fill=(240, 240, 240))
+    d.text((28, 76), f"PipeFusion, {gpus} GPUs, {steps} steps" + (", CFG" if cfg else ""), font=small,
+           fill=(190, 190, 200))
+    top, side = 130, 340
+    band = side / gpus
+    for i in range(gpus):  # the image, in patch bands
+        y = top + i * band
+        d.rectangle((28, y, 28 + side, y + band - 4), fill=tuple(c // 2 for c in COLORS[i]), outline=COLORS[i], width=3)
+        d.text((44, y + band / 2 - 12), f"patch {i + 1}", font=small, fill=(240, 240, 240))
+    box = (side - 16 * (gpus - 1)) / gpus
+    for i in range(gpus):  # the pipeline of stages
+        y = top + i * (box + 16)
+        d.rounded_rectangle((392, y, 488, y + box), radius=10, fill=COLORS[i])
+        d.text((404, y + box / 2 - 12), f"GPU {i}", font=small, fill=(20, 20, 20))
+    img.save(path, "JPEG", quality=88)
+
+
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
+# The file names are what ComfyUI's template browser shows as each card's title and description.
 WORKFLOWS = {
-    "flux1-dev-2gpu.json": flux("flux1-dev.safetensors", "0,1", 20, 3.5, PROMPT),
-    "flux1-dev-4gpu.json": flux("flux1-dev.safetensors", "0,1,2,3", 20, 3.5, PROMPT),
-    "flux1-schnell-2gpu.json": flux("flux1-schnell.safetensors", "0,1", 4, None, PROMPT),
-    "sd3.5-large-4gpu-cfg.json": workflow("sd3", "sd3.5_large.safetensors", "0,1,2,3", 28, 4.5, None, PROMPT,
-                                          "blurry, low quality, watermark", "dpmpp_2m", "sgm_uniform",
-                                          "sd3.5_vae.safetensors", 1024),
-    "pixart-sigma-1024-2gpu.json": workflow("pixart", "PixArt-Sigma-XL-2-1024-MS.safetensors", "0,1", 20, 4.5, None,
-                                            PROMPT, "blurry, low quality", "euler", "normal", "sdxl_vae.safetensors",
-                                            1024),
+    "Flux.1 dev on 2 GPUs (PipeFusion, 20 steps)": (
+        flux("flux1-dev.safetensors", "0,1", 20, 3.5, PROMPT), ("Flux.1 dev", 2, 20, False)),
+    "Flux.1 dev on 4 GPUs (PipeFusion, 20 steps)": (
+        flux("flux1-dev.safetensors", "0,1,2,3", 20, 3.5, PROMPT), ("Flux.1 dev", 4, 20, False)),
+    "Flux.1 schnell on 2 GPUs (PipeFusion, 4 steps)": (
+        flux("flux1-schnell.safetensors", "0,1", 4, None, PROMPT), ("Flux.1 schnell", 2, 4, False)),
+    "SD3.5 large on 4 GPUs with CFG (PipeFusion, 28 steps)": (
+        workflow("sd3", "sd3.5_large.safetensors", "0,1,2,3", 28, 4.5, None, PROMPT, "blurry, low quality, watermark",
+                 "dpmpp_2m", "sgm_uniform", "sd3.5_vae.safetensors", 1024), ("SD3.5 large", 4, 28, True)),
+    "PixArt-Sigma 1024 on 2 GPUs (PipeFusion, 20 steps)": (
+        workflow("pixart", "PixArt-Sigma-XL-2-1024-MS.safetensors", "0,1", 20, 4.5, None, PROMPT,
+                 "blurry, low quality", "euler", "normal", "sdxl_vae.safetensors", 1024), ("PixArt-Sigma", 2, 20, True)),
 }
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parent.parent / "workflows"
-    for name, wf in WORKFLOWS.items():
-        (out / name).write_text(json.dumps(wf, indent=1) + "\n")
-        print("wrote", out / name)
+    for old in [*out.glob("*.json"), *out.glob("*.jpg")]:
+        old.unlink()
+    for name, (wf, card) in WORKFLOWS.items():
+        (out / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
+        thumbnail(out / f"{name}.jpg", *card)
+        print("wrote", out / f"{name}.json", "and .jpg")

@@ -1,0 +1,69 @@
+"""The web extension on the frontends of the other ComfyUI releases the suite uses (tests/test_comfy_versions.py
+lists them; $PIPEFUSION_TEST_COMFY_VERSIONS replaces the list): a PipeFusion prompt runs with the page open,
+the badge shows the group's states and the canvas keeps drawing. tests/test_browser.py covers the default
+release in full."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from browser_helpers import PAGE_HELPERS, RECORD, Page, browser_ready, page_problems
+from comfy_helpers import ensure_host, flux_prompt, start_model_server
+
+UNET = "tiny-flux.safetensors"
+
+VERSIONS = tuple(v.strip() for v in os.environ.get("PIPEFUSION_TEST_COMFY_VERSIONS", "0.3.52").split(",")
+                 if v.strip())
+
+
+@pytest.fixture(scope="module", params=VERSIONS)
+def release(request, tmp_path_factory, serial_model):
+    why = browser_ready()
+    if why:
+        pytest.skip(why)
+    version = request.param
+    try:
+        ensure_host(version)
+        error = None
+    except Exception as exc:  # noqa: BLE001 - reported as the test failure, with the reason
+        error = exc
+    if error is not None:
+        pytest.fail(f"ComfyUI {version} host could not be installed: {error}", pytrace=False)
+    srv = start_model_server(tmp_path_factory, serial_model, UNET, f"comfy-{version}-browser", version=version)
+    srv.post_json("/settings/Comfy.TutorialCompleted", True)
+    page = None
+    try:
+        page = Page(srv.url)
+        page.wait("() => (window.app ?? window.comfyAPI?.app?.app)?.canvas"
+                  " && window.LiteGraph?.registered_node_types?.PipeFusionKSampler", timeout=120)
+        page.js("() => { window.app ??= window.comfyAPI.app.app; return true; }")
+        page.js(PAGE_HELPERS)
+        yield version, srv, page
+    finally:
+        if page is not None:
+            page.close()
+        srv.stop()
+
+
+def test_browser_badge_on_other_releases(release):
+    version, srv, page = release
+    version_seen = srv.get("/system_stats")["system"]["comfyui_version"]
+    assert version_seen == version
+    page.js("(p) => { app.loadApiJson(p, 'pipefusion-run.json'); return true; }",
+            flux_prompt(UNET, steps=4, seed=3, prefix=f"latents/browser-{version}"))
+    page.wait("() => pfTest.ours().length === 2")
+    page.js("""() => { const ds = app.canvas.ds; ds.scale = 1; ds.offset[0] = 60; ds.offset[1] = 80;
+                       app.canvas.setDirty(true, true); return true; }""")
+    page.js(RECORD)
+    page.js("async () => { await app.queuePrompt(0, 1); return true; }")
+    rec = page.wait("() => pfRun.end && pfRun.frames.length >= 5 && pfRun", timeout=240)
+    page.shot(f"08-release-{version}-after-run")
+    assert rec["end"] == "execution_success", srv.log_tail(40)
+    assert [s for i, s in enumerate(rec["statuses"]) if i == 0 or rec["statuses"][i - 1] != s] == \
+        ["starting", "loading", "busy", "ready"], rec["statuses"]
+    frames = rec["frames"]
+    assert frames[-1] - frames[0] >= len(frames) // 2, frames  # the canvas drew all along
+    assert rec["samples"] > 0 and rec["invisible"] == 0, rec
+    assert rec["badges"] and rec["badges"][-1].startswith("PipeFusion: ready"), rec["badges"]
+    assert page_problems(page.take_events()) == []
