@@ -307,9 +307,12 @@ class WorkerGroup:
                 raise GroupError(f"the worker group died (exit code {self.proc.returncode}){self.root_cause()}:\n"
                                  f"{self.failure_report()}")
             self._watchdog(w)
+            conn = self.conn  # None once kill() ran in another thread (ComfyUI is being terminated)
+            if conn is None:
+                raise GroupError("the worker group was stopped while it ran the job")
             try:
-                ready = self.conn.poll(0.05)
-                msg = transport.recv(self.conn) if ready else None
+                ready = conn.poll(0.05)
+                msg = transport.recv(conn) if ready else None
             except (EOFError, OSError):
                 time.sleep(0.5)  # the group is going down: let torchrun finish so its exit is reported
                 continue

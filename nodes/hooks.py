@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import threading
 
 from ..launcher import GroupRegistry, idle_seconds, pressure_index
@@ -86,14 +87,24 @@ def hook_memory(reg: GroupRegistry) -> None:
             if index is not None:
                 reg.stop_on_devices({index}, f"ComfyUI needs {memory_required / 2**30:.2f} GiB on {device} "
                                              "for its own model after unloading its others")
-        mm.free_memory = _after(mm.free_memory, give_way)
+        mm.free_memory = _after(mm.free_memory, give_way, skip_callers=_package())
 
 
-def _after(original, then):
-    """``original`` followed by ``then`` with the same arguments; ``then`` never breaks ComfyUI's call."""
+def _package() -> str:
+    """This package's module name under ComfyUI (the folder's name, e.g. ``comfy-pipefusion``)."""
+    return __name__.rsplit(".", 2)[0]
+
+
+def _after(original, then, skip_callers: str | None = None):
+    """``original`` followed by ``then`` with the same arguments; ``then`` never breaks ComfyUI's call.
+    With ``skip_callers`` (a package name), ``then`` is skipped when that package made the call: our own
+    request that ComfyUI unload its models from a group's GPUs (admission) must not stop that group."""
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
         out = original(*args, **kwargs)
+        caller = sys._getframe(1).f_globals.get("__name__", "") if skip_callers else ""
+        if skip_callers and (caller == skip_callers or caller.startswith(skip_callers + ".")):
+            return out
         try:
             then(*args, **kwargs)
         except Exception:
