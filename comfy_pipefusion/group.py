@@ -27,9 +27,11 @@ import psutil
 import torch
 from safetensors.torch import load_file
 
+from . import failure
+
 
 class GroupError(RuntimeError):
-    """The worker group failed; the message carries the tail of its output."""
+    """The worker group failed; the message carries the root cause (``failure.py``) and the tail of its output."""
 
 
 def worker_command(world_size: int, args: list[str], store_dir: Path) -> list[str]:
@@ -181,9 +183,6 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
                 proc.wait()
                 raise
         if rc != 0:
-            with open(log, "rb") as fh:
-                fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4000))
-                tail = fh.read().decode(errors="replace")
-            raise GroupError(f"worker group of {world_size} exited with code {rc}:\n{tail}")
+            raise GroupError(failure.log_error(f"worker group of {world_size} exited with code {rc}:", log))
         return {j["name"]: (load_file(str(tmp / "out" / f"{j['name']}.safetensors"))["samples"],
                             json.loads((tmp / "out" / f"{j['name']}.json").read_text())) for j in jobs}

@@ -10,7 +10,9 @@ that would make it fit (each suggestion is the same estimate run again with that
 - activations of the largest span it runs (a warm-up step is the whole image under PipeFusion, the rank's
   band under DistriFusion): ``ACT_WIDTHS`` live ``[MB, L, width]`` tensors at a block's peak, the attention
   kernel's working set (``math`` materialises the scores; flash and memory-efficient kernels do not), the
-  stage messages in flight (PipeFusion), one upcast fp8 weight;
+  stage messages in flight (PipeFusion), one fp8 weight cast per call (when no upcast copy is kept);
+- fp8 upcast copy: with ``upcast``, every 8-bit Linear weight once more in the compute dtype (``fp8_compute``
+  keeps that copy when the job still fits with it);
 - latent and sampler state: float32 latents, noise and sampler history, text states, the position table.
 
 Where the memory comes from: on CPU every rank of the machine shares the available RAM (psutil), so the
@@ -91,14 +93,16 @@ class RankBytes:
     gathered: int
     activations: int
     latent: int
+    upcast: int = 0
+    """The compute-dtype copy of an fp8 stage's Linear weights (models/fp8.py), when it keeps one."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.gathered + self.activations + self.latent
+        return self.weights + self.kv + self.gathered + self.activations + self.latent + self.upcast
 
     def describe(self) -> str:
         parts = [("weights", self.weights), ("K/V buffers", self.kv), ("gathered K/V", self.gathered),
-                 ("activations", self.activations), ("latents", self.latent)]
+                 ("activations", self.activations), ("latents", self.latent), ("fp8 upcast copy", self.upcast)]
         shown = ", ".join(f"{n} {gib(b)}" for n, b in parts if b >= 2 ** 20)
         return f"{gib(self.total)} ({shown})" if shown else gib(self.total)
 
@@ -123,9 +127,10 @@ def _attention_bytes(kernel: str, mb: int, heads: int, queries: int, keys: int) 
     return mb * heads * queries * 4 * 2  # log-sum-exp and row maxima
 
 
-def _names_bytes(meta, names: list[str], elem: int, fp8: bool) -> tuple[int, int]:
-    """(bytes, largest Linear weight's elements) of the parameters and buffers under ``names``."""
-    total, biggest = 0, 0
+def _names_bytes(meta, names: list[str], elem: int, fp8: bool) -> tuple[int, int, int]:
+    """(bytes, largest Linear weight's elements, all Linear weights' elements) of the parameters and
+    buffers under ``names``."""
+    total, biggest, linear = 0, 0, 0
     for name in names:
         obj = getattr(meta, name, None)
         if isinstance(obj, torch.nn.Parameter):
@@ -138,8 +143,8 @@ def _names_bytes(meta, names: list[str], elem: int, fp8: bool) -> tuple[int, int
                 linear_w = attr == "weight" and isinstance(mod, torch.nn.Linear)
                 total += p.numel() * (1 if fp8 and linear_w else elem)
                 if linear_w:
-                    biggest = max(biggest, p.numel())
-    return total, biggest
+                    biggest, linear = max(biggest, p.numel()), linear + p.numel()
+    return total, biggest, linear
 
 
 def _buffer_kinds(fam, meta, blocks: list) -> list[str]:
@@ -166,12 +171,13 @@ def _spans(fam, cfg: ParallelConfig, size: JobSize, rank: int) -> tuple[int, int
 
 
 def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_type: str = "cpu",
-               fp8: bool = False) -> RankBytes:
-    """Rank ``rank``'s estimated bytes for a job of ``size`` under ``cfg`` (see the module docstring)."""
+               fp8: bool = False, upcast: bool = False) -> RankBytes:
+    """Rank ``rank``'s estimated bytes for a job of ``size`` under ``cfg`` (see the module docstring);
+    ``upcast``: an fp8 stage keeps a compute-dtype copy of its Linear weights."""
     mc = meta.config
     heads, head_dim = mc.num_attention_heads, mc.attention_head_dim
     width, elem, mb = heads * head_dim, ELEM[size.dtype], size.model_batch
-    weights, biggest = _names_bytes(meta, rank_modules(fam, meta, cfg, rank), elem, fp8)
+    weights, biggest, linear = _names_bytes(meta, rank_modules(fam, meta, cfg, rank), elem, fp8)
     n_txt = size.n_txt if fam.JOINT_TEXT else 0
     largest, kv_img, band = _spans(fam, cfg, size, rank)
     kinds = _buffer_kinds(fam, meta, rank_blocks(fam, meta, cfg, rank))
@@ -190,11 +196,12 @@ def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_
         act += _attention_bytes(kernel, mb, heads, largest, size.n_txt)
     if cfg.strategy == "pipefusion" and cfg.world_size > 1:  # a receive posted ahead and sends in flight
         act += 3 * mb * (largest + 1) * width * elem
-    if fp8:
-        act += biggest * elem  # one Linear weight upcast at a time
+    copy = linear * elem if fp8 and upcast else 0
+    if fp8 and not upcast:
+        act += biggest * elem  # one Linear weight cast at a time
     latent = LATENT_COPIES * size.batch * size.n_img * size.channels * 4
     latent += mb * size.n_txt * (size.txt_dim * 4 + width * elem) + 2 * (n_txt + size.n_img) * head_dim * 4
-    return RankBytes(weights, kv, gathered, act, latent)
+    return RankBytes(weights, kv, gathered, act, latent, copy)
 
 
 @dataclass(frozen=True)
@@ -242,8 +249,8 @@ def _per_rank(budget: Budget, n: int) -> list[int]:
 
 
 def estimate(fam, meta, cfg: ParallelConfig, size: JobSize, device_type: str = "cpu",
-             fp8: bool = False) -> list[RankBytes]:
-    return [rank_bytes(fam, meta, cfg, size, r, device_type, fp8) for r in range(cfg.world_size)]
+             fp8: bool = False, upcast: bool = False) -> list[RankBytes]:
+    return [rank_bytes(fam, meta, cfg, size, r, device_type, fp8, upcast) for r in range(cfg.world_size)]
 
 
 def admit(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, fp8: bool = False,
@@ -272,6 +279,17 @@ def admit(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, fp8: bo
     loaded = " (its weights are loaded already)" if budget.weights_loaded else ""
     raise AdmissionError(f"this job does not fit in memory: {what}: rank {worst} needs {ranks[worst].describe()}"
                          f"{extra}{loaded}; {have}{fix}")
+
+
+def fp8_compute(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, scaled_mm: bool) -> str:
+    """How an fp8 stage computes this job (models/fp8.py): ``upcast`` when the job still fits with the
+    copy counted, else ``scaled_mm`` where ``scaled_mm`` (the device has one and the user asked), else
+    ``cast``. CPU ranks decide for their whole machine alike (the budget of all its ranks)."""
+    if budget.device_type == "cpu" and not budget.local:  # a machine's later ranks: same sum as its first
+        budget = replace(budget, local=None)
+    if fits(estimate(fam, meta, cfg, size, budget.device_type, True, True), budget):
+        return "upcast"
+    return "scaled_mm" if scaled_mm else "cast"
 
 
 def suggestions(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, fp8: bool) -> list[str]:

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from . import memory
 from .config import ParallelConfig, SampleSpec
 from .job import make_problem, preset_problem, sampling_kind, synthetic_problem
-from .models import family
+from .models import family, fp8
 from .parallel import strategy_fn
 from .parallel.comm import Comm
 from .parallel.plan import ModelSource, load_rank_model, rank_modules
@@ -108,9 +108,10 @@ class ModelCache:
 
     def holds(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype) -> tuple[bool, int]:
         """(whether the weights of this job are loaded, bytes of another model that a load would free)."""
+        copies = fp8.copy_bytes(self.value[0]) if self.value is not None else 0  # dropped unless kept
         if self.key == self._key(source, cfg, rank, dtype):
-            return True, 0
-        return False, family.param_bytes(self.value[0]) if self.value is not None else 0
+            return True, copies
+        return False, family.param_bytes(self.value[0]) + copies if self.value is not None else 0
 
     def get(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
         key = self._key(source, cfg, rank, dtype)
@@ -161,20 +162,42 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
                                sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get("mask"))
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
-    admit(source, cfg, problem, comm, models, dtype)
+    mode = admit(source, cfg, problem, comm, models, dtype)
     base, start = memory_now(models.device), time.perf_counter()
     model, blocks = models.get(source, cfg, comm.rank, dtype)
+    if mode is not None:
+        use_fp8(model, mode, dtype)
     return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device)
 
 
 def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models: ModelCache,
-          dtype: torch.dtype) -> None:
-    """Refuse a job this rank's memory cannot hold, before anything of it is allocated (memory.py)."""
+          dtype: torch.dtype) -> str | None:
+    """Refuse a job this rank's memory cannot hold, before anything of it is allocated (memory.py); for an
+    fp8 checkpoint, return how its stage computes (models/fp8.py): an upcast copy when it fits."""
     fam, _, meta = models.describe(source)
     cfg.check_model(len(fam.blocks_of(meta)))  # the stage split below needs enough blocks
     loaded, freed = models.holds(source, cfg, comm.rank, dtype)
     budget = memory.rank_budget(models.device, comm.rank, comm.world_size, loaded, freed)
-    memory.admit(fam, meta, cfg, memory.job_size(problem), budget, memory.stored_fp8(source.checkpoint))
+    fp8_file, size = memory.stored_fp8(source.checkpoint), memory.job_size(problem)
+    memory.admit(fam, meta, cfg, size, budget, fp8_file)
+    if not fp8_file:
+        return None
+    scaled = os.environ.get("PIPEFUSION_FP8_MATMUL", "") == "scaled" and fp8.scaled_mm_available(models.device)
+    return memory.fp8_compute(fam, meta, cfg, size, budget, scaled)
+
+
+def use_fp8(model: torch.nn.Module, mode: str, dtype: torch.dtype) -> None:
+    """Set how this stage's 8-bit weights compute, and say so in the log (one line per rank and job)."""
+    held = fp8.set_compute(model, mode, dtype)
+    n = len(fp8.stored_layers(model))
+    if mode == "upcast":
+        log.info("fp8 weights: keeping an upcast %s copy of %d Linear weights (%s), not cast again per call",
+                 str(dtype).removeprefix("torch."), n, memory.gib(held))
+    elif mode == "scaled_mm":
+        log.info("fp8 weights: %d Linear layers compute with torch._scaled_mm (8-bit activations)", n)
+    else:  # the slow path: say it where the default log level shows it
+        log.warning("fp8 weights: an upcast copy does not fit; %d Linear weights are cast to %s per call", n,
+                 str(dtype).removeprefix("torch."))
 
 
 def memory_now(device: torch.device) -> int:

@@ -25,7 +25,7 @@ from multiprocessing import AuthenticationError
 import psutil
 import torch
 
-from comfy_pipefusion import transport
+from comfy_pipefusion import failure, transport
 from comfy_pipefusion.group import worker_command, worker_env
 
 from . import logfile
@@ -256,8 +256,9 @@ class WorkerGroup:
         return f", rank {rank} (pid {pid}) ended with exit code {code}" + (f" ({sig})" if sig else "")
 
     def failure_report(self) -> str:
-        """The failing ranks' traceback tails, then the tail of the group's log (torchrun's summary)."""
-        parts = []
+        """The root cause (a hang or self-test report, ``failure.py``), the failing ranks' traceback tails,
+        then the tail of the group's log (torchrun's summary)."""
+        parts = failure.cause_block(lambda: logfile.read_tail(self.log_path))
         for f in sorted(self.dir.glob("error-rank*.txt")):
             tb = f.read_text(errors="replace").strip().splitlines()
             parts.append(f"{f.stem.replace('error-', '')} traceback:\n" + "\n".join(tb[-8:]))

@@ -154,11 +154,18 @@ def test_fp8_linear_computes_in_the_input_dtype():
     assert lin.weight.dtype == torch.float8_e4m3fn
 
 
-def test_fp8_model_matches_the_upcast_model(tmp_path):
-    """A whole Flux forward with 8-bit weights equals the same weights upcast to the compute dtype."""
+@pytest.mark.parametrize("mode", ["cast", "upcast"])
+def test_fp8_model_matches_the_upcast_model(tmp_path, mode):
+    """A whole Flux forward with 8-bit weights equals the same weights upcast to the compute dtype, whether
+    each weight is cast per call or the stage keeps an upcast copy (fp8.set_compute)."""
     path, _ = write(tmp_path, "flux", dtype=torch.float8_e4m3fn)
     info = open_checkpoint(path)
     ours = load_all(info, torch.float32)
+    held = fp8.set_compute(ours, mode, torch.float32)
+    layers = fp8.stored_layers(ours)
+    assert layers and all((m.upcast is not None) == (mode == "upcast") for m in layers)
+    assert held == (sum(m.weight.numel() * 4 for m in layers) if mode == "upcast" else 0)
+    assert "upcast" not in " ".join(ours.state_dict())  # the copy is no weight of the model
     ref = meta_model("flux", info.config)
     ref.load_state_dict({k: v.float() for k, v in ours.state_dict().items()}, assign=True)
     g = torch.Generator().manual_seed(1)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("env", "gpu_tests", "cuda_vs_cpu", "patch_eff", "load_memory", "admission", "multi_gpu")
+STEPS = ("env", "gpu_tests", "cuda_vs_cpu", "patch_eff", "load_memory", "admission", "multi_gpu", "fp8")
 
 
 def test_gpu_check_runs_every_step_on_cpu(tmp_path):
@@ -30,3 +30,4 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path):
     assert all(st["estimate_gib"] >= 0 and st["load_s"] > 0 for st in s["load_memory"]["stages"])
     assert s["admission"]["ranks"][0]["strategy"] == "serial"
     assert all(v["max_abs_vs_serial"] <= 1e-4 for v in s["multi_gpu"]["strategies"].values())
+    assert s["fp8"]["exact_upcast"] and set(s["fp8"]["ms_per_call"]) == {"cast", "upcast"}  # no scaled_mm on CPU

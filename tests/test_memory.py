@@ -157,3 +157,72 @@ def test_cpu_ranks_of_one_machine_are_checked_once_together(monkeypatch):
     other_machine = memory.rank_budget(cpu0, 2, 4, False, 0)
     assert (first.ranks(4), second.ranks(4), other_machine.ranks(4)) == ([0, 1], [], [2, 3])
     assert first.started and first.available[0] > 0
+
+
+def fp8_tiny(tmp_path) -> str:
+    from comfy_pipefusion.models.checkpoint import save_checkpoint
+    from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
+
+    model, _ = load_rank_model(ModelSource(preset="tiny"), ParallelConfig("serial", 1), 0, torch.device("cpu"),
+                               torch.float32)
+    path = tmp_path / "tiny-fp8.safetensors"
+    save_checkpoint(model, path, torch.float8_e4m3fn)
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fp8_upcast_copy_is_counted_and_chosen_only_when_it_fits(tmp_path, dtype):
+    """Each stage's estimated upcast copy is exactly what set_compute makes; the copy is kept when the job
+    fits with it, else the weights are cast per call (or scaled_mm where asked and available)."""
+    from comfy_pipefusion.models import fp8
+    from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
+
+    path, name = fp8_tiny(tmp_path), str(dtype).removeprefix("torch.")
+    fam, preset = family.find_preset("tiny")
+    cfg, meta, job = ParallelConfig("pipefusion", 2), fam.build_meta(preset["config"]), \
+        memory.JobSize(4, 4, 8, 32, dtype=name)
+    for rank in range(2):
+        stage, _ = load_rank_model(ModelSource(checkpoint=path), cfg, rank, torch.device("cpu"), dtype)
+        est = memory.rank_bytes(fam, meta, cfg, job, rank, fp8=True, upcast=True)
+        assert est.upcast == fp8.set_compute(stage, "upcast", dtype) > 0, rank
+        cast = memory.rank_bytes(fam, meta, cfg, job, rank, fp8=True)
+        assert cast.upcast == 0 and cast.activations < est.activations + est.upcast
+    with_copy = sum(r.total for r in memory.estimate(fam, meta, cfg, job, "cpu", True, True))
+    without = sum(r.total for r in memory.estimate(fam, meta, cfg, job, "cpu", True))
+    assert without < with_copy
+    roomy, tight = memory.Budget("cpu", (with_copy,), True), memory.Budget("cpu", (with_copy - 1,), True)
+    assert memory.fp8_compute(fam, meta, cfg, job, roomy, False) == "upcast"
+    assert memory.fp8_compute(fam, meta, cfg, job, tight, False) == "cast"
+    assert memory.fp8_compute(fam, meta, cfg, job, tight, True) == "scaled_mm"
+    later = memory.Budget("cpu", (with_copy - 1,), True, local=())  # a machine's later CPU rank decides alike
+    assert memory.fp8_compute(fam, meta, cfg, job, later, False) == "cast"
+    gpu = memory.Budget("cuda", tuple(r.total for r in memory.estimate(fam, meta, cfg, job, "cuda", True, True)),
+                        True)
+    assert memory.fp8_compute(fam, meta, cfg, job, gpu, False) == "upcast"
+
+
+def test_fp8_rank_keeps_an_upcast_copy_and_logs_the_choice(tmp_path, caplog):
+    """In a rank: a tiny fp8 stage fits with its copy, so prepare keeps one and says so; the sample equals
+    the one computed by casting each weight per call (the other choice, which is logged as a warning)."""
+    import logging
+
+    from comfy_pipefusion.models import fp8
+    from comfy_pipefusion.parallel.plan import ModelSource
+    from comfy_pipefusion.parallel.runtime import Control
+    from comfy_pipefusion.worker import execute, use_fp8
+
+    models = ModelCache(torch.device("cpu"))
+    job = {"model": {"checkpoint": fp8_tiny(tmp_path)}, "parallel": {"strategy": "serial"},
+           "sample": {"height": 64, "width": 64, "steps": 2}, "text_tokens": 8}
+    with caplog.at_level(logging.INFO, logger="comfy_pipefusion.worker"):
+        prep = prepare(job, Comm(0, 1), models)
+    assert "fp8 weights: keeping an upcast float32 copy of" in caplog.text
+    layers = fp8.stored_layers(prep.model)
+    assert layers and all(m.upcast is not None and m.weight.dtype == torch.float8_e4m3fn for m in layers)
+    kept = execute(prep, Comm(0, 1), torch.device("cpu"), Control())
+    copies = fp8.copy_bytes(prep.model)  # a later job of this model may free them (cast) or keep them
+    assert copies > 0 and models.holds(ModelSource(**job["model"]), prep.cfg, 0, torch.float32) == (True, copies)
+    with caplog.at_level(logging.WARNING, logger="comfy_pipefusion.worker"):
+        use_fp8(prep.model, "cast", torch.float32)
+    assert "an upcast copy does not fit" in caplog.text and fp8.copy_bytes(prep.model) == 0
+    assert torch.equal(kept, execute(prep, Comm(0, 1), torch.device("cpu"), Control()))

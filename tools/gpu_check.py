@@ -16,6 +16,8 @@ Steps (each bounded; one that fails is recorded and the next runs):
   admission       a real worker job: its peak memory against comfy_pipefusion/memory.py's estimate
   multi_gpu       with 2 or more GPUs: pipefusion and distrifusion against serial, exactness (frozen
                   trajectory) and speed (the bench); skipped with the reason on one GPU
+  fp8             an 8-bit Linear: upcast copy == per-call cast, torch._scaled_mm (sm_89+) against them,
+                  milliseconds per call of each
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from comfy_pipefusion.patches import full_span, pipefusion_spans  # noqa: E402
 FP32_TOL = 1e-4  # relative L2, GPU float32 with TF32 off against the CPU
 FROZEN_TOL = 1e-4  # max abs, a strategy against serial on the frozen trajectory (float32; kernels differ on GPU)
 BF16_TOL = 3e-2  # relative L2, GPU bfloat16 against the CPU's float32 (8-bit mantissa through every block)
+FP8_MM_TOL = 8e-2  # relative L2, torch._scaled_mm (activations in e4m3: 3-bit mantissa) against the cast
 WIDE = dict(num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=24,
             joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 QUICK_WIDE = dict(WIDE, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
@@ -279,8 +282,37 @@ def step_multi_gpu(a) -> dict:
         f"{k} err {v['max_abs_vs_serial']:.1e} {v['speedup_vs_serial']:.2f}x" for k, v in res.items())}
 
 
+def step_fp8(a) -> dict:
+    """One Flux-width 8-bit Linear: the upcast copy equals the per-call cast exactly; torch._scaled_mm (sm_89+,
+    PIPEFUSION_FP8_MATMUL=scaled) within FP8_MM_TOL of it; time per call of each."""
+    from comfy_pipefusion.models import fp8
+
+    d, n = (64, 256) if a.quick else (3072, 4096)
+    dtype = torch.bfloat16 if a.device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(d, 4 * d).to(a.device)
+    lin.weight = torch.nn.Parameter((torch.randn(4 * d, d, generator=g) / d ** 0.5).to(a.device, torch.float8_e4m3fn),
+                                    requires_grad=False)
+    lin.bias.data = lin.bias.data.to(dtype)
+    fp8.keep_stored(lin)
+    x = torch.randn(n, d, generator=g).to(a.device, dtype)
+    out, ms = {}, {}
+    with torch.inference_mode():
+        for mode in ("cast", "upcast") + (("scaled_mm",) if fp8.scaled_mm_available(a.device) else ()):
+            fp8.set_compute(lin, mode, dtype)
+            out[mode] = lin(x).float()
+            ms[mode] = round(timed(lambda: lin(x), a.device, 5 if a.quick else 20) * 1e3, 3)
+    res = {"exact_upcast": bool(torch.equal(out["upcast"], out["cast"])), "ms_per_call": ms,
+           "scaled_mm": "used" if "scaled_mm" in out else "not available on this device"}
+    if "scaled_mm" in out:
+        res["scaled_mm_rel_l2"] = float((out["scaled_mm"] - out["cast"]).norm() / out["cast"].norm())
+    ok = res["exact_upcast"] and res.get("scaled_mm_rel_l2", 0.0) <= FP8_MM_TOL
+    return {**res, "status": "ok" if ok else "failed", "summary": f"upcast {'==' if res['exact_upcast'] else '!='} "
+            f"cast; ms/call {ms}; scaled_mm {res.get('scaled_mm_rel_l2', res['scaled_mm'])}"}
+
+
 STEPS = {"env": step_env, "gpu_tests": step_gpu_tests, "cuda_vs_cpu": step_cuda_vs_cpu, "patch_eff": step_patch_eff,
-         "load_memory": step_load_memory, "admission": step_admission, "multi_gpu": step_multi_gpu}
+         "load_memory": step_load_memory, "admission": step_admission, "multi_gpu": step_multi_gpu, "fp8": step_fp8}
 
 
 def main(argv=None) -> int:

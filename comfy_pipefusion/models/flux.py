@@ -121,8 +121,10 @@ def embeddings(model, txt: torch.Tensor | None, n_txt: int, rows: int, cols: int
 
 def time_embedding(model, emb, t: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None,
                    dtype: torch.dtype) -> torch.Tensor:
-    """temb for one evaluation, as diffusers' forward computes it (timestep and guidance scaled by 1000)."""
-    t = t.to(dtype) * 1000  # [B]
+    """temb for one evaluation, as ComfyUI computes it: the timestep scaled by 1000 in float32, the guidance
+    cast to the compute dtype first (ComfyUI casts its extra conditions), then scaled. diffusers' forward
+    (the serial reference) casts the timestep first, which in bfloat16 moves sigma 0.123456 to 123.5."""
+    t = t.float() * 1000  # [B]
     if model.config.guidance_embeds:
         return model.time_text_embed(t, guidance.to(dtype) * 1000, pooled)
     return model.time_text_embed(t, pooled)

@@ -143,8 +143,9 @@ def embeddings(model, txt: torch.Tensor | None, n_txt: int, rows: int, cols: int
 
 
 def time_embedding(model, emb, t: torch.Tensor, pooled: torch.Tensor, guidance, dtype: torch.dtype):
-    """temb [B, D] for one evaluation; ``t`` is already SD3's timestep (sigma * 1000)."""
-    return model.time_text_embed(t.to(dtype), pooled.to(dtype))
+    """temb [B, D] for one evaluation; ``t`` is already SD3's timestep (sigma * 1000), embedded in float32
+    as ComfyUI and diffusers' forward do (a bfloat16 ``t`` would move 123.456 to 123.5)."""
+    return model.time_text_embed(t.float(), pooled.to(dtype))
 
 
 def embed_image(model, emb: Embeddings, x: torch.Tensor, span) -> torch.Tensor:
