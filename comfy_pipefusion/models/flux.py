@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import family
+from . import diffusers_range, family
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 
 NAME = "flux"
@@ -51,10 +51,9 @@ LAST_MODULES = ("norm_out", "proj_out")
 
 def build_meta(config: dict):
     """The whole model on the meta device: structure only, no memory."""
-    from diffusers import FluxTransformer2DModel
-
+    cls = diffusers_range.model_class("FluxTransformer2DModel")
     with torch.device("meta"):
-        return FluxTransformer2DModel(**config)
+        return cls(**config)
 
 
 def _residual(name: str) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import family
+from . import diffusers_range, family
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 
 NAME = "pixart"
@@ -54,10 +54,9 @@ LAST_MODULES = ("scale_shift_table", "proj_out")
 
 def build_meta(config: dict):
     """The whole model on the meta device: structure only, no memory."""
-    from diffusers import PixArtTransformer2DModel
-
+    cls = diffusers_range.model_class("PixArtTransformer2DModel")
     with torch.device("meta"):
-        return PixArtTransformer2DModel(**config)
+        return cls(**config)
 
 
 def blocks_of(model) -> list[Block]:

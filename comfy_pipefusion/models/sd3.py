@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import family
+from . import diffusers_range, family
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 from ..patches import Span
 
@@ -50,10 +50,9 @@ LAST_MODULES = ("norm_out", "proj_out")
 
 def build_meta(config: dict):
     """The whole model on the meta device: structure only, no memory."""
-    from diffusers import SD3Transformer2DModel
-
+    cls = diffusers_range.model_class("SD3Transformer2DModel")
     with torch.device("meta"):
-        return SD3Transformer2DModel(**config)
+        return cls(**config)
 
 
 def blocks_of(model) -> list[Block]:
