@@ -35,6 +35,7 @@ from .parallel.plan import ModelSource, load_rank_model, rank_modules
 from .parallel.runtime import Control
 from .parallel.selftest import EXIT_SELFTEST, SelfTestFailed, self_test
 from .parallel.serial import run_serial
+from .sampling.samplers import load_samplers
 from .turns import Turns
 
 log = logging.getLogger("comfy_pipefusion.worker")
@@ -134,12 +135,17 @@ class Prepared:
     device: torch.device = torch.device("cpu")
 
 
-def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = None) -> Prepared:
-    """Validate a job and load what it needs on this rank (no communication)."""
+def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = None,
+            samplers: dict | None = None) -> Prepared:
+    """Validate a job and load what it needs on this rank (no communication). ``samplers``: test samplers
+    by name (``--test-samplers``), which job files may name besides the production ones."""
     source = ModelSource(**job["model"])
     defaults = {k: family.find_preset(source.preset)[1][k] for k in ("height", "width", "steps")} \
         if source.preset else {}
-    spec = SampleSpec(**{**defaults, **job["sample"]})
+    sample = dict(job["sample"])
+    if samplers and sample.get("sampler") in samplers:
+        sample["sampler"] = samplers[sample["sampler"]]
+    spec = SampleSpec(**{**defaults, **sample})
     par = dict(job["parallel"])
     if par.get("stage_split") is not None:  # JSON carries a list
         par["stage_split"] = tuple(par["stage_split"])
@@ -263,14 +269,17 @@ def attention_layers(model, problem) -> dict[str, int]:
     return counts
 
 
-def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns: Turns | None = None) -> None:
-    """Run a file of jobs; with ``turns``, each job's timed runs wait for its turn (see turns.py)."""
+def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns: Turns | None = None,
+             samplers: dict | None = None) -> None:
+    """Run a file of jobs; with ``turns``, each job's timed runs wait for its turn (see turns.py);
+    ``samplers``: see ``prepare``."""
     spec = json.loads(jobs_path.read_text())
     models = ModelCache(device)
     for job in spec["jobs"]:
         job = {"model": spec["model"], **job}
         log.info("job %s: %s", job["name"], job["parallel"])
-        samples, metrics = run_timed(prepare(job, comm, models), comm, device, int(job.get("repeats", 1)), turns)
+        prep = prepare(job, comm, models, samplers=samplers)
+        samples, metrics = run_timed(prep, comm, device, int(job.get("repeats", 1)), turns)
         if comm.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             save_file({"samples": samples.contiguous()}, str(out / f"{job['name']}.safetensors"))
@@ -288,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turn-tag", default="group", help="with --turns: this process's name in the turns")
     # tests only: a broken peer-to-peer link (wrong bytes) unless NCCL_P2P_DISABLE=1, to fail the self-test
     ap.add_argument("--selftest-broken-p2p", action="store_true", help=argparse.SUPPRESS)
+    # tests only: a Python file whose SAMPLERS ({name: Sampler subclass}) job files may name (--jobs)
+    ap.add_argument("--test-samplers", help=argparse.SUPPRESS)
+    # tests only: with --serve, every weight load takes this many seconds more (a window to cancel a load in)
+    ap.add_argument("--debug-load-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if bool(args.jobs) == bool(args.serve) or (args.jobs and not args.out):
         ap.error("give either --jobs FILE --out DIR, or --serve GROUP_DIR")
@@ -301,12 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.serve:
             from .serve import serve
-            serve(Path(args.serve), comm, device)
+            serve(Path(args.serve), comm, device, args.debug_load_delay_s)
         else:
             from .group import die_with_parent
             die_with_parent()  # a one-shot group's rank ends with its agent (or its owner, for one rank)
             turns = Turns(Path(args.turns), args.turn_tag, comm.rank) if args.turns else None
-            run_file(Path(args.jobs), Path(args.out), comm, device, turns)
+            run_file(Path(args.jobs), Path(args.out), comm, device, turns, load_samplers(args.test_samplers))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -265,7 +265,8 @@ def step_multi_gpu(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         bench = [sys.executable, "-m", "comfy_pipefusion.bench", "--world-size", str(n), "--json", str(out),
-                 "--strategies", "serial,pipefusion,distrifusion", "--sampler", "frozen", "--warmup-steps", "1"]
+                 "--strategies", "serial,pipefusion,distrifusion", "--sampler", "frozen", "--warmup-steps", "1",
+                 "--test-samplers", str(ROOT / "tests" / "frozen_sampler.py")]
         bench += ["--preset", "tiny", "--steps", "2", "--repeats", "1"] if a.quick else \
             ["--preset", "mid", "--steps", "8", "--repeats", "2"]
         proc = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=a.limit(300), env=a.env)
