@@ -27,7 +27,7 @@ import torch
 
 from .config import STRATEGIES, TEXT_STREAMS, ParallelConfig, SampleSpec
 from . import memory
-from .group import end_children, owned_tempdir, run_jobs
+from .oneshot import end_children, owned_tempdir, run_jobs
 from .job import evaluation_plan, sampling_kind
 from .sampling.samplers import load_samplers
 from .models import family

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from . import transport
+from .errors import JobCancelled
 from .parallel.comm import Comm
-from .parallel.runtime import Control, JobCancelled
+from .parallel.runtime import Control
 from .worker import ModelCache, execute, prepare, rank_stats
 
 log = logging.getLogger("comfy_pipefusion.serve")

@@ -47,7 +47,7 @@ SELFTEST_S = 120.0  # the data plane's self-test at group start (first NCCL use 
 def init_group(threads: int, store: str | None = None, marker_dir: Path | None = None,
                corrupt: bool = False) -> tuple[Comm, torch.device]:
     """Join the torchrun group (if any) on this rank's device; set CPU threads. ``store``: a file the
-    ranks rendezvous in (no TCP store; see group.worker_command), else torchrun's environment. Then the
+    ranks rendezvous in (no TCP store; see oneshot.worker_command), else torchrun's environment. Then the
     control plane, the hop and ring groups, and the data plane's self-test (selftest.py; ``marker_dir``
     gets its failure marker, ``corrupt`` is the tests' way to make it fail)."""
     torch.set_num_threads(max(1, threads))
@@ -263,8 +263,7 @@ def attention_layers(model, problem) -> dict[str, int]:
     fam = family.get(problem.family)
     counts = {"joint": 0, "image": 0}
     for b in fam.blocks_of(model):
-        got = fam.kv_buffers(model, b, lambda kind: kind)
-        for kind in got if isinstance(got, (list, tuple)) else [got]:
+        for kind in fam.kv_buffers(model, b, lambda kind: kind):
             counts[kind] += 1
     return counts
 
@@ -316,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             from .serve import serve
             serve(Path(args.serve), comm, device, args.debug_load_delay_s)
         else:
-            from .group import die_with_parent
+            from .oneshot import die_with_parent
             die_with_parent()  # a one-shot group's rank ends with its agent (or its owner, for one rank)
             turns = Turns(Path(args.turns), args.turn_tag, comm.rank) if args.turns else None
             run_file(Path(args.jobs), Path(args.out), comm, device, turns, load_samplers(args.test_samplers))

@@ -26,7 +26,8 @@ import psutil
 import torch
 
 from comfy_pipefusion import transport
-from comfy_pipefusion.group import worker_command, worker_env
+from comfy_pipefusion.errors import GroupError, JobCancelled
+from comfy_pipefusion.oneshot import worker_command, worker_env
 
 from . import logfile
 from .sweep import kill_tree, process_identity, read_json, remove_group, sweep
@@ -36,16 +37,8 @@ DEBUG_LOAD_DELAY = "PIPEFUSION_DEBUG_LOAD_DELAY_S"  # tests only: see debug_work
 _ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)(?:\s*\((\w+)\))?")
 
 
-class GroupError(RuntimeError):
-    """The worker group failed; the message says how, with the failing rank's traceback tail."""
-
-
 class JobError(RuntimeError):
     """The job was refused or failed while the group stayed usable."""
-
-
-class JobCancelled(RuntimeError):
-    """The job was cancelled; the group stayed usable."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_pipefusion.group import run_jobs
+from comfy_pipefusion.oneshot import run_jobs
 from frozen_sampler import WORKER_ARGS
 
 pytestmark = pytest.mark.gpu

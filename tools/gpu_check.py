@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from comfy_pipefusion import memory  # noqa: E402
 from comfy_pipefusion.attention import StaleKV  # noqa: E402
 from comfy_pipefusion.config import ParallelConfig  # noqa: E402
-from comfy_pipefusion.group import run_jobs  # noqa: E402
+from comfy_pipefusion.oneshot import run_jobs  # noqa: E402
 from comfy_pipefusion.models import checkpoint, family, flux  # noqa: E402
 from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model  # noqa: E402
 from comfy_pipefusion.patches import full_span, pipefusion_spans  # noqa: E402

@@ -131,8 +131,8 @@ def embed_image(model, emb, x: torch.Tensor, span) -> torch.Tensor:
     return model.x_embedder(x)  # [B, L, D]; positions enter through RoPE
 
 
-def kv_buffers(model, block: Block, make):
-    return make("joint")
+def kv_buffers(model, block: Block, make) -> tuple:
+    return (make("joint"),)
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -193,8 +193,8 @@ def single_block(blk, kv, span, txt, img, temb, rope):
 
 
 def run_blocks(model, blocks: list[Block], kvs: list, span, txt, img, temb, rope):
-    """Run ``blocks`` (one K/V buffer each) on one patch; returns (txt or None, img)."""
-    for block, kv in zip(blocks, kvs):
+    """Run ``blocks`` (one ``kv_buffers`` tuple each: one joint buffer) on one patch; returns (txt or None, img)."""
+    for block, (kv,) in zip(blocks, kvs):
         fn = double_block if block.kind == "double" else single_block
         txt, img = fn(module_of(model, block), kv, span, txt, img, temb, rope)
     return txt, img

@@ -191,8 +191,8 @@ def embed_image(model, emb: Embeddings, x: torch.Tensor, span) -> torch.Tensor:
     return (h + emb.positions(h.device)[span.i0:span.i1]).to(h.dtype)
 
 
-def kv_buffers(model, block: Block, make):
-    return make("image")
+def kv_buffers(model, block: Block, make) -> tuple:
+    return (make("image"),)
 
 
 def _heads(attn, y: torch.Tensor) -> torch.Tensor:
@@ -220,8 +220,9 @@ def pixart_block(blk, prefix: str, kv, span, img: torch.Tensor, cond: Conditioni
 
 
 def run_blocks(model, blocks: list[Block], kvs: list, span, txt, img, temb: Conditioning, pos):
-    """Run ``blocks`` (one image buffer each) on one band; spans carry no text: returns (None, img)."""
-    for block, kv in zip(blocks, kvs):
+    """Run ``blocks`` (one ``kv_buffers`` tuple each: one image buffer) on one band; spans carry no text:
+    returns (None, img)."""
+    for block, (kv,) in zip(blocks, kvs):
         img = pixart_block(module_of(model, block), block.prefix, kv, span, img, temb)
     return None, img
 

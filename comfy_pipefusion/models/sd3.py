@@ -213,7 +213,7 @@ def joint_block(blk, kvs, span, txt, img, temb):
 
 
 def run_blocks(model, blocks: list[Block], kvs: list, span, txt, img, temb, pos):
-    """Run ``blocks`` (one ``kv_buffers`` pair each) on one patch; returns (txt or None, img)."""
+    """Run ``blocks`` (one ``kv_buffers`` tuple each) on one patch; returns (txt or None, img)."""
     for block, kv in zip(blocks, kvs):
         txt, img = joint_block(module_of(model, block), kv, span, txt, img, temb)
     return txt, img

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..patches import Span, full_span
-from .runtime import Control, JobCancelled, JobRuntime
+from ..errors import JobCancelled
+from .runtime import Control, JobRuntime
 
 
 def run_serial(model, problem, dtype: torch.dtype, device: torch.device,

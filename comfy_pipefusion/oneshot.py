@@ -27,9 +27,7 @@ import psutil
 import torch
 from safetensors.torch import load_file
 
-
-class GroupError(RuntimeError):
-    """The worker group failed; the message carries the tail of its output."""
+from .errors import GroupError
 
 
 def worker_command(world_size: int, args: list[str], store_dir: Path) -> list[str]:
