@@ -93,15 +93,16 @@ class ModelCache:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.key, self.value = device, None, None
-        self.meta_source, self.meta = None, None  # structure of the last source: header read once
+        self.meta_source, self.meta = None, None  # structure of the last source (plan.Described): read once
         self.progress = None  # called before each tensor read (serve: cancel while loading)
 
     def describe(self, source: ModelSource) -> tuple[object, dict, torch.nn.Module]:
-        """(family, config, meta-device model) of ``source``, read once per source."""
+        """(family, config, meta-device model) of ``source``: its header read and its meta model built once
+        per source, and used again by the load."""
         if source != self.meta_source:
-            fam, config = source.describe()
-            self.meta_source, self.meta = source, (fam, config, fam.build_meta(config))
-        return self.meta
+            self.meta_source, self.meta = None, None
+            self.meta, self.meta_source = source.open(), source
+        return self.meta.fam, self.meta.config, self.meta.meta
 
     def _key(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
         fam, _, meta = self.describe(source)
@@ -117,7 +118,8 @@ class ModelCache:
         key = self._key(source, cfg, rank, dtype)
         if key != self.key:
             self.key, self.value = None, None  # a load that raises (a cancel) leaves nothing half-loaded
-            self.value = load_rank_model(source, cfg, rank, self.device, dtype, self.progress)
+            self.describe(source)
+            self.value = load_rank_model(source, cfg, rank, self.device, dtype, self.progress, self.meta)
             self.key = key
         return self.value
 
