@@ -173,7 +173,7 @@ def step_patch_eff(a) -> dict:
             emb = flux.embeddings(model, txt, n_txt, rows, rows, a.device, dtype)
             temb = flux.time_embedding(model, emb, t, pooled, guidance, dtype)
             heads, hd = config["num_attention_heads"], config["attention_head_dim"]
-            kvs = [StaleKV(1, heads, n_txt, rows * rows, hd, dtype, a.device) for _ in blocks]
+            kvs = [(StaleKV(1, heads, n_txt, rows * rows, hd, dtype, a.device),) for _ in blocks]
             row = {"pixels": px, "tokens": rows * rows + n_txt, "full_forward_s": full, "patches": {}}
             for m in ms:
                 spans = pipefusion_spans(rows, rows, n_txt, m, "last_patch") if m > 1 else [full_span(n_txt, rows * rows)]
