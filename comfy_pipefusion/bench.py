@@ -27,8 +27,9 @@ import torch
 
 from .config import STRATEGIES, TEXT_STREAMS, ParallelConfig, SampleSpec
 from . import memory
-from .group import end_children, owned_tempdir, run_jobs
+from .oneshot import end_children, owned_tempdir, run_jobs
 from .job import evaluation_plan, sampling_kind
+from .sampling.samplers import load_samplers
 from .models import family
 from .parallel.plan import ModelSource
 from .parallel.costs import expected_bytes
@@ -55,6 +56,8 @@ def parse_args(argv):
     ap.add_argument("--height", type=int, default=None, help="default: the preset's")
     ap.add_argument("--width", type=int, default=None, help="default: the preset's")
     ap.add_argument("--sampler", default="euler", help="a ComfyUI sampler name (see config.SAMPLERS)")
+    # tests and tools/gpu_check.py only: a Python file of test samplers --sampler may name (samplers.load_samplers)
+    ap.add_argument("--test-samplers", help=argparse.SUPPRESS)
     ap.add_argument("--scheduler", default="simple", help="a ComfyUI scheduler name (see config.SCHEDULERS)")
     ap.add_argument("--threads-per-rank", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -88,7 +91,8 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
     _, fam, config, preset = model_of(args)
     spec = SampleSpec(height=args.height or preset["height"], width=args.width or preset["width"],
                       steps=args.steps or preset["steps"], seed=args.seed, dtype=args.dtype,
-                      sampler=args.sampler, scheduler=args.scheduler)
+                      sampler=(load_samplers(args.test_samplers) or {}).get(args.sampler, args.sampler),
+                      scheduler=args.scheduler)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
         if s not in STRATEGIES:
@@ -99,7 +103,8 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
     except ValueError:
         raise ValueError(f"--patches takes whole numbers separated by commas, got {args.patches!r}") from None
     num_blocks = config.get("num_layers", 0) + config.get("num_single_layers", 0)  # without building the model
-    sample = {k: getattr(spec, k) for k in ("height", "width", "steps", "seed", "dtype", "sampler", "scheduler")}
+    sample = {k: getattr(spec, k) for k in ("height", "width", "steps", "seed", "dtype", "scheduler")}
+    sample["sampler"] = args.sampler  # a name (a test sampler's class is resolved again by the workers)
     extra = {"text_tokens": preset["text_tokens"]}
     serial = [{"name": "serial", "parallel": {"strategy": "serial"}, "sample": sample, "repeats": args.repeats,
                **extra}]
@@ -181,7 +186,7 @@ def summarise(args, spec, serial, results) -> dict:
     name = source.get("preset") or source["checkpoint"]
     return {"model": {"name": f"{fam.NAME}-{name}" if "preset" in source else name, "family": fam.NAME,
                       "params": ref_m["params"]}, "steps": spec.steps, "evaluations": evals,
-            "sampler": spec.sampler, "scheduler": spec.scheduler,
+            "sampler": args.sampler, "scheduler": spec.scheduler,
             "height": spec.height, "width": spec.width, "seed": spec.seed, "timing": "median of repeats",
             "timing_note": "serial and the parallel strategies timed in turns (serial, one strategy's "
                            "runs, serial, the next's, ..., serial); a strategy's speedup is against the "
@@ -195,8 +200,10 @@ def run_side_by_side(args, source: dict, serial_jobs: list[dict], par_jobs: list
     a serial run, the next job's runs, ..., a serial run. Nothing is ever timed beside another process's
     work, and each parallel job is compared with the two serial runs around it, taken in the state the
     machine was in then. Returns (serial result with every serial run, {name: result}, turn spans)."""
+    test_args = ["--test-samplers", args.test_samplers] if args.test_samplers else []
     if not par_jobs:
-        return run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source)["serial"], {}, []
+        return run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source,
+                        worker_args=test_args)["serial"], {}, []
     serial_jobs = [{**serial_jobs[0], "name": f"serial-{i}", "repeats": 1} for i in range(len(par_jobs) + 1)]
     order = ["serial", "group"] * len(par_jobs) + ["serial"]
     with owned_tempdir("pipefusion-bench-") as tmp:
@@ -206,7 +213,7 @@ def run_side_by_side(args, source: dict, serial_jobs: list[dict], par_jobs: list
             def body() -> None:
                 try:
                     results[tag] = run_jobs(None, args.seed, jobs, world_size=world_size, threads=threads,
-                                            model=source, worker_args=["--turns", tmp, "--turn-tag", tag])
+                                            model=source, worker_args=["--turns", tmp, "--turn-tag", tag, *test_args])
                 except BaseException as exc:  # noqa: BLE001 - re-raised below
                     results[tag] = exc
 

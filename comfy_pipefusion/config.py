@@ -5,12 +5,12 @@ setting is refused before any process group starts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 STRATEGIES = ("serial", "pipefusion", "distrifusion", "naive_patch")
 TEXT_STREAMS = ("last_patch", "first_patch", "every_patch")
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
-            "lcm", "frozen")
+            "lcm")
 SCHEDULERS = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "ddim_uniform",
               "linear_quadratic")
 BALANCES = ("compute", "memory")
@@ -124,9 +124,9 @@ class SampleSpec:
     """Denoising steps, at least 1."""
     seed: int = 0
     """Seed of the initial noise, as ComfyUI's KSampler uses it."""
-    sampler: str = "euler"
-    """One of ComfyUI's samplers in SAMPLERS, or 'frozen': the test sampler whose update is the identity
-    until the last step (with a constant schedule: stale activations then equal fresh ones)."""
+    sampler: str | type = "euler"
+    """One of ComfyUI's samplers in SAMPLERS, or a ``sampling.base.Sampler`` subclass itself (the tests' own
+    samplers, e.g. tests/frozen_sampler.py; the worker resolves their names with ``--test-samplers``)."""
     scheduler: str = "simple"
     """One of ComfyUI's schedulers in SCHEDULERS."""
     denoise: float = 1.0
@@ -142,8 +142,6 @@ class SampleSpec:
     shift: float | None = None
     """Time shift of the flow families (ModelSamplingFlux / ModelSamplingSD3); None: what ComfyUI's stock
     loader uses for the model (Flux.1-dev 1.15, schnell 1, SD3 3)."""
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
-    """Free-form annotations carried along (not used by the engine)."""
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):
@@ -153,7 +151,7 @@ class SampleSpec:
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         check_seed(self.seed, self.sampler)
-        if self.sampler not in SAMPLERS:
+        if not isinstance(self.sampler, type) and self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not implemented: choose one of {', '.join(SAMPLERS)}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {self.scheduler!r} is not implemented: choose one of {', '.join(SCHEDULERS)}")

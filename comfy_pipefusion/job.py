@@ -17,8 +17,8 @@ from .models import family
 from .models.family import LatentFormat, pack_latent, unpack_latent
 from .sampling.model_sampling import model_sampling_for
 from .sampling.noise import comfy_noise
+from .sampling.samplers import sampler_class
 from .sampling.schedulers import scheduler_sigmas
-from .sampling.sigmas import frozen_sigmas
 
 
 @dataclass(frozen=True)
@@ -123,10 +123,7 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
         raise ValueError(f"latent shape {tuple(latent.shape)} does not match {shape} for "
                          f"{spec.width}x{spec.height} with batch {spec.batch}")
     ms = model_sampling_for(sampling, spec.shift)
-    if spec.sampler == "frozen":
-        sigmas = frozen_sigmas(spec.steps)
-    else:
-        sigmas = scheduler_sigmas(ms, spec.scheduler, spec.steps, spec.denoise, sampler=spec.sampler)
+    sigmas = sigmas_of(spec, ms)
     if len(sigmas) < 2:
         raise ValueError(f"{spec.steps} steps at denoise {spec.denoise} leave nothing to sample")
     if noise is None:
@@ -153,15 +150,22 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
                    inpaint)
 
 
+def sigmas_of(spec: SampleSpec, ms) -> torch.Tensor:
+    """[steps + 1] sigmas of ``spec``: its scheduler's for the model sampling ``ms`` (KSampler's), unless the
+    sampler brings its own schedule."""
+    own = sampler_class(spec.sampler).schedule(spec.steps)
+    if own is not None:
+        return own
+    return scheduler_sigmas(ms, spec.scheduler, spec.steps, spec.denoise, sampler=spec.sampler)
+
+
 def evaluation_plan(spec: SampleSpec, sampling: str):
     """(model evaluations, evaluation -> sampling step) of ``spec`` for a model sampling kind."""
     from .sampling.samplers import make_sampler
     from .sampling.noise import SamplerNoise
 
     ms = model_sampling_for(sampling, spec.shift)
-    sigmas = frozen_sigmas(spec.steps) if spec.sampler == "frozen" else \
-        scheduler_sigmas(ms, spec.scheduler, spec.steps, spec.denoise, sampler=spec.sampler)
-    sampler = make_sampler(spec.sampler, sigmas, ms, SamplerNoise((1, 1, 2, 2), spec.seed, pack_latent))
+    sampler = make_sampler(spec.sampler, sigmas_of(spec, ms), ms, SamplerNoise((1, 1, 2, 2), spec.seed, pack_latent))
     return len(sampler.evals), sampler.step_of
 
 

@@ -150,8 +150,7 @@ def _names_bytes(meta, names: list[str], elem: int, fp8: bool) -> tuple[int, int
 def _buffer_kinds(fam, meta, blocks: list) -> list[str]:
     kinds = []
     for b in blocks:
-        got = fam.kv_buffers(meta, b, lambda kind: kind)
-        kinds += list(got) if isinstance(got, (list, tuple)) else [got]
+        kinds += fam.kv_buffers(meta, b, lambda kind: kind)
     return kinds
 
 

@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 
 from . import transport
+from .errors import JobCancelled
 from .parallel.comm import Comm
-from .parallel.runtime import Control, JobCancelled
+from .parallel.runtime import Control
 from .worker import ModelCache, execute, prepare, rank_stats
 
 log = logging.getLogger("comfy_pipefusion.serve")
 PING_S = 600.0  # idle ranks wait in a control-plane broadcast; keep it well inside the collective timeout
 BEAT_S = 0.5  # heartbeat period; the launcher's watchdog allows many missed beats
-DEBUG_LOAD_DELAY = "PIPEFUSION_DEBUG_LOAD_DELAY_S"  # fault tests: a slower weight load (seconds)
 CANCEL_FILE = "cancel"  # the id of the job rank 0 was told to cancel
 CANCEL_POLL_S = 0.05  # how often a loading rank looks at CANCEL_FILE
 
@@ -51,11 +51,10 @@ def _write_quietly(path: Path, text: str) -> None:
         pass  # the group directory is being removed: the launcher is stopping this group
 
 
-def _load_watch(group_dir: Path, jid: str):
+def _load_watch(group_dir: Path, jid: str, delay: float = 0.0):
     """``progress(i, n)`` for the weight load of job ``jid``: raises _LoadCancelled within CANCEL_POLL_S of a
-    cancel, on every rank (each reads CANCEL_FILE). The debug delay is spread over the tensors read, so
-    that a test can cancel a load in progress."""
-    delay = float(os.environ.get(DEBUG_LOAD_DELAY) or 0)
+    cancel, on every rank (each reads CANCEL_FILE). ``delay`` (seconds, tests only: the worker's
+    ``--debug-load-delay-s``) is spread over the tensors read, so that a test can cancel a load in progress."""
     path, seen = group_dir / CANCEL_FILE, [0.0]
 
     def cancelled() -> bool:
@@ -142,7 +141,7 @@ def _write_error(group_dir: Path, rank: int) -> None:
         pass
 
 
-def serve(group_dir: Path, comm: Comm, device: torch.device) -> None:
+def serve(group_dir: Path, comm: Comm, device: torch.device, load_delay_s: float = 0.0) -> None:
     _die_with_agent()
     beat = _Heartbeat(group_dir, comm.rank)
     conn = inbox = None
@@ -167,7 +166,7 @@ def serve(group_dir: Path, comm: Comm, device: torch.device) -> None:
             if msg["type"] == "job":
                 if msg.get("model_stamp") != stamp:  # the checkpoint file changed on disk: read it again
                     models, stamp = ModelCache(device), msg.get("model_stamp")
-                models.progress = _load_watch(group_dir, msg["id"])
+                models.progress = _load_watch(group_dir, msg["id"], load_delay_s)
                 _serve_job(msg, comm, device, models, conn, inbox, beat)
     except BaseException:
         _write_error(group_dir, comm.rank)

@@ -35,6 +35,7 @@ from .parallel.plan import ModelSource, load_rank_model, rank_modules
 from .parallel.runtime import Control
 from .parallel.selftest import EXIT_SELFTEST, SelfTestFailed, self_test
 from .parallel.serial import run_serial
+from .sampling.samplers import load_samplers
 from .turns import Turns
 
 log = logging.getLogger("comfy_pipefusion.worker")
@@ -46,7 +47,7 @@ SELFTEST_S = 120.0  # the data plane's self-test at group start (first NCCL use 
 def init_group(threads: int, store: str | None = None, marker_dir: Path | None = None,
                corrupt: bool = False) -> tuple[Comm, torch.device]:
     """Join the torchrun group (if any) on this rank's device; set CPU threads. ``store``: a file the
-    ranks rendezvous in (no TCP store; see group.worker_command), else torchrun's environment. Then the
+    ranks rendezvous in (no TCP store; see oneshot.worker_command), else torchrun's environment. Then the
     control plane, the hop and ring groups, and the data plane's self-test (selftest.py; ``marker_dir``
     gets its failure marker, ``corrupt`` is the tests' way to make it fail)."""
     torch.set_num_threads(max(1, threads))
@@ -92,15 +93,16 @@ class ModelCache:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.key, self.value = device, None, None
-        self.meta_source, self.meta = None, None  # structure of the last source: header read once
+        self.meta_source, self.meta = None, None  # structure of the last source (plan.Described): read once
         self.progress = None  # called before each tensor read (serve: cancel while loading)
 
     def describe(self, source: ModelSource) -> tuple[object, dict, torch.nn.Module]:
-        """(family, config, meta-device model) of ``source``, read once per source."""
+        """(family, config, meta-device model) of ``source``: its header read and its meta model built once
+        per source, and used again by the load."""
         if source != self.meta_source:
-            fam, config = source.describe()
-            self.meta_source, self.meta = source, (fam, config, fam.build_meta(config))
-        return self.meta
+            self.meta_source, self.meta = None, None
+            self.meta, self.meta_source = source.open(), source
+        return self.meta.fam, self.meta.config, self.meta.meta
 
     def _key(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
         fam, _, meta = self.describe(source)
@@ -117,7 +119,8 @@ class ModelCache:
         key = self._key(source, cfg, rank, dtype)
         if key != self.key:
             self.key, self.value = None, None  # a load that raises (a cancel) leaves nothing half-loaded
-            self.value = load_rank_model(source, cfg, rank, self.device, dtype, self.progress)
+            self.describe(source)
+            self.value = load_rank_model(source, cfg, rank, self.device, dtype, self.progress, self.meta)
             self.key = key
         return self.value
 
@@ -135,12 +138,17 @@ class Prepared:
     device: torch.device = torch.device("cpu")
 
 
-def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = None) -> Prepared:
-    """Validate a job and load what it needs on this rank (no communication)."""
+def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = None,
+            samplers: dict | None = None) -> Prepared:
+    """Validate a job and load what it needs on this rank (no communication). ``samplers``: test samplers
+    by name (``--test-samplers``), which job files may name besides the production ones."""
     source = ModelSource(**job["model"])
     defaults = {k: family.find_preset(source.preset)[1][k] for k in ("height", "width", "steps")} \
         if source.preset else {}
-    spec = SampleSpec(**{**defaults, **job["sample"]})
+    sample = dict(job["sample"])
+    if samplers and sample.get("sampler") in samplers:
+        sample["sampler"] = samplers[sample["sampler"]]
+    spec = SampleSpec(**{**defaults, **sample})
     par = dict(job["parallel"])
     if par.get("stage_split") is not None:  # JSON carries a list
         par["stage_split"] = tuple(par["stage_split"])
@@ -280,20 +288,22 @@ def attention_layers(model, problem) -> dict[str, int]:
     fam = family.get(problem.family)
     counts = {"joint": 0, "image": 0}
     for b in fam.blocks_of(model):
-        got = fam.kv_buffers(model, b, lambda kind: kind)
-        for kind in got if isinstance(got, (list, tuple)) else [got]:
+        for kind in fam.kv_buffers(model, b, lambda kind: kind):
             counts[kind] += 1
     return counts
 
 
-def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns: Turns | None = None) -> None:
-    """Run a file of jobs; with ``turns``, each job's timed runs wait for its turn (see turns.py)."""
+def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns: Turns | None = None,
+             samplers: dict | None = None) -> None:
+    """Run a file of jobs; with ``turns``, each job's timed runs wait for its turn (see turns.py);
+    ``samplers``: see ``prepare``."""
     spec = json.loads(jobs_path.read_text())
     models = ModelCache(device)
     for job in spec["jobs"]:
         job = {"model": spec["model"], **job}
         log.info("job %s: %s", job["name"], job["parallel"])
-        samples, metrics = run_timed(prepare(job, comm, models), comm, device, int(job.get("repeats", 1)), turns)
+        prep = prepare(job, comm, models, samplers=samplers)
+        samples, metrics = run_timed(prep, comm, device, int(job.get("repeats", 1)), turns)
         if comm.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             save_file({"samples": samples.contiguous()}, str(out / f"{job['name']}.safetensors"))
@@ -311,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turn-tag", default="group", help="with --turns: this process's name in the turns")
     # tests only: a broken peer-to-peer link (wrong bytes) unless NCCL_P2P_DISABLE=1, to fail the self-test
     ap.add_argument("--selftest-broken-p2p", action="store_true", help=argparse.SUPPRESS)
+    # tests only: a Python file whose SAMPLERS ({name: Sampler subclass}) job files may name (--jobs)
+    ap.add_argument("--test-samplers", help=argparse.SUPPRESS)
+    # tests only: with --serve, every weight load takes this many seconds more (a window to cancel a load in)
+    ap.add_argument("--debug-load-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if bool(args.jobs) == bool(args.serve) or (args.jobs and not args.out):
         ap.error("give either --jobs FILE --out DIR, or --serve GROUP_DIR")
@@ -324,12 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.serve:
             from .serve import serve
-            serve(Path(args.serve), comm, device)
+            serve(Path(args.serve), comm, device, args.debug_load_delay_s)
         else:
-            from .group import die_with_parent
+            from .oneshot import die_with_parent
             die_with_parent()  # a one-shot group's rank ends with its agent (or its owner, for one rank)
             turns = Turns(Path(args.turns), args.turn_tag, comm.rank) if args.turns else None
-            run_file(Path(args.jobs), Path(args.out), comm, device, turns)
+            run_file(Path(args.jobs), Path(args.out), comm, device, turns, load_samplers(args.test_samplers))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -26,25 +26,19 @@ import psutil
 import torch
 
 from comfy_pipefusion import failure, transport
-from comfy_pipefusion.group import worker_command, worker_env
+from comfy_pipefusion.errors import GroupError, JobCancelled
+from comfy_pipefusion.oneshot import worker_command, worker_env
 
 from . import logfile
 from .sweep import kill_tree, process_identity, read_json, remove_group, sweep
 
 log = logging.getLogger("comfy_pipefusion.launcher")
+DEBUG_LOAD_DELAY = "PIPEFUSION_DEBUG_LOAD_DELAY_S"  # tests only: see debug_worker_args
 _ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)(?:\s*\((\w+)\))?")
-
-
-class GroupError(RuntimeError):
-    """The worker group failed; the message says how, with the failing rank's traceback tail."""
 
 
 class JobError(RuntimeError):
     """The job was refused or failed while the group stayed usable."""
-
-
-class JobCancelled(RuntimeError):
-    """The job was cancelled; the group stayed usable."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +55,22 @@ class GroupPlan:
             raise ValueError(f"world_size must be at least 1, got {self.world_size}")
         if self.devices is not None and len(self.devices) != self.world_size:
             raise ValueError(f"{len(self.devices)} devices given for {self.world_size} ranks")
+
+
+def debug_worker_args() -> list[str]:
+    """Tests only: ``PIPEFUSION_DEBUG_LOAD_DELAY_S`` in this (ComfyUI) process's environment makes every weight
+    load of the groups it starts that many seconds slower (the worker's ``--debug-load-delay-s``), a window
+    to cancel a load in. Read when a group starts; the workers never read it."""
+    raw = os.environ.get(DEBUG_LOAD_DELAY, "").strip()
+    if not raw:
+        return []
+    try:
+        delay = float(raw)
+    except ValueError:
+        delay = -1.0
+    if not delay >= 0:
+        raise ValueError(f"{DEBUG_LOAD_DELAY}={raw!r}: give a number of seconds, at least 0 (a test setting)")
+    return ["--debug-load-delay-s", repr(delay)]
 
 
 def _die_with_parent() -> None:
@@ -119,7 +129,7 @@ class WorkerGroup:
         self.log_path = self.dir / "worker.log"
         with open(self.log_path, "ab") as log:
             cmd = worker_command(self.plan.world_size, ["--serve", str(self.dir), "--threads", str(self.plan.threads),
-                                                        *self.worker_args], self.dir)
+                                                        *debug_worker_args(), *self.worker_args], self.dir)
             env = {**worker_env(self.plan.threads, self.plan.devices, cpu_only=self.plan.devices is None),
                    **(extra_env or {})}
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

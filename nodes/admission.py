@@ -12,7 +12,7 @@ import torch
 
 from comfy_pipefusion import memory
 from comfy_pipefusion.config import ParallelConfig
-from comfy_pipefusion.group import visible_devices
+from comfy_pipefusion.oneshot import visible_devices
 from comfy_pipefusion.models import family
 
 

@@ -8,8 +8,6 @@ import torch
 
 from comfy_pipefusion.config import SAMPLERS, SCHEDULERS, check_seed
 
-IMPLEMENTED_SAMPLERS = tuple(s for s in SAMPLERS if s != "frozen")  # frozen is the engine's test sampler
-IMPLEMENTED_SCHEDULERS = SCHEDULERS
 DTYPE_CHOICES = ("default", "float32", "bfloat16", "float16")
 
 
@@ -63,13 +61,13 @@ def place_auto(devices: tuple[int, ...], comfy_device: int | None, rank_bytes: l
     return tuple(others[:light]) + (comfy_device,) + tuple(others[light:])
 
 
-def check_sampler(sampler_name: str, scheduler: str, denoise: float, cfg: float, seed: int = 0) -> None:
-    if sampler_name not in IMPLEMENTED_SAMPLERS:
+def check_sampler(sampler_name: str, scheduler: str, denoise: float, seed: int = 0) -> None:
+    if sampler_name not in SAMPLERS:
         raise ValueError(f"sampler {sampler_name!r} is not implemented; implemented: "
-                         f"{', '.join(IMPLEMENTED_SAMPLERS)}")
-    if scheduler not in IMPLEMENTED_SCHEDULERS:
+                         f"{', '.join(SAMPLERS)}")
+    if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler {scheduler!r} is not implemented; implemented: "
-                         f"{', '.join(IMPLEMENTED_SCHEDULERS)}")
+                         f"{', '.join(SCHEDULERS)}")
     check_seed(seed, sampler_name)
     if denoise <= 0.0:
         raise ValueError(f"denoise {denoise} samples nothing; use a value in (0, 1] (1 = from pure noise)")

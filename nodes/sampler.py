@@ -48,7 +48,7 @@ class PipeFusionKSampler:
                latent_image, denoise=1.0, shift=0.0):
         model = pipefusion_model
         try:
-            check_sampler(sampler_name, scheduler, denoise, cfg, seed)
+            check_sampler(sampler_name, scheduler, denoise, seed)
             samples = check_latent(latent_image, model.family)
             batch, _, h, w = samples.shape
             model.parallel.check_image(h // 2)

@@ -8,9 +8,9 @@ check for those. A value coming from a link is unknown (None) at queue time and 
 """
 from __future__ import annotations
 
-from comfy_pipefusion.config import ParallelConfig
+from comfy_pipefusion.config import SAMPLERS, SCHEDULERS, ParallelConfig
 
-from .convert import IMPLEMENTED_SAMPLERS, IMPLEMENTED_SCHEDULERS, parse_devices
+from .convert import parse_devices
 
 STRATEGIES = ("pipefusion", "distrifusion", "serial")
 
@@ -35,10 +35,10 @@ def check_plan(devices, strategy, gpu_count: int) -> bool | str:
 
 def check_sampling(sampler_name, scheduler) -> bool | str:
     """The PipeFusion KSampler's sampler and scheduler: ones the worker group implements."""
-    if sampler_name is not None and sampler_name not in IMPLEMENTED_SAMPLERS:
+    if sampler_name is not None and sampler_name not in SAMPLERS:
         return (f"PipeFusion KSampler: sampler {sampler_name!r} is not implemented by the worker group; choose "
-                f"one of {', '.join(IMPLEMENTED_SAMPLERS)}, or use the stock KSampler for this one")
-    if scheduler is not None and scheduler not in IMPLEMENTED_SCHEDULERS:
+                f"one of {', '.join(SAMPLERS)}, or use the stock KSampler for this one")
+    if scheduler is not None and scheduler not in SCHEDULERS:
         return (f"PipeFusion KSampler: scheduler {scheduler!r} is not implemented by the worker group; choose "
-                f"one of {', '.join(IMPLEMENTED_SCHEDULERS)}")
+                f"one of {', '.join(SCHEDULERS)}")
     return True

@@ -84,7 +84,8 @@ def hostile(comm: Comm, marker: str) -> int:
 def cancel(comm: Comm) -> int:
     """Each strategy cancelled by rank 0 after 1 and after 3 steps, then an exact job on the same group:
     every rank must stop with nothing left in flight, or the next job would hang or read stale bytes."""
-    from comfy_pipefusion.parallel.runtime import Control, JobCancelled
+    from comfy_pipefusion.errors import JobCancelled
+    from comfy_pipefusion.parallel.runtime import Control
     from comfy_pipefusion.parallel.serial import run_serial
     from comfy_pipefusion.worker import ModelCache, execute, prepare
 

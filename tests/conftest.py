@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from comfy_pipefusion.config import ParallelConfig, SampleSpec
-from comfy_pipefusion.group import run_jobs
+from comfy_pipefusion.oneshot import run_jobs
 from comfy_pipefusion.job import preset_problem
 from comfy_pipefusion.models import flux
 from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
 from comfy_pipefusion.parallel.serial import run_serial
+from frozen_sampler import WORKER_ARGS, resolve
 
 PRESET = "tiny"
 EXACT_STEPS = 4  # exactness runs
@@ -74,7 +75,7 @@ def serial_ref(serial_model):
         if (sampler, steps) not in cache:
             p = flux.PRESETS[PRESET]
             problem = preset_problem(PRESET, SampleSpec(height=p["height"], width=p["width"], steps=steps,
-                                                        sampler=sampler))
+                                                        sampler=resolve(sampler)))
             with torch.inference_mode():
                 cache[sampler, steps] = problem.finish(run_serial(serial_model, problem, torch.float32,
                                                                   torch.device("cpu")))
@@ -89,6 +90,7 @@ def group_results():
 
     def get(world: int):
         if world not in cache:
-            cache[world] = run_jobs(PRESET, 0, suite_jobs(world), world_size=world, timeout=900)
+            cache[world] = run_jobs(PRESET, 0, suite_jobs(world), world_size=world, timeout=900,
+                                    worker_args=WORKER_ARGS)
         return cache[world]
     return get

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from comfy_pipefusion import transport
-from comfy_pipefusion.group import worker_command, worker_env
+from comfy_pipefusion.oneshot import worker_command, worker_env
 from comfy_pipefusion.parallel.comm import ObjectRefused, decode_object, encode_object
 from comfy_pipefusion.parallel.rules import HANG_ENV, MODE_ENV, Rules
 from comfy_pipefusion.parallel.selftest import EXIT_SELFTEST, MARKER

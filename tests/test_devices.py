@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_pipefusion.group import allocator_env, visible_devices, worker_env
+from comfy_pipefusion.oneshot import allocator_env, visible_devices, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from comfy_pipefusion import failure
-from comfy_pipefusion.group import GroupError, run_jobs, worker_env
+from comfy_pipefusion.errors import GroupError
+from comfy_pipefusion.oneshot import run_jobs, worker_env
 from comfy_pipefusion.parallel.rules import HANG_ENV, MODE_ENV
 
 SCRIPT = Path(__file__).with_name("comm_schedule.py")

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from comfy_pipefusion.config import ParallelConfig, SampleSpec
-from comfy_pipefusion.group import run_jobs
+from comfy_pipefusion.oneshot import run_jobs
 from comfy_pipefusion.job import preset_problem
 from comfy_pipefusion.models import family
 from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
 from comfy_pipefusion.parallel.serial import run_serial
+from frozen_sampler import WORKER_ARGS, resolve
 
 PRESETS = ("sd3-tiny", "sd3.5m-tiny", "pixart-tiny", "pixart-alpha-tiny")
 STEPS, STALE_STEPS = 3, 8
@@ -47,7 +48,7 @@ def _jobs() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def results():
-    return run_jobs(None, 0, _jobs(), world_size=2, timeout=1200)
+    return run_jobs(None, 0, _jobs(), world_size=2, timeout=1200, worker_args=WORKER_ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def reference():
             if preset not in models:
                 models[preset] = load_rank_model(ModelSource(preset=preset), ParallelConfig("serial", 1), 0,
                                                  torch.device("cpu"), torch.float32)[0]
-            problem = preset_problem(preset, SampleSpec(**_sample(preset, sampler, steps, **kw)))
+            problem = preset_problem(preset, SampleSpec(**_sample(preset, resolve(sampler), steps, **kw)))
             with torch.inference_mode():
                 cache[key] = problem.finish(run_serial(models[preset], problem, torch.float32, torch.device("cpu")))
         return cache[key]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_pipefusion.group import run_jobs
+from comfy_pipefusion.oneshot import run_jobs
+from frozen_sampler import WORKER_ARGS
 
 pytestmark = pytest.mark.gpu
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.gpu
 def test_nccl_pipefusion_and_distrifusion_match_serial(serial_ref):
     jobs = [{"name": n, "sample": {"sampler": "frozen", "steps": 4},
              "parallel": {"strategy": s, "warmup_steps": 1}} for n, s in (("pf", "pipefusion"), ("df", "distrifusion"))]
-    res = run_jobs("tiny", 0, jobs, world_size=2, timeout=600)
+    res = run_jobs("tiny", 0, jobs, world_size=2, timeout=600, worker_args=WORKER_ARGS)
     ref = serial_ref("frozen", 4)
     for name in ("pf", "df"):
         assert res[name][1]["device"].startswith("cuda")
@@ -23,7 +24,8 @@ def test_nccl_pipefusion_and_distrifusion_match_serial(serial_ref):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_serial_matches_cpu(serial_ref):
     res = run_jobs("tiny", 0, [{"name": "s", "sample": {"sampler": "frozen", "steps": 4},
-                                "parallel": {"strategy": "serial"}}], world_size=1, timeout=600)
+                                "parallel": {"strategy": "serial"}}], world_size=1, timeout=600,
+                   worker_args=WORKER_ARGS)
     assert float((res["s"][0] - serial_ref("frozen", 4)).abs().max()) <= 1e-3
 
 

@@ -1,4 +1,4 @@
-"""The bench (and the one-shot groups of comfy_pipefusion/group.py) end with their owner (issue 15).
+"""The bench (and the one-shot groups of comfy_pipefusion/oneshot.py) end with their owner (issue 15).
 
 A real bench run (a serial process and a two-rank torchrun group) is signalled once all its workers run:
 with SIGTERM or SIGINT it ends every process it started and removes its temporary directories itself;
@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from comfy_pipefusion.group import sweep_tempdirs
+from comfy_pipefusion.oneshot import sweep_tempdirs
 
 from comfy_helpers import running, wait_until
 

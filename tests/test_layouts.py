@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from comfy_pipefusion.config import ParallelConfig, SampleSpec
-from comfy_pipefusion.group import run_jobs
+from comfy_pipefusion.oneshot import run_jobs
 from comfy_pipefusion.job import synthetic_problem
 from comfy_pipefusion.models import family
 from comfy_pipefusion.models.checkpoint_write import pixart_extras, write_checkpoint

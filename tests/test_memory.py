@@ -12,7 +12,7 @@ import torch
 
 from comfy_pipefusion import memory
 from comfy_pipefusion.config import ParallelConfig
-from comfy_pipefusion.group import run_jobs
+from comfy_pipefusion.oneshot import run_jobs
 from comfy_pipefusion.models import family
 from comfy_pipefusion.parallel.comm import Comm
 from comfy_pipefusion.worker import ModelCache, prepare

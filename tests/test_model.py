@@ -30,8 +30,8 @@ def setup(serial_model):
 def run_ours(model, x, txt, pooled, sigma, guidance, img_ids, txt_ids, spans, kvs=None):
     blocks = flux.blocks_of(model)
     cfg = model.config
-    kvs = kvs or [StaleKV(1, cfg.num_attention_heads, txt.shape[1], x.shape[1], cfg.attention_head_dim,
-                          torch.float32, torch.device("cpu")) for _ in blocks]
+    kvs = kvs or [(StaleKV(1, cfg.num_attention_heads, txt.shape[1], x.shape[1], cfg.attention_head_dim,
+                           torch.float32, torch.device("cpu")),) for _ in blocks]
     rows = int(img_ids[:, 1].max()) + 1
     emb = flux.embeddings(model, txt, txt.shape[1], rows, x.shape[1] // rows, torch.device("cpu"), torch.float32)
     temb = flux.time_embedding(model, emb, sigma, pooled, guidance, torch.float32)

@@ -8,8 +8,10 @@ from comfy_pipefusion.config import SampleSpec
 from comfy_pipefusion.job import make_problem
 from comfy_pipefusion.models.flux import LATENT
 from comfy_pipefusion.sampling.noise import comfy_noise
-from comfy_pipefusion.sampling.samplers import Euler, Frozen
-from comfy_pipefusion.sampling.sigmas import flux_shift_for, flux_sigma_table, flux_sigmas, simple_schedule
+from comfy_pipefusion.sampling.samplers import Euler
+from frozen_sampler import Frozen
+from comfy_pipefusion.sampling.model_sampling import FluxSampling, flux_shift_for
+from comfy_pipefusion.sampling.schedulers import scheduler_sigmas, simple
 
 
 def test_flux_shift_is_linear_in_tokens():
@@ -19,15 +21,16 @@ def test_flux_shift_is_linear_in_tokens():
 
 
 def test_flux_sigma_table_and_simple_schedule():
-    table = flux_sigma_table(1.15)
+    ms = FluxSampling(1.15)
+    table = ms.sigmas
     assert len(table) == 10000 and float(table[-1]) == 1.0
     t = 0.5
     assert math.isclose(float(table[4999]), math.exp(1.15) / (math.exp(1.15) + (1 / t - 1)), rel_tol=1e-6)
-    sig = simple_schedule(table, 4)
+    sig = simple(ms, 4)
     assert sig.tolist()[-1] == 0.0 and len(sig) == 5
     assert torch.equal(sig[:4], torch.stack([table[-1], table[-2501], table[-5001], table[-7501]]))
     assert torch.all(sig[:-1] > sig[1:])
-    assert torch.equal(flux_sigmas(1024, 1024, 4), sig)
+    assert torch.equal(scheduler_sigmas(FluxSampling(flux_shift_for(1024, 1024)), "simple", 4), sig)
 
 
 def test_noise_is_comfyui_stream():
@@ -91,7 +94,7 @@ def sample_patched(family, name, scheduler, patchings, steps=5, seed=11):
 
 
 @pytest.mark.parametrize("family", MODEL_SAMPLINGS)
-@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"frozen"}))
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_patching_does_not_change_the_result(family, name):
     whole = sample_patched(family, name, "karras", [[(0, TOKENS)]])
     bands = sample_patched(family, name, "karras", [[(0, 4), (4, 8), (8, 12)]])

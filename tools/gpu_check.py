@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from comfy_pipefusion import memory  # noqa: E402
 from comfy_pipefusion.attention import StaleKV  # noqa: E402
 from comfy_pipefusion.config import ParallelConfig  # noqa: E402
-from comfy_pipefusion.group import run_jobs  # noqa: E402
+from comfy_pipefusion.oneshot import run_jobs  # noqa: E402
 from comfy_pipefusion.models import checkpoint, family, flux  # noqa: E402
 from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model  # noqa: E402
 from comfy_pipefusion.patches import full_span, pipefusion_spans  # noqa: E402
@@ -176,7 +176,7 @@ def step_patch_eff(a) -> dict:
             emb = flux.embeddings(model, txt, n_txt, rows, rows, a.device, dtype)
             temb = flux.time_embedding(model, emb, t, pooled, guidance, dtype)
             heads, hd = config["num_attention_heads"], config["attention_head_dim"]
-            kvs = [StaleKV(1, heads, n_txt, rows * rows, hd, dtype, a.device) for _ in blocks]
+            kvs = [(StaleKV(1, heads, n_txt, rows * rows, hd, dtype, a.device),) for _ in blocks]
             row = {"pixels": px, "tokens": rows * rows + n_txt, "full_forward_s": full, "patches": {}}
             for m in ms:
                 spans = pipefusion_spans(rows, rows, n_txt, m, "last_patch") if m > 1 else [full_span(n_txt, rows * rows)]
@@ -268,7 +268,8 @@ def step_multi_gpu(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         bench = [sys.executable, "-m", "comfy_pipefusion.bench", "--world-size", str(n), "--json", str(out),
-                 "--strategies", "serial,pipefusion,distrifusion", "--sampler", "frozen", "--warmup-steps", "1"]
+                 "--strategies", "serial,pipefusion,distrifusion", "--sampler", "frozen", "--warmup-steps", "1",
+                 "--test-samplers", str(ROOT / "tests" / "frozen_sampler.py")]
         bench += ["--preset", "tiny", "--steps", "2", "--repeats", "1"] if a.quick else \
             ["--preset", "mid", "--steps", "8", "--repeats", "2"]
         proc = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=a.limit(300), env=a.env)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comfy_pipefusion.group import run_jobs  # noqa: E402
+from comfy_pipefusion.oneshot import run_jobs  # noqa: E402
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
             "lcm")

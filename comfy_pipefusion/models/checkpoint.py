@@ -57,6 +57,8 @@ class CheckpointInfo:
     """Prefix of the model's keys inside the file: '' or 'model.diffusion_model.' (full checkpoints)."""
     variant: str = ""
     """A human name: 'Flux.1-dev', 'SD3.5 medium', 'PixArt-Σ 2K', ..."""
+    entries: dict | None = field(default=None, compare=False, hash=False, repr=False)
+    """{key without prefix: Entry}: the header read by ``open_checkpoint``, so that a load does not read it again."""
 
 
 def _error(name: str, what: str) -> CheckpointError:
@@ -194,7 +196,7 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
                            "a supported variant") from exc
     if layout == "diffusers" and sharded:
         layout = "diffusers-sharded"
-    info = CheckpointInfo(family, config, layout, _dominant_dtype(entries), files, prefix, variant)
+    info = CheckpointInfo(family, config, layout, _dominant_dtype(entries), files, prefix, variant, entries)
     kmap = key_map(info, entries)
     expected = set(ORIGINAL_MAPS[family](config)) if layout != "original" else set()
     _check_map(name, kmap, entries, expected)
@@ -267,7 +269,7 @@ def load_modules(model: nn.Module, info: CheckpointInfo | str | Path, names: lis
     tensor i of n is read; an exception it raises (a cancel) abandons the load, and the model with it."""
     if not isinstance(info, CheckpointInfo):
         info = open_checkpoint(info)
-    entries, _ = read_entries(info.files, info.prefix)
+    entries = info.entries if info.entries is not None else read_entries(info.files, info.prefix)[0]
     kmap = key_map(info, entries)
     work = [t for name in names for t in _tensors_of(model, name)]
     with Reader() as reader, torch.no_grad():

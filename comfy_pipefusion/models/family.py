@@ -15,10 +15,11 @@ A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engin
     block_cost(model, block, balance) -> float
     latent_format(config) -> LatentFormat
     conditioning_dims(config) -> (text width, pooled width or None)
-    kv_buffers(model, block, make)     the block's attention state; ``make(kind)`` builds one buffer over
-                                       the "joint" sequence or the "image" tokens only; a block may hold a
-                                       tuple of buffers (no None entries); "image" buffers are written with
-                                       text-free spans
+    kv_buffers(model, block, make) -> tuple
+                                       the block's attention state, always a tuple of buffers (no None
+                                       entries; SD3.5's dual-attention blocks hold two); ``make(kind)``
+                                       builds one buffer over the "joint" sequence or the "image" tokens
+                                       only; "image" buffers are written with text-free spans
     embeddings(model, txt, n_txt, rows, cols, device, dtype) -> object
                                        once per job and rank: ``.txt`` (embedded text, or None when ``txt`` is
                                        None: the engine passes the text only where it is needed, i.e. on the

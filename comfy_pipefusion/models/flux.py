@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import family
+from . import diffusers_range, family
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 
 NAME = "flux"
@@ -51,10 +51,9 @@ LAST_MODULES = ("norm_out", "proj_out")
 
 def build_meta(config: dict):
     """The whole model on the meta device: structure only, no memory."""
-    from diffusers import FluxTransformer2DModel
-
+    cls = diffusers_range.model_class("FluxTransformer2DModel")
     with torch.device("meta"):
-        return FluxTransformer2DModel(**config)
+        return cls(**config)
 
 
 def _residual(name: str) -> bool:
@@ -134,8 +133,8 @@ def embed_image(model, emb, x: torch.Tensor, span) -> torch.Tensor:
     return model.x_embedder(x)  # [B, L, D]; positions enter through RoPE
 
 
-def kv_buffers(model, block: Block, make):
-    return make("joint")
+def kv_buffers(model, block: Block, make) -> tuple:
+    return (make("joint"),)
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -196,8 +195,8 @@ def single_block(blk, kv, span, txt, img, temb, rope):
 
 
 def run_blocks(model, blocks: list[Block], kvs: list, span, txt, img, temb, rope):
-    """Run ``blocks`` (one K/V buffer each) on one patch; returns (txt or None, img)."""
-    for block, kv in zip(blocks, kvs):
+    """Run ``blocks`` (one ``kv_buffers`` tuple each: one joint buffer) on one patch; returns (txt or None, img)."""
+    for block, (kv,) in zip(blocks, kvs):
         fn = double_block if block.kind == "double" else single_block
         txt, img = fn(module_of(model, block), kv, span, txt, img, temb, rope)
     return txt, img

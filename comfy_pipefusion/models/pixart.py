@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import family
+from . import diffusers_range, family
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 
 NAME = "pixart"
@@ -54,10 +54,9 @@ LAST_MODULES = ("scale_shift_table", "proj_out")
 
 def build_meta(config: dict):
     """The whole model on the meta device: structure only, no memory."""
-    from diffusers import PixArtTransformer2DModel
-
+    cls = diffusers_range.model_class("PixArtTransformer2DModel")
     with torch.device("meta"):
-        return PixArtTransformer2DModel(**config)
+        return cls(**config)
 
 
 def blocks_of(model) -> list[Block]:
@@ -192,8 +191,8 @@ def embed_image(model, emb: Embeddings, x: torch.Tensor, span) -> torch.Tensor:
     return (h + emb.positions(h.device)[span.i0:span.i1]).to(h.dtype)
 
 
-def kv_buffers(model, block: Block, make):
-    return make("image")
+def kv_buffers(model, block: Block, make) -> tuple:
+    return (make("image"),)
 
 
 def _heads(attn, y: torch.Tensor) -> torch.Tensor:
@@ -221,8 +220,9 @@ def pixart_block(blk, prefix: str, kv, span, img: torch.Tensor, cond: Conditioni
 
 
 def run_blocks(model, blocks: list[Block], kvs: list, span, txt, img, temb: Conditioning, pos):
-    """Run ``blocks`` (one image buffer each) on one band; spans carry no text: returns (None, img)."""
-    for block, kv in zip(blocks, kvs):
+    """Run ``blocks`` (one ``kv_buffers`` tuple each: one image buffer) on one band; spans carry no text:
+    returns (None, img)."""
+    for block, (kv,) in zip(blocks, kvs):
         img = pixart_block(module_of(model, block), block.prefix, kv, span, img, temb)
     return None, img
 

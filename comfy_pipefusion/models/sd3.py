@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import family
+from . import diffusers_range, family
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 from ..patches import Span
 
@@ -50,10 +50,9 @@ LAST_MODULES = ("norm_out", "proj_out")
 
 def build_meta(config: dict):
     """The whole model on the meta device: structure only, no memory."""
-    from diffusers import SD3Transformer2DModel
-
+    cls = diffusers_range.model_class("SD3Transformer2DModel")
     with torch.device("meta"):
-        return SD3Transformer2DModel(**config)
+        return cls(**config)
 
 
 def blocks_of(model) -> list[Block]:
@@ -215,7 +214,7 @@ def joint_block(blk, kvs, span, txt, img, temb):
 
 
 def run_blocks(model, blocks: list[Block], kvs: list, span, txt, img, temb, pos):
-    """Run ``blocks`` (one ``kv_buffers`` pair each) on one patch; returns (txt or None, img)."""
+    """Run ``blocks`` (one ``kv_buffers`` tuple each) on one patch; returns (txt or None, img)."""
     for block, kv in zip(blocks, kvs):
         txt, img = joint_block(module_of(model, block), kv, span, txt, img, temb)
     return txt, img

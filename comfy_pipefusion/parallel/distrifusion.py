@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from ..attention import DisplacedKV
+from ..errors import JobCancelled
 from ..patches import displaced_spans
-from .runtime import Control, JobCancelled, JobRuntime, gather_bands
+from .runtime import Control, JobRuntime, gather_bands
 
 
 def run_distrifusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, device: torch.device,
@@ -29,7 +30,7 @@ def run_distrifusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype
         if t and rt.step_of(t) != rt.step_of(t - 1) and control.agree_stop(comm):
             _finish(kvs)  # every rank started the same gathers: they complete
             raise JobCancelled(f"cancelled before step {rt.step_of(t) + 1}")
-        for kv in _flat(kvs):
+        for kv in _every(kvs):
             kv.set_mode(sync=t < sync, exchange=t < evals - 1)
         _, img = rt.run_blocks(blocks, kvs, sp, txt, rt.embed_image(rt.x[:, sp.i0:sp.i1], sp, t), t)
         rt.update(t, sp.i0, sp.i1, img)
@@ -39,14 +40,11 @@ def run_distrifusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype
     return gather_bands(comm, rt.x, [(s.i0, s.i1) for s in spans])
 
 
-def _flat(kvs: list) -> list:
-    """Every buffer: a family may give a block several (e.g. SD3.5's second, image-only attention)."""
-    out = []
-    for kv in kvs:
-        out += list(kv) if isinstance(kv, (list, tuple)) else [kv]
-    return out
+def _every(kvs: list) -> list:
+    """Every buffer of every block (a block may hold several, e.g. SD3.5's second, image-only attention)."""
+    return [kv for block in kvs for kv in block]
 
 
 def _finish(kvs: list) -> None:
-    for kv in _flat(kvs):
+    for kv in _every(kvs):
         kv.finish()

@@ -21,8 +21,9 @@ from collections import deque
 
 import torch
 
+from ..errors import JobCancelled
 from ..patches import full_span, pipefusion_spans
-from .runtime import Control, JobCancelled, JobRuntime
+from .runtime import Control, JobRuntime
 
 log = logging.getLogger("comfy_pipefusion.pipefusion")
 

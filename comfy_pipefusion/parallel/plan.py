@@ -1,6 +1,7 @@
 """Which rank holds which part of the model: the stage split and per-rank materialisation."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -83,28 +84,53 @@ class ModelSource:
 
     def describe(self) -> tuple[object, dict]:
         """(family module, diffusers config) of this source; a checkpoint's header is read, not its data."""
+        d = self.open(meta=False)
+        return d.fam, d.config
+
+    def open(self, meta: bool = True) -> "Described":
+        """This source's structure, for a rank to keep: a checkpoint's header is read (once), not its data;
+        with ``meta`` the whole model is built on the meta device."""
         if self.preset is not None:
             fam, preset = family.find_preset(self.preset)
-            return fam, preset["config"]
-        info = checkpoint.open_checkpoint(self.checkpoint)
-        return family.get(info.family), info.config
+            info, config = None, preset["config"]
+        else:
+            info = checkpoint.open_checkpoint(self.checkpoint)
+            fam, config = family.get(info.family), info.config
+        return Described(fam, config, fam.build_meta(config) if meta else None, info)
 
-    def fill(self, fam, model, names: list[str], device: torch.device, dtype: torch.dtype, progress=None) -> None:
-        """Fill ``names`` of the meta ``model``; ``progress(i, n)`` before each tensor read from a checkpoint."""
+    def fill(self, fam, model, names: list[str], device: torch.device, dtype: torch.dtype, progress=None,
+             info: checkpoint.CheckpointInfo | None = None) -> None:
+        """Fill ``names`` of the meta ``model``; ``progress(i, n)`` before each tensor read from a checkpoint;
+        ``info``: the checkpoint's header already read (``open``), else it is read here."""
         if self.preset is not None:
             fam.materialize(model, names, device, dtype, self.seed)
         else:  # fp8 weights stay 8-bit (computed in ``dtype``): never cast the loaded model afterwards
-            checkpoint.load_modules(model, checkpoint.open_checkpoint(self.checkpoint), names, device, dtype,
-                                    progress)
+            checkpoint.load_modules(model, info or checkpoint.open_checkpoint(self.checkpoint), names, device,
+                                    dtype, progress)
+
+
+@dataclass(frozen=True)
+class Described:
+    """A source's structure as a rank keeps it between jobs (``ModelSource.open``)."""
+
+    fam: object
+    """The family module."""
+    config: dict
+    """The diffusers config."""
+    meta: torch.nn.Module | None
+    """The whole model on the meta device (structure only): a load fills a copy of it."""
+    info: checkpoint.CheckpointInfo | None = None
+    """A checkpoint's header (None for a preset)."""
 
 
 def load_rank_model(source: ModelSource, cfg: ParallelConfig, rank: int, device: torch.device,
-                    dtype: torch.dtype, progress=None):
-    """Build on the meta device and fill only this rank's part; returns (model, its blocks). ``progress``:
-    see ``checkpoint.load_modules`` (it may raise to abandon the load)."""
-    fam, config = source.describe()
-    model = fam.build_meta(config)
+                    dtype: torch.dtype, progress=None, described: Described | None = None):
+    """Build on the meta device (or copy ``described.meta``, the source's structure already read) and fill
+    only this rank's part; returns (model, its blocks). ``progress``: see ``checkpoint.load_modules`` (it may
+    raise to abandon the load)."""
+    described = described if described is not None and described.meta is not None else source.open()
+    fam, model = described.fam, copy.deepcopy(described.meta)  # a copy: the structure stays pure meta
     cfg.check_model(len(fam.blocks_of(model)))
-    source.fill(fam, model, rank_modules(fam, model, cfg, rank), device, dtype, progress)
+    source.fill(fam, model, rank_modules(fam, model, cfg, rank), device, dtype, progress, described.info)
     model.eval().requires_grad_(False)
     return model, rank_blocks(fam, model, cfg, rank)

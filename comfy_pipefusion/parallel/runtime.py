@@ -139,10 +139,6 @@ def gather_bands(comm, x: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.
     return x
 
 
-class JobCancelled(Exception):
-    """The job was cancelled; every rank stopped at the same step boundary and the group is usable."""
-
-
 class Control:
     """A job's hooks on one rank: progress after each step, and the cancel decision.
 

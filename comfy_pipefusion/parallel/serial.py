@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 
 from ..patches import Span, full_span
-from .runtime import Control, JobCancelled, JobRuntime
+from ..errors import JobCancelled
+from .runtime import Control, JobRuntime
 
 
-def run_serial(model, problem, dtype: torch.dtype, device: torch.device, control: Control | None = None,
-               comm=None) -> torch.Tensor:
+def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
+               control: Control | None = None) -> torch.Tensor:
     """Sample with the family's diffusers forward at every evaluation; returns [B, S_img, C]."""
     rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
     txt = problem.txt.to(device, dtype)

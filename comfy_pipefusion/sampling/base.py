@@ -123,6 +123,11 @@ class Sampler:
         self.evals: list[float] = [float(e.sigma) for e in self.plan]
         self.final_sigma = self.sigmas[-1] if self.steps >= 0 else f32(0.0)
 
+    @classmethod
+    def schedule(cls, steps: int) -> torch.Tensor | None:
+        """Sigmas [steps + 1] this sampler needs whatever the scheduler (None, the default: the scheduler's)."""
+        return None
+
     def _plan(self) -> list[Eval]:
         """Default: one evaluation per step at sigmas[i]."""
         return [Eval(i, self.sigmas[i]) for i in range(self.steps)]

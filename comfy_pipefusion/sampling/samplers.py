@@ -31,20 +31,6 @@ class Ddim(Euler):
     name = "ddim"
 
 
-class Frozen(Sampler):
-    """Test sampler: identity until the last step, which returns the prediction.
-
-    With a constant sigma schedule every step sees the same input, so one step's K/V equal the next
-    step's and stale activations equal fresh ones: every strategy must then equal serial exactly.
-    """
-
-    name = "frozen"
-    inverse_scaling = False
-
-    def _update(self, k, sl, x, denoised):
-        return denoised.clone() if k == self.steps - 1 else x
-
-
 def _draw_indices(steps: int, draws) -> list[int | None]:
     """The default noise sampler's call index of each step (None where ``draws(step)`` is false: ComfyUI
     makes no draw there, so later steps keep their place in the stream)."""
@@ -106,16 +92,35 @@ class Lcm(Sampler):
 
 
 SAMPLERS = {cls.name: cls for cls in (Euler, EulerAncestral, Heun, Dpm2, DpmppSde, Dpmpp2M, Dpmpp2MSde, Ddim,
-                                      UniPC, Lcm, Frozen)}
+                                      UniPC, Lcm)}
 
 
-def make_sampler(name: str, sigmas: torch.Tensor, model_sampling=None, noise=None) -> Sampler:
-    """The sampler ``name`` over ``sigmas`` (use scheduler_sigmas(..., sampler=name) for KSampler's sigmas)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler {name!r} is not implemented: choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](sigmas, model_sampling, noise)
+def sampler_class(sampler: str | type[Sampler]) -> type[Sampler]:
+    """The class of ``sampler``: a name in SAMPLERS, or a Sampler subclass given as such (the tests' own
+    samplers, which never enter SAMPLERS)."""
+    if isinstance(sampler, type) and issubclass(sampler, Sampler):
+        return sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not implemented: choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[sampler]
 
 
-def flow_denoised(x: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Flow-matching (ComfyUI's CONST) prediction: denoised = x - sigma * v."""
-    return x - velocity * sigma
+def make_sampler(sampler: str | type[Sampler], sigmas: torch.Tensor, model_sampling=None, noise=None) -> Sampler:
+    """The sampler over ``sigmas`` (use scheduler_sigmas(..., sampler=name) for KSampler's sigmas)."""
+    return sampler_class(sampler)(sigmas, model_sampling, noise)
+
+
+def load_samplers(path: str | None) -> dict | None:
+    """{name: Sampler subclass} from the ``SAMPLERS`` of the Python file ``path`` (the tests' own samplers,
+    e.g. tests/frozen_sampler.py, given to the worker or the bench by ``--test-samplers``); None without one."""
+    if not path:
+        return None
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("pipefusion_test_samplers", path)
+    if spec is None or not Path(path).is_file():
+        raise FileNotFoundError(f"--test-samplers {path}: no such Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.SAMPLERS)

@@ -28,10 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import failure
-
-
-class GroupError(RuntimeError):
-    """The worker group failed; the message carries the root cause (``failure.py``) and the tail of its output."""
+from .errors import GroupError
 
 
 def worker_command(world_size: int, args: list[str], store_dir: Path) -> list[str]:
