@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=d.batch)
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a busy machine more threads mostly wait for each other)")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                     help="dtype the weights are stored in (the 10 MB budget)")
     ap.add_argument("--out", default=str(builtin.WEIGHTS))

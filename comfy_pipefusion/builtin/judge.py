@@ -65,7 +65,7 @@ def train_judge(steps: int = 400, batch: int = 32, seed: int = 0, lr: float = 2e
         loss.backward()
         opt.step()
         if on_log and (step + 1) % 50 == 0:
-            on_log(step + 1, float(loss))
+            on_log(step + 1, loss.item())
     return judge.eval(), time.perf_counter() - began
 
 

@@ -23,7 +23,7 @@ log = logging.getLogger("comfy_pipefusion.builtin.train")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1500
+    steps: int = 2500
     """Optimiser steps."""
     batch: int = 8
     """Pictures per step."""
@@ -33,10 +33,10 @@ class TrainConfig:
     seed: int = 0
     """Seeds the initialisation, the scenes, the noise and the timesteps."""
     log_every: int = 25
-    native_every: int = 4
+    native_every: int = 3
     """Every this many steps a batch of ``native_batch`` native-size (128 px, 1024 tokens) pictures; the other
     steps draw half-size pictures (256 tokens: 1/10 of the attention work), which teach the scenes cheaply."""
-    native_batch: int = 2
+    native_batch: int = 4
     native_from: float = 0.0
     """Fraction of the steps before native-size batches start."""
 
