@@ -1,5 +1,6 @@
 """Writes workflows/*.json (ComfyUI's UI format): Flux.1 dev on 2 and 4 GPUs, Flux.1 schnell on 2 GPUs,
-SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on 2 GPUs.
+SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on 2 GPUs, and the built-in trained
+model on 2 CPU ranks (its own caption and decode nodes: runs anywhere without downloads).
 
     python tools/make_workflows.py
 
@@ -96,6 +97,31 @@ def flux(unet: str, devices: str, steps: int, guidance: float | None, prompt: st
                     1024)
 
 
+def builtin(devices: str, steps: int, caption: str) -> dict:
+    """The built-in trained model (comfy_pipefusion/builtin/shapes-flux.safetensors copied into
+    models/diffusion_models): no text encoder, no VAE, no download; runs on CPU ranks."""
+    g = Graph()
+    loader = g.node("PipeFusionDiTLoader", (0, 0), ["shapes-flux.safetensors", "float32", devices, "pipefusion", 0, 1],
+                    outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
+    caption_node = g.node("PipeFusionBuiltinCaption", (360, 0), [caption, 1],
+                          inputs=[("pipefusion_model", "PIPEFUSION_MODEL")],
+                          outputs=[("conditioning", "CONDITIONING"), ("latent", "LATENT")])
+    sampler = g.node("PipeFusionKSampler", (720, 0), [0, "randomize", steps, 1.0, "euler", "simple", 1.0, 0.0],
+                     inputs=[("pipefusion_model", "PIPEFUSION_MODEL"), ("positive", "CONDITIONING"),
+                             ("negative", "CONDITIONING"), ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
+    g.link(loader, 0, caption_node, "pipefusion_model")
+    g.link(loader, 0, sampler, "pipefusion_model")
+    g.link(caption_node, 0, sampler, "positive")
+    g.link(caption_node, 0, sampler, "negative")  # unused at cfg 1
+    g.link(caption_node, 1, sampler, "latent_image")
+    decode = g.node("PipeFusionBuiltinDecode", (1080, 0), [], inputs=[("samples", "LATENT")],
+                    outputs=[("IMAGE", "IMAGE")])
+    g.link(sampler, 0, decode, "samples")
+    save = g.node("SaveImage", (1440, 0), ["PipeFusion-builtin"], inputs=[("images", "IMAGE")])
+    g.link(decode, 0, save, "images")
+    return g.dump()
+
+
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
 WORKFLOWS = {
     "flux1-dev-2gpu.json": flux("flux1-dev.safetensors", "0,1", 20, 3.5, PROMPT),
@@ -107,6 +133,7 @@ WORKFLOWS = {
     "pixart-sigma-1024-2gpu.json": workflow("pixart", "PixArt-Sigma-XL-2-1024-MS.safetensors", "0,1", 20, 4.5, None,
                                             PROMPT, "blurry, low quality", "euler", "normal", "sdxl_vae.safetensors",
                                             1024),
+    "builtin-shapes-cpu2.json": builtin("cpu:2", 8, "red circle middle center stripes"),
 }
 
 if __name__ == "__main__":
