@@ -136,6 +136,8 @@ def summarise(args, prompts, strategies, out: dict, judge=None) -> tuple[dict, l
             row = {"strategy": s, "prompt": prompt, "wall_s": m["wall_s_median"],
                    "rel_l2_vs_serial": float((x - ref).norm() / ref.norm()),
                    "psnr_vs_serial_db": psnr(pics[f"{s}-{i}"], pics[f"serial-{i}"])}
+            if math.isinf(row["psnr_vs_serial_db"]):
+                row["psnr_vs_serial_db"] = None  # identical pictures (JSON has no infinity)
             if judge is not None:
                 row["judge_agrees"] = judge.agreement(pics[f"{s}-{i}"][None], [prompt])
             table.append(row)
@@ -152,7 +154,8 @@ def print_table(report: dict) -> None:
     for r in report["table"]:
         judge = f"{r['judge_agrees']:.2f}" if "judge_agrees" in r else "-"
         print(f"{r['strategy']:<14}{r['wall_s']:>8.2f}{r['rel_l2_vs_serial']:>10.2e}"
-              f"{r['psnr_vs_serial_db']:>9.1f}{judge:>7}  {r['prompt']}")
+              f"{'-' if r['psnr_vs_serial_db'] is None else format(r['psnr_vs_serial_db'], '.1f'):>9}{judge:>7}  "
+              f"{r['prompt']}")
 
 
 def main(argv=None) -> int:
