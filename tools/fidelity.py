@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"| sampler | steps | strategy | M | warm-up | judge agrees | all five | PSNR vs serial (dB) | rel L2 vs serial |")
+    print("| sampler | steps | strategy | M | warm-up | judge agrees | all five | PSNR vs serial (dB) | rel L2 vs serial |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         psnr = "∞" if r["strategy"] == "serial" else f"{r['psnr_vs_serial_db']:.1f}"

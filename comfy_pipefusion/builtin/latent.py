@@ -14,7 +14,6 @@ import torch
 CHANNELS = 12
 FOLD = 2  # pixels per latent pixel, per side
 ENGINE_SIZE = 512  # height and width to give the engine (and ComfyUI) for the native 128-pixel picture
-PIXELS_PER_ENGINE_PIXEL = 4
 
 
 def encode(img: torch.Tensor) -> torch.Tensor:

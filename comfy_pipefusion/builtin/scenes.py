@@ -17,7 +17,6 @@ downloaded.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +112,3 @@ def demo_captions() -> list[str]:
     """The captions README's main job draws (objects across band borders, both backgrounds)."""
     return ["red circle middle center stripes", "yellow triangle top right plain",
             "blue cross bottom left stripes", "green square middle left plain"]
-
-
-def grid_positions() -> int:
-    return math.prod(len(v) for v in ATTRIBUTES.values())
