@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from . import memory
 from .config import ParallelConfig, SampleSpec
@@ -157,6 +157,8 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         raise ValueError(f"job {job.get('name', '')!r} asks for world_size {asked} but the group has "
                          f"{comm.world_size} ranks; start the group with {asked} ranks")
     cfg = ParallelConfig(world_size=comm.world_size, **par)
+    if tensors is None and job.get("tensors"):  # a job file's real conditioning (the demo): txt, pooled
+        tensors = load_file(job["tensors"])
     if tensors is None and source.preset:
         problem = preset_problem(source.preset, spec)
     elif tensors is None:  # a checkpoint with synthetic conditioning (the benchmark)

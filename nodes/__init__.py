@@ -2,6 +2,7 @@
 
 Always import this package relatively: ComfyUI has a top-level module named ``nodes``.
 """
+from .builtin import PipeFusionBuiltinCaption, PipeFusionBuiltinDecode
 from .loader import PipeFusionDiTLoader, PipeFusionUnload
 from .sampler import PipeFusionKSampler
 
@@ -9,9 +10,13 @@ NODE_CLASS_MAPPINGS = {
     "PipeFusionDiTLoader": PipeFusionDiTLoader,
     "PipeFusionKSampler": PipeFusionKSampler,
     "PipeFusionUnload": PipeFusionUnload,
+    "PipeFusionBuiltinCaption": PipeFusionBuiltinCaption,
+    "PipeFusionBuiltinDecode": PipeFusionBuiltinDecode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PipeFusionDiTLoader": "PipeFusion DiT Loader",
     "PipeFusionKSampler": "PipeFusion KSampler",
     "PipeFusionUnload": "PipeFusion Unload",
+    "PipeFusionBuiltinCaption": "PipeFusion Built-in Caption",
+    "PipeFusionBuiltinDecode": "PipeFusion Built-in Decode",
 }

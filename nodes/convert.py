@@ -119,9 +119,12 @@ def _batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     raise ValueError(f"{what} has batch {t.shape[0]} but the latent has {batch}")
 
 
-def check_latent(latent: dict, family: str = "flux") -> torch.Tensor:
+def check_latent(latent: dict, family: str = "flux", model_cfg: dict | None = None) -> torch.Tensor:
     samples = latent["samples"]
     channels, node = LATENT_CHANNELS[family]
+    if family == "flux" and model_cfg and model_cfg.get("in_channels", 64) != 4 * channels:
+        # a Flux-architecture model with a latent of its own (the built-in model's 12-channel pixel latent)
+        channels, node = model_cfg["in_channels"] // 4, "its own empty latent, e.g. PipeFusion Built-in Caption"
     if samples.ndim != 4 or samples.shape[1] != channels:
         got = tuple(samples.shape)
         raise ValueError(f"latent of shape {got}: a {family} model needs {channels} channels ({node}); "

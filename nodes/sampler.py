@@ -49,7 +49,7 @@ class PipeFusionKSampler:
         model = pipefusion_model
         try:
             check_sampler(sampler_name, scheduler, denoise, seed)
-            samples = check_latent(latent_image, model.family)
+            samples = check_latent(latent_image, model.family, model.model_config)
             batch, _, h, w = samples.shape
             model.parallel.check_image(h // 2)
             txt, pooled, guidance = conditioning_tensors(positive, model.family, model.model_config, batch)

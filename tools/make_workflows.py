@@ -1,6 +1,7 @@
 """Writes workflows/*.json (ComfyUI's UI format) and a thumbnail .jpg beside each: Flux.1 dev on 2 and 4
 GPUs, Flux.1 schnell on 2 GPUs, SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on
-2 GPUs.
+2 GPUs, and the built-in trained model on 2 CPU ranks (its own caption and decode nodes: runs anywhere without
+downloads).
 
     ./.venv/bin/python tools/make_workflows.py     (needs Pillow, which ComfyUI's requirements bring)
 
@@ -48,7 +49,8 @@ class Graph:
 SIZES = {"DualCLIPLoader": (300, 130), "TripleCLIPLoader": (300, 110), "CLIPLoader": (300, 110),
          "CLIPTextEncode": (380, 130), "FluxGuidance": (280, 60), "PipeFusionDiTLoader": (300, 240),
          "EmptySD3LatentImage": (280, 110), "EmptyLatentImage": (280, 110), "PipeFusionKSampler": (300, 290),
-         "VAELoader": (280, 60), "VAEDecode": (200, 50), "SaveImage": (300, 300)}
+         "VAELoader": (280, 60), "VAEDecode": (200, 50), "SaveImage": (300, 300),
+         "PipeFusionBuiltinCaption": (380, 80), "PipeFusionBuiltinDecode": (200, 50)}
 # Columns 40 px apart, rows 60 px apart (a title is 30 px); the whole graph is 1,680 x 430 px.
 X = (0, 340, 760, 1080, 1420)
 # The view the workflow opens at: 75% (readable; the frontend stops drawing text below 60%), the graph
@@ -113,7 +115,7 @@ def flux(unet: str, devices: str, steps: int, guidance: float | None, prompt: st
 COLORS = ((66, 133, 244), (52, 168, 83), (251, 188, 5), (234, 67, 53))
 
 
-def thumbnail(path: Path, model: str, gpus: int, steps: int, cfg: bool) -> None:
+def thumbnail(path: Path, model: str, gpus: int, steps: int, cfg: bool, unit: str = "GPU") -> None:
     """The template card's picture (ComfyUI 0.3.75 fetches <workflow name>.jpg beside the JSON): the image cut
     into one patch band per GPU, and the chain of GPUs, each holding a stage of the model's blocks."""
     from PIL import Image, ImageDraw, ImageFont
@@ -122,7 +124,7 @@ def thumbnail(path: Path, model: str, gpus: int, steps: int, cfg: bool) -> None:
     d = ImageDraw.Draw(img)
     big, small = ImageFont.load_default(size=40), ImageFont.load_default(size=22)
     d.text((28, 24), model, font=big, fill=(240, 240, 240))
-    d.text((28, 76), f"PipeFusion, {gpus} GPUs, {steps} steps" + (", CFG" if cfg else ""), font=small,
+    d.text((28, 76), f"PipeFusion, {gpus} {unit}s, {steps} steps" + (", CFG" if cfg else ""), font=small,
            fill=(190, 190, 200))
     top, side = 130, 340
     band = side / gpus
@@ -134,8 +136,36 @@ def thumbnail(path: Path, model: str, gpus: int, steps: int, cfg: bool) -> None:
     for i in range(gpus):  # the pipeline of stages
         y = top + i * (box + 16)
         d.rounded_rectangle((392, y, 488, y + box), radius=10, fill=COLORS[i])
-        d.text((404, y + box / 2 - 12), f"GPU {i}", font=small, fill=(20, 20, 20))
+        d.text((404, y + box / 2 - 12), f"{unit} {i}", font=small, fill=(20, 20, 20))
     img.save(path, "JPEG", quality=88)
+
+
+def builtin(devices: str, steps: int, caption: str) -> dict:
+    """The built-in trained model (comfy_pipefusion/builtin/shapes-flux.safetensors copied into
+    models/diffusion_models): no text encoder, no VAE, no download; runs on CPU ranks."""
+    g = Graph()
+    loader = g.node("PipeFusionDiTLoader", (X[0], 0), ["shapes-flux.safetensors", "float32", devices, "pipefusion", 0, 1,
+                                                       "compute", ""],
+                    outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
+    caption_node = g.node("PipeFusionBuiltinCaption", (X[1], 0), [caption, 1],
+                          inputs=[("pipefusion_model", "PIPEFUSION_MODEL")],
+                          outputs=[("conditioning", "CONDITIONING"), ("latent", "LATENT")])
+    sampler = g.node("PipeFusionKSampler", (X[2], 0), [0, "randomize", steps, 1.0, "euler", "simple", 1.0, 0.0],
+                     inputs=[("pipefusion_model", "PIPEFUSION_MODEL"), ("positive", "CONDITIONING"),
+                             ("negative", "CONDITIONING"), ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
+    g.link(loader, 0, caption_node, "pipefusion_model")
+    g.link(loader, 0, sampler, "pipefusion_model")
+    g.link(caption_node, 0, sampler, "positive")
+    g.link(caption_node, 0, sampler, "negative")  # unused at cfg 1
+    g.link(caption_node, 1, sampler, "latent_image")
+    decode = g.node("PipeFusionBuiltinDecode", (X[3], 0), [], inputs=[("samples", "LATENT")],
+                    outputs=[("IMAGE", "IMAGE")])
+    g.link(sampler, 0, decode, "samples")
+    save = g.node("SaveImage", (X[3], 110), ["PipeFusion-builtin"], inputs=[("images", "IMAGE")])
+    g.link(decode, 0, save, "images")
+    return g.dump()
+
+
 
 
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
@@ -153,6 +183,8 @@ WORKFLOWS = {
     "PixArt-Sigma 1024 on 2 GPUs (PipeFusion, 20 steps)": (
         workflow("pixart", "PixArt-Sigma-XL-2-1024-MS.safetensors", "0,1", 20, 4.5, None, PROMPT,
                  "blurry, low quality", "euler", "normal", "sdxl_vae.safetensors", 1024), ("PixArt-Sigma", 2, 20, True)),
+    "Built-in shapes model on 2 CPU ranks (PipeFusion, 8 steps, no download)": (
+        builtin("cpu:2", 8, "red circle middle center stripes"), ("Built-in shapes", 2, 8, False, "CPU")),
 }
 
 if __name__ == "__main__":

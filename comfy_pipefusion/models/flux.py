@@ -80,7 +80,10 @@ def block_cost(model, block: Block, balance: str) -> float:
 
 
 def latent_format(config: dict) -> LatentFormat:
-    return LATENT
+    """Flux.1's 16-channel latent; a model with other input channels owns its latent (the built-in model's
+    12-channel pixel latent, comfy_pipefusion/builtin/latent.py: sampling space = LATENT)."""
+    channels = config.get("in_channels", 64) // 4
+    return LATENT if channels == LATENT.channels else LatentFormat(channels=channels, scale=1.0, shift=0.0)
 
 
 def conditioning_dims(config: dict) -> tuple[int, int | None]:
