@@ -4,7 +4,6 @@ the badge shows the group's states and the canvas keeps drawing. tests/test_brow
 release in full."""
 from __future__ import annotations
 
-
 import pytest
 
 from browser_helpers import PAGE_HELPERS, RECORD, Page, browser_ready, page_problems

@@ -4,7 +4,6 @@ Each release is installed on first use by tests/host/install_comfyui.sh; a faile
 (it is never skipped). $PIPEFUSION_TEST_COMFY_VERSIONS (comma-separated) replaces the list."""
 from __future__ import annotations
 
-
 import pytest
 
 from comfy_helpers import flux_prompt, other_releases, run_prompt, start_release_server
