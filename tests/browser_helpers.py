@@ -93,6 +93,21 @@ class Page:
         self.events.extend(new)
         return new
 
+    def load_prompt(self, prompt: dict, name: str, offset: tuple[int, int] = (60, 80)) -> None:
+        """Load an API-format prompt as the workflow ``name``, at 100% zoom with the graph at ``offset``;
+        returns when our two nodes are there."""
+        self.js("(p) => { app.loadApiJson(p.prompt, p.name); return true; }", {"prompt": prompt, "name": name})
+        self.wait("() => pfTest.ours().length === 2")
+        self.js("""(o) => { const ds = app.canvas.ds; ds.scale = 1; ds.offset[0] = o[0]; ds.offset[1] = o[1];
+                           app.canvas.setDirty(true, true); return true; }""", list(offset))
+
+    def queue_recorded(self, timeout: float, wait: bool = True):
+        """Queue the loaded workflow with RECORD running; with ``wait``, return the record once the prompt
+        ended (and a few frames were drawn)."""
+        self.js(RECORD)
+        self.js("async () => { await app.queuePrompt(0, 1); return true; }")
+        return self.wait("() => pfRun.end && pfRun.frames.length >= 5 && pfRun", timeout=timeout) if wait else None
+
     def close(self):
         try:
             if self.proc.poll() is None and not self.proc.stdin.closed:

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 
-from browser_helpers import PAGE_HELPERS, RECORD, Page, browser_ready, page_problems
+from browser_helpers import PAGE_HELPERS, Page, browser_ready, page_problems
 from comfy_helpers import flux_prompt, start_model_server, worker_pids
 
 UNET = "tiny-flux.safetensors"
@@ -166,14 +166,9 @@ def test_browser_workflow_loads_readable(page, path):
 def test_browser_prompt_runs_with_the_page_open(page, server):
     """A PipeFusion prompt (cpu:2) queued from the page: the canvas keeps drawing, our nodes stay painted,
     the badge shows each state of the group, and the sampler node's progress bar moves."""
-    prompt = flux_prompt(UNET, steps=24, seed=3, prefix="latents/browser")
-    page.js("(p) => { app.loadApiJson(p, 'pipefusion-run.json'); return true; }", prompt)
-    page.js("""() => { const ds = app.canvas.ds; ds.scale = 1; ds.offset[0] = 60; ds.offset[1] = 80;
-                       app.canvas.setDirty(true, true); return true; }""")
-    page.wait("() => pfTest.ours().length === 2")
+    page.load_prompt(flux_prompt(UNET, steps=60, seed=3, prefix="latents/browser"), "pipefusion-run.json")
     page.shot("03-run-before")
-    page.js(RECORD)
-    page.js("async () => { await app.queuePrompt(0, 1); return true; }")
+    page.queue_recorded(0, wait=False)
     shot_states, deadline = set(), time.monotonic() + 300
     while time.monotonic() < deadline:
         now = page.js("() => ({ end: pfRun.end, badge: pfRun.badges.at(-1) ?? '', progress: pfRun.progress.at(-1) })")
@@ -204,9 +199,7 @@ def test_browser_prompt_runs_with_the_page_open(page, server):
     moving = [p for p in rec["progress"] if 0 < p < 1]
     assert len(set(moving)) >= 3, rec["progress"]
     # The same prompt again on the warm group: busy, then ready; no loading flash.
-    page.js(RECORD)
-    page.js("async () => { await app.queuePrompt(0, 1); return true; }")
-    rec = page.wait("() => pfRun.end && pfRun.frames.length >= 5 && pfRun", timeout=120)
+    rec = page.queue_recorded(120)
     assert rec["end"] == "execution_success", server.log_tail(40)
     assert rec["statuses"] == ["busy", "ready"], rec["statuses"]
     assert page_problems(page.take_events()) == []
@@ -227,14 +220,10 @@ def test_browser_fallback_without_the_badge_api(page, server):
     """A frontend without LGraphBadge: the state is drawn by the node itself, and the canvas keeps drawing."""
     page.js("() => { window.pfHiddenBadge = window.LGraphBadge; delete window.LGraphBadge; return true; }")
     try:
-        page.js("(p) => { app.loadApiJson(p, 'pipefusion-fallback.json'); return true; }",
-                flux_prompt(UNET, steps=6, seed=6, prefix="latents/browser-fallback"))
-        page.wait("() => pfTest.ours().length === 2 && pfTest.ours().every((n) => n.pipefusionBadge === 'foreground')")
-        page.js("""() => { const ds = app.canvas.ds; ds.scale = 1; ds.offset[0] = 60; ds.offset[1] = 120;
-                           app.canvas.setDirty(true, true); return true; }""")
-        page.js(RECORD)
-        page.js("async () => { await app.queuePrompt(0, 1); return true; }")
-        rec = page.wait("() => pfRun.end && pfRun.frames.length >= 5 && pfRun", timeout=120)
+        page.load_prompt(flux_prompt(UNET, steps=6, seed=6, prefix="latents/browser-fallback"),
+                         "pipefusion-fallback.json", offset=(60, 120))
+        page.wait("() => pfTest.ours().every((n) => n.pipefusionBadge === 'foreground')")
+        rec = page.queue_recorded(120)
     finally:
         page.js("() => { window.LGraphBadge = window.pfHiddenBadge; return true; }")
     assert rec["end"] == "execution_success", server.log_tail(40)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from browser_helpers import PAGE_HELPERS, RECORD, Page, browser_ready, page_problems
+from browser_helpers import PAGE_HELPERS, Page, browser_ready, page_problems
 from comfy_helpers import flux_prompt, other_releases, start_release_server
 
 UNET = "tiny-flux.safetensors"
@@ -40,14 +40,8 @@ def test_browser_badge_on_other_releases(release):
     version, srv, page = release
     version_seen = srv.get("/system_stats")["system"]["comfyui_version"]
     assert version_seen == version
-    page.js("(p) => { app.loadApiJson(p, 'pipefusion-run.json'); return true; }",
-            flux_prompt(UNET, steps=4, seed=3, prefix=f"latents/browser-{version}"))
-    page.wait("() => pfTest.ours().length === 2")
-    page.js("""() => { const ds = app.canvas.ds; ds.scale = 1; ds.offset[0] = 60; ds.offset[1] = 80;
-                       app.canvas.setDirty(true, true); return true; }""")
-    page.js(RECORD)
-    page.js("async () => { await app.queuePrompt(0, 1); return true; }")
-    rec = page.wait("() => pfRun.end && pfRun.frames.length >= 5 && pfRun", timeout=240)
+    page.load_prompt(flux_prompt(UNET, steps=4, seed=3, prefix=f"latents/browser-{version}"), "pipefusion-run.json")
+    rec = page.queue_recorded(240)
     page.shot(f"08-release-{version}-after-run")
     assert rec["end"] == "execution_success", srv.log_tail(40)
     assert [s for i, s in enumerate(rec["statuses"]) if i == 0 or rec["statuses"][i - 1] != s] == \
