@@ -50,7 +50,7 @@ SIZES = {"DualCLIPLoader": (300, 130), "TripleCLIPLoader": (300, 110), "CLIPLoad
          "CLIPTextEncode": (380, 130), "FluxGuidance": (280, 60), "PipeFusionDiTLoader": (300, 240),
          "EmptySD3LatentImage": (280, 110), "EmptyLatentImage": (280, 110), "PipeFusionKSampler": (300, 290),
          "VAELoader": (280, 60), "VAEDecode": (200, 50), "SaveImage": (300, 300),
-         "PipeFusionBuiltinCaption": (380, 80), "PipeFusionBuiltinDecode": (200, 50)}
+         "PipeFusionBuiltinCaption": (380, 80), "PipeFusionBuiltinDecode": (260, 50)}
 # Columns 40 px apart, rows 60 px apart (a title is 30 px); the whole graph is 1,680 x 430 px.
 X = (0, 340, 760, 1080, 1420)
 # The view the workflow opens at: 75% (readable; the frontend stops drawing text below 60%), the graph
