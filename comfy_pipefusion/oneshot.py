@@ -139,18 +139,23 @@ def sweep_tempdirs() -> list[Path]:
     return removed
 
 
-def end_children() -> None:
-    """SIGKILL every process this one started, whole trees, sessions of their own included."""
-    try:
-        procs = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return
+def kill_now(procs: list) -> None:
+    """SIGKILL ``procs`` (psutil processes; ones already gone are skipped) and reap what we can."""
     for p in procs:
         try:
             p.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(procs, timeout=5)
+
+
+def end_children() -> None:
+    """SIGKILL every process this one started, whole trees, sessions of their own included."""
+    try:
+        procs = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    kill_now(procs)
 
 
 def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, threads: int = 1,

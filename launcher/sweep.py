@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 
 from comfy_pipefusion import transport
+from comfy_pipefusion.oneshot import kill_now
 
 log = logging.getLogger("comfy_pipefusion.launcher")
 
@@ -65,12 +66,7 @@ def kill_tree(idents: list[dict], grace_s: float = 5.0) -> None:
                 except psutil.Error:
                     pass
         _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    kill_now(alive)
 
 
 def remove_group(gdir: Path, grace_s: float = 5.0) -> None:
