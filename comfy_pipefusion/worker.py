@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import memory
 from .config import ParallelConfig, SampleSpec
 from .job import make_problem, preset_problem, sampling_kind, synthetic_problem
-from .models import family, fp8
+from .models import family, fp8, references
 from .parallel import strategy_fn
 from .parallel.comm import Comm
 from .parallel.plan import ModelSource, load_rank_model, rank_modules
@@ -169,7 +169,9 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         negative = (tensors["neg_txt"], tensors.get("neg_pooled")) if "neg_txt" in tensors else None
         problem = make_problem(spec, tensors["txt"], tensors.get("pooled"), tensors.get("latent"),
                                tensors.get("noise"), fam=fam.NAME, fmt=fam.latent_format(config),
-                               sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get("mask"))
+                               sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get("mask"),
+                               refs=references.listed(tensors, "ref"), neg_refs=references.listed(tensors, "neg_ref"),
+                               ref_method=job.get("reference_method"))
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
     mode = admit(source, cfg, problem, comm, models, dtype)

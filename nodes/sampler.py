@@ -10,6 +10,7 @@ import comfy.utils
 from ..launcher import GroupError, JobCancelled, JobError
 from . import admission
 from .convert import check_latent, check_sampler, conditioning_tensors
+from .references import job_references
 from .errors import readable
 from .validate import check_sampling
 
@@ -62,9 +63,11 @@ class PipeFusionKSampler:
                 tensors["neg_txt"] = neg_txt
                 if neg_pooled is not None:
                     tensors["neg_pooled"] = neg_pooled
+            refs, ref_method = job_references(positive, negative, cfg)
+            tensors.update(refs)
             # before the group starts or allocates: refused with the numbers if it cannot fit; ComfyUI's own
             # models leave the group's GPUs first
-            admission.check(model, admission.job_size(model, samples, txt, "neg_txt" in tensors))
+            admission.check(model, admission.job_size(model, samples, txt, "neg_txt" in tensors, refs))
         except ValueError as exc:
             raise ValueError(f"PipeFusion KSampler: {exc}") from None
         tensors["noise"] = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
@@ -73,6 +76,8 @@ class PipeFusionKSampler:
         job = model.job({"height": h * 8, "width": w * 8, "steps": steps, "seed": seed, "batch": batch,
                          "guidance": guidance, "sampler": sampler_name, "scheduler": scheduler,
                          "denoise": denoise, "cfg": cfg, "shift": shift if shift > 0 else None})
+        if ref_method:
+            job["reference_method"] = ref_method
         bar = comfy.utils.ProgressBar(steps)
         try:
             out, _ = model.launcher.run(model.plan, job, tensors, tuple(samples.shape),

@@ -7,7 +7,7 @@ import torch
 
 from ..patches import Span, full_span
 from ..errors import JobCancelled
-from .runtime import Control, JobRuntime
+from .runtime import Control, JobRuntime, reference_inputs
 
 
 def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
@@ -16,6 +16,9 @@ def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
     rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
     txt = problem.txt.to(device, dtype)
     control = control or Control()
+    refs = reference_inputs(problem)
+    if refs:
+        refs["refs"] = tuple(r.to(device, dtype) for r in refs["refs"])
     for k in range(len(rt.evals)):
         if k and rt.step_of(k) != rt.step_of(k - 1) and control.cancelled():
             raise JobCancelled(f"cancelled before step {rt.step_of(k) + 1}")
@@ -24,7 +27,7 @@ def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
         if problem.cfg:
             x_in = torch.cat([x_in, x_in])
         out = rt.fam.forward(model, x_in.to(dtype), rt.timestep(k), txt, rt.pooled, rt.guidance, problem.rows,
-                             problem.cols).float()
+                             problem.cols, **refs).float()
         rt.x = rt.sampler.step(k, slice(None), rt.x, rt.denoised(k, rt.x, out, slice(None)))
         if k + 1 == len(rt.evals) or rt.step_of(k + 1) != rt.step_of(k):
             control.step_done(rt.step_of(k))
