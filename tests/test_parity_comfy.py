@@ -38,6 +38,7 @@ SD3_CONFIG = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16,
 # width, pooled width, tokens of the test conditioning; latent size in pixels
 FAMILY = {"flux": dict(file=FLUX_FILE, width=4096, pooled=768, tokens=4, size=64),
           "sd3": dict(file=SD3_FILE, width=4096, pooled=2048, tokens=8, size=128)}
+FAMILY["kontext"] = FAMILY["flux"]  # Kontext files are Flux.1 dev files; the conditioning decides
 STEPS = 3
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
@@ -65,6 +66,11 @@ def _cases() -> dict[str, dict]:
     # inpainting: a noise mask on a non-empty latent (ddim keeps the masked area with noise of its own)
     for sampler, scheduler, denoise in (("euler", "simple", 1.0), ("ddim", "simple", 1.0), ("dpmpp_2m", "karras", 0.8)):
         add("flux", sampler, scheduler, mask=1, denoise=denoise)
+    # Flux.1 Kontext: two ReferenceLatents (one of odd latent height) on the same Flux file, each placement,
+    # and true CFG with the references on the negative too
+    add("kontext", "euler", "simple", refs="offset")
+    add("kontext", "dpmpp_2m", "karras", refs="index")
+    add("kontext", "euler", "simple", refs="uxo", cfg=3.0)
     # SD3 is cheap (width 192): every sampler with CFG and a negative, the schedulers in turn
     for i, sampler in enumerate(SAMPLERS):
         add("sd3", sampler, SCHEDULERS[i % len(SCHEDULERS)], cfg=4.0)
@@ -127,6 +133,19 @@ def parity_prompt(case: dict, prefix: str, seed: int = 7) -> dict:
                                                              "x": 0, "y": 0, "operation": "multiply"}},
             "13": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["12", 0]}}}
         sample["latent_image"] = ["13", 0]
+    if case.get("refs"):  # Kontext: ReferenceLatent x2 on both conditionings, then the placement method
+        for i, (w, h) in enumerate(((48, 64), (32, 72))):
+            masked[f"2{i}"] = {"class_type": "PipeFusionTestLatent",
+                               "inputs": {"width": w, "height": h, "batch_size": 1, "channels": 16, "seed": 20 + i,
+                                          "scale": 1.0}}
+        for which, base in (("positive", "3"), ("negative", "4")):
+            first, second, method = f"{base}1", f"{base}2", f"{base}3"
+            masked[first] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [base, 0], "latent": ["20", 0]}}
+            masked[second] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [first, 0], "latent": ["21", 0]}}
+            masked[method] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
+                              "inputs": {"conditioning": [second, 0],
+                                         "reference_latents_method": {"uxo": "uxo/uno"}.get(case["refs"], case["refs"])}}
+            sample[which] = [method, 0]
     return {
         **masked,
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": f["file"], "weight_dtype": "default"}},
@@ -200,3 +219,8 @@ def test_bound_separates_settings(outcome):
     assert rel_l2(img[:1], outcome("flux-euler-simple")[0]) > 20 * TOL
     # the noise mask keeps half of the input latent: the result is not the unmasked one from the same noise
     assert rel_l2(outcome("flux-euler-simple-mask1-denoise1.0")[0], outcome("flux-euler-simple")[0]) > 20 * TOL
+
+
+def test_kontext_references_change_the_stock_result(outcome):
+    """The Kontext cases are not Flux cases in disguise: the stock model's result moves with the references."""
+    assert rel_l2(outcome("kontext-euler-simple-refsoffset")[0], outcome("flux-euler-simple")[0]) > 20 * TOL
