@@ -109,6 +109,8 @@ def sampling_kind(fam, config: dict) -> str:
     """The model sampling ComfyUI's stock loader gives this model."""
     if fam.NAME == "flux":
         return "flux" if config.get("guidance_embeds", True) else "flux_schnell"
+    if fam.NAME == "chroma":  # ComfyUI's Chroma is a Flux model type: ModelSamplingFlux
+        return "flux"
     return fam.NAME
 
 
@@ -123,7 +125,7 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
     mask already shaped like the latent (ComfyUI's prepare_mask) for inpainting. ``refs``: reference LATENTs (ComfyUI's ReferenceLatent), ``neg_refs``
     the negative's, placed by ``ref_method`` (default: the family's, as ComfyUI's model)."""
     fmt = fmt or family.get(fam).LATENT
-    sampling = sampling or ("flux" if fam == "flux" else fam)
+    sampling = sampling or ("flux" if fam in ("flux", "chroma") else fam)
     h, w = spec.height // 8, spec.width // 8
     shape = (spec.batch, fmt.channels, h, w)
     if latent is None:

@@ -95,19 +95,25 @@ def conditioning_tensors(cond, family: str, model_cfg: dict, batch: int,
             raise ValueError(f"{which} pooled output {got} does not fit this {family} model, which expects "
                              f"width {pooled_dim}: encode the prompt with {hint}")
         pooled = _batch(pooled, batch, f"{which} pooled output")
-    return _batch(txt, batch, f"{which} conditioning"), pooled, float(extra.get("guidance", 3.5))
+    # ComfyUI's Flux models default the guidance to 3.5, Chroma's to 0 (FluxGuidance sets it for both)
+    guidance = float(extra.get("guidance", 0.0 if family == "chroma" else 3.5))
+    return _batch(txt, batch, f"{which} conditioning"), pooled, guidance
 
 
 def _conditioning_dims(family: str, cfg: dict) -> tuple[int, int | None]:
     if family == "pixart":
         return cfg["caption_channels"], None
+    if family == "chroma":
+        return cfg["joint_attention_dim"], None
     return cfg["joint_attention_dim"], cfg["pooled_projection_dim"]
 
 
 ENCODER_HINTS = {"flux": "the Flux text encoders: DualCLIPLoader type flux",
+                 "chroma": "the Chroma text encoder: CLIPLoader type chroma with t5xxl",
                  "sd3": "the SD3 text encoders: TripleCLIPLoader (clip_l, clip_g, t5xxl)",
                  "pixart": "the PixArt text encoder: CLIPLoader type pixart with t5xxl"}
 LATENT_CHANNELS = {"flux": (16, "EmptySD3LatentImage"), "sd3": (16, "EmptySD3LatentImage"),
+                   "chroma": (16, "EmptySD3LatentImage"),
                    "pixart": (4, "EmptyLatentImage")}
 
 

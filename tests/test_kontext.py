@@ -8,17 +8,13 @@ import torch
 
 from comfy_pipefusion.attention import StaleKV
 from comfy_pipefusion.config import ParallelConfig, SampleSpec
-from comfy_pipefusion.job import make_problem, preset_problem
+from comfy_pipefusion.job import make_problem
 from comfy_pipefusion.models import family, flux, references
-from comfy_pipefusion.oneshot import run_jobs
 from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
-from comfy_pipefusion.parallel.serial import run_serial
 from comfy_pipefusion.patches import Span, displaced_spans, full_span, pipefusion_spans
-from frozen_sampler import WORKER_ARGS, resolve
+from family_suite import TOL, Suite
 
 PRESET = "kontext-tiny"
-STEPS, STALE_STEPS = 3, 8
-TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -112,78 +108,23 @@ def test_kontext_refusals():
                      fmt=family.LatentFormat(16, 1.0), refs=ref)
 
 
-def _sample(sampler: str, steps: int, **kw) -> dict:
-    p = family.find_preset(PRESET)[1]
-    return {"height": p["height"], "width": p["width"], "steps": steps, "sampler": sampler, **kw}
-
-
-def _jobs(world: int) -> list[dict]:
-    jobs = []
-
-    def add(name, sampler, steps, parallel, **kw):
-        jobs.append({"name": name, "sample": _sample(sampler, steps, **kw), "parallel": parallel})
-    add("pf_full", "euler", STEPS, {"strategy": "pipefusion", "patches": 3, "warmup_steps": STEPS})
-    add("df_full", "euler", STEPS, {"strategy": "distrifusion", "warmup_steps": STEPS})
-    add("pf_frozen", "frozen", STEPS, {"strategy": "pipefusion", "patches": 3, "warmup_steps": 1})
-    add("df_frozen", "frozen", STEPS, {"strategy": "distrifusion", "warmup_steps": 1})
-    for strategy in ("pipefusion", "distrifusion", "naive_patch"):
-        add(f"stale_{strategy}", "euler", STALE_STEPS, {"strategy": strategy, "warmup_steps": 1})
-    if world == 2:  # true CFG: [positive; negative] with their own references in one model batch
-        add("pf_cfg", "euler", STEPS, {"strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}, cfg=3.0)
-    return jobs
-
-
 @pytest.fixture(scope="module")
-def results():
-    cache = {}
-
-    def get(world: int):
-        if world not in cache:
-            cache[world] = run_jobs(PRESET, 0, _jobs(world), world_size=world, timeout=900, worker_args=WORKER_ARGS)
-        return cache[world]
-    return get
-
-
-@pytest.fixture(scope="module")
-def serial(model):
-    cache = {}
-
-    def get(sampler: str, steps: int, **kw) -> torch.Tensor:
-        key = (sampler, steps, tuple(sorted(kw.items())))
-        if key not in cache:
-            problem = preset_problem(PRESET, SampleSpec(**_sample(resolve(sampler), steps, **kw)))
-            with torch.inference_mode():
-                cache[key] = problem.finish(run_serial(model, problem, torch.float32, torch.device("cpu")))
-        return cache[key]
-    return get
-
-
-def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+def suite():
+    return Suite(PRESET)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_kontext_synchronous_and_frozen_equal_serial(world, results, serial):
-    out = results(world)
-    for name, sampler in (("pf_full", "euler"), ("df_full", "euler"), ("pf_frozen", "frozen"),
-                          ("df_frozen", "frozen")):
-        ref = serial(sampler, STEPS)
-        assert float(ref.abs().max()) > 0.05
-        assert float((out[name][0] - ref).abs().max()) <= TOL, (world, name)
+def test_kontext_synchronous_and_frozen_equal_serial(world, suite):
+    suite.check_exact(world)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_kontext_staleness_is_bounded(world, results, serial):
+def test_kontext_staleness_is_bounded(world, suite):
     """One warm-up step: stale K/V (with the references carried by the text stream) drift at least 3x less
     than bands that never see each other."""
-    out, ref = results(world), serial("euler", STALE_STEPS)
-    naive = _rel(out["stale_naive_patch"][0], ref)
-    for name in ("stale_pipefusion", "stale_distrifusion"):
-        err = _rel(out[name][0], ref)
-        assert 0 < err <= naive / 3, (world, name, err, naive)
+    suite.check_staleness(world)
 
 
-def test_kontext_cfg(results, serial):
-    ref = serial("euler", STEPS, cfg=3.0)
-    assert float((results(2)["pf_cfg"][0] - ref).abs().max()) <= TOL * max(1.0, float(ref.abs().max()))
-    assert float((ref - serial("euler", STEPS)).abs().max()) > 1e-3
+def test_kontext_cfg(suite):
+    """[positive; negative], each with its references, in one model batch."""
+    suite.check_cfg()

@@ -21,13 +21,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfy_pipefusion.models import family, flux, sd3
+from comfy_pipefusion.models import chroma, family, flux, sd3
 from comfy_pipefusion.models.checkpoint_write import write_checkpoint
 
 from comfy_helpers import run_prompt, start_server
 
 TOL = 1e-3
-FLUX_FILE, SD3_FILE = "parity-flux.safetensors", "parity-sd35m.safetensors"
+FLUX_FILE, SD3_FILE, CHROMA_FILE = "parity-flux.safetensors", "parity-sd35m.safetensors", "parity-chroma.safetensors"
 FLUX_CONFIG = dict(num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
                    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                    axes_dims_rope=(16, 56, 56))
@@ -35,10 +35,15 @@ SD3_CONFIG = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16,
                   attention_head_dim=64, num_attention_heads=3, joint_attention_dim=4096,
                   caption_projection_dim=192, pooled_projection_dim=2048, pos_embed_max_size=16,
                   dual_attention_layers=(0, 1), qk_norm="rms_norm")
+# ComfyUI's detection fixes Chroma's width (24 heads of 128) and its approximator (64 -> 5120 x 5 layers -> 3072)
+CHROMA_CONFIG = dict(num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+                     joint_attention_dim=4096, axes_dims_rope=(16, 56, 56), approximator_num_channels=64,
+                     approximator_hidden_dim=5120, approximator_layers=5)
 # width, pooled width, tokens of the test conditioning; latent size in pixels
 FAMILY = {"flux": dict(file=FLUX_FILE, width=4096, pooled=768, tokens=4, size=64),
           "sd3": dict(file=SD3_FILE, width=4096, pooled=2048, tokens=8, size=128)}
 FAMILY["kontext"] = FAMILY["flux"]  # Kontext files are Flux.1 dev files; the conditioning decides
+FAMILY["chroma"] = dict(FAMILY["flux"], file=CHROMA_FILE)  # T5 only: Chroma ignores the pooled output
 STEPS = 3
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
@@ -71,6 +76,10 @@ def _cases() -> dict[str, dict]:
     add("kontext", "euler", "simple", refs="offset")
     add("kontext", "dpmpp_2m", "karras", refs="index")
     add("kontext", "euler", "simple", refs="uxo", cfg=3.0)
+    # Chroma at its real width: true CFG with a negative (its usual setting), the guidance the conditioning
+    # carries reaching the approximator
+    add("chroma", "euler", "simple", cfg=3.0)
+    add("chroma", "dpmpp_2m", "karras", cfg=3.0, denoise=0.6)
     # SD3 is cheap (width 192): every sampler with CFG and a negative, the schedulers in turn
     for i, sampler in enumerate(SAMPLERS):
         add("sd3", sampler, SCHEDULERS[i % len(SCHEDULERS)], cfg=4.0)
@@ -86,7 +95,8 @@ MEASURED: dict[str, float] = {}
 
 def _write_models(folder: Path) -> None:
     for fam, config, name, dtype in ((flux, FLUX_CONFIG, FLUX_FILE, torch.bfloat16),
-                                     (sd3, SD3_CONFIG, SD3_FILE, torch.float32)):
+                                     (sd3, SD3_CONFIG, SD3_FILE, torch.float32),
+                                     (chroma, CHROMA_CONFIG, CHROMA_FILE, torch.bfloat16)):
         model = fam.build_meta(config)
         fam.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
         write_checkpoint(folder / name, model.state_dict(), fam.NAME, dict(model.config), dtype=dtype)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("flux", "sd3", "pixart")
+FAMILIES = ("flux", "sd3", "pixart", "chroma")
 
 
 def get(name: str):

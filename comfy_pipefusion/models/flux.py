@@ -200,11 +200,12 @@ def double_block(blk, kv, span, txt, img, temb, pos):
     if n_ref:
         txt, img = (txt[:, :pos.n_text] if pos.n_text else None), torch.cat([txt[:, pos.n_text:], img], 1)
     n_t = 0 if txt is None else txt.shape[1]
+    temb, c_temb = temb if isinstance(temb, tuple) else (temb, temb)  # Chroma: each stream its own rows
     attn = blk.attn
     n_img, g_msa, sh_mlp, sc_mlp, g_mlp = blk.norm1(img, emb=temb)
     q, k, v = _qkv(attn, n_img, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
     if txt is not None:
-        n_txt, c_g_msa, c_sh_mlp, c_sc_mlp, c_g_mlp = blk.norm1_context(txt, emb=temb)
+        n_txt, c_g_msa, c_sh_mlp, c_sc_mlp, c_g_mlp = blk.norm1_context(txt, emb=c_temb)
         tq, tk, tv = _qkv(attn, n_txt, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
                           attn.norm_added_q, attn.norm_added_k)
         q, k, v = torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1)
