@@ -82,3 +82,15 @@ def test_schedule_items_are_frozen():
     item = make_schedule([0], 0, Span(0, 0, 0, 4))[0]
     with pytest.raises(AttributeError):
         item.eval = 3
+
+
+def test_schedule_send_cap_is_above_the_unposted_sends():
+    # parallel/pipefusion.send_cap: at most M sends of a stage wait for a receive not yet posted, so a
+    # queue capped below M would wait on one of them (a deadlock under NCCL's in-order streams). M is the
+    # schedule's largest evaluation, not its average (warm-up evaluations are one item each).
+    from comfy_pipefusion.parallel.pipefusion import send_cap
+    sched = make_schedule(list(range(20)), 19, WHOLE, pipefusion_spans(16, 8, 8, 16, "last_patch"))
+    assert sched.max_patches == 16 and len(sched) // sched.evals == 1
+    for stages in (2, 3, 4, 8):
+        assert send_cap(sched.max_patches, stages) >= sched.max_patches
+    assert all(send_cap(m, n) >= m for m in range(1, 65) for n in range(2, 9))

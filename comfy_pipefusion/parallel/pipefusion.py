@@ -49,7 +49,7 @@ class _Buffers:
 
 class _Sends:
     """Sends in flight: completed ones are dropped as we go (their buffers back to their pool); past
-    ``cap`` the oldest is waited for."""
+    ``cap`` the oldest is waited for (``send_cap`` says how large the cap must be)."""
 
     def __init__(self, cap: int) -> None:
         self.cap, self.q = cap, deque()
@@ -68,6 +68,28 @@ class _Sends:
     def drain(self) -> None:
         while self.q:
             self._retire()
+
+
+def send_cap(patches: int, stages: int) -> int:
+    """How many sends a stage keeps in flight before it waits for the oldest (``_Sends``), for a ring of
+    ``stages`` stages whose evaluations are cut into at most ``patches`` items (M).
+
+    The floor is set by ordering, not memory. Under NCCL a send completes only once its peer has posted
+    the matching receive, and one communicator runs its operations in issue order (``rules.py``; the
+    ``nccl`` mode emulates it on gloo). Waiting for a send whose receive the peer can post only after this
+    stage moves on is a deadlock, and the ring closes that cycle: the last stage waits on stage 0, stage 0
+    on the last stage. Receives are posted in item order, one item ahead, and no stage runs more than one
+    evaluation (M items) ahead of the last stage: stage 0 needs, for each item, the ring patch the last
+    stage sends once it has finished the same band of the previous evaluation (all M at once after a
+    warm-up item). So at most M of a stage's sends -- activations to s + 1, or ring patches to stage 0 --
+    wait for a receive not yet posted, and they are the newest: with a cap of M or more, the oldest send,
+    the one a full queue waits for, always has its receive posted.
+
+    The cap is 2 (M + n) + 2, over twice that floor, so that sends already matched but not yet seen
+    complete (retired only from the head of the queue) never make a stage wait in the steady state. What
+    it buys is a bound on the buffers in the pools: they grow with M and n, never with the number of steps.
+    """
+    return 2 * (patches + stages) + 2
 
 
 class _Decisions:
@@ -126,7 +148,7 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
     ring = comm.ring if first or last else None
     acts, lats = _Buffers(dtype, device), _Buffers(torch.float32, device)
     decisions = _Decisions(comm, control, items.evals)
-    sends = _Sends(cap=2 * (len(items) // max(1, items.evals) + n) + 2)
+    sends = _Sends(cap=send_cap(items.max_patches, n))
 
     def post_recv(i: int):
         """Post the receive item i needs on this stage (None: item i needs none, or there is no item i)."""
