@@ -70,12 +70,17 @@ class Suite:
             assert float(ref.abs().max()) > 0.05
             assert float((out[name][0] - ref).abs().max()) <= TOL, (self.preset, world, name)
 
-    def check_staleness(self, world: int) -> None:
+    def check_staleness(self, world: int, factor: dict | None = None) -> dict:
+        """Each strategy's drift at least ``factor[strategy]`` (default 3) times below naive patches; returns
+        the measured {strategy: relative L2}."""
         out, ref = self.group(world), self.serial("euler", STALE_STEPS)
         naive = rel(out["stale_naive_patch"][0], ref)
-        for name in ("stale_pipefusion", "stale_distrifusion"):
-            err = rel(out[name][0], ref)
-            assert 0 < err <= naive / 3, (self.preset, world, name, err, naive)
+        errs = {}
+        for strategy in ("pipefusion", "distrifusion"):
+            errs[strategy] = err = rel(out[f"stale_{strategy}"][0], ref)
+            want = (factor or {}).get(strategy, 3.0)
+            assert 0 < err <= naive / want, (self.preset, world, strategy, err, naive, want)
+        return {**errs, "naive_patch": naive}
 
     def check_cfg(self) -> None:
         ref = self.serial("euler", STEPS, cfg=3.0)

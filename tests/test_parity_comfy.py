@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_pipefusion.models import chroma, family, flux, sd3
-from comfy_pipefusion.models.checkpoint_write import write_checkpoint
+from comfy_pipefusion.models.checkpoint_write import write_checkpoint, write_scaled_fp8
 
 from comfy_helpers import run_prompt, start_server
 
@@ -44,6 +44,8 @@ FAMILY = {"flux": dict(file=FLUX_FILE, width=4096, pooled=768, tokens=4, size=64
           "sd3": dict(file=SD3_FILE, width=4096, pooled=2048, tokens=8, size=128)}
 FAMILY["kontext"] = FAMILY["flux"]  # Kontext files are Flux.1 dev files; the conditioning decides
 FAMILY["chroma"] = dict(FAMILY["flux"], file=CHROMA_FILE)  # T5 only: Chroma ignores the pooled output
+FLUX_FP8_FILE = "parity-flux-fp8-scaled.safetensors"
+FAMILY["fp8"] = dict(FAMILY["flux"], file=FLUX_FP8_FILE)  # the Flux model as ComfyUI's fp8_scaled file
 STEPS = 3
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
@@ -76,6 +78,9 @@ def _cases() -> dict[str, dict]:
     add("kontext", "euler", "simple", refs="offset")
     add("kontext", "dpmpp_2m", "karras", refs="index")
     add("kontext", "euler", "simple", refs="uxo", cfg=3.0)
+    # ComfyUI's scaled-fp8 Flux file: computed as stored x scale on both sides
+    add("fp8", "euler", "simple")
+    add("fp8", "dpmpp_2m", "karras", denoise=0.6)
     # Chroma at its real width: true CFG with a negative (its usual setting), the guidance the conditioning
     # carries reaching the approximator
     add("chroma", "euler", "simple", cfg=3.0)
@@ -100,6 +105,9 @@ def _write_models(folder: Path) -> None:
         model = fam.build_meta(config)
         fam.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
         write_checkpoint(folder / name, model.state_dict(), fam.NAME, dict(model.config), dtype=dtype)
+        if fam is flux:  # every Linear weight float8 with its scale_weight, the scaled_fp8 marker, the prefix
+            write_scaled_fp8(folder / FLUX_FP8_FILE, model.state_dict(), "flux", dict(model.config),
+                             prefix="model.diffusion_model.")
         del model
 
 
