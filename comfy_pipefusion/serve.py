@@ -31,7 +31,7 @@ from . import transport
 from .errors import JobCancelled
 from .parallel.comm import Comm
 from .parallel.runtime import Control
-from .worker import ModelCache, execute, prepare, rank_stats
+from .engine import ModelCache, execute, prepare, rank_stats
 
 log = logging.getLogger("comfy_pipefusion.serve")
 PING_S = 600.0  # idle ranks wait in a control-plane broadcast; keep it well inside the collective timeout

@@ -87,7 +87,7 @@ def cancel(comm: Comm) -> int:
     from comfy_pipefusion.errors import JobCancelled
     from comfy_pipefusion.parallel.runtime import Control
     from comfy_pipefusion.parallel.serial import run_serial
-    from comfy_pipefusion.worker import ModelCache, execute, prepare
+    from comfy_pipefusion.engine import ModelCache, execute, prepare
 
     device, models, steps = torch.device("cpu"), ModelCache(torch.device("cpu")), 6
     for strategy in ("pipefusion", "distrifusion"):

@@ -63,7 +63,7 @@ def test_cuda_forward_matches_cpu_on_the_same_weights(dtype, tol):
 def test_admission_refuses_on_the_gpu_before_allocating():
     from comfy_pipefusion.memory import AdmissionError
     from comfy_pipefusion.parallel.comm import Comm
-    from comfy_pipefusion.worker import ModelCache, prepare
+    from comfy_pipefusion.engine import ModelCache, prepare
 
     device = torch.device("cuda", 0)
     before = torch.cuda.memory_allocated(device)

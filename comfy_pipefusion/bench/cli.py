@@ -23,16 +23,15 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
 
-from .config import STRATEGIES, TEXT_STREAMS, ParallelConfig, SampleSpec
-from . import memory
-from .oneshot import end_children, owned_tempdir, run_jobs
-from .job import evaluation_plan, sampling_kind
-from .sampling.samplers import load_samplers
-from .models import family
-from .parallel.plan import ModelSource
-from .parallel.costs import expected_bytes
+from .. import memory
+from ..config import STRATEGIES, TEXT_STREAMS, ParallelConfig, SampleSpec
+from ..job import evaluation_plan, sampling_kind
+from ..models import family
+from ..oneshot import end_children, owned_tempdir, run_jobs
+from ..parallel.costs import expected_bytes
+from ..parallel.plan import ModelSource
+from ..sampling.samplers import load_samplers
 from .turns import TurnAborted, conduct
 
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -281,8 +280,3 @@ def main(argv=None) -> int:
             json.dump(report, fh, indent=1)
         print(f"wrote {args.json}")
     return 0
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    raise SystemExit(main())
