@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from . import memory
 from .config import ParallelConfig, SampleSpec
 from .job import make_problem, preset_problem, sampling_kind, synthetic_problem
+from .jobspec import INPUT_KEYS, Job
+from .jobspec import TensorKey as K
 from .models import family, fp8
 from .parallel import strategy_fn
 from .parallel.comm import Comm
@@ -75,38 +77,33 @@ class Prepared:
     device: torch.device = torch.device("cpu")
 
 
-def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = None,
-            samplers: dict | None = None) -> Prepared:
-    """Validate a job and load what it needs on this rank (no communication). ``samplers``: test samplers
-    by name (``--test-samplers``), which job files may name besides the production ones."""
-    source = ModelSource(**job["model"])
-    defaults = {k: family.find_preset(source.preset)[1][k] for k in ("height", "width", "steps")} \
-        if source.preset else {}
-    sample = dict(job["sample"])
-    if samplers and sample.get("sampler") in samplers:
-        sample["sampler"] = samplers[sample["sampler"]]
-    spec = SampleSpec(**{**defaults, **sample})
-    par = dict(job["parallel"])
-    if par.get("stage_split") is not None:  # JSON carries a list
-        par["stage_split"] = tuple(par["stage_split"])
-    asked = par.pop("world_size", comm.world_size)
-    if asked != comm.world_size:
-        raise ValueError(f"job {job.get('name', '')!r} asks for world_size {asked} but the group has "
-                         f"{comm.world_size} ranks; start the group with {asked} ranks")
-    cfg = ParallelConfig(world_size=comm.world_size, **par)
-    if tensors is None and job.get("tensors"):  # a job file's real conditioning (the demo): txt, pooled
-        tensors = load_file(job["tensors"])
+def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = None) -> Prepared:
+    """Load what a job (validated by ``Job.from_wire``) needs on this rank (no communication). ``tensors``:
+    the job's tensors by TensorKey (shared memory); without them, a job file's ``tensors_file``, else
+    synthetic conditioning (a preset's, or a checkpoint's: the benchmark)."""
+    source, spec, cfg = job.model, job.sample, job.parallel
+    if cfg.world_size != comm.world_size:
+        raise ValueError(f"job {job.name!r} asks for world_size {cfg.world_size} but the group has "
+                         f"{comm.world_size} ranks; start the group with {cfg.world_size} ranks")
+    if tensors is None and job.tensors_file:  # a job file's real conditioning (the demo): txt, pooled
+        tensors = load_file(job.tensors_file)
     if tensors is None and source.preset:
         problem = preset_problem(source.preset, spec)
     elif tensors is None:  # a checkpoint with synthetic conditioning (the benchmark)
         fam, config, _ = models.describe(source)
-        problem = synthetic_problem(fam, config, spec, int(job.get("text_tokens", 64)))
+        problem = synthetic_problem(fam, config, spec, job.text_tokens)
     else:
         fam, config, _ = models.describe(source)
-        negative = (tensors["neg_txt"], tensors.get("neg_pooled")) if "neg_txt" in tensors else None
-        problem = make_problem(spec, tensors["txt"], tensors.get("pooled"), tensors.get("latent"),
-                               tensors.get("noise"), fam=fam.NAME, fmt=fam.latent_format(config),
-                               sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get("mask"))
+        unknown = sorted(set(tensors) - INPUT_KEYS)
+        if unknown:
+            raise ValueError(f"job {job.name!r} has tensors named {', '.join(unknown)}; the names are "
+                             f"{', '.join(sorted(INPUT_KEYS))}")
+        if K.TXT not in tensors:
+            raise ValueError(f"job {job.name!r} has no {K.TXT.value!r} tensor (the prompt's text states)")
+        negative = (tensors[K.NEG_TXT], tensors.get(K.NEG_POOLED)) if K.NEG_TXT in tensors else None
+        problem = make_problem(spec, tensors[K.TXT], tensors.get(K.POOLED), tensors.get(K.LATENT),
+                               tensors.get(K.NOISE), fam=fam.NAME, fmt=fam.latent_format(config),
+                               sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get(K.MASK))
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
     mode = admit(source, cfg, problem, comm, models, dtype)

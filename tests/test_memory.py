@@ -16,6 +16,7 @@ from comfy_pipefusion.oneshot import run_jobs
 from comfy_pipefusion.models import family
 from comfy_pipefusion.parallel.comm import Comm
 from comfy_pipefusion.engine import ModelCache, prepare
+from comfy_pipefusion.jobspec import Job
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 2 ** 30
@@ -96,7 +97,7 @@ def test_rank_refuses_before_it_allocates_anything():
     job = {"model": {"preset": "mid"}, "parallel": {"strategy": "serial"},
            "sample": {"height": 16384, "width": 16384, "steps": 1}}
     with pytest.raises(memory.AdmissionError, match=r"needs [0-9.]+ GiB .* available; to fit: fewer pixels"):
-        prepare(job, Comm(0, 1), models)
+        prepare(Job.from_wire(job, 1), Comm(0, 1), models)
     assert models.value is None and models.key is None
 
 
@@ -218,7 +219,7 @@ def test_fp8_rank_keeps_an_upcast_copy_and_logs_the_choice(tmp_path, caplog):
     job = {"model": {"checkpoint": fp8_tiny(tmp_path)}, "parallel": {"strategy": "serial"},
            "sample": {"height": 64, "width": 64, "steps": 2}, "text_tokens": 8}
     with caplog.at_level(logging.INFO, logger="comfy_pipefusion.engine"):
-        prep = prepare(job, Comm(0, 1), models)
+        prep = prepare(Job.from_wire(job, 1), Comm(0, 1), models)
     assert "fp8 weights: keeping an upcast float32 copy of" in caplog.text
     layers = fp8.stored_layers(prep.model)
     assert layers and all(m.upcast is not None and m.weight.dtype == torch.float8_e4m3fn for m in layers)

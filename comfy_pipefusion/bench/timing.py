@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..engine import ModelCache, Prepared, execute, prepare, rank_stats
+from ..jobspec import Job
 from ..models import family
 from ..parallel.comm import Comm
 from ..parallel.runtime import Control
@@ -65,16 +66,17 @@ def attention_layers(model, problem) -> dict[str, int]:
 
 def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns: Turns | None = None,
              samplers: dict | None = None) -> None:
-    """Run a file of jobs; with ``turns``, each job's timed runs wait for its turn (see turns.py);
-    ``samplers``: see ``prepare``."""
+    """Run a file of jobs ({"model": {...}, "jobs": [Job wire forms without their model]}); with ``turns``,
+    each job's timed runs wait for its turn (see turns.py); ``samplers``: test samplers by name, which the
+    jobs may name besides the production ones (``Job.from_wire``)."""
     spec = json.loads(jobs_path.read_text())
     models = ModelCache(device)
-    for job in spec["jobs"]:
-        job = {"model": spec["model"], **job}
-        log.info("job %s: %s", job["name"], job["parallel"])
-        prep = prepare(job, comm, models, samplers=samplers)
-        samples, metrics = run_timed(prep, comm, device, int(job.get("repeats", 1)), turns)
+    for wire in spec["jobs"]:
+        job = Job.from_wire({"model": spec["model"], **wire}, comm.world_size, samplers)
+        log.info("job %s: %s", job.name, job.parallel)
+        prep = prepare(job, comm, models)
+        samples, metrics = run_timed(prep, comm, device, job.repeats, turns)
         if comm.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            save_file({"samples": samples.contiguous()}, str(out / f"{job['name']}.safetensors"))
-            (out / f"{job['name']}.json").write_text(json.dumps(metrics))
+            save_file({"samples": samples.contiguous()}, str(out / f"{job.name}.safetensors"))
+            (out / f"{job.name}.json").write_text(json.dumps(metrics))
