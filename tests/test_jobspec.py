@@ -33,8 +33,8 @@ def test_job_test_sampler_travels_by_name():
     class Probe:  # stands for a Sampler subclass given by --test-samplers
         name = "probe"
 
-    job = Job.from_wire({"model": {"preset": "tiny"}, "parallel": {"strategy": "serial"}, "sample": {"sampler": "probe"}},
-                         1, {"probe": Probe})
+    wire = {"model": {"preset": "tiny"}, "parallel": {"strategy": "serial"}, "sample": {"sampler": "probe"}}
+    job = Job.from_wire(wire, 1, {"probe": Probe})
     assert job.sample.sampler is Probe and job.to_wire()["sample"]["sampler"] == "probe"
 
 
