@@ -21,6 +21,8 @@ from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, un
 NAME = "chroma"
 JOINT_TEXT = True
 LATENT = flux.LATENT
+TEXT_ENCODERS = "the Chroma text encoder: CLIPLoader type chroma with t5xxl"
+DEFAULT_GUIDANCE = 0.0  # ComfyUI's Chroma embeds a guidance of 0 unless FluxGuidance sets one
 COMFY_ROWS = 344  # ComfyUI's mod_index_length
 
 PRESETS: dict[str, dict] = {

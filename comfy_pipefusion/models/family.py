@@ -1,8 +1,8 @@
 """What the engine needs from a model family, and the parts every family shares.
 
-A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engine only talks to them:
+A family is a module (``flux``, ``sd3``, ``pixart``, ``chroma``) with these names; the engine only talks to them:
 
-    NAME: str                          "flux" | "sd3" | "pixart"
+    NAME: str                          "flux" | "sd3" | "pixart" | "chroma"
     JOINT_TEXT: bool                   text tokens share the attention sequence ([text; image]: Flux, SD3)
                                        or enter by cross-attention (PixArt: spans carry no text tokens)
     PRESETS: dict                      built-in random-weight models: {name: dict(config=..., text_tokens=,
@@ -13,7 +13,11 @@ A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engin
     build_meta(config) -> nn.Module    the diffusers model on the meta device
     blocks_of(model) -> list[Block]    transformer blocks in execution order
     block_cost(model, block, balance) -> float
+    TEXT_ENCODERS: str                 which ComfyUI text encoders make this family's CONDITIONING (the
+                                       nodes' hint when a prompt's width does not fit)
     latent_format(config) -> LatentFormat
+                                       channels, scale and shift of the LATENT, and the ComfyUI node that
+                                       makes an empty one (``empty_node``: the nodes' hint)
     conditioning_dims(config) -> (text width, pooled width or None)
     kv_buffers(model, block, make) -> tuple
                                        the block's attention state, always a tuple of buffers (no None
@@ -36,12 +40,20 @@ A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engin
                                        latent; the model sampling turns it into a denoised latent
     forward(model, x, t, txt, pooled, guidance, rows, cols) -> [B, S, C]
                                        diffusers' own forward over the whole latent: the serial reference
+
+Optional: ``REFERENCES = True`` (and ``REFERENCE_METHOD``, ComfyUI's default placement) for a family that takes
+reference latents (ComfyUI's ReferenceLatent: Flux.1 Kontext). Their tokens ride with the text stream: the
+joint sequence is ``[text; references; image]`` and ``Problem.n_span_txt`` counts both, so every strategy
+carries them unchanged; the family gets ``refs`` (each [MB, C, h, w], sampling space) and ``ref_method`` as
+keyword arguments of ``embeddings`` and ``forward`` (only when a job has references), embeds them after
+the text in ``.txt`` and runs them through the right weights in its blocks. ``DEFAULT_GUIDANCE``: the
+guidance ComfyUI gives a conditioning without one (3.5 if absent; Chroma 0).
 """
 from __future__ import annotations
 
 import importlib
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,6 +94,8 @@ class LatentFormat:
     channels: int
     scale: float
     shift: float = 0.0
+    empty_node: str = field(default="EmptyLatentImage", compare=False)
+    """The ComfyUI node that makes an empty latent of this format (named in the nodes' errors)."""
 
     def process_in(self, latent: torch.Tensor) -> torch.Tensor:
         return (latent - self.shift) * self.scale
