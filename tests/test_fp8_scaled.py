@@ -1,6 +1,7 @@
 """ComfyUI's scaled-fp8 files (float8 weights with per-tensor ``scale_weight`` and the ``scaled_fp8`` marker) and
 mixed-precision files (``weight_scale`` on some layers, the rest bf16): detected, loaded per stage with the
-weights kept 8-bit and their scales, and computed as ComfyUI computes them (stored x scale)."""
+weights kept 8-bit and their scales, and computed as ComfyUI computes them (stored x scale; in a classic
+scaled-fp8 file ComfyUI builds every Linear in float8, so their biases are rounded to it on load, as ours are)."""
 from __future__ import annotations
 
 import pytest
@@ -31,6 +32,8 @@ def _dequantised(state: dict, mixed: bool) -> dict:
         if v.dim() == 2 and k.endswith(".weight") and (not mixed or k.startswith("double_blocks.")):
             q, s = quantize_scaled(v)
             stored[k] = q.float() * s
+        elif not mixed and k.endswith(".bias"):  # ComfyUI's scaled-fp8 Linear holds its bias in fp8 too
+            stored[k] = v.to(torch.bfloat16).to(torch.float8_e4m3fn).float()
         else:
             stored[k] = v.to(torch.bfloat16).float()
     out = {}

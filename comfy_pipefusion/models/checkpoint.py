@@ -177,6 +177,16 @@ def _check_scales(name: str, entries: dict[str, Entry]) -> None:
             raise _error(name, f"{key} scales {weight}, which the file does not hold")
 
 
+def _scaled_fp8_dtype(entries: dict[str, Entry]) -> torch.dtype | None:
+    """The float8 dtype of a classic scaled-fp8 file (its ``scaled_fp8`` marker's; float32 means e4m3fn, as
+    ComfyUI reads it), or None. ComfyUI builds every Linear of such a model in that dtype, so a bias stored
+    wider is rounded to it on load; the loader does the same so the results agree."""
+    marker = entries.get(detect.SCALED_MARKER)
+    if marker is None:
+        return None
+    return marker.dtype if marker.dtype in fp8.FP8 else torch.float8_e4m3fn
+
+
 def _scale_of(reader: Reader, pieces, entries: dict[str, Entry], device) -> torch.Tensor | None:
     """The per-tensor scale of the stored weight ``pieces`` come from (scaled-fp8 files), or None."""
     base, _, leaf = pieces[0][0].rpartition(".")
@@ -305,6 +315,7 @@ def load_modules(model: nn.Module, info: CheckpointInfo | str | Path, names: lis
     entries = info.entries if info.entries is not None else read_entries(info.files, info.prefix)[0]
     kmap = key_map(info, entries)
     work = [t for name in names for t in _tensors_of(model, name)]
+    rounding = _scaled_fp8_dtype(entries)
     with Reader() as reader, torch.no_grad():
         for i, (key, mod, attr, kind) in enumerate(work):
             if progress is not None:
@@ -321,6 +332,8 @@ def load_modules(model: nn.Module, info: CheckpointInfo | str | Path, names: lis
             scale = _scale_of(reader, kmap[key], entries, device) if kind == "param" and attr == "weight" else None
             if scale is not None and t.dtype not in fp8.FP8:  # dequantised as ComfyUI computes it
                 t = (t.float() * scale).to(dtype)
+            elif rounding is not None and isinstance(mod, nn.Linear) and t.dtype not in fp8.FP8:
+                t = t.to(rounding).to(dtype)  # ComfyUI's scaled-fp8 Linear holds its bias (and any unscaled weight) in fp8
             if kind == "param":
                 mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
                 if t.dtype in fp8.FP8:
