@@ -15,7 +15,8 @@ SUPPORTED = ("Flux.1 dev/schnell/Kontext (original single file, with or without 
              "prefix; diffusers transformer, one file or shards with their index), Chroma (original single file, "
              "with or without the prefix; diffusers transformer), SD3 medium / SD3.5 medium / SD3.5 "
              "large (original single file, with or without the prefix), PixArt-α 512/1024 and PixArt-Σ "
-             "512/1024/2K (original layout); .safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn")
+             "512/1024/2K (original layout); .safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn, "
+             "ComfyUI's scaled-fp8 and mixed-precision files included")
 PREFIXES = ("model.diffusion_model.", "module.")
 HEAD_DIM_KEY = "pipefusion.attention_head_dim"
 
