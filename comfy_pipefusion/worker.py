@@ -95,6 +95,16 @@ class ModelCache:
         self.device, self.key, self.value = device, None, None
         self.meta_source, self.meta = None, None  # structure of the last source (plan.Described): read once
         self.progress = None  # called before each tensor read (serve: cancel while loading)
+        self.planner = None  # strategy=auto's probes and choice, kept for the group (autoplan.py)
+        self.probe_dir: Path | None = None  # where block probes are cached (None: autoplan's default)
+
+    def planner_for(self, comm: Comm):
+        if self.planner is None:
+            from .autoplan import GroupPlanner, default_cache_dir
+
+            self.planner = GroupPlanner(comm, self.device, torch.get_num_threads(),
+                                        self.probe_dir or default_cache_dir())
+        return self.planner
 
     def describe(self, source: ModelSource) -> tuple[object, dict, torch.nn.Module]:
         """(family, config, meta-device model) of ``source``: its header read and its meta model built once
@@ -136,6 +146,9 @@ class Prepared:
     base_bytes: int = 0  # this rank's memory before the load (RSS on CPU, allocated on GPU)
     load_s: float = 0.0  # time to load the weights (0 when they were loaded already)
     device: torch.device = torch.device("cpu")
+    choice: object = None  # strategy=auto: the planner's Choice (parallel/planner.py)
+    predicted_s: float | None = None  # the simulator's wall time for this plan (auto, or a job asking)
+    link: dict | None = None  # the group's probed link (bandwidth B/s, latency s) behind the prediction
 
 
 def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = None,
@@ -156,7 +169,8 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
     if asked != comm.world_size:
         raise ValueError(f"job {job.get('name', '')!r} asks for world_size {asked} but the group has "
                          f"{comm.world_size} ranks; start the group with {asked} ranks")
-    cfg = ParallelConfig(world_size=comm.world_size, **par)
+    auto = par.get("strategy") == "auto"
+    cfg = None if auto else ParallelConfig(world_size=comm.world_size, **par)
     if tensors is None and job.get("tensors"):  # a job file's real conditioning (the demo): txt, pooled
         tensors = load_file(job["tensors"])
     if tensors is None and source.preset:
@@ -170,14 +184,26 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         problem = make_problem(spec, tensors["txt"], tensors.get("pooled"), tensors.get("latent"),
                                tensors.get("noise"), fam=fam.NAME, fmt=fam.latent_format(config),
                                sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get("mask"))
-    cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
+    choice, predicted = None, None
+    if auto or job.get("predict"):  # collective: every rank of the group gets here with the same job
+        fam, config, meta = models.describe(source)
+        planner = models.planner_for(comm)
+        if auto:
+            choice = planner.choose(par, problem, fam, meta, config, spec.dtype,
+                                    lambda c: admit(source, c, problem, comm, models, dtype) or True)
+            cfg, predicted = choice.cfg, choice.prediction.wall_s
+        else:
+            predicted = planner.predict(cfg, problem, fam, meta, config, spec.dtype).wall_s
+        predicted = (predicted, vars(planner.link))
+    cfg.check_image(problem.rows)
     mode = admit(source, cfg, problem, comm, models, dtype)
     base, start = memory_now(models.device), time.perf_counter()
     model, blocks = models.get(source, cfg, comm.rank, dtype)
     if mode is not None:
         use_fp8(model, mode, dtype)
-    return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device)
+    return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device,
+                    choice, *(predicted or (None, None)))
 
 
 def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models: ModelCache,
@@ -245,6 +271,18 @@ def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) 
     return out
 
 
+def plan_report(prep: Prepared, measured_s: float) -> dict:
+    """The plan a job ran with, its predicted and measured wall time (and auto's candidates); logged."""
+    from .parallel.planner import label
+
+    out = {"plan": label(prep.cfg), "strategy": prep.cfg.strategy, "patches": prep.cfg.num_patches,
+           "warmup_steps": prep.cfg.warmup_steps, "predicted_s": prep.predicted_s, "measured_s": measured_s,
+           "auto": prep.choice.as_dict() if prep.choice is not None else None, "link": prep.link}
+    if prep.predicted_s is not None:
+        log.info("plan %s: predicted %.2f s, measured %.2f s", out["plan"], prep.predicted_s, measured_s)
+    return out
+
+
 def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
     local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "wait_s": comm.wait_s,
              "pid": os.getpid(), "base_bytes": prep.base_bytes, "peak_bytes": memory_peak(prep.device),
@@ -279,6 +317,7 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
                "load_s_per_rank": [r["load_s"] for r in stats],
                "params": sum(p.numel() for p in prep.model.parameters()),
                "device": str(device), "threads": torch.get_num_threads()}
+    metrics["plan"] = plan_report(prep, metrics["wall_s_median"])
     metrics["attention_layers"] = attention_layers(prep.model, prep.problem)
     metrics["width"] = prep.model.config.num_attention_heads * prep.model.config.attention_head_dim
     return samples, metrics
@@ -296,11 +335,12 @@ def attention_layers(model, problem) -> dict[str, int]:
 
 
 def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns: Turns | None = None,
-             samplers: dict | None = None) -> None:
+             samplers: dict | None = None, probe_dir: Path | None = None) -> None:
     """Run a file of jobs; with ``turns``, each job's timed runs wait for its turn (see turns.py);
     ``samplers``: see ``prepare``."""
     spec = json.loads(jobs_path.read_text())
     models = ModelCache(device)
+    models.probe_dir = probe_dir
     for job in spec["jobs"]:
         job = {"model": spec["model"], **job}
         log.info("job %s: %s", job["name"], job["parallel"])
@@ -321,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("PIPEFUSION_THREADS", "1")))
     ap.add_argument("--turns", help="with --jobs: take each timed run in turn, as told in this folder (turns.py)")
     ap.add_argument("--turn-tag", default="group", help="with --turns: this process's name in the turns")
+    ap.add_argument("--probe-dir", help="with --jobs: cache the planner's block probes here (default: "
+                    "PIPEFUSION_PROBE_DIR or ~/.cache/comfy-pipefusion/probes)")
     # tests only: a broken peer-to-peer link (wrong bytes) unless NCCL_P2P_DISABLE=1, to fail the self-test
     ap.add_argument("--selftest-broken-p2p", action="store_true", help=argparse.SUPPRESS)
     # tests only: a Python file whose SAMPLERS ({name: Sampler subclass}) job files may name (--jobs)
@@ -345,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             from .oneshot import die_with_parent
             die_with_parent()  # a one-shot group's rank ends with its agent (or its owner, for one rank)
             turns = Turns(Path(args.turns), args.turn_tag, comm.rank) if args.turns else None
-            run_file(Path(args.jobs), Path(args.out), comm, device, turns, load_samplers(args.test_samplers))
+            run_file(Path(args.jobs), Path(args.out), comm, device, turns, load_samplers(args.test_samplers),
+                     Path(args.probe_dir) if args.probe_dir else None)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -2,8 +2,8 @@
 
 Blocks: one block of each kind of the model's own structure, filled with synthetic weights (timing does
 not depend on the values), runs through the family's patch-wise code (the engine's ``run_blocks``) over a
-whole image of three sizes; ``t(n) = per_call + per_token n + per_pair n^2`` is fitted to the fastest of a
-few runs per size. The result is cached as JSON per model structure, device, dtype, thread count and torch
+whole image of three sizes; ``t(n) = per_call + per_token (n + n^2 / 6d)`` is fitted to the fastest of a
+few runs per size (``fit``). The result is cached as JSON per model structure, device, dtype, thread count and torch
 version, so a group pays for the probe once.
 
 Links: a ping-pong with rank 0 (small messages: latency; large ones: bandwidth), on the data plane.
@@ -37,19 +37,18 @@ def cache_key(config: dict, device: torch.device, dtype: torch.dtype, threads: i
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def fit(samples: list[tuple[int, float]]) -> BlockCost:
-    """Least squares of t = c + a n + b n^2 over (n, seconds); negative terms dropped and refitted."""
+def fit(samples: list[tuple[int, float]], width: int) -> BlockCost:
+    """Least squares of t = c + a (n + n^2 / (6 width)) over (n tokens, seconds): the attention term keeps
+    its counted share of the FLOPs (4 d per pair against 24 d^2 per token), so that three noisy sizes fit
+    two numbers, not three. A negative overhead is dropped and the slope refitted through the origin."""
     ns = torch.tensor([float(n) for n, _ in samples], dtype=torch.float64)
     ts = torch.tensor([t for _, t in samples], dtype=torch.float64)
-    cols = {"per_call": torch.ones_like(ns), "per_token": ns, "per_pair": ns * ns}
-    keep = list(cols)
-    while keep:
-        a = torch.stack([cols[k] for k in keep], 1)
-        sol = torch.linalg.lstsq(a, ts[:, None]).solution[:, 0].tolist()
-        if min(sol) >= 0 or len(keep) == 1:
-            return BlockCost(**{k: max(0.0, v) for k, v in zip(keep, sol)})
-        keep.pop(sol.index(min(sol)))
-    raise AssertionError("unreachable")
+    work = ns + ns * ns / (6 * width)
+    a = torch.stack([torch.ones_like(ns), work], 1)
+    c, slope = torch.linalg.lstsq(a, ts[:, None]).solution[:, 0].tolist()
+    if c < 0 or slope <= 0:
+        c, slope = 0.0, float((work * ts).sum() / (work * work).sum())
+    return BlockCost(per_token=slope, per_pair=slope / (6 * width), per_call=c)
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -93,7 +92,8 @@ def probe_blocks(fam, config: dict, device: torch.device, dtype: torch.dtype, n_
             x = rt.x.clone()
             outside.append(_timed(lambda: (rt.embed_image(x, span, 0), rt.update(0, 0, problem.n_img, img)), device)
                            / problem.n_img)
-    return {k: fit(v) for k, v in samples.items()}, min(outside)
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    return {k: fit(v, width) for k, v in samples.items()}, min(outside)
 
 
 def cached_blocks(cache_dir: Path | None, fam, config: dict, device: torch.device, dtype: torch.dtype,
@@ -118,7 +118,7 @@ def cached_blocks(cache_dir: Path | None, fam, config: dict, device: torch.devic
     return blocks, outside
 
 
-def probe_link(comm, small: int = 16, large: int = 4 << 20, rounds: int = 5) -> Link:
+def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5) -> Link:
     """The slowest link from rank 0 to another rank: a ping-pong of ``small`` and ``large`` bytes; every rank
     calls it (rank 0 talks to each other rank in turn). One rank: a free link."""
     if comm.world_size == 1:

@@ -1,0 +1,88 @@
+"""strategy=auto in a worker group: the probes, the prediction of every plan, the choice (all ranks agree).
+
+Every rank calls the same methods in the same order (they are collective on the control plane):
+
+- the link is probed once per group, the first time a job needs a prediction (parallel/probe.py);
+- block costs are probed by rank 0 once per model structure, device and dtype (cached as JSON in
+  ``cache_dir``: the group's run directory, or ``PIPEFUSION_PROBE_DIR``) and broadcast, so every rank
+  predicts from the same numbers;
+- memory: each rank checks every candidate against its own budget (the admission estimate), the answers
+  are gathered, and a plan fits where it fits on every rank.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .config import ParallelConfig
+from .parallel.planner import Choice, candidates, choose, predict, workload_of
+from .parallel.probe import cached_blocks, machine_costs, probe_link
+from .parallel.simulate import BlockCost, Costs, Link, Prediction
+
+log = logging.getLogger("comfy_pipefusion.autoplan")
+ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PIPEFUSION_PROBE_DIR") or Path.home() / ".cache" / "comfy-pipefusion" / "probes")
+
+
+class GroupPlanner:
+    """One per rank and group: what the group measured, kept between jobs."""
+
+    def __init__(self, comm, device, threads: int, cache_dir: Path | None = None) -> None:
+        self.comm, self.device, self.threads = comm, device, threads
+        self.cache_dir = cache_dir
+        self.link: Link | None = None
+
+    def costs(self, fam, config: dict, dtype, n_txt: int, n_img: int) -> Costs:
+        """The group's costs for this model (collective)."""
+        if self.link is None:
+            self.link = probe_link(self.comm)
+            log.info("link: %.3g MB/s, %.3g ms latency", self.link.bandwidth / 1e6, self.link.latency * 1e3)
+        raw = None
+        if self.comm.rank == 0:
+            blocks, outside = cached_blocks(self.cache_dir, fam, config, self.device, dtype, n_txt, self.threads)
+            raw = {"blocks": {k: vars(v) for k, v in blocks.items()}, "outside": outside}
+        raw = self.comm.broadcast_object(raw)
+        blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
+        return machine_costs(blocks, raw["outside"], self.link, n_img)
+
+    def choose(self, par: dict, problem, fam, meta, config: dict, dtype: str, fits) -> Choice:
+        """The plan for a job whose ``par`` says strategy 'auto' (collective). ``fits(cfg)`` is this rank's
+        memory check (False, or an AdmissionError, when the plan does not fit here)."""
+        rest = {k: v for k, v in par.items() if k not in ("strategy", "patches", "stage_split")}
+        base = ParallelConfig("pipefusion" if self.comm.world_size > 1 else "serial", self.comm.world_size, **rest)
+        plans = candidates(self.comm.world_size, problem.rows, base.warmup_steps, base)
+        mine = []
+        for cfg in plans:
+            try:
+                mine.append(bool(fits(cfg)))
+            except ValueError as exc:
+                mine.append(str(exc))
+        every = self.comm.gather_object(mine)
+        ok = {label_i: all(r[label_i] is True for r in every) for label_i in range(len(plans))}
+        refusals = [r[i] for r in every for i in range(len(plans)) if isinstance(r[i], str)]
+        costs = self.costs(fam, config, dtype_of(dtype), problem.n_txt, problem.n_img)
+        work = workload_of(fam, meta, problem, base.warmup_steps, ELEM[dtype])
+
+        def agreed(cfg: ParallelConfig) -> bool:
+            if not ok[plans.index(cfg)] and refusals and not any(ok.values()):
+                raise ValueError(refusals[0])
+            return ok[plans.index(cfg)]
+
+        choice = choose(plans, work, costs, agreed)
+        log.info("auto: %s", choice.describe())
+        return choice
+
+    def predict(self, cfg: ParallelConfig, problem, fam, meta, config: dict, dtype: str) -> Prediction:
+        """The simulator's wall time for a fixed plan (collective)."""
+        costs = self.costs(fam, config, dtype_of(dtype), problem.n_txt, problem.n_img)
+        return predict(cfg, workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype]), costs)
+
+
+def dtype_of(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
