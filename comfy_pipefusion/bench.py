@@ -101,8 +101,8 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
                       scheduler=args.scheduler)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
-        if s not in STRATEGIES + ("auto",):
-            raise ValueError(f"unknown strategy {s!r} in --strategies: choose from {', '.join(STRATEGIES)}, auto")
+        if s not in STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r} in --strategies: choose from {', '.join(STRATEGIES)}")
     streams = [s.strip() for s in args.text_streams.split(",") if s.strip()]
     try:
         patches = [int(m) for m in str(args.patches).split(",") if m.strip()] or [0]

@@ -97,3 +97,29 @@ def test_planner_never_picks_a_plan_that_does_not_fit():
 
     with pytest.raises(ValueError, match="does not fit in memory: pipefusion x2 M2"):
         choose(plans, work, costs, fits=refuse)
+
+
+def test_planner_real_auto_job_on_two_ranks_reports_its_plan(tmp_path):
+    """A real `auto` job on a 2-rank gloo group: the group probes (blocks cached in the probe folder, the link
+    by ping-pong), picks the fastest candidate that fits, runs it, and reports the plan with predicted and
+    measured time; a second auto job reads the probe from the cache. The result is a finite image of the
+    right shape, and the plan it names is one of the candidates."""
+    from comfy_pipefusion.oneshot import run_jobs
+
+    sample = {"height": 128, "width": 128, "steps": 3, "seed": 5}
+    jobs = [{"name": f"auto{i}", "parallel": {"strategy": "auto", "warmup_steps": 2}, "sample": sample}
+            for i in range(2)]
+    out = run_jobs("tiny", 0, jobs, world_size=2, timeout=180, cpu_only=True,
+                   worker_args=["--probe-dir", str(tmp_path)])
+    probes = list(tmp_path.glob("probe-*.json"))
+    assert len(probes) == 1, "the block probe is cached once per model and device"
+    for name in ("auto0", "auto1"):
+        x, m = out[name]
+        plan = m["plan"]
+        assert x.shape == (1, 16, 16, 16) and bool(x.isfinite().all())
+        names = [c["plan"] for c in plan["auto"]["candidates"]]
+        assert plan["plan"] in names and plan["warmup_steps"] == 2
+        assert names[0] == "pipefusion x2 M2 W2" and "distrifusion x2 W2" in names
+        assert plan["auto"]["predicted_s"] == min(c["predicted_s"] for c in plan["auto"]["candidates"])
+        assert plan["predicted_s"] > 0 and plan["measured_s"] == m["wall_s_median"]
+        assert plan["link"]["bandwidth"] > 0
