@@ -11,8 +11,8 @@ Inputs are measured or assumed costs, never a run of the model:
 What is simulated (see parallel/pipefusion.py and distrifusion.py for the schedules themselves):
 
 - ``serial``: every evaluation runs every block over the whole sequence.
-- ``pipefusion``: an event simulation of the ring. Items are (evaluation, span) in the engine's order:
-  the warm-up evaluations one whole-image item each, the rest M bands each. Stage s starts an item when it
+- ``pipefusion``: an event simulation of the ring. Items are the engine's own schedule (schedule.py): the
+  warm-up evaluations one whole-image item each, the rest M bands each. Stage s starts an item when it
   is free and the item has arrived: from s - 1 (its activations, one hop) or, on stage 0, the same band's
   new latent from the last stage (the ring). Warm-up, fill and drain fall out of the schedule.
 - ``distrifusion``: each rank computes its band over the whole context; at each attention layer its K/V
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..patches import displaced_spans, pipefusion_spans, split_even
+from ..patches import displaced_spans, full_span, pipefusion_spans, split_even
+from .schedule import make_schedule
 
 SIMULATED = ("serial", "pipefusion", "distrifusion", "naive_patch")
 
@@ -189,11 +190,10 @@ def _pipefusion(world: int, work: Workload, costs: Costs, patches: int, text_str
     for n in sizes:
         stages.append(work.kinds[start:start + n])
         start += n
-    sync = min(work.warmup_evals, work.evals)
     bands = pipefusion_spans(work.rows, work.cols, work.n_txt, patches, text_stream)
-    full = (work.n_txt, work.n_img)
-    items = [(t, full, None) for t in range(sync)] + \
-            [(t, (sp.n_txt, sp.n_img), b) for t in range(sync, work.evals) for b, sp in enumerate(bands)]
+    sched = make_schedule(range(work.evals), work.warmup_evals, full_span(work.n_txt, work.n_img), bands)
+    items = [(it.eval, (it.span.n_txt, it.span.n_img), None if it.warmup else it.patch) for it in sched]
+    sync = sched.warmup_evals
     free = [0.0] * world
     link_free = [0.0] * world  # hop s carries s -> s + 1 (the last one: the ring back to stage 0)
     busy = [0.0] * world
