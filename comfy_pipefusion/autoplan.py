@@ -54,7 +54,8 @@ class GroupPlanner:
         memory check (False, or an AdmissionError, when the plan does not fit here)."""
         rest = {k: v for k, v in par.items() if k not in ("strategy", "patches", "stage_split")}
         base = ParallelConfig("pipefusion" if self.comm.world_size > 1 else "serial", self.comm.world_size, **rest)
-        plans = candidates(self.comm.world_size, problem.rows, base.warmup_steps, base)
+        plans = candidates(self.comm.world_size, problem.rows, base.warmup_steps, base, problem.cfg,
+                           meta.config.num_attention_heads)
         mine = []
         for cfg in plans:
             try:

@@ -123,3 +123,25 @@ def test_planner_real_auto_job_on_two_ranks_reports_its_plan(tmp_path):
         assert plan["auto"]["predicted_s"] == min(c["predicted_s"] for c in plan["auto"]["candidates"])
         assert plan["predicted_s"] > 0 and plan["measured_s"] == m["wall_s_median"]
         assert plan["link"]["bandwidth"] > 0
+
+
+def test_planner_simulates_the_exact_methods():
+    """CFG halves: each half runs one branch (half the model batch) and swaps a latent per evaluation, so a
+    true-CFG job on 2 ranks takes half of serial's compute; cfg+pipefusion on 4 is PipeFusion on 2 per
+    branch. Ulysses: 1/N of the tokens and heads per rank, two all-to-alls per attention layer, waited for:
+    near 1/N of serial on a free link, far slower than PipeFusion on a slow one. A CFG plan of a job without
+    CFG, or Ulysses over heads it cannot split, is an error."""
+    from dataclasses import replace
+
+    work = replace(_work(rows=32, width=512), cfg=True, heads=8)
+    free, slow = _flat(1e-4), _flat(1e-4, bandwidth=100e6 / 8, latency=1e-3)
+    serial = simulate("serial", 1, work, free).wall_s
+    assert simulate("cfg", 2, work, free).wall_s == pytest.approx(serial / 2, rel=0.01)
+    pf2 = simulate("pipefusion", 2, replace(work, cfg=False), free, patches=2).wall_s
+    assert simulate("cfg+pipefusion", 4, work, free, patches=2).wall_s == pytest.approx(pf2, rel=0.01)
+    assert simulate("ulysses", 2, work, free).wall_s == pytest.approx(serial / 2, rel=0.02)
+    assert simulate("ulysses", 2, work, slow).wall_s > 2 * simulate("pipefusion", 2, work, slow, patches=2).wall_s
+    with pytest.raises(ValueError, match="true-CFG"):
+        simulate("cfg", 2, replace(work, cfg=False), free)
+    with pytest.raises(ValueError, match="not divisible"):
+        simulate("ulysses", 3, work, free)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ParallelConfig
+from ..config import STRATEGIES, ParallelConfig
 from .simulate import Costs, Prediction, Workload, simulate
 
-AUTO_STRATEGIES = ("pipefusion", "distrifusion")
 
 
 @dataclass(frozen=True)
@@ -36,14 +35,16 @@ class Choice:
 
 
 def label(cfg: ParallelConfig) -> str:
-    if cfg.strategy == "pipefusion":
-        return f"pipefusion x{cfg.world_size} M{cfg.num_patches} W{cfg.warmup_steps}"
+    if cfg.strategy.endswith("pipefusion"):
+        return f"{cfg.strategy} x{cfg.world_size} M{cfg.num_patches} W{cfg.warmup_steps}"
     return f"{cfg.strategy} x{cfg.world_size} W{cfg.warmup_steps}"
 
 
-def candidates(world: int, rows: int, warmup: int, base: ParallelConfig | None = None) -> list[ParallelConfig]:
-    """The plans ``auto`` considers on ``world`` ranks for an image of ``rows`` token rows; ``base`` carries
-    the user's other settings (text stream, balance)."""
+def candidates(world: int, rows: int, warmup: int, base: ParallelConfig | None = None, cfg: bool = False,
+               heads: int = 0) -> list[ParallelConfig]:
+    """The plans ``auto`` considers on ``world`` ranks for an image of ``rows`` token rows (``cfg``: a
+    true-CFG job; ``heads``: the model's attention heads); ``base`` carries the user's other settings
+    (text stream, balance)."""
     if world == 1:
         return [ParallelConfig("serial", 1, warmup_steps=warmup)]
     keep = {} if base is None else {"text_stream": base.text_stream, "balance": base.balance}
@@ -53,6 +54,26 @@ def candidates(world: int, rows: int, warmup: int, base: ParallelConfig | None =
             out.append(ParallelConfig("pipefusion", world, patches=m, warmup_steps=warmup, **keep))
     if world <= rows:
         out.append(ParallelConfig("distrifusion", world, warmup_steps=warmup))
+    return out + exact_candidates(world, rows, warmup, cfg, heads)
+
+
+def exact_candidates(world: int, rows: int, warmup: int, cfg: bool, heads: int) -> list[ParallelConfig]:
+    """The exact methods and hybrids where the engine has them (config.STRATEGIES): Ulysses when the heads
+    split evenly, CFG halves (alone, or around each other method) on a true-CFG job."""
+    out = []
+    names = [s for s in STRATEGIES if s == "ulysses" or s.startswith("cfg")]
+    for s in names:
+        half = world // 2 if s.startswith("cfg") else world
+        if s.startswith("cfg") and not cfg:
+            continue
+        if "ulysses" in s and (not heads or heads % half):
+            continue
+        if s.endswith(("pipefusion", "distrifusion")) and half > rows:
+            continue
+        try:
+            out.append(ParallelConfig(s, world, warmup_steps=warmup))
+        except ValueError:  # not a plan of this many ranks (e.g. cfg alone on 4)
+            continue
     return out
 
 
@@ -96,4 +117,5 @@ def workload_of(fam, meta, problem, warmup_steps: int, elem: int) -> Workload:
     return Workload(kinds=tuple(b.kind for b in blocks), width=cfg.num_attention_heads * cfg.attention_head_dim,
                     rows=problem.rows, cols=problem.cols, n_txt=problem.n_span_txt, evals=evals,
                     warmup_evals=sum(1 for k in range(evals) if step_of(k) < warmup_steps), batch=problem.batch,
-                    cfg=problem.cfg, elem=elem, channels=problem.x0.shape[-1], kv_layers=layers)
+                    cfg=problem.cfg, elem=elem, channels=problem.x0.shape[-1], kv_layers=layers,
+                    heads=cfg.num_attention_heads)

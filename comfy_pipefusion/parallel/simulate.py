@@ -19,17 +19,21 @@ What is simulated (see parallel/pipefusion.py and distrifusion.py for the schedu
   band goes to every other rank (a ring all-gather: N - 1 hops). Warm-up evaluations wait for every
   gather; the others overlap the gather with the next evaluation's compute.
 - ``naive_patch``: each rank its band alone; no exchange but the final latent.
+- ``ulysses``: each rank computes 1/N of the tokens through the linear layers and 1/N of the heads over
+  the whole sequence; every attention layer waits for two all-to-alls (q, k, v out; the outputs back).
+- ``cfg`` and ``cfg+X``: the positive and negative branches on two halves, each running X (serial on one
+  rank) on half the model batch; each evaluation the halves swap their outputs (latent-sized) once.
 
 Everything here is pure arithmetic on frozen values: no torch, no process group.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..patches import displaced_spans, full_span, pipefusion_spans, split_even
 from .schedule import make_schedule
 
-SIMULATED = ("serial", "pipefusion", "distrifusion", "naive_patch")
+SIMULATED = ("serial", "pipefusion", "distrifusion", "naive_patch", "ulysses", "cfg", "cfg+X")
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ class Workload:
     """Packed latent channels per image token (sent as float32)."""
     kv_layers: dict[str, int] = field(default_factory=dict)
     """Attention layers per block kind that DistriFusion exchanges (default: one per block)."""
+    heads: int = 0
+    """Attention heads (Ulysses needs them divisible by its degree; 0: not checked)."""
 
     def __post_init__(self) -> None:
         if not self.kinds or self.rows < 1 or self.cols < 1 or self.evals < 1 or self.n_txt < 0:
@@ -171,6 +177,10 @@ def stage_sizes(work: Workload, costs: Costs, world: int, split: tuple[int, ...]
 def simulate(strategy: str, world: int, work: Workload, costs: Costs, patches: int = 0,
              text_stream: str = "last_patch", stage_split: tuple[int, ...] | None = None) -> Prediction:
     """Predicted wall time of one job (see the module docstring)."""
+    if strategy.startswith("cfg"):
+        return _cfg(strategy, world, work, costs, patches, text_stream, stage_split)
+    if strategy == "ulysses":
+        return _ulysses(world, work, costs)
     if strategy == "serial" or world == 1:
         t = work.evals * (blocks_time(costs, work.kinds, work.n_ctx, work.n_ctx, work.model_batch) + costs.per_eval)
         return Prediction("serial", 1, 1, t, t, 0.0)
@@ -258,3 +268,34 @@ def _naive(world: int, work: Workload, costs: Costs) -> Prediction:
     wall = compute + costs.link.time(4 * work.channels * work.n_img / world)
     return Prediction("naive_patch", world, world, wall, compute, 0.0)
 
+
+def _all_to_all(costs: Costs, world: int, nbytes_per_rank: float) -> float:
+    """An all-to-all where each rank holds ``nbytes_per_rank``: N - 1 messages of 1/N of it each way."""
+    return (world - 1) * costs.link.time(nbytes_per_rank / world)
+
+
+def _ulysses(world: int, work: Workload, costs: Costs) -> Prediction:
+    if work.heads and work.heads % world:
+        raise ValueError(f"ulysses splits {work.heads} heads over {world} ranks: not divisible")
+    n, mb = work.n_ctx, work.model_batch
+    local = -(-n // world)  # the largest band of the joint sequence
+    compute = sum(costs.blocks[k].per_call + mb * local * (costs.blocks[k].per_token + costs.blocks[k].per_pair * n)
+                  for k in work.kinds) + costs.per_eval / world
+    layers = sum(work.kv_layers.get(k, 1) for k in work.kinds)
+    band = work.elem * mb * local * work.width
+    comm = layers * (_all_to_all(costs, world, 3 * band) + _all_to_all(costs, world, band))
+    wall = work.evals * (compute + comm) + costs.link.time(4 * work.channels * work.n_img * work.batch / world)
+    return Prediction("ulysses", world, 1, wall, work.evals * compute, work.evals * comm)
+
+
+def _cfg(strategy: str, world: int, work: Workload, costs: Costs, patches: int, text_stream: str,
+         stage_split) -> Prediction:
+    if not work.cfg:
+        raise ValueError(f"{strategy} needs a true-CFG job (cfg != 1): this one has one branch")
+    if world % 2:
+        raise ValueError(f"{strategy} needs an even world size, got {world}")
+    inner = strategy.partition("+")[2] or "serial"
+    half = replace(work, cfg=False)  # each half: one branch, half the model batch
+    p = simulate(inner, world // 2, half, costs, patches, text_stream, stage_split)
+    swap = work.evals * costs.link.time(4 * work.channels * work.n_img * work.batch / max(1, world // 2))
+    return Prediction(strategy, world, p.patches, p.wall_s + swap, p.compute_s, p.comm_s + swap)
