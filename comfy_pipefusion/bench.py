@@ -198,6 +198,7 @@ def summarise(args, spec, serial, results) -> dict:
                      "bytes_sent_per_step_per_rank": [b / spec.steps for b in m["bytes_sent_per_rank"]],
                      "wait_s_per_rank": m["wait_s_per_rank"], "plan": m["plan"]["plan"],
                      "predicted_s": m["plan"]["predicted_s"], "auto": m["plan"]["auto"],
+                     "probed_link": m["plan"]["link"],
                      "expected_bytes_per_step_per_rank": [
                          expected_bytes(p["strategy"], rank=r, **dims) / spec.steps for r in range(n)]})
     name = source.get("preset") or source["checkpoint"]
