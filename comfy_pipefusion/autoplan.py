@@ -42,10 +42,15 @@ class GroupPlanner:
             self.link = probe_link(self.comm)
             log.info("link: %.3g MB/s, %.3g ms latency", self.link.bandwidth / 1e6, self.link.latency * 1e3)
         raw = None
-        if self.comm.rank == 0:
-            blocks, outside = cached_blocks(self.cache_dir, fam, config, self.device, dtype, n_txt, self.threads)
-            raw = {"blocks": {k: vars(v) for k, v in blocks.items()}, "outside": outside}
+        if self.comm.rank == 0:  # a failure is broadcast too: no rank is left waiting for the numbers
+            try:
+                blocks, outside = cached_blocks(self.cache_dir, fam, config, self.device, dtype, n_txt, self.threads)
+                raw = {"blocks": {k: vars(v) for k, v in blocks.items()}, "outside": outside}
+            except Exception as exc:  # noqa: BLE001 - every rank raises it below
+                raw = {"error": f"the block probe failed on rank 0: {type(exc).__name__}: {exc}"}
         raw = self.comm.broadcast_object(raw)
+        if "error" in raw:
+            raise RuntimeError(raw["error"])
         blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
         return machine_costs(blocks, raw["outside"], self.link, n_img)
 
@@ -76,6 +81,15 @@ class GroupPlanner:
         choice = choose(plans, work, costs, agreed)
         log.info("auto: %s", choice.describe())
         return choice
+
+    def plan_job(self, plan, problem, fam, config: dict, meta, dtype: str, fits):
+        """(plan, Choice or None, predicted seconds, probed link as a dict) of a job whose ``plan`` is a
+        ParallelConfig (predicted) or the job's parallel settings with strategy 'auto' (chosen; ``fits``:
+        see ``choose``). Collective."""
+        if isinstance(plan, ParallelConfig):
+            return plan, None, self.predict(plan, problem, fam, meta, config, dtype).wall_s, vars(self.link)
+        choice = self.choose(plan, problem, fam, meta, config, dtype, fits)
+        return choice.cfg, choice, choice.prediction.wall_s, vars(self.link)
 
     def predict(self, cfg: ParallelConfig, problem, fam, meta, config: dict, dtype: str) -> Prediction:
         """The simulator's wall time for a fixed plan (collective)."""

@@ -185,17 +185,11 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
                                tensors.get("noise"), fam=fam.NAME, fmt=fam.latent_format(config),
                                sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get("mask"))
     dtype = DTYPES[spec.dtype]
-    choice, predicted = None, None
+    choice, predicted, link = None, None, None
     if auto or job.get("predict"):  # collective: every rank of the group gets here with the same job
-        fam, config, meta = models.describe(source)
-        planner = models.planner_for(comm)
-        if auto:
-            choice = planner.choose(par, problem, fam, meta, config, spec.dtype,
-                                    lambda c: admit(source, c, problem, comm, models, dtype) or True)
-            cfg, predicted = choice.cfg, choice.prediction.wall_s
-        else:
-            predicted = planner.predict(cfg, problem, fam, meta, config, spec.dtype).wall_s
-        predicted = (predicted, vars(planner.link))
+        cfg, choice, predicted, link = models.planner_for(comm).plan_job(
+            cfg or par, problem, *models.describe(source), spec.dtype,
+            lambda c: admit(source, c, problem, comm, models, dtype) or True)
     cfg.check_image(problem.rows)
     mode = admit(source, cfg, problem, comm, models, dtype)
     base, start = memory_now(models.device), time.perf_counter()
@@ -203,7 +197,7 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
     if mode is not None:
         use_fp8(model, mode, dtype)
     return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device,
-                    choice, *(predicted or (None, None)))
+                    choice, predicted, link)
 
 
 def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models: ModelCache,
