@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import ParallelConfig
 from .parallel.planner import Choice, candidates, choose, predict, workload_of
-from .parallel.probe import cached_blocks, machine_costs, probe_link
+from .parallel.probe import cached_blocks, grids_for, machine_costs, probe_link
 from .parallel.simulate import BlockCost, Costs, Link, Prediction
 
 log = logging.getLogger("comfy_pipefusion.autoplan")
@@ -35,22 +35,28 @@ class GroupPlanner:
         self.comm, self.device, self.threads = comm, device, threads
         self.cache_dir = cache_dir
         self.link: Link | None = None
+        self.unprobed = False  # the last job's block probe failed (no prediction; auto took the first plan)
 
-    def costs(self, fam, config: dict, dtype, n_txt: int, n_img: int) -> Costs:
-        """The group's costs for this model (collective)."""
+    def costs(self, fam, config: dict, dtype, problem) -> Costs | None:
+        """The group's costs for this model and job size (collective); None (on every rank, logged) when
+        the block probe failed."""
+        n_txt, n_img = problem.n_txt, problem.n_img
         if self.link is None:
             self.link = probe_link(self.comm)
             log.info("link: %.3g MB/s, %.3g ms latency", self.link.bandwidth / 1e6, self.link.latency * 1e3)
         raw = None
         if self.comm.rank == 0:  # a failure is broadcast too: no rank is left waiting for the numbers
             try:
-                blocks, outside = cached_blocks(self.cache_dir, fam, config, self.device, dtype, n_txt, self.threads)
+                blocks, outside = cached_blocks(self.cache_dir, fam, config, self.device, dtype, n_txt, self.threads,
+                                                grids_for(problem.rows, problem.cols))
                 raw = {"blocks": {k: vars(v) for k, v in blocks.items()}, "outside": outside}
             except Exception as exc:  # noqa: BLE001 - every rank raises it below
                 raw = {"error": f"the block probe failed on rank 0: {type(exc).__name__}: {exc}"}
         raw = self.comm.broadcast_object(raw)
+        self.unprobed = "error" in raw
         if "error" in raw:
-            raise RuntimeError(raw["error"])
+            log.warning("%s: no prediction for this job", raw["error"])
+            return None
         blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
         return machine_costs(blocks, raw["outside"], self.link, n_img)
 
@@ -70,7 +76,7 @@ class GroupPlanner:
         every = self.comm.gather_object(mine)
         ok = {label_i: all(r[label_i] is True for r in every) for label_i in range(len(plans))}
         refusals = [r[i] for r in every for i in range(len(plans)) if isinstance(r[i], str)]
-        costs = self.costs(fam, config, dtype_of(dtype), problem.n_txt, problem.n_img)
+        costs = self.costs(fam, config, dtype_of(dtype), problem)
         work = workload_of(fam, meta, problem, base.warmup_steps, ELEM[dtype])
 
         def agreed(cfg: ParallelConfig) -> bool:
@@ -78,6 +84,9 @@ class GroupPlanner:
                 raise ValueError(refusals[0])
             return ok[plans.index(cfg)]
 
+        if costs is None:  # no numbers to compare: the first plan that fits (PipeFusion's, the least memory)
+            costs = Costs(blocks={k: BlockCost(1.0) for k in work.kinds}, link=Link(1.0))
+            plans = [next((c for c in plans if agreed(c)), plans[0])]
         choice = choose(plans, work, costs, agreed)
         log.info("auto: %s", choice.describe())
         return choice
@@ -87,13 +96,16 @@ class GroupPlanner:
         ParallelConfig (predicted) or the job's parallel settings with strategy 'auto' (chosen; ``fits``:
         see ``choose``). Collective."""
         if isinstance(plan, ParallelConfig):
-            return plan, None, self.predict(plan, problem, fam, meta, config, dtype).wall_s, vars(self.link)
+            p = self.predict(plan, problem, fam, meta, config, dtype)
+            return plan, None, p.wall_s if p is not None else None, vars(self.link)
         choice = self.choose(plan, problem, fam, meta, config, dtype, fits)
-        return choice.cfg, choice, choice.prediction.wall_s, vars(self.link)
+        return choice.cfg, choice, None if self.unprobed else choice.prediction.wall_s, vars(self.link)
 
-    def predict(self, cfg: ParallelConfig, problem, fam, meta, config: dict, dtype: str) -> Prediction:
+    def predict(self, cfg: ParallelConfig, problem, fam, meta, config: dict, dtype: str) -> Prediction | None:
         """The simulator's wall time for a fixed plan (collective)."""
-        costs = self.costs(fam, config, dtype_of(dtype), problem.n_txt, problem.n_img)
+        costs = self.costs(fam, config, dtype_of(dtype), problem)
+        if costs is None:
+            return None
         return predict(cfg, workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype]), costs)
 
 

@@ -2,7 +2,7 @@
 
 Blocks: one block of each kind of the model's own structure, filled with synthetic weights (timing does
 not depend on the values), runs through the family's patch-wise code (the engine's ``run_blocks``) over a
-whole image of three sizes; ``t(n) = per_call + per_token (n + n^2 / 6d)`` is fitted to the fastest of a
+whole image of three sizes (the job's, half and a quarter of it); ``t(n) = per_call + per_token (n + n^2 / 6d)`` is fitted to the fastest of a
 few runs per size (``fit``). The result is cached as JSON per model structure, device, dtype, thread count and torch
 version, so a group pays for the probe once.
 
@@ -27,7 +27,17 @@ from .runtime import JobRuntime
 from .simulate import BlockCost, Costs, Link
 
 log = logging.getLogger("comfy_pipefusion.probe")
-GRIDS = ((8, 8), (16, 16), (24, 24))  # token rows x cols of the three probe images
+
+
+def grids_for(rows: int, cols: int) -> tuple[tuple[int, int], ...]:
+    """Token rows x cols of the probe images: the job's own size, half and a quarter of it (a size the
+    model takes, e.g. within SD3's position table), at least 2 x 2."""
+    out = []
+    for f in (4, 2, 1):
+        g = (max(2, min(rows, -(-rows // f))), max(2, min(cols, -(-cols // f))))
+        if g not in out:
+            out.append(g)
+    return tuple(out)
 REPEATS = 3
 
 
@@ -65,7 +75,7 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def probe_blocks(fam, config: dict, device: torch.device, dtype: torch.dtype, n_txt: int,
-                 grids=GRIDS) -> tuple[dict[str, BlockCost], float]:
+                 grids: tuple[tuple[int, int], ...]) -> tuple[dict[str, BlockCost], float]:
     """({block kind: cost}, seconds per evaluation outside the blocks) on ``device``."""
     model = fam.build_meta(config)
     blocks = fam.blocks_of(model)
@@ -97,9 +107,11 @@ def probe_blocks(fam, config: dict, device: torch.device, dtype: torch.dtype, n_
 
 
 def cached_blocks(cache_dir: Path | None, fam, config: dict, device: torch.device, dtype: torch.dtype,
-                  n_txt: int, threads: int) -> tuple[dict[str, BlockCost], float]:
-    """``probe_blocks``, read from ``cache_dir`` when this model structure and device were probed before."""
-    path = Path(cache_dir) / f"probe-{cache_key(config, device, dtype, threads)}.json" if cache_dir else None
+                  n_txt: int, threads: int, grids: tuple[tuple[int, int], ...]) -> tuple[dict[str, BlockCost], float]:
+    """``probe_blocks``, read from ``cache_dir`` when this model structure and device were probed before
+    (at the same sizes: a job of another size probes again, so each fit covers the sizes it predicts)."""
+    key = cache_key({"config": config, "grids": grids, "n_txt": n_txt}, device, dtype, threads)
+    path = Path(cache_dir) / f"probe-{key}.json" if cache_dir else None
     if path is not None and path.is_file():
         try:
             raw = json.loads(path.read_text())
@@ -107,7 +119,7 @@ def cached_blocks(cache_dir: Path | None, fam, config: dict, device: torch.devic
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("probe cache %s unreadable (%s): probing again", path, exc)
     start = time.perf_counter()
-    blocks, outside = probe_blocks(fam, config, device, dtype, n_txt)
+    blocks, outside = probe_blocks(fam, config, device, dtype, n_txt, grids)
     log.info("probed %s block kinds on %s in %.1f s", len(blocks), device, time.perf_counter() - start)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
