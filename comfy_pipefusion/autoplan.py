@@ -11,6 +11,7 @@ Every rank calls the same methods in the same order (they are collective on the 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -60,10 +61,11 @@ class GroupPlanner:
         blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
         return machine_costs(blocks, raw["outside"], self.link, n_img)
 
-    def choose(self, par: dict, problem, fam, meta, config: dict, dtype: str, fits) -> Choice:
-        """The plan for a job whose ``par`` says strategy 'auto' (collective). ``fits(cfg)`` is this rank's
+    def choose(self, par: ParallelConfig, problem, fam, meta, config: dict, dtype: str, fits) -> Choice:
+        """The plan for a job whose ``par`` has strategy 'auto' (collective). ``fits(cfg)`` is this rank's
         memory check (False, or an AdmissionError, when the plan does not fit here)."""
-        rest = {k: v for k, v in par.items() if k not in ("strategy", "patches", "stage_split")}
+        rest = {k: v for k, v in dataclasses.asdict(par).items()
+                if k not in ("strategy", "patches", "stage_split", "world_size")}
         base = ParallelConfig("pipefusion" if self.comm.world_size > 1 else "serial", self.comm.world_size, **rest)
         plans = candidates(self.comm.world_size, problem.rows, base.warmup_steps, base, problem.cfg,
                            meta.config.num_attention_heads)
@@ -92,10 +94,9 @@ class GroupPlanner:
         return choice
 
     def plan_job(self, plan, problem, fam, config: dict, meta, dtype: str, fits):
-        """(plan, Choice or None, predicted seconds, probed link as a dict) of a job whose ``plan`` is a
-        ParallelConfig (predicted) or the job's parallel settings with strategy 'auto' (chosen; ``fits``:
-        see ``choose``). Collective."""
-        if isinstance(plan, ParallelConfig):
+        """(plan, Choice or None, predicted seconds, probed link as a dict) of a job whose ``plan`` is
+        predicted, or chosen where its strategy is 'auto' (``fits``: see ``choose``). Collective."""
+        if plan.strategy != "auto":
             p = self.predict(plan, problem, fam, meta, config, dtype)
             return plan, None, p.wall_s if p is not None else None, vars(self.link)
         choice = self.choose(plan, problem, fam, meta, config, dtype, fits)

@@ -200,12 +200,13 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
              timeout: float | None = None, model: dict | None = None,
              worker_args: list[str] | None = None, cpu_only: bool = False,
              link=None) -> dict[str, tuple[torch.Tensor, dict]]:
-    """Run ``jobs`` (worker job dicts) on a fresh group; returns {name: (samples, metrics)}. The model is
-    the built-in ``preset`` (random weights from ``seed``) unless ``model`` gives another source (e.g.
-    ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no limit) bounds the whole group; on timeout or
-    interrupt the group is killed. ``worker_args`` go to every rank (e.g. ``--turns DIR --turn-tag TAG``);
-    ``cpu_only`` hides the GPUs from the ranks; ``link`` (linkns.Shaped) puts half the ranks in each of its
-    two namespaces, joined by torchrun's multi-node rendezvous over the shaped link."""
+    """Run ``jobs`` (``Job.to_wire`` forms; ``Job.from_wire`` fills what a job leaves out) on a fresh group;
+    returns {name: (samples, metrics)}. The model is the built-in ``preset`` (random weights from ``seed``)
+    unless ``model`` gives another source (e.g. ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no
+    limit) bounds the whole group; on timeout or interrupt the group is killed. ``worker_args`` go to every
+    rank (e.g. ``--turns DIR --turn-tag TAG``); ``cpu_only`` hides the GPUs from the ranks; ``link``
+    (linkns.Shaped) puts half the ranks in each of its two namespaces, joined by torchrun's multi-node
+    rendezvous over the shaped link."""
     sweep_tempdirs()
     with owned_tempdir() as tmp:
         tmp = Path(tmp)
