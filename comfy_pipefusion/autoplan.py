@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from .config import ParallelConfig
+from .memory import AdmissionError
 from .parallel.planner import Choice, candidates, choose, predict, workload_of
 from .parallel.probe import cached_blocks, grids_for, machine_costs, probe_link
 from .parallel.simulate import BlockCost, Costs, Link, Prediction
@@ -76,14 +77,14 @@ class GroupPlanner:
             except ValueError as exc:
                 mine.append(str(exc))
         every = self.comm.gather_object(mine)
-        ok = {label_i: all(r[label_i] is True for r in every) for label_i in range(len(plans))}
+        ok = {i: all(r[i] is True for r in every) for i in range(len(plans))}  # fits on every rank
         refusals = [r[i] for r in every for i in range(len(plans)) if isinstance(r[i], str)]
         costs = self.costs(fam, config, dtype_of(dtype), problem)
         work = workload_of(fam, meta, problem, base.warmup_steps, ELEM[dtype])
 
         def agreed(cfg: ParallelConfig) -> bool:
             if not ok[plans.index(cfg)] and refusals and not any(ok.values()):
-                raise ValueError(refusals[0])
+                raise AdmissionError(refusals[0])  # none fits: the first plan's refusal, with its way out
             return ok[plans.index(cfg)]
 
         if costs is None:  # no numbers to compare: the first plan that fits (PipeFusion's, the least memory)
