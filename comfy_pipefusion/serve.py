@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import transport
+from . import preview, transport
 from .errors import JobCancelled
 from .parallel.comm import Comm
 from .parallel.runtime import Control
@@ -217,7 +217,9 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
             if conn is not None:
                 transport.send(conn, "progress", id=jid, step=t + 1, steps=steps)
 
-        control = Control(on_step=on_step, cancelled=inbox.cancelled if inbox else None)
+        writer = preview.PreviewWriter(segs[preview.DATA].tensor, segs[preview.STAMP].tensor, comm.rank) \
+            if preview.DATA in segs else None  # the job wants previews
+        control = Control(on_step=on_step, cancelled=inbox.cancelled if inbox else None, preview=writer)
         comm.reset_counters()
         start = time.perf_counter()
         try:

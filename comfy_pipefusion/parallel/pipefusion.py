@@ -124,7 +124,7 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
     control = control or Control()
     s, n = comm.rank, comm.world_size
     first, last = s == 0, s == n - 1
-    rt = JobRuntime(model, problem, dtype, device, first, last)
+    rt = JobRuntime(model, problem, dtype, device, first, last, preview=control.preview)
     kvs = rt.kv_buffers(blocks)
     items = schedule(problem, len(rt.evals), rt.sync_evals(cfg.warmup_steps), cfg.num_patches, cfg.text_stream)
     width = rt.width
