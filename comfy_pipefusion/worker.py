@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from . import memory
+from . import adapters, memory
 from .config import ParallelConfig, SampleSpec
 from .job import make_problem, preset_problem, sampling_kind, synthetic_problem
 from .models import family, fp8
@@ -175,6 +175,15 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
     mode = admit(source, cfg, problem, comm, models, dtype)
     base, start = memory_now(models.device), time.perf_counter()
     model, blocks = models.get(source, cfg, comm.rank, dtype)
+    if job.get("adapters") and mode is not None:
+        raise ValueError("LoRAs on an fp8 checkpoint are not supported yet; use a bf16/fp16 checkpoint")
+    patched = None
+    if job.get("adapters") or "pipefusion_adapters" in model.__dict__:  # apply, change or undo LoRAs
+        afam, aconfig, _ = models.describe(source)
+        patched = adapters.sync_model(model, afam.NAME, aconfig, job.get("adapters") or [])
+    if patched is not None:
+        log.info("LoRAs: %d weights of this stage patched in %.3f s (originals kept: %.1f MiB)",
+                 patched["weights"], patched["seconds"], patched["original_bytes"] / 2 ** 20)
     if mode is not None:
         use_fp8(model, mode, dtype)
     return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device)

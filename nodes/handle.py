@@ -21,6 +21,7 @@ class PipeFusionModel:
     slot: str = ""  # a new plan of the same slot (checkpoint) replaces its group
     stamp: str = ""  # the checkpoint file's size, time and inode when the loader ran
     family: str = "flux"  # flux | sd3 | pixart (models/family.py)
+    adapters: tuple = ()  # LoRAs in order: {"path", "strength", "stamp"} (nodes/lora.py)
 
     @property
     def launcher(self) -> Launcher:
@@ -33,7 +34,7 @@ class PipeFusionModel:
 
     def job(self, sample: dict) -> dict:
         p = self.parallel
-        return {"model": {"checkpoint": self.path}, "model_stamp": self.stamp,
+        return {"model": {"checkpoint": self.path}, "model_stamp": self.stamp, "adapters": list(self.adapters),
                 "parallel": {"strategy": p.strategy, "patches": p.patches, "warmup_steps": p.warmup_steps,
                              "balance": p.balance,
                              "stage_split": list(p.stage_split) if p.stage_split else None},

@@ -1,5 +1,7 @@
 """Issue 12 on a real ComfyUI server: live previews of our KSampler as of the stock one (binary websocket
-frames, one per step, with ``--preview-method latent2rgb``; none without a preview method).
+frames, one per step, with ``--preview-method latent2rgb``; none without a preview method), and the lean
+path's LoRAs: our loader -> PipeFusion LoRA (x3: kohya, diffusers/peft, LoKr) -> our KSampler equals the stock
+UNETLoader -> LoraLoaderModelOnly (x3) -> KSampler; a new strength changes both alike on the same workers.
 
 The model is the SD3.5-medium-like parity model of tests/test_parity_comfy.py (width 192: ComfyUI's own
 detection loads it with the stock UNETLoader, and it is cheap on the CPU).
@@ -7,19 +9,53 @@ detection loads it with the stock UNETLoader, and it is cheap on the CPU).
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from comfy_pipefusion.models import family, sd3
 from comfy_pipefusion.models.checkpoint_write import write_checkpoint
 
-from comfy_helpers import run_prompt, start_server
-from test_parity_comfy import SD3_CONFIG
+from comfy_helpers import run_prompt, saved_latent, start_server, worker_pids
+from test_parity_comfy import SD3_CONFIG, rel_l2
 
 SD3_FILE = "preview-sd35m.safetensors"
 STEPS = 3
 COND = {"tokens": 8, "width": 4096, "pooled_width": 2048, "guidance": 3.5, "seed": 0}
+D = 192  # SD3_CONFIG's width
+TOL = 1e-3
+
+
+def _pair(prefix: str, out: int, inp: int, seed: int, names=("lora_up.weight", "lora_down.weight"), rank: int = 4,
+          alpha: float | None = 4.0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    t = {f"{prefix}.{names[0]}": torch.randn(out, rank, generator=g) * 0.5,
+         f"{prefix}.{names[1]}": torch.randn(rank, inp, generator=g) * 0.5}
+    if alpha is not None:
+        t[f"{prefix}.alpha"] = torch.tensor(alpha)
+    return t
+
+
+def write_loras(folder) -> None:
+    """Three LoRAs for the SD3 model, each in another format: kohya on the fused original weights,
+    diffusers/peft on our module names, a LoKr (LyCORIS)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    peft = ("lora_B.weight", "lora_A.weight")
+    g = torch.Generator().manual_seed(3)
+    files = {
+        "kohya": {**_pair("lora_unet_joint_blocks_0_x_block_attn_qkv", 3 * D, D, 1),
+                  **_pair("lora_unet_joint_blocks_1_x_block_mlp_fc1", 4 * D, D, 2)},
+        "peft": {**_pair("transformer.transformer_blocks.0.attn.to_k", D, D, 4, peft, alpha=None),
+                 **_pair("transformer.transformer_blocks.1.attn.add_q_proj", D, D, 5, peft, alpha=None),
+                 **_pair("transformer.transformer_blocks.2.ff.net.2", D, 4 * D, 6, peft, alpha=None)},
+        "lokr": {"lora_unet_joint_blocks_1_x_block_attn_proj.lokr_w1": torch.randn(4, 4, generator=g),
+                 "lora_unet_joint_blocks_1_x_block_attn_proj.lokr_w2_a": torch.randn(D // 4, 4, generator=g) * 0.5,
+                 "lora_unet_joint_blocks_1_x_block_attn_proj.lokr_w2_b": torch.randn(4, D // 4, generator=g) * 0.5,
+                 "lora_unet_joint_blocks_1_x_block_attn_proj.alpha": torch.tensor(2.0)}}
+    for name, tensors in files.items():
+        save_file(tensors, str(folder / f"{name}.safetensors"))
 
 
 def _server(tmp_path_factory, name: str, args: tuple):
@@ -27,6 +63,7 @@ def _server(tmp_path_factory, name: str, args: tuple):
     run_dir = tmp_path_factory.mktemp("run")
     run_dir.chmod(0o700)
     (base / "models" / "diffusion_models").mkdir(parents=True)
+    write_loras(base / "models" / "loras")
     model = sd3.build_meta(SD3_CONFIG)
     sd3.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
     write_checkpoint(base / "models" / "diffusion_models" / SD3_FILE, model.state_dict(), sd3.NAME,
@@ -90,3 +127,49 @@ def test_preview_one_image_per_step_like_stock_ksampler(server):
 def test_preview_none_without_a_preview_method(quiet_server):
     assert previews(quiet_server, ours=False) == []
     assert previews(quiet_server, ours=True) == []
+
+
+def lora_prompt(strengths: tuple[float, float, float], prefix: str, seed: int = 7) -> dict:
+    """One prompt, three branches on shared conditioning and latent: stock without LoRA, stock with the three
+    LoRAs (LoraLoaderModelOnly), ours with them (PipeFusion LoRA), warm-up = steps (exact)."""
+    sample = {"seed": seed, "steps": STEPS, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+              "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["5", 0], "denoise": 1.0}
+    prompt = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": SD3_FILE, "weight_dtype": "default"}},
+              "2": {"class_type": "PipeFusionDiTLoader",
+                    "inputs": {"unet_name": SD3_FILE, "weight_dtype": "float32", "devices": "cpu:2",
+                               "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}},
+              "3": {"class_type": "PipeFusionTestConditioning", "inputs": COND},
+              "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}}}
+    stock, ours = ["1", 0], ["2", 0]
+    for i, (name, strength) in enumerate(zip(("kohya", "peft", "lokr"), strengths)):
+        prompt[f"s{i}"] = {"class_type": "LoraLoaderModelOnly",
+                           "inputs": {"model": stock, "lora_name": f"{name}.safetensors", "strength_model": strength}}
+        prompt[f"o{i}"] = {"class_type": "PipeFusionLoRA",
+                           "inputs": {"pipefusion_model": ours, "lora_name": f"{name}.safetensors",
+                                      "strength_model": strength}}
+        stock, ours = [f"s{i}", 0], [f"o{i}", 0]
+    for node, sampler in (("k0", {"class_type": "KSampler", "inputs": {"model": ["1", 0], **sample}}),
+                          ("k1", {"class_type": "KSampler", "inputs": {"model": stock, **sample}}),
+                          ("k2", {"class_type": "PipeFusionKSampler", "inputs": {"pipefusion_model": ours, **sample}})):
+        prompt[node] = sampler
+        prompt[f"save_{node}"] = {"class_type": "SaveLatent",
+                                  "inputs": {"samples": [node, 0], "filename_prefix": f"{prefix}_{node}"}}
+    return prompt
+
+
+def test_lora_lean_path_equals_stock_lora_loader_and_strength_keeps_the_group(server):
+    results, pids = [], []
+    for n, strengths in enumerate(((1.0, 0.8, 1.2), (0.4, 0.8, 1.2))):
+        t0 = time.monotonic()
+        status, msgs = run_prompt(server, lora_prompt(strengths, f"lora/{n}"), timeout=600)
+        assert status == "execution_success", (msgs[-1]["data"], server.log_tail(40))
+        results.append([saved_latent(server, f"lora/{n}_{k}") for k in ("k0", "k1", "k2")])
+        pids.append(worker_pids(server.pid))
+        print(f"\nLoRA prompt {n} (strengths {strengths}): {time.monotonic() - t0:.1f} s", end="")
+    for (plain, stock, ours), strengths in zip(results, ("first", "second")):
+        assert rel_l2(stock, plain) > 20 * TOL, "the LoRAs hardly change the stock result: the test proves nothing"
+        rel = rel_l2(ours, stock)
+        print(f"\n{strengths} strengths: relative L2 ours vs stock {rel:.2e}", end="")
+        assert rel <= TOL, f"PipeFusion LoRA differs from LoraLoaderModelOnly: relative L2 {rel:.2e} > {TOL}"
+    assert rel_l2(results[1][1], results[0][1]) > 20 * TOL  # the new strength changed the stock result...
+    assert len(pids[0]) == 2 and pids[1] == pids[0]  # ...and ours on the same warm workers

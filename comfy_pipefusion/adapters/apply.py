@@ -151,3 +151,18 @@ class StageAdapters:
         self.applied = tuple(wanted)
         return {"seconds": time.perf_counter() - start, "weights": len(patched),
                 "original_bytes": sum(t.numel() * t.element_size() for t in self.originals.values())}
+
+
+def sync_model(model: torch.nn.Module, family: str, config: dict, wanted: list[dict]) -> dict | None:
+    """The job's adapters (``[{"path", "strength", "stamp"}]``, in order) on this rank's stage ``model``;
+    its StageAdapters live on the model object, so they go with it when the cache drops it."""
+    from ..models.checkpoint import ORIGINAL_MAPS
+
+    state = model.__dict__.get("pipefusion_adapters")
+    if state is None:
+        if not wanted:
+            return None
+        state = model.__dict__["pipefusion_adapters"] = StageAdapters()
+    specs = tuple(LoraSpec(str(w["path"]), float(w["strength"]), str(w.get("stamp", ""))) for w in wanted)
+    width = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
+    return state.sync(model, ORIGINAL_MAPS[family](config), family, width, specs)
