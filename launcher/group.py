@@ -338,8 +338,8 @@ class WorkerGroup:
             except (EOFError, OSError):
                 time.sleep(0.5)  # the group is going down: let torchrun finish so its exit is reported
                 continue
-            if w.preview is not None and w.phase == "sampling" and (msg is None or msg.get("type") in ("progress", "done")):
-                self._previews(w)  # when nothing came, and before the progress/result it may precede
+            if w.preview is not None and w.phase == "sampling" and (msg is None or msg["type"] in ("progress", "done")):
+                self._previews(w)  # when nothing came, and before the progress or result that may follow it
             if msg is None or msg.get("id") != jid:
                 continue
             w.last = time.monotonic()

@@ -34,7 +34,8 @@ def _g(seed: int):
     return torch.Generator().manual_seed(seed)
 
 
-def _lora(prefix: str, out: int, inp: int, rank: int, seed: int, alpha: float | None, names=("lora_up.weight", "lora_down.weight")):
+def _lora(prefix: str, out: int, inp: int, rank: int, seed: int, alpha: float | None,
+          names=("lora_up.weight", "lora_down.weight")):
     g = _g(seed)
     t = {f"{prefix}.{names[0]}": torch.randn(out, rank, generator=g) * 0.1,
          f"{prefix}.{names[1]}": torch.randn(rank, inp, generator=g) * 0.1}

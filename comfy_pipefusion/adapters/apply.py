@@ -28,7 +28,8 @@ class LoraSpec:
     stamp: str = ""
 
 
-def read_entries(path: str, names: dict[str, Target], wanted=lambda target: True) -> list[tuple[Target, object, object]]:
+def read_entries(path: str, names: dict[str, Target],
+                 wanted=lambda target: True) -> list[tuple[Target, object, object]]:
     """(target, weight adapter, bias adapter) of every entry of ``path`` whose target ``wanted`` accepts,
     reading only those tensors. A file none of whose keys names a target of this model is refused."""
     groups: dict[str, list[tuple[str, str]]] = {}

@@ -112,7 +112,8 @@ def delta(ad: Adapter, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
         w2 = t.get("lokr_w2")
         if w2 is None:
             rank = t["lokr_w2_b"].shape[0]
-            w2 = _cp(t["lokr_t2"], t["lokr_w2_b"], t["lokr_w2_a"]) if "lokr_t2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+            w2 = _cp(t["lokr_t2"], t["lokr_w2_b"], t["lokr_w2_a"]) if "lokr_t2" in t \
+                else t["lokr_w2_a"] @ t["lokr_w2_b"]
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
         scale = ad.alpha / rank if ad.alpha is not None and rank is not None else 1.0
