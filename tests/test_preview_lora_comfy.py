@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from comfy_pipefusion.models import family, sd3
 from comfy_pipefusion.models.checkpoint_write import write_checkpoint
 
-from comfy_helpers import run_prompt, saved_latent, start_server, worker_pids
+from comfy_helpers import error_message, run_prompt, saved_latent, start_server, worker_pids
 from test_parity_comfy import SD3_CONFIG, rel_l2
 
 SD3_FILE = "preview-sd35m.safetensors"
@@ -53,7 +53,8 @@ def write_loras(folder) -> None:
         "lokr": {"lora_unet_joint_blocks_1_x_block_attn_proj.lokr_w1": torch.randn(4, 4, generator=g),
                  "lora_unet_joint_blocks_1_x_block_attn_proj.lokr_w2_a": torch.randn(D // 4, 4, generator=g) * 0.5,
                  "lora_unet_joint_blocks_1_x_block_attn_proj.lokr_w2_b": torch.randn(4, D // 4, generator=g) * 0.5,
-                 "lora_unet_joint_blocks_1_x_block_attn_proj.alpha": torch.tensor(2.0)}}
+                 "lora_unet_joint_blocks_1_x_block_attn_proj.alpha": torch.tensor(2.0)},
+        "sdxl": _pair("lora_unet_down_blocks_0_attentions_0_proj_in", 8, 8, 7)}  # another family's
     for name, tensors in files.items():
         save_file(tensors, str(folder / f"{name}.safetensors"))
 
@@ -173,3 +174,12 @@ def test_lora_lean_path_equals_stock_lora_loader_and_strength_keeps_the_group(se
         assert rel <= TOL, f"PipeFusion LoRA differs from LoraLoaderModelOnly: relative L2 {rel:.2e} > {TOL}"
     assert rel_l2(results[1][1], results[0][1]) > 20 * TOL  # the new strength changed the stock result...
     assert len(pids[0]) == 2 and pids[1] == pids[0]  # ...and ours on the same warm workers
+
+
+def test_lora_of_another_family_is_refused_naming_its_keys(server):
+    prompt = lora_prompt((1.0, 0.8, 1.2), "lora/bad")
+    prompt["o0"]["inputs"]["lora_name"] = "sdxl.safetensors"
+    prompt = {k: v for k, v in prompt.items() if k in ("2", "3", "5", "o0", "o1", "o2", "k2", "save_k2")}
+    status, msgs = run_prompt(server, prompt, timeout=120)
+    assert status == "execution_error"
+    assert "none of the 3 keys" in error_message(msgs) and "lora_unet_down_blocks_0" in error_message(msgs)
