@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_pipefusion.models import family, sd3
+from comfy_pipefusion.models import family, flux, sd3
 from comfy_pipefusion.models.checkpoint_write import write_checkpoint
 
 from comfy_helpers import error_message, run_prompt, saved_latent, start_server, worker_pids
-from test_parity_comfy import SD3_CONFIG, rel_l2
+from test_parity_comfy import FLUX_CONFIG, SD3_CONFIG, rel_l2
 
 SD3_FILE = "preview-sd35m.safetensors"
 STEPS = 3
@@ -130,17 +130,18 @@ def test_preview_none_without_a_preview_method(quiet_server):
     assert previews(quiet_server, ours=True) == []
 
 
-def lora_prompt(strengths: tuple[float, float, float], prefix: str, seed: int = 7) -> dict:
+def lora_prompt(strengths: tuple[float, float, float], prefix: str, seed: int = 7, unet: str = SD3_FILE,
+                cond: dict = COND, size: int = 128) -> dict:
     """One prompt, three branches on shared conditioning and latent: stock without LoRA, stock with the three
     LoRAs (LoraLoaderModelOnly), ours with them (PipeFusion LoRA), warm-up = steps (exact)."""
     sample = {"seed": seed, "steps": STEPS, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
               "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["5", 0], "denoise": 1.0}
-    prompt = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": SD3_FILE, "weight_dtype": "default"}},
+    prompt = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
               "2": {"class_type": "PipeFusionDiTLoader",
-                    "inputs": {"unet_name": SD3_FILE, "weight_dtype": "float32", "devices": "cpu:2",
+                    "inputs": {"unet_name": unet, "weight_dtype": "float32", "devices": "cpu:2",
                                "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}},
-              "3": {"class_type": "PipeFusionTestConditioning", "inputs": COND},
-              "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}}}
+              "3": {"class_type": "PipeFusionTestConditioning", "inputs": cond},
+              "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}}}
     stock, ours = ["1", 0], ["2", 0]
     for i, (name, strength) in enumerate(zip(("kohya", "peft", "lokr"), strengths)):
         prompt[f"s{i}"] = {"class_type": "LoraLoaderModelOnly",
@@ -183,3 +184,54 @@ def test_lora_of_another_family_is_refused_naming_its_keys(server):
     status, msgs = run_prompt(server, prompt, timeout=120)
     assert status == "execution_error"
     assert "none of the 3 keys" in error_message(msgs) and "lora_unet_down_blocks_0" in error_message(msgs)
+
+
+FLUX_FILE = "lora-flux.safetensors"
+FLUX_COND = {"tokens": 4, "width": 4096, "pooled_width": 768, "guidance": 3.5, "seed": 0}
+W = 3072  # ComfyUI detects Flux at this width only: one double and one single block (0.55 B parameters)
+
+
+@pytest.fixture(scope="module")
+def flux_server(tmp_path_factory):
+    """Flux: the same three formats, on the fused qkv, a single block's linear1 (q, k, v and the MLP input)
+    and the MLP."""
+    base = tmp_path_factory.mktemp("loraflux")
+    run_dir = tmp_path_factory.mktemp("run")
+    run_dir.chmod(0o700)
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    loras = base / "models" / "loras"
+    loras.mkdir(parents=True)
+    g = torch.Generator().manual_seed(3)
+    files = {"kohya": {**_pair("lora_unet_double_blocks_0_img_attn_qkv", 3 * W, W, 1),
+                       **_pair("lora_unet_single_blocks_0_linear1", 7 * W, W, 2)},
+             "peft": {**_pair("transformer.transformer_blocks.0.attn.to_k", W, W, 4, ("lora_B.weight", "lora_A.weight"),
+                              alpha=None),
+                      **_pair("transformer.single_transformer_blocks.0.proj_out", W, 5 * W, 5,
+                              ("lora_B.weight", "lora_A.weight"), alpha=None)},
+             "lokr": {"lora_unet_double_blocks_0_img_mlp_0.lokr_w1": torch.randn(4, 4, generator=g) * 0.2,
+                      "lora_unet_double_blocks_0_img_mlp_0.lokr_w2_a": torch.randn(W, 4, generator=g) * 0.2,
+                      "lora_unet_double_blocks_0_img_mlp_0.lokr_w2_b": torch.randn(4, W // 4, generator=g) * 0.2,
+                      "lora_unet_double_blocks_0_img_mlp_0.alpha": torch.tensor(2.0)}}
+    for name, tensors in files.items():
+        save_file({k: v if k.endswith("alpha") else v * 0.1 for k, v in tensors.items()},
+                  str(loras / f"{name}.safetensors"))
+    model = flux.build_meta(FLUX_CONFIG)
+    flux.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
+    write_checkpoint(base / "models" / "diffusion_models" / FLUX_FILE, model.state_dict(), flux.NAME,
+                     dict(model.config), dtype=torch.bfloat16)
+    del model
+    srv = start_server(base, run_dir)
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.slow  # a server and a 0.55 B-parameter model of its own (~1 GB in bf16, computed in float32)
+def test_lora_lean_path_equals_stock_lora_loader_flux(flux_server):
+    status, msgs = run_prompt(flux_server, lora_prompt((1.0, 0.7, 1.3), "lora/flux", unet=FLUX_FILE,
+                                                       cond=FLUX_COND, size=64), timeout=900)
+    assert status == "execution_success", (msgs[-1]["data"], flux_server.log_tail(40))
+    plain, stock, ours = (saved_latent(flux_server, f"lora/flux_{k}") for k in ("k0", "k1", "k2"))
+    assert rel_l2(stock, plain) > 20 * TOL, "the LoRAs hardly change the stock result: the test proves nothing"
+    rel = rel_l2(ours, stock)
+    print(f"\nFlux: relative L2 ours vs stock {rel:.2e}", end="")
+    assert rel <= TOL, f"PipeFusion LoRA differs from LoraLoaderModelOnly on Flux: relative L2 {rel:.2e} > {TOL}"
