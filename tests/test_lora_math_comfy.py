@@ -203,6 +203,13 @@ def test_lora_one_stage_patches_only_its_weights_and_undoes_them(case):
         assert torch.allclose(stage[k], half[k], rtol=0, atol=1e-6), k
     adapters.sync(model, case.kmap, "flux", D, ())
     assert all(torch.equal(stage[k], before[k]) for k in stage) and adapters.originals == {}
+    # a file that cannot be read leaves the model's own weights, and the next job applies its list afresh
+    adapters.sync(model, case.kmap, "flux", D, specs)
+    with pytest.raises(FileNotFoundError, match="gone"):
+        adapters.sync(model, case.kmap, "flux", D, specs + (LoraSpec(str(case.files[0]) + ".gone", 1.0),))
+    assert all(torch.equal(stage[k], before[k]) for k in stage)
+    adapters.sync(model, case.kmap, "flux", D, specs)
+    assert {k for k in stage if not torch.equal(stage[k], before[k])} == changed
 
 
 def test_lora_for_another_model_is_refused_with_its_keys(case, tmp_path):

@@ -129,6 +129,7 @@ class StageAdapters:
         params = {k: v for k, v in model.state_dict().items() if v.device.type != "meta"}
         for k, t in self.originals.items():  # back to the model's own weights
             params[k].copy_(t)
+        self.applied = ()  # until the new list is in place (a file that fails to read leaves none applied)
         names = aliases(kmap, family, width)
         own = owners(kmap)
 
