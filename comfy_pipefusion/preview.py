@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from .jobspec import TensorKey
+
 MAX_SLOTS = 8
-DATA, STAMP = "preview", "preview_stamp"
+DATA, STAMP = TensorKey.PREVIEW.value, TensorKey.PREVIEW_STAMP.value
 
 
 def shapes(n_img: int, dim: int, world: int, steps: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:

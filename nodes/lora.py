@@ -7,7 +7,7 @@ import dataclasses
 
 import folder_paths
 
-from comfy_pipefusion.adapters import aliases
+from comfy_pipefusion.adapters import LoraSpec, aliases
 from comfy_pipefusion.models.checkpoint import ORIGINAL_MAPS
 from comfy_pipefusion.models.tensorfile import read_header
 
@@ -39,7 +39,7 @@ class PipeFusionLoRA:
             raise ValueError(f"PipeFusion LoRA: {lora_name!r} is not in the loras folder "
                              f"({', '.join(folder_paths.get_folder_paths('loras'))}); put the file there")
         check_targets(path, pipefusion_model)
-        spec = {"path": path, "strength": float(strength_model), "stamp": file_stamp(path)}
+        spec = LoraSpec(path, float(strength_model), file_stamp(path))
         return (dataclasses.replace(pipefusion_model, adapters=pipefusion_model.adapters + (spec,)),)
 
 

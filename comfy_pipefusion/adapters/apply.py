@@ -27,6 +27,12 @@ class LoraSpec:
     strength: float
     stamp: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"a LoRA needs the path of its file, got {self.path!r}")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+            raise ValueError(f"LoRA {self.path}: strength must be a number, got {self.strength!r}")
+
 
 def read_entries(path: str, names: dict[str, Target],
                  wanted=lambda target: True) -> list[tuple[Target, object, object]]:
@@ -155,9 +161,9 @@ class StageAdapters:
                 "original_bytes": sum(t.numel() * t.element_size() for t in self.originals.values())}
 
 
-def sync_model(model: torch.nn.Module, family: str, config: dict, wanted: list[dict]) -> dict | None:
-    """The job's adapters (``[{"path", "strength", "stamp"}]``, in order) on this rank's stage ``model``;
-    its StageAdapters live on the model object, so they go with it when the cache drops it."""
+def sync_model(model: torch.nn.Module, family: str, config: dict, wanted: tuple[LoraSpec, ...]) -> dict | None:
+    """The job's adapters (in order) on this rank's stage ``model``; its StageAdapters live on the model
+    object, so they go with it when the cache drops it."""
     from ..models.checkpoint import ORIGINAL_MAPS
 
     state = model.__dict__.get("pipefusion_adapters")
@@ -165,6 +171,5 @@ def sync_model(model: torch.nn.Module, family: str, config: dict, wanted: list[d
         if not wanted:
             return None
         state = model.__dict__["pipefusion_adapters"] = StageAdapters()
-    specs = tuple(LoraSpec(str(w["path"]), float(w["strength"]), str(w.get("stamp", ""))) for w in wanted)
     width = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
-    return state.sync(model, ORIGINAL_MAPS[family](config), family, width, specs)
+    return state.sync(model, ORIGINAL_MAPS[family](config), family, width, tuple(wanted))
