@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from comfy_pipefusion.adapters import LoraSpec, StageAdapters, aliases, patch, read_entries
 from comfy_pipefusion.models import family, flux
+from comfy_pipefusion.models.checkpoint import load_modules, save_checkpoint
 from comfy_pipefusion.models.keymap import invert
 from comfy_pipefusion.models.keys_flux import original_map
 
@@ -176,40 +177,50 @@ def test_lora_every_kind_and_format_equals_comfyui_key_by_key(case):
         assert err <= 1e-6, f"{key}: relative difference {err:.2e} from ComfyUI's patched weight"
 
 
-def test_lora_one_stage_patches_only_its_weights_and_undoes_them(case):
+@pytest.mark.parametrize("undo", ["kept", "reread"])
+def test_lora_one_stage_patches_only_its_weights_and_undoes_them(case, undo, tmp_path):
     """A stage holding blocks 0 of both kinds patches exactly those weights as the whole model does; a new
-    strength restores and re-patches only the affected weights; no adapter gives the model's weights back."""
+    strength restores and re-patches only the affected weights; no adapter gives the model's weights back.
+    The undo either keeps the originals (RAM) or reads the affected weights from the checkpoint again."""
     full = patch(case.ours, case.kmap, [(_entries(case, p), s) for p, s in zip(case.files, STRENGTHS)])
     model = flux.build_meta(CONFIG)
-    names = ["transformer_blocks.0", "single_transformer_blocks.1"]
-    flux.materialize(model, names, torch.device("cpu"), torch.float32, 0)
-    stage = {k: v for k, v in model.state_dict().items() if v.device.type != "meta"}
-    for k, v in stage.items():
+    flux.materialize(model, ["transformer_blocks.0", "single_transformer_blocks.1"], torch.device("cpu"),
+                     torch.float32, 0)
+
+    def stage() -> dict[str, torch.Tensor]:  # (a re-read replaces the tensors: always ask the model)
+        return {k: v for k, v in model.state_dict().items() if v.device.type != "meta"}
+    for k, v in stage().items():
         v.copy_(case.ours[k])
-    before = {k: v.clone() for k, v in stage.items()}
-    adapters = StageAdapters()
+    before = {k: v.clone() for k, v in stage().items()}
+    reread = None
+    if undo == "reread":
+        save_checkpoint(case.model, tmp_path / "model.safetensors")
+        reread = lambda keys: load_modules(model, tmp_path / "model.safetensors", keys,  # noqa: E731
+                                           torch.device("cpu"), torch.float32)
+    adapters = StageAdapters(reread)
     specs = tuple(LoraSpec(str(p), s) for p, s in zip(case.files, STRENGTHS))
     stats = adapters.sync(model, case.kmap, "flux", D, specs)
-    changed = {k for k in stage if not torch.equal(stage[k], before[k])}
-    assert changed == {k for k in full if k in stage} and stats["weights"] == len(changed)
+    changed = {k for k, v in stage().items() if not torch.equal(v, before[k])}
+    assert changed == {k for k in full if k in before} and stats["weights"] == len(changed)
     for k in changed:
-        assert torch.allclose(stage[k], full[k], rtol=0, atol=1e-6), k
-    assert stats["original_bytes"] == sum(before[k].numel() * 4 for k in changed)
+        assert torch.allclose(stage()[k], full[k], rtol=0, atol=1e-6), k
+    kept = sum(before[k].numel() * 4 for k in changed) if undo == "kept" else 0
+    assert stats["original_bytes"] == kept
     assert adapters.sync(model, case.kmap, "flux", D, specs) is None  # the same list: nothing to do
     weaker = tuple(LoraSpec(s.path, s.strength * 0.5) for s in specs)
     adapters.sync(model, case.kmap, "flux", D, weaker)
     half = patch(case.ours, case.kmap, [(_entries(case, p), s * 0.5) for p, s in zip(case.files, STRENGTHS)])
     for k in changed:
-        assert torch.allclose(stage[k], half[k], rtol=0, atol=1e-6), k
+        assert torch.allclose(stage()[k], half[k], rtol=0, atol=1e-6), k
     adapters.sync(model, case.kmap, "flux", D, ())
-    assert all(torch.equal(stage[k], before[k]) for k in stage) and adapters.originals == {}
+    assert all(torch.equal(v, before[k]) for k, v in stage().items()) and adapters.originals == {}
     # a file that cannot be read leaves the model's own weights, and the next job applies its list afresh
     adapters.sync(model, case.kmap, "flux", D, specs)
     with pytest.raises(FileNotFoundError, match="gone"):
         adapters.sync(model, case.kmap, "flux", D, specs + (LoraSpec(str(case.files[0]) + ".gone", 1.0),))
-    assert all(torch.equal(stage[k], before[k]) for k in stage)
+    assert all(torch.equal(v, before[k]) for k, v in stage().items())
     adapters.sync(model, case.kmap, "flux", D, specs)
-    assert {k for k in stage if not torch.equal(stage[k], before[k])} == changed
+    assert {k for k, v in stage().items() if not torch.equal(v, before[k])} == changed
 
 
 def test_lora_for_another_model_is_refused_with_its_keys(case, tmp_path):

@@ -118,24 +118,30 @@ def patch(params: dict[str, torch.Tensor], kmap: KeyMap, loras: list[tuple[list,
 
 
 class StageAdapters:
-    """What one rank's stage has applied, and the originals of the weights that changed (kept on the CPU)."""
+    """What one rank's stage has applied, and how to undo it: ``reread(keys)`` reads those weights from the
+    checkpoint again (no memory kept: the lean path serves models larger than RAM), else the originals of
+    the weights that changed are kept on the CPU (a built-in model has no file)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reread=None) -> None:
         self.applied: tuple[LoraSpec, ...] = ()
+        self.reread = reread
+        self.affected: set[str] = set()  # the weights the applied list changed
         self.originals: dict[str, torch.Tensor] = {}
         self._files: dict[tuple[str, str], list] = {}  # (path, stamp) -> entries this stage needs
 
     def sync(self, model: torch.nn.Module, kmap: KeyMap, family: str, width: int,
              wanted: tuple[LoraSpec, ...]) -> dict | None:
         """Make the stage's weights the model's with ``wanted`` applied; None when nothing changed, else
-        {"seconds", "weights", "original_bytes"}."""
+        {"seconds" (undo, read and patch), "weights" (changed), "original_bytes" (kept for the undo)}."""
         if tuple(wanted) == self.applied:
             return None
         start = time.perf_counter()
+        if self.reread is not None and self.affected:  # back to the model's own weights
+            self.reread(sorted(self.affected))
         params = {k: v for k, v in model.state_dict().items() if v.device.type != "meta"}
-        for k, t in self.originals.items():  # back to the model's own weights
+        for k, t in self.originals.items():
             params[k].copy_(t)
-        self.applied = ()  # until the new list is in place (a file that fails to read leaves none applied)
+        self.applied, self.affected = (), set()  # until the new list is in place (a failed read: none applied)
         names = aliases(kmap, family, width)
         own = owners(kmap)
 
@@ -153,23 +159,24 @@ class StageAdapters:
         for k in [k for k in self.originals if k not in patched]:
             del self.originals[k]
         for k, t in patched.items():
-            if k not in self.originals:
+            if self.reread is None and k not in self.originals:
                 self.originals[k] = params[k].detach().to("cpu", copy=True)
             params[k].copy_(t.to(params[k].dtype))
-        self.applied = tuple(wanted)
+        self.applied, self.affected = tuple(wanted), set(patched)
         return {"seconds": time.perf_counter() - start, "weights": len(patched),
                 "original_bytes": sum(t.numel() * t.element_size() for t in self.originals.values())}
 
 
-def sync_model(model: torch.nn.Module, family: str, config: dict, wanted: tuple[LoraSpec, ...]) -> dict | None:
+def sync_model(model: torch.nn.Module, family: str, config: dict, wanted: tuple[LoraSpec, ...],
+               reread=None) -> dict | None:
     """The job's adapters (in order) on this rank's stage ``model``; its StageAdapters live on the model
-    object, so they go with it when the cache drops it."""
+    object, so they go with it when the cache drops it. ``reread(keys)``: see StageAdapters."""
     from ..models.checkpoint import ORIGINAL_MAPS
 
     state = model.__dict__.get("pipefusion_adapters")
     if state is None:
         if not wanted:
             return None
-        state = model.__dict__["pipefusion_adapters"] = StageAdapters()
+        state = model.__dict__["pipefusion_adapters"] = StageAdapters(reread)
     width = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
     return state.sync(model, ORIGINAL_MAPS[family](config), family, width, tuple(wanted))
