@@ -249,6 +249,8 @@ def _per_rank(budget: Budget, n: int) -> list[int]:
 
 def estimate(fam, meta, cfg: ParallelConfig, size: JobSize, device_type: str = "cpu",
              fp8: bool = False, upcast: bool = False) -> list[RankBytes]:
+    if cfg.strategy == "auto":  # auto runs a plan that fits, if one does: the one needing least is PipeFusion's
+        cfg = replace(cfg, strategy="pipefusion" if cfg.world_size > 1 else "serial", patches=0)
     return [rank_bytes(fam, meta, cfg, size, r, device_type, fp8, upcast) for r in range(cfg.world_size)]
 
 

@@ -13,7 +13,7 @@ from ..launcher import GroupPlan
 from . import admission
 from .convert import DTYPE_CHOICES, parse_devices, parse_stage_split, place_auto
 from .handle import PipeFusionModel
-from .validate import check_plan
+from .validate import STRATEGIES, check_plan
 
 
 def file_stamp(path: str | None) -> str:
@@ -38,7 +38,9 @@ class PipeFusionDiTLoader:
             "weight_dtype": (list(DTYPE_CHOICES),),
             "devices": ("STRING", {"default": "auto", "tooltip": "GPU indices like 0,1; cpu:N for N CPU ranks; "
                                                                   "auto = every GPU (cpu:2 without GPUs)"}),
-            "strategy": (["pipefusion", "distrifusion", "serial"],),
+            "strategy": (list(STRATEGIES), {"default": "auto", "tooltip": "auto = the fastest plan that fits in "
+                                                                         "memory, picked per job from measured "
+                                                                         "costs (never fewer warm-up steps)"}),
             "patches": ("INT", {"default": 0, "min": 0, "max": 256,
                                 "tooltip": "PipeFusion's patches per image; 0 = one per GPU"}),
             "warmup_steps": ("INT", {"default": 1, "min": 1, "max": 1000,

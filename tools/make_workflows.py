@@ -84,7 +84,7 @@ def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidanc
         positive = g.node("FluxGuidance", (X[2], 0), [guidance], inputs=[("conditioning", "CONDITIONING")],
                           outputs=[("CONDITIONING", "CONDITIONING")])
         g.link(pos, 0, positive, "conditioning")
-    loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "pipefusion", 0, 1, "compute", ""],
+    loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "auto", 0, 1, "compute", ""],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
     if kind == "pixart":
         latent = g.node("EmptyLatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
@@ -144,7 +144,7 @@ def builtin(devices: str, steps: int, caption: str) -> dict:
     """The built-in trained model (comfy_pipefusion/builtin/shapes-flux.safetensors copied into
     models/diffusion_models): no text encoder, no VAE, no download; runs on CPU ranks."""
     g = Graph()
-    loader = g.node("PipeFusionDiTLoader", (X[0], 0), ["shapes-flux.safetensors", "float32", devices, "pipefusion", 0, 1,
+    loader = g.node("PipeFusionDiTLoader", (X[0], 0), ["shapes-flux.safetensors", "float32", devices, "auto", 0, 1,
                                                        "compute", ""],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
     caption_node = g.node("PipeFusionBuiltinCaption", (X[1], 0), [caption, 1],
