@@ -14,7 +14,8 @@ import re
 SUPPORTED = ("Flux.1 dev/schnell (original single file, with or without the 'model.diffusion_model.' prefix; "
              "diffusers transformer, one file or shards with their index), SD3 medium / SD3.5 medium / SD3.5 "
              "large (original single file, with or without the prefix), PixArt-α 512/1024 and PixArt-Σ "
-             "512/1024/2K (original layout); .safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn")
+             "512/1024/2K (original layout), Qwen-Image (ComfyUI's single file, with or without the prefix, or "
+             "diffusers shards); .safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn")
 PREFIXES = ("model.diffusion_model.", "module.")
 HEAD_DIM_KEY = "pipefusion.attention_head_dim"
 
@@ -43,7 +44,8 @@ def _dit_markers(keys) -> bool:
     """Keys only a supported DiT has (what ``identify`` decides the family by)."""
     return ("double_blocks.0.img_attn.qkv.weight" in keys or "single_blocks.0.linear1.weight" in keys
             or _has(keys, "x_embedder.weight", "context_embedder.weight") or _any(keys, "joint_blocks.0.x_block.")
-            or (_has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv.")))
+            or (_has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv."))
+            or _has(keys, "txt_norm.weight", "img_in.weight"))
 
 
 def what_else(keys: set[str]) -> str | None:
@@ -93,6 +95,8 @@ def identify(keys: set[str]) -> tuple[str, str]:
         return "flux", "original"
     if _has(keys, "x_embedder.weight", "context_embedder.weight") and _any(keys, "transformer_blocks."):
         return "flux", "diffusers"
+    if _has(keys, "txt_norm.weight", "img_in.weight"):  # ComfyUI's marker; its file has diffusers' names
+        return "qwen_image", "original"
     if _any(keys, "joint_blocks.0.x_block."):
         return "sd3", "original"
     if _has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv."):

@@ -5,6 +5,7 @@ A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engin
     NAME: str                          "flux" | "sd3" | "pixart"
     JOINT_TEXT: bool                   text tokens share the attention sequence ([text; image]: Flux, SD3)
                                        or enter by cross-attention (PixArt: spans carry no text tokens)
+    SAMPLING: str (optional)           the model sampling's kind when it is not NAME (sampling/model_sampling.py)
     PRESETS: dict                      built-in random-weight models: {name: dict(config=..., text_tokens=,
                                        height=, width=, steps=)}
     SHARED_MODULES, FIRST_MODULES, LAST_MODULES
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("flux", "sd3", "pixart")
+FAMILIES = ("flux", "sd3", "pixart", "qwen_image")
 
 
 def get(name: str):
@@ -77,16 +78,30 @@ class Block:
 
 @dataclass(frozen=True)
 class LatentFormat:
-    """ComfyUI's latent format: LATENT = sampling / scale + shift."""
+    """ComfyUI's latent format: LATENT = sampling / scale + shift, or, with per-channel ``mean`` and ``std``
+    (the Wan 2.1 VAE's, Qwen-Image), LATENT = sampling * std / scale + mean."""
 
     channels: int
     scale: float
     shift: float = 0.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def _stats(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.channels) + (1,) * (latent.ndim - 2)  # [1, C, 1, 1]
+        return (torch.tensor(self.mean).view(shape).to(latent.device, latent.dtype),
+                torch.tensor(self.std).view(shape).to(latent.device, latent.dtype))
 
     def process_in(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            mean, std = self._stats(latent)
+            return (latent - mean) * self.scale / std
         return (latent - self.shift) * self.scale
 
     def process_out(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            mean, std = self._stats(latent)
+            return latent * std / self.scale + mean
         return latent / self.scale + self.shift
 
 
