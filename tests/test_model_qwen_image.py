@@ -116,7 +116,7 @@ def test_qwen_file_detects_and_loads_per_stage(tmp_path, model, prefix, shards):
     assert (info.family, info.prefix, info.dtype) == ("qwen_image", prefix, torch.bfloat16)
     assert {k: info.config[k] for k in CONFIG} == {k: (tuple(v) if isinstance(v, list) else v)
                                                    for k, v in CONFIG.items()}
-    assert info.variant == "Qwen-Image (3 blocks)"
+    assert info.variant == "Qwen-Image (4 blocks)"
     # the last of 2 PipeFusion stages holds its blocks and the output layers only
     part, _ = load_rank_model(ModelSource(checkpoint=str(path)), ParallelConfig("pipefusion", 2, patches=2), 1,
                               CPU, torch.float32)
