@@ -99,16 +99,28 @@ def conditioning_tensors(cond, family: str, model_cfg: dict, batch: int,
 
 
 def _conditioning_dims(family: str, cfg: dict) -> tuple[int, int | None]:
-    if family == "pixart":
-        return cfg["caption_channels"], None
-    return cfg["joint_attention_dim"], cfg["pooled_projection_dim"]
+    from comfy_pipefusion.models import family as families
+
+    return families.get(family).conditioning_dims(cfg)
 
 
 ENCODER_HINTS = {"flux": "the Flux text encoders: DualCLIPLoader type flux",
                  "sd3": "the SD3 text encoders: TripleCLIPLoader (clip_l, clip_g, t5xxl)",
-                 "pixart": "the PixArt text encoder: CLIPLoader type pixart with t5xxl"}
+                 "pixart": "the PixArt text encoder: CLIPLoader type pixart with t5xxl",
+                 "qwen_image": "the Qwen-Image text encoder: CLIPLoader type qwen_image with qwen_2.5_vl_7b"}
 LATENT_CHANNELS = {"flux": (16, "EmptySD3LatentImage"), "sd3": (16, "EmptySD3LatentImage"),
-                   "pixart": (4, "EmptyLatentImage")}
+                   "pixart": (4, "EmptyLatentImage"), "qwen_image": (16, "EmptySD3LatentImage")}
+
+
+def _frames(family: str) -> bool:
+    from comfy_pipefusion.models import family as families
+
+    return getattr(families.get(family), "LATENT_FRAMES", False)
+
+
+def output_latent(samples: torch.Tensor, family: str) -> torch.Tensor:
+    """The sampled [B, C, h, w] as ComfyUI's KSampler returns it for ``family`` ([B, C, 1, h, w] for Wan latents)."""
+    return samples.unsqueeze(2) if _frames(family) else samples
 
 
 def _batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
@@ -120,7 +132,14 @@ def _batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
 
 
 def check_latent(latent: dict, family: str = "flux", model_cfg: dict | None = None) -> torch.Tensor:
+    """The LATENT's samples as [B, C, h, w]; a video-VAE family's one-frame [B, C, 1, h, w] (Qwen-Image's Wan
+    latent, as ComfyUI's KSampler makes it) loses its frame axis (``output_latent`` puts it back)."""
     samples = latent["samples"]
+    if samples.ndim == 5 and _frames(family):
+        if samples.shape[2] != 1:
+            raise ValueError(f"latent of shape {tuple(samples.shape)} has {samples.shape[2]} frames; a "
+                             f"{family} model makes one image (1 frame)")
+        samples = samples[:, :, 0]
     channels, node = LATENT_CHANNELS[family]
     if family == "flux" and model_cfg and model_cfg.get("in_channels", 64) != 4 * channels:
         # a Flux-architecture model with a latent of its own (the built-in model's 12-channel pixel latent)

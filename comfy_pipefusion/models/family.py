@@ -6,6 +6,7 @@ A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engin
     JOINT_TEXT: bool                   text tokens share the attention sequence ([text; image]: Flux, SD3)
                                        or enter by cross-attention (PixArt: spans carry no text tokens)
     SAMPLING: str (optional)           the model sampling's kind when it is not NAME (sampling/model_sampling.py)
+    LATENT_FRAMES: bool (optional)     ComfyUI's LATENT carries a frame axis [B, C, 1, h, w] (video VAEs)
     PRESETS: dict                      built-in random-weight models: {name: dict(config=..., text_tokens=,
                                        height=, width=, steps=)}
     SHARED_MODULES, FIRST_MODULES, LAST_MODULES

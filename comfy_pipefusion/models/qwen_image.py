@@ -23,6 +23,7 @@ from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, un
 NAME = "qwen_image"
 JOINT_TEXT = True
 SAMPLING = "flux"  # ComfyUI's QwenImage: ModelType.FLUX -> ModelSamplingFlux, shift 1.15
+LATENT_FRAMES = True  # ComfyUI's LATENT is [B, 16, 1, h, w] (the Wan VAE's one-frame video latent)
 WAN21_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 WAN21_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
