@@ -57,7 +57,7 @@ class Problem:
     @property
     def n_span_txt(self) -> int:
         """Text tokens inside the attention sequence: all of them for joint-text families, else none."""
-        return self.n_txt if self.joint_text else 0
+        return family.sequence_text(family.get(self.family), self.n_txt)
 
     @property
     def n_txt(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -280,7 +281,7 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
                "params": sum(p.numel() for p in prep.model.parameters()),
                "device": str(device), "threads": torch.get_num_threads()}
     metrics["attention_layers"] = attention_layers(prep.model, prep.problem)
-    metrics["width"] = prep.model.config.num_attention_heads * prep.model.config.attention_head_dim
+    metrics["width"] = math.prod(family.attention_shape(prep.model))
     return samples, metrics
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import fp8, keys_flux, keys_pixart, keys_qwen_image, keys_sd3
+from . import fp8, keys_flux, keys_pixart, keys_qwen_image, keys_sd3, keys_zimage
 from .detect import SUPPORTED, DetectError, identify, strip_prefix
 from . import detect
 from .keymap import KeyMap, for_module, sources
@@ -33,7 +33,7 @@ INDEX_SUFFIX = ".safetensors.index.json"
 _SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")
 _SHARD_NAME = re.compile(r"(?!\.)[^/\\\x00-\x1f]{1,200}\.safetensors")  # a bare file name, not hidden
 ORIGINAL_MAPS = {"flux": keys_flux.original_map, "sd3": keys_sd3.original_map, "pixart": keys_pixart.original_map,
-                 "qwen_image": keys_qwen_image.original_map}
+                 "qwen_image": keys_qwen_image.original_map, "zimage": keys_zimage.original_map}
 
 
 class CheckpointError(ValueError):
@@ -186,6 +186,9 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
         elif family == "qwen_image":
             config = keys_qwen_image.config_from_shapes(shapes, metadata)
             variant = keys_qwen_image.variant(config)
+        elif family == "zimage":
+            config = keys_zimage.config_from_shapes(shapes, metadata)
+            variant = keys_zimage.variant(config)
         elif family == "sd3":
             config = detect.sd3_original_config(shapes, metadata)
             variant = detect.sd3_variant(config)

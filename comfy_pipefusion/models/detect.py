@@ -15,7 +15,8 @@ SUPPORTED = ("Flux.1 dev/schnell (original single file, with or without the 'mod
              "diffusers transformer, one file or shards with their index), SD3 medium / SD3.5 medium / SD3.5 "
              "large (original single file, with or without the prefix), PixArt-α 512/1024 and PixArt-Σ "
              "512/1024/2K (original layout), Qwen-Image (ComfyUI's single file, with or without the prefix, or "
-             "diffusers shards); .safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn")
+             "diffusers shards), Z-Image / Z-Image Turbo (ComfyUI's single file, with or without the prefix); "
+             ".safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn")
 PREFIXES = ("model.diffusion_model.", "module.")
 HEAD_DIM_KEY = "pipefusion.attention_head_dim"
 
@@ -45,7 +46,7 @@ def _dit_markers(keys) -> bool:
     return ("double_blocks.0.img_attn.qkv.weight" in keys or "single_blocks.0.linear1.weight" in keys
             or _has(keys, "x_embedder.weight", "context_embedder.weight") or _any(keys, "joint_blocks.0.x_block.")
             or (_has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv."))
-            or _has(keys, "txt_norm.weight", "img_in.weight"))
+            or _has(keys, "txt_norm.weight", "img_in.weight") or _has(keys, "cap_embedder.1.weight", "cap_pad_token"))
 
 
 def what_else(keys: set[str]) -> str | None:
@@ -97,6 +98,11 @@ def identify(keys: set[str]) -> tuple[str, str]:
         return "flux", "diffusers"
     if _has(keys, "txt_norm.weight", "img_in.weight"):  # ComfyUI's marker; its file has diffusers' names
         return "qwen_image", "original"
+    if _has(keys, "cap_embedder.1.weight", "cap_pad_token"):  # ComfyUI's Lumina 2 marker + Z-Image's padding
+        if "all_x_embedder.2-1.weight" in keys:
+            raise DetectError("this is Z-Image in diffusers layout, which is not read yet: use ComfyUI's single "
+                              "file (z_image_turbo_bf16.safetensors)")
+        return "zimage", "original"
     if _any(keys, "joint_blocks.0.x_block."):
         return "sd3", "original"
     if _has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv."):
@@ -130,7 +136,8 @@ BOUNDS = {"num_layers": (0, 512), "num_single_layers": (0, 512), "attention_head
           "num_attention_heads": (1, 256), "in_channels": (1, 1024), "out_channels": (1, 1024),
           "joint_attention_dim": (1, 65536), "pooled_projection_dim": (1, 65536), "caption_projection_dim": (1, 65536),
           "cross_attention_dim": (1, 65536), "caption_channels": (1, 65536), "patch_size": (1, 16),
-          "sample_size": (1, 4096), "pos_embed_max_size": (1, 4096)}
+          "sample_size": (1, 4096), "pos_embed_max_size": (1, 4096), "dim": (1, 65536), "n_layers": (0, 512),
+          "n_refiner_layers": (0, 64), "n_heads": (1, 256), "cap_feat_dim": (1, 65536)}
 MAX_WIDTH = 65536  # heads x head dimension
 
 
@@ -140,11 +147,11 @@ def check_bounds(config: dict) -> None:
         v = config.get(key)
         if v is not None and not (isinstance(v, int) and lo <= v <= hi):
             raise DetectError(f"{key} = {v!r} is outside {lo}..{hi}; the header does not describe a real model")
-    width = config["attention_head_dim"] * config["num_attention_heads"]
+    width = config["dim"] if "dim" in config else config["attention_head_dim"] * config["num_attention_heads"]
     if width > MAX_WIDTH:
         raise DetectError(f"width {width} (heads x head dimension) is beyond {MAX_WIDTH}; the header does not "
                           "describe a real model")
-    if config.get("num_layers", 0) + config.get("num_single_layers", 0) < 1:
+    if config.get("num_layers", 0) + config.get("num_single_layers", 0) + config.get("n_layers", 0) < 1:
         raise DetectError("the header describes a model without blocks")
 
 

@@ -7,6 +7,9 @@ A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engin
                                        or enter by cross-attention (PixArt: spans carry no text tokens)
     SAMPLING: str (optional)           the model sampling's kind when it is not NAME (sampling/model_sampling.py)
     LATENT_FRAMES: bool (optional)     ComfyUI's LATENT carries a frame axis [B, C, 1, h, w] (video VAEs)
+    text_tokens(n) -> int (optional)   text tokens in the attention sequence for n conditioning tokens, when
+                                       the model pads them (Z-Image: to a multiple of 32); ``embeddings``
+                                       then gives that many
     PRESETS: dict                      built-in random-weight models: {name: dict(config=..., text_tokens=,
                                        height=, width=, steps=)}
     SHARED_MODULES, FIRST_MODULES, LAST_MODULES
@@ -47,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("flux", "sd3", "pixart", "qwen_image")
+FAMILIES = ("flux", "sd3", "pixart", "qwen_image", "zimage")
 
 
 def get(name: str):
@@ -55,6 +58,22 @@ def get(name: str):
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}: supported are {', '.join(FAMILIES)}")
     return importlib.import_module(f"{__package__}.{name}")
+
+
+def sequence_text(fam, n_txt: int) -> int:
+    """Text tokens a span sequence holds for ``n_txt`` conditioning tokens (0 for cross-attention families)."""
+    if not fam.JOINT_TEXT:
+        return 0
+    return fam.text_tokens(n_txt) if hasattr(fam, "text_tokens") else n_txt
+
+
+def attention_shape(model) -> tuple[int, int]:
+    """(heads, head dimension) of a family's diffusers model: num_attention_heads and attention_head_dim in
+    most configs, n_heads and dim (the width) in Z-Image's."""
+    cfg = model.config
+    if "n_heads" in cfg and "dim" in cfg:  # Z-Image's (and Lumina's) names
+        return cfg["n_heads"], cfg["dim"] // cfg["n_heads"]
+    return cfg.num_attention_heads, cfg.attention_head_dim
 
 
 def find_preset(preset: str) -> tuple[object, dict]:
