@@ -17,7 +17,6 @@ from comfy_pipefusion.parallel.serial import run_serial
 from frozen_sampler import WORKER_ARGS, resolve
 
 PRESETS = ("qwen-image-tiny", "zimage-tiny")
-WORLDS = (2, 4)
 STEPS, STALE_STEPS = 3, 64
 TOL = 1e-5
 
@@ -46,7 +45,7 @@ def _jobs(world: int) -> list[dict]:
     return jobs
 
 
-@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"{w}ranks")
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)], ids=lambda w: f"{w}ranks")
 def results(request):
     world = request.param
     return world, run_jobs(None, 0, _jobs(world), world_size=world, timeout=1200, worker_args=WORKER_ARGS)

@@ -62,7 +62,7 @@ def what_else(keys: set[str]) -> str | None:
         return "an SDXL UNet" if "label_emb.0.0.weight" in keys else "an SD1.x/SD2.x UNet"
     if _has(keys, "conv_in.weight") and _any(keys, "down_blocks."):
         return "a UNet in diffusers layout"
-    if _has(keys, "patch_embedding.weight") and _any(keys, "self_attn.q.weight"):
+    if (_has(keys, "patch_embedding.weight") and _any(keys, "self_attn.q.weight")) or "head.modulation" in keys:
         return "a Wan video model"
     if _any(keys, "individual_token_refiner") or "img_in.proj.weight" in keys:
         return "a HunyuanVideo model"
@@ -71,6 +71,9 @@ def what_else(keys: set[str]) -> str | None:
         return "an LTX-Video model"
     if _any(keys, "t5_y_embedder."):
         return "a Mochi video model"
+    other = _comfy_family(keys)
+    if other:
+        return other
     if "distilled_guidance_layer.in_proj.weight" in keys:
         return "a Chroma model (a Flux derivative without modulation layers)"
     if _any(keys, "double_stream_modulation_img."):
@@ -81,6 +84,37 @@ def what_else(keys: set[str]) -> str | None:
         return "a VAE"
     if _any(keys, "encoder.block.", "text_model.encoder."):
         return "a text encoder"
+    return None
+
+
+# Families ComfyUI 0.3.75 detects (comfy/model_detection.py, by these keys) that we do not run.
+COMFY_ONLY = (
+    (("double_layers.0.attn.w1q.weight",), "an AuraFlow model"),
+    (("mlp_t5.0.weight",), "a Hunyuan-DiT model"),
+    (("clf.1.weight",), "a Stable Cascade model"),
+    (("transformer.rotary_pos_emb.inv_freq",), "a Stable Audio model"),
+    (("t5_yproj.weight",), "a Mochi video model"),
+    (("genre_embedder.weight",), "an ACE-Step audio model"),
+    (("blocks.block0.blocks.0.block.attn.to_q.0.weight",), "a Cosmos video model"),
+    (("blocks.0.mlp.layer1.weight",), "a Cosmos Predict2 model"),
+    (("caption_projection.0.linear.weight",), "a HiDream model"),
+    (("time_caption_embed.timestep_embedder.linear_1.bias",), "an OmniGen2 model"),
+    (("latent_in.weight", "cond_in.weight"), "a Hunyuan3D 2 model"),
+    (("t_embedder.mlp.2.weight", "x_embedder.weight"), "a Hunyuan3D 2.1 model"),
+)
+
+
+def _comfy_family(keys) -> str | None:
+    """A family ComfyUI runs and we do not, named from ComfyUI's own detection keys."""
+    if "cap_embedder.1.weight" in keys:  # ComfyUI's Lumina 2 key (Z-Image also has t_embedder and x_embedder)
+        if "cap_pad_token" in keys:
+            return None
+        return "a Lumina 2 model (Z-Image, which pads its caption with cap_pad_token, is supported)"
+    for needed, name in COMFY_ONLY:
+        if _has(keys, *needed):
+            return name
+    if "adaln_single.emb.timestep_embedder.linear_1.bias" in keys and "pos_embed.proj.bias" not in keys:
+        return "an LTX-Video model"
     return None
 
 
