@@ -83,6 +83,10 @@ def conditioning_tensors(cond, family: str, model_cfg: dict, batch: int,
         raise ValueError(f"{which} conditioning has {len(cond)} entries (combined/area conditioning); "
                          "only a single conditioning is supported yet")
     txt, extra = cond[0][0], cond[0][1]
+    if extra.get("reference_latents") is not None and family in ("qwen_image", "zimage"):
+        raise ValueError(f"{which} conditioning carries reference latents (an image-editing conditioning such as "
+                         f"TextEncodeQwenImageEdit or ReferenceLatent), which PipeFusion does not run for {family} "
+                         "yet; use the stock KSampler for editing, or a text-only conditioning")
     width, pooled_dim = _conditioning_dims(family, model_cfg)
     if txt.ndim != 3 or txt.shape[-1] != width:
         raise ValueError(f"{which} conditioning width {tuple(txt.shape)[-1]} does not fit this {family} model, "
