@@ -142,3 +142,34 @@ def test_qwen_loaded_file_equals_synthetic_model(tmp_path, model):
         a = qwen.forward(model, x, t, txt, None, None, 8, 8)
         b = qwen.forward(loaded, x, t, txt, None, None, 8, 8)
     assert torch.equal(a, b)
+
+
+def test_qwen_node_conditioning_and_one_frame_latent():
+    """The nodes' translation (no ComfyUI needed): Qwen's 3584-wide states without a pooled vector, ComfyUI's
+    [B, 16, 1, h, w] LATENT in and out, and an editing conditioning refused rather than ignored."""
+    import importlib.util
+    from pathlib import Path
+
+    # nodes/convert.py imports no ComfyUI module; the nodes package does, so the file is loaded alone
+    spec = importlib.util.spec_from_file_location("pf_nodes_convert_qwen",
+                                                  Path(__file__).resolve().parent.parent / "nodes" / "convert.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    check_latent, conditioning_tensors, output_latent = (convert.check_latent, convert.conditioning_tensors,
+                                                         convert.output_latent)
+    cfg = dict(qwen.REAL, num_layers=2)
+    txt, pooled, _ = conditioning_tensors([[torch.zeros(1, 5, 3584), {"pooled_output": torch.zeros(1, 1)}]],
+                                          "qwen_image", cfg, 2)
+    assert txt.shape == (2, 5, 3584) and pooled is None
+    with pytest.raises(ValueError, match="width 4096 does not fit this qwen_image model, which expects 3584"):
+        conditioning_tensors([[torch.zeros(1, 5, 4096), {}]], "qwen_image", cfg, 1)
+    with pytest.raises(ValueError, match="reference latents.*stock KSampler"):
+        conditioning_tensors([[torch.zeros(1, 5, 3584), {"reference_latents": [torch.zeros(1, 16, 8, 8)]}]],
+                             "qwen_image", cfg, 1)
+    lat = torch.randn(1, 16, 1, 8, 6)
+    samples = check_latent({"samples": lat}, "qwen_image", cfg)
+    assert torch.equal(samples, lat[:, :, 0]) and torch.equal(output_latent(samples, "qwen_image"), lat)
+    assert check_latent({"samples": lat[:, :, 0]}, "qwen_image", cfg).shape == (1, 16, 8, 6)
+    with pytest.raises(ValueError, match="has 2 frames"):
+        check_latent({"samples": torch.zeros(1, 16, 2, 8, 6)}, "qwen_image", cfg)
+    assert output_latent(samples, "sd3").shape == (1, 16, 8, 6)
