@@ -25,7 +25,7 @@ from torch import nn
 
 from . import fp8, keys_flux, keys_pixart, keys_qwen_image, keys_sd3, keys_zimage
 from .detect import SUPPORTED, DetectError, identify, strip_prefix
-from . import detect
+from . import detect, detect_diffusers
 from .keymap import KeyMap, for_module, sources
 from .tensorfile import MAX_HEADER, Entry, Reader, TensorFileError, read_header
 
@@ -190,10 +190,12 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
             config = keys_zimage.config_from_shapes(shapes, metadata)
             variant = keys_zimage.variant(config)
         elif family == "sd3":
-            config = detect.sd3_original_config(shapes, metadata)
+            config = (detect.sd3_original_config(shapes, metadata) if layout == "original"
+                      else detect_diffusers.sd3_config(shapes, metadata))
             variant = detect.sd3_variant(config)
         else:
-            config = detect.pixart_original_config(shapes, metadata, Path(files[0]).name)
+            config = (detect.pixart_original_config(shapes, metadata, Path(files[0]).name) if layout == "original"
+                      else detect_diffusers.pixart_config(shapes, metadata, Path(files[0]).name))
             variant = detect.pixart_variant(shapes, config)
         detect.check_bounds(config)
     except DetectError as exc:

@@ -13,8 +13,8 @@ import re
 
 SUPPORTED = ("Flux.1 dev/schnell (original single file, with or without the 'model.diffusion_model.' prefix; "
              "diffusers transformer, one file or shards with their index), SD3 medium / SD3.5 medium / SD3.5 "
-             "large (original single file, with or without the prefix), PixArt-α 512/1024 and PixArt-Σ "
-             "512/1024/2K (original layout), Qwen-Image (ComfyUI's single file, with or without the prefix, or "
+             "large (original single file, with or without the prefix; diffusers transformer), PixArt-α 512/1024 "
+             "and PixArt-Σ 512/1024/2K (original layout; diffusers transformer), Qwen-Image (ComfyUI's single file, with or without the prefix, or "
              "diffusers shards), Z-Image / Z-Image Turbo (ComfyUI's single file, with or without the prefix); "
              ".safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn")
 PREFIXES = ("model.diffusion_model.", "module.")
@@ -142,9 +142,9 @@ def identify(keys: set[str]) -> tuple[str, str]:
     if _has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv."):
         return "pixart", "original"
     if _has(keys, "pos_embed.proj.weight", "context_embedder.weight"):
-        raise DetectError("this is SD3 in diffusers layout, which is not read: use the original single file")
+        return "sd3", "diffusers"
     if _has(keys, "adaln_single.linear.weight", "pos_embed.proj.weight"):
-        raise DetectError("this is PixArt in diffusers layout, which is not read: use the original checkpoint")
+        return "pixart", "diffusers"
     sample = ", ".join(sorted(keys)[:5])
     raise DetectError(f"no known diffusion transformer: {len(keys)} tensors with keys like {sample}")
 
