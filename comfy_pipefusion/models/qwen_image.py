@@ -28,7 +28,9 @@ WAN21_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.550
               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 WAN21_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-LATENT = LatentFormat(channels=16, scale=1.0, shift=0.0, mean=WAN21_MEAN, std=WAN21_STD)
+LATENT = LatentFormat(channels=16, scale=1.0, shift=0.0, mean=WAN21_MEAN, std=WAN21_STD,
+                      empty_node="EmptySD3LatentImage")
+TEXT_ENCODERS = "the Qwen-Image text encoder: CLIPLoader type qwen_image with qwen_2.5_vl_7b"
 ROPE_THETA = 10000
 REAL = dict(patch_size=2, in_channels=64, out_channels=16, attention_head_dim=128, num_attention_heads=24,
             joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))  # what ComfyUI builds for any depth

@@ -32,7 +32,9 @@ from ..patches import Span
 NAME = "zimage"
 JOINT_TEXT = True
 SAMPLING = "zimage"
-LATENT = LatentFormat(channels=16, scale=0.3611, shift=0.1159)  # ComfyUI's Lumina2/ZImage: latent_formats.Flux
+LATENT = LatentFormat(channels=16, scale=0.3611, shift=0.1159,  # ComfyUI's Lumina2/ZImage: latent_formats.Flux
+                      empty_node="EmptySD3LatentImage")
+TEXT_ENCODERS = "the Z-Image text encoder: CLIPLoader type lumina2 with qwen_3_4b"
 PAD = 32  # diffusers' SEQ_MULTI_OF, ComfyUI's pad_tokens_multiple
 KEY = "2-1"  # patch 2, frame patch 1
 REAL = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_refiner_layers=2, n_heads=30,
