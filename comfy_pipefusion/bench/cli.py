@@ -149,7 +149,7 @@ def summarise(args, spec, serial, results) -> dict:
     source, fam, cfg_model, preset = model_of(args)
     layers = serial[1]["attention_layers"]  # counted by the worker, which has the model's structure
     width = serial[1]["width"]
-    n_txt = preset["text_tokens"] if fam.JOINT_TEXT else 0
+    n_txt = family.sequence_text(fam, preset["text_tokens"])  # as the sequence holds them (Z-Image pads)
     ref, ref_m = serial
     evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
     rows = []
