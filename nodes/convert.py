@@ -91,6 +91,11 @@ def conditioning_tensors(cond, family: str, model_cfg: dict, batch: int,
         raise ValueError(f"{which} conditioning carries reference latents (an image-editing conditioning such as "
                          f"TextEncodeQwenImageEdit or ReferenceLatent), which PipeFusion does not run for {family} "
                          "yet; use the stock KSampler for editing, or a text-only conditioning")
+    mask = extra.get("attention_mask")
+    if family == "zimage" and mask is not None and torch.numel(mask) != int(mask.sum()):
+        raise ValueError(f"{which} conditioning carries an attention mask over padded text tokens, which "
+                         "ComfyUI's Z-Image model applies and PipeFusion does not yet; encode the prompt without "
+                         "padding (one prompt per conditioning)")
     width, pooled_dim = fam.conditioning_dims(model_cfg)
     if txt.ndim != 3 or txt.shape[-1] != width:
         raise ValueError(f"{which} conditioning width {tuple(txt.shape)[-1]} does not fit this {family} model, "

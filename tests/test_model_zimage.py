@@ -154,3 +154,30 @@ def test_zimage_loaded_file_equals_synthetic_model(tmp_path, model):
     with torch.inference_mode():
         assert torch.equal(zimage.forward(model, x, t, txt, None, None, 8, 8),
                            zimage.forward(loaded, x, t, txt, None, None, 8, 8))
+
+
+def test_zimage_node_conditioning_refuses_a_padding_mask():
+    """The nodes' translation (no ComfyUI needed): Qwen3's 2560-wide states, no pooled vector; a caption with
+    masked padding (which ComfyUI's model would mask) is refused rather than run unmasked."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("pf_nodes_convert_zimage",
+                                                  Path(__file__).resolve().parent.parent / "nodes" / "convert.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    cfg = dict(zimage.REAL, n_layers=2)
+    txt, pooled, _ = convert.conditioning_tensors([[torch.zeros(1, 7, 2560), {"attention_mask": torch.ones(1, 7)}]],
+                                                  "zimage", cfg, 1)
+    assert txt.shape == (1, 7, 2560) and pooled is None
+    mask = torch.tensor([[1, 1, 1, 0]])
+    with pytest.raises(ValueError, match="attention mask over padded text tokens"):
+        convert.conditioning_tensors([[torch.zeros(1, 4, 2560), {"attention_mask": mask}]], "zimage", cfg, 1)
+
+
+def test_zimage_block_count_from_the_config_alone():
+    """The loader node and the bench check a plan against the blocks before building anything."""
+    for fam_name in family.FAMILIES:
+        fam = family.get(fam_name)
+        for preset in fam.PRESETS.values():
+            assert family.num_blocks(preset["config"]) == len(fam.blocks_of(fam.build_meta(preset["config"])))

@@ -103,7 +103,7 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
         patches = [int(m) for m in str(args.patches).split(",") if m.strip()] or [0]
     except ValueError:
         raise ValueError(f"--patches takes whole numbers separated by commas, got {args.patches!r}") from None
-    num_blocks = config.get("num_layers", 0) + config.get("num_single_layers", 0)  # without building the model
+    num_blocks = family.num_blocks(config)  # without building the model
     # a test sampler's class travels by its name and is resolved again by the workers (Job.to_wire)
     extra = {"model": ModelSource(**source), "sample": spec, "repeats": args.repeats,
              "text_tokens": preset["text_tokens"]}

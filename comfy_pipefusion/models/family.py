@@ -80,6 +80,13 @@ def attention_shape(model) -> tuple[int, int]:
     return cfg.num_attention_heads, cfg.attention_head_dim
 
 
+def num_blocks(config: dict) -> int:
+    """How many blocks ``blocks_of`` gives, from a configuration alone (no model built): Flux's double and
+    single blocks, the others' layers, Z-Image's main layers and noise refiner (its context refiner runs once
+    per job, outside the blocks)."""
+    return sum(int(config.get(k, 0)) for k in ("num_layers", "num_single_layers", "n_layers", "n_refiner_layers"))
+
+
 def find_preset(preset: str) -> tuple[object, dict]:
     """(family module, preset) for a built-in model name such as ``tiny``, ``sd3-tiny``, ``pixart-tiny``."""
     names = []
