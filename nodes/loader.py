@@ -7,6 +7,7 @@ import folder_paths
 import torch
 
 from comfy_pipefusion.config import ParallelConfig
+from comfy_pipefusion.models import family as families
 from comfy_pipefusion.models.checkpoint import open_checkpoint
 
 from ..launcher import GroupPlan
@@ -83,7 +84,7 @@ class PipeFusionDiTLoader:
             devs, ranks = (devs[:1] if devs else None), 1
         parallel = ParallelConfig(strategy=strategy, world_size=ranks, patches=patches, warmup_steps=warmup_steps,
                                   balance=balance, stage_split=parse_stage_split(stage_split, strategy))
-        parallel.check_model(config.get("num_layers", 0) + config.get("num_single_layers", 0))
+        parallel.check_model(families.num_blocks(config))
         admission.check_ranks(parallel, devs)
         dtype = weight_dtype if weight_dtype != "default" else ("bfloat16" if devs else "float32")
         if devs and len(devs) > 1 and devices.strip().lower() == "auto":  # the heaviest stage off ComfyUI's GPU

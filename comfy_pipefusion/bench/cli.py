@@ -109,7 +109,7 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
         patches = [int(m) for m in str(args.patches).split(",") if m.strip()] or [0]
     except ValueError:
         raise ValueError(f"--patches takes whole numbers separated by commas, got {args.patches!r}") from None
-    num_blocks = config.get("num_layers", 0) + config.get("num_single_layers", 0)  # without building the model
+    num_blocks = family.num_blocks(config)  # without building the model
     # a test sampler's class travels by its name and is resolved again by the workers (Job.to_wire)
     extra = {"model": ModelSource(**source), "sample": spec, "repeats": args.repeats,
              "text_tokens": preset["text_tokens"], "predict": args.predict}  # predict: the simulator's time
@@ -162,7 +162,7 @@ def summarise(args, spec, serial, results) -> dict:
     source, fam, cfg_model, preset = model_of(args)
     layers = serial[1]["attention_layers"]  # counted by the worker, which has the model's structure
     width = serial[1]["width"]
-    n_txt = preset["text_tokens"] if fam.JOINT_TEXT else 0
+    n_txt = family.sequence_text(fam, preset["text_tokens"])  # as the sequence holds them (Z-Image pads)
     ref, ref_m = serial
     evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
     rows = []

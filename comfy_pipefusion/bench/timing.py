@@ -50,7 +50,8 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
                "device": str(device), "threads": torch.get_num_threads()}
     metrics["plan"] = plan_report(prep, metrics["wall_s_median"])
     metrics["attention_layers"] = attention_layers(prep.model, prep.problem)
-    metrics["width"] = prep.model.config.num_attention_heads * prep.model.config.attention_head_dim
+    heads, head_dim = family.attention_shape(prep.model)
+    metrics["width"] = heads * head_dim
     return samples, metrics
 
 
