@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from . import memory
+from . import adapters, memory
 from .config import ParallelConfig, SampleSpec
 from .job import make_problem, preset_problem, sampling_kind, synthetic_problem
 from .jobspec import INPUT_KEYS, REFERENCE_KEY, Job
 from .jobspec import TensorKey as K
-from .models import family, fp8, references
+from .models import checkpoint, family, fp8, references
 from .parallel import strategy_fn
 from .parallel.comm import Comm
 from .parallel.plan import ModelSource, load_rank_model, rank_modules
@@ -34,6 +34,16 @@ class ModelCache:
         self.device, self.key, self.value = device, None, None
         self.meta_source, self.meta = None, None  # structure of the last source (plan.Described): read once
         self.progress = None  # called before each tensor read (serve: cancel while loading)
+        self.planner = None  # strategy=auto's probes and choice, kept for the group (autoplan.py)
+        self.probe_dir = None  # where block probes are cached (None: autoplan's default)
+
+    def planner_for(self, comm: Comm):
+        if self.planner is None:
+            from .autoplan import GroupPlanner, default_cache_dir
+
+            self.planner = GroupPlanner(comm, self.device, torch.get_num_threads(),
+                                        self.probe_dir or default_cache_dir())
+        return self.planner
 
     def describe(self, source: ModelSource) -> tuple[object, dict, torch.nn.Module]:
         """(family, config, meta-device model) of ``source``: its header read and its meta model built once
@@ -75,6 +85,9 @@ class Prepared:
     base_bytes: int = 0  # this rank's memory before the load (RSS on CPU, allocated on GPU)
     load_s: float = 0.0  # time to load the weights (0 when they were loaded already)
     device: torch.device = torch.device("cpu")
+    choice: object = None  # strategy=auto: the planner's Choice (parallel/planner.py)
+    predicted_s: float | None = None  # the simulator's wall time for this plan (auto, or a job asking)
+    link: dict | None = None  # the group's probed link (bandwidth B/s, latency s) behind the prediction
 
 
 def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = None) -> Prepared:
@@ -106,14 +119,33 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
                                sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get(K.MASK),
                                refs=references.listed(tensors, K.REF), neg_refs=references.listed(tensors, K.NEG_REF),
                                ref_method=job.reference_method)
-    cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
+    choice, predicted, link = None, None, None
+    if cfg.strategy == "auto" or job.predict:  # collective: every rank of the group gets here with the job
+        cfg, choice, predicted, link = models.planner_for(comm).plan_job(
+            cfg, problem, *models.describe(source), spec.dtype,
+            lambda c: admit(source, c, problem, comm, models, dtype) or True)
+    cfg.check_image(problem.rows)
     mode = admit(source, cfg, problem, comm, models, dtype)
     base, start = memory_now(models.device), time.perf_counter()
     model, blocks = models.get(source, cfg, comm.rank, dtype)
+    if job.adapters and mode is not None:
+        raise ValueError("LoRAs on an fp8 checkpoint are not supported yet; use a bf16/fp16 checkpoint")
+    if job.adapters or "pipefusion_adapters" in model.__dict__:  # apply, change or undo LoRAs
+        afam, aconfig, _ = models.describe(source)
+        info = models.meta.info if source.checkpoint else None  # undo by reading the weights again
+
+        def reread(keys: list[str]) -> None:
+            checkpoint.load_modules(model, info, keys, models.device, dtype)
+        patched = adapters.sync_model(model, afam.NAME, aconfig, job.adapters, reread if info else None)
+        if patched is not None:
+            log.info("LoRAs: %d weights of this stage patched in %.3f s (undo: %s)", patched["weights"],
+                     patched["seconds"], "read again from the checkpoint" if info else
+                     f"originals kept, {patched['original_bytes'] / 2 ** 20:.1f} MiB")
     if mode is not None:
         use_fp8(model, mode, dtype)
-    return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device)
+    return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device,
+                    choice, predicted, link)
 
 
 def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models: ModelCache,
@@ -178,6 +210,18 @@ def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) 
     if device.type == "cuda":  # the job's buffers are gone: give their cached blocks back (ComfyUI's VAE decode)
         del x
         torch.cuda.empty_cache()
+    return out
+
+
+def plan_report(prep: Prepared, measured_s: float) -> dict:
+    """The plan a job ran with, its predicted and measured wall time (and auto's candidates); logged."""
+    from .parallel.planner import label
+
+    out = {"plan": label(prep.cfg), "strategy": prep.cfg.strategy, "patches": prep.cfg.num_patches,
+           "warmup_steps": prep.cfg.warmup_steps, "predicted_s": prep.predicted_s, "measured_s": measured_s,
+           "auto": prep.choice.as_dict() if prep.choice is not None else None, "link": prep.link}
+    if prep.predicted_s is not None:
+        log.info("plan %s: predicted %.2f s, measured %.2f s", out["plan"], prep.predicted_s, measured_s)
     return out
 
 

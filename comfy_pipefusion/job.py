@@ -58,9 +58,9 @@ class Problem:
 
     @property
     def n_span_txt(self) -> int:
-        """Tokens of the text stream inside the attention sequence: all text tokens and the reference
-        tokens after them for joint-text families, else none."""
-        return self.n_txt + self.n_ref if self.joint_text else 0
+        """Tokens of the text stream inside the attention sequence: the text tokens as the sequence holds them
+        and the reference tokens after them for joint-text families, else none."""
+        return family.sequence_text(family.get(self.family), self.n_txt) + self.n_ref if self.joint_text else 0
 
     @property
     def n_ref(self) -> int:
@@ -109,9 +109,7 @@ def sampling_kind(fam, config: dict) -> str:
     """The model sampling ComfyUI's stock loader gives this model."""
     if fam.NAME == "flux":
         return "flux" if config.get("guidance_embeds", True) else "flux_schnell"
-    if fam.NAME == "chroma":  # ComfyUI's Chroma is a Flux model type: ModelSamplingFlux
-        return "flux"
-    return fam.NAME
+    return getattr(fam, "SAMPLING", fam.NAME)
 
 
 def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | None,
@@ -125,7 +123,7 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
     mask already shaped like the latent (ComfyUI's prepare_mask) for inpainting. ``refs``: reference LATENTs (ComfyUI's ReferenceLatent), ``neg_refs``
     the negative's, placed by ``ref_method`` (default: the family's, as ComfyUI's model)."""
     fmt = fmt or family.get(fam).LATENT
-    sampling = sampling or ("flux" if fam in ("flux", "chroma") else fam)
+    sampling = sampling or getattr(family.get(fam), "SAMPLING", fam)
     h, w = spec.height // 8, spec.width // 8
     shape = (spec.batch, fmt.channels, h, w)
     if latent is None:

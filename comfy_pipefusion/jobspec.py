@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+from .adapters.apply import LoraSpec
 from .config import ParallelConfig, SampleSpec
 from .models import family
 from .models.references import METHODS
@@ -32,13 +33,17 @@ class TensorKey(StrEnum):
     REF = "ref"  # ref0, ref1, ...: [B, C, h, w] reference LATENTs (ReferenceLatent: Kontext), a prefix
     NEG_REF = "neg_ref"  # neg_ref0, ...: the negative's, with cfg != 1
     OUT = "out"  # the segment the sampled LATENT is written into (rank 0)
+    PREVIEW = "preview"  # [K, S_img, 4C] each step's x0 for live previews (preview.py), when wanted
+    PREVIEW_STAMP = "preview_stamp"  # [world] int64: the steps each rank has written into PREVIEW
 
 
-INPUT_KEYS = frozenset(k.value for k in TensorKey if k not in (TensorKey.OUT, TensorKey.REF, TensorKey.NEG_REF))
+OUTPUT_KEYS = frozenset({TensorKey.OUT.value, TensorKey.PREVIEW.value, TensorKey.PREVIEW_STAMP.value})
+INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS - {TensorKey.REF.value, TensorKey.NEG_REF.value}
+"""Tensors a job may bring by exact name; references come as ref<i> / neg_ref<i> (REFERENCE_KEY)."""
 REFERENCE_KEY = re.compile(r"(neg_)?ref\d{1,2}")
 """The names of reference latents: the REF and NEG_REF prefixes with the reference's index."""
 _WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file",
-         "reference_method")
+         "adapters", "predict", "reference_method")
 _PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
 
 
@@ -62,6 +67,11 @@ class Job:
     """Job files: timed runs of the job."""
     tensors_file: str | None = None
     """Job files: a safetensors file with the job's tensors (TensorKey names), e.g. the demo's prompts."""
+    adapters: tuple[LoraSpec, ...] = ()
+    """LoRAs in order, each rank applying them to its own stage (adapters/); () = the model's own weights."""
+    predict: bool = False
+    """The simulator's wall time for this plan beside the measured one (the bench; strategy 'auto' always
+    predicts): the group probes its blocks and links for it (autoplan.py)."""
     reference_method: str | None = None
     """How reference latents are placed (ComfyUI's reference_latents_method: offset, index, uxo); None: the
     family's default."""
@@ -86,7 +96,8 @@ class Job:
         model = {k: v for k, v in dataclasses.asdict(self.model).items() if v is not None}
         return {"name": self.name, "model": model, "model_stamp": self.model_stamp, "parallel": par,
                 "sample": sample, "text_tokens": self.text_tokens, "repeats": self.repeats,
-                "tensors_file": self.tensors_file, "reference_method": self.reference_method}
+                "tensors_file": self.tensors_file, "adapters": [dataclasses.asdict(a) for a in self.adapters],
+                "predict": self.predict, "reference_method": self.reference_method}
 
     @classmethod
     def from_wire(cls, wire: dict, world_size: int | None = None, samplers: dict | None = None) -> "Job":
@@ -117,11 +128,20 @@ class Job:
         if source.preset:
             preset = family.find_preset(source.preset)[1]
             sample = {**{k: preset[k] for k in _PRESET_DEFAULTS}, **sample}
-        extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "reference_method")
+        extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "predict",
+                                      "reference_method")
                  if wire.get(k) is not None}
+        if not isinstance(extra.get("predict", False), bool):
+            raise ValueError(f"job {name!r}: predict must be true or false, got {extra['predict']!r}")
         for k in ("text_tokens", "repeats"):
             if k in extra and not isinstance(extra[k], int):
                 raise ValueError(f"job {name!r}: {k} must be an integer, got {extra[k]!r}")
+        adapters = wire.get("adapters") or []
+        if not isinstance(adapters, list) or not all(isinstance(a, dict) for a in adapters):
+            raise ValueError(f"job {name!r}: field adapters must be a list of objects, got {adapters!r}")
+        for a in adapters:
+            _known(a, tuple(f.name for f in dataclasses.fields(LoraSpec)), f"an adapter of job {name!r}")
+        extra["adapters"] = tuple(_build(LoraSpec, a, "adapters", name) for a in adapters)
         return cls(model=source, parallel=cfg, sample=_build(SampleSpec, sample, "sample", name), name=name, **extra)
 
 

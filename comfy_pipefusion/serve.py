@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from . import transport
+from . import preview, transport
 from .errors import JobCancelled
-from .jobspec import Job, TensorKey
+from .jobspec import OUTPUT_KEYS, Job, TensorKey
 from .parallel.comm import Comm
 from .parallel.runtime import Control
-from .engine import ModelCache, execute, prepare, rank_stats
+from .engine import ModelCache, execute, plan_report, prepare, rank_stats
 
 log = logging.getLogger("comfy_pipefusion.serve")
 PING_S = 600.0  # idle ranks wait in a control-plane broadcast; keep it well inside the collective timeout
@@ -183,7 +183,7 @@ def _prepare(msg: dict, comm: Comm, models: ModelCache, segs: dict):
         job = Job.from_wire({k: v for k, v in msg.items() if k not in ENVELOPE}, comm.world_size)
         for k, d in msg.get("tensors", {}).items():
             segs[k] = transport.ShmTensor.attach(d)
-        tensors = {k: s.tensor for k, s in segs.items() if k != TensorKey.OUT}
+        tensors = {k: s.tensor for k, s in segs.items() if k not in OUTPUT_KEYS}
         return prepare(job, comm, models, tensors), None, False
     except _LoadCancelled as exc:
         log.info("job %s: %s", msg["id"], exc)
@@ -221,7 +221,9 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
             if conn is not None:
                 transport.send(conn, "progress", id=jid, step=t + 1, steps=steps)
 
-        control = Control(on_step=on_step, cancelled=inbox.cancelled if inbox else None)
+        writer = preview.PreviewWriter(segs[preview.DATA].tensor, segs[preview.STAMP].tensor, comm.rank) \
+            if preview.DATA in segs else None  # the job wants previews
+        control = Control(on_step=on_step, cancelled=inbox.cancelled if inbox else None, preview=writer)
         comm.reset_counters()
         start = time.perf_counter()
         try:
@@ -240,7 +242,7 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
             out.copy_(samples.reshape(out.shape))
             transport.send(conn, "done", id=jid, wall_s=wall, pids=[s["pid"] for s in stats],
                            param_bytes_per_rank=[s["param_bytes"] for s in stats],
-                           wait_s_per_rank=[s["wait_s"] for s in stats])
+                           wait_s_per_rank=[s["wait_s"] for s in stats], plan=plan_report(prep, wall))
     finally:
         for s in segs.values():
             s.close()

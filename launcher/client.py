@@ -66,7 +66,7 @@ class Launcher:
         self.state, self.detail = "stopped", ""
         self.lock = threading.RLock()
         self.last_used = time.monotonic()  # the end of the last job (or start-up)
-        self.last_job: dict | None = None  # {"wall_s", "compute_s", "wait_s"} of the last finished job
+        self.last_job: dict | None = None  # {"wall_s", "compute_s", "wait_s", "plan"} of the last finished job
         self.weights: str | None = None  # which weights the group holds (weights_of), once a job loaded them
         atexit.register(_stop_at_exit, weakref.ref(self))
 
@@ -129,14 +129,16 @@ class Launcher:
         return self.group
 
     def run(self, plan: GroupPlan, job: dict, tensors: dict, out_shape: tuple[int, ...], on_progress=None,
-            cancelled=None):
+            cancelled=None, on_preview=None):
+        """``on_preview(step, x0_tokens, steps)``: called with each step's x0 when given (previews cost
+        nothing otherwise)."""
         with self.lock:
             try:
-                return self._run(plan, job, tensors, out_shape, on_progress, cancelled)
+                return self._run(plan, job, tensors, out_shape, on_progress, cancelled, on_preview)
             finally:
                 self.last_used = time.monotonic()
 
-    def _run(self, plan, job, tensors, out_shape, on_progress, cancelled):
+    def _run(self, plan, job, tensors, out_shape, on_progress, cancelled, on_preview=None):
         # States that mean something: "loading" only when the weights are read (the workers announce the
         # phase on every job, a cache hit included), "busy" from the first step, no "ready" in between.
         group = self._ensure(plan, cancelled, announce=False)
@@ -155,7 +157,7 @@ class Launcher:
 
         try:
             result = group.run(job, tensors, out_shape, on_progress, cancelled, self.stall_timeout,
-                               on_phase=on_phase)
+                               on_phase=on_phase, on_preview=on_preview)
         except (JobCancelled, JobError):
             progress.stop()
             self._set("ready")
@@ -172,7 +174,7 @@ class Launcher:
         progress.stop()
         self.last_job = job_times(result[1])
         self.weights = weights
-        self._set("ready")
+        self._set("ready", plan_detail(self.last_job.get("plan")))
         return result
 
     def stop(self) -> None:
@@ -217,4 +219,12 @@ def job_times(done: dict) -> dict:
     waits = done.get("wait_s_per_rank")
     wait = sum(waits) / len(waits) if waits else None
     return {"wall_s": wall, "compute_s": (wall - wait) if wall is not None and wait is not None else None,
-            "wait_s": wait}
+            "wait_s": wait, "plan": done.get("plan")}
+
+
+def plan_detail(plan: dict | None) -> str:
+    """The status line of a finished job's plan: which one ran (and that auto chose it), predicted and measured."""
+    if not plan:
+        return ""
+    pred = f"predicted {plan['predicted_s']:.2f} s, " if plan.get("predicted_s") is not None else ""
+    return f"last job: {plan['plan']}{' (auto)' if plan.get('auto') else ''}, {pred}measured {plan['measured_s']:.2f} s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from comfy_pipefusion.adapters import LoraSpec
 from comfy_pipefusion.config import ParallelConfig, SampleSpec
 from comfy_pipefusion.jobspec import Job
 from comfy_pipefusion.parallel.plan import ModelSource
@@ -22,7 +23,8 @@ class PipeFusionModel:
     dtype: str
     slot: str = ""  # a new plan of the same slot (checkpoint) replaces its group
     stamp: str = ""  # the checkpoint file's size, time and inode when the loader ran
-    family: str = "flux"  # flux | sd3 | pixart (models/family.py)
+    family: str = "flux"  # a name of models/family.py's FAMILIES
+    adapters: tuple[LoraSpec, ...] = ()  # LoRAs in order (nodes/lora.py), applied by each rank to its stage
 
     @property
     def launcher(self) -> Launcher:
@@ -38,4 +40,4 @@ class PipeFusionModel:
         ``reference_method``: the conditioning's placement of reference latents (Kontext), if it sets one."""
         return Job(model=ModelSource(checkpoint=self.path), parallel=self.parallel,
                    sample=SampleSpec(**sample, dtype=self.dtype), model_stamp=self.stamp,
-                   reference_method=reference_method)
+                   adapters=self.adapters, reference_method=reference_method)

@@ -11,9 +11,10 @@ from comfy_pipefusion.jobspec import TensorKey as K
 
 from ..launcher import GroupError, JobCancelled, JobError
 from . import admission
-from .convert import check_latent, check_sampler, conditioning_tensors
-from .references import job_references
+from .convert import check_latent, check_sampler, conditioning_tensors, output_latent
 from .errors import readable
+from .preview import ksampler_preview
+from .references import job_references
 from .validate import check_sampling
 
 
@@ -82,7 +83,9 @@ class PipeFusionKSampler:
         try:
             out, _ = model.launcher.run(model.plan, job.to_wire(), tensors, tuple(samples.shape),
                                         on_progress=lambda step, total: bar.update_absolute(step, total),
-                                        cancelled=comfy.model_management.processing_interrupted)
+                                        cancelled=comfy.model_management.processing_interrupted,
+                                        on_preview=ksampler_preview(model.family, model.model_config,
+                                                                    tuple(samples.shape), steps))
         except JobCancelled:
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise RuntimeError("PipeFusion: the job was cancelled") from None
@@ -91,5 +94,5 @@ class PipeFusionKSampler:
         except JobError as exc:  # the workers refused the job with a message meant for the user
             raise RuntimeError(f"PipeFusion: {exc}") from None
         result = {k: v for k, v in latent_image.items() if k != "samples"}
-        result["samples"] = out
+        result["samples"] = output_latent(out, model.family)
         return (result,)

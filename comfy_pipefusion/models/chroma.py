@@ -20,6 +20,7 @@ from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, un
 
 NAME = "chroma"
 JOINT_TEXT = True
+SAMPLING = "flux"  # ComfyUI's Chroma is a Flux model type: ModelSamplingFlux
 LATENT = flux.LATENT
 TEXT_ENCODERS = "the Chroma text encoder: CLIPLoader type chroma with t5xxl"
 DEFAULT_GUIDANCE = 0.0  # ComfyUI's Chroma embeds a guidance of 0 unless FluxGuidance sets one

@@ -22,8 +22,12 @@ class JobRuntime:
     per step); ``rt.x`` holds, per token, the input of the next evaluation.
     """
 
-    def __init__(self, model, problem, dtype: torch.dtype, device: torch.device, first: bool, last: bool) -> None:
+    def __init__(self, model, problem, dtype: torch.dtype, device: torch.device, first: bool, last: bool,
+                 preview=None) -> None:
         self.model, self.problem, self.dtype, self.device = model, problem, dtype, device
+        self.preview = preview if last else None  # a PreviewWriter (preview.py) when the job wants previews
+        if self.preview is not None:
+            self.preview.register()
         self.fam = family.get(problem.family)
         self.first, self.last = first, last
         self.ms = problem.model_sampling()
@@ -45,7 +49,8 @@ class JobRuntime:
 
     @property
     def width(self) -> int:
-        return self.model.config.num_attention_heads * self.model.config.attention_head_dim
+        heads, head_dim = family.attention_shape(self.model)
+        return heads * head_dim
 
     def step_of(self, k: int) -> int:
         """The sampling step evaluation ``k`` belongs to."""
@@ -67,12 +72,13 @@ class JobRuntime:
         return self._temb[k]
 
     def kv_buffers(self, blocks: list, cls=StaleKV, n_img: int | None = None, **kw) -> list:
-        cfg, p = self.model.config, self.problem
+        p = self.problem
+        heads, head_dim = family.attention_shape(self.model)
         n_img = p.n_img if n_img is None else n_img
 
         def make(kind: str):
             n_txt, extra = (p.n_span_txt, kw) if kind == "joint" else (0, _image_only(kw))
-            return cls(p.model_batch, cfg.num_attention_heads, n_txt, n_img, cfg.attention_head_dim,
+            return cls(p.model_batch, heads, n_txt, n_img, head_dim,
                        self.dtype, self.device, **extra)
         return [self.fam.kv_buffers(self.model, b, make) for b in blocks]
 
@@ -119,7 +125,10 @@ class JobRuntime:
             pos, neg = out.chunk(2)
             pos, neg = self.ms.calculate_denoised(self.evals[k], pos, x), self.ms.calculate_denoised(self.evals[k], neg, x)
             den = neg + (pos - neg) * self.problem.spec.cfg
-        return den if inpaint is None else inpaint.denoised(den, sl)
+        den = den if inpaint is None else inpaint.denoised(den, sl)
+        if self.preview is not None:
+            self.preview.put(sl, den)
+        return den
 
 
 def reference_inputs(problem) -> dict:
@@ -147,7 +156,7 @@ def gather_bands(comm, x: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.
 
 
 class Control:
-    """A job's hooks on one rank: progress after each step, and the cancel decision.
+    """A job's hooks on one rank: progress (and the preview's x0) after each step, and the cancel decision.
 
     Only rank 0 hears the user; ``cancelled`` is its flag. Strategies whose ranks run in lockstep share it
     with ``agree_stop`` (a one-byte broadcast per step on the control plane, never queued behind data);
@@ -155,11 +164,14 @@ class Control:
     so the pipeline never drains at a step boundary.
     """
 
-    def __init__(self, on_step=None, cancelled=None) -> None:
+    def __init__(self, on_step=None, cancelled=None, preview=None) -> None:
         self._on_step = on_step
         self._cancelled = cancelled
+        self.preview = preview  # a PreviewWriter, or None: no preview wanted
 
     def step_done(self, t: int) -> None:
+        if self.preview is not None:
+            self.preview.publish(t)
         if self._on_step is not None:
             self._on_step(t)
 
