@@ -67,15 +67,24 @@ class Launcher:
         self.last_used = time.monotonic()  # the end of the last job (or start-up)
         self.last_job: dict | None = None  # {"wall_s", "compute_s", "wait_s"} of the last finished job
         self.weights: str | None = None  # which weights the group holds (weights_of), once a job loaded them
+        self.exiting = False  # set by kill_now: no state but its "stopped" follows
         atexit.register(_stop_at_exit, weakref.ref(self))
 
-    def _set(self, state: str, detail: str = "") -> None:
+    def _set(self, state: str, detail: str = "", final: bool = False) -> None:
+        if self.exiting and not final:  # the process is being terminated: kill_now's "stopped" is the last word
+            return
         self.state, self.detail = state, detail
         if self.on_state is not None:
             try:
                 self.on_state(state, detail)
             except Exception:
                 pass
+
+    def _ended(self, why: str) -> None:
+        """The group is gone after a failure: "failed" says why, "stopped" that nothing runs any more (a
+        group that ends for any reason is reported "stopped" last)."""
+        self._set("failed", why)
+        self._set("stopped", f"failed: {why}")
 
     def _usable(self, plan: GroupPlan) -> bool:
         """The warm group can take a job of ``plan``; a group that died or hung while idle is reported
@@ -97,7 +106,7 @@ class Launcher:
             g.kill()
             g.stop()
             self.group = None
-            self._set("failed", f"the idle group {why}")
+            self._ended(f"the idle group {why}")
             return True
 
     def ensure(self, plan: GroupPlan, cancelled=None) -> WorkerGroup:
@@ -120,7 +129,7 @@ class Launcher:
             self._set("stopped", "cancelled while starting")
             raise
         except BaseException as exc:
-            self._set("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._ended(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
         self.last_used = time.monotonic()
         if announce:
@@ -166,7 +175,7 @@ class Launcher:
                 raise
             group.stop()
             self.group = None
-            self._set("failed", str(exc).splitlines()[0] if isinstance(exc, GroupError) else type(exc).__name__)
+            self._ended(str(exc).splitlines()[0] if isinstance(exc, GroupError) else type(exc).__name__)
             raise
         progress.stop()
         self.last_job = job_times(result[1])
@@ -195,9 +204,11 @@ class Launcher:
         """End the group at once without waiting for a job or the lock (ComfyUI is being terminated):
         SIGKILL, reap torchrun, remove the group directory."""
         g = self.group
+        self.exiting = True  # a job's thread that sees its group die says nothing more
         if g is not None:
             g.kill()
             shutil.rmtree(g.dir, ignore_errors=True)
+            self._set("stopped", "ComfyUI is exiting", final=True)
 
 
 def weights_of(job: dict) -> str:
