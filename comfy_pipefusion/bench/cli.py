@@ -68,6 +68,8 @@ def parse_args(argv):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=sorted(ELEM))
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--timeline", default=None, metavar="PNG",
+                    help="draw each job's last run here: per rank, each item's compute and waiting (timeline.py)")
     return ap.parse_args(argv)
 
 
@@ -178,6 +180,7 @@ def summarise(args, spec, serial, results) -> dict:
                      "param_bytes_per_rank": m["param_bytes_per_rank"],
                      "bytes_sent_per_step_per_rank": [b / spec.steps for b in m["bytes_sent_per_rank"]],
                      "wait_s_per_rank": m["wait_s_per_rank"],
+                     "timeline": m["timeline"],
                      "expected_bytes_per_step_per_rank": [
                          expected_bytes(cfg.strategy, rank=r, **dims) / spec.steps for r in range(n)]})
     name = source.get("preset") or source["checkpoint"]
@@ -274,6 +277,14 @@ def main(argv=None) -> int:
     report = summarise(args, spec, serial, results)
     report["turns"] = spans
     print_table(report)
+    if args.timeline:
+        from ..timeline import render
+
+        render([(f"{r['name']}: {r['world_size']} rank(s), M={r['patches']}, warm-up {r['warmup_steps']}, "
+                 f"{r['wall_s_runs'][-1]:.2f} s", r["timeline"]) for r in report["results"]], args.timeline,
+               f"{report['model']['name']}, {report['width']}x{report['height']}, {report['steps']} steps: "
+               "each rank's last run, from its own timings")
+        print(f"timeline: {Path(args.timeline).resolve()}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)

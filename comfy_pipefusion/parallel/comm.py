@@ -62,6 +62,7 @@ class Comm:
         self._wait_host = 0.0
         self._events: list = []
         self.ops: Counter = Counter()
+        self.trace = None  # a trace.Trace: each data-plane wait is recorded there too (the bench's timeline)
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -143,9 +144,9 @@ class Comm:
     def _issue(self, ch: Channel, kind: str, peer, tensor: torch.Tensor, fn) -> "Pending":
         self.ops[ch.name, kind] += 1
         if ch.executor is None:
-            return Pending(fn(), tensor, self, ch.data)
+            return Pending(fn(), tensor, self, ch.data, f"{kind} {ch.name}")
         info = OpInfo(kind, peer, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))
-        return Pending(ch.executor.submit(info, fn), tensor, self, ch.data)
+        return Pending(ch.executor.submit(info, fn), tensor, self, ch.data, f"{kind} {ch.name}")
 
     def isend(self, tensor: torch.Tensor, dst: int, ch: Channel | None = None) -> "Pending":
         ch = ch or self.data
@@ -220,8 +221,8 @@ class Comm:
 class Pending:
     """A request in flight; holds its tensor alive until it completes."""
 
-    def __init__(self, work, tensor: torch.Tensor, comm: Comm, counted: bool) -> None:
-        self.work, self.tensor, self.comm, self.counted = work, tensor, comm, counted
+    def __init__(self, work, tensor: torch.Tensor, comm: Comm, counted: bool, what: str = "") -> None:
+        self.work, self.tensor, self.comm, self.counted, self.what = work, tensor, comm, counted, what
 
     def is_completed(self) -> bool:
         if self.work is None:
@@ -251,7 +252,11 @@ class Pending:
         elif work is not None:
             work.wait()
         if self.counted:
-            comm._wait_host += time.perf_counter() - start
+            took = time.perf_counter() - start
+            comm._wait_host += took
+            if comm.trace is not None:  # the wait just ended, on the trace's clock
+                now = comm.trace.clock()
+                comm.trace.wait(now - took, now, self.what)
         return self.tensor
 
 
