@@ -66,7 +66,7 @@ class Launcher:
         self.state, self.detail = "stopped", ""
         self.lock = threading.RLock()
         self.last_used = time.monotonic()  # the end of the last job (or start-up)
-        self.last_job: dict | None = None  # {"wall_s", "compute_s", "wait_s"} of the last finished job
+        self.last_job: dict | None = None  # job_times of the last finished job
         self.weights: str | None = None  # which weights the group holds (weights_of), once a job loaded them
         self.exiting = False  # set by kill_now: no state but its "stopped" follows
         atexit.register(_stop_at_exit, weakref.ref(self))
@@ -222,10 +222,17 @@ def weights_of(job: dict) -> str:
 
 
 def job_times(done: dict) -> dict:
-    """{"wall_s", "compute_s", "wait_s"} of a "done" message: the sampling wall time and, when the ranks
-    reported their time blocked on each other, its mean over ranks and the rest (compute); else None."""
+    """{"wall_s", "compute_s", "wait_s", "transfer_s"} of a "done" message, in seconds, with compute + wait +
+    transfer = wall: ``wall_s`` the sampling time plus the shared-memory copies of the job's tensors (the
+    launcher's inputs and output, rank 0's result: ``copy_s``); ``wait_s`` the ranks' mean time waiting for
+    data from each other; ``transfer_s`` the copies plus the ranks' mean time moving their own data out
+    (sends); ``compute_s`` the rest. Without the ranks' counters (an older worker) only ``wall_s`` is known."""
     wall = done.get("wall_s")
-    waits = done.get("wait_s_per_rank")
-    wait = sum(waits) / len(waits) if waits else None
-    return {"wall_s": wall, "compute_s": (wall - wait) if wall is not None and wait is not None else None,
-            "wait_s": wait}
+    waits, sends = done.get("wait_s_per_rank"), done.get("transfer_s_per_rank")
+    copies = float(done.get("copy_s") or 0.0)
+    if wall is None or not waits:
+        return {"wall_s": wall, "compute_s": None, "wait_s": None, "transfer_s": None}
+    wait = sum(waits) / len(waits)
+    send = sum(sends) / len(sends) if sends else 0.0
+    return {"wall_s": wall + copies, "compute_s": wall - wait - send, "wait_s": wait,
+            "transfer_s": send + copies}

@@ -24,11 +24,13 @@ class GroupJobs:
 
     def run(self, job: dict, tensors: dict[str, torch.Tensor], out_shape: tuple[int, ...], on_progress=None,
             cancelled=None, stall_timeout: float = 600.0, on_phase=None) -> tuple[torch.Tensor, dict]:
-        """Run one job; tensors travel in shared memory. Returns (LATENT samples, the done message)."""
+        """Run one job; tensors travel in shared memory. Returns (LATENT samples, the done message, whose
+        ``copy_s`` adds the time this process spent copying the tensors in and the samples out)."""
         if not self.alive():
             raise GroupError("the worker group is not running")
         logfile.rotate(self.log_path)
         segs = {}
+        copy_in = time.perf_counter()
         try:
             for name, t in tensors.items():
                 segs[name] = transport.ShmTensor.from_tensor(t.detach().float().contiguous().cpu())
@@ -37,6 +39,7 @@ class GroupJobs:
             for s in segs.values():
                 s.close()
             raise JobError(str(exc)) from None
+        copy_in = time.perf_counter() - copy_in
         try:
             jid = secrets.token_hex(8)
             self.busy = True  # until the group's last word on this job
@@ -47,7 +50,10 @@ class GroupJobs:
                 raise GroupError(f"the worker group went away before the job started ({exc}):\n"
                                  f"{self.failure_report()}") from None
             reply = self._wait(jid, _Watch(on_progress, cancelled, stall_timeout, on_phase))
-            return segs["out"].tensor.clone(), reply
+            copy_out = time.perf_counter()
+            samples = segs["out"].tensor.clone()
+            reply["copy_s"] = float(reply.get("copy_s") or 0.0) + copy_in + time.perf_counter() - copy_out
+            return samples, reply
         finally:
             for s in segs.values():
                 s.close()

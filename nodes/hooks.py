@@ -177,7 +177,7 @@ def _flush_then(then, limit_s: float = 1.5) -> bool:
 
 def add_routes() -> None:
     """``GET /pipefusion/groups``: {"groups": [{"key", "world_size", "devices", "state", "detail", "pids",
-    "rss_bytes_per_rank", "last_job": {"wall_s", "compute_s", "wait_s"} | null}]}. Called once by the
+    "rss_bytes_per_rank", "last_job": {"wall_s", "compute_s", "wait_s", "transfer_s"} | null}]}. Called once by the
     package's ComfyUI entry (routes must exist before the server starts)."""
     from aiohttp import web
 

@@ -10,8 +10,9 @@ strategy's runs, ..., a serial run, each turn with the machine to itself (the ot
 waits in a collective). wall_s is the median of a job's runs (wall_s_min is also written); a strategy's
 speedup is against the two serial runs around it, so a machine whose speed drifts over minutes compares
 like with like. Errors are measured against serial on the returned LATENT; bytes sent are counted per rank
-and compared with the analytic formulas of parallel/costs.py; wait_s_per_rank is each rank's time blocked
-on the others.
+and compared with the analytic formulas of parallel/costs.py; wait_s_per_rank is each rank's time waiting
+for the others' data, transfer_s_per_rank its time sending its own. --timeline PNG draws each job's last
+run from the ranks' own timings (timeline.py).
 """
 from __future__ import annotations
 
@@ -180,6 +181,7 @@ def summarise(args, spec, serial, results) -> dict:
                      "param_bytes_per_rank": m["param_bytes_per_rank"],
                      "bytes_sent_per_step_per_rank": [b / spec.steps for b in m["bytes_sent_per_rank"]],
                      "wait_s_per_rank": m["wait_s_per_rank"],
+                     "transfer_s_per_rank": m["transfer_s_per_rank"],
                      "timeline": m["timeline"],
                      "expected_bytes_per_step_per_rank": [
                          expected_bytes(cfg.strategy, rank=r, **dims) / spec.steps for r in range(n)]})

@@ -49,6 +49,7 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
                "param_bytes_per_rank": [r["param_bytes"] for r in stats],
                "bytes_sent_per_rank": [r["bytes_sent"] for r in stats],
                "wait_s_per_rank": [r["wait_s"] for r in stats],  # of the last run
+               "transfer_s_per_rank": [r["transfer_s"] for r in stats],  # of the last run
                "timeline": timelines,  # of the last run: parallel/trace.py
                "base_bytes_per_rank": [r["base_bytes"] for r in stats],  # before the load
                "peak_bytes_per_rank": [r["peak_bytes"] for r in stats],  # load and runs
