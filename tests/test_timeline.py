@@ -106,7 +106,9 @@ def test_timeline_of_a_bench_run(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [(r["name"], len(r["timeline"])) for r in rows] == [("serial", 1), ("pipefusion", 2), ("distrifusion", 2)]
     expected = {"serial": steps, "pipefusion": warm + (steps - warm) * m, "distrifusion": steps}
-    for r in rows:
+    for r in rows:  # each job's last run: its ranks' records lie within that run's wall time
+        run = max(t["end"] for t in r["timeline"]) - min(t["begin"] for t in r["timeline"])
+        assert 0 < run <= r["wall_s_runs"][-1] + 0.05, (r["name"], run, r["wall_s_runs"])
         for rank, trace in enumerate(r["timeline"]):
             items = trace["items"]
             assert [it["index"] for it in items] == list(range(expected[r["name"]])), (r["name"], rank)

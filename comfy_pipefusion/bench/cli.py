@@ -240,7 +240,8 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
         runs = [results["serial"][j.name] for j in serial_jobs]
         walls = [w for _, m in runs for w in m["wall_s_runs"]]
         merged = {**runs[0][1], "wall_s_runs": walls, "wall_s_median": statistics.median(walls),
-                  "wall_s_min": min(walls), "run_spans": [s for _, m in runs for s in m["run_spans"]]}
+                  "wall_s_min": min(walls), "run_spans": [s for _, m in runs for s in m["run_spans"]],
+                  "timeline": runs[-1][1]["timeline"]}  # the last serial run's, like every job's
         return (runs[0][0], merged), results["group"], spans
 
 
