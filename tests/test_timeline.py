@@ -116,6 +116,8 @@ def test_timeline_of_a_bench_run(tmp_path):
             assert trace["begin"] <= items[0]["start"] and items[-1]["end"] <= trace["end"]
             assert [it["warmup"] for it in items].count(True) == (warm if r["name"] != "serial" else 0)
     # PipeFusion's stages wait on each other: rank 1 waits for rank 0's first patch; waits lie inside the run
+    # each stage sends (forward hop, ring): its own transfer time, counted apart from its waits
+    assert all(t > 0 for t in rows[1]["transfer_s_per_rank"]) and rows[0]["transfer_s_per_rank"] == [0.0]
     pf = rows[1]["timeline"]
     assert pf[1]["waits"] and all(pf[1]["begin"] <= w["start"] <= w["end"] <= pf[1]["end"] for w in pf[1]["waits"])
     sections = [(r["name"], r["timeline"]) for r in rows]
