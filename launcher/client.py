@@ -208,10 +208,10 @@ class Launcher:
         SIGKILL, reap torchrun, remove the group directory."""
         g = self.group
         self.exiting = True  # a job's thread that sees its group die says nothing more
-        if g is not None:
+        if g is not None:  # said first: the failed prompt's own message follows the kill
+            self._set("stopped", "ComfyUI is exiting", final=True)
             g.kill()
             shutil.rmtree(g.dir, ignore_errors=True)
-            self._set("stopped", "ComfyUI is exiting", final=True)
 
 
 def weights_of(job: dict) -> str:
