@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import memory
 from .config import ParallelConfig, SampleSpec
 from .job import make_problem, preset_problem, sampling_kind, synthetic_problem
-from .models import family, fp8
+from .models import checkpoint, family, fp8
 from .parallel import strategy_fn
 from .parallel.comm import Comm
 from .parallel.plan import ModelSource, load_rank_model, rank_modules
@@ -169,12 +169,16 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         negative = (tensors["neg_txt"], tensors.get("neg_pooled")) if "neg_txt" in tensors else None
         problem = make_problem(spec, tensors["txt"], tensors.get("pooled"), tensors.get("latent"),
                                tensors.get("noise"), fam=fam.NAME, fmt=fam.latent_format(config),
-                               sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get("mask"))
+                               sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get("mask"),
+                               sigmas=tensors.get("sigmas"))
     cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
     mode = admit(source, cfg, problem, comm, models, dtype)
     base, start = memory_now(models.device), time.perf_counter()
     model, blocks = models.get(source, cfg, comm.rank, dtype)
+    if job.get("weight_update"):  # some weights changed (a LoRA's strength): only they are read again
+        fam, _, meta = models.describe(source)
+        checkpoint.update_modules(model, models.meta.info, job["weight_update"], rank_modules(fam, meta, cfg, comm.rank))
     if mode is not None:
         use_fp8(model, mode, dtype)
     return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device)
@@ -188,7 +192,9 @@ def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models:
     cfg.check_model(len(fam.blocks_of(meta)))  # the stage split below needs enough blocks
     loaded, freed = models.holds(source, cfg, comm.rank, dtype)
     budget = memory.rank_budget(models.device, comm.rank, comm.world_size, loaded, freed)
-    fp8_file, size = memory.stored_fp8(source.checkpoint), memory.job_size(problem)
+    # from the header read once per source (a checkpoint in shared memory is gone once the ranks loaded it)
+    info = models.meta.info if models.meta is not None else None
+    fp8_file, size = info is not None and info.dtype in fp8.FP8, memory.job_size(problem)
     memory.admit(fam, meta, cfg, size, budget, fp8_file)
     if not fp8_file:
         return None

@@ -4,12 +4,14 @@ Always import this package relatively: ComfyUI has a top-level module named ``no
 """
 from .builtin import PipeFusionBuiltinCaption, PipeFusionBuiltinDecode
 from .loader import PipeFusionDiTLoader, PipeFusionUnload
+from .parallelize import PipeFusionParallelize
 from .sampler import PipeFusionKSampler
 
 NODE_CLASS_MAPPINGS = {
     "PipeFusionDiTLoader": PipeFusionDiTLoader,
     "PipeFusionKSampler": PipeFusionKSampler,
     "PipeFusionUnload": PipeFusionUnload,
+    "PipeFusionParallelize": PipeFusionParallelize,
     "PipeFusionBuiltinCaption": PipeFusionBuiltinCaption,
     "PipeFusionBuiltinDecode": PipeFusionBuiltinDecode,
 }
@@ -17,6 +19,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "PipeFusionDiTLoader": "PipeFusion DiT Loader",
     "PipeFusionKSampler": "PipeFusion KSampler",
     "PipeFusionUnload": "PipeFusion Unload",
+    "PipeFusionParallelize": "PipeFusion Parallelize",
     "PipeFusionBuiltinCaption": "PipeFusion Built-in Caption",
     "PipeFusionBuiltinDecode": "PipeFusion Built-in Decode",
 }
