@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_helpers import error_message, run_prompt, saved_latent, start_server, worker_pids
+from comfy_helpers import error_message, run_prompt, saved_latent, start_server, states, worker_pids
 from lora_files import write_kohya, write_lokr, write_peft
 from test_parity_comfy import FAMILY, _write_models, rel_l2
 
@@ -79,9 +79,11 @@ def ksampler(fam: str, seed: int = 7) -> dict:
         "scheduler": "simple", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}}
 
 
-def run_pair(server, prompt: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+def run_pair(server, prompt: dict, prefix: str, msgs_out: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     status, msgs = run_prompt(server, prompt, timeout=900)
     assert status == "execution_success", (error_message(msgs), server.log_tail(40))
+    if msgs_out is not None:
+        msgs_out.extend(msgs)
     return saved_latent(server, f"{prefix}_stock"), saved_latent(server, f"{prefix}_ours")
 
 
@@ -94,12 +96,18 @@ def test_parallelize_lora_formats_equal_stock(server, fam):
     """kohya, then diffusers/peft, then LoKr, then the LoKr's strength changed: each equals the stock chain,
     every LoRA key was applied (ComfyUI logs the keys it could not map), the group stays the same processes,
     and the strength change moves both results alike."""
-    results, pids = {}, []
+    results, pids, written = {}, [], _log(server).count("changed weights written")
     for label, loras in (("kohya", [("kohya", 1.0)]), ("peft", [("peft", 1.0)]),
                          ("lokr", [("kohya", 0.5), ("lokr", 1.0)]), ("lokr2", [("kohya", 0.5), ("lokr", -1.5)])):
         nodes, _ = _common(fam, loras)
         prefix = f"par/{fam}-{label}"
-        stock, ours = run_pair(server, _both(nodes, ksampler(fam), prefix), prefix)
+        msgs: list = []
+        stock, ours = run_pair(server, _both(nodes, ksampler(fam), prefix), prefix, msgs)
+        if pids:  # the warm group: no weight load, only the changed weights written and updated in place
+            assert "loading" not in states(msgs), states(msgs)
+            now = _log(server).count("changed weights written")
+            assert now == written + 1, (label, now, written)
+            written = now
         assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
         rel = rel_l2(ours, stock)
         assert rel <= TOL, f"{fam} {label}: relative L2 {rel:.3e} > {TOL}"
