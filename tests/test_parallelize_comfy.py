@@ -8,6 +8,8 @@ weights, conditioning, noise and sigmas.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -91,7 +93,7 @@ def _log(server) -> str:
     return server.log_path.read_text(errors="replace")
 
 
-@pytest.mark.parametrize("fam", ["flux", "sd3"])
+@pytest.mark.parametrize("fam", [pytest.param("flux", marks=pytest.mark.slow), "sd3"])
 def test_parallelize_lora_formats_equal_stock(server, fam):
     """kohya, then diffusers/peft, then LoKr, then the LoKr's strength changed: each equals the stock chain,
     every LoRA key was applied (ComfyUI logs the keys it could not map), the group stays the same processes,
@@ -184,3 +186,22 @@ def test_parallelize_refuses_what_it_cannot_run(server, what):
     assert status == "execution_error"
     message = error_message(msgs)
     assert "PipeFusion Parallelize" in message and expect in message, message
+
+
+def test_parallelize_never_loads_the_model_in_comfyui(server):
+    """With only our branch, ComfyUI's model management never loads the MODEL (no load_models_gpu: on a GPU
+    machine no GPU memory for it in the ComfyUI process), and the progress bar moves once per step."""
+    nodes, model = _common("sd3", [("peft", 0.7)])
+    nodes["u"] = {"class_type": "PipeFusionTestUnloadModels", "inputs": {"model": model}}
+    nodes["p"]["inputs"]["model"] = ["u", 0]
+    nodes["k"] = {**ksampler("sd3")["k"]}
+    nodes["k"]["inputs"] = {**nodes["k"]["inputs"], "model": ["p", 0], "steps": 3}
+    nodes["p"]["inputs"]["warmup_steps"] = 1
+    nodes["check"] = {"class_type": "PipeFusionTestLoadedModels",
+                      "inputs": {"model": ["p", 0], "samples": ["k", 0], "name": "par-loads"}}
+    status, msgs = run_prompt(server, nodes, timeout=600)
+    assert status == "execution_success", (error_message(msgs), server.log_tail(40))
+    report = json.loads((server.base_dir / "output" / "par-loads.json").read_text())
+    assert report == {"loaded": False, "loaded_models": 0}, report
+    steps = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == "k"]
+    assert steps[-3:] == [1, 2, 3], steps
