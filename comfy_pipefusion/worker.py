@@ -176,11 +176,11 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
     mode = admit(source, cfg, problem, comm, models, dtype)
     base, start = memory_now(models.device), time.perf_counter()
     model, blocks = models.get(source, cfg, comm.rank, dtype)
+    if mode is not None:
+        use_fp8(model, mode, dtype)
     if job.get("weight_update"):  # some weights changed (a LoRA's strength): only they are read again
         fam, _, meta = models.describe(source)
         checkpoint.update_modules(model, models.meta.info, job["weight_update"], rank_modules(fam, meta, cfg, comm.rank))
-    if mode is not None:
-        use_fp8(model, mode, dtype)
     return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device)
 
 

@@ -83,7 +83,9 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
     sigmas = sigmas.detach().float().cpu()
     with launcher.lock:  # what the group holds cannot change between the check and the job
         held = getattr(launcher, HELD, None)
-        warm = held is not None and launcher._usable(plan) and launcher.weights == held.key
+        # 8-bit weights are never updated in place (the ranks may keep an upcast copy): those reload
+        warm = held is not None and launcher._usable(plan) and launcher.weights == held.key \
+            and held.info.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)
         made, update, info = [], None, None
         try:
             fps = weights.patch_fingerprints(patcher)
