@@ -13,6 +13,8 @@ import json
 import pytest
 import torch
 
+from comfy_pipefusion import transport
+
 from comfy_helpers import error_message, run_prompt, saved_latent, start_server, states, worker_pids
 from lora_files import write_kohya, write_lokr, write_peft
 from test_parity_comfy import FAMILY, _write_models, rel_l2
@@ -158,14 +160,15 @@ def test_parallelize_ksampler_advanced(server):
     assert rel_l2(ours, stock_out) <= TOL
 
 
-@pytest.mark.parametrize("what", ["patch", "conditioning", "sampler"])
+@pytest.mark.parametrize("what", ["patch", "conditioning", "sampler", "guider"])
 def test_parallelize_refuses_what_it_cannot_run(server, what):
-    """A model patch that is not a weight patch, area conditioning and a sampler with options are refused
-    before sampling, each naming itself."""
+    """A model patch that is not a weight patch, area conditioning, a sampler with options and DualCFGGuider
+    (no supported family takes its third pass) are refused before sampling, each naming itself."""
     nodes, _ = _common("sd3", [])
     sample = ksampler("sd3")["k"]
     sample["inputs"]["model"] = ["p", 0]
-    expect = {"patch": "sampler_cfg_function", "conditioning": "area", "sampler": "eta"}[what]
+    expect = {"patch": "sampler_cfg_function", "conditioning": "area", "sampler": "eta",
+              "guider": "Guider_DualCFG"}[what]
     if what == "patch":
         nodes["r"] = {"class_type": "RescaleCFG", "inputs": {"model": ["p", 0], "multiplier": 0.7}}
         sample["inputs"]["model"] = ["r", 0]
@@ -180,6 +183,16 @@ def test_parallelize_refuses_what_it_cannot_run(server, what):
         nodes["s"] = {"class_type": "SamplerEulerAncestral", "inputs": {"eta": 0.5, "s_noise": 1.0}}
         nodes["sc"] = {"class_type": "BasicScheduler", "inputs": {"model": ["p", 0], "scheduler": "simple",
                                                                   "steps": 2, "denoise": 1.0}}
+    if what == "guider":
+        nodes["g"] = {"class_type": "DualCFGGuider", "inputs": {
+            "model": ["p", 0], "cond1": ["3", 0], "cond2": ["4", 0], "negative": ["4", 0], "cfg_conds": 4.0,
+            "cfg_cond2_negative": 2.0, "style": "regular"}}
+        nodes["n"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}}
+        nodes["s"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        nodes["sc"] = {"class_type": "BasicScheduler", "inputs": {"model": ["p", 0], "scheduler": "simple",
+                                                                  "steps": 2, "denoise": 1.0}}
+        sample = {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["n", 0], "guider": ["g", 0], "sampler": ["s", 0], "sigmas": ["sc", 0], "latent_image": ["5", 0]}}
     nodes["k"] = sample
     nodes["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["k", 0], "filename_prefix": "par/refused"}}
     status, msgs = run_prompt(server, nodes, timeout=300)
@@ -205,3 +218,4 @@ def test_parallelize_never_loads_the_model_in_comfyui(server):
     assert report == {"loaded": False, "loaded_models": 0}, report
     steps = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == "k"]
     assert steps[-3:] == [1, 2, 3], steps
+    assert transport.shm_segments(server.pid) == []  # the weights file in /dev/shm is gone with the job
