@@ -219,3 +219,28 @@ def test_parallelize_never_loads_the_model_in_comfyui(server):
     steps = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == "k"]
     assert steps[-3:] == [1, 2, 3], steps
     assert transport.shm_segments(server.pid) == []  # the weights file in /dev/shm is gone with the job
+
+
+def test_parallelize_cancel_stops_the_job_and_keeps_the_group(server):
+    """Cancel (POST /interrupt) during a long KSampler run on the parallelized MODEL: the prompt ends
+    interrupted within a few steps, and the next prompt runs on the same workers."""
+    nodes, _ = _common("sd3", [])
+    nodes["p"]["inputs"]["warmup_steps"] = 1
+    nodes["k"] = {**ksampler("sd3")["k"]}
+    nodes["k"]["inputs"] = {**nodes["k"]["inputs"], "model": ["p", 0], "steps": 400}
+    nodes["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["k", 0], "filename_prefix": "par/cancel"}}
+    sent = []
+
+    def interrupt_on_progress(m):
+        if m["type"] == "progress" and m["data"].get("node") == "k" and not sent:
+            sent.append(m["data"]["value"])
+            server.interrupt()
+    status, msgs = run_prompt(server, nodes, on_message=interrupt_on_progress, timeout=600)
+    assert status == "execution_interrupted", (error_message(msgs), server.log_tail(30))
+    done = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == "k"]
+    assert max(done) <= sent[0] + 2, (sent, done)  # the ranks stop at the next step boundary
+    pids = worker_pids(server.pid)
+    nodes["k"]["inputs"]["steps"] = 2
+    status, msgs = run_prompt(server, nodes, timeout=600)
+    assert status == "execution_success", error_message(msgs)
+    assert pids and worker_pids(server.pid) == pids
