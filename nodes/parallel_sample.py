@@ -7,6 +7,7 @@ reads it has ended. What the group holds is remembered on its Launcher (``HELD``
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from comfy_pipefusion.config import ParallelConfig
+from comfy_pipefusion.jobspec import TensorKey as K
 from comfy_pipefusion.models.checkpoint import open_checkpoint
 
 from ..launcher import GroupError, GroupPlan, JobCancelled, JobError
@@ -112,11 +114,10 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
             parallel.check_model(info.config.get("num_layers", 0) + info.config.get("num_single_layers", 0))
             job, tensors, shape = _job(model, name, positive, negative, cfg, noise, latent_image, sigmas,
                                        denoise_mask, seed, shift)
-            if update is not None:
-                job["weight_update"] = str(update)
+            wire = dataclasses.replace(job, weight_update=str(update) if update is not None else None).to_wire()
             setattr(launcher, HELD, None)  # until the job has the weights in place
-            out = _run(model, job, tensors, shape, len(sigmas) - 1)
-            setattr(launcher, HELD, Held(weights_of(job), str(path), info, fps))
+            out = _run(model, wire, tensors, shape, len(sigmas) - 1)
+            setattr(launcher, HELD, Held(weights_of(wire), str(path), info, fps))
             return out
         except ValueError as exc:
             raise ValueError(f"PipeFusion Parallelize: {exc}") from None
@@ -133,32 +134,32 @@ def _job(model, name, positive, negative, cfg, noise, latent_image, sigmas, deno
     batch, _, h, w = samples.shape
     model.parallel.check_image(h // 2)
     txt, pooled, guidance = conditioning_tensors(positive, model.family, model.model_config, batch)
-    tensors = {"txt": txt.float().contiguous(), "latent": samples.contiguous(), "sigmas": sigmas,
-               "noise": noise.detach().float().cpu().contiguous()}
+    tensors = {K.TXT: txt.float().contiguous(), K.LATENT: samples.contiguous(), K.SIGMAS: sigmas,
+               K.NOISE: noise.detach().float().cpu().contiguous()}
     if pooled is not None:
-        tensors["pooled"] = pooled.float().contiguous()
+        tensors[K.POOLED] = pooled.float().contiguous()
     if abs(cfg - 1.0) > 1e-6:
         if negative is None:
             raise ValueError(f"cfg {cfg} needs a negative conditioning")
         neg_txt, neg_pooled, _ = conditioning_tensors(negative, model.family, model.model_config, batch, "negative")
-        tensors["neg_txt"] = neg_txt.float().contiguous()
+        tensors[K.NEG_TXT] = neg_txt.float().contiguous()
         if neg_pooled is not None:
-            tensors["neg_pooled"] = neg_pooled.float().contiguous()
+            tensors[K.NEG_POOLED] = neg_pooled.float().contiguous()
     if denoise_mask is not None:
-        tensors["mask"] = comfy.sampler_helpers.prepare_mask(denoise_mask, samples.shape, "cpu").float().contiguous()
+        tensors[K.MASK] = comfy.sampler_helpers.prepare_mask(denoise_mask, samples.shape, "cpu").float().contiguous()
     job = model.job({"height": h * 8, "width": w * 8, "steps": len(sigmas) - 1, "seed": int(seed or 0),
                      "batch": batch, "guidance": guidance, "sampler": name, "scheduler": "simple", "denoise": 1.0,
                      "cfg": cfg, "shift": float(shift) if shift is not None else None})
     return job, tensors, tuple(samples.shape)
 
 
-def _run(model, job, tensors, shape, steps):
+def _run(model, wire: dict, tensors, shape, steps):
     import comfy.model_management
     import comfy.utils
 
     bar = comfy.utils.ProgressBar(steps)
     try:
-        out, _ = model.launcher.run(model.plan, job, tensors, shape,
+        out, _ = model.launcher.run(model.plan, wire, tensors, shape,
                                     on_progress=lambda step, total: bar.update_absolute(step, total),
                                     cancelled=comfy.model_management.processing_interrupted)
     except JobCancelled:
