@@ -56,7 +56,8 @@ def guider_conds(guider) -> tuple[list, list | None, float]:
 
     kind = type(guider)
     names = set(guider.conds)
-    if kind is comfy.samplers.CFGGuider or (kind.__name__ == "Guider_Basic" and kind.__mro__[1] is comfy.samplers.CFGGuider):
+    basic = kind.__name__ == "Guider_Basic" and kind.__mro__[1] is comfy.samplers.CFGGuider
+    if kind is comfy.samplers.CFGGuider or basic:
         if not names <= {"positive", "negative"} or "positive" not in names:
             raise Refused(f"the guider has conditionings {sorted(names)}; only positive and negative are supported")
     else:

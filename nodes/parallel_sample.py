@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from comfy_pipefusion.models.checkpoint import open_checkpoint
 
 from ..launcher import GroupError, GroupPlan, JobCancelled, JobError
 from ..launcher.client import weights_of
-from . import weights
+from . import admission, weights
 from .convert import check_latent, conditioning_tensors, parse_devices, parse_stage_split
 from .errors import readable
 from .handle import PipeFusionModel
@@ -36,12 +37,14 @@ HELD = "pipefusion_parallelize_held"  # the Launcher attribute with what its gro
 @dataclass
 class Held:
     """What a warm group of the MODEL path holds: the job weights key, the (removed) file its ranks read,
-    the file's header, and the patch fingerprint of every patched key."""
+    the file's header, the patch fingerprint of every patched key, and the base model object itself (a
+    weak reference: another model that Python places at the same address is not taken for it)."""
 
     key: str
     path: str
     info: object
     patches: dict = field(default_factory=dict)
+    base: object = None
 
 
 def plan_for(s, blocks: int) -> tuple[ParallelConfig, tuple[int, ...] | None, str]:
@@ -86,7 +89,8 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
     with launcher.lock:  # what the group holds cannot change between the check and the job
         held = getattr(launcher, HELD, None)
         # 8-bit weights are never updated in place (the ranks may keep an upcast copy): those reload
-        warm = held is not None and launcher._usable(plan) and launcher.weights == held.key \
+        warm = held is not None and held.base() is patcher.model and launcher._usable(plan) \
+            and launcher.weights == held.key \
             and held.info.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)
         made, update, info = [], None, None
         try:
@@ -114,10 +118,13 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
             parallel.check_model(info.config.get("num_layers", 0) + info.config.get("num_single_layers", 0))
             job, tensors, shape = _job(model, name, positive, negative, cfg, noise, latent_image, sigmas,
                                        denoise_mask, seed, shift)
+            # before the group starts or allocates (ComfyUI's own models leave the group's GPUs first)
+            admission.check(model, admission.job_size(model, tensors[K.LATENT], tensors[K.TXT], K.NEG_TXT in tensors),
+                            fp8=info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
             wire = dataclasses.replace(job, weight_update=str(update) if update is not None else None).to_wire()
             setattr(launcher, HELD, None)  # until the job has the weights in place
             out = _run(model, wire, tensors, shape, len(sigmas) - 1)
-            setattr(launcher, HELD, Held(weights_of(wire), str(path), info, fps))
+            setattr(launcher, HELD, Held(weights_of(wire), str(path), info, fps, weakref.ref(patcher.model)))
             return out
         except ValueError as exc:
             raise ValueError(f"PipeFusion Parallelize: {exc}") from None

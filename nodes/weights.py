@@ -34,29 +34,14 @@ def weight_keys(patcher) -> list[str]:
 
 def _stored(patcher, key: str):
     """(weight as loaded, set_func, convert_func) of ``key``. Clones share their model's tensors, and a stock
-    sampler may have patched them in place for its own MODEL: then the original is in that patcher's backup."""
+    sampler may have patched them in place for its own MODEL: then the original is in the backup, a dict that
+    every clone of the loader's ModelPatcher shares (ModelPatcher.clone)."""
     import comfy.model_patcher
 
     weight, set_func, convert_func = comfy.model_patcher.get_key_weight(patcher.model, key)
-    if getattr(patcher.model, "current_weight_patches_uuid", None) is not None:
-        backup = _patching(patcher).backup
-        if key in backup:
-            weight = backup[key].weight
+    if getattr(patcher.model, "current_weight_patches_uuid", None) is not None and key in patcher.backup:
+        weight = patcher.backup[key].weight
     return weight, set_func, convert_func
-
-
-def _patching(patcher):
-    """The ModelPatcher whose weight patches are applied to ``patcher``'s model now (ComfyUI's loaded models)."""
-    import comfy.model_management
-
-    for loaded in comfy.model_management.current_loaded_models:
-        p = loaded.model
-        if p is not None and p.model is patcher.model and p.patches_uuid == patcher.model.current_weight_patches_uuid:
-            return p
-    if patcher.patches_uuid == patcher.model.current_weight_patches_uuid:
-        return patcher
-    raise ValueError("the MODEL's weights are patched in place by a model ComfyUI no longer tracks; free the "
-                     "models (Manager: Unload Models) and queue the prompt again")
 
 
 def patched_tensor(patcher, key: str) -> torch.Tensor:

@@ -105,8 +105,9 @@ def main() -> int:
         srv.stop()
     print(f"checkpoint: {size / GIB:.2f} GiB bf16 on disk ({args.doubles} double + {args.singles} single blocks)")
     for r in rows:
-        extra = "" if "wall_s" not in r else (f"  wall {r['wall_s']:6.1f} s  group loading {r['group_loading_s']:5.1f} s"
-                                              f"  ranks' peak RSS {[round(h / GIB, 2) for h in r['rank_hwm']]} GiB")
+        extra = "" if "wall_s" not in r else (
+            f"  wall {r['wall_s']:6.1f} s  group loading {r['group_loading_s']:5.1f} s"
+            f"  ranks' peak RSS {[round(h / GIB, 2) for h in r['rank_hwm']]} GiB")
         print(f"{r['case']:28s} {r['status']:18s} ComfyUI peak RSS {r['comfy_hwm'] / GIB:6.2f} GiB{extra}")
     for what, secs in writes:
         print(f"  ComfyUI wrote {what} in {secs} s")

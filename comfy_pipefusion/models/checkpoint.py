@@ -301,7 +301,8 @@ def update_modules(model: nn.Module, info: CheckpointInfo, path: str | Path, nam
     kmap = key_map(info, info.entries if info.entries is not None else read_entries(info.files, info.prefix)[0])
     unknown = set(entries) - sources(kmap)
     if unknown:
-        raise CheckpointError(f"{Path(path).name}: {sorted(unknown)[0]} is not a tensor of {info.variant or info.family}")
+        raise CheckpointError(f"{Path(path).name}: {sorted(unknown)[0]} is not a tensor of "
+                              f"{info.variant or info.family}")
     done = 0
     with Reader() as reader, torch.no_grad():
         for name in names:
