@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 
+from .adapters.apply import LoraSpec
 from .config import ParallelConfig, SampleSpec
 from .models import family
 from .parallel.plan import ModelSource
@@ -29,11 +30,14 @@ class TensorKey(StrEnum):
     MASK = "mask"  # the LATENT's noise mask as KSampler shapes it
     SIGMAS = "sigmas"  # [steps + 1] ComfyUI's own schedule (the MODEL path), used instead of the scheduler's
     OUT = "out"  # the segment the sampled LATENT is written into (rank 0)
+    PREVIEW = "preview"  # [K, S_img, 4C] each step's x0 for live previews (preview.py), when wanted
+    PREVIEW_STAMP = "preview_stamp"  # [world] int64: the steps each rank has written into PREVIEW
 
 
-INPUT_KEYS = frozenset(k.value for k in TensorKey if k is not TensorKey.OUT)
+OUTPUT_KEYS = frozenset({TensorKey.OUT.value, TensorKey.PREVIEW.value, TensorKey.PREVIEW_STAMP.value})
+INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS
 _WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file",
-         "weight_update")
+         "adapters", "weight_update")
 _PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
 
 
@@ -57,6 +61,8 @@ class Job:
     """Job files: timed runs of the job."""
     tensors_file: str | None = None
     """Job files: a safetensors file with the job's tensors (TensorKey names), e.g. the demo's prompts."""
+    adapters: tuple[LoraSpec, ...] = ()
+    """LoRAs in order, each rank applying them to its own stage (adapters/); () = the model's own weights."""
     weight_update: str | None = None
     """A safetensors file with some of the model's weights in its checkpoint's layout (those a LoRA change on
     the MODEL path touched): the ranks overwrite them in place on the weights they hold."""
@@ -78,7 +84,8 @@ class Job:
         model = {k: v for k, v in dataclasses.asdict(self.model).items() if v is not None}
         return {"name": self.name, "model": model, "model_stamp": self.model_stamp, "parallel": par,
                 "sample": sample, "text_tokens": self.text_tokens, "repeats": self.repeats,
-                "tensors_file": self.tensors_file, "weight_update": self.weight_update}
+                "tensors_file": self.tensors_file, "adapters": [dataclasses.asdict(a) for a in self.adapters],
+                "weight_update": self.weight_update}
 
     @classmethod
     def from_wire(cls, wire: dict, world_size: int | None = None, samplers: dict | None = None) -> "Job":
@@ -116,6 +123,12 @@ class Job:
         for k in ("text_tokens", "repeats"):
             if k in extra and not isinstance(extra[k], int):
                 raise ValueError(f"job {name!r}: {k} must be an integer, got {extra[k]!r}")
+        adapters = wire.get("adapters") or []
+        if not isinstance(adapters, list) or not all(isinstance(a, dict) for a in adapters):
+            raise ValueError(f"job {name!r}: field adapters must be a list of objects, got {adapters!r}")
+        for a in adapters:
+            _known(a, tuple(f.name for f in dataclasses.fields(LoraSpec)), f"an adapter of job {name!r}")
+        extra["adapters"] = tuple(_build(LoraSpec, a, "adapters", name) for a in adapters)
         return cls(model=source, parallel=cfg, sample=_build(SampleSpec, sample, "sample", name), name=name, **extra)
 
 

@@ -4,12 +4,14 @@ Always import this package relatively: ComfyUI has a top-level module named ``no
 """
 from .builtin import PipeFusionBuiltinCaption, PipeFusionBuiltinDecode
 from .loader import PipeFusionDiTLoader, PipeFusionUnload
+from .lora import PipeFusionLoRA
 from .parallelize import PipeFusionParallelize
 from .sampler import PipeFusionKSampler
 
 NODE_CLASS_MAPPINGS = {
     "PipeFusionDiTLoader": PipeFusionDiTLoader,
     "PipeFusionKSampler": PipeFusionKSampler,
+    "PipeFusionLoRA": PipeFusionLoRA,
     "PipeFusionUnload": PipeFusionUnload,
     "PipeFusionParallelize": PipeFusionParallelize,
     "PipeFusionBuiltinCaption": PipeFusionBuiltinCaption,
@@ -18,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PipeFusionDiTLoader": "PipeFusion DiT Loader",
     "PipeFusionKSampler": "PipeFusion KSampler",
+    "PipeFusionLoRA": "PipeFusion LoRA",
     "PipeFusionUnload": "PipeFusion Unload",
     "PipeFusionParallelize": "PipeFusion Parallelize",
     "PipeFusionBuiltinCaption": "PipeFusion Built-in Caption",
