@@ -28,6 +28,7 @@ from .errors import readable
 from .handle import PipeFusionModel
 from .hooks import groups
 from .model_checks import Refused, check_model, guider_conds, sampler_name
+from .preview import previews_on, x0_hook
 
 log = logging.getLogger("comfy_pipefusion")
 SLOT = "pipefusion-parallelize"  # one group for the MODEL path: another base model replaces it
@@ -61,8 +62,10 @@ def plan_for(s, blocks: int) -> tuple[ParallelConfig, tuple[int, ...] | None, st
     return parallel, devs, dtype
 
 
-def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, denoise_mask, seed):
-    """The guider's outer_sample, done by the worker group: returns the LATENT samples (CPU, float32)."""
+def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, denoise_mask, seed, callback=None):
+    """The guider's outer_sample, done by the worker group: returns the LATENT samples (CPU, float32).
+    ``callback``: the sampling node's (ComfyUI's preview callback); with a preview method on, it gets each
+    step's x0 from the group, as from the stock sampler."""
     import comfy.model_management
     import comfy.sampler_helpers
     import comfy.utils
@@ -123,7 +126,8 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
                             fp8=info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
             wire = dataclasses.replace(job, weight_update=str(update) if update is not None else None).to_wire()
             setattr(launcher, HELD, None)  # until the job has the weights in place
-            out = _run(model, wire, tensors, shape, len(sigmas) - 1)
+            on_preview = x0_hook(callback, shape) if callback is not None and previews_on() else None
+            out = _run(model, wire, tensors, shape, len(sigmas) - 1, on_preview)
             setattr(launcher, HELD, Held(weights_of(wire), str(path), info, fps, weakref.ref(patcher.model)))
             return out
         except ValueError as exc:
@@ -160,7 +164,7 @@ def _job(model, name, positive, negative, cfg, noise, latent_image, sigmas, deno
     return job, tensors, tuple(samples.shape)
 
 
-def _run(model, wire: dict, tensors, shape, steps):
+def _run(model, wire: dict, tensors, shape, steps, on_preview=None):
     import comfy.model_management
     import comfy.utils
 
@@ -168,7 +172,8 @@ def _run(model, wire: dict, tensors, shape, steps):
     try:
         out, _ = model.launcher.run(model.plan, wire, tensors, shape,
                                     on_progress=lambda step, total: bar.update_absolute(step, total),
-                                    cancelled=comfy.model_management.processing_interrupted)
+                                    cancelled=comfy.model_management.processing_interrupted,
+                                    on_preview=on_preview)
     except JobCancelled:
         comfy.model_management.throw_exception_if_processing_interrupted()
         raise RuntimeError("PipeFusion: the job was cancelled") from None

@@ -48,7 +48,7 @@ class OuterSample:
             raise ValueError("PipeFusion Parallelize: nested latents (several latent shapes in one batch) are not "
                              "supported; sample each latent on its own")
         return sample_on_group(self.settings, executor.class_obj, noise, latent_image, sampler, sigmas,
-                               denoise_mask, seed)
+                               denoise_mask, seed, callback)
 
 
 class PipeFusionParallelize:

@@ -37,7 +37,7 @@ def server(tmp_path_factory):
         write_kohya(base / "models" / "loras" / f"{fam}-kohya.safetensors", fam)
         write_peft(base / "models" / "loras" / f"{fam}-peft.safetensors", fam)
         write_lokr(base / "models" / "loras" / f"{fam}-lokr.safetensors", fam)
-    srv = start_server(base, run_dir)
+    srv = start_server(base, run_dir, args=("--preview-method", "latent2rgb"))
     yield srv
     srv.stop()
 
@@ -203,7 +203,8 @@ def test_parallelize_refuses_what_it_cannot_run(server, what):
 
 def test_parallelize_never_loads_the_model_in_comfyui(server):
     """With only our branch, ComfyUI's model management never loads the MODEL (no load_models_gpu: on a GPU
-    machine no GPU memory for it in the ComfyUI process), and the progress bar moves once per step."""
+    machine no GPU memory for it in the ComfyUI process), the progress bar moves once per step, and the
+    preview (--preview-method latent2rgb) gets one image per step, as from the stock KSampler."""
     nodes, model = _common("sd3", [("peft", 0.7)])
     nodes["u"] = {"class_type": "PipeFusionTestUnloadModels", "inputs": {"model": model}}
     nodes["p"]["inputs"]["model"] = ["u", 0]
@@ -212,12 +213,15 @@ def test_parallelize_never_loads_the_model_in_comfyui(server):
     nodes["p"]["inputs"]["warmup_steps"] = 1
     nodes["check"] = {"class_type": "PipeFusionTestLoadedModels",
                       "inputs": {"model": ["p", 0], "samples": ["k", 0], "name": "par-loads"}}
-    status, msgs = run_prompt(server, nodes, timeout=600)
+    frames: list = []
+    status, msgs = run_prompt(server, nodes, timeout=600, frames=frames)
     assert status == "execution_success", (error_message(msgs), server.log_tail(40))
+    previews = [f for f in frames if f[:10] == bytes([0, 0, 0, 1, 0, 0, 0, 1, 0xFF, 0xD8])]  # preview event, JPEG
+    assert len(previews) == 3, [f[:8] for f in frames]
     report = json.loads((server.base_dir / "output" / "par-loads.json").read_text())
     assert report == {"loaded": False, "loaded_models": 0}, report
     steps = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == "k"]
-    assert steps[-3:] == [1, 2, 3], steps
+    assert sorted(set(steps)) == [1, 2, 3] and steps == sorted(steps), steps  # the preview's bar says it too
     assert transport.shm_segments(server.pid) == []  # the weights file in /dev/shm is gone with the job
 
 
