@@ -66,10 +66,6 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
     """The guider's outer_sample, done by the worker group: returns the LATENT samples (CPU, float32).
     ``callback``: the sampling node's (ComfyUI's preview callback); with a preview method on, it gets each
     step's x0 from the group, as from the stock sampler."""
-    import comfy.model_management
-    import comfy.sampler_helpers
-    import comfy.utils
-
     patcher = guider.model_patcher
     try:
         check_model(patcher)
