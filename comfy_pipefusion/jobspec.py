@@ -37,7 +37,7 @@ class TensorKey(StrEnum):
 OUTPUT_KEYS = frozenset({TensorKey.OUT.value, TensorKey.PREVIEW.value, TensorKey.PREVIEW_STAMP.value})
 INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS
 _WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file",
-         "adapters", "weight_update")
+         "adapters", "predict", "weight_update")
 _PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
 
 
@@ -63,6 +63,9 @@ class Job:
     """Job files: a safetensors file with the job's tensors (TensorKey names), e.g. the demo's prompts."""
     adapters: tuple[LoraSpec, ...] = ()
     """LoRAs in order, each rank applying them to its own stage (adapters/); () = the model's own weights."""
+    predict: bool = False
+    """The simulator's wall time for this plan beside the measured one (the bench; strategy 'auto' always
+    predicts): the group probes its blocks and links for it (autoplan.py)."""
     weight_update: str | None = None
     """A safetensors file with some of the model's weights in its checkpoint's layout (those a LoRA change on
     the MODEL path touched): the ranks overwrite them in place on the weights they hold."""
@@ -85,7 +88,7 @@ class Job:
         return {"name": self.name, "model": model, "model_stamp": self.model_stamp, "parallel": par,
                 "sample": sample, "text_tokens": self.text_tokens, "repeats": self.repeats,
                 "tensors_file": self.tensors_file, "adapters": [dataclasses.asdict(a) for a in self.adapters],
-                "weight_update": self.weight_update}
+                "predict": self.predict, "weight_update": self.weight_update}
 
     @classmethod
     def from_wire(cls, wire: dict, world_size: int | None = None, samplers: dict | None = None) -> "Job":
@@ -116,8 +119,10 @@ class Job:
         if source.preset:
             preset = family.find_preset(source.preset)[1]
             sample = {**{k: preset[k] for k in _PRESET_DEFAULTS}, **sample}
-        extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "weight_update")
-                 if wire.get(k) is not None}
+        extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "predict",
+                                      "weight_update") if wire.get(k) is not None}
+        if not isinstance(extra.get("predict", False), bool):
+            raise ValueError(f"job {name!r}: predict must be true or false, got {extra['predict']!r}")
         if not isinstance(extra.get("weight_update", ""), str):
             raise ValueError(f"job {name!r}: weight_update must be a file path, got {extra['weight_update']!r}")
         for k in ("text_tokens", "repeats"):

@@ -12,7 +12,7 @@ from comfy_pipefusion.config import SAMPLERS, SCHEDULERS, ParallelConfig
 
 from .convert import parse_devices
 
-STRATEGIES = ("pipefusion", "distrifusion", "serial")
+STRATEGIES = ("auto", "pipefusion", "distrifusion", "serial")
 
 
 def check_plan(devices, strategy, gpu_count: int) -> bool | str:
