@@ -210,7 +210,7 @@ def test_parallelize_never_loads_the_model_in_comfyui(server):
     nodes["p"]["inputs"]["model"] = ["u", 0]
     nodes["k"] = {**ksampler("sd3")["k"]}
     nodes["k"]["inputs"] = {**nodes["k"]["inputs"], "model": ["p", 0], "steps": 3}
-    nodes["p"]["inputs"].update(warmup_steps=1, strategy="auto")  # the workflows' default: the group picks the plan
+    nodes["p"]["inputs"].update(warmup_steps=1, strategy="auto", patches=0)  # the workflows' default: auto plans
     nodes["check"] = {"class_type": "PipeFusionTestLoadedModels",
                       "inputs": {"model": ["p", 0], "samples": ["k", 0], "name": "par-loads"}}
     frames: list = []
