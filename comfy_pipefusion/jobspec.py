@@ -28,6 +28,7 @@ class TensorKey(StrEnum):
     LATENT = "latent"  # [B, C, H/8, W/8] the input LATENT's samples (img2img, inpainting)
     NOISE = "noise"  # [B, C, H/8, W/8] ComfyUI's noise for the seed
     MASK = "mask"  # the LATENT's noise mask as KSampler shapes it
+    SIGMAS = "sigmas"  # [steps + 1] ComfyUI's own schedule (the MODEL path), used instead of the scheduler's
     OUT = "out"  # the segment the sampled LATENT is written into (rank 0)
     PREVIEW = "preview"  # [K, S_img, 4C] each step's x0 for live previews (preview.py), when wanted
     PREVIEW_STAMP = "preview_stamp"  # [world] int64: the steps each rank has written into PREVIEW
@@ -36,7 +37,7 @@ class TensorKey(StrEnum):
 OUTPUT_KEYS = frozenset({TensorKey.OUT.value, TensorKey.PREVIEW.value, TensorKey.PREVIEW_STAMP.value})
 INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS
 _WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file",
-         "adapters", "predict")
+         "adapters", "predict", "weight_update")
 _PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
 
 
@@ -65,6 +66,9 @@ class Job:
     predict: bool = False
     """The simulator's wall time for this plan beside the measured one (the bench; strategy 'auto' always
     predicts): the group probes its blocks and links for it (autoplan.py)."""
+    weight_update: str | None = None
+    """A safetensors file with some of the model's weights in its checkpoint's layout (those a LoRA change on
+    the MODEL path touched): the ranks overwrite them in place on the weights they hold."""
 
     def __post_init__(self) -> None:
         if self.text_tokens < 1:
@@ -84,7 +88,7 @@ class Job:
         return {"name": self.name, "model": model, "model_stamp": self.model_stamp, "parallel": par,
                 "sample": sample, "text_tokens": self.text_tokens, "repeats": self.repeats,
                 "tensors_file": self.tensors_file, "adapters": [dataclasses.asdict(a) for a in self.adapters],
-                "predict": self.predict}
+                "predict": self.predict, "weight_update": self.weight_update}
 
     @classmethod
     def from_wire(cls, wire: dict, world_size: int | None = None, samplers: dict | None = None) -> "Job":
@@ -115,10 +119,12 @@ class Job:
         if source.preset:
             preset = family.find_preset(source.preset)[1]
             sample = {**{k: preset[k] for k in _PRESET_DEFAULTS}, **sample}
-        extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "predict")
-                 if wire.get(k) is not None}
+        extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "predict",
+                                      "weight_update") if wire.get(k) is not None}
         if not isinstance(extra.get("predict", False), bool):
             raise ValueError(f"job {name!r}: predict must be true or false, got {extra['predict']!r}")
+        if not isinstance(extra.get("weight_update", ""), str):
+            raise ValueError(f"job {name!r}: weight_update must be a file path, got {extra['weight_update']!r}")
         for k in ("text_tokens", "repeats"):
             if k in extra and not isinstance(extra[k], int):
                 raise ValueError(f"job {name!r}: {k} must be an integer, got {extra[k]!r}")
