@@ -118,7 +118,7 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
                                tensors.get(K.NOISE), fam=fam.NAME, fmt=fam.latent_format(config),
                                sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get(K.MASK),
                                refs=references.listed(tensors, K.REF), neg_refs=references.listed(tensors, K.NEG_REF),
-                               ref_method=job.reference_method)
+                               ref_method=job.reference_method, sigmas=tensors.get(K.SIGMAS))
     dtype = DTYPES[spec.dtype]
     choice, predicted, link = None, None, None
     if cfg.strategy == "auto" or job.predict:  # collective: every rank of the group gets here with the job
@@ -144,6 +144,9 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
                      f"originals kept, {patched['original_bytes'] / 2 ** 20:.1f} MiB")
     if mode is not None:
         use_fp8(model, mode, dtype)
+    if job.weight_update:  # some weights changed (a LoRA's strength): only they are read again
+        fam, _, meta = models.describe(source)
+        checkpoint.update_modules(model, models.meta.info, job.weight_update, rank_modules(fam, meta, cfg, comm.rank))
     return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device,
                     choice, predicted, link)
 
@@ -156,7 +159,9 @@ def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models:
     cfg.check_model(len(fam.blocks_of(meta)))  # the stage split below needs enough blocks
     loaded, freed = models.holds(source, cfg, comm.rank, dtype)
     budget = memory.rank_budget(models.device, comm.rank, comm.world_size, loaded, freed)
-    fp8_file, size = memory.stored_fp8(source.checkpoint), memory.job_size(problem)
+    # from the header read once per source (a checkpoint in shared memory is gone once the ranks loaded it)
+    info = models.meta.info if models.meta is not None else None
+    fp8_file, size = info is not None and info.dtype in fp8.FP8, memory.job_size(problem)
     memory.admit(fam, meta, cfg, size, budget, fp8_file)
     if not fp8_file:
         return None
@@ -227,6 +232,7 @@ def plan_report(prep: Prepared, measured_s: float) -> dict:
 
 def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
     local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "wait_s": comm.wait_s,
+             "transfer_s": comm.transfer_s,
              "pid": os.getpid(), "base_bytes": prep.base_bytes, "peak_bytes": memory_peak(prep.device),
              "load_s": prep.load_s}
     return comm.gather_object(local)

@@ -116,12 +116,15 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
                  latent: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  fam: str = "flux", fmt: LatentFormat | None = None, sampling: str | None = None,
                  negative: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                 mask: torch.Tensor | None = None, refs=(), neg_refs=None, ref_method: str | None = None) -> Problem:
+                 mask: torch.Tensor | None = None, refs=(), neg_refs=None, ref_method: str | None = None,
+                 sigmas: torch.Tensor | None = None) -> Problem:
     """Build a job from conditioning, an optional input LATENT (zeros: text to image), optional noise
     (default: ComfyUI's noise for ``spec.seed``) and, for cfg != 1, the ``negative`` (text, pooled), for a
     model of family ``fam`` with latent format ``fmt`` and model sampling ``sampling``. ``mask``: a noise
-    mask already shaped like the latent (ComfyUI's prepare_mask) for inpainting. ``refs``: reference LATENTs (ComfyUI's ReferenceLatent), ``neg_refs``
-    the negative's, placed by ``ref_method`` (default: the family's, as ComfyUI's model)."""
+    mask already shaped like the latent (ComfyUI's prepare_mask) for inpainting. ``refs``: reference LATENTs
+    (ComfyUI's ReferenceLatent), ``neg_refs`` the negative's, placed by ``ref_method`` (default: the family's,
+    as ComfyUI's model). ``sigmas``: [steps + 1] given by the caller (ComfyUI's own, from a sampling node),
+    used instead of the spec's scheduler."""
     fmt = fmt or family.get(fam).LATENT
     sampling = sampling or getattr(family.get(fam), "SAMPLING", fam)
     h, w = spec.height // 8, spec.width // 8
@@ -132,7 +135,7 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
         raise ValueError(f"latent shape {tuple(latent.shape)} does not match {shape} for "
                          f"{spec.width}x{spec.height} with batch {spec.batch}")
     ms = model_sampling_for(sampling, spec.shift)
-    sigmas = sigmas_of(spec, ms)
+    sigmas = sigmas_of(spec, ms) if sigmas is None else given_sigmas(sigmas, spec.steps)
     if len(sigmas) < 2:
         raise ValueError(f"{spec.steps} steps at denoise {spec.denoise} leave nothing to sample")
     if noise is None:
@@ -183,6 +186,16 @@ def _references(fam, fmt: LatentFormat, spec: SampleSpec, refs, neg_refs, method
                          f"negative {[tuple(r.shape[-2:]) for r in neg]}: give the negative the same "
                          "ReferenceLatent (e.g. through ConditioningZeroOut after it), or set cfg to 1")
     return tuple(torch.cat([p, n]) for p, n in zip(pos, neg))
+
+
+def given_sigmas(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """A caller's schedule, checked: [steps + 1] finite, non-negative float32 values."""
+    sigmas = torch.as_tensor(sigmas).detach().float().cpu().reshape(-1)
+    if len(sigmas) != steps + 1:
+        raise ValueError(f"{len(sigmas)} sigmas given for {steps} steps; a schedule of n steps has n + 1 sigmas")
+    if not torch.isfinite(sigmas).all() or (sigmas < 0).any():
+        raise ValueError(f"the given sigmas {sigmas.tolist()} must be finite and non-negative")
+    return sigmas
 
 
 def sigmas_of(spec: SampleSpec, ms) -> torch.Tensor:

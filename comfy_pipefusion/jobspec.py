@@ -32,6 +32,7 @@ class TensorKey(StrEnum):
     MASK = "mask"  # the LATENT's noise mask as KSampler shapes it
     REF = "ref"  # ref0, ref1, ...: [B, C, h, w] reference LATENTs (ReferenceLatent: Kontext), a prefix
     NEG_REF = "neg_ref"  # neg_ref0, ...: the negative's, with cfg != 1
+    SIGMAS = "sigmas"  # [steps + 1] ComfyUI's own schedule (the MODEL path), used instead of the scheduler's
     OUT = "out"  # the segment the sampled LATENT is written into (rank 0)
     PREVIEW = "preview"  # [K, S_img, 4C] each step's x0 for live previews (preview.py), when wanted
     PREVIEW_STAMP = "preview_stamp"  # [world] int64: the steps each rank has written into PREVIEW
@@ -43,7 +44,7 @@ INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS - {TensorKey.RE
 REFERENCE_KEY = re.compile(r"(neg_)?ref\d{1,2}")
 """The names of reference latents: the REF and NEG_REF prefixes with the reference's index."""
 _WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file",
-         "adapters", "predict", "reference_method")
+         "adapters", "predict", "weight_update", "reference_method")
 _PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
 
 
@@ -72,6 +73,9 @@ class Job:
     predict: bool = False
     """The simulator's wall time for this plan beside the measured one (the bench; strategy 'auto' always
     predicts): the group probes its blocks and links for it (autoplan.py)."""
+    weight_update: str | None = None
+    """A safetensors file with some of the model's weights in its checkpoint's layout (those a LoRA change on
+    the MODEL path touched): the ranks overwrite them in place on the weights they hold."""
     reference_method: str | None = None
     """How reference latents are placed (ComfyUI's reference_latents_method: offset, index, uxo); None: the
     family's default."""
@@ -97,7 +101,8 @@ class Job:
         return {"name": self.name, "model": model, "model_stamp": self.model_stamp, "parallel": par,
                 "sample": sample, "text_tokens": self.text_tokens, "repeats": self.repeats,
                 "tensors_file": self.tensors_file, "adapters": [dataclasses.asdict(a) for a in self.adapters],
-                "predict": self.predict, "reference_method": self.reference_method}
+                "predict": self.predict, "weight_update": self.weight_update,
+                "reference_method": self.reference_method}
 
     @classmethod
     def from_wire(cls, wire: dict, world_size: int | None = None, samplers: dict | None = None) -> "Job":
@@ -129,10 +134,11 @@ class Job:
             preset = family.find_preset(source.preset)[1]
             sample = {**{k: preset[k] for k in _PRESET_DEFAULTS}, **sample}
         extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "predict",
-                                      "reference_method")
-                 if wire.get(k) is not None}
+                                      "weight_update", "reference_method") if wire.get(k) is not None}
         if not isinstance(extra.get("predict", False), bool):
             raise ValueError(f"job {name!r}: predict must be true or false, got {extra['predict']!r}")
+        if not isinstance(extra.get("weight_update", ""), str):
+            raise ValueError(f"job {name!r}: weight_update must be a file path, got {extra['weight_update']!r}")
         for k in ("text_tokens", "repeats"):
             if k in extra and not isinstance(extra[k], int):
                 raise ValueError(f"job {name!r}: {k} must be an integer, got {extra[k]!r}")

@@ -27,7 +27,8 @@ import torch
 
 log = logging.getLogger("comfy_pipefusion.transport")
 SHM_PREFIX = "pf_"
-_SHM_NAME = re.compile(r"pf_(\d{1,10})_([0-9a-f]{1,16})_[0-9a-f]{32}")
+# a segment, or a weights file for the ranks (nodes/weights.py: the same name + .safetensors), swept alike
+_SHM_NAME = re.compile(r"pf_(\d{1,10})_([0-9a-f]{1,16})_[0-9a-f]{32}(?:\.safetensors)?")
 SHM_DIR = Path("/dev/shm")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 

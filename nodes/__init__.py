@@ -5,6 +5,7 @@ Always import this package relatively: ComfyUI has a top-level module named ``no
 from .builtin import PipeFusionBuiltinCaption, PipeFusionBuiltinDecode
 from .loader import PipeFusionDiTLoader, PipeFusionUnload
 from .lora import PipeFusionLoRA
+from .parallelize import PipeFusionParallelize
 from .sampler import PipeFusionKSampler
 
 NODE_CLASS_MAPPINGS = {
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "PipeFusionKSampler": PipeFusionKSampler,
     "PipeFusionLoRA": PipeFusionLoRA,
     "PipeFusionUnload": PipeFusionUnload,
+    "PipeFusionParallelize": PipeFusionParallelize,
     "PipeFusionBuiltinCaption": PipeFusionBuiltinCaption,
     "PipeFusionBuiltinDecode": PipeFusionBuiltinDecode,
 }
@@ -20,6 +22,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "PipeFusionKSampler": "PipeFusion KSampler",
     "PipeFusionLoRA": "PipeFusion LoRA",
     "PipeFusionUnload": "PipeFusion Unload",
+    "PipeFusionParallelize": "PipeFusion Parallelize",
     "PipeFusionBuiltinCaption": "PipeFusion Built-in Caption",
     "PipeFusionBuiltinDecode": "PipeFusion Built-in Decode",
 }

@@ -72,13 +72,14 @@ def smallest_job(model) -> memory.JobSize:
                           channels=4 * fam.latent_format(model.model_config).channels)
 
 
-def check(model, size: memory.JobSize, label: str | None = None) -> None:
+def check(model, size: memory.JobSize, label: str | None = None, fp8: bool | None = None) -> None:
     """Refuse a job of ``model`` (a PipeFusionModel) that cannot fit, before the group starts: the
     checkpoint's header gives the configuration, the configuration the estimate. Before the check,
-    ComfyUI's own models are unloaded from the group's GPUs as far as the job needs."""
+    ComfyUI's own models are unloaded from the group's GPUs as far as the job needs. ``fp8``: whether the
+    weights are stored in 8 bits, when the caller knows (else the checkpoint's header says)."""
     fam = family.get(model.family)
     meta = fam.build_meta(model.model_config)
-    fp8 = memory.stored_fp8(model.path)
+    fp8 = memory.stored_fp8(model.path) if fp8 is None else fp8
     devices = model.plan.devices
     if devices:
         need = memory.estimate(fam, meta, model.parallel, size, "cuda", fp8)

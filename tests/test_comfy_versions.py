@@ -10,7 +10,8 @@ from comfy_helpers import flux_prompt, other_releases, run_prompt, start_release
 
 VERSIONS = other_releases()
 UNET = "tiny-flux.safetensors"
-OUR_NODES = ("PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload", "PipeFusionTestConditioning")
+OUR_NODES = ("PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload", "PipeFusionParallelize",
+             "PipeFusionTestConditioning")
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
@@ -34,3 +35,27 @@ def test_nodes_load(server):
 def test_tiny_prompt_succeeds(server):
     status, _ = run_prompt(server, flux_prompt(UNET, steps=2, seed=1, prefix=f"latents/v{server.version}"))
     assert status == "execution_success", server.log_tail(60)
+
+
+def test_parallelize_lora_equals_stock_on_release(server):
+    """PipeFusion Parallelize's OUTER_SAMPLE wrapper and weight patches on this release: the small SD3.5 model with
+    a kohya LoRA, stock KSampler with and without our node (tests/test_parallelize_comfy.py on the default host)."""
+    import torch
+
+    from comfy_pipefusion.models import family, sd3
+    from comfy_pipefusion.models.checkpoint_write import write_checkpoint
+    from lora_files import write_kohya
+    from test_parallelize_comfy import TOL, _both, _common, ksampler, run_pair
+    from test_parity_comfy import SD3_CONFIG, SD3_FILE, rel_l2
+
+    model = sd3.build_meta(SD3_CONFIG)
+    sd3.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
+    write_checkpoint(server.base_dir / "models" / "diffusion_models" / SD3_FILE, model.state_dict(), "sd3",
+                     dict(model.config), dtype=torch.float32)
+    (server.base_dir / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    write_kohya(server.base_dir / "models" / "loras" / "sd3-kohya.safetensors", "sd3")
+    nodes, _ = _common("sd3", [("kohya", 0.8)])
+    prefix = f"par/v{server.version}"
+    stock, ours = run_pair(server, _both(nodes, ksampler("sd3"), prefix), prefix)
+    assert float(stock.abs().max()) > 0.1
+    assert rel_l2(ours, stock) <= TOL

@@ -98,6 +98,16 @@ REFUSED_BY_COMFYUI = {  # out of the widgets' range, or refused by our VALIDATE_
     "zero CPU ranks": (lambda p: edit(p, "1", devices="cpu:0"), "write cpu:N with N >= 1"),
     "zero steps": (lambda p: edit(p, "4", steps=0), "Value 0 smaller than min of 1"),
     "negative patches": (lambda p: edit(p, "1", patches=-1), "Value -1 smaller than min of 0"),
+    "patches beyond the widget": (lambda p: edit(p, "1", patches=300), "Value 300 bigger than max of 256"),
+    "patches with distrifusion": (lambda p: edit(p, "1", strategy="distrifusion", patches=4),
+                                  "patches 4 applies to pipefusion only; distrifusion splits the image into one "
+                                  "band per rank. Set patches to 0"),
+    "patches with serial": (lambda p: edit(p, "1", strategy="serial", patches=2),
+                            "patches 2 applies to pipefusion only; serial samples the whole image"),
+    "stage split of another length": (lambda p: edit(p, "1", stage_split="3,2,1"),
+                                      "stage_split [3, 2, 1] must give at least 1 block to each of the 2 stages"),
+    "stage split with distrifusion": (lambda p: edit(p, "1", strategy="distrifusion", patches=0, stage_split="3,3"),
+                                      "stage_split '3,3' applies to pipefusion only"),
 }
 
 

@@ -62,4 +62,15 @@ def test_job_from_wire_names_the_bad_field(wire, match):
 
 def test_job_tensor_keys_are_the_wire_names():
     assert json.dumps({TensorKey.TXT: 1}) == '{"txt": 1}'
-    assert INPUT_KEYS == {"txt", "pooled", "neg_txt", "neg_pooled", "latent", "noise", "mask"}
+    assert INPUT_KEYS == {"txt", "pooled", "neg_txt", "neg_pooled", "latent", "noise", "mask", "sigmas"}
+
+
+def test_job_weight_update_travels_and_is_checked():
+    """The MODEL path's weight update (a file of changed weights) survives the wire; a non-path is refused."""
+    wire = {"model": {"checkpoint": "/x.safetensors"}, "parallel": {"strategy": "pipefusion"},
+            "sample": {}, "weight_update": "/dev/shm/w.safetensors"}
+    job = Job.from_wire(wire, world_size=2)
+    assert job.weight_update == "/dev/shm/w.safetensors"
+    assert Job.from_wire(job.to_wire(), world_size=2) == job
+    with pytest.raises(ValueError, match="weight_update must be a file path"):
+        Job.from_wire({**wire, "weight_update": 3}, world_size=2)

@@ -54,7 +54,8 @@ SIZES = {"DualCLIPLoader": (300, 130), "TripleCLIPLoader": (300, 110), "CLIPLoad
          "VAELoader": (280, 60), "VAEDecode": (200, 50), "SaveImage": (300, 300),
          "PipeFusionBuiltinCaption": (380, 80), "PipeFusionBuiltinDecode": (260, 50),
          "LoadImage": (300, 320), "FluxKontextImageScale": (260, 30), "VAEEncode": (200, 50),
-         "ReferenceLatent": (240, 50)}
+         "ReferenceLatent": (240, 50), "UNETLoader": (300, 80), "PipeFusionParallelize": (300, 220),
+         "KSampler": (300, 290)}
 # Columns 40 px apart, rows 60 px apart (a title is 30 px); the whole graph is 1,680 x 430 px.
 X = (0, 340, 760, 1080, 1420)
 # The view the workflow opens at: 75% (readable; the frontend stops drawing text below 60%), the graph
@@ -125,6 +126,47 @@ def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidanc
     g.link(neg, 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
     vae = vae or g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")])
+    decode = g.node("VAEDecode", (X[4], 0), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                    outputs=[("IMAGE", "IMAGE")])
+    g.link(sampler, 0, decode, "samples")
+    g.link(vae, 0, decode, "vae")
+    save = g.node("SaveImage", (X[4], 110), ["PipeFusion"], inputs=[("images", "IMAGE")])
+    g.link(decode, 0, save, "images")
+    return g.dump()
+
+
+def stock_workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidance: float | None, prompt: str,
+                   negative: str, sampler_name: str, scheduler: str, vae_name: str, size: int) -> dict:
+    """ComfyUI's own text-to-image workflow (UNETLoader -> KSampler) with one node added: PipeFusion
+    Parallelize between the model loader and the KSampler."""
+    g = Graph()
+    clip = _encoders(g, kind)
+    pos = g.node("CLIPTextEncode", (X[1], 0), [prompt], inputs=[("clip", "CLIP")],
+                 outputs=[("CONDITIONING", "CONDITIONING")], title="Positive prompt")
+    neg = g.node("CLIPTextEncode", (X[1], 220), [negative], inputs=[("clip", "CLIP")],
+                 outputs=[("CONDITIONING", "CONDITIONING")],
+                 title="Negative (unused at cfg 1)" if cfg == 1.0 else "Negative prompt")
+    g.link(clip, 0, pos, "clip")
+    g.link(clip, 0, neg, "clip")
+    positive = pos
+    if guidance is not None:
+        positive = g.node("FluxGuidance", (X[2], 0), [guidance], inputs=[("conditioning", "CONDITIONING")],
+                          outputs=[("CONDITIONING", "CONDITIONING")])
+        g.link(pos, 0, positive, "conditioning")
+    loader = g.node("UNETLoader", (X[0], 180), [unet, "default"], outputs=[("MODEL", "MODEL")])
+    par = g.node("PipeFusionParallelize", (X[0], 300), [devices, "auto", 0, 1, "default", "compute", ""],
+                 inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")])
+    g.link(loader, 0, par, "model")
+    latent = g.node("EmptyLatentImage" if kind == "pixart" else "EmptySD3LatentImage", (X[2], 130), [size, size, 1],
+                    outputs=[("LATENT", "LATENT")])
+    sampler = g.node("KSampler", (X[3], 0), [0, "randomize", steps, cfg, sampler_name, scheduler, 1.0],
+                     inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                             ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
+    g.link(par, 0, sampler, "model")
+    g.link(positive, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+    vae = g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")])
     decode = g.node("VAEDecode", (X[4], 0), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
                     outputs=[("IMAGE", "IMAGE")])
     g.link(sampler, 0, decode, "samples")
@@ -222,6 +264,13 @@ WORKFLOWS = {
     "Z-Image Turbo on 2 GPUs (PipeFusion, 8 steps)": (
         workflow("zimage", "z_image_turbo_bf16.safetensors", "0,1", 8, 1.0, None, PROMPT, "", "euler",
                  "simple", "ae.safetensors", 1024), ("Z-Image Turbo", 2, 8, False)),
+    "Flux.1 dev, stock workflow + PipeFusion Parallelize on 2 GPUs (20 steps)": (
+        stock_workflow("flux", "flux1-dev.safetensors", "0,1", 20, 1.0, 3.5, PROMPT, "", "euler", "simple",
+                       "ae.safetensors", 1024), ("Flux.1 dev", 2, 20, False)),
+    "SD3.5 large, stock workflow + PipeFusion Parallelize on 4 GPUs (28 steps)": (
+        stock_workflow("sd3", "sd3.5_large.safetensors", "0,1,2,3", 28, 4.5, None, PROMPT,
+                       "blurry, low quality, watermark", "dpmpp_2m", "sgm_uniform", "sd3.5_vae.safetensors", 1024),
+        ("SD3.5 large", 4, 28, True)),
     "Built-in shapes model on 2 CPU ranks (PipeFusion, 8 steps, no download)": (
         builtin("cpu:2", 8, "red circle middle center stripes"), ("Built-in shapes", 2, 8, False, "CPU")),
 }

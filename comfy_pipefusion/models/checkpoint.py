@@ -351,6 +351,32 @@ def load_modules(model: nn.Module, info: CheckpointInfo | str | Path, names: lis
                 mod._buffers[attr] = t
 
 
+def update_modules(model: nn.Module, info: CheckpointInfo, path: str | Path, names: list[str]) -> int:
+    """Overwrite, in place, the loaded tensors of ``names`` whose stored sources are all in the safetensors file
+    ``path`` (some keys of ``info``'s checkpoint in its layout, e.g. the weights a LoRA change touched).
+    Returns how many tensors were replaced."""
+    entries, _ = read_entries((str(path),), info.prefix)
+    kmap = key_map(info, info.entries if info.entries is not None else read_entries(info.files, info.prefix)[0])
+    unknown = set(entries) - sources(kmap)
+    if unknown:
+        raise CheckpointError(f"{Path(path).name}: {sorted(unknown)[0]} is not a tensor of "
+                              f"{info.variant or info.family}")
+    done = 0
+    with Reader() as reader, torch.no_grad():
+        for name in names:
+            for key, mod, attr, kind in _tensors_of(model, name):
+                pieces = kmap.get(key)
+                if kind == "derived" or not pieces or not all(src in entries for src, _, _ in pieces):
+                    continue
+                current = getattr(mod, attr)
+                if current.dtype in fp8.FP8:
+                    raise CheckpointError(f"{key} is stored in 8 bits; its weights cannot be updated in place")
+                t = _fill(reader, key, current.shape, pieces, entries, current.device, current.dtype, lambda _: False)
+                current.copy_(t)
+                done += 1
+    return done
+
+
 def inspect_checkpoint(path: str | Path) -> dict:
     """Flux config of ``path`` (headers only), as the engine reads it today; raises CheckpointError."""
     info = open_checkpoint(path)

@@ -32,3 +32,5 @@ class PipeFusionTestConditioning:
 NODE_CLASS_MAPPINGS = {"PipeFusionTestConditioning": PipeFusionTestConditioning}
 from .parity import NODE_CLASS_MAPPINGS as _PARITY_NODES  # noqa: E402
 NODE_CLASS_MAPPINGS.update(_PARITY_NODES)
+from .loads import NODE_CLASS_MAPPINGS as _LOAD_NODES  # noqa: E402
+NODE_CLASS_MAPPINGS.update(_LOAD_NODES)

@@ -1,0 +1,121 @@
+"""What the worker group can honour of a ComfyUI MODEL, its guider and its sampler; everything else is refused
+before sampling with a message that names it. ComfyUI's objects are read, never changed."""
+from __future__ import annotations
+
+WRAPPER_KEY = "pipefusion"  # our OUTER_SAMPLE wrapper's key on the MODEL
+# Conditioning keys the group uses or that carry nothing for it; any other (area, mask, strength, ControlNet,
+# GLIGEN, hooks, timestep ranges, ...) is refused by name.
+COND_KEYS = {"cross_attn", "pooled_output", "guidance", "model_conds", "uuid"}
+# model_options keys that change nothing the group computes
+NEUTRAL_OPTIONS = {"transformer_options"}
+NEUTRAL_TRANSFORMER_OPTIONS = {"wrappers", "callbacks"}
+
+
+class Refused(ValueError):
+    """Something the worker group cannot honour; the message names it and the way out."""
+
+
+def check_model(patcher) -> None:
+    """Refuse model patches that are not weight patches: attention replacements, block patches, model
+    function wrappers, CFG functions, other wrappers and callbacks, object patches other than the model
+    sampling (ModelSamplingFlux / ModelSamplingSD3), additional models and hooks."""
+    opts = patcher.model_options
+    found = [f"model option {k!r}" for k in opts if k not in NEUTRAL_OPTIONS]
+    tr = opts.get("transformer_options", {})
+    found += [f"transformer option {k!r}" + (f" ({', '.join(map(str, tr[k]))})" if isinstance(tr[k], dict) else "")
+              for k in tr if k not in NEUTRAL_TRANSFORMER_OPTIONS and tr[k]]
+    for kind, source in (("wrapper", _merged(patcher.wrappers, tr.get("wrappers"))),
+                         ("callback", _merged(patcher.callbacks, tr.get("callbacks")))):
+        for wtype, by_key in source.items():
+            found += [f"{kind} {wtype!r} from {key!r}" for key, fns in by_key.items()
+                      if fns and not (kind == "wrapper" and key == WRAPPER_KEY)]
+    found += [f"object patch {k!r}" for k in patcher.object_patches if k != "model_sampling"]
+    found += [f"additional model {k!r}" for k, v in getattr(patcher, "additional_models", {}).items() if v]
+    found += [f"injection {k!r}" for k, v in getattr(patcher, "injections", {}).items() if v]
+    found += ["hook patches" for v in getattr(patcher, "hook_patches", {}).values() if v][:1]
+    found += [f"weight wrapper on {k!r}" for k, v in getattr(patcher, "weight_wrapper_patches", {}).items() if v][:3]
+    if found:
+        raise Refused(f"the MODEL carries {'; '.join(sorted(set(found)))}, which the worker group cannot apply "
+                      "(it runs the model's weights, with weight patches such as LoRAs, and nothing else); "
+                      "remove the node that adds it, or sample without PipeFusion Parallelize")
+
+
+def _merged(*sources) -> dict:
+    out: dict = {}
+    for src in sources:
+        for wtype, by_key in (src or {}).items():
+            for key, fns in (by_key or {}).items():
+                out.setdefault(wtype, {}).setdefault(key, []).extend(fns or [])
+    return out
+
+
+def guider_conds(guider) -> tuple[list, list | None, float]:
+    """(positive, negative or None, cfg) of a stock CFGGuider or BasicGuider, each conditioning as the
+    [[tensor, extras]] list a CONDITIONING is; any other guider is refused by name."""
+    import comfy.samplers
+
+    kind = type(guider)
+    names = set(guider.conds)
+    basic = kind.__name__ == "Guider_Basic" and kind.__mro__[1] is comfy.samplers.CFGGuider
+    if kind is comfy.samplers.CFGGuider or basic:
+        if not names <= {"positive", "negative"} or "positive" not in names:
+            raise Refused(f"the guider has conditionings {sorted(names)}; only positive and negative are supported")
+    else:
+        raise Refused(f"guider {kind.__module__}.{kind.__name__} is not supported by the worker group (it runs the "
+                      "stock CFGGuider and BasicGuider; DualCFGGuider needs a third conditioning pass, which no "
+                      "supported family takes); use CFGGuider or BasicGuider")
+    cfg = float(getattr(guider, "cfg", 1.0))
+    positive = _as_conditioning(guider.conds["positive"], "positive")
+    negative = _as_conditioning(guider.conds["negative"], "negative") if "negative" in names else None
+    return positive, negative, cfg
+
+
+def _as_conditioning(conds: list, which: str) -> list:
+    """ComfyUI's converted conds (dicts with cross_attn) back to a CONDITIONING, refusing what we cannot run."""
+    if len(conds) != 1:
+        raise Refused(f"{which} conditioning has {len(conds)} entries (combined or concatenated conditioning); "
+                      "the worker group takes a single conditioning per prompt")
+    c = conds[0]
+    extra = sorted(k for k, v in c.items() if k not in COND_KEYS and v is not None)
+    if extra:
+        raise Refused(f"{which} conditioning carries {', '.join(extra)} (area, mask, ControlNet, timestep range "
+                      "or other per-conditioning settings), which the worker group does not apply; remove the "
+                      "node that sets it, or sample without PipeFusion Parallelize")
+    if c.get("model_conds"):
+        raise Refused(f"{which} conditioning carries model inputs {sorted(c['model_conds'])}, which the worker "
+                      "group does not take")
+    return [[c["cross_attn"], {k: v for k, v in c.items() if k in ("pooled_output", "guidance")}]]
+
+
+def sampler_name(sampler) -> str:
+    """Our name for a stock ComfyUI sampler object (KSAMPLER, from KSampler, KSamplerSelect, ...), by its
+    sampler function; any other sampler, or one with options, is refused by name."""
+    import comfy.k_diffusion.sampling as kd
+    import comfy.samplers
+    from comfy_pipefusion.config import SAMPLERS
+
+    if type(sampler) is not comfy.samplers.KSAMPLER:
+        kind = type(sampler)
+        raise Refused(f"sampler {kind.__module__}.{kind.__name__} is not a stock ComfyUI sampler; the worker group "
+                      f"runs ComfyUI's own ({', '.join(SAMPLERS)}): choose one with KSamplerSelect")
+    fn = sampler.sampler_function
+    name = None
+    for ours in SAMPLERS:
+        if ours == "uni_pc":
+            import comfy.extra_samplers.uni_pc as up
+
+            if fn is up.sample_unipc:
+                name = ours
+        elif ours != "ddim" and fn is getattr(kd, f"sample_{ours}", None):
+            name = ours
+    inpaint = dict(sampler.inpaint_options or {})
+    if name == "euler" and inpaint.get("random"):
+        name, inpaint = "ddim", {}  # ComfyUI's ddim is euler with its own noise for the masked area
+    if name is None:
+        label = getattr(fn, "__name__", type(fn).__name__)
+        raise Refused(f"sampler function {label} is not implemented by the worker group; choose one of "
+                      f"{', '.join(SAMPLERS)}")
+    if sampler.extra_options or inpaint:
+        raise Refused(f"sampler {name} with options {sorted({**sampler.extra_options, **inpaint})} is not "
+                      "supported; use it with its defaults (KSamplerSelect)")
+    return name

@@ -1,0 +1,250 @@
+"""Issue 12, the MODEL path: stock UNETLoader -> LoraLoaderModelOnly -> PipeFusion Parallelize -> stock sampling
+nodes, against the same chain without our node, on one real ComfyUI server (the small Flux and SD3.5 models of
+tests/test_parity_comfy.py, LoRAs written by the test in kohya, diffusers/peft and LoKr layouts). PipeFusion runs
+on two CPU ranks with warm-up steps = steps: relative L2 of the latents <= 1e-3.
+
+Each prompt runs both branches from the same LoRA node (our node clones the MODEL), so both see the same
+weights, conditioning, noise and sigmas.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from comfy_pipefusion import transport
+
+from comfy_helpers import error_message, run_prompt, saved_latent, start_server, states, worker_pids
+from lora_files import write_kohya, write_lokr, write_peft
+from test_parity_comfy import FAMILY, _write_models, rel_l2
+
+TOL = 1e-3
+STEPS = 2
+CFG = {"flux": 1.0, "sd3": 4.0}
+PAR = {"devices": "cpu:2", "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("parallelize")
+    run_dir = tmp_path_factory.mktemp("run")
+    run_dir.chmod(0o700)
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    (base / "models" / "loras").mkdir(parents=True)
+    _write_models(base / "models" / "diffusion_models")
+    for fam in ("flux", "sd3"):
+        write_kohya(base / "models" / "loras" / f"{fam}-kohya.safetensors", fam)
+        write_peft(base / "models" / "loras" / f"{fam}-peft.safetensors", fam)
+        write_lokr(base / "models" / "loras" / f"{fam}-lokr.safetensors", fam)
+    srv = start_server(base, run_dir, args=("--preview-method", "latent2rgb"))
+    yield srv
+    srv.stop()
+
+
+def _common(fam: str, loras: list[tuple[str, float]]) -> tuple[dict, list]:
+    """The loader, LoRA chain, conditionings and latent; returns (nodes, the MODEL output)."""
+    f = FAMILY[fam]
+    cond = {"tokens": f["tokens"], "width": f["width"], "pooled_width": f["pooled"], "guidance": 3.5}
+    nodes = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": f["file"], "weight_dtype": "default"}},
+             "3": {"class_type": "PipeFusionTestConditioning", "inputs": {**cond, "seed": 0}},
+             "4": {"class_type": "PipeFusionTestConditioning", "inputs": {**cond, "seed": 1}},
+             "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": f["size"], "height": f["size"],
+                                                                   "batch_size": 1}}}
+    model = ["1", 0]
+    for i, (lora, strength) in enumerate(loras):
+        nodes[f"l{i}"] = {"class_type": "LoraLoaderModelOnly",
+                          "inputs": {"model": model, "lora_name": f"{fam}-{lora}.safetensors",
+                                     "strength_model": strength}}
+        model = [f"l{i}", 0]
+    nodes["p"] = {"class_type": "PipeFusionParallelize", "inputs": {"model": model, **PAR}}
+    return nodes, model
+
+
+def _both(nodes: dict, stock: dict, prefix: str) -> dict:
+    """``stock`` (node id -> node, the last one sampling) twice: on the stock MODEL and on ours."""
+    out = dict(nodes)
+    for side, model in (("stock", nodes["p"]["inputs"]["model"]), ("ours", ["p", 0])):
+        last = None
+        for nid, node in stock.items():
+            inputs = {k: ([f"{side}{v[0]}", v[1]] if isinstance(v, list) and v[0] in stock else v)
+                      for k, v in node["inputs"].items()}
+            inputs = {k: (model if v == "MODEL" else v) for k, v in inputs.items()}
+            out[f"{side}{nid}"] = {"class_type": node["class_type"], "inputs": inputs}
+            last = f"{side}{nid}"
+        out[f"save{side}"] = {"class_type": "SaveLatent",
+                              "inputs": {"samples": [last, 0], "filename_prefix": f"{prefix}_{side}"}}
+    return out
+
+
+def ksampler(fam: str, seed: int = 7) -> dict:
+    return {"k": {"class_type": "KSampler", "inputs": {
+        "model": "MODEL", "seed": seed, "steps": STEPS, "cfg": CFG[fam], "sampler_name": "euler",
+        "scheduler": "simple", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}}}
+
+
+def run_pair(server, prompt: dict, prefix: str, msgs_out: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    status, msgs = run_prompt(server, prompt, timeout=900)
+    assert status == "execution_success", (error_message(msgs), server.log_tail(40))
+    if msgs_out is not None:
+        msgs_out.extend(msgs)
+    return saved_latent(server, f"{prefix}_stock"), saved_latent(server, f"{prefix}_ours")
+
+
+def _log(server) -> str:
+    return server.log_path.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("fam", [pytest.param("flux", marks=pytest.mark.slow), "sd3"])
+def test_parallelize_lora_formats_equal_stock(server, fam):
+    """kohya, then diffusers/peft, then LoKr, then the LoKr's strength changed: each equals the stock chain,
+    every LoRA key was applied (ComfyUI logs the keys it could not map), the group stays the same processes,
+    and the strength change moves both results alike."""
+    results, pids, written = {}, [], _log(server).count("changed weights written")
+    for label, loras in (("kohya", [("kohya", 1.0)]), ("peft", [("peft", 1.0)]),
+                         ("lokr", [("kohya", 0.5), ("lokr", 1.0)]), ("lokr2", [("kohya", 0.5), ("lokr", -1.5)])):
+        nodes, _ = _common(fam, loras)
+        prefix = f"par/{fam}-{label}"
+        msgs: list = []
+        stock, ours = run_pair(server, _both(nodes, ksampler(fam), prefix), prefix, msgs)
+        if pids:  # the warm group: no weight load, only the changed weights written and updated in place
+            assert "loading" not in states(msgs), states(msgs)
+            now = _log(server).count("changed weights written")
+            assert now == written + 1, (label, now, written)
+            written = now
+        assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
+        rel = rel_l2(ours, stock)
+        assert rel <= TOL, f"{fam} {label}: relative L2 {rel:.3e} > {TOL}"
+        results[label] = stock, ours
+        pids.append(worker_pids(server.pid))
+    assert "lora key not loaded" not in _log(server)
+    assert pids[0] and all(p == pids[0] for p in pids), pids  # one warm group: LoRA changes send weights only
+    # the strength change and the other LoRAs change the image by far more than the bound, on both sides
+    for a, b in (("kohya", "peft"), ("lokr", "lokr2")):
+        assert rel_l2(results[a][0], results[b][0]) > 20 * TOL
+        assert rel_l2(results[a][1], results[b][1]) > 20 * TOL
+
+
+def test_parallelize_sampler_custom_advanced(server):
+    """SamplerCustomAdvanced (RandomNoise, CFGGuider, KSamplerSelect, BasicScheduler -> SplitSigmas, the
+    second half) equals its stock run."""
+    nodes, _ = _common("sd3", [("kohya", 1.0)])
+    stock = {
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
+        "guider": {"class_type": "CFGGuider", "inputs": {"model": "MODEL", "positive": ["3", 0], "negative": ["4", 0],
+                                                         "cfg": 4.0}},
+        "sel": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}},
+        "sched": {"class_type": "BasicScheduler", "inputs": {"model": "MODEL", "scheduler": "karras",
+                                                             "steps": 4, "denoise": 1.0}},
+        "split": {"class_type": "SplitSigmas", "inputs": {"sigmas": ["sched", 0], "step": 1}},
+        "sca": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sel", 0], "sigmas": ["split", 0],
+            "latent_image": ["5", 0]}},
+    }
+    nodes["p"]["inputs"]["warmup_steps"] = 4
+    stock_out, ours = run_pair(server, _both(nodes, stock, "par/sca"), "par/sca")
+    assert float(stock_out.abs().max()) > 0.1
+    assert rel_l2(ours, stock_out) <= TOL
+
+
+def test_parallelize_ksampler_advanced(server):
+    """KSamplerAdvanced from step 1 to 3 of 4 with leftover noise equals its stock run."""
+    nodes, _ = _common("sd3", [("kohya", 1.0)])
+    stock = {"ka": {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": "MODEL", "add_noise": "enable", "noise_seed": 3, "steps": 4, "cfg": 4.0, "sampler_name": "euler",
+        "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+        "start_at_step": 1, "end_at_step": 3, "return_with_leftover_noise": "enable"}}}
+    nodes["p"]["inputs"]["warmup_steps"] = 4
+    stock_out, ours = run_pair(server, _both(nodes, stock, "par/ksa"), "par/ksa")
+    assert float(stock_out.abs().max()) > 0.1
+    assert rel_l2(ours, stock_out) <= TOL
+
+
+@pytest.mark.parametrize("what", ["patch", "conditioning", "sampler", "guider"])
+def test_parallelize_refuses_what_it_cannot_run(server, what):
+    """A model patch that is not a weight patch, area conditioning, a sampler with options and DualCFGGuider
+    (no supported family takes its third pass) are refused before sampling, each naming itself."""
+    nodes, _ = _common("sd3", [])
+    sample = ksampler("sd3")["k"]
+    sample["inputs"]["model"] = ["p", 0]
+    expect = {"patch": "sampler_cfg_function", "conditioning": "area", "sampler": "eta",
+              "guider": "Guider_DualCFG"}[what]
+    if what == "patch":
+        nodes["r"] = {"class_type": "RescaleCFG", "inputs": {"model": ["p", 0], "multiplier": 0.7}}
+        sample["inputs"]["model"] = ["r", 0]
+    elif what == "conditioning":
+        nodes["a"] = {"class_type": "ConditioningSetArea", "inputs": {
+            "conditioning": ["3", 0], "width": 64, "height": 64, "x": 0, "y": 0, "strength": 1.0}}
+        sample["inputs"]["positive"] = ["a", 0]
+    if what == "sampler":
+        sample = {"class_type": "SamplerCustom", "inputs": {
+            "model": ["p", 0], "add_noise": True, "noise_seed": 1, "cfg": 4.0, "positive": ["3", 0],
+            "negative": ["4", 0], "sampler": ["s", 0], "sigmas": ["sc", 0], "latent_image": ["5", 0]}}
+        nodes["s"] = {"class_type": "SamplerEulerAncestral", "inputs": {"eta": 0.5, "s_noise": 1.0}}
+        nodes["sc"] = {"class_type": "BasicScheduler", "inputs": {"model": ["p", 0], "scheduler": "simple",
+                                                                  "steps": 2, "denoise": 1.0}}
+    if what == "guider":
+        nodes["g"] = {"class_type": "DualCFGGuider", "inputs": {
+            "model": ["p", 0], "cond1": ["3", 0], "cond2": ["4", 0], "negative": ["4", 0], "cfg_conds": 4.0,
+            "cfg_cond2_negative": 2.0, "style": "regular"}}
+        nodes["n"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}}
+        nodes["s"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        nodes["sc"] = {"class_type": "BasicScheduler", "inputs": {"model": ["p", 0], "scheduler": "simple",
+                                                                  "steps": 2, "denoise": 1.0}}
+        sample = {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["n", 0], "guider": ["g", 0], "sampler": ["s", 0], "sigmas": ["sc", 0], "latent_image": ["5", 0]}}
+    nodes["k"] = sample
+    nodes["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["k", 0], "filename_prefix": "par/refused"}}
+    status, msgs = run_prompt(server, nodes, timeout=300)
+    assert status == "execution_error"
+    message = error_message(msgs)
+    assert "PipeFusion Parallelize" in message and expect in message, message
+
+
+def test_parallelize_never_loads_the_model_in_comfyui(server):
+    """With only our branch, ComfyUI's model management never loads the MODEL (no load_models_gpu: on a GPU
+    machine no GPU memory for it in the ComfyUI process), the progress bar moves once per step, and the
+    preview (--preview-method latent2rgb) gets one image per step, as from the stock KSampler."""
+    nodes, model = _common("sd3", [("peft", 0.7)])
+    nodes["u"] = {"class_type": "PipeFusionTestUnloadModels", "inputs": {"model": model}}
+    nodes["p"]["inputs"]["model"] = ["u", 0]
+    nodes["k"] = {**ksampler("sd3")["k"]}
+    nodes["k"]["inputs"] = {**nodes["k"]["inputs"], "model": ["p", 0], "steps": 3}
+    nodes["p"]["inputs"].update(warmup_steps=1, strategy="auto", patches=0)  # the workflows' default: auto plans
+    nodes["check"] = {"class_type": "PipeFusionTestLoadedModels",
+                      "inputs": {"model": ["p", 0], "samples": ["k", 0], "name": "par-loads"}}
+    frames: list = []
+    status, msgs = run_prompt(server, nodes, timeout=600, frames=frames)
+    assert status == "execution_success", (error_message(msgs), server.log_tail(40))
+    previews = [f for f in frames if f[:10] == bytes([0, 0, 0, 1, 0, 0, 0, 1, 0xFF, 0xD8])]  # preview event, JPEG
+    assert len(previews) == 3, [f[:8] for f in frames]
+    report = json.loads((server.base_dir / "output" / "par-loads.json").read_text())
+    assert report == {"loaded": False, "loaded_models": 0}, report
+    steps = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == "k"]
+    assert sorted(set(steps)) == [1, 2, 3] and steps == sorted(steps), steps  # the preview's bar says it too
+    assert transport.shm_segments(server.pid) == []  # the weights file in /dev/shm is gone with the job
+
+
+def test_parallelize_cancel_stops_the_job_and_keeps_the_group(server):
+    """Cancel (POST /interrupt) during a long KSampler run on the parallelized MODEL: the prompt ends
+    interrupted within a few steps, and the next prompt runs on the same workers."""
+    nodes, _ = _common("sd3", [])
+    nodes["p"]["inputs"]["warmup_steps"] = 1
+    nodes["k"] = {**ksampler("sd3")["k"]}
+    nodes["k"]["inputs"] = {**nodes["k"]["inputs"], "model": ["p", 0], "steps": 400}
+    nodes["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["k", 0], "filename_prefix": "par/cancel"}}
+    sent = []
+
+    def interrupt_on_progress(m):
+        if m["type"] == "progress" and m["data"].get("node") == "k" and not sent:
+            sent.append(m["data"]["value"])
+            server.interrupt()
+    status, msgs = run_prompt(server, nodes, on_message=interrupt_on_progress, timeout=600)
+    assert status == "execution_interrupted", (error_message(msgs), server.log_tail(30))
+    done = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == "k"]
+    assert max(done) <= sent[0] + 2, (sent, done)  # the ranks stop at the next step boundary
+    pids = worker_pids(server.pid)
+    nodes["k"]["inputs"]["steps"] = 2
+    status, msgs = run_prompt(server, nodes, timeout=600)
+    assert status == "execution_success", error_message(msgs)
+    assert pids and worker_pids(server.pid) == pids
