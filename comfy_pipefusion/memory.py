@@ -173,6 +173,11 @@ def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_
                fp8: bool = False, upcast: bool = False) -> RankBytes:
     """Rank ``rank``'s estimated bytes for a job of ``size`` under ``cfg`` (see the module docstring);
     ``upcast``: an fp8 stage keeps a compute-dtype copy of its Linear weights."""
+    if cfg.cfg_degree == 2:  # one branch: the model batch of the images alone, on half the ranks
+        return rank_bytes(fam, meta, cfg.branch(), replace(size, cfg=False), rank % (cfg.world_size // 2),
+                          device_type, fp8, upcast)
+    if "ulysses" in cfg.methods:  # the whole model, a band of the tokens, no buffers; the exchange buffers
+        return _ulysses_bytes(fam, meta, cfg, size, rank, device_type, fp8, upcast)
     mc = meta.config
     heads, head_dim = mc.num_attention_heads, mc.attention_head_dim
     width, elem, mb = heads * head_dim, ELEM[size.dtype], size.model_batch
@@ -201,6 +206,19 @@ def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_
     latent = LATENT_COPIES * size.batch * size.n_img * size.channels * 4
     latent += mb * size.n_txt * (size.txt_dim * 4 + width * elem) + 2 * (n_txt + size.n_img) * head_dim * 4
     return RankBytes(weights, kv, gathered, act, latent, copy)
+
+
+def _ulysses_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_type: str, fp8: bool,
+                   upcast: bool) -> RankBytes:
+    """Ulysses: DistriFusion's bands and weights without its K/V buffers and gathers; the all-to-all buffers
+    (q, k, v of every rank's band for this rank's heads, sent and received, and the outputs back)."""
+    like = rank_bytes(fam, meta, replace(cfg, strategy="distrifusion", ulysses=0), size, rank, device_type, fp8,
+                      upcast)
+    width, elem = meta.config.num_attention_heads * meta.config.attention_head_dim, ELEM[size.dtype]
+    n_txt = size.n_txt if fam.JOINT_TEXT else 0
+    band = max(s.n_txt + s.n_img for s in displaced_spans(size.rows, size.cols, n_txt, cfg.world_size))
+    exchange = 8 * size.model_batch * band * width * elem
+    return RankBytes(like.weights, 0, exchange, like.activations, like.latent, like.upcast)
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,7 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
         raise ValueError(f"job {job.get('name', '')!r} asks for world_size {asked} but the group has "
                          f"{comm.world_size} ranks; start the group with {asked} ranks")
     cfg = ParallelConfig(world_size=comm.world_size, **par)
+    cfg.check_job(spec.cfg)
     if tensors is None and job.get("tensors"):  # a job file's real conditioning (the demo): txt, pooled
         tensors = load_file(job["tensors"])
     if tensors is None and source.preset:
@@ -185,7 +186,7 @@ def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models:
     """Refuse a job this rank's memory cannot hold, before anything of it is allocated (memory.py); for an
     fp8 checkpoint, return how its stage computes (models/fp8.py): an upcast copy when it fits."""
     fam, _, meta = models.describe(source)
-    cfg.check_model(len(fam.blocks_of(meta)))  # the stage split below needs enough blocks
+    cfg.check_model(len(fam.blocks_of(meta)), meta.config.num_attention_heads)  # stages, Ulysses' heads
     loaded, freed = models.holds(source, cfg, comm.rank, dtype)
     budget = memory.rank_budget(models.device, comm.rank, comm.world_size, loaded, freed)
     fp8_file, size = memory.stored_fp8(source.checkpoint), memory.job_size(problem)

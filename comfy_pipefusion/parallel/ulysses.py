@@ -1,0 +1,88 @@
+"""Ulysses: sequence parallelism, exact, with an all-to-all over heads at every attention.
+
+Every rank holds the whole model and owns one band of the joint sequence (text band r and image rows band
+r, as DistriFusion's bands): everything but attention is per token, so each rank runs every block on its
+band alone. At each attention layer the ranks trade tokens for heads (one all_to_all): rank r receives
+every rank's q, k and v for its H/N heads, attends over the whole sequence with them, and a second
+all_to_all sends each rank its own tokens' outputs for every head. Positions (RoPE, position embeddings)
+are applied per token before the exchange, and attention without a mask does not depend on the order of
+the keys, so the result is serial's to float rounding. The text stream (Flux's double blocks, SD3's joint
+blocks) stays exact: each rank carries its band of the text tokens through the blocks and every query,
+text or image, sees every key. Bands of different lengths are padded to the longest for the exchange.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import JobCancelled
+from ..patches import Span, displaced_spans
+from .runtime import Control, JobRuntime, gather_bands
+
+
+class Exchange:
+    """The fixed buffers of the two all_to_alls, shared by every attention layer of a job."""
+
+    def __init__(self, comm, batch: int, heads: int, head_dim: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        n = comm.world_size
+        if heads % n:
+            raise ValueError(f"ulysses splits {heads} heads over {n} ranks: {heads} is not divisible by {n}")
+        self.comm, self.n, self.local_heads = comm, n, heads // n
+        shape = (n, 3, batch, max_len, self.local_heads, head_dim)
+        self.send = torch.zeros(shape, dtype=dtype, device=device)  # chunk j: my tokens, rank j's heads
+        self.recv = torch.empty(shape, dtype=dtype, device=device)  # chunk j: rank j's tokens, my heads
+        self.out_send = torch.zeros(shape[:1] + shape[2:], dtype=dtype, device=device)
+        self.out_recv = torch.empty(shape[:1] + shape[2:], dtype=dtype, device=device)
+
+
+class UlyssesAttention:
+    """One attention layer under Ulysses (in place of a K/V buffer: ``attend`` is all it needs)."""
+
+    def __init__(self, batch: int, heads: int, n_txt: int, n_img: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, spans: list[Span], exchange: Exchange) -> None:
+        self.lengths = [s.n_txt + s.n_img for s in spans]  # every rank's tokens at this layer
+        self.ex = exchange
+
+    def attend(self, span: Span, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: [B, L, H, Dh] of this rank's band (text first). Returns [B, L, H * Dh]."""
+        ex, comm = self.ex, self.ex.comm
+        n, hl = ex.n, ex.local_heads
+        length = q.shape[1]
+        if length != self.lengths[comm.rank]:
+            raise ValueError(f"rank {comm.rank} attends {length} tokens, its band has {self.lengths[comm.rank]}")
+        for i, t in enumerate((q, k, v)):  # [B, L, H, Dh] -> [N, B, L, H/N, Dh]: heads of rank j in chunk j
+            ex.send[:, i, :, :length] = t.unflatten(2, (n, hl)).permute(2, 0, 1, 3, 4)
+        comm.all_to_all(ex.recv, ex.send)
+        full = [torch.cat([ex.recv[j, i, :, :m] for j, m in enumerate(self.lengths)], 1) for i in range(3)]
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in full))  # [B, H/N, S, Dh]
+        out = out.transpose(1, 2)  # [B, S, H/N, Dh], the ranks' bands one after the other
+        start = 0
+        for j, m in enumerate(self.lengths):
+            ex.out_send[j, :, :m] = out[:, start:start + m]
+            start += m
+        comm.all_to_all(ex.out_recv, ex.out_send)
+        mine = ex.out_recv[:, :, :length]  # [N, B, L, H/N, Dh]: chunk j holds rank j's heads
+        return mine.permute(1, 2, 0, 3, 4).flatten(2)  # [B, L, H * Dh]
+
+
+def run_ulysses(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, device: torch.device,
+                control: Control | None = None) -> torch.Tensor | None:
+    """This rank's band. Returns the final latent [B, S_img, C] on rank 0, else None."""
+    spans = displaced_spans(problem.rows, problem.cols, problem.n_span_txt, comm.world_size)
+    sp = spans[comm.rank]
+    rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
+    mc = model.config
+    exchange = Exchange(comm, problem.model_batch, mc.num_attention_heads, mc.attention_head_dim,
+                        max(s.n_txt + s.n_img for s in spans), dtype, device)
+    layers = rt.kv_buffers(blocks, UlyssesAttention, spans=spans, exchange=exchange)
+    txt = rt.span_txt(sp)
+    control = control or Control()
+    for t in range(len(rt.evals)):
+        if t and rt.step_of(t) != rt.step_of(t - 1) and control.agree_stop(comm):
+            raise JobCancelled(f"cancelled before step {rt.step_of(t) + 1}")
+        _, img = rt.run_blocks(blocks, layers, sp, txt, rt.embed_image(rt.x[:, sp.i0:sp.i1], sp, t), t)
+        rt.update(t, sp.i0, sp.i1, img)
+        if t + 1 == len(rt.evals) or rt.step_of(t + 1) != rt.step_of(t):
+            control.step_done(rt.step_of(t))
+    return gather_bands(comm, rt.x, [(s.i0, s.i1) for s in spans])
