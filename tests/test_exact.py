@@ -106,9 +106,13 @@ def check_world(world: int, results, reference) -> None:
         got = res[j["name"]][0]
         assert got.shape == ref.shape, j["name"]
         assert float(ref.abs().max()) > 0.1  # a real image, not the initial latent
-        errors[j["name"]] = (float((got - ref).abs().max()), float((got - batched).abs().max()))
-    bad = {n: e for n, e in errors.items() if e[0] > TOL or e[1] > BATCHED_TOL}
-    assert not bad, f"max abs difference (reference, batched reference) over the bound: {bad}"
+        # true CFG amplifies float rounding: its bound is relative to the latent's largest value, as in
+        # test_families.py; CFG parallelism against the per-branch reference is held to 1e-5 absolute
+        scale = float(ref.abs().max()) if j["sample"]["cfg"] != 1 else 1.0
+        err, err_batched = float((got - ref).abs().max()), float((got - batched).abs().max())
+        if err > (TOL if branches else TOL * scale) or err_batched > max(BATCHED_TOL, TOL * scale):
+            errors[j["name"]] = (err, err_batched, scale)
+    assert not errors, f"max abs difference (reference, batched reference, scale) over the bound: {errors}"
 
 
 def test_cfg_parallel_and_ulysses_equal_serial_2_ranks(results, reference):

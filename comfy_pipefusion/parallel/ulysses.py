@@ -5,8 +5,8 @@ r, as DistriFusion's bands): everything but attention is per token, so each rank
 band alone. At each attention layer the ranks trade tokens for heads (one all_to_all): rank r receives
 every rank's q, k and v for its H/N heads, attends over the whole sequence with them, and a second
 all_to_all sends each rank its own tokens' outputs for every head. Positions (RoPE, position embeddings)
-are applied per token before the exchange, and attention without a mask does not depend on the order of
-the keys, so the result is serial's to float rounding. The text stream (Flux's double blocks, SD3's joint
+are applied per token before the exchange, and the gathered keys are put in serial's order ([text; image]),
+so attention sums in the same order as serial's. The text stream (Flux's double blocks, SD3's joint
 blocks) stays exact: each rank carries its band of the text tokens through the blocks and every query,
 text or image, sees every key. Bands of different lengths are padded to the longest for the exchange.
 """
@@ -41,7 +41,7 @@ class UlyssesAttention:
 
     def __init__(self, batch: int, heads: int, n_txt: int, n_img: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, spans: list[Span], exchange: Exchange) -> None:
-        self.lengths = [s.n_txt + s.n_img for s in spans]  # every rank's tokens at this layer
+        self.spans = [(s.n_txt, s.n_img) for s in spans]  # every rank's text and image tokens at this layer
         self.ex = exchange
 
     def attend(self, span: Span, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -49,18 +49,21 @@ class UlyssesAttention:
         ex, comm = self.ex, self.ex.comm
         n, hl = ex.n, ex.local_heads
         length = q.shape[1]
-        if length != self.lengths[comm.rank]:
-            raise ValueError(f"rank {comm.rank} attends {length} tokens, its band has {self.lengths[comm.rank]}")
+        if length != sum(self.spans[comm.rank]):
+            raise ValueError(f"rank {comm.rank} attends {length} tokens, its band has {sum(self.spans[comm.rank])}")
         for i, t in enumerate((q, k, v)):  # [B, L, H, Dh] -> [N, B, L, H/N, Dh]: heads of rank j in chunk j
             ex.send[:, i, :, :length] = t.unflatten(2, (n, hl)).permute(2, 0, 1, 3, 4)
         comm.all_to_all(ex.recv, ex.send)
-        full = [torch.cat([ex.recv[j, i, :, :m] for j, m in enumerate(self.lengths)], 1) for i in range(3)]
-        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in full))  # [B, H/N, S, Dh]
-        out = out.transpose(1, 2)  # [B, S, H/N, Dh], the ranks' bands one after the other
-        start = 0
-        for j, m in enumerate(self.lengths):
-            ex.out_send[j, :, :m] = out[:, start:start + m]
-            start += m
+        # the whole sequence in serial's order, [text of every rank; image of every rank]: [B, S, H/N, Dh]
+        full = [torch.cat([ex.recv[j, i, :, :nt] for j, (nt, _) in enumerate(self.spans)] +
+                          [ex.recv[j, i, :, nt:nt + ni] for j, (nt, ni) in enumerate(self.spans)], 1)
+                for i in range(3)]
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in full)).transpose(1, 2)
+        t_at, i_at = 0, sum(nt for nt, _ in self.spans)
+        for j, (nt, ni) in enumerate(self.spans):  # each rank's tokens back into its chunk, text first
+            ex.out_send[j, :, :nt] = out[:, t_at:t_at + nt]
+            ex.out_send[j, :, nt:nt + ni] = out[:, i_at:i_at + ni]
+            t_at, i_at = t_at + nt, i_at + ni
         comm.all_to_all(ex.out_recv, ex.out_send)
         mine = ex.out_recv[:, :, :length]  # [N, B, L, H/N, Dh]: chunk j holds rank j's heads
         return mine.permute(1, 2, 0, 3, 4).flatten(2)  # [B, L, H * Dh]
