@@ -45,7 +45,7 @@ def parse_stage_split(text: str, strategy: str) -> tuple[int, ...] | None:
         split = tuple(int(p) for p in s.split(","))
     except ValueError:
         raise ValueError(f"stage_split {text!r}: write blocks per stage like 10,9, or leave it empty") from None
-    if strategy != "pipefusion":
+    if "pipefusion" not in strategy.split("+"):
         raise ValueError(f"stage_split {text!r} applies to pipefusion only (strategy is {strategy}); "
                          "leave it empty")
     return split

@@ -12,11 +12,14 @@ from comfy_pipefusion.config import SAMPLERS, SCHEDULERS, ParallelConfig
 
 from .convert import parse_devices
 
-STRATEGIES = ("pipefusion", "distrifusion", "serial")
+STRATEGIES = ("pipefusion", "distrifusion", "serial", "cfg", "ulysses", "cfg+pipefusion", "cfg+distrifusion",
+              "cfg+ulysses")
+"""The loader's strategies: the engine's (config.STRATEGIES) but the naive-patch quality baseline."""
 
 
 def check_plan(devices, strategy, gpu_count: int) -> bool | str:
-    """The loader's devices and strategy: parseable devices that exist, enough ranks for the strategy."""
+    """The loader's devices and strategy: parseable devices that exist, a plan those ranks can run (enough
+    of them, an even number for cfg, ...)."""
     if strategy is not None and strategy not in STRATEGIES:
         return f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}"
     if devices is None:
