@@ -33,6 +33,7 @@ from .sampling.samplers import load_samplers
 from .models import family
 from .parallel.plan import ModelSource
 from .parallel.costs import expected_bytes
+from .peers import PEERS
 from .turns import TurnAborted, conduct
 
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -47,7 +48,13 @@ def parse_args(argv):
     ap.add_argument("--checkpoint", default=None, help="a checkpoint file instead of a preset (any supported "
                     "family and layout; text conditioning is synthetic)")
     ap.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: the preset's, or 256)")
-    ap.add_argument("--strategies", default="serial,pipefusion,distrifusion,naive_patch")
+    ap.add_argument("--strategies", default="serial,pipefusion,distrifusion,naive_patch",
+                    help=f"comma-separated, of: {', '.join(STRATEGIES)}")
+    ap.add_argument("--cfg", type=float, default=1.0,
+                    help="guidance scale of the job: != 1 is true CFG, with a negative conditioning (needed by "
+                         "the cfg strategies)")
+    ap.add_argument("--peers", default="", help=f"other tools' methods run by the group in the same turns, "
+                                                f"comma-separated: {', '.join(PEERS)}")
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--patches", default="0",
                     help="PipeFusion's M (default 0: world size); a comma-separated list runs one job per M")
@@ -92,7 +99,7 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
     spec = SampleSpec(height=args.height or preset["height"], width=args.width or preset["width"],
                       steps=args.steps or preset["steps"], seed=args.seed, dtype=args.dtype,
                       sampler=(load_samplers(args.test_samplers) or {}).get(args.sampler, args.sampler),
-                      scheduler=args.scheduler)
+                      scheduler=args.scheduler, cfg=args.cfg)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
         if s not in STRATEGIES:
@@ -102,8 +109,13 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
         patches = [int(m) for m in str(args.patches).split(",") if m.strip()] or [0]
     except ValueError:
         raise ValueError(f"--patches takes whole numbers separated by commas, got {args.patches!r}") from None
+    peers = [s.strip() for s in args.peers.split(",") if s.strip()]
+    for s in peers:
+        if s not in PEERS:
+            raise ValueError(f"unknown peer {s!r} in --peers: choose from {', '.join(PEERS)}")
     num_blocks = config.get("num_layers", 0) + config.get("num_single_layers", 0)  # without building the model
-    sample = {k: getattr(spec, k) for k in ("height", "width", "steps", "seed", "dtype", "scheduler")}
+    heads = config.get("num_attention_heads")
+    sample = {k: getattr(spec, k) for k in ("height", "width", "steps", "seed", "dtype", "scheduler", "cfg")}
     sample["sampler"] = args.sampler  # a name (a test sampler's class is resolved again by the workers)
     extra = {"text_tokens": preset["text_tokens"]}
     serial = [{"name": "serial", "parallel": {"strategy": "serial"}, "sample": sample, "repeats": args.repeats,
@@ -117,11 +129,16 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
             p = {"strategy": s, "patches": m, "warmup_steps": args.warmup_steps, "text_stream": stream,
                  "balance": args.balance}
             cfg = ParallelConfig(world_size=args.world_size, **p)
-            cfg.check_model(num_blocks)
+            cfg.check_model(num_blocks, heads)
             cfg.check_image(spec.token_rows)
+            cfg.check_job(spec.cfg)
             name = s + (f"-{stream}" if pf and len(streams) > 1 else "") + \
                 (f"-M{m}" if pf and len(patches) > 1 else "")
             par.append({"name": name, "parallel": p, "sample": sample, "repeats": args.repeats, **extra})
+    for peer in peers:  # the whole model on every rank, as our ulysses
+        ParallelConfig("ulysses", args.world_size).check_model(num_blocks, heads)
+        par.append({"name": peer, "peer": peer, "parallel": {"strategy": "ulysses", "warmup_steps": args.warmup_steps},
+                    "sample": sample, "repeats": args.repeats, **extra})
     admit(args, fam, config, spec, serial, par)
     return spec, serial, par
 
@@ -133,7 +150,7 @@ def admit(args, fam, config: dict, spec: SampleSpec, serial: list[dict], par: li
     n_txt = serial[0]["text_tokens"]
     txt_dim = fam.conditioning_dims(config)[0]
     size = memory.JobSize(spec.token_rows, spec.token_cols, n_txt, txt_dim, dtype=spec.dtype,
-                          channels=4 * fam.latent_format(config).channels)
+                          channels=4 * fam.latent_format(config).channels, cfg=abs(spec.cfg - 1) > 1e-9)
     fp8 = memory.stored_fp8(args.checkpoint)
     ram = memory.available_ram()
     first = memory.admit(fam, meta, ParallelConfig("serial", 1), size, memory.Budget("cpu", (ram,)), fp8)
@@ -162,13 +179,14 @@ def summarise(args, spec, serial, results) -> dict:
         n = 1 if p["strategy"] == "serial" else args.world_size
         cfg = ParallelConfig(world_size=n, **p)
         err = (x - ref).float()
-        dims = dict(world=n, batch=1, width=width,
+        dims = dict(world=n, batch=2 if abs(spec.cfg - 1) > 1e-9 else 1, images=1, width=width,
                     n_txt=n_txt, rows=spec.token_rows, cols=spec.token_cols, steps=evals,
                     warmup=sum(1 for k in range(evals) if step_of(k) < cfg.warmup_steps),
                     patches=cfg.num_patches, elem=ELEM[spec.dtype],
                     layers=layers["joint"], image_layers=layers["image"], text_stream=cfg.text_stream,
                     channels=4 * fam.latent_format(cfg_model).channels)
-        rows.append({"strategy": p["strategy"], "name": name, "text_stream": cfg.text_stream,
+        peer = job.get("peer")
+        rows.append({"strategy": peer or p["strategy"], "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
                      "threads_per_rank": args.threads_per_rank,
                      "wall_s": m["wall_s_median"], "wall_s_min": m["wall_s_min"], "wall_s_runs": m["wall_s_runs"],
@@ -181,12 +199,12 @@ def summarise(args, spec, serial, results) -> dict:
                      "param_bytes_per_rank": m["param_bytes_per_rank"],
                      "bytes_sent_per_step_per_rank": [b / spec.steps for b in m["bytes_sent_per_rank"]],
                      "wait_s_per_rank": m["wait_s_per_rank"],
-                     "expected_bytes_per_step_per_rank": [
+                     "expected_bytes_per_step_per_rank": None if peer else [  # a peer's traffic is its own
                          expected_bytes(p["strategy"], rank=r, **dims) / spec.steps for r in range(n)]})
     name = source.get("preset") or source["checkpoint"]
     return {"model": {"name": f"{fam.NAME}-{name}" if "preset" in source else name, "family": fam.NAME,
                       "params": ref_m["params"]}, "steps": spec.steps, "evaluations": evals,
-            "sampler": args.sampler, "scheduler": spec.scheduler,
+            "sampler": args.sampler, "scheduler": spec.scheduler, "cfg": spec.cfg,
             "height": spec.height, "width": spec.width, "seed": spec.seed, "timing": "median of repeats",
             "timing_note": "serial and the parallel strategies timed in turns (serial, one strategy's "
                            "runs, serial, the next's, ..., serial); a strategy's speedup is against the "

@@ -136,6 +136,7 @@ class Prepared:
     base_bytes: int = 0  # this rank's memory before the load (RSS on CPU, allocated on GPU)
     load_s: float = 0.0  # time to load the weights (0 when they were loaded already)
     device: torch.device = torch.device("cpu")
+    peer: str | None = None  # another tool's method on this model (peers.py), run instead of the strategy
 
 
 def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = None,
@@ -178,7 +179,11 @@ def prepare(job: dict, comm: Comm, models: ModelCache, tensors: dict | None = No
     model, blocks = models.get(source, cfg, comm.rank, dtype)
     if mode is not None:
         use_fp8(model, mode, dtype)
-    return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device)
+    if job.get("peer"):  # the bench's peer row: a copy of the model with the peer's parallelism applied
+        from .peers import prepare_peer
+        model = prepare_peer(job["peer"], model, comm.world_size)
+    return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device,
+                    job.get("peer"))
 
 
 def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models: ModelCache,
@@ -232,7 +237,11 @@ def memory_peak(device: torch.device) -> int:
 def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) -> torch.Tensor | None:
     """Sample once; returns the LATENT samples on rank 0."""
     with torch.inference_mode():
-        if prep.cfg.strategy == "serial":
+        if prep.peer:
+            from .peers import run_peer
+            x = run_peer(prep.model, prep.problem, prep.dtype, device, control)
+            x = x if comm.rank == 0 else None
+        elif prep.cfg.strategy == "serial":
             x = run_serial(prep.model, prep.problem, prep.dtype, device, control)
         else:
             x = strategy_fn(prep.cfg.strategy)(prep.model, prep.blocks, prep.problem, prep.cfg, comm,

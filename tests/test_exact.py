@@ -10,6 +10,7 @@ from comfy_pipefusion.config import ParallelConfig, SampleSpec
 from comfy_pipefusion.job import preset_problem
 from comfy_pipefusion.models import family
 from comfy_pipefusion.oneshot import GroupError, run_jobs
+from comfy_pipefusion.parallel.costs import expected_bytes
 from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
 from comfy_pipefusion.parallel.runtime import JobRuntime
 from comfy_pipefusion.parallel.serial import run_serial
@@ -113,16 +114,28 @@ def check_world(world: int, results, reference) -> None:
         if err > (TOL if branches else TOL * scale) or err_batched > max(BATCHED_TOL, TOL * scale):
             errors[j["name"]] = (err, err_batched, scale)
     assert not errors, f"max abs difference (reference, batched reference, scale) over the bound: {errors}"
+    for j in JOBS[world]:  # every byte on the data plane is the analytic formula's (parallel/costs.py)
+        assert res[j["name"]][1]["bytes_sent_per_rank"] == expected(j, world, res[j["name"]][1]), j["name"]
+
+
+def expected(j: dict, world: int, metrics: dict) -> list[int]:
+    fam, p = family.find_preset(j["model"]["preset"])
+    par = ParallelConfig(world_size=world, **j["parallel"])
+    layers = metrics["attention_layers"]
+    dims = dict(world=world, batch=2 if j["sample"]["cfg"] != 1 else 1, images=1, width=metrics["width"],
+                n_txt=p["text_tokens"] if fam.JOINT_TEXT else 0, rows=p["height"] // 16, cols=p["width"] // 16,
+                steps=EXACT_STEPS, warmup=min(par.warmup_steps, EXACT_STEPS), patches=par.num_patches, elem=4,
+                layers=layers["joint"], image_layers=layers["image"], text_stream=par.text_stream,
+                channels=4 * fam.latent_format(p["config"]).channels)
+    return [expected_bytes(par.strategy, rank=r, **dims) for r in range(world)]
 
 
 def test_cfg_parallel_and_ulysses_equal_serial_2_ranks(results, reference):
     check_world(2, results, reference)
-    ops = results(2)["cfg_parallel_euler"][1]
     # the branches exchanged their predictions: each rank sent its [B, S, C] float32 output per evaluation
     p = family.find_preset("tiny")[1]
     per_eval = (p["height"] // 16) * (p["width"] // 16) * 64 * 4
-    assert ops["bytes_sent_per_rank"][1] == EXACT_STEPS * per_eval
-    assert ops["bytes_sent_per_rank"][0] == EXACT_STEPS * per_eval
+    assert results(2)["cfg_parallel_euler"][1]["bytes_sent_per_rank"] == [EXACT_STEPS * per_eval] * 2
 
 
 def test_ulysses_equals_serial_3_ranks(results, reference):

@@ -22,7 +22,7 @@ naive_patch: only the final latent band of each rank r > 0.
 Ulysses, rank r: at every attention layer of every evaluation, two all_to_alls over its N - 1 peers: q, k, v
 of its padded band for their heads, then the outputs of their bands for its heads:
     T * e * 4 * B * (D / N) * (N - 1) * (L * Lmax + L' * Lmax'),  Lmax, Lmax' as DistriFusion's;
-plus, for r > 0, its band of the final latent: 4 * B * C * S_i,r.
+plus, for r > 0, its band of the final latent: 4 * b * C * S_i,r (b: the images, B/2 with true CFG).
 cfg+X (B: the model batch 2b of true CFG), rank r = rank r' = r mod N/2 of its branch: X's bytes for r' on
 N/2 ranks at batch b, plus the exchange of its predictions with the other branch at every evaluation for
 the tokens whose latent it updates (all of them for one rank per branch, PipeFusion's last stage, the band
@@ -35,9 +35,13 @@ from ..patches import displaced_spans, split_even
 
 def expected_bytes(strategy: str, *, rank: int, world: int, batch: int, width: int, n_txt: int, rows: int,
                    cols: int, steps: int, warmup: int, patches: int, layers: int, elem: int,
-                   text_stream: str = "last_patch", channels: int = 64, image_layers: int = 0) -> int:
+                   text_stream: str = "last_patch", channels: int = 64, image_layers: int = 0,
+                   images: int | None = None) -> int:
+    """``batch``: the model batch (2x the images with true CFG); ``images``: the latent's batch (default:
+    ``batch``), what the final latent carries."""
     n_img = rows * cols
-    dims = dict(batch=batch, width=width, n_txt=n_txt, rows=rows, cols=cols, steps=steps, warmup=warmup,
+    images = batch if images is None else images
+    dims = dict(batch=batch, images=images, width=width, n_txt=n_txt, rows=rows, cols=cols, steps=steps, warmup=warmup,
                 patches=patches, layers=layers, elem=elem, text_stream=text_stream, channels=channels,
                 image_layers=image_layers)
     if strategy.split("+")[0] == "cfg":
@@ -48,7 +52,7 @@ def expected_bytes(strategy: str, *, rank: int, world: int, batch: int, width: i
         spans = displaced_spans(rows, cols, n_txt, world)
         lmax, lmax_img = max(s.n_txt + s.n_img for s in spans), max(s.n_img for s in spans)
         a2a = steps * elem * 4 * batch * (width // world) * (world - 1) * (layers * lmax + image_layers * lmax_img)
-        return a2a + (4 * batch * channels * spans[rank].n_img if rank else 0)
+        return a2a + (4 * images * channels * spans[rank].n_img if rank else 0)
     if strategy == "pipefusion":
         if rank == world - 1:
             return 4 * batch * channels * n_img * steps
@@ -71,7 +75,7 @@ def expected_bytes(strategy: str, *, rank: int, world: int, batch: int, width: i
 def _cfg_bytes(strategy: str, rank: int, world: int, dims: dict) -> int:
     half, inner = world // 2, "+".join(strategy.split("+")[1:]) or "serial"
     local, b = rank % half, dims["batch"] // 2
-    own = expected_bytes(inner, rank=local, world=half, **{**dims, "batch": b})
+    own = expected_bytes(inner, rank=local, world=half, **{**dims, "batch": b, "images": b})
     rows, cols = dims["rows"], dims["cols"]
     if inner == "serial":
         tokens = rows * cols
