@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 KEYS = {"strategy": str, "world_size": int, "patches": int, "warmup_steps": int, "threads_per_rank": int,
         "wall_s": float, "speedup_vs_serial": float, "max_abs_err_vs_serial": float,
         "rel_l2_err_vs_serial": float, "param_bytes_per_rank": list, "bytes_sent_per_step_per_rank": list}
 
 
+@pytest.mark.slow
 def test_bench_writes_the_documented_json(tmp_path: Path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "comfy_pipefusion.bench", "--preset", "tiny", "--steps", "3",
@@ -50,6 +53,7 @@ def test_bench_writes_the_documented_json(tmp_path: Path):
         assert rows[name]["serial_wall_s_beside"] == serial_runs[k:k + 2]
         assert rows[name]["speedup_vs_serial"] == sum(serial_runs[k:k + 2]) / 2 / rows[name]["wall_s"]
 
+@pytest.mark.slow
 def test_bench_runs_a_checkpoint_with_a_two_evaluation_sampler(tmp_path: Path):
     """--checkpoint takes any supported file (here an SD3.5-medium-like original single file); heun evaluates
     the model twice per step, and the bytes sent still match the formulas counted in evaluations, for

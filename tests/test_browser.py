@@ -163,6 +163,7 @@ def test_browser_workflow_loads_readable(page, path):
     assert page_problems(page.take_events()) == []
 
 
+@pytest.mark.slow
 def test_browser_prompt_runs_with_the_page_open(page, server):
     """A PipeFusion prompt (cpu:2) queued from the page: the canvas keeps drawing, our nodes stay painted,
     the badge shows each state of the group, and the sampler node's progress bar moves."""

@@ -11,6 +11,8 @@ from comfy_helpers import flux_prompt, other_releases, start_release_server
 
 UNET = "tiny-flux.safetensors"
 
+pytestmark = pytest.mark.slow  # a ComfyUI server and a browser per release: ~20 s each
+
 VERSIONS = other_releases()
 
 

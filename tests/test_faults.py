@@ -211,6 +211,7 @@ def test_rank_killed_while_loading(server):
     ok(server, prompt(seed=23, strategy="distrifusion"))
 
 
+@pytest.mark.slow
 def test_rank_killed_while_idle_is_replaced_by_the_next_prompt(server):
     ok(server)
     old = worker_pids(server.pid)
@@ -271,6 +272,7 @@ def cancel_when(srv, pred) -> dict:
     return done, on_message
 
 
+@pytest.mark.slow
 def test_cancel_while_the_group_starts_three_times(server):
     ok(server, prompt(seed=29, strategy="distrifusion"))
     for i in range(3):  # pipefusion after the warm distrifusion group: a start; then no group is left
@@ -344,6 +346,7 @@ def test_torchrun_default_ports_taken(server):
             s.close()
 
 
+@pytest.mark.slow
 def test_checkpoint_truncated_deleted_or_replaced_between_jobs(server, serial_model):
     from comfy_server import ComfyServerError
     ok(server)
@@ -379,6 +382,7 @@ def test_checkpoint_truncated_deleted_or_replaced_between_jobs(server, serial_mo
 
 # ------------------------------------------------------------------------------- the server itself killed
 
+@pytest.mark.slow
 def test_server_killed_mid_job_then_restarted_sweeps_orphans(server):
     """ComfyUI SIGKILLed with its whole process group (its resource tracker too) while the worker group is
     wedged (SIGSTOP: it cannot act on its parent's death): workers and segments outlive it. The first
@@ -439,6 +443,7 @@ def shm_namespace_python(tmp: Path) -> str | None:
     return str(wrapper)
 
 
+@pytest.mark.slow
 def test_shm_full_is_a_clear_error_and_the_group_survives(tmp_path_factory, serial_model):
     """/dev/shm (a real 256 KiB tmpfs in the server's own mount namespace) filled up between two jobs:
     the prompt fails saying so (before the fix, ComfyUI died of SIGBUS); once room is made, the same

@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("env", "gpu_tests", "cuda_vs_cpu", "patch_eff", "load_memory", "admission", "multi_gpu", "fp8")
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_step_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "GPU_CHECK_ALLOW_CPU": "1", "PYTHON": sys.executable}

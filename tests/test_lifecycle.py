@@ -171,6 +171,7 @@ def test_lifecycle_two_plans_are_two_groups_listed_by_the_route(server):
     assert states[victim["key"]] == "failed" and list(states.values()).count("ready") == 1, states
 
 
+@pytest.mark.slow
 def test_lifecycle_free_stops_every_group_replace_and_unload_node_stop_one(server):
     ok(server, pf_prompt(seed=5, files=(FILE_A, FILE_B)))
     old = worker_pids(server.pid)

@@ -29,6 +29,7 @@ def footprint(pids: list[int]) -> dict[int, tuple[int, int]]:
     return {p: (psutil.Process(p).memory_info().rss, psutil.Process(p).num_fds()) for p in pids}
 
 
+@pytest.mark.slow
 def test_hundred_prompts_on_one_warm_group(server):
     refs, first, pids = {}, None, None
     t0 = time.monotonic()

@@ -25,17 +25,18 @@ def run_distrifusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype
     kvs = rt.kv_buffers(blocks, DisplacedKV, spans=spans, rank=comm.rank, comm=comm)
     txt = rt.span_txt(sp)
     control = control or Control()
-    evals, sync = len(rt.evals), rt.sync_evals(cfg.warmup_steps)
-    for t in range(evals):
-        if t and rt.step_of(t) != rt.step_of(t - 1) and control.agree_stop(comm):
+    items = rt.schedule(sp, warmup_steps=cfg.warmup_steps)  # one item per evaluation: this rank's band
+    for item in items:
+        t = item.eval
+        if item.step_boundary and control.agree_stop(comm):
             _finish(kvs)  # every rank started the same gathers: they complete
-            raise JobCancelled(f"cancelled before step {rt.step_of(t) + 1}")
+            raise JobCancelled(f"cancelled before step {item.step + 1}")
         for kv in _every(kvs):
-            kv.set_mode(sync=t < sync, exchange=t < evals - 1)
+            kv.set_mode(sync=item.warmup, exchange=t < items.evals - 1)
         _, img = rt.run_blocks(blocks, kvs, sp, txt, rt.embed_image(rt.x[:, sp.i0:sp.i1], sp, t), t)
         rt.update(t, sp.i0, sp.i1, img)
-        if t + 1 == evals or rt.step_of(t + 1) != rt.step_of(t):
-            control.step_done(rt.step_of(t))
+        if item.closes_step:
+            control.step_done(item.step)
     _finish(kvs)
     return gather_bands(comm, rt.x, [(s.i0, s.i1) for s in spans])
 

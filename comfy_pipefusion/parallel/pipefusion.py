@@ -1,11 +1,11 @@
 """PipeFusion: patch-level pipeline parallelism over a ring of stages.
 
-Stage s holds a contiguous range of blocks. Work is a sequence of *items* (step, patch): the warm-up steps
-are one item each covering the whole image, so they run synchronously and fill every K/V buffer; each
-later step is M items, one per band of token rows. Stage s receives an item's activations from s - 1,
-runs its blocks (attention over its stale K/V buffers), and sends the result to s + 1. The last stage
-applies the sampler to the patch and sends the new latent patch back to stage 0, so step t + 1 starts
-while step t is still in flight: no drain between steps. Receives are posted one item ahead (see
+Stage s holds a contiguous range of blocks. Work is the job's schedule of *items* (``schedule.py``): the
+warm-up steps are one item each covering the whole image, so they run synchronously and fill every K/V
+buffer; each later step is M items, one per band of token rows. Stage s receives an item's activations from
+s - 1, runs its blocks (attention over its stale K/V buffers), and sends the result to s + 1. The last stage
+applies the sampler to the patch and sends the new latent patch back to stage 0, so step t + 1 starts while
+step t is still in flight: no drain between steps. Receives are posted one item ahead (see
 ``run_pipefusion`` for the groups and the order that keep this correct under NCCL's rules).
 
 Text tokens (Flux's text stream) are computed with one patch per step and ride along with it; the other
@@ -26,15 +26,6 @@ from ..patches import full_span, pipefusion_spans
 from .runtime import Control, JobRuntime
 
 log = logging.getLogger("comfy_pipefusion.pipefusion")
-
-
-def schedule(problem, evals: int, sync: int, patches: int, text_stream: str) -> list[tuple[int, object]]:
-    """Items (evaluation, Span) in the order every stage processes them: the first ``sync`` evaluations
-    whole, the rest as bands."""
-    full = full_span(problem.n_span_txt, problem.n_img)
-    bands = pipefusion_spans(problem.rows, problem.cols, problem.n_span_txt, patches, text_stream)
-    return [(t, full) for t in range(min(sync, evals))] + \
-           [(t, sp) for t in range(sync, evals) for sp in bands]
 
 
 class _Buffers:
@@ -58,7 +49,7 @@ class _Buffers:
 
 class _Sends:
     """Sends in flight: completed ones are dropped as we go (their buffers back to their pool); past
-    ``cap`` the oldest is waited for."""
+    ``cap`` the oldest is waited for (``send_cap`` says how large the cap must be)."""
 
     def __init__(self, cap: int) -> None:
         self.cap, self.q = cap, deque()
@@ -77,6 +68,28 @@ class _Sends:
     def drain(self) -> None:
         while self.q:
             self._retire()
+
+
+def send_cap(patches: int, stages: int) -> int:
+    """How many sends a stage keeps in flight before it waits for the oldest (``_Sends``), for a ring of
+    ``stages`` stages whose evaluations are cut into at most ``patches`` items (M).
+
+    The floor is set by ordering, not memory. Under NCCL a send completes only once its peer has posted
+    the matching receive, and one communicator runs its operations in issue order (``rules.py``; the
+    ``nccl`` mode emulates it on gloo). Waiting for a send whose receive the peer can post only after this
+    stage moves on is a deadlock, and the ring closes that cycle: the last stage waits on stage 0, stage 0
+    on the last stage. Receives are posted in item order, one item ahead, and no stage runs more than one
+    evaluation (M items) ahead of the last stage: stage 0 needs, for each item, the ring patch the last
+    stage sends once it has finished the same band of the previous evaluation (all M at once after a
+    warm-up item). So at most M of a stage's sends -- activations to s + 1, or ring patches to stage 0 --
+    wait for a receive not yet posted, and they are the newest: with a cap of M or more, the oldest send,
+    the one a full queue waits for, always has its receive posted.
+
+    The cap is 2 (M + n) + 2, over twice that floor, so that sends already matched but not yet seen
+    complete (retired only from the head of the queue) never make a stage wait in the steady state. What
+    it buys is a bound on the buffers in the pools: they grow with M and n, never with the number of steps.
+    """
+    return 2 * (patches + stages) + 2
 
 
 class _Decisions:
@@ -126,52 +139,52 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
     first, last = s == 0, s == n - 1
     rt = JobRuntime(model, problem, dtype, device, first, last)
     kvs = rt.kv_buffers(blocks)
-    items = schedule(problem, len(rt.evals), rt.sync_evals(cfg.warmup_steps), cfg.num_patches, cfg.text_stream)
+    items = rt.schedule(full_span(problem.n_span_txt, problem.n_img),
+                        pipefusion_spans(problem.rows, problem.cols, problem.n_span_txt, cfg.num_patches,
+                                         cfg.text_stream), cfg.warmup_steps)
     width = rt.width
     b, mb, chans = problem.batch, problem.model_batch, problem.x0.shape[2]
     hop_in, hop_out = (None if first else comm.hop(s - 1)), (None if last else comm.hop(s))
     ring = comm.ring if first or last else None
     acts, lats = _Buffers(dtype, device), _Buffers(torch.float32, device)
-    decisions = _Decisions(comm, control, len(rt.evals))
-
-    def opens(i: int) -> bool:  # item i is the first of its evaluation
-        return i == 0 or items[i - 1][0] != items[i][0]
+    decisions = _Decisions(comm, control, items.evals)
+    sends = _Sends(cap=send_cap(items.max_patches, n))
 
     def post_recv(i: int):
+        """Post the receive item i needs on this stage (None: item i needs none, or there is no item i)."""
         if i >= len(items):
             return None
-        t, sp = items[i]
+        item = items[i]
+        sp = item.span
         if not first:  # activations of item i from the previous stage, text first
             return comm.irecv(acts.take((mb, sp.n_txt + sp.n_img, width)), s - 1, hop_in)
-        if t > 0:  # the latent patch the last stage produced at evaluation t - 1
+        if item.eval > 0:  # the latent patch the last stage produced at evaluation t - 1
             return comm.irecv(lats.take((b, sp.n_img, chans)), n - 1, ring)
         return None
 
-    def stop(i: int, pending) -> None:
-        """Stop before item i (the first of its evaluation): take in what the ring still brings, raise."""
+    def stop(item, pending) -> None:
+        """Stop before ``item`` (the first of its evaluation): take in what the ring still brings, raise."""
         if first:  # the ring brings every patch of this evaluation: the last stage made them all
-            t = items[i][0]
             if pending is not None:
                 pending.wait()
-            for j in range(i + 1, len(items)):
-                if items[j][0] == t:
-                    post_recv(j).wait()
+            for later in items.rest_of_eval(item):
+                post_recv(later.index).wait()
         sends.drain()
         decisions.finish()
-        raise JobCancelled(f"cancelled at step {rt.step_of(items[i][0]) + 1}")
+        raise JobCancelled(f"cancelled at step {item.step + 1}")
 
-    sends = _Sends(cap=2 * (len(items) // max(1, len(rt.evals)) + n) + 2)
-    ring_next = next((i for i, (t, _) in enumerate(items) if t > 0), len(items))
+    ring_next = next((it.index for it in items if it.eval > 0), len(items))
     x0 = problem.x0.to(device) if first else None
     nxt = post_recv(0)
-    for i, (t, sp) in enumerate(items):
-        if t > 0 and opens(i):
+    for item in items:
+        i, t, sp = item.index, item.eval, item.span
+        if item.eval_boundary:
             if decisions.stop_before(t):
-                stop(i, nxt)
+                stop(item, nxt)
             if not first:
                 nxt = post_recv(i)
         cur = nxt
-        nxt = post_recv(i + 1) if first or (i + 1 < len(items) and not opens(i + 1)) else None
+        nxt = post_recv(i + 1) if first or not item.closes_eval else None
         if first:
             x_in = x0[:, sp.i0:sp.i1] if cur is None else cur.wait()
             txt, img = rt.span_txt(sp), rt.embed_image(x_in, sp, t)
@@ -190,16 +203,16 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
         else:
             rt.update(t, sp.i0, sp.i1, img)
             # Ring: every patch of step t + 1 whose rows are now all updated goes back to stage 0.
-            while ring_next < len(items) and items[ring_next][0] == t + 1 and items[ring_next][1].i1 <= sp.i1:
-                r = items[ring_next][1]
+            while ring_next < len(items) and items[ring_next].eval == t + 1 and items[ring_next].span.i1 <= sp.i1:
+                r = items[ring_next].span
                 buf = lats.take((b, r.n_img, chans))
                 buf.copy_(rt.x[:, r.i0:r.i1])
                 sends.add(comm.isend(buf, 0, ring), lats)
                 ring_next += 1
         if not first:
             acts.give(h)
-        if i + 1 == len(items) or rt.step_of(items[i + 1][0]) != rt.step_of(t):
-            control.step_done(rt.step_of(t))
+        if item.closes_step:
+            control.step_done(item.step)
     sends.drain()
     decisions.finish()
     log.debug("stage %d: %d items through %d activation and %d latent buffers", s, len(items), acts.allocated,

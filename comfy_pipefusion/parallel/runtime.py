@@ -10,6 +10,7 @@ from ..models import family
 from ..models.family import pack_latent
 from ..sampling.noise import SamplerNoise
 from ..sampling.samplers import make_sampler
+from .schedule import Schedule, make_schedule
 
 
 class JobRuntime:
@@ -50,9 +51,9 @@ class JobRuntime:
         """The sampling step evaluation ``k`` belongs to."""
         return self.sampler.step_of(k)
 
-    def sync_evals(self, warmup_steps: int) -> int:
-        """How many leading evaluations belong to the first ``warmup_steps`` sampling steps."""
-        return sum(1 for k in range(len(self.evals)) if self.step_of(k) < warmup_steps)
+    def schedule(self, whole: Span, patches=None, warmup_steps: int = 0) -> Schedule:
+        """This job's items (``schedule.make_schedule``): warm-up evaluations whole, the rest per patch."""
+        return make_schedule([self.step_of(k) for k in range(len(self.evals))], warmup_steps, whole, patches)
 
     def timestep(self, k: int) -> torch.Tensor:
         """Evaluation k's timestep as the model takes it, [MB]."""

@@ -16,9 +16,10 @@ def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
     rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
     txt = problem.txt.to(device, dtype)
     control = control or Control()
-    for k in range(len(rt.evals)):
-        if k and rt.step_of(k) != rt.step_of(k - 1) and control.cancelled():
-            raise JobCancelled(f"cancelled before step {rt.step_of(k) + 1}")
+    for item in rt.schedule(full_span(problem.n_span_txt, problem.n_img)):
+        k = item.eval
+        if item.step_boundary and control.cancelled():
+            raise JobCancelled(f"cancelled before step {item.step + 1}")
         x_in = rt.x if problem.inpaint is None else problem.inpaint.model_input(rt.ms, rt.evals[k], rt.x, slice(None))
         x_in = rt.ms.calculate_input(rt.evals[k], x_in)
         if problem.cfg:
@@ -26,8 +27,8 @@ def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
         out = rt.fam.forward(model, x_in.to(dtype), rt.timestep(k), txt, rt.pooled, rt.guidance, problem.rows,
                              problem.cols).float()
         rt.x = rt.sampler.step(k, slice(None), rt.x, rt.denoised(k, rt.x, out, slice(None)))
-        if k + 1 == len(rt.evals) or rt.step_of(k + 1) != rt.step_of(k):
-            control.step_done(rt.step_of(k))
+        if item.closes_step:
+            control.step_done(item.step)
     return rt.x
 
 
@@ -45,12 +46,13 @@ def run_local(model, problem, dtype: torch.dtype, device: torch.device, control:
     local = full_span(problem.n_span_txt, i1 - i0)  # positions in this band's buffers
     where = Span(0, problem.n_span_txt, i0, i1)  # positions in the image
     control = control or Control()
-    for k in range(len(rt.evals)):
-        if k and rt.step_of(k) != rt.step_of(k - 1) and (control.agree_stop(comm) if comm else control.cancelled()):
-            raise JobCancelled(f"cancelled before step {rt.step_of(k) + 1}")
+    for item in rt.schedule(where):
+        k = item.eval
+        if item.step_boundary and (control.agree_stop(comm) if comm else control.cancelled()):
+            raise JobCancelled(f"cancelled before step {item.step + 1}")
         _, img = rt.run_blocks(blocks, kvs, local, rt.span_txt(local), rt.embed_image(rt.x[:, i0:i1], where, k),
                                k, where)
         rt.update(k, i0, i1, img)
-        if k + 1 == len(rt.evals) or rt.step_of(k + 1) != rt.step_of(k):
-            control.step_done(rt.step_of(k))
+        if item.closes_step:
+            control.step_done(item.step)
     return rt.x[:, i0:i1]
