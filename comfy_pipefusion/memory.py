@@ -332,9 +332,12 @@ def suggestions(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, f
         out.append(f"a smaller batch (at most {b} instead of {size.batch})")
     if cfg.strategy == "distrifusion" and ok(replace(cfg, strategy="pipefusion", patches=0), size):
         out.append("pipefusion instead of distrifusion (each rank holds only its stage)")
-    more = replace(cfg, world_size=cfg.world_size * 2, strategy="pipefusion" if cfg.strategy == "serial"
-                   else cfg.strategy, stage_split=None)
-    if budget.device_type == "cuda" and ok(more, size):
+    try:  # twice the GPUs with the same method ('cfg' alone becomes cfg+pipefusion)
+        more = replace(cfg, world_size=cfg.world_size * 2, strategy={"serial": "pipefusion", "cfg": "cfg+pipefusion"}
+                       .get(cfg.strategy, cfg.strategy), stage_split=None, ulysses=0)
+    except ValueError:
+        more = None
+    if budget.device_type == "cuda" and more is not None and ok(more, size):
         out.append(f"more GPUs ({more.world_size} with {more.strategy})")
     if cfg.strategy == "pipefusion" and ok(replace(cfg, patches=cfg.num_patches * 2), size):
         out.append(f"more patches ({cfg.num_patches * 2})")

@@ -176,3 +176,21 @@ def test_cfg_parallel_refused_by_the_group_without_negative(tmp_path):
     """A worker group refuses a CFG-parallel job at cfg 1 (before it loads anything), with the message."""
     with pytest.raises(GroupError, match="no negative branch"):
         run_jobs("tiny", 0, [job("cfg_parallel_no_negative", "cfg", cfg=1.0)], world_size=2, timeout=300)
+
+
+def test_hybrid_memory_estimate():
+    """Admission sees each rank's part of a hybrid plan: a CFG branch holds what its method holds on half the
+    ranks at the images' batch; Ulysses holds the whole model and no K/V buffers."""
+    from comfy_pipefusion import memory
+
+    fam, p = family.find_preset("tiny")
+    meta = fam.build_meta(p["config"])
+    size = memory.JobSize(8, 8, 8, 32, cfg=True)
+    hybrid = memory.estimate(fam, meta, ParallelConfig("cfg+pipefusion", 4), size)
+    branch = memory.estimate(fam, meta, ParallelConfig("pipefusion", 2), memory.JobSize(8, 8, 8, 32))
+    assert hybrid == branch + branch
+    assert hybrid[0].weights < memory.estimate(fam, meta, ParallelConfig("cfg", 2), size)[0].weights
+    uly = memory.estimate(fam, meta, ParallelConfig("ulysses", 2), size)
+    assert uly[0].kv == 0 and uly[0].weights == memory.estimate(fam, meta, ParallelConfig("serial", 1), size)[0].weights
+    for strategy in ("cfg+distrifusion", "cfg+ulysses"):
+        assert len(memory.estimate(fam, meta, ParallelConfig(strategy, 4), size)) == 4
