@@ -63,9 +63,9 @@ def encode_prompts(checkpoint: str, prompts: list[str], folder: Path) -> list[Pa
 def make_jobs(args, strategies: list[str], cond: list[Path]) -> tuple[list[dict], list[dict]]:
     sample = {"height": latent.ENGINE_SIZE, "width": latent.ENGINE_SIZE, "steps": args.steps, "seed": args.seed,
               "sampler": args.sampler, "scheduler": args.scheduler}
-    serial = [{"name": f"serial-{i}", "parallel": {"strategy": "serial"}, "sample": sample, "tensors": str(c)}
+    serial = [{"name": f"serial-{i}", "parallel": {"strategy": "serial"}, "sample": sample, "tensors_file": str(c)}
               for i, c in enumerate(cond)]
-    par = [{"name": f"{s}-{i}", "sample": sample, "tensors": str(c),
+    par = [{"name": f"{s}-{i}", "sample": sample, "tensors_file": str(c),
             "parallel": {"strategy": s, "warmup_steps": args.warmup_steps,
                          **({"patches": args.patches} if s == "pipefusion" else {})}}
            for s in strategies for i, c in enumerate(cond)]

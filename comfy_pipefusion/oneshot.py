@@ -161,11 +161,11 @@ def end_children() -> None:
 def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, threads: int = 1,
              timeout: float | None = None, model: dict | None = None,
              worker_args: list[str] | None = None, cpu_only: bool = False) -> dict[str, tuple[torch.Tensor, dict]]:
-    """Run ``jobs`` (worker job dicts) on a fresh group; returns {name: (samples, metrics)}. The model is
-    the built-in ``preset`` (random weights from ``seed``) unless ``model`` gives another source (e.g.
-    ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no limit) bounds the whole group; on timeout or
-    interrupt the group is killed. ``worker_args`` go to every rank (e.g. ``--turns DIR --turn-tag TAG``);
-    ``cpu_only`` hides the GPUs from the ranks."""
+    """Run ``jobs`` (``Job.to_wire`` forms; ``Job.from_wire`` fills what a job leaves out) on a fresh group;
+    returns {name: (samples, metrics)}. The model is the built-in ``preset`` (random weights from ``seed``)
+    unless ``model`` gives another source (e.g. ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no
+    limit) bounds the whole group; on timeout or interrupt the group is killed. ``worker_args`` go to every
+    rank (e.g. ``--turns DIR --turn-tag TAG``); ``cpu_only`` hides the GPUs from the ranks."""
     sweep_tempdirs()
     with owned_tempdir() as tmp:
         tmp = Path(tmp)

@@ -29,15 +29,17 @@ import torch
 
 from . import transport
 from .errors import JobCancelled
+from .jobspec import Job, TensorKey
 from .parallel.comm import Comm
 from .parallel.runtime import Control
-from .worker import ModelCache, execute, prepare, rank_stats
+from .engine import ModelCache, execute, prepare, rank_stats
 
 log = logging.getLogger("comfy_pipefusion.serve")
 PING_S = 600.0  # idle ranks wait in a control-plane broadcast; keep it well inside the collective timeout
 BEAT_S = 0.5  # heartbeat period; the launcher's watchdog allows many missed beats
 CANCEL_FILE = "cancel"  # the id of the job rank 0 was told to cancel
 CANCEL_POLL_S = 0.05  # how often a loading rank looks at CANCEL_FILE
+ENVELOPE = ("type", "id", "tensors")  # a job message's own fields; the rest is the Job's wire form
 
 
 class _LoadCancelled(Exception):
@@ -173,16 +175,18 @@ def serve(group_dir: Path, comm: Comm, device: torch.device, load_delay_s: float
         raise
 
 
-def _prepare(job: dict, comm: Comm, models: ModelCache, segs: dict):
+def _prepare(msg: dict, comm: Comm, models: ModelCache, segs: dict):
     """(Prepared, None, False), (None, the error, False) or (None, None, True) when a cancel stopped this
-    rank's weight load: attach the tensors, load the model."""
+    rank's weight load: read the job (``Job.to_wire`` beside the message's type, id and tensors), attach
+    the tensors, load the model."""
     try:
-        for k, d in job.get("tensors", {}).items():
+        job = Job.from_wire({k: v for k, v in msg.items() if k not in ENVELOPE}, comm.world_size)
+        for k, d in msg.get("tensors", {}).items():
             segs[k] = transport.ShmTensor.attach(d)
-        tensors = {k: s.tensor for k, s in segs.items() if k != "out"}
+        tensors = {k: s.tensor for k, s in segs.items() if k != TensorKey.OUT}
         return prepare(job, comm, models, tensors), None, False
     except _LoadCancelled as exc:
-        log.info("job %s: %s", job["id"], exc)
+        log.info("job %s: %s", msg["id"], exc)
         return None, None, True
     except Exception as exc:  # the same on every rank: answer it, keep the group
         return None, f"{type(exc).__name__}: {exc}", False
@@ -232,7 +236,8 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
         wall = time.perf_counter() - start
         stats = rank_stats(prep, comm)
         if conn is not None:
-            segs["out"].tensor.copy_(samples.reshape(segs["out"].tensor.shape))
+            out = segs[TensorKey.OUT].tensor
+            out.copy_(samples.reshape(out.shape))
             transport.send(conn, "done", id=jid, wall_s=wall, pids=[s["pid"] for s in stats],
                            param_bytes_per_rank=[s["param_bytes"] for s in stats],
                            wait_s_per_rank=[s["wait_s"] for s in stats])

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from comfy_pipefusion import transport
 
-from .group import GroupError, GroupPlan, JobCancelled, JobError, WorkerGroup
+from .group import GroupError, GroupPlan, JobCancelled, WorkerGroup
+from .jobrun import JobError
 from .progress import LoadProgress
 from .sweep import sweep
 
@@ -203,7 +204,8 @@ class Launcher:
 def weights_of(job: dict) -> str:
     """What decides the weights a rank holds for ``job``: the checkpoint (and its file stamp), the dtype,
     and the plan's split; not the per-job settings (patches, warm-up steps, sampling)."""
-    parallel = {k: v for k, v in job.get("parallel", {}).items() if k not in ("patches", "warmup_steps")}
+    per_job = ("patches", "warmup_steps", "text_stream")
+    parallel = {k: v for k, v in job.get("parallel", {}).items() if k not in per_job}
     return json.dumps([job.get("model"), job.get("model_stamp"), job.get("sample", {}).get("dtype"), parallel],
                       sort_keys=True, default=str)
 

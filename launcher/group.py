@@ -1,4 +1,4 @@
-"""One torchrun worker group: start, handshake, run jobs, watch, stop.
+"""One torchrun worker group: start, handshake, stop (its health: health.py; its jobs: jobrun.py).
 
 The group runs ``python -m torch.distributed.run ... -m comfy_pipefusion.worker --serve GROUP_DIR`` in a
 session of its own, with a clean environment, and dies with its owner (PR_SET_PDEATHSIG). Everything it
@@ -11,7 +11,6 @@ import ctypes
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -22,23 +21,16 @@ from pathlib import Path
 
 from multiprocessing import AuthenticationError
 
-import psutil
-import torch
-
-from comfy_pipefusion import failure, transport
+from comfy_pipefusion import transport
 from comfy_pipefusion.errors import GroupError, JobCancelled
 from comfy_pipefusion.oneshot import worker_command, worker_env
 
-from . import logfile
+from .health import GroupHealth
+from .jobrun import GroupJobs
 from .sweep import kill_tree, process_identity, read_json, remove_group, sweep
 
 log = logging.getLogger("comfy_pipefusion.launcher")
 DEBUG_LOAD_DELAY = "PIPEFUSION_DEBUG_LOAD_DELAY_S"  # tests only: see debug_worker_args
-_ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)(?:\s*\((\w+)\))?")
-
-
-class JobError(RuntimeError):
-    """The job was refused or failed while the group stayed usable."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +72,7 @@ def _die_with_parent() -> None:
         pass
 
 
-class WorkerGroup:
+class WorkerGroup(GroupHealth, GroupJobs):
     """A started group. ``run`` one job at a time; ``stop`` always leaves nothing behind."""
 
     def __init__(self, plan: GroupPlan, root: Path, startup_timeout: float = 300.0, cancelled=None,
@@ -185,197 +177,6 @@ class WorkerGroup:
                 pass
         (self.dir / "pids").write_text(json.dumps(idents))
 
-    # ------------------------------------------------------------------------------------- state
-
-    def alive(self) -> bool:
-        """torchrun and every rank run (torchrun outlives a dead rank by a moment while it tears down)."""
-        if self.proc is None or self.proc.poll() is not None or self.conn is None:
-            return False
-        for pid in self.worker_pids:
-            try:
-                if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-                    return False
-            except psutil.Error:
-                return False
-        return True
-
-    def trouble(self) -> str | None:
-        """What is wrong with this group, or None when it can take a job."""
-        if self.proc is None or self.conn is None:
-            return "is not connected"
-        if self.proc.poll() is not None:
-            return f"exited (exit code {self.proc.returncode})"
-        for rank, pid in enumerate(self.worker_pids):
-            try:
-                if psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-                    continue
-            except psutil.Error:
-                pass
-            return f"lost rank {rank} (pid {pid})"
-        silent = self.silent_ranks()
-        if silent:
-            return f"has a rank that stopped responding: {self.describe_rank(silent[0][0])}"
-        return None
-
-    def silent_ranks(self) -> list[tuple[int, float]]:
-        """(rank, seconds since its last heartbeat) of each rank silent for longer than the watchdog."""
-        out, now = [], time.time()
-        for r in range(self.plan.world_size):
-            try:
-                age = now - (self.dir / f"beat-rank{r}").stat().st_mtime
-            except OSError:
-                age = float("inf")
-            if age > self.watchdog_s:
-                out.append((r, age))
-        return out
-
-    def rank_steps(self) -> dict[int, str]:
-        """Each rank's last finished step of the current job, from its heartbeat file."""
-        out = {}
-        for r in range(self.plan.world_size):
-            try:
-                out[r] = (self.dir / f"beat-rank{r}").read_text().split()[-1]
-            except (OSError, IndexError):
-                out[r] = "?"
-        return out
-
-    def describe_rank(self, rank: int) -> str:
-        pid = self.worker_pids[rank] if rank < len(self.worker_pids) else None
-        try:
-            state = psutil.Process(pid).status() if pid else "unknown"
-        except psutil.Error:
-            state = "gone"
-        return f"rank {rank} (pid {pid}, process state: {state})"
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(logfile.read_tail(self.log_path).splitlines()[-lines:])
-        except OSError:
-            return "(no worker log)"
-
-    def root_cause(self) -> str:
-        """', rank R (pid P) ended with exit code C (SIGNAL)' from torchrun's summary in the log, or ''."""
-        try:
-            text = logfile.read_tail(self.log_path)
-        except OSError:
-            return ""
-        found = _ROOT_CAUSE.findall(text.rsplit("Root Cause", 1)[-1]) if "Root Cause" in text else []
-        if not found:
-            return ""
-        rank, code, pid, sig = found[0]
-        return f", rank {rank} (pid {pid}) ended with exit code {code}" + (f" ({sig})" if sig else "")
-
-    def failure_report(self) -> str:
-        """The root cause (a hang or self-test report, ``failure.py``), the failing ranks' traceback tails,
-        then the tail of the group's log (torchrun's summary)."""
-        parts = failure.cause_block(lambda: logfile.read_tail(self.log_path))
-        for f in sorted(self.dir.glob("error-rank*.txt")):
-            tb = f.read_text(errors="replace").strip().splitlines()
-            parts.append(f"{f.stem.replace('error-', '')} traceback:\n" + "\n".join(tb[-8:]))
-        return "\n".join(parts + ["worker log:", self.log_tail(15)])
-
-    # ------------------------------------------------------------------------------------- jobs
-
-    def run(self, job: dict, tensors: dict[str, torch.Tensor], out_shape: tuple[int, ...], on_progress=None,
-            cancelled=None, stall_timeout: float = 600.0, on_phase=None) -> tuple[torch.Tensor, dict]:
-        """Run one job; tensors travel in shared memory. Returns (LATENT samples, the done message)."""
-        if not self.alive():
-            raise GroupError("the worker group is not running")
-        logfile.rotate(self.log_path)
-        segs = {}
-        try:
-            for name, t in tensors.items():
-                segs[name] = transport.ShmTensor.from_tensor(t.detach().float().contiguous().cpu())
-            segs["out"] = transport.ShmTensor.create(out_shape)
-        except transport.ShmFull as exc:
-            for s in segs.values():
-                s.close()
-            raise JobError(str(exc)) from None
-        try:
-            jid = secrets.token_hex(8)
-            self.busy = True  # until the group's last word on this job
-            try:
-                transport.send(self.conn, "job", id=jid, tensors={k: s.describe() for k, s in segs.items()}, **job)
-            except OSError as exc:  # rank 0 went away since alive() was asked
-                self.kill()
-                raise GroupError(f"the worker group went away before the job started ({exc}):\n"
-                                 f"{self.failure_report()}") from None
-            reply = self._wait(jid, _Watch(on_progress, cancelled, stall_timeout, on_phase))
-            return segs["out"].tensor.clone(), reply
-        finally:
-            for s in segs.values():
-                s.close()
-
-    def _wait(self, jid: str, w: "_Watch") -> dict:
-        """Relay the job's messages. A progress callback that raises (ComfyUI's interrupt is raised from
-        its progress hook) cancels the job; once every rank has stopped, that exception is re-raised."""
-        while True:
-            if not w.cancel_sent and (w.raised is not None or (w.cancelled is not None and w.cancelled())):
-                transport.send(self.conn, "cancel", id=jid)
-                w.cancel_sent = True
-            if self.proc.poll() is not None:
-                self._drop_connection()
-                raise GroupError(f"the worker group died (exit code {self.proc.returncode}){self.root_cause()}:\n"
-                                 f"{self.failure_report()}")
-            self._watchdog(w)
-            conn = self.conn  # None once kill() ran in another thread (ComfyUI is being terminated)
-            if conn is None:
-                raise GroupError("the worker group was stopped while it ran the job")
-            try:
-                ready = conn.poll(0.05)
-                msg = transport.recv(conn) if ready else None
-            except (EOFError, OSError):
-                time.sleep(0.5)  # the group is going down: let torchrun finish so its exit is reported
-                continue
-            if msg is None or msg.get("id") != jid:
-                continue
-            w.last = time.monotonic()
-            kind = msg["type"]
-            if kind in ("done", "cancelled", "error"):
-                self.busy = False
-            if kind == "phase":
-                w.phase, w.steps = msg["phase"], msg.get("steps", w.steps)
-                if w.on_phase is not None:
-                    w.on_phase(w.phase)
-            elif kind == "progress":
-                w.step = msg["step"]
-                if w.on_progress is not None and w.raised is None:
-                    try:
-                        w.on_progress(msg["step"], msg["steps"])
-                    except BaseException as exc:
-                        w.raised = exc
-            elif kind in ("done", "cancelled") and w.raised is not None:
-                raise w.raised
-            elif kind == "done":
-                return msg
-            elif kind == "cancelled":
-                raise JobCancelled(msg.get("message", "cancelled"))
-            elif kind == "error":
-                raise JobError(msg["message"])
-
-    def _watchdog(self, w: "_Watch") -> None:
-        """Stop the group and raise when a rank went silent (every phase) or sampling stalled."""
-        now = time.monotonic()
-        if now < w.next_check:
-            return
-        w.next_check = now + 0.25
-        logfile.rotate(self.log_path)
-        silent = self.silent_ranks()
-        where = f"at step {w.step}/{w.steps}" if w.phase == "sampling" else f"while {w.phase}"
-        if silent:
-            rank, age = silent[0]
-            who = self.describe_rank(rank)
-            self.kill()
-            raise GroupError(f"{who} stopped responding {where}: no heartbeat for {age:.1f} s (watchdog "
-                             f"{self.watchdog_s:g} s, env PIPEFUSION_WATCHDOG_S). The worker group was stopped; "
-                             "the next prompt starts a fresh one")
-        if w.phase == "sampling" and now - w.last > w.stall_timeout:
-            steps = ", ".join(f"rank {r}: {s}" for r, s in self.rank_steps().items())
-            self.kill()
-            raise GroupError(f"no progress {where} for {w.stall_timeout:g} s although every rank is alive "
-                             f"(last finished step per rank: {steps}; env PIPEFUSION_STALL_S). The worker "
-                             "group was stopped; the next prompt starts a fresh one")
-
     # ------------------------------------------------------------------------------------- stop
 
     def _drop_connection(self) -> None:
@@ -399,16 +200,6 @@ class WorkerGroup:
         kill_tree(read_json(self.dir / "pids", []), grace_s=0)
         if self.proc is not None:
             self.proc.wait()
-
-    def ranks_gone(self) -> bool:
-        """No rank runs any more (torchrun may still be tearing down)."""
-        for pid in self.worker_pids:
-            try:
-                if psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-                    return False
-            except psutil.Error:
-                pass
-        return True
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Ask the group to exit, then end whatever is left; remove the group directory. Idempotent.
@@ -435,14 +226,3 @@ class WorkerGroup:
             if self.proc.poll() is None:
                 self.proc.kill()
             self.proc.wait()
-
-
-class _Watch:
-    """What ``WorkerGroup._wait`` tracks for one job."""
-
-    def __init__(self, on_progress, cancelled, stall_timeout: float, on_phase) -> None:
-        self.on_progress, self.cancelled, self.stall_timeout, self.on_phase = on_progress, cancelled, stall_timeout, on_phase
-        self.cancel_sent, self.raised = False, None
-        self.phase, self.step, self.steps = "loading", 0, "?"
-        self.last = time.monotonic()
-        self.next_check = 0.0

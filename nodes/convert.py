@@ -1,12 +1,15 @@
 """Translating ComfyUI's values into a job, with errors that name the problem and the fix.
 
-No ComfyUI import here: these take ComfyUI's plain data (CONDITIONING lists, LATENT dicts, strings).
+No ComfyUI import here: these take ComfyUI's plain data (CONDITIONING lists, LATENT dicts, strings). What a
+model family expects (text widths, latent channels, which encoders and nodes make them) comes from its
+family module (comfy_pipefusion/models/family.py), not from a table here.
 """
 from __future__ import annotations
 
 import torch
 
 from comfy_pipefusion.config import SAMPLERS, SCHEDULERS, check_seed
+from comfy_pipefusion.models import family as families
 
 DTYPE_CHOICES = ("default", "float32", "bfloat16", "float16")
 
@@ -76,14 +79,15 @@ def check_sampler(sampler_name: str, scheduler: str, denoise: float, seed: int =
 def conditioning_tensors(cond, family: str, model_cfg: dict, batch: int,
                          which: str = "positive") -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """(text states [B, S, width], pooled [B, P] or None, Flux guidance) from a CONDITIONING of ``family``."""
-    hint = ENCODER_HINTS.get(family, "")
+    fam = families.get(family)
+    hint = fam.TEXT_ENCODERS
     if not isinstance(cond, list) or not cond:
         raise ValueError(f"{which} conditioning is empty; connect a CLIPTextEncode ({hint})")
     if len(cond) > 1:
         raise ValueError(f"{which} conditioning has {len(cond)} entries (combined/area conditioning); "
                          "only a single conditioning is supported yet")
     txt, extra = cond[0][0], cond[0][1]
-    width, pooled_dim = _conditioning_dims(family, model_cfg)
+    width, pooled_dim = fam.conditioning_dims(model_cfg)
     if txt.ndim != 3 or txt.shape[-1] != width:
         raise ValueError(f"{which} conditioning width {tuple(txt.shape)[-1]} does not fit this {family} model, "
                          f"which expects {width}: encode the prompt with {hint}")
@@ -98,19 +102,6 @@ def conditioning_tensors(cond, family: str, model_cfg: dict, batch: int,
     return _batch(txt, batch, f"{which} conditioning"), pooled, float(extra.get("guidance", 3.5))
 
 
-def _conditioning_dims(family: str, cfg: dict) -> tuple[int, int | None]:
-    if family == "pixart":
-        return cfg["caption_channels"], None
-    return cfg["joint_attention_dim"], cfg["pooled_projection_dim"]
-
-
-ENCODER_HINTS = {"flux": "the Flux text encoders: DualCLIPLoader type flux",
-                 "sd3": "the SD3 text encoders: TripleCLIPLoader (clip_l, clip_g, t5xxl)",
-                 "pixart": "the PixArt text encoder: CLIPLoader type pixart with t5xxl"}
-LATENT_CHANNELS = {"flux": (16, "EmptySD3LatentImage"), "sd3": (16, "EmptySD3LatentImage"),
-                   "pixart": (4, "EmptyLatentImage")}
-
-
 def _batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     if t.shape[0] == batch:
         return t
@@ -121,10 +112,8 @@ def _batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
 
 def check_latent(latent: dict, family: str = "flux", model_cfg: dict | None = None) -> torch.Tensor:
     samples = latent["samples"]
-    channels, node = LATENT_CHANNELS[family]
-    if family == "flux" and model_cfg and model_cfg.get("in_channels", 64) != 4 * channels:
-        # a Flux-architecture model with a latent of its own (the built-in model's 12-channel pixel latent)
-        channels, node = model_cfg["in_channels"] // 4, "its own empty latent, e.g. PipeFusion Built-in Caption"
+    fmt = families.get(family).latent_format(model_cfg or {})  # e.g. the built-in model's 12-channel latent
+    channels, node = fmt.channels, fmt.empty_node
     if samples.ndim != 4 or samples.shape[1] != channels:
         got = tuple(samples.shape)
         raise ValueError(f"latent of shape {got}: a {family} model needs {channels} channels ({node}); "

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from comfy_pipefusion.config import ParallelConfig
+from comfy_pipefusion.config import ParallelConfig, SampleSpec
+from comfy_pipefusion.jobspec import Job
+from comfy_pipefusion.parallel.plan import ModelSource
 
 from ..launcher import GroupPlan, Launcher
 from .hooks import groups
@@ -31,10 +33,7 @@ class PipeFusionModel:
         """Stop this plan's group; True when one was there."""
         return groups().stop(self.plan)
 
-    def job(self, sample: dict) -> dict:
-        p = self.parallel
-        return {"model": {"checkpoint": self.path}, "model_stamp": self.stamp,
-                "parallel": {"strategy": p.strategy, "patches": p.patches, "warmup_steps": p.warmup_steps,
-                             "balance": p.balance,
-                             "stage_split": list(p.stage_split) if p.stage_split else None},
-                "sample": {**sample, "dtype": self.dtype}}
+    def job(self, sample: dict) -> Job:
+        """The Job of one sampling request (``sample``: SampleSpec's fields but the dtype) on this plan."""
+        return Job(model=ModelSource(checkpoint=self.path), parallel=self.parallel,
+                   sample=SampleSpec(**sample, dtype=self.dtype), model_stamp=self.stamp)

@@ -7,6 +7,8 @@ import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 
+from comfy_pipefusion.jobspec import TensorKey as K
+
 from ..launcher import GroupError, JobCancelled, JobError
 from . import admission
 from .convert import check_latent, check_sampler, conditioning_tensors
@@ -54,29 +56,29 @@ class PipeFusionKSampler:
             model.parallel.check_image(h // 2)
             model.parallel.check_job(cfg)  # CFG parallelism needs a negative branch
             txt, pooled, guidance = conditioning_tensors(positive, model.family, model.model_config, batch)
-            tensors = {"txt": txt, "latent": samples}
+            tensors = {K.TXT: txt, K.LATENT: samples}
             if pooled is not None:
-                tensors["pooled"] = pooled
+                tensors[K.POOLED] = pooled
             if abs(cfg - 1.0) > 1e-6:  # true classifier-free guidance: the negative runs in the same batch
                 neg_txt, neg_pooled, _ = conditioning_tensors(negative, model.family, model.model_config, batch,
                                                               "negative")
-                tensors["neg_txt"] = neg_txt
+                tensors[K.NEG_TXT] = neg_txt
                 if neg_pooled is not None:
-                    tensors["neg_pooled"] = neg_pooled
+                    tensors[K.NEG_POOLED] = neg_pooled
             # before the group starts or allocates: refused with the numbers if it cannot fit; ComfyUI's own
             # models leave the group's GPUs first
-            admission.check(model, admission.job_size(model, samples, txt, "neg_txt" in tensors))
+            admission.check(model, admission.job_size(model, samples, txt, K.NEG_TXT in tensors))
+            job = model.job({"height": h * 8, "width": w * 8, "steps": steps, "seed": seed, "batch": batch,
+                             "guidance": guidance, "sampler": sampler_name, "scheduler": scheduler,
+                             "denoise": denoise, "cfg": cfg, "shift": shift if shift > 0 else None})
         except ValueError as exc:
             raise ValueError(f"PipeFusion KSampler: {exc}") from None
-        tensors["noise"] = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        tensors[K.NOISE] = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
         if latent_image.get("noise_mask") is not None:  # inpainting: the mask as KSampler shapes it
-            tensors["mask"] = comfy.sampler_helpers.prepare_mask(latent_image["noise_mask"], samples.shape, "cpu")
-        job = model.job({"height": h * 8, "width": w * 8, "steps": steps, "seed": seed, "batch": batch,
-                         "guidance": guidance, "sampler": sampler_name, "scheduler": scheduler,
-                         "denoise": denoise, "cfg": cfg, "shift": shift if shift > 0 else None})
+            tensors[K.MASK] = comfy.sampler_helpers.prepare_mask(latent_image["noise_mask"], samples.shape, "cpu")
         bar = comfy.utils.ProgressBar(steps)
         try:
-            out, _ = model.launcher.run(model.plan, job, tensors, tuple(samples.shape),
+            out, _ = model.launcher.run(model.plan, job.to_wire(), tensors, tuple(samples.shape),
                                         on_progress=lambda step, total: bar.update_absolute(step, total),
                                         cancelled=comfy.model_management.processing_interrupted)
         except JobCancelled:

@@ -87,7 +87,8 @@ def cancel(comm: Comm) -> int:
     from comfy_pipefusion.errors import JobCancelled
     from comfy_pipefusion.parallel.runtime import Control
     from comfy_pipefusion.parallel.serial import run_serial
-    from comfy_pipefusion.worker import ModelCache, execute, prepare
+    from comfy_pipefusion.engine import ModelCache, execute, prepare
+    from comfy_pipefusion.jobspec import Job
 
     device, models, steps = torch.device("cpu"), ModelCache(torch.device("cpu")), 6
     # on 4 ranks also the exact methods (issue 13): Ulysses over 4 heads, and CFG's branches on 2 + 2 ranks
@@ -101,16 +102,16 @@ def cancel(comm: Comm) -> int:
             done: list = []
             control = Control(on_step=done.append, cancelled=lambda: len(done) >= stop_at)
             try:
-                execute(prepare(job, comm, models), comm, device, control)
+                execute(prepare(Job.from_wire(job, comm.world_size), comm, models), comm, device, control)
                 print(f"FINISHED {strategy} rank {comm.rank}", flush=True)
             except JobCancelled:
                 print(f"CANCELLED {strategy} {stop_at} rank {comm.rank} after {len(done)}", flush=True)
         job = {"name": "x", "model": {"preset": "tiny", "seed": 0}, "sample": {"steps": 2, "cfg": cfg},
                "parallel": {"strategy": strategy, "warmup_steps": 2}}
-        prep = prepare(job, comm, models)
+        prep = prepare(Job.from_wire(job, comm.world_size), comm, models)
         x = execute(prep, comm, device, Control())
         if comm.rank == 0:
-            serial = prepare({**job, "parallel": {"strategy": "serial", "world_size": 1}},
+            serial = prepare(Job.from_wire({**job, "parallel": {"strategy": "serial", "world_size": 1}}, 1),
                              Comm(0, 1), ModelCache(device))
             with torch.inference_mode():
                 ref = prep.problem.finish(run_serial(serial.model, serial.problem, serial.dtype, device))

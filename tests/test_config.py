@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from comfy_pipefusion import bench
+from comfy_pipefusion.bench import cli as bench
 from comfy_pipefusion.config import ParallelConfig, SampleSpec
 
 

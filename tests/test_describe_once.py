@@ -7,7 +7,7 @@ import torch
 from comfy_pipefusion.config import ParallelConfig
 from comfy_pipefusion.models import checkpoint, flux
 from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
-from comfy_pipefusion.worker import ModelCache
+from comfy_pipefusion.engine import ModelCache
 
 
 def test_header_read_and_meta_built_once_per_rank(tmp_path, monkeypatch):
@@ -26,7 +26,7 @@ def test_header_read_and_meta_built_once_per_rank(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "read_header", counted("header", read_header))
     monkeypatch.setattr(flux, "build_meta", counted("build", build_meta))
     cache, cfg = ModelCache(torch.device("cpu")), ParallelConfig("pipefusion", 2)
-    assert cache.holds(source, cfg, 1, torch.float32) == (False, 0)  # admission asks first (worker.admit)
+    assert cache.holds(source, cfg, 1, torch.float32) == (False, 0)  # admission asks first (engine.admit)
     model, blocks = cache.get(source, cfg, 1, torch.float32)
     assert counts == {"header": 1, "build": 1}
     _, _, meta = cache.describe(source)

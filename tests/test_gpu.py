@@ -63,7 +63,8 @@ def test_cuda_forward_matches_cpu_on_the_same_weights(dtype, tol):
 def test_admission_refuses_on_the_gpu_before_allocating():
     from comfy_pipefusion.memory import AdmissionError
     from comfy_pipefusion.parallel.comm import Comm
-    from comfy_pipefusion.worker import ModelCache, prepare
+    from comfy_pipefusion.engine import ModelCache, prepare
+    from comfy_pipefusion.jobspec import Job
 
     device = torch.device("cuda", 0)
     before = torch.cuda.memory_allocated(device)
@@ -71,5 +72,5 @@ def test_admission_refuses_on_the_gpu_before_allocating():
     job = {"model": {"preset": "mid"}, "parallel": {"strategy": "serial"},
            "sample": {"height": 16384, "width": 16384, "steps": 1, "batch": 4}}  # ~330 GiB
     with pytest.raises(AdmissionError, match="its GPU has .* free; to fit"):
-        prepare(job, Comm(0, 1, device=device), models)
+        prepare(Job.from_wire(job, 1), Comm(0, 1, device=device), models)
     assert models.value is None and torch.cuda.memory_allocated(device) == before

@@ -15,7 +15,8 @@ from comfy_pipefusion.config import ParallelConfig
 from comfy_pipefusion.oneshot import run_jobs
 from comfy_pipefusion.models import family
 from comfy_pipefusion.parallel.comm import Comm
-from comfy_pipefusion.worker import ModelCache, prepare
+from comfy_pipefusion.engine import ModelCache, prepare
+from comfy_pipefusion.jobspec import Job
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 2 ** 30
@@ -96,7 +97,7 @@ def test_rank_refuses_before_it_allocates_anything():
     job = {"model": {"preset": "mid"}, "parallel": {"strategy": "serial"},
            "sample": {"height": 16384, "width": 16384, "steps": 1}}
     with pytest.raises(memory.AdmissionError, match=r"needs [0-9.]+ GiB .* available; to fit: fewer pixels"):
-        prepare(job, Comm(0, 1), models)
+        prepare(Job.from_wire(job, 1), Comm(0, 1), models)
     assert models.value is None and models.key is None
 
 
@@ -212,20 +213,20 @@ def test_fp8_rank_keeps_an_upcast_copy_and_logs_the_choice(tmp_path, caplog):
     from comfy_pipefusion.models import fp8
     from comfy_pipefusion.parallel.plan import ModelSource
     from comfy_pipefusion.parallel.runtime import Control
-    from comfy_pipefusion.worker import execute, use_fp8
+    from comfy_pipefusion.engine import execute, use_fp8
 
     models = ModelCache(torch.device("cpu"))
     job = {"model": {"checkpoint": fp8_tiny(tmp_path)}, "parallel": {"strategy": "serial"},
            "sample": {"height": 64, "width": 64, "steps": 2}, "text_tokens": 8}
-    with caplog.at_level(logging.INFO, logger="comfy_pipefusion.worker"):
-        prep = prepare(job, Comm(0, 1), models)
+    with caplog.at_level(logging.INFO, logger="comfy_pipefusion.engine"):
+        prep = prepare(Job.from_wire(job, 1), Comm(0, 1), models)
     assert "fp8 weights: keeping an upcast float32 copy of" in caplog.text
     layers = fp8.stored_layers(prep.model)
     assert layers and all(m.upcast is not None and m.weight.dtype == torch.float8_e4m3fn for m in layers)
     kept = execute(prep, Comm(0, 1), torch.device("cpu"), Control())
     copies = fp8.copy_bytes(prep.model)  # a later job of this model may free them (cast) or keep them
     assert copies > 0 and models.holds(ModelSource(**job["model"]), prep.cfg, 0, torch.float32) == (True, copies)
-    with caplog.at_level(logging.WARNING, logger="comfy_pipefusion.worker"):
+    with caplog.at_level(logging.WARNING, logger="comfy_pipefusion.engine"):
         use_fp8(prep.model, "cast", torch.float32)
     assert "an upcast copy does not fit" in caplog.text and fp8.copy_bytes(prep.model) == 0
     assert torch.equal(kept, execute(prep, Comm(0, 1), torch.device("cpu"), Control()))

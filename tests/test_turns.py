@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_pipefusion.turns import TurnAborted, Turns, conduct
+from comfy_pipefusion.bench.turns import TurnAborted, Turns, conduct
 
 
 def _process(root: Path, tag: str, ranks: int, runs: int, log: list, busy_s: float = 0.0, die_after: int = -1):

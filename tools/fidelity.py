@@ -66,8 +66,8 @@ def main(argv=None) -> int:
                 sample = {"height": latent.ENGINE_SIZE, "width": latent.ENGINE_SIZE, "steps": steps,
                           "seed": args.seed, "sampler": sampler, "scheduler": "simple", "batch": args.prompts}
                 serial = [{"name": "serial", "parallel": {"strategy": "serial"}, "sample": sample,
-                           "tensors": str(cond)}]
-                par = [{"name": f"{s}-M{m}-W{w}", "sample": sample, "tensors": str(cond),
+                           "tensors_file": str(cond)}]
+                par = [{"name": f"{s}-M{m}-W{w}", "sample": sample, "tensors_file": str(cond),
                         "parallel": {"strategy": s, "warmup_steps": w, **({"patches": m} if m else {})}}
                        for w in [int(x) for x in args.warmups.split(",")] for s, m in CONFIGS]
                 out = run_jobs(None, args.seed, serial, world_size=1, model=model)

@@ -13,7 +13,11 @@ A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engin
     build_meta(config) -> nn.Module    the diffusers model on the meta device
     blocks_of(model) -> list[Block]    transformer blocks in execution order
     block_cost(model, block, balance) -> float
+    TEXT_ENCODERS: str                 which ComfyUI text encoders make this family's CONDITIONING (the
+                                       nodes' hint when a prompt's width does not fit)
     latent_format(config) -> LatentFormat
+                                       channels, scale and shift of the LATENT, and the ComfyUI node that
+                                       makes an empty one (``empty_node``: the nodes' hint)
     conditioning_dims(config) -> (text width, pooled width or None)
     kv_buffers(model, block, make) -> tuple
                                        the block's attention state, always a tuple of buffers (no None
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 import importlib
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,6 +86,8 @@ class LatentFormat:
     channels: int
     scale: float
     shift: float = 0.0
+    empty_node: str = field(default="EmptyLatentImage", compare=False)
+    """The ComfyUI node that makes an empty latent of this format (named in the nodes' errors)."""
 
     def process_in(self, latent: torch.Tensor) -> torch.Tensor:
         return (latent - self.shift) * self.scale

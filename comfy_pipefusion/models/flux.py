@@ -14,7 +14,8 @@ from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, un
 
 NAME = "flux"
 JOINT_TEXT = True
-LATENT = LatentFormat(channels=16, scale=0.3611, shift=0.1159)
+LATENT = LatentFormat(channels=16, scale=0.3611, shift=0.1159, empty_node="EmptySD3LatentImage")
+TEXT_ENCODERS = "the Flux text encoders: DualCLIPLoader type flux"
 LATENT_CHANNELS, LATENT_SCALE, LATENT_SHIFT = LATENT.channels, LATENT.scale, LATENT.shift
 
 # Built-in models with random weights, Flux.1's architecture at smaller sizes.
@@ -88,7 +89,8 @@ def latent_format(config: dict) -> LatentFormat:
     """Flux.1's 16-channel latent; a model with other input channels owns its latent (the built-in model's
     12-channel pixel latent, comfy_pipefusion/builtin/latent.py: sampling space = LATENT)."""
     channels = config.get("in_channels", 64) // 4
-    return LATENT if channels == LATENT.channels else LatentFormat(channels=channels, scale=1.0, shift=0.0)
+    return LATENT if channels == LATENT.channels else LatentFormat(
+        channels=channels, scale=1.0, shift=0.0, empty_node="its own empty latent, e.g. PipeFusion Built-in Caption")
 
 
 def conditioning_dims(config: dict) -> tuple[int, int | None]:

@@ -26,6 +26,7 @@ NAME = "pixart"
 JOINT_TEXT = False
 ALPHA_LATENT = LatentFormat(channels=4, scale=0.18215)  # ComfyUI: PixArtAlpha uses latent_formats.SD15
 SIGMA_LATENT = LatentFormat(channels=4, scale=0.13025)  # PixArtSigma uses latent_formats.SDXL
+TEXT_ENCODERS = "the PixArt text encoder: CLIPLoader type pixart with t5xxl"
 
 _TINY = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=4,
              attention_head_dim=24, cross_attention_dim=96, caption_channels=32)  # width 96: α's size

@@ -23,7 +23,9 @@ from ..patches import Span
 
 NAME = "sd3"
 JOINT_TEXT = True
-LATENT = LatentFormat(channels=16, scale=1.5305, shift=0.0609)  # ComfyUI's latent_formats.SD3
+LATENT = LatentFormat(channels=16, scale=1.5305, shift=0.0609,  # ComfyUI's latent_formats.SD3
+                      empty_node="EmptySD3LatentImage")
+TEXT_ENCODERS = "the SD3 text encoders: TripleCLIPLoader (clip_l, clip_g, t5xxl)"
 
 _TINY = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=16,
              num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,

@@ -21,19 +21,20 @@ import signal
 import statistics
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
-import torch
 
-from .config import STRATEGIES, TEXT_STREAMS, ParallelConfig, SampleSpec
-from . import memory
-from .oneshot import end_children, owned_tempdir, run_jobs
-from .job import evaluation_plan, sampling_kind
-from .sampling.samplers import load_samplers
-from .models import family
-from .parallel.plan import ModelSource
-from .parallel.costs import expected_bytes
-from .peers import PEERS
+from .. import memory
+from ..config import STRATEGIES, TEXT_STREAMS, ParallelConfig, SampleSpec
+from ..job import evaluation_plan, sampling_kind
+from ..jobspec import Job
+from ..models import family
+from ..oneshot import end_children, owned_tempdir, run_jobs
+from ..parallel.costs import expected_bytes
+from ..parallel.plan import ModelSource
+from ..sampling.samplers import load_samplers
+from ..peers import PEERS
 from .turns import TurnAborted, conduct
 
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -93,9 +94,9 @@ def model_of(args) -> tuple[dict, object, dict, dict]:
     return source, fam, config, defaults
 
 
-def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
+def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
     """Validate everything before any process starts; returns (spec, serial jobs, parallel jobs)."""
-    _, fam, config, preset = model_of(args)
+    source, fam, config, preset = model_of(args)
     spec = SampleSpec(height=args.height or preset["height"], width=args.width or preset["width"],
                       steps=args.steps or preset["steps"], seed=args.seed, dtype=args.dtype,
                       sampler=(load_samplers(args.test_samplers) or {}).get(args.sampler, args.sampler),
@@ -115,39 +116,37 @@ def plan_jobs(args) -> tuple[SampleSpec, list[dict], list[dict]]:
             raise ValueError(f"unknown peer {s!r} in --peers: choose from {', '.join(PEERS)}")
     num_blocks = config.get("num_layers", 0) + config.get("num_single_layers", 0)  # without building the model
     heads = config.get("num_attention_heads")
-    sample = {k: getattr(spec, k) for k in ("height", "width", "steps", "seed", "dtype", "scheduler", "cfg")}
-    sample["sampler"] = args.sampler  # a name (a test sampler's class is resolved again by the workers)
-    extra = {"text_tokens": preset["text_tokens"]}
-    serial = [{"name": "serial", "parallel": {"strategy": "serial"}, "sample": sample, "repeats": args.repeats,
-               **extra}]
+    # a test sampler's class travels by its name and is resolved again by the workers (Job.to_wire)
+    extra = {"model": ModelSource(**source), "sample": spec, "repeats": args.repeats,
+             "text_tokens": preset["text_tokens"]}
+    serial = [Job(parallel=ParallelConfig("serial", 1), name="serial", **extra)]
     par = []
     for s in strategies:
         if s == "serial":
             continue
         pf = s == "pipefusion"
         for stream, m in [(t, m) for t in streams for m in patches] if pf else [("last_patch", 0)]:
-            p = {"strategy": s, "patches": m, "warmup_steps": args.warmup_steps, "text_stream": stream,
-                 "balance": args.balance}
-            cfg = ParallelConfig(world_size=args.world_size, **p)
+            cfg = ParallelConfig(s, args.world_size, patches=m, warmup_steps=args.warmup_steps,
+                                 text_stream=stream, balance=args.balance)
             cfg.check_model(num_blocks, heads)
             cfg.check_image(spec.token_rows)
             cfg.check_job(spec.cfg)
             name = s + (f"-{stream}" if pf and len(streams) > 1 else "") + \
                 (f"-M{m}" if pf and len(patches) > 1 else "")
-            par.append({"name": name, "parallel": p, "sample": sample, "repeats": args.repeats, **extra})
+            par.append(Job(parallel=cfg, name=name, **extra))
     for peer in peers:  # the whole model on every rank, as our ulysses
-        ParallelConfig("ulysses", args.world_size).check_model(num_blocks, heads)
-        par.append({"name": peer, "peer": peer, "parallel": {"strategy": "ulysses", "warmup_steps": args.warmup_steps},
-                    "sample": sample, "repeats": args.repeats, **extra})
+        cfg = ParallelConfig("ulysses", args.world_size, warmup_steps=args.warmup_steps)
+        cfg.check_model(num_blocks, heads)
+        par.append(Job(parallel=cfg, name=peer, peer=peer, **extra))
     admit(args, fam, config, spec, serial, par)
     return spec, serial, par
 
 
-def admit(args, fam, config: dict, spec: SampleSpec, serial: list[dict], par: list[dict]) -> None:
+def admit(args, fam, config: dict, spec: SampleSpec, serial: list[Job], par: list[Job]) -> None:
     """Refuse, before any process starts, a benchmark whose serial process and group cannot both fit in
     this machine's RAM (they run side by side; the group holds one job's memory at a time)."""
     meta = fam.build_meta(config)
-    n_txt = serial[0]["text_tokens"]
+    n_txt = serial[0].text_tokens
     txt_dim = fam.conditioning_dims(config)[0]
     size = memory.JobSize(spec.token_rows, spec.token_cols, n_txt, txt_dim, dtype=spec.dtype,
                           channels=4 * fam.latent_format(config).channels, cfg=abs(spec.cfg - 1) > 1e-9)
@@ -156,9 +155,8 @@ def admit(args, fam, config: dict, spec: SampleSpec, serial: list[dict], par: li
     first = memory.admit(fam, meta, ParallelConfig("serial", 1), size, memory.Budget("cpu", (ram,)), fp8)
     left = max(0, ram - memory.CPU_PROCESS_BYTES - first[0].total) if par else ram
     for job in par:
-        cfg = ParallelConfig(world_size=args.world_size, **job["parallel"])
         try:
-            memory.admit(fam, meta, cfg, size, memory.Budget("cpu", (left,)), fp8)
+            memory.admit(fam, meta, job.parallel, size, memory.Budget("cpu", (left,)), fp8)
         except memory.AdmissionError as exc:
             raise memory.AdmissionError(f"{exc} (beside the serial process, which needs "
                                         f"{memory.gib(first[0].total + memory.CPU_PROCESS_BYTES)})") from None
@@ -175,9 +173,8 @@ def summarise(args, spec, serial, results) -> dict:
     for k, (name, (x, m), job) in enumerate(results):
         # the serial runs taken just before and after this job's runs (all of them for the serial row)
         beside = ref_m["wall_s_runs"][k - 1:k + 1] if k else ref_m["wall_s_runs"]
-        p = job["parallel"]
-        n = 1 if p["strategy"] == "serial" else args.world_size
-        cfg = ParallelConfig(world_size=n, **p)
+        cfg = job.parallel
+        n = cfg.world_size
         err = (x - ref).float()
         dims = dict(world=n, batch=2 if abs(spec.cfg - 1) > 1e-9 else 1, images=1, width=width,
                     n_txt=n_txt, rows=spec.token_rows, cols=spec.token_cols, steps=evals,
@@ -185,8 +182,7 @@ def summarise(args, spec, serial, results) -> dict:
                     patches=cfg.num_patches, elem=ELEM[spec.dtype],
                     layers=layers["joint"], image_layers=layers["image"], text_stream=cfg.text_stream,
                     channels=4 * fam.latent_format(cfg_model).channels)
-        peer = job.get("peer")
-        rows.append({"strategy": peer or p["strategy"], "name": name, "text_stream": cfg.text_stream,
+        rows.append({"strategy": job.peer or cfg.strategy, "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
                      "threads_per_rank": args.threads_per_rank,
                      "wall_s": m["wall_s_median"], "wall_s_min": m["wall_s_min"], "wall_s_runs": m["wall_s_runs"],
@@ -199,8 +195,8 @@ def summarise(args, spec, serial, results) -> dict:
                      "param_bytes_per_rank": m["param_bytes_per_rank"],
                      "bytes_sent_per_step_per_rank": [b / spec.steps for b in m["bytes_sent_per_rank"]],
                      "wait_s_per_rank": m["wait_s_per_rank"],
-                     "expected_bytes_per_step_per_rank": None if peer else [  # a peer's traffic is its own
-                         expected_bytes(p["strategy"], rank=r, **dims) / spec.steps for r in range(n)]})
+                     "expected_bytes_per_step_per_rank": None if job.peer else [  # a peer's traffic is its own
+                         expected_bytes(cfg.strategy, rank=r, **dims) / spec.steps for r in range(n)]})
     name = source.get("preset") or source["checkpoint"]
     return {"model": {"name": f"{fam.NAME}-{name}" if "preset" in source else name, "family": fam.NAME,
                       "params": ref_m["params"]}, "steps": spec.steps, "evaluations": evals,
@@ -212,7 +208,7 @@ def summarise(args, spec, serial, results) -> dict:
             "repeats": args.repeats, "results": rows}
 
 
-def run_side_by_side(args, source: dict, serial_jobs: list[dict], par_jobs: list[dict]):
+def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[Job]):
     """Serial in a process of its own (1 thread) and the parallel jobs in one group, started together so
     their start-ups overlap, then timed in turns (turns.py): a serial run, a parallel job's --repeats runs,
     a serial run, the next job's runs, ..., a serial run. Nothing is ever timed beside another process's
@@ -220,17 +216,18 @@ def run_side_by_side(args, source: dict, serial_jobs: list[dict], par_jobs: list
     machine was in then. Returns (serial result with every serial run, {name: result}, turn spans)."""
     test_args = ["--test-samplers", args.test_samplers] if args.test_samplers else []
     if not par_jobs:
-        return run_jobs(None, args.seed, serial_jobs, world_size=1, threads=1, model=source,
+        return run_jobs(None, args.seed, [j.to_wire() for j in serial_jobs], world_size=1, threads=1, model=source,
                         worker_args=test_args)["serial"], {}, []
-    serial_jobs = [{**serial_jobs[0], "name": f"serial-{i}", "repeats": 1} for i in range(len(par_jobs) + 1)]
+    serial_jobs = [replace(serial_jobs[0], name=f"serial-{i}", repeats=1) for i in range(len(par_jobs) + 1)]
     order = ["serial", "group"] * len(par_jobs) + ["serial"]
     with owned_tempdir("pipefusion-bench-") as tmp:
         results: dict = {}
 
-        def start(tag: str, jobs: list[dict], world_size: int, threads: int) -> threading.Thread:
+        def start(tag: str, jobs: list[Job], world_size: int, threads: int) -> threading.Thread:
             def body() -> None:
                 try:
-                    results[tag] = run_jobs(None, args.seed, jobs, world_size=world_size, threads=threads,
+                    wires = [j.to_wire() for j in jobs]
+                    results[tag] = run_jobs(None, args.seed, wires, world_size=world_size, threads=threads,
                                             model=source, worker_args=["--turns", tmp, "--turn-tag", tag, *test_args])
                 except BaseException as exc:  # noqa: BLE001 - re-raised below
                     results[tag] = exc
@@ -252,7 +249,7 @@ def run_side_by_side(args, source: dict, serial_jobs: list[dict], par_jobs: list
         failed = [r for r in results.values() if isinstance(r, BaseException)]
         if failed or aborted:  # the process that failed says why better than the conductor can
             raise (failed[0] if failed else aborted) from None
-        runs = [results["serial"][j["name"]] for j in serial_jobs]
+        runs = [results["serial"][j.name] for j in serial_jobs]
         walls = [w for _, m in runs for w in m["wall_s_runs"]]
         merged = {**runs[0][1], "wall_s_runs": walls, "wall_s_median": statistics.median(walls),
                   "wall_s_min": min(walls), "run_spans": [s for _, m in runs for s in m["run_spans"]]}
@@ -290,7 +287,7 @@ def main(argv=None) -> int:
         return 2
     source = model_of(args)[0]
     serial, out, spans = run_side_by_side(args, source, serial_jobs, par_jobs)
-    results = [("serial", serial, serial_jobs[0])] + [(j["name"], out[j["name"]], j) for j in par_jobs]
+    results = [("serial", serial, serial_jobs[0])] + [(j.name, out[j.name], j) for j in par_jobs]
     report = summarise(args, spec, serial, results)
     report["turns"] = spans
     print_table(report)
@@ -299,8 +296,3 @@ def main(argv=None) -> int:
             json.dump(report, fh, indent=1)
         print(f"wrote {args.json}")
     return 0
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    raise SystemExit(main())

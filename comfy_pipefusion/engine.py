@@ -1,0 +1,195 @@
+"""The per-job engine of a rank, shared by the job-file mode (bench/timing.py) and the warm group (serve.py):
+the model cache, ``prepare`` (validate a job, admit it against memory, load this rank's weights) and
+``execute`` (sample once). No communication before ``execute``; no entry point here (worker.py)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+
+from . import memory
+from .config import ParallelConfig, SampleSpec
+from .job import make_problem, preset_problem, sampling_kind, synthetic_problem
+from .jobspec import INPUT_KEYS, Job
+from .jobspec import TensorKey as K
+from .models import family, fp8
+from .parallel import strategy_fn
+from .parallel.comm import Comm
+from .parallel.plan import ModelSource, load_rank_model, rank_modules
+from .parallel.runtime import Control
+from .parallel.serial import run_serial
+
+log = logging.getLogger("comfy_pipefusion.engine")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelCache:
+    """One model per (source, modules this rank holds, dtype); a new one drops the old weights first."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.key, self.value = device, None, None
+        self.meta_source, self.meta = None, None  # structure of the last source (plan.Described): read once
+        self.progress = None  # called before each tensor read (serve: cancel while loading)
+
+    def describe(self, source: ModelSource) -> tuple[object, dict, torch.nn.Module]:
+        """(family, config, meta-device model) of ``source``: its header read and its meta model built once
+        per source, and used again by the load."""
+        if source != self.meta_source:
+            self.meta_source, self.meta = None, None
+            self.meta, self.meta_source = source.open(), source
+        return self.meta.fam, self.meta.config, self.meta.meta
+
+    def _key(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
+        fam, _, meta = self.describe(source)
+        return (source, tuple(rank_modules(fam, meta, cfg, rank)), dtype)
+
+    def holds(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype) -> tuple[bool, int]:
+        """(whether the weights of this job are loaded, bytes of another model that a load would free)."""
+        copies = fp8.copy_bytes(self.value[0]) if self.value is not None else 0  # dropped unless kept
+        if self.key == self._key(source, cfg, rank, dtype):
+            return True, copies
+        return False, family.param_bytes(self.value[0]) + copies if self.value is not None else 0
+
+    def get(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
+        key = self._key(source, cfg, rank, dtype)
+        if key != self.key:
+            self.key, self.value = None, None  # a load that raises (a cancel) leaves nothing half-loaded
+            self.describe(source)
+            self.value = load_rank_model(source, cfg, rank, self.device, dtype, self.progress, self.meta)
+            self.key = key
+        return self.value
+
+
+@dataclass
+class Prepared:
+    cfg: ParallelConfig
+    spec: SampleSpec
+    problem: object
+    model: torch.nn.Module
+    blocks: list
+    dtype: torch.dtype
+    base_bytes: int = 0  # this rank's memory before the load (RSS on CPU, allocated on GPU)
+    load_s: float = 0.0  # time to load the weights (0 when they were loaded already)
+    device: torch.device = torch.device("cpu")
+    peer: str | None = None  # another tool's method on this model (peers.py), run instead of the strategy
+
+
+def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = None) -> Prepared:
+    """Load what a job (validated by ``Job.from_wire``) needs on this rank (no communication). ``tensors``:
+    the job's tensors by TensorKey (shared memory); without them, a job file's ``tensors_file``, else
+    synthetic conditioning (a preset's, or a checkpoint's: the benchmark)."""
+    source, spec, cfg = job.model, job.sample, job.parallel
+    if cfg.world_size != comm.world_size:
+        raise ValueError(f"job {job.name!r} asks for world_size {cfg.world_size} but the group has "
+                         f"{comm.world_size} ranks; start the group with {cfg.world_size} ranks")
+    if tensors is None and job.tensors_file:  # a job file's real conditioning (the demo): txt, pooled
+        tensors = load_file(job.tensors_file)
+    if tensors is None and source.preset:
+        problem = preset_problem(source.preset, spec)
+    elif tensors is None:  # a checkpoint with synthetic conditioning (the benchmark)
+        fam, config, _ = models.describe(source)
+        problem = synthetic_problem(fam, config, spec, job.text_tokens)
+    else:
+        fam, config, _ = models.describe(source)
+        unknown = sorted(set(tensors) - INPUT_KEYS)
+        if unknown:
+            raise ValueError(f"job {job.name!r} has tensors named {', '.join(unknown)}; the names are "
+                             f"{', '.join(sorted(INPUT_KEYS))}")
+        if K.TXT not in tensors:
+            raise ValueError(f"job {job.name!r} has no {K.TXT.value!r} tensor (the prompt's text states)")
+        negative = (tensors[K.NEG_TXT], tensors.get(K.NEG_POOLED)) if K.NEG_TXT in tensors else None
+        problem = make_problem(spec, tensors[K.TXT], tensors.get(K.POOLED), tensors.get(K.LATENT),
+                               tensors.get(K.NOISE), fam=fam.NAME, fmt=fam.latent_format(config),
+                               sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get(K.MASK))
+    cfg.check_image(problem.rows)
+    dtype = DTYPES[spec.dtype]
+    mode = admit(source, cfg, problem, comm, models, dtype)
+    base, start = memory_now(models.device), time.perf_counter()
+    model, blocks = models.get(source, cfg, comm.rank, dtype)
+    if mode is not None:
+        use_fp8(model, mode, dtype)
+    if job.peer:  # the bench's peer row: a copy of the model with the peer's parallelism applied
+        from .peers import prepare_peer
+        model = prepare_peer(job.peer, model, comm.world_size)
+    return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device,
+                    job.peer)
+
+
+def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models: ModelCache,
+          dtype: torch.dtype) -> str | None:
+    """Refuse a job this rank's memory cannot hold, before anything of it is allocated (memory.py); for an
+    fp8 checkpoint, return how its stage computes (models/fp8.py): an upcast copy when it fits."""
+    fam, _, meta = models.describe(source)
+    cfg.check_model(len(fam.blocks_of(meta)), meta.config.num_attention_heads)  # stages, Ulysses' heads
+    loaded, freed = models.holds(source, cfg, comm.rank, dtype)
+    budget = memory.rank_budget(models.device, comm.rank, comm.world_size, loaded, freed)
+    fp8_file, size = memory.stored_fp8(source.checkpoint), memory.job_size(problem)
+    memory.admit(fam, meta, cfg, size, budget, fp8_file)
+    if not fp8_file:
+        return None
+    scaled = os.environ.get("PIPEFUSION_FP8_MATMUL", "") == "scaled" and fp8.scaled_mm_available(models.device)
+    return memory.fp8_compute(fam, meta, cfg, size, budget, scaled)
+
+
+def use_fp8(model: torch.nn.Module, mode: str, dtype: torch.dtype) -> None:
+    """Set how this stage's 8-bit weights compute, and say so in the log (one line per rank and job)."""
+    held = fp8.set_compute(model, mode, dtype)
+    n = len(fp8.stored_layers(model))
+    if mode == "upcast":
+        log.info("fp8 weights: keeping an upcast %s copy of %d Linear weights (%s), not cast again per call",
+                 str(dtype).removeprefix("torch."), n, memory.gib(held))
+    elif mode == "scaled_mm":
+        log.info("fp8 weights: %d Linear layers compute with torch._scaled_mm (8-bit activations)", n)
+    else:  # the slow path: say it where the default log level shows it
+        log.warning("fp8 weights: an upcast copy does not fit; %d Linear weights are cast to %s per call", n,
+                 str(dtype).removeprefix("torch."))
+
+
+def memory_now(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def memory_peak(device: torch.device) -> int:
+    """This process's peak memory: allocated on its GPU (since the last load), its peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) -> torch.Tensor | None:
+    """Sample once; returns the LATENT samples on rank 0."""
+    with torch.inference_mode():
+        if prep.peer:
+            from .peers import run_peer
+            x = run_peer(prep.model, prep.problem, prep.dtype, device, control)
+            x = x if comm.rank == 0 else None
+        elif prep.cfg.strategy == "serial":
+            x = run_serial(prep.model, prep.problem, prep.dtype, device, control)
+        else:
+            x = strategy_fn(prep.cfg.strategy)(prep.model, prep.blocks, prep.problem, prep.cfg, comm,
+                                               prep.dtype, device, control)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    out = prep.problem.finish(x) if x is not None else None
+    if device.type == "cuda":  # the job's buffers are gone: give their cached blocks back (ComfyUI's VAE decode)
+        del x
+        torch.cuda.empty_cache()
+    return out
+
+
+def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
+    local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "wait_s": comm.wait_s,
+             "pid": os.getpid(), "base_bytes": prep.base_bytes, "peak_bytes": memory_peak(prep.device),
+             "load_s": prep.load_s}
+    return comm.gather_object(local)

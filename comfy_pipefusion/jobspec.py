@@ -1,0 +1,137 @@
+"""The job: what one sampling request asks of a worker group, as a frozen value and as its JSON wire form.
+
+A ``Job`` is built by the nodes (nodes/handle.py), the benchmark's and tools' job files and the tests; it
+travels as ``to_wire()`` (JSON values only: the launcher's control socket, a job file) and a rank reads it
+back with ``from_wire()``, which validates it once and names the field at fault. Its tensors (text states,
+latent, noise, mask ...) travel beside it in shared memory or a safetensors file, under the names of
+``TensorKey``. ``Problem`` (job.py) is what a rank makes of a Job and its tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .config import ParallelConfig, SampleSpec
+from .models import family
+from .parallel.plan import ModelSource
+
+
+class TensorKey(StrEnum):
+    """The names of a job's tensors (shared-memory segments, job-file tensors)."""
+
+    TXT = "txt"  # [B, S_txt, width] text-encoder states of the positive prompt
+    POOLED = "pooled"  # [B, P] pooled text vector (families with one)
+    NEG_TXT = "neg_txt"  # the negative prompt's, with cfg != 1
+    NEG_POOLED = "neg_pooled"
+    LATENT = "latent"  # [B, C, H/8, W/8] the input LATENT's samples (img2img, inpainting)
+    NOISE = "noise"  # [B, C, H/8, W/8] ComfyUI's noise for the seed
+    MASK = "mask"  # the LATENT's noise mask as KSampler shapes it
+    OUT = "out"  # the segment the sampled LATENT is written into (rank 0)
+
+
+INPUT_KEYS = frozenset(k.value for k in TensorKey if k is not TensorKey.OUT)
+_WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file", "peer")
+_PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sampling job of a group: the model, the whole parallel plan and the sample spec."""
+
+    model: ModelSource
+    """Where the weights come from: a checkpoint file or a built-in preset."""
+    parallel: ParallelConfig
+    """The plan, its ``world_size`` that of the group that runs it."""
+    sample: SampleSpec
+    """What to sample."""
+    name: str = ""
+    """A job file's name for the job (its result files); empty for the launcher's jobs."""
+    model_stamp: str | None = None
+    """The checkpoint file's size, time and inode when the loader ran: a new stamp reads the file again."""
+    text_tokens: int = 64
+    """Synthetic conditioning's text length (a job without tensors: the benchmark)."""
+    repeats: int = 1
+    """Job files: timed runs of the job."""
+    tensors_file: str | None = None
+    """Job files: a safetensors file with the job's tensors (TensorKey names), e.g. the demo's prompts."""
+    peer: str | None = None
+    """The benchmark's peer rows: another tool's method on the same model (peers.py) instead of ours."""
+
+    def __post_init__(self) -> None:
+        self.parallel.check_job(self.sample.cfg)  # a CFG plan needs a job with a negative branch
+        if self.text_tokens < 1:
+            raise ValueError(f"job {self.name!r}: text_tokens must be at least 1, got {self.text_tokens}")
+        if self.repeats < 1:
+            raise ValueError(f"job {self.name!r}: repeats must be at least 1, got {self.repeats}")
+
+    def to_wire(self) -> dict:
+        """The JSON form (lists, not tuples; a test sampler by its name)."""
+        par = dataclasses.asdict(self.parallel)
+        if par["stage_split"] is not None:
+            par["stage_split"] = list(par["stage_split"])
+        sample = dataclasses.asdict(self.sample)
+        if isinstance(self.sample.sampler, type):
+            sample["sampler"] = self.sample.sampler.name
+        model = {k: v for k, v in dataclasses.asdict(self.model).items() if v is not None}
+        return {"name": self.name, "model": model, "model_stamp": self.model_stamp, "parallel": par,
+                "sample": sample, "text_tokens": self.text_tokens, "repeats": self.repeats,
+                "tensors_file": self.tensors_file, "peer": self.peer}
+
+    @classmethod
+    def from_wire(cls, wire: dict, world_size: int | None = None, samplers: dict | None = None) -> "Job":
+        """Read and validate a job's JSON. ``world_size``: the group's; a job that gives none gets it, one
+        that asks for another is refused. ``samplers``: test samplers by name (the worker's
+        ``--test-samplers``), which ``sample.sampler`` may name besides the production ones."""
+        if not isinstance(wire, dict):
+            raise ValueError(f"a job is a JSON object, got {type(wire).__name__}")
+        name = str(wire.get("name") or "")
+        _known(wire, _WIRE, f"job {name!r}")
+        model = _section(wire, "model", name)
+        _known(model, ("preset", "checkpoint", "seed"), f"field model of job {name!r}")
+        source = _build(ModelSource, model, "model", name)
+        par = _section(wire, "parallel", name)
+        _known(par, tuple(f.name for f in dataclasses.fields(ParallelConfig)), f"field parallel of job {name!r}")
+        if isinstance(par.get("stage_split"), list):  # JSON carries a list
+            par["stage_split"] = tuple(par["stage_split"])
+        asked = par.pop("world_size", None)
+        if world_size is not None and asked is not None and asked != world_size:
+            raise ValueError(f"job {name!r} asks for world_size {asked} but the group has {world_size} ranks; "
+                             f"start the group with {asked} ranks")
+        size = world_size if world_size is not None else asked
+        cfg = _build(ParallelConfig, par if size is None else {**par, "world_size": size}, "parallel", name)
+        sample = _section(wire, "sample", name)
+        _known(sample, tuple(f.name for f in dataclasses.fields(SampleSpec)), f"field sample of job {name!r}")
+        if samplers and sample.get("sampler") in samplers:
+            sample["sampler"] = samplers[sample["sampler"]]
+        if source.preset:
+            preset = family.find_preset(source.preset)[1]
+            sample = {**{k: preset[k] for k in _PRESET_DEFAULTS}, **sample}
+        extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "peer")
+                 if wire.get(k) is not None}
+        for k in ("text_tokens", "repeats"):
+            if k in extra and not isinstance(extra[k], int):
+                raise ValueError(f"job {name!r}: {k} must be an integer, got {extra[k]!r}")
+        return cls(model=source, parallel=cfg, sample=_build(SampleSpec, sample, "sample", name), name=name, **extra)
+
+
+def _section(wire: dict, key: str, name: str) -> dict:
+    value = wire.get(key, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"job {name!r}: field {key} must be a JSON object, got {type(value).__name__}")
+    return dict(value)
+
+
+def _known(d: dict, fields: tuple[str, ...], what: str) -> None:
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{what} has unknown key(s) {', '.join(unknown)}; the keys are {', '.join(fields)}")
+
+
+def _build(kind: type, values: dict, key: str, name: str):
+    """``kind(**values)``; a value of the wrong JSON type (a string for a number ...) names the field."""
+    try:
+        return kind(**values)
+    except TypeError as exc:
+        raise ValueError(f"job {name!r}: field {key} has a value of the wrong type ({exc}); "
+                         f"it was {values}") from None
