@@ -91,6 +91,8 @@ BAD = {
     "non-DiT checkpoint (SD1.5 UNet)": (lambda p: edit(p, "1", unet_name="sd15-unet.safetensors"),
                                         "sd15-unet.safetensors"),
     "not a safetensors file": (lambda p: edit(p, "1", unet_name="notes.safetensors"), "notes.safetensors"),
+    "cfg_parallel without a negative branch (cfg 1)": (lambda p: edit(edit(p, "1", strategy="cfg"), "4", cfg=1.0),
+                                                      "cfg 1 has no negative branch; set cfg != 1"),
 }
 REFUSED_BY_COMFYUI = {  # out of the widgets' range, or refused by our VALIDATE_INPUTS: HTTP 400 at queue time
     "GPU that does not exist": (lambda p: edit(p, "1", devices="0,1"), "GPU 0 does not exist"),
@@ -98,6 +100,10 @@ REFUSED_BY_COMFYUI = {  # out of the widgets' range, or refused by our VALIDATE_
     "zero CPU ranks": (lambda p: edit(p, "1", devices="cpu:0"), "write cpu:N with N >= 1"),
     "zero steps": (lambda p: edit(p, "4", steps=0), "Value 0 smaller than min of 1"),
     "negative patches": (lambda p: edit(p, "1", patches=-1), "Value -1 smaller than min of 0"),
+    "cfg_parallel on an odd number of ranks": (lambda p: edit(p, "1", strategy="cfg", devices="cpu:3"),
+                                               "world_size 3 is odd; use 2 or 4 ranks"),
+    "hybrid cfg+pipefusion with 1 rank per branch": (lambda p: edit(p, "1", strategy="cfg+pipefusion"),
+                                                     "leaves 1 rank per branch"),
 }
 
 

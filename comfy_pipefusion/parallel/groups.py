@@ -35,6 +35,9 @@ class SubComm(Comm):
     _events = property(lambda self: self.root._events)
     ops = property(lambda self: self.root.ops)
 
+    def reset_counters(self) -> None:
+        self.root.reset_counters()
+
     def isend(self, tensor, dst: int, ch: Channel | None = None):
         return super().isend(tensor, self.members[dst], ch)
 
