@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from . import memory
+from . import adapters, memory
 from .config import ParallelConfig, SampleSpec
 from .job import make_problem, preset_problem, sampling_kind, synthetic_problem
 from .jobspec import INPUT_KEYS, Job
 from .jobspec import TensorKey as K
-from .models import family, fp8
+from .models import checkpoint, family, fp8
 from .parallel import strategy_fn
 from .parallel.comm import Comm
 from .parallel.plan import ModelSource, load_rank_model, rank_modules
@@ -110,6 +110,19 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
     mode = admit(source, cfg, problem, comm, models, dtype)
     base, start = memory_now(models.device), time.perf_counter()
     model, blocks = models.get(source, cfg, comm.rank, dtype)
+    if job.adapters and mode is not None:
+        raise ValueError("LoRAs on an fp8 checkpoint are not supported yet; use a bf16/fp16 checkpoint")
+    if job.adapters or "pipefusion_adapters" in model.__dict__:  # apply, change or undo LoRAs
+        afam, aconfig, _ = models.describe(source)
+        info = models.meta.info if source.checkpoint else None  # undo by reading the weights again
+
+        def reread(keys: list[str]) -> None:
+            checkpoint.load_modules(model, info, keys, models.device, dtype)
+        patched = adapters.sync_model(model, afam.NAME, aconfig, job.adapters, reread if info else None)
+        if patched is not None:
+            log.info("LoRAs: %d weights of this stage patched in %.3f s (undo: %s)", patched["weights"],
+                     patched["seconds"], "read again from the checkpoint" if info else
+                     f"originals kept, {patched['original_bytes'] / 2 ** 20:.1f} MiB")
     if mode is not None:
         use_fp8(model, mode, dtype)
     if job.peer:  # the bench's peer row: a copy of the model with the peer's parallelism applied

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 
+from .adapters.apply import LoraSpec
 from .config import ParallelConfig, SampleSpec
 from .models import family
 from .parallel.plan import ModelSource
@@ -28,10 +29,14 @@ class TensorKey(StrEnum):
     NOISE = "noise"  # [B, C, H/8, W/8] ComfyUI's noise for the seed
     MASK = "mask"  # the LATENT's noise mask as KSampler shapes it
     OUT = "out"  # the segment the sampled LATENT is written into (rank 0)
+    PREVIEW = "preview"  # [K, S_img, 4C] each step's x0 for live previews (preview.py), when wanted
+    PREVIEW_STAMP = "preview_stamp"  # [world] int64: the steps each rank has written into PREVIEW
 
 
-INPUT_KEYS = frozenset(k.value for k in TensorKey if k is not TensorKey.OUT)
-_WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file", "peer")
+OUTPUT_KEYS = frozenset({TensorKey.OUT.value, TensorKey.PREVIEW.value, TensorKey.PREVIEW_STAMP.value})
+INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS
+_WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file",
+         "adapters", "peer")
 _PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
 
 
@@ -55,6 +60,8 @@ class Job:
     """Job files: timed runs of the job."""
     tensors_file: str | None = None
     """Job files: a safetensors file with the job's tensors (TensorKey names), e.g. the demo's prompts."""
+    adapters: tuple[LoraSpec, ...] = ()
+    """LoRAs in order, each rank applying them to its own stage (adapters/); () = the model's own weights."""
     peer: str | None = None
     """The benchmark's peer rows: another tool's method on the same model (peers.py) instead of ours."""
 
@@ -76,7 +83,8 @@ class Job:
         model = {k: v for k, v in dataclasses.asdict(self.model).items() if v is not None}
         return {"name": self.name, "model": model, "model_stamp": self.model_stamp, "parallel": par,
                 "sample": sample, "text_tokens": self.text_tokens, "repeats": self.repeats,
-                "tensors_file": self.tensors_file, "peer": self.peer}
+                "tensors_file": self.tensors_file, "adapters": [dataclasses.asdict(a) for a in self.adapters],
+                "peer": self.peer}
 
     @classmethod
     def from_wire(cls, wire: dict, world_size: int | None = None, samplers: dict | None = None) -> "Job":
@@ -112,6 +120,12 @@ class Job:
         for k in ("text_tokens", "repeats"):
             if k in extra and not isinstance(extra[k], int):
                 raise ValueError(f"job {name!r}: {k} must be an integer, got {extra[k]!r}")
+        adapters = wire.get("adapters") or []
+        if not isinstance(adapters, list) or not all(isinstance(a, dict) for a in adapters):
+            raise ValueError(f"job {name!r}: field adapters must be a list of objects, got {adapters!r}")
+        for a in adapters:
+            _known(a, tuple(f.name for f in dataclasses.fields(LoraSpec)), f"an adapter of job {name!r}")
+        extra["adapters"] = tuple(_build(LoraSpec, a, "adapters", name) for a in adapters)
         return cls(model=source, parallel=cfg, sample=_build(SampleSpec, sample, "sample", name), name=name, **extra)
 
 

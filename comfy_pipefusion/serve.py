@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from . import transport
+from . import preview, transport
 from .errors import JobCancelled
-from .jobspec import Job, TensorKey
+from .jobspec import OUTPUT_KEYS, Job, TensorKey
 from .parallel.comm import Comm
 from .parallel.runtime import Control
 from .engine import ModelCache, execute, prepare, rank_stats
@@ -183,7 +183,7 @@ def _prepare(msg: dict, comm: Comm, models: ModelCache, segs: dict):
         job = Job.from_wire({k: v for k, v in msg.items() if k not in ENVELOPE}, comm.world_size)
         for k, d in msg.get("tensors", {}).items():
             segs[k] = transport.ShmTensor.attach(d)
-        tensors = {k: s.tensor for k, s in segs.items() if k != TensorKey.OUT}
+        tensors = {k: s.tensor for k, s in segs.items() if k not in OUTPUT_KEYS}
         return prepare(job, comm, models, tensors), None, False
     except _LoadCancelled as exc:
         log.info("job %s: %s", msg["id"], exc)
@@ -221,7 +221,9 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
             if conn is not None:
                 transport.send(conn, "progress", id=jid, step=t + 1, steps=steps)
 
-        control = Control(on_step=on_step, cancelled=inbox.cancelled if inbox else None)
+        writer = preview.PreviewWriter(segs[preview.DATA].tensor, segs[preview.STAMP].tensor, comm.rank) \
+            if preview.DATA in segs else None  # the job wants previews
+        control = Control(on_step=on_step, cancelled=inbox.cancelled if inbox else None, preview=writer)
         comm.reset_counters()
         start = time.perf_counter()
         try:

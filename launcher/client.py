@@ -129,14 +129,16 @@ class Launcher:
         return self.group
 
     def run(self, plan: GroupPlan, job: dict, tensors: dict, out_shape: tuple[int, ...], on_progress=None,
-            cancelled=None):
+            cancelled=None, on_preview=None):
+        """``on_preview(step, x0_tokens, steps)``: called with each step's x0 when given (previews cost
+        nothing otherwise)."""
         with self.lock:
             try:
-                return self._run(plan, job, tensors, out_shape, on_progress, cancelled)
+                return self._run(plan, job, tensors, out_shape, on_progress, cancelled, on_preview)
             finally:
                 self.last_used = time.monotonic()
 
-    def _run(self, plan, job, tensors, out_shape, on_progress, cancelled):
+    def _run(self, plan, job, tensors, out_shape, on_progress, cancelled, on_preview=None):
         # States that mean something: "loading" only when the weights are read (the workers announce the
         # phase on every job, a cache hit included), "busy" from the first step, no "ready" in between.
         group = self._ensure(plan, cancelled, announce=False)
@@ -155,7 +157,7 @@ class Launcher:
 
         try:
             result = group.run(job, tensors, out_shape, on_progress, cancelled, self.stall_timeout,
-                               on_phase=on_phase)
+                               on_phase=on_phase, on_preview=on_preview)
         except (JobCancelled, JobError):
             progress.stop()
             self._set("ready")

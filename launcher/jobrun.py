@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from comfy_pipefusion import transport
+from comfy_pipefusion import preview, transport
 from comfy_pipefusion.errors import GroupError, JobCancelled
 
 from . import logfile
@@ -23,8 +23,10 @@ class GroupJobs:
     ``kill``."""
 
     def run(self, job: dict, tensors: dict[str, torch.Tensor], out_shape: tuple[int, ...], on_progress=None,
-            cancelled=None, stall_timeout: float = 600.0, on_phase=None) -> tuple[torch.Tensor, dict]:
-        """Run one job; tensors travel in shared memory. Returns (LATENT samples, the done message)."""
+            cancelled=None, stall_timeout: float = 600.0, on_phase=None,
+            on_preview=None) -> tuple[torch.Tensor, dict]:
+        """Run one job; tensors travel in shared memory. Returns (LATENT samples, the done message).
+        ``on_preview(step, x0_tokens, steps)``: each step's x0 (comfy_pipefusion/preview.py); None: no preview."""
         if not self.alive():
             raise GroupError("the worker group is not running")
         logfile.rotate(self.log_path)
@@ -33,6 +35,11 @@ class GroupJobs:
             for name, t in tensors.items():
                 segs[name] = transport.ShmTensor.from_tensor(t.detach().float().contiguous().cpu())
             segs["out"] = transport.ShmTensor.create(out_shape)
+            if on_preview is not None:
+                n_img, dim = preview.token_shape(out_shape)
+                for name, (shape, dtype) in preview.shapes(n_img, dim, self.plan.world_size,
+                                                             job.get("sample", {}).get("steps")).items():
+                    segs[name] = transport.ShmTensor.create(shape, dtype)
         except transport.ShmFull as exc:
             for s in segs.values():
                 s.close()
@@ -46,7 +53,11 @@ class GroupJobs:
                 self.kill()
                 raise GroupError(f"the worker group went away before the job started ({exc}):\n"
                                  f"{self.failure_report()}") from None
-            reply = self._wait(jid, _Watch(on_progress, cancelled, stall_timeout, on_phase))
+            watch = _Watch(on_progress, cancelled, stall_timeout, on_phase)
+            if on_preview is not None:
+                watch.preview = preview.PreviewReader(segs[preview.DATA].tensor, segs[preview.STAMP].tensor)
+                watch.on_preview = on_preview
+            reply = self._wait(jid, watch)
             return segs["out"].tensor.clone(), reply
         finally:
             for s in segs.values():
@@ -73,6 +84,8 @@ class GroupJobs:
             except (EOFError, OSError):
                 time.sleep(0.5)  # the group is going down: let torchrun finish so its exit is reported
                 continue
+            if w.preview is not None and w.phase == "sampling" and (msg is None or msg["type"] in ("progress", "done")):
+                self._previews(w)  # when nothing came, and before the progress or result that may follow it
             if msg is None or msg.get("id") != jid:
                 continue
             w.last = time.monotonic()
@@ -98,6 +111,16 @@ class GroupJobs:
                 raise JobCancelled(msg.get("message", "cancelled"))
             elif kind == "error":
                 raise JobError(msg["message"])
+
+    @staticmethod
+    def _previews(w: "_Watch") -> None:
+        """Hand each newly finished step's x0 to ``on_preview`` (an exception there cancels, like progress)."""
+        for step, x0 in w.preview.poll():
+            if w.raised is None:
+                try:
+                    w.on_preview(step, x0, w.steps)
+                except BaseException as exc:
+                    w.raised = exc
 
     def _watchdog(self, w: "_Watch") -> None:
         """Stop the group and raise when a rank went silent (every phase) or sampling stalled."""
@@ -132,3 +155,4 @@ class _Watch:
         self.phase, self.step, self.steps = "loading", 0, "?"
         self.last = time.monotonic()
         self.next_check = 0.0
+        self.preview, self.on_preview = None, None  # a PreviewReader and its callback, when previews are on

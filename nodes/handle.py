@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from comfy_pipefusion.adapters import LoraSpec
 from comfy_pipefusion.config import ParallelConfig, SampleSpec
 from comfy_pipefusion.jobspec import Job
 from comfy_pipefusion.parallel.plan import ModelSource
@@ -23,6 +24,7 @@ class PipeFusionModel:
     slot: str = ""  # a new plan of the same slot (checkpoint) replaces its group
     stamp: str = ""  # the checkpoint file's size, time and inode when the loader ran
     family: str = "flux"  # flux | sd3 | pixart (models/family.py)
+    adapters: tuple[LoraSpec, ...] = ()  # LoRAs in order (nodes/lora.py), applied by each rank to its stage
 
     @property
     def launcher(self) -> Launcher:
@@ -36,4 +38,5 @@ class PipeFusionModel:
     def job(self, sample: dict) -> Job:
         """The Job of one sampling request (``sample``: SampleSpec's fields but the dtype) on this plan."""
         return Job(model=ModelSource(checkpoint=self.path), parallel=self.parallel,
-                   sample=SampleSpec(**sample, dtype=self.dtype), model_stamp=self.stamp)
+                   sample=SampleSpec(**sample, dtype=self.dtype), model_stamp=self.stamp,
+                   adapters=self.adapters)

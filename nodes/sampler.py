@@ -13,6 +13,7 @@ from ..launcher import GroupError, JobCancelled, JobError
 from . import admission
 from .convert import check_latent, check_sampler, conditioning_tensors
 from .errors import readable
+from .preview import ksampler_preview
 from .validate import check_sampling
 
 
@@ -80,7 +81,9 @@ class PipeFusionKSampler:
         try:
             out, _ = model.launcher.run(model.plan, job.to_wire(), tensors, tuple(samples.shape),
                                         on_progress=lambda step, total: bar.update_absolute(step, total),
-                                        cancelled=comfy.model_management.processing_interrupted)
+                                        cancelled=comfy.model_management.processing_interrupted,
+                                        on_preview=ksampler_preview(model.family, model.model_config,
+                                                                    tuple(samples.shape), steps))
         except JobCancelled:
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise RuntimeError("PipeFusion: the job was cancelled") from None

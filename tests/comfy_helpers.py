@@ -85,8 +85,10 @@ def start_release_server(tmp_path_factory, model, unet: str, version: str, name:
     return srv
 
 
-def run_prompt(srv: ComfyServer, prompt: dict, on_message=None, timeout: float = 300.0) -> tuple[str, list]:
-    """Queue ``prompt``, read the websocket until it ends; returns (ending message type, all messages)."""
+def run_prompt(srv: ComfyServer, prompt: dict, on_message=None, timeout: float = 300.0,
+               frames: list | None = None) -> tuple[str, list]:
+    """Queue ``prompt``, read the websocket until it ends; returns (ending message type, all messages).
+    ``frames``: the binary frames (previews) are appended to it."""
     client = uuid.uuid4().hex
     ws = srv.ws_connect(client)
     try:
@@ -101,6 +103,8 @@ def run_prompt(srv: ComfyServer, prompt: dict, on_message=None, timeout: float =
                     continue
                 raise
             if not isinstance(raw, str):
+                if frames is not None:
+                    frames.append(raw)
                 continue
             msg = json.loads(raw)
             if msg.get("data", {}).get("prompt_id") not in (None, pid):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from comfy_pipefusion.adapters import LoraSpec
 from comfy_pipefusion.config import ParallelConfig, SampleSpec
 from comfy_pipefusion.jobspec import INPUT_KEYS, Job, TensorKey
 from comfy_pipefusion.parallel.plan import ModelSource
@@ -16,7 +17,7 @@ def test_job_wire_round_trip_keeps_the_whole_plan_and_the_spec():
                          text_stream="every_patch", balance="memory")
     job = Job(ModelSource(checkpoint="/m/flux.safetensors"), par,
               SampleSpec(height=64, width=96, steps=3, seed=7, sampler="dpmpp_2m", cfg=4.0, shift=2.0),
-              model_stamp="1-2-3")
+              model_stamp="1-2-3", adapters=(LoraSpec("/l/a.safetensors", 0.8, "9"), LoraSpec("/l/b.safetensors", -1)))
     wire = json.loads(json.dumps(job.to_wire()))  # JSON values only
     assert wire["parallel"]["text_stream"] == "every_patch" and wire["parallel"]["stage_split"] == [1, 1]
     assert Job.from_wire(wire, 2) == job
@@ -49,6 +50,10 @@ def test_job_test_sampler_travels_by_name():
     ({"model": {"preset": "tiny"}, "sample": {"steps": 0}}, r"steps must be at least 1, got 0"),
     ({"model": {"preset": "tiny"}, "repeats": 0}, r"repeats must be at least 1, got 0"),
     ({"model": {}}, r"either a preset or a checkpoint path"),
+    ({"model": {"preset": "tiny"}, "adapters": {"path": "x"}}, r"adapters must be a list of objects"),
+    ({"model": {"preset": "tiny"}, "adapters": [{"path": "x", "strength": 1, "alpha": 2}]},
+     r"an adapter of job 'j' has unknown key\(s\) alpha"),
+    ({"model": {"preset": "tiny"}, "adapters": [{"path": "x", "strength": "1"}]}, r"LoRA x: strength must be a number"),
 ])
 def test_job_from_wire_names_the_bad_field(wire, match):
     with pytest.raises(ValueError, match=match):

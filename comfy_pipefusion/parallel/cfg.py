@@ -42,11 +42,11 @@ class BranchControl(Control):
     rank 0's, broadcast to the other branch's leader."""
 
     def __init__(self, control: Control, comm, leaders) -> None:
-        super().__init__()
+        super().__init__(preview=control.preview)  # each rank previews the tokens it samples, as without CFG
         self.inner, self.comm, self.leaders = control, comm, leaders
 
     def step_done(self, t: int) -> None:
-        self.inner.step_done(t)
+        self.inner.step_done(t)  # publishes the preview too
 
     def cancelled(self) -> bool:
         flag = self.inner.cancelled() if self.comm.rank == 0 else False

@@ -21,10 +21,10 @@ def run_distrifusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype
     """This rank's band. Returns the final latent [B, S_img, 64] on rank 0, else None."""
     spans = displaced_spans(problem.rows, problem.cols, problem.n_span_txt, comm.world_size)
     sp = spans[comm.rank]
-    rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
+    control = control or Control()
+    rt = JobRuntime(model, problem, dtype, device, first=True, last=True, preview=control.preview)
     kvs = rt.kv_buffers(blocks, DisplacedKV, spans=spans, rank=comm.rank, comm=comm)
     txt = rt.span_txt(sp)
-    control = control or Control()
     items = rt.schedule(sp, warmup_steps=cfg.warmup_steps)  # one item per evaluation: this rank's band
     for item in items:
         t = item.eval

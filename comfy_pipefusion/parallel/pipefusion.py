@@ -137,7 +137,7 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
     control = control or Control()
     s, n = comm.rank, comm.world_size
     first, last = s == 0, s == n - 1
-    rt = JobRuntime(model, problem, dtype, device, first, last)
+    rt = JobRuntime(model, problem, dtype, device, first, last, preview=control.preview)
     kvs = rt.kv_buffers(blocks)
     items = rt.schedule(full_span(problem.n_span_txt, problem.n_img),
                         pipefusion_spans(problem.rows, problem.cols, problem.n_span_txt, cfg.num_patches,

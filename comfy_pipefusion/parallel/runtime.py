@@ -22,8 +22,12 @@ class JobRuntime:
     per step); ``rt.x`` holds, per token, the input of the next evaluation.
     """
 
-    def __init__(self, model, problem, dtype: torch.dtype, device: torch.device, first: bool, last: bool) -> None:
+    def __init__(self, model, problem, dtype: torch.dtype, device: torch.device, first: bool, last: bool,
+                 preview=None) -> None:
         self.model, self.problem, self.dtype, self.device = model, problem, dtype, device
+        self.preview = preview if last else None  # a PreviewWriter (preview.py) when the job wants previews
+        if self.preview is not None:
+            self.preview.register()
         self.fam = family.get(problem.family)
         self.first, self.last = first, last
         self.ms = problem.model_sampling()
@@ -121,7 +125,10 @@ class JobRuntime:
             den = neg + (pos - neg) * self.problem.spec.cfg
         else:
             den = self.ms.calculate_denoised(self.evals[k], out, x)
-        return den if inpaint is None else inpaint.denoised(den, sl)
+        den = den if inpaint is None else inpaint.denoised(den, sl)
+        if self.preview is not None:
+            self.preview.put(sl, den)
+        return den
 
 
 def _image_only(kw: dict) -> dict:
@@ -143,7 +150,7 @@ def gather_bands(comm, x: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.
 
 
 class Control:
-    """A job's hooks on one rank: progress after each step, and the cancel decision.
+    """A job's hooks on one rank: progress (and the preview's x0) after each step, and the cancel decision.
 
     Only rank 0 hears the user; ``cancelled`` is its flag. Strategies whose ranks run in lockstep share it
     with ``agree_stop`` (a one-byte broadcast per step on the control plane, never queued behind data);
@@ -151,11 +158,14 @@ class Control:
     so the pipeline never drains at a step boundary.
     """
 
-    def __init__(self, on_step=None, cancelled=None) -> None:
+    def __init__(self, on_step=None, cancelled=None, preview=None) -> None:
         self._on_step = on_step
         self._cancelled = cancelled
+        self.preview = preview  # a PreviewWriter, or None: no preview wanted
 
     def step_done(self, t: int) -> None:
+        if self.preview is not None:
+            self.preview.publish(t)
         if self._on_step is not None:
             self._on_step(t)
 

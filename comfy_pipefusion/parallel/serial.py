@@ -13,9 +13,9 @@ from .runtime import Control, JobRuntime
 def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
                control: Control | None = None) -> torch.Tensor:
     """Sample with the family's diffusers forward at every evaluation; returns [B, S_img, C]."""
-    rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
-    txt = problem.txt.to(device, dtype)
     control = control or Control()
+    rt = JobRuntime(model, problem, dtype, device, first=True, last=True, preview=control.preview)
+    txt = problem.txt.to(device, dtype)
     for item in rt.schedule(full_span(problem.n_span_txt, problem.n_img)):
         k = item.eval
         if item.step_boundary and control.cancelled():
@@ -40,12 +40,12 @@ def run_local(model, problem, dtype: torch.dtype, device: torch.device, control:
     With ``comm``, the ranks running their own ``run_local`` agree on cancel at every step boundary."""
     r0, r1 = rows or (0, problem.rows)
     i0, i1 = r0 * problem.cols, r1 * problem.cols
-    rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
+    control = control or Control()
+    rt = JobRuntime(model, problem, dtype, device, first=True, last=True, preview=control.preview)
     blocks = rt.fam.blocks_of(model)
     kvs = rt.kv_buffers(blocks, n_img=i1 - i0)
     local = full_span(problem.n_span_txt, i1 - i0)  # positions in this band's buffers
     where = Span(0, problem.n_span_txt, i0, i1)  # positions in the image
-    control = control or Control()
     for item in rt.schedule(where):
         k = item.eval
         if item.step_boundary and (control.agree_stop(comm) if comm else control.cancelled()):

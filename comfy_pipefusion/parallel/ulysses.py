@@ -82,12 +82,12 @@ def run_ulysses(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, dev
     """This rank's band. Returns the final latent [B, S_img, C] on rank 0, else None."""
     spans = displaced_spans(problem.rows, problem.cols, problem.n_span_txt, comm.world_size)
     sp = spans[comm.rank]
-    rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
+    control = control or Control()
+    rt = JobRuntime(model, problem, dtype, device, first=True, last=True, preview=control.preview)
     mc = model.config
     exchange = Exchange(comm, problem.model_batch, mc.num_attention_heads, mc.attention_head_dim, dtype, device)
     layers = rt.kv_buffers(blocks, UlyssesAttention, spans=spans, exchange=exchange)
     txt = rt.span_txt(sp)
-    control = control or Control()
     for item in rt.schedule(sp):  # exact every evaluation: one item each, this rank's band
         t = item.eval
         if item.step_boundary and control.agree_stop(comm):
