@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 STRATEGIES = ("serial", "pipefusion", "distrifusion", "naive_patch", "cfg", "ulysses", "cfg+ulysses",
-              "cfg+pipefusion", "cfg+distrifusion")
+              "cfg+pipefusion", "cfg+distrifusion", "auto")
 """Every strategy a plan may name: the single methods, then the hybrids (methods joined by '+', outermost
-first: CFG halves, then what runs inside each half)."""
+first: CFG halves, then what runs inside each half), and auto (the group picks the plan per job)."""
 METHOD_ORDER = ("cfg", "ulysses", "pipefusion", "distrifusion", "naive_patch", "serial")
 TEXT_STREAMS = ("last_patch", "first_patch", "every_patch")
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
@@ -50,7 +50,8 @@ class ParallelConfig:
     """
 
     strategy: str = "pipefusion"
-    """serial | pipefusion | distrifusion | naive_patch | cfg | ulysses, or a hybrid in STRATEGIES."""
+    """serial | pipefusion | distrifusion | naive_patch | cfg | ulysses, a hybrid in STRATEGIES, or auto (the
+    group picks the fastest plan that fits per job: parallel/planner.py)."""
     world_size: int = 1
     """Number of ranks (one per GPU, or CPU processes)."""
     patches: int = 0
@@ -81,7 +82,7 @@ class ParallelConfig:
             raise ValueError(f"world_size must be at least 1, got {self.world_size}")
         if self.strategy == "serial" and self.world_size != 1:
             raise ValueError(f"strategy 'serial' runs on exactly 1 rank, got world_size {self.world_size}")
-        if self.strategy != "serial" and self.world_size < 2:
+        if self.strategy not in ("serial", "auto") and self.world_size < 2:
             raise ValueError(
                 f"strategy {self.strategy!r} needs at least 2 ranks, got world_size {self.world_size}; "
                 "use strategy 'serial' on a single device")
@@ -90,6 +91,9 @@ class ParallelConfig:
             raise ValueError(f"patches must be 0 (default) or positive, got {self.patches}")
         if self.warmup_steps < 1:
             raise ValueError(f"warmup_steps must be at least 1 (it fills the K/V buffers), got {self.warmup_steps}")
+        if self.strategy == "auto" and self.patches:
+            raise ValueError(f"patches {self.patches} with strategy 'auto': auto picks the patches per job; "
+                             "set patches 0, or choose pipefusion")
         if self.stage_split is not None:
             if self.patch_method != "pipefusion":
                 raise ValueError(f"stage_split applies to pipefusion only, not {self.strategy!r}")
@@ -181,7 +185,7 @@ class ParallelConfig:
             return self.ulysses_degree
         if self.patch_method == "serial":
             return 1
-        return self.stages
+        return self.stages  # distrifusion, naive_patch; auto: at least one band per rank
 
     def check_image(self, token_rows: int) -> None:
         """Raise if the image has too few token rows for the bands; before any worker starts."""

@@ -34,6 +34,16 @@ class ModelCache:
         self.device, self.key, self.value = device, None, None
         self.meta_source, self.meta = None, None  # structure of the last source (plan.Described): read once
         self.progress = None  # called before each tensor read (serve: cancel while loading)
+        self.planner = None  # strategy=auto's probes and choice, kept for the group (autoplan.py)
+        self.probe_dir = None  # where block probes are cached (None: autoplan's default)
+
+    def planner_for(self, comm: Comm):
+        if self.planner is None:
+            from .autoplan import GroupPlanner, default_cache_dir
+
+            self.planner = GroupPlanner(comm, self.device, torch.get_num_threads(),
+                                        self.probe_dir or default_cache_dir())
+        return self.planner
 
     def describe(self, source: ModelSource) -> tuple[object, dict, torch.nn.Module]:
         """(family, config, meta-device model) of ``source``: its header read and its meta model built once
@@ -75,6 +85,9 @@ class Prepared:
     base_bytes: int = 0  # this rank's memory before the load (RSS on CPU, allocated on GPU)
     load_s: float = 0.0  # time to load the weights (0 when they were loaded already)
     device: torch.device = torch.device("cpu")
+    choice: object = None  # strategy=auto: the planner's Choice (parallel/planner.py)
+    predicted_s: float | None = None  # the simulator's wall time for this plan (auto, or a job asking)
+    link: dict | None = None  # the group's probed link (bandwidth B/s, latency s) behind the prediction
     peer: str | None = None  # another tool's method on this model (peers.py), run instead of the strategy
 
 
@@ -105,8 +118,13 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
         problem = make_problem(spec, tensors[K.TXT], tensors.get(K.POOLED), tensors.get(K.LATENT),
                                tensors.get(K.NOISE), fam=fam.NAME, fmt=fam.latent_format(config),
                                sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get(K.MASK))
-    cfg.check_image(problem.rows)
     dtype = DTYPES[spec.dtype]
+    choice, predicted, link = None, None, None
+    if cfg.strategy == "auto" or job.predict:  # collective: every rank of the group gets here with the job
+        cfg, choice, predicted, link = models.planner_for(comm).plan_job(
+            cfg, problem, *models.describe(source), spec.dtype,
+            lambda c: admit(source, c, problem, comm, models, dtype) or True)
+    cfg.check_image(problem.rows)
     mode = admit(source, cfg, problem, comm, models, dtype)
     base, start = memory_now(models.device), time.perf_counter()
     model, blocks = models.get(source, cfg, comm.rank, dtype)
@@ -129,7 +147,7 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
         from .peers import prepare_peer
         model = prepare_peer(job.peer, model, comm.world_size)
     return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device,
-                    job.peer)
+                    choice, predicted, link, job.peer)
 
 
 def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models: ModelCache,
@@ -137,7 +155,7 @@ def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models:
     """Refuse a job this rank's memory cannot hold, before anything of it is allocated (memory.py); for an
     fp8 checkpoint, return how its stage computes (models/fp8.py): an upcast copy when it fits."""
     fam, _, meta = models.describe(source)
-    cfg.check_model(len(fam.blocks_of(meta)), meta.config.num_attention_heads)  # stages, Ulysses' heads
+    cfg.check_model(len(fam.blocks_of(meta)), family.attention_shape(meta)[0])  # stages, Ulysses' heads
     loaded, freed = models.holds(source, cfg, comm.rank, dtype)
     budget = memory.rank_budget(models.device, comm.rank, comm.world_size, loaded, freed)
     fp8_file, size = memory.stored_fp8(source.checkpoint), memory.job_size(problem)
@@ -198,6 +216,18 @@ def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) 
     if device.type == "cuda":  # the job's buffers are gone: give their cached blocks back (ComfyUI's VAE decode)
         del x
         torch.cuda.empty_cache()
+    return out
+
+
+def plan_report(prep: Prepared, measured_s: float) -> dict:
+    """The plan a job ran with, its predicted and measured wall time (and auto's candidates); logged."""
+    from .parallel.planner import label
+
+    out = {"plan": label(prep.cfg), "strategy": prep.cfg.strategy, "patches": prep.cfg.num_patches,
+           "warmup_steps": prep.cfg.warmup_steps, "predicted_s": prep.predicted_s, "measured_s": measured_s,
+           "auto": prep.choice.as_dict() if prep.choice is not None else None, "link": prep.link}
+    if prep.predicted_s is not None:
+        log.info("plan %s: predicted %.2f s, measured %.2f s", out["plan"], prep.predicted_s, measured_s)
     return out
 
 

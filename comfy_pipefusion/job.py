@@ -58,7 +58,7 @@ class Problem:
     @property
     def n_span_txt(self) -> int:
         """Text tokens inside the attention sequence: all of them for joint-text families, else none."""
-        return self.n_txt if self.joint_text else 0
+        return family.sequence_text(family.get(self.family), self.n_txt)
 
     @property
     def n_txt(self) -> int:
@@ -102,7 +102,7 @@ def sampling_kind(fam, config: dict) -> str:
     """The model sampling ComfyUI's stock loader gives this model."""
     if fam.NAME == "flux":
         return "flux" if config.get("guidance_embeds", True) else "flux_schnell"
-    return fam.NAME
+    return getattr(fam, "SAMPLING", fam.NAME)
 
 
 def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | None,
@@ -115,7 +115,7 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
     model of family ``fam`` with latent format ``fmt`` and model sampling ``sampling``. ``mask``: a noise
     mask already shaped like the latent (ComfyUI's prepare_mask) for inpainting."""
     fmt = fmt or family.get(fam).LATENT
-    sampling = sampling or ("flux" if fam == "flux" else fam)
+    sampling = sampling or getattr(family.get(fam), "SAMPLING", fam)
     h, w = spec.height // 8, spec.width // 8
     shape = (spec.batch, fmt.channels, h, w)
     if latent is None:

@@ -36,7 +36,7 @@ class TensorKey(StrEnum):
 OUTPUT_KEYS = frozenset({TensorKey.OUT.value, TensorKey.PREVIEW.value, TensorKey.PREVIEW_STAMP.value})
 INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS
 _WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file",
-         "adapters", "peer")
+         "adapters", "predict", "peer")
 _PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
 
 
@@ -62,6 +62,9 @@ class Job:
     """Job files: a safetensors file with the job's tensors (TensorKey names), e.g. the demo's prompts."""
     adapters: tuple[LoraSpec, ...] = ()
     """LoRAs in order, each rank applying them to its own stage (adapters/); () = the model's own weights."""
+    predict: bool = False
+    """The simulator's wall time for this plan beside the measured one (the bench; strategy 'auto' always
+    predicts): the group probes its blocks and links for it (autoplan.py)."""
     peer: str | None = None
     """The benchmark's peer rows: another tool's method on the same model (peers.py) instead of ours."""
 
@@ -84,7 +87,7 @@ class Job:
         return {"name": self.name, "model": model, "model_stamp": self.model_stamp, "parallel": par,
                 "sample": sample, "text_tokens": self.text_tokens, "repeats": self.repeats,
                 "tensors_file": self.tensors_file, "adapters": [dataclasses.asdict(a) for a in self.adapters],
-                "peer": self.peer}
+                "predict": self.predict, "peer": self.peer}
 
     @classmethod
     def from_wire(cls, wire: dict, world_size: int | None = None, samplers: dict | None = None) -> "Job":
@@ -115,8 +118,10 @@ class Job:
         if source.preset:
             preset = family.find_preset(source.preset)[1]
             sample = {**{k: preset[k] for k in _PRESET_DEFAULTS}, **sample}
-        extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "peer")
+        extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "predict", "peer")
                  if wire.get(k) is not None}
+        if not isinstance(extra.get("predict", False), bool):
+            raise ValueError(f"job {name!r}: predict must be true or false, got {extra['predict']!r}")
         for k in ("text_tokens", "repeats"):
             if k in extra and not isinstance(extra[k], int):
                 raise ValueError(f"job {name!r}: {k} must be an integer, got {extra[k]!r}")

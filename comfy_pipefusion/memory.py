@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .config import ParallelConfig
+from .models import family
 from .parallel.plan import rank_blocks, rank_modules
 from .patches import displaced_spans
 
@@ -156,7 +157,7 @@ def _buffer_kinds(fam, meta, blocks: list) -> list[str]:
 
 def _spans(fam, cfg: ParallelConfig, size: JobSize, rank: int) -> tuple[int, int, int]:
     """(largest span's tokens this rank runs, image tokens in its K/V buffers, DistriFusion's gather band)."""
-    n_txt = size.n_txt if fam.JOINT_TEXT else 0
+    n_txt = family.sequence_text(fam, size.n_txt)
     full = n_txt + size.n_img
     if cfg.strategy == "pipefusion":
         return full, size.n_img, 0  # warm-up steps run the whole image as one item
@@ -178,11 +179,10 @@ def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_
                           device_type, fp8, upcast)
     if "ulysses" in cfg.methods:  # the whole model, a band of the tokens, no buffers; the exchange buffers
         return _ulysses_bytes(fam, meta, cfg, size, rank, device_type, fp8, upcast)
-    mc = meta.config
-    heads, head_dim = mc.num_attention_heads, mc.attention_head_dim
+    heads, head_dim = family.attention_shape(meta)
     width, elem, mb = heads * head_dim, ELEM[size.dtype], size.model_batch
     weights, biggest, linear = _names_bytes(meta, rank_modules(fam, meta, cfg, rank), elem, fp8)
-    n_txt = size.n_txt if fam.JOINT_TEXT else 0
+    n_txt = family.sequence_text(fam, size.n_txt)
     largest, kv_img, band = _spans(fam, cfg, size, rank)
     kinds = _buffer_kinds(fam, meta, rank_blocks(fam, meta, cfg, rank))
     kv = gathered = 0
@@ -214,7 +214,8 @@ def _ulysses_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, dev
     (q, k, v of every rank's band for this rank's heads, sent and received, and the outputs back)."""
     like = rank_bytes(fam, meta, replace(cfg, strategy="distrifusion", ulysses=0), size, rank, device_type, fp8,
                       upcast)
-    width, elem = meta.config.num_attention_heads * meta.config.attention_head_dim, ELEM[size.dtype]
+    heads, head_dim = family.attention_shape(meta)
+    width, elem = heads * head_dim, ELEM[size.dtype]
     n_txt = size.n_txt if fam.JOINT_TEXT else 0
     band = max(s.n_txt + s.n_img for s in displaced_spans(size.rows, size.cols, n_txt, cfg.world_size))
     exchange = 8 * size.model_batch * band * width * elem
@@ -267,6 +268,8 @@ def _per_rank(budget: Budget, n: int) -> list[int]:
 
 def estimate(fam, meta, cfg: ParallelConfig, size: JobSize, device_type: str = "cpu",
              fp8: bool = False, upcast: bool = False) -> list[RankBytes]:
+    if cfg.strategy == "auto":  # auto runs a plan that fits, if one does: the one needing least is PipeFusion's
+        cfg = replace(cfg, strategy="pipefusion" if cfg.world_size > 1 else "serial", patches=0)
     return [rank_bytes(fam, meta, cfg, size, r, device_type, fp8, upcast) for r in range(cfg.world_size)]
 
 

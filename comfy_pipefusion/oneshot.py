@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -46,6 +47,23 @@ def worker_command(world_size: int, args: list[str], store_dir: Path) -> list[st
             "--rdzv-backend=c10d", f"--rdzv-endpoint={Path(store_dir) / 'rdzv.store'}",
             "--rdzv-conf=store_type=file", f"--rdzv-id={secrets.token_hex(8)}", "--local-addr=127.0.0.1",
             "--max_restarts=0", "--monitor_interval=0.5", *tail]
+
+
+def node_commands(world_size: int, args: list[str], link, port: int) -> list[list[str]]:
+    """Two torchrun agents, one per namespace of ``link`` (linkns.Shaped), with torchrun's standard
+    multi-node rendezvous (c10d, a TCP store on side 0's address): half the ranks each."""
+    if world_size < 2 or world_size % 2:
+        raise ValueError(f"a group across a link needs an even number of ranks (half on each side), "
+                         f"got {world_size}")
+    run_id = secrets.token_hex(8)
+    return [[*link.exec_prefix(side), sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+             f"--nproc_per_node={world_size // 2}", "--rdzv-backend=c10d",
+             f"--rdzv-endpoint={link.addrs[0]}:{port}", f"--rdzv-id={run_id}", f"--local-addr={link.addrs[side]}",
+             # which side hosts the store: torchrun guesses from the host name, which in a namespace
+             # resolves to the host's own address, not the namespace's
+             f"--rdzv-conf=is_host={int(side == 0)}",
+             "--max_restarts=0", "--monitor_interval=0.5", "-m", "comfy_pipefusion.worker", *args]
+            for side in (0, 1)]
 
 
 INHERITED_NOT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
@@ -158,14 +176,37 @@ def end_children() -> None:
     kill_now(procs)
 
 
+def _wait_all(procs: list, timeout: float | None) -> int:
+    """Wait for every process; the first that fails ends the others (a side left waiting for its peer
+    would wait forever); past ``timeout`` seconds, subprocess.TimeoutExpired."""
+    if len(procs) == 1:
+        return procs[0].wait(timeout=timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed or all(c == 0 for c in codes):
+            for p, c in zip(procs, codes):
+                if c is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            return failed[0] if failed else 0
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(procs[0].args, timeout)
+        time.sleep(0.1)
+
+
 def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, threads: int = 1,
              timeout: float | None = None, model: dict | None = None,
-             worker_args: list[str] | None = None, cpu_only: bool = False) -> dict[str, tuple[torch.Tensor, dict]]:
+             worker_args: list[str] | None = None, cpu_only: bool = False,
+             link=None) -> dict[str, tuple[torch.Tensor, dict]]:
     """Run ``jobs`` (``Job.to_wire`` forms; ``Job.from_wire`` fills what a job leaves out) on a fresh group;
     returns {name: (samples, metrics)}. The model is the built-in ``preset`` (random weights from ``seed``)
     unless ``model`` gives another source (e.g. ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no
     limit) bounds the whole group; on timeout or interrupt the group is killed. ``worker_args`` go to every
-    rank (e.g. ``--turns DIR --turn-tag TAG``); ``cpu_only`` hides the GPUs from the ranks."""
+    rank (e.g. ``--turns DIR --turn-tag TAG``); ``cpu_only`` hides the GPUs from the ranks; ``link``
+    (linkns.Shaped) puts half the ranks in each of its two namespaces, joined by torchrun's multi-node
+    rendezvous over the shaped link."""
     sweep_tempdirs()
     with owned_tempdir() as tmp:
         tmp = Path(tmp)
@@ -175,14 +216,21 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
         log = tmp / "worker.log"
         with open(log, "wb") as fh:
             args = ["--jobs", str(spec), "--out", str(tmp / "out"), "--threads", str(threads), *(worker_args or [])]
-            proc = subprocess.Popen(worker_command(world_size, args, tmp), stdout=fh,
-                                    stderr=subprocess.STDOUT, env=worker_env(threads, cpu_only=cpu_only),
-                                    start_new_session=True, preexec_fn=die_with_parent)
+            env = worker_env(threads, cpu_only=cpu_only)
+            if link is None:
+                starts = [(worker_command(world_size, args, tmp), env)]
+            else:
+                port = 20000 + secrets.randbelow(30000)
+                starts = [(cmd, {**env, "GLOO_SOCKET_IFNAME": dev, "NCCL_SOCKET_IFNAME": dev})
+                          for cmd, dev in zip(node_commands(world_size, args, link, port), link.devs)]
+            procs = [subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=e, start_new_session=True,
+                                      preexec_fn=die_with_parent) for cmd, e in starts]
             try:
-                rc = proc.wait(timeout=timeout)
+                rc = _wait_all(procs, timeout)
             except BaseException:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                for proc in procs:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
                 raise
         if rc != 0:
             raise GroupError(failure.log_error(f"worker group of {world_size} exited with code {rc}:", log))

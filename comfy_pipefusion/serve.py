@@ -32,7 +32,7 @@ from .errors import JobCancelled
 from .jobspec import OUTPUT_KEYS, Job, TensorKey
 from .parallel.comm import Comm
 from .parallel.runtime import Control
-from .engine import ModelCache, execute, prepare, rank_stats
+from .engine import ModelCache, execute, plan_report, prepare, rank_stats
 
 log = logging.getLogger("comfy_pipefusion.serve")
 PING_S = 600.0  # idle ranks wait in a control-plane broadcast; keep it well inside the collective timeout
@@ -242,7 +242,7 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
             out.copy_(samples.reshape(out.shape))
             transport.send(conn, "done", id=jid, wall_s=wall, pids=[s["pid"] for s in stats],
                            param_bytes_per_rank=[s["param_bytes"] for s in stats],
-                           wait_s_per_rank=[s["wait_s"] for s in stats])
+                           wait_s_per_rank=[s["wait_s"] for s in stats], plan=plan_report(prep, wall))
     finally:
         for s in segs.values():
             s.close()

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("PIPEFUSION_THREADS", "1")))
     ap.add_argument("--turns", help="with --jobs: take each timed run in turn, as told in this folder (bench/turns.py)")
     ap.add_argument("--turn-tag", default="group", help="with --turns: this process's name in the turns")
+    ap.add_argument("--probe-dir", help="with --jobs: cache the planner's block probes here (default: "
+                    "PIPEFUSION_PROBE_DIR or ~/.cache/comfy-pipefusion/probes)")
     # tests only: a broken peer-to-peer link (wrong bytes) unless NCCL_P2P_DISABLE=1, to fail the self-test
     ap.add_argument("--selftest-broken-p2p", action="store_true", help=argparse.SUPPRESS)
     # tests only: a Python file whose SAMPLERS ({name: Sampler subclass}) job files may name (--jobs)
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             from .oneshot import die_with_parent
             die_with_parent()  # a one-shot group's rank ends with its agent (or its owner, for one rank)
             turns = Turns(Path(args.turns), args.turn_tag, comm.rank) if args.turns else None
-            run_file(Path(args.jobs), Path(args.out), comm, device, turns, load_samplers(args.test_samplers))
+            run_file(Path(args.jobs), Path(args.out), comm, device, turns, load_samplers(args.test_samplers),
+                     Path(args.probe_dir) if args.probe_dir else None)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -66,7 +66,7 @@ class Launcher:
         self.state, self.detail = "stopped", ""
         self.lock = threading.RLock()
         self.last_used = time.monotonic()  # the end of the last job (or start-up)
-        self.last_job: dict | None = None  # {"wall_s", "compute_s", "wait_s"} of the last finished job
+        self.last_job: dict | None = None  # {"wall_s", "compute_s", "wait_s", "plan"} of the last finished job
         self.weights: str | None = None  # which weights the group holds (weights_of), once a job loaded them
         atexit.register(_stop_at_exit, weakref.ref(self))
 
@@ -174,7 +174,7 @@ class Launcher:
         progress.stop()
         self.last_job = job_times(result[1])
         self.weights = weights
-        self._set("ready")
+        self._set("ready", plan_detail(self.last_job.get("plan")))
         return result
 
     def stop(self) -> None:
@@ -219,4 +219,12 @@ def job_times(done: dict) -> dict:
     waits = done.get("wait_s_per_rank")
     wait = sum(waits) / len(waits) if waits else None
     return {"wall_s": wall, "compute_s": (wall - wait) if wall is not None and wait is not None else None,
-            "wait_s": wait}
+            "wait_s": wait, "plan": done.get("plan")}
+
+
+def plan_detail(plan: dict | None) -> str:
+    """The status line of a finished job's plan: which one ran (and that auto chose it), predicted and measured."""
+    if not plan:
+        return ""
+    pred = f"predicted {plan['predicted_s']:.2f} s, " if plan.get("predicted_s") is not None else ""
+    return f"last job: {plan['plan']}{' (auto)' if plan.get('auto') else ''}, {pred}measured {plan['measured_s']:.2f} s"

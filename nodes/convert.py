@@ -87,6 +87,15 @@ def conditioning_tensors(cond, family: str, model_cfg: dict, batch: int,
         raise ValueError(f"{which} conditioning has {len(cond)} entries (combined/area conditioning); "
                          "only a single conditioning is supported yet")
     txt, extra = cond[0][0], cond[0][1]
+    if extra.get("reference_latents") is not None and family in ("qwen_image", "zimage"):
+        raise ValueError(f"{which} conditioning carries reference latents (an image-editing conditioning such as "
+                         f"TextEncodeQwenImageEdit or ReferenceLatent), which PipeFusion does not run for {family} "
+                         "yet; use the stock KSampler for editing, or a text-only conditioning")
+    mask = extra.get("attention_mask")
+    if family == "zimage" and mask is not None and torch.numel(mask) != int(mask.sum()):
+        raise ValueError(f"{which} conditioning carries an attention mask over padded text tokens, which "
+                         "ComfyUI's Z-Image model applies and PipeFusion does not yet; encode the prompt without "
+                         "padding (one prompt per conditioning)")
     width, pooled_dim = fam.conditioning_dims(model_cfg)
     if txt.ndim != 3 or txt.shape[-1] != width:
         raise ValueError(f"{which} conditioning width {tuple(txt.shape)[-1]} does not fit this {family} model, "
@@ -102,6 +111,15 @@ def conditioning_tensors(cond, family: str, model_cfg: dict, batch: int,
     return _batch(txt, batch, f"{which} conditioning"), pooled, float(extra.get("guidance", 3.5))
 
 
+def _frames(family: str) -> bool:
+    return getattr(families.get(family), "LATENT_FRAMES", False)
+
+
+def output_latent(samples: torch.Tensor, family: str) -> torch.Tensor:
+    """The sampled [B, C, h, w] as ComfyUI's KSampler returns it for ``family`` ([B, C, 1, h, w] for Wan latents)."""
+    return samples.unsqueeze(2) if _frames(family) else samples
+
+
 def _batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     if t.shape[0] == batch:
         return t
@@ -111,7 +129,14 @@ def _batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
 
 
 def check_latent(latent: dict, family: str = "flux", model_cfg: dict | None = None) -> torch.Tensor:
+    """The LATENT's samples as [B, C, h, w]; a video-VAE family's one-frame [B, C, 1, h, w] (Qwen-Image's Wan
+    latent, as ComfyUI's KSampler makes it) loses its frame axis (``output_latent`` puts it back)."""
     samples = latent["samples"]
+    if samples.ndim == 5 and _frames(family):
+        if samples.shape[2] != 1:
+            raise ValueError(f"latent of shape {tuple(samples.shape)} has {samples.shape[2]} frames; a "
+                             f"{family} model makes one image (1 frame)")
+        samples = samples[:, :, 0]
     fmt = families.get(family).latent_format(model_cfg or {})  # e.g. the built-in model's 12-channel latent
     channels, node = fmt.channels, fmt.empty_node
     if samples.ndim != 4 or samples.shape[1] != channels:

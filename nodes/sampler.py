@@ -11,7 +11,7 @@ from comfy_pipefusion.jobspec import TensorKey as K
 
 from ..launcher import GroupError, JobCancelled, JobError
 from . import admission
-from .convert import check_latent, check_sampler, conditioning_tensors
+from .convert import check_latent, check_sampler, conditioning_tensors, output_latent
 from .errors import readable
 from .preview import ksampler_preview
 from .validate import check_sampling
@@ -92,5 +92,5 @@ class PipeFusionKSampler:
         except JobError as exc:  # the workers refused the job with a message meant for the user
             raise RuntimeError(f"PipeFusion: {exc}") from None
         result = {k: v for k, v in latent_image.items() if k != "samples"}
-        result["samples"] = out
+        result["samples"] = output_latent(out, model.family)
         return (result,)

@@ -12,8 +12,8 @@ from comfy_pipefusion.config import SAMPLERS, SCHEDULERS, ParallelConfig
 
 from .convert import parse_devices
 
-STRATEGIES = ("pipefusion", "distrifusion", "serial", "cfg", "ulysses", "cfg+pipefusion", "cfg+distrifusion",
-              "cfg+ulysses")
+STRATEGIES = ("auto", "pipefusion", "distrifusion", "serial", "cfg", "ulysses", "cfg+pipefusion",
+              "cfg+distrifusion", "cfg+ulysses")
 """The loader's strategies: the engine's (config.STRATEGIES) but the naive-patch quality baseline."""
 
 

@@ -10,7 +10,10 @@ ComfyUI's model detection fixes Flux at width 3072 (24 heads of 128, RoPE axes 1
 the depth, so the Flux model here is one double and one single block at full width (0.55 B parameters,
 stored in bf16, computed in float32 by both: the stock loader's "default" is float32 on the CPU, checked in
 the server log). SD3's width is 64 x depth: an SD3.5-medium-like model of 3 blocks (width 192, dual attention
-in the first two, RMS qk norm). Run with -s to see the table of measured differences.
+in the first two, RMS qk norm). Qwen-Image is fixed at width 3072 and text width 3584 in the same way: two
+blocks at full width (0.71 B parameters in bf16, computed in float32; two, so that each PipeFusion stage holds
+one), true CFG with a negative, and ComfyUI's one-frame Wan latent [B, 16, 1, h, w]. Run with -s to see the
+table of measured differences.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfy_pipefusion.models import family, flux, sd3
+from comfy_pipefusion.models import family, flux, qwen_image, sd3
 from comfy_pipefusion.models.checkpoint_write import write_checkpoint
 
 from comfy_helpers import run_prompt, start_server
@@ -35,9 +38,12 @@ SD3_CONFIG = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16,
                   attention_head_dim=64, num_attention_heads=3, joint_attention_dim=4096,
                   caption_projection_dim=192, pooled_projection_dim=2048, pos_embed_max_size=16,
                   dual_attention_layers=(0, 1), qk_norm="rms_norm")
+QWEN_FILE = "parity-qwen-image.safetensors"
+QWEN_CONFIG = dict(qwen_image.REAL, num_layers=2)
 # width, pooled width, tokens of the test conditioning; latent size in pixels
 FAMILY = {"flux": dict(file=FLUX_FILE, width=4096, pooled=768, tokens=4, size=64),
-          "sd3": dict(file=SD3_FILE, width=4096, pooled=2048, tokens=8, size=128)}
+          "sd3": dict(file=SD3_FILE, width=4096, pooled=2048, tokens=8, size=128),
+          "qwen_image": dict(file=QWEN_FILE, width=3584, pooled=1, tokens=4, size=64, frames=True)}
 STEPS = 3
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
@@ -71,6 +77,9 @@ def _cases() -> dict[str, dict]:
     for sampler, scheduler in (("euler", "normal"), ("dpmpp_sde", "simple")):
         add("sd3", sampler, scheduler, cfg=4.0, denoise=0.6, batch=2)
     add("sd3", "euler_ancestral", "karras", cfg=4.0, mask=1, batch=2)
+    # Qwen-Image: true CFG; img2img moves a latent through the Wan format's per-channel mean and std
+    for sampler, scheduler, denoise in (("euler", "simple", 1.0), ("dpmpp_2m", "karras", 0.6)):
+        add("qwen_image", sampler, scheduler, cfg=4.0, **({"denoise": denoise} if denoise < 1 else {}))
     return cases
 
 
@@ -80,7 +89,8 @@ MEASURED: dict[str, float] = {}
 
 def _write_models(folder: Path) -> None:
     for fam, config, name, dtype in ((flux, FLUX_CONFIG, FLUX_FILE, torch.bfloat16),
-                                     (sd3, SD3_CONFIG, SD3_FILE, torch.float32)):
+                                     (sd3, SD3_CONFIG, SD3_FILE, torch.float32),
+                                     (qwen_image, QWEN_CONFIG, QWEN_FILE, torch.bfloat16)):
         model = fam.build_meta(config)
         fam.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
         write_checkpoint(folder / name, model.state_dict(), fam.NAME, dict(model.config), dtype=dtype)
@@ -174,7 +184,8 @@ def rel_l2(ours: torch.Tensor, stock: torch.Tensor) -> float:
 def test_pipefusion_equals_stock_ksampler(name, outcome):
     stock, ours = outcome(name)
     case, f = CASES[name], FAMILY[CASES[name]["family"]]
-    assert stock.shape == ours.shape == (case.get("batch", 1), 16, f["size"] // 8, f["size"] // 8)
+    frames = (1,) if f.get("frames") else ()
+    assert stock.shape == ours.shape == (case.get("batch", 1), 16, *frames, f["size"] // 8, f["size"] // 8)
     assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
     MEASURED[name] = rel = rel_l2(ours, stock)
     assert rel <= TOL, f"{name}: relative L2 {rel:.3e} > {TOL}"

@@ -1,6 +1,6 @@
 """Writes workflows/*.json (ComfyUI's UI format) and a thumbnail .jpg beside each: Flux.1 dev on 2 and 4
 GPUs, Flux.1 schnell on 2 GPUs, SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on
-2 GPUs, and the built-in trained model on 2 CPU ranks (its own caption and decode nodes: runs anywhere without
+2 GPUs, Qwen-Image with true CFG on 4 GPUs, Z-Image Turbo (8 steps) on 2 GPUs, and the built-in trained model on 2 CPU ranks (its own caption and decode nodes: runs anywhere without
 downloads).
 
     ./.venv/bin/python tools/make_workflows.py     (needs Pillow, which ComfyUI's requirements bring)
@@ -65,7 +65,14 @@ def _encoders(g: Graph, kind: str) -> dict:
     if kind == "sd3":
         return g.node("TripleCLIPLoader", (X[0], 0), ["clip_l.safetensors", "clip_g.safetensors",
                                                    "t5xxl_fp16.safetensors"], outputs=[("CLIP", "CLIP")])
+    if kind in TEXT_ENCODERS:  # one stock CLIPLoader with the family's encoder file and type
+        return g.node("CLIPLoader", (X[0], 0), [*TEXT_ENCODERS[kind], "default"], outputs=[("CLIP", "CLIP")])
     return g.node("CLIPLoader", (X[0], 0), ["t5xxl_fp16.safetensors", "pixart", "default"], outputs=[("CLIP", "CLIP")])
+
+
+# Qwen-Image: Qwen2.5-VL 7B, CLIPLoader type qwen_image; Z-Image: Qwen3 4B, type lumina2 (ComfyUI 0.3.75's names).
+TEXT_ENCODERS = {"qwen_image": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image"),
+                 "zimage": ("qwen_3_4b.safetensors", "lumina2")}
 
 
 def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidance: float | None, prompt: str,
@@ -84,7 +91,7 @@ def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidanc
         positive = g.node("FluxGuidance", (X[2], 0), [guidance], inputs=[("conditioning", "CONDITIONING")],
                           outputs=[("CONDITIONING", "CONDITIONING")])
         g.link(pos, 0, positive, "conditioning")
-    loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "pipefusion", 0, 1, "compute", ""],
+    loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "auto", 0, 1, "compute", ""],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
     if kind == "pixart":
         latent = g.node("EmptyLatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
@@ -144,7 +151,7 @@ def builtin(devices: str, steps: int, caption: str) -> dict:
     """The built-in trained model (comfy_pipefusion/builtin/shapes-flux.safetensors copied into
     models/diffusion_models): no text encoder, no VAE, no download; runs on CPU ranks."""
     g = Graph()
-    loader = g.node("PipeFusionDiTLoader", (X[0], 0), ["shapes-flux.safetensors", "float32", devices, "pipefusion", 0, 1,
+    loader = g.node("PipeFusionDiTLoader", (X[0], 0), ["shapes-flux.safetensors", "float32", devices, "auto", 0, 1,
                                                        "compute", ""],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
     caption_node = g.node("PipeFusionBuiltinCaption", (X[1], 0), [caption, 1],
@@ -183,6 +190,12 @@ WORKFLOWS = {
     "PixArt-Sigma 1024 on 2 GPUs (PipeFusion, 20 steps)": (
         workflow("pixart", "PixArt-Sigma-XL-2-1024-MS.safetensors", "0,1", 20, 4.5, None, PROMPT,
                  "blurry, low quality", "euler", "normal", "sdxl_vae.safetensors", 1024), ("PixArt-Sigma", 2, 20, True)),
+    "Qwen-Image on 4 GPUs with CFG (PipeFusion, 30 steps)": (
+        workflow("qwen_image", "qwen_image_bf16.safetensors", "0,1,2,3", 30, 2.5, None, PROMPT, " ", "euler", "simple",
+                 "qwen_image_vae.safetensors", 1328), ("Qwen-Image", 4, 30, True)),
+    "Z-Image Turbo on 2 GPUs (PipeFusion, 8 steps)": (
+        workflow("zimage", "z_image_turbo_bf16.safetensors", "0,1", 8, 1.0, None, PROMPT, "", "euler",
+                 "simple", "ae.safetensors", 1024), ("Z-Image Turbo", 2, 8, False)),
     "Built-in shapes model on 2 CPU ranks (PipeFusion, 8 steps, no download)": (
         builtin("cpu:2", 8, "red circle middle center stripes"), ("Built-in shapes", 2, 8, False, "CPU")),
 }

@@ -36,6 +36,7 @@ from ..parallel.plan import ModelSource
 from ..sampling.samplers import load_samplers
 from ..peers import PEERS
 from .turns import TurnAborted, conduct
+from ..linkns import LINKS
 
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -75,6 +76,11 @@ def parse_args(argv):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=sorted(ELEM))
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--link", default=None, choices=sorted(LINKS),
+                    help="run the group across two network namespaces joined by a link shaped to this speed "
+                         "(half the ranks on each side; root only: see linkns.py)")
+    ap.add_argument("--no-predict", dest="predict", action="store_false",
+                    help="skip the simulator's prediction beside each measured time (its probes take seconds)")
     return ap.parse_args(argv)
 
 
@@ -114,15 +120,20 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
     for s in peers:
         if s not in PEERS:
             raise ValueError(f"unknown peer {s!r} in --peers: choose from {', '.join(PEERS)}")
-    num_blocks = config.get("num_layers", 0) + config.get("num_single_layers", 0)  # without building the model
+    num_blocks = family.num_blocks(config)  # without building the model
     heads = config.get("num_attention_heads")
     # a test sampler's class travels by its name and is resolved again by the workers (Job.to_wire)
     extra = {"model": ModelSource(**source), "sample": spec, "repeats": args.repeats,
-             "text_tokens": preset["text_tokens"]}
+             "text_tokens": preset["text_tokens"], "predict": args.predict}  # predict: the simulator's time
     serial = [Job(parallel=ParallelConfig("serial", 1), name="serial", **extra)]
     par = []
     for s in strategies:
         if s == "serial":
+            continue
+        if s == "auto":  # the group picks the plan per job (parallel/planner.py), with this warm-up
+            par.append(Job(parallel=ParallelConfig("auto", args.world_size, warmup_steps=args.warmup_steps,
+                                                   text_stream=streams[0], balance=args.balance),
+                           name="auto", **extra))
             continue
         pf = s == "pipefusion"
         for stream, m in [(t, m) for t in streams for m in patches] if pf else [("last_patch", 0)]:
@@ -155,6 +166,8 @@ def admit(args, fam, config: dict, spec: SampleSpec, serial: list[Job], par: lis
     first = memory.admit(fam, meta, ParallelConfig("serial", 1), size, memory.Budget("cpu", (ram,)), fp8)
     left = max(0, ram - memory.CPU_PROCESS_BYTES - first[0].total) if par else ram
     for job in par:
+        if job.parallel.strategy == "auto":  # checked per plan in the group, before it loads
+            continue
         try:
             memory.admit(fam, meta, job.parallel, size, memory.Budget("cpu", (left,)), fp8)
         except memory.AdmissionError as exc:
@@ -166,7 +179,7 @@ def summarise(args, spec, serial, results) -> dict:
     source, fam, cfg_model, preset = model_of(args)
     layers = serial[1]["attention_layers"]  # counted by the worker, which has the model's structure
     width = serial[1]["width"]
-    n_txt = preset["text_tokens"] if fam.JOINT_TEXT else 0
+    n_txt = family.sequence_text(fam, preset["text_tokens"])  # as the sequence holds them (Z-Image pads)
     ref, ref_m = serial
     evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
     rows = []
@@ -174,6 +187,9 @@ def summarise(args, spec, serial, results) -> dict:
         # the serial runs taken just before and after this job's runs (all of them for the serial row)
         beside = ref_m["wall_s_runs"][k - 1:k + 1] if k else ref_m["wall_s_runs"]
         cfg = job.parallel
+        if cfg.strategy == "auto":  # what the group chose
+            cfg = ParallelConfig(m["plan"]["strategy"], cfg.world_size, warmup_steps=m["plan"]["warmup_steps"],
+                                 patches=m["plan"]["patches"] if m["plan"]["strategy"] == "pipefusion" else 0)
         n = cfg.world_size
         err = (x - ref).float()
         dims = dict(world=n, batch=2 if abs(spec.cfg - 1) > 1e-9 else 1, images=1, width=width,
@@ -194,7 +210,9 @@ def summarise(args, spec, serial, results) -> dict:
                      "rel_l2_err_vs_serial": float(err.norm() / ref.float().norm()),
                      "param_bytes_per_rank": m["param_bytes_per_rank"],
                      "bytes_sent_per_step_per_rank": [b / spec.steps for b in m["bytes_sent_per_rank"]],
-                     "wait_s_per_rank": m["wait_s_per_rank"],
+                     "wait_s_per_rank": m["wait_s_per_rank"], "plan": m["plan"]["plan"],
+                     "predicted_s": m["plan"]["predicted_s"], "auto": m["plan"]["auto"],
+                     "probed_link": m["plan"]["link"],
                      "expected_bytes_per_step_per_rank": None if job.peer else [  # a peer's traffic is its own
                          expected_bytes(cfg.strategy, rank=r, **dims) / spec.steps for r in range(n)]})
     name = source.get("preset") or source["checkpoint"]
@@ -208,7 +226,7 @@ def summarise(args, spec, serial, results) -> dict:
             "repeats": args.repeats, "results": rows}
 
 
-def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[Job]):
+def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[Job], link=None):
     """Serial in a process of its own (1 thread) and the parallel jobs in one group, started together so
     their start-ups overlap, then timed in turns (turns.py): a serial run, a parallel job's --repeats runs,
     a serial run, the next job's runs, ..., a serial run. Nothing is ever timed beside another process's
@@ -228,7 +246,9 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
                 try:
                     wires = [j.to_wire() for j in jobs]
                     results[tag] = run_jobs(None, args.seed, wires, world_size=world_size, threads=threads,
-                                            model=source, worker_args=["--turns", tmp, "--turn-tag", tag, *test_args])
+                                            link=link if tag == "group" else None, model=source,
+                                            worker_args=["--turns", tmp, "--turn-tag", tag, "--probe-dir",
+                                                         str(Path(tmp) / "probes"), *test_args])
                 except BaseException as exc:  # noqa: BLE001 - re-raised below
                     results[tag] = exc
 
@@ -259,12 +279,13 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
 def print_table(report: dict) -> None:
     print(f"model {report['model']['name']} ({report['model']['params'] / 1e6:.1f}M params), "
           f"{report['width']}x{report['height']}, {report['steps']} steps, wall = {report['timing']}")
-    head = f"{'strategy':<26}{'N':>3}{'M':>4}{'W':>3}{'wall_s':>9}{'speedup':>9}{'max_abs':>10}{'rel_l2':>10}" \
+    head = f"{'strategy':<26}{'N':>3}{'M':>4}{'W':>3}{'wall_s':>9}{'pred_s':>9}{'speedup':>9}{'max_abs':>10}{'rel_l2':>10}" \
            f"{'MB/rank (max)':>15}{'KB sent/step/rank (max)':>25}"
     print(head)
     print("-" * len(head))
     for r in report["results"]:
-        print(f"{r['name']:<26}{r['world_size']:>3}{r['patches']:>4}{r['warmup_steps']:>3}{r['wall_s']:>9.3f}"
+        pred = f"{r['predicted_s']:>9.3f}" if r.get("predicted_s") is not None else f"{'-':>9}"
+        print(f"{r['name']:<26}{r['world_size']:>3}{r['patches']:>4}{r['warmup_steps']:>3}{r['wall_s']:>9.3f}{pred}"
               f"{r['speedup_vs_serial']:>8.2f}x{r['max_abs_err_vs_serial']:>10.2e}{r['rel_l2_err_vs_serial']:>10.2e}"
               f"{max(r['param_bytes_per_rank']) / 2**20:>15.1f}{max(r['bytes_sent_per_step_per_rank']) / 1024:>25.1f}")
 
@@ -286,10 +307,26 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     source = model_of(args)[0]
-    serial, out, spans = run_side_by_side(args, source, serial_jobs, par_jobs)
+    link = None
+    if args.link:
+        from .. import linkns
+
+        try:
+            linkns.sweep()
+            link = linkns.make(args.link)
+        except (linkns.LinkUnavailable, ValueError) as exc:
+            print(f"error: --link {args.link}: {exc}", file=sys.stderr)
+            return 2
+    try:
+        serial, out, spans = run_side_by_side(args, source, serial_jobs, par_jobs, link)
+    finally:
+        if link is not None:
+            link.close()
     results = [("serial", serial, serial_jobs[0])] + [(j.name, out[j.name], j) for j in par_jobs]
     report = summarise(args, spec, serial, results)
     report["turns"] = spans
+    report["link"] = None if link is None else {"speed": link.speed, "bits_per_s": link.bits_per_s,
+                                                "latency_s": link.latency_s, "qdisc": link.qdisc}
     print_table(report)
     if args.json:
         with open(args.json, "w") as fh:

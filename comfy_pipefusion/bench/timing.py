@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..engine import ModelCache, Prepared, execute, prepare, rank_stats
+from ..engine import ModelCache, Prepared, execute, plan_report, prepare, rank_stats
 from ..jobspec import Job
 from ..models import family
 from ..parallel.comm import Comm
@@ -48,8 +48,10 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
                "load_s_per_rank": [r["load_s"] for r in stats],
                "params": sum(p.numel() for p in prep.model.parameters()),
                "device": str(device), "threads": torch.get_num_threads()}
+    metrics["plan"] = plan_report(prep, metrics["wall_s_median"])
     metrics["attention_layers"] = attention_layers(prep.model, prep.problem)
-    metrics["width"] = prep.model.config.num_attention_heads * prep.model.config.attention_head_dim
+    heads, head_dim = family.attention_shape(prep.model)
+    metrics["width"] = heads * head_dim
     return samples, metrics
 
 
@@ -65,12 +67,13 @@ def attention_layers(model, problem) -> dict[str, int]:
 
 
 def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns: Turns | None = None,
-             samplers: dict | None = None) -> None:
+             samplers: dict | None = None, probe_dir: Path | None = None) -> None:
     """Run a file of jobs ({"model": {...}, "jobs": [Job wire forms without their model]}); with ``turns``,
     each job's timed runs wait for its turn (see turns.py); ``samplers``: test samplers by name, which the
     jobs may name besides the production ones (``Job.from_wire``)."""
     spec = json.loads(jobs_path.read_text())
     models = ModelCache(device)
+    models.probe_dir = probe_dir  # the planner's block probes (autoplan.py)
     for wire in spec["jobs"]:
         job = Job.from_wire({"model": spec["model"], **wire}, comm.world_size, samplers)
         log.info("job %s: %s", job.name, job.parallel)

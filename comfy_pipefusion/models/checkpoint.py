@@ -23,16 +23,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import fp8, keys_flux, keys_pixart, keys_sd3
+from . import fp8, keys_flux, keys_pixart, keys_qwen_image, keys_sd3, keys_zimage
 from .detect import SUPPORTED, DetectError, identify, strip_prefix
-from . import detect
+from . import detect, detect_diffusers
 from .keymap import KeyMap, for_module, sources
 from .tensorfile import MAX_HEADER, Entry, Reader, TensorFileError, read_header
 
 INDEX_SUFFIX = ".safetensors.index.json"
 _SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")
 _SHARD_NAME = re.compile(r"(?!\.)[^/\\\x00-\x1f]{1,200}\.safetensors")  # a bare file name, not hidden
-ORIGINAL_MAPS = {"flux": keys_flux.original_map, "sd3": keys_sd3.original_map, "pixart": keys_pixart.original_map}
+ORIGINAL_MAPS = {"flux": keys_flux.original_map, "sd3": keys_sd3.original_map, "pixart": keys_pixart.original_map,
+                 "qwen_image": keys_qwen_image.original_map, "zimage": keys_zimage.original_map}
 
 
 class CheckpointError(ValueError):
@@ -182,11 +183,19 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
             config = (detect.flux_original_config if layout == "original" else detect.flux_diffusers_config)(
                 shapes, metadata)
             variant = "Flux.1-dev" if config["guidance_embeds"] else "Flux.1-schnell"
+        elif family == "qwen_image":
+            config = keys_qwen_image.config_from_shapes(shapes, metadata)
+            variant = keys_qwen_image.variant(config)
+        elif family == "zimage":
+            config = keys_zimage.config_from_shapes(shapes, metadata)
+            variant = keys_zimage.variant(config)
         elif family == "sd3":
-            config = detect.sd3_original_config(shapes, metadata)
+            config = (detect.sd3_original_config(shapes, metadata) if layout == "original"
+                      else detect_diffusers.sd3_config(shapes, metadata))
             variant = detect.sd3_variant(config)
         else:
-            config = detect.pixart_original_config(shapes, metadata, Path(files[0]).name)
+            config = (detect.pixart_original_config(shapes, metadata, Path(files[0]).name) if layout == "original"
+                      else detect_diffusers.pixart_config(shapes, metadata, Path(files[0]).name))
             variant = detect.pixart_variant(shapes, config)
         detect.check_bounds(config)
     except DetectError as exc:

@@ -18,8 +18,12 @@ from .keymap import invert
 
 def _metadata(family: str, config: dict) -> dict[str, str]:
     """What a small model needs beyond its shapes: head dimensions and RoPE axes that differ from the real ones."""
+    if family == "zimage":
+        from .keys_zimage import metadata
+
+        return metadata(config)
     head = config["attention_head_dim"]
-    if family == "flux":
+    if family in ("flux", "qwen_image"):
         axes = tuple(config.get("axes_dims_rope", (16, 56, 56)))
         try:
             default = detect.rope_axes(head, {})

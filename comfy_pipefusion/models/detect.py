@@ -13,8 +13,10 @@ import re
 
 SUPPORTED = ("Flux.1 dev/schnell (original single file, with or without the 'model.diffusion_model.' prefix; "
              "diffusers transformer, one file or shards with their index), SD3 medium / SD3.5 medium / SD3.5 "
-             "large (original single file, with or without the prefix), PixArt-α 512/1024 and PixArt-Σ "
-             "512/1024/2K (original layout); .safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn")
+             "large (original single file, with or without the prefix; diffusers transformer), PixArt-α 512/1024 "
+             "and PixArt-Σ 512/1024/2K (original layout; diffusers transformer), Qwen-Image (ComfyUI's single file, with or without the prefix, or "
+             "diffusers shards), Z-Image / Z-Image Turbo (ComfyUI's single file, with or without the prefix); "
+             ".safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn")
 PREFIXES = ("model.diffusion_model.", "module.")
 HEAD_DIM_KEY = "pipefusion.attention_head_dim"
 
@@ -43,7 +45,8 @@ def _dit_markers(keys) -> bool:
     """Keys only a supported DiT has (what ``identify`` decides the family by)."""
     return ("double_blocks.0.img_attn.qkv.weight" in keys or "single_blocks.0.linear1.weight" in keys
             or _has(keys, "x_embedder.weight", "context_embedder.weight") or _any(keys, "joint_blocks.0.x_block.")
-            or (_has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv.")))
+            or (_has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv."))
+            or _has(keys, "txt_norm.weight", "img_in.weight") or _has(keys, "cap_embedder.1.weight", "cap_pad_token"))
 
 
 def what_else(keys: set[str]) -> str | None:
@@ -59,7 +62,7 @@ def what_else(keys: set[str]) -> str | None:
         return "an SDXL UNet" if "label_emb.0.0.weight" in keys else "an SD1.x/SD2.x UNet"
     if _has(keys, "conv_in.weight") and _any(keys, "down_blocks."):
         return "a UNet in diffusers layout"
-    if _has(keys, "patch_embedding.weight") and _any(keys, "self_attn.q.weight"):
+    if (_has(keys, "patch_embedding.weight") and _any(keys, "self_attn.q.weight")) or "head.modulation" in keys:
         return "a Wan video model"
     if _any(keys, "individual_token_refiner") or "img_in.proj.weight" in keys:
         return "a HunyuanVideo model"
@@ -68,6 +71,9 @@ def what_else(keys: set[str]) -> str | None:
         return "an LTX-Video model"
     if _any(keys, "t5_y_embedder."):
         return "a Mochi video model"
+    other = _comfy_family(keys)
+    if other:
+        return other
     if "distilled_guidance_layer.in_proj.weight" in keys:
         return "a Chroma model (a Flux derivative without modulation layers)"
     if _any(keys, "double_stream_modulation_img."):
@@ -78,6 +84,37 @@ def what_else(keys: set[str]) -> str | None:
         return "a VAE"
     if _any(keys, "encoder.block.", "text_model.encoder."):
         return "a text encoder"
+    return None
+
+
+# Families ComfyUI 0.3.75 detects (comfy/model_detection.py, by these keys) that we do not run.
+COMFY_ONLY = (
+    (("double_layers.0.attn.w1q.weight",), "an AuraFlow model"),
+    (("mlp_t5.0.weight",), "a Hunyuan-DiT model"),
+    (("clf.1.weight",), "a Stable Cascade model"),
+    (("transformer.rotary_pos_emb.inv_freq",), "a Stable Audio model"),
+    (("t5_yproj.weight",), "a Mochi video model"),
+    (("genre_embedder.weight",), "an ACE-Step audio model"),
+    (("blocks.block0.blocks.0.block.attn.to_q.0.weight",), "a Cosmos video model"),
+    (("blocks.0.mlp.layer1.weight",), "a Cosmos Predict2 model"),
+    (("caption_projection.0.linear.weight",), "a HiDream model"),
+    (("time_caption_embed.timestep_embedder.linear_1.bias",), "an OmniGen2 model"),
+    (("latent_in.weight", "cond_in.weight"), "a Hunyuan3D 2 model"),
+    (("t_embedder.mlp.2.weight", "x_embedder.weight"), "a Hunyuan3D 2.1 model"),
+)
+
+
+def _comfy_family(keys) -> str | None:
+    """A family ComfyUI runs and we do not, named from ComfyUI's own detection keys."""
+    if "cap_embedder.1.weight" in keys:  # ComfyUI's Lumina 2 key (Z-Image also has t_embedder and x_embedder)
+        if "cap_pad_token" in keys:
+            return None
+        return "a Lumina 2 model (Z-Image, which pads its caption with cap_pad_token, is supported)"
+    for needed, name in COMFY_ONLY:
+        if _has(keys, *needed):
+            return name
+    if "adaln_single.emb.timestep_embedder.linear_1.bias" in keys and "pos_embed.proj.bias" not in keys:
+        return "an LTX-Video model"
     return None
 
 
@@ -93,14 +130,21 @@ def identify(keys: set[str]) -> tuple[str, str]:
         return "flux", "original"
     if _has(keys, "x_embedder.weight", "context_embedder.weight") and _any(keys, "transformer_blocks."):
         return "flux", "diffusers"
+    if _has(keys, "txt_norm.weight", "img_in.weight"):  # ComfyUI's marker; its file has diffusers' names
+        return "qwen_image", "original"
+    if _has(keys, "cap_embedder.1.weight", "cap_pad_token"):  # ComfyUI's Lumina 2 marker + Z-Image's padding
+        if "all_x_embedder.2-1.weight" in keys:
+            raise DetectError("this is Z-Image in diffusers layout, which is not read yet: use ComfyUI's single "
+                              "file (z_image_turbo_bf16.safetensors)")
+        return "zimage", "original"
     if _any(keys, "joint_blocks.0.x_block."):
         return "sd3", "original"
     if _has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv."):
         return "pixart", "original"
     if _has(keys, "pos_embed.proj.weight", "context_embedder.weight"):
-        raise DetectError("this is SD3 in diffusers layout, which is not read: use the original single file")
+        return "sd3", "diffusers"
     if _has(keys, "adaln_single.linear.weight", "pos_embed.proj.weight"):
-        raise DetectError("this is PixArt in diffusers layout, which is not read: use the original checkpoint")
+        return "pixart", "diffusers"
     sample = ", ".join(sorted(keys)[:5])
     raise DetectError(f"no known diffusion transformer: {len(keys)} tensors with keys like {sample}")
 
@@ -126,7 +170,8 @@ BOUNDS = {"num_layers": (0, 512), "num_single_layers": (0, 512), "attention_head
           "num_attention_heads": (1, 256), "in_channels": (1, 1024), "out_channels": (1, 1024),
           "joint_attention_dim": (1, 65536), "pooled_projection_dim": (1, 65536), "caption_projection_dim": (1, 65536),
           "cross_attention_dim": (1, 65536), "caption_channels": (1, 65536), "patch_size": (1, 16),
-          "sample_size": (1, 4096), "pos_embed_max_size": (1, 4096)}
+          "sample_size": (1, 4096), "pos_embed_max_size": (1, 4096), "dim": (1, 65536), "n_layers": (0, 512),
+          "n_refiner_layers": (0, 64), "n_heads": (1, 256), "cap_feat_dim": (1, 65536)}
 MAX_WIDTH = 65536  # heads x head dimension
 
 
@@ -136,11 +181,11 @@ def check_bounds(config: dict) -> None:
         v = config.get(key)
         if v is not None and not (isinstance(v, int) and lo <= v <= hi):
             raise DetectError(f"{key} = {v!r} is outside {lo}..{hi}; the header does not describe a real model")
-    width = config["attention_head_dim"] * config["num_attention_heads"]
+    width = config["dim"] if "dim" in config else config["attention_head_dim"] * config["num_attention_heads"]
     if width > MAX_WIDTH:
         raise DetectError(f"width {width} (heads x head dimension) is beyond {MAX_WIDTH}; the header does not "
                           "describe a real model")
-    if config.get("num_layers", 0) + config.get("num_single_layers", 0) < 1:
+    if config.get("num_layers", 0) + config.get("num_single_layers", 0) + config.get("n_layers", 0) < 1:
         raise DetectError("the header describes a model without blocks")
 
 

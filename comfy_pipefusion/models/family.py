@@ -5,6 +5,11 @@ A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engin
     NAME: str                          "flux" | "sd3" | "pixart"
     JOINT_TEXT: bool                   text tokens share the attention sequence ([text; image]: Flux, SD3)
                                        or enter by cross-attention (PixArt: spans carry no text tokens)
+    SAMPLING: str (optional)           the model sampling's kind when it is not NAME (sampling/model_sampling.py)
+    LATENT_FRAMES: bool (optional)     ComfyUI's LATENT carries a frame axis [B, C, 1, h, w] (video VAEs)
+    text_tokens(n) -> int (optional)   text tokens in the attention sequence for n conditioning tokens, when
+                                       the model pads them (Z-Image: to a multiple of 32); ``embeddings``
+                                       then gives that many
     PRESETS: dict                      built-in random-weight models: {name: dict(config=..., text_tokens=,
                                        height=, width=, steps=)}
     SHARED_MODULES, FIRST_MODULES, LAST_MODULES
@@ -49,7 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-FAMILIES = ("flux", "sd3", "pixart")
+FAMILIES = ("flux", "sd3", "pixart", "qwen_image", "zimage")
 
 
 def get(name: str):
@@ -57,6 +62,29 @@ def get(name: str):
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}: supported are {', '.join(FAMILIES)}")
     return importlib.import_module(f"{__package__}.{name}")
+
+
+def sequence_text(fam, n_txt: int) -> int:
+    """Text tokens a span sequence holds for ``n_txt`` conditioning tokens (0 for cross-attention families)."""
+    if not fam.JOINT_TEXT:
+        return 0
+    return fam.text_tokens(n_txt) if hasattr(fam, "text_tokens") else n_txt
+
+
+def attention_shape(model) -> tuple[int, int]:
+    """(heads, head dimension) of a family's diffusers model: num_attention_heads and attention_head_dim in
+    most configs, n_heads and dim (the width) in Z-Image's."""
+    cfg = model.config
+    if "n_heads" in cfg and "dim" in cfg:  # Z-Image's (and Lumina's) names
+        return cfg["n_heads"], cfg["dim"] // cfg["n_heads"]
+    return cfg.num_attention_heads, cfg.attention_head_dim
+
+
+def num_blocks(config: dict) -> int:
+    """How many blocks ``blocks_of`` gives, from a configuration alone (no model built): Flux's double and
+    single blocks, the others' layers, Z-Image's main layers and noise refiner (its context refiner runs once
+    per job, outside the blocks)."""
+    return sum(int(config.get(k, 0)) for k in ("num_layers", "num_single_layers", "n_layers", "n_refiner_layers"))
 
 
 def find_preset(preset: str) -> tuple[object, dict]:
@@ -81,18 +109,32 @@ class Block:
 
 @dataclass(frozen=True)
 class LatentFormat:
-    """ComfyUI's latent format: LATENT = sampling / scale + shift."""
+    """ComfyUI's latent format: LATENT = sampling / scale + shift, or, with per-channel ``mean`` and ``std``
+    (the Wan 2.1 VAE's, Qwen-Image), LATENT = sampling * std / scale + mean."""
 
     channels: int
     scale: float
     shift: float = 0.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     empty_node: str = field(default="EmptyLatentImage", compare=False)
     """The ComfyUI node that makes an empty latent of this format (named in the nodes' errors)."""
 
+    def _stats(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.channels) + (1,) * (latent.ndim - 2)  # [1, C, 1, 1]
+        return (torch.tensor(self.mean).view(shape).to(latent.device, latent.dtype),
+                torch.tensor(self.std).view(shape).to(latent.device, latent.dtype))
+
     def process_in(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            mean, std = self._stats(latent)
+            return (latent - mean) * self.scale / std
         return (latent - self.shift) * self.scale
 
     def process_out(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            mean, std = self._stats(latent)
+            return latent * std / self.scale + mean
         return latent / self.scale + self.shift
 
 

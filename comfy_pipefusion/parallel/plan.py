@@ -130,7 +130,7 @@ def load_rank_model(source: ModelSource, cfg: ParallelConfig, rank: int, device:
     raise to abandon the load)."""
     described = described if described is not None and described.meta is not None else source.open()
     fam, model = described.fam, copy.deepcopy(described.meta)  # a copy: the structure stays pure meta
-    cfg.check_model(len(fam.blocks_of(model)), model.config.num_attention_heads)
+    cfg.check_model(len(fam.blocks_of(model)), family.attention_shape(model)[0])
     source.fill(fam, model, rank_modules(fam, model, cfg, rank), device, dtype, progress, described.info)
     model.eval().requires_grad_(False)
     return model, rank_blocks(fam, model, cfg, rank)

@@ -49,7 +49,8 @@ class JobRuntime:
 
     @property
     def width(self) -> int:
-        return self.model.config.num_attention_heads * self.model.config.attention_head_dim
+        heads, head_dim = family.attention_shape(self.model)
+        return heads * head_dim
 
     def step_of(self, k: int) -> int:
         """The sampling step evaluation ``k`` belongs to."""
@@ -71,12 +72,13 @@ class JobRuntime:
         return self._temb[k]
 
     def kv_buffers(self, blocks: list, cls=StaleKV, n_img: int | None = None, **kw) -> list:
-        cfg, p = self.model.config, self.problem
+        p = self.problem
+        heads, head_dim = family.attention_shape(self.model)
         n_img = p.n_img if n_img is None else n_img
 
         def make(kind: str):
             n_txt, extra = (p.n_span_txt, kw) if kind == "joint" else (0, _image_only(kw))
-            return cls(p.model_batch, cfg.num_attention_heads, n_txt, n_img, cfg.attention_head_dim,
+            return cls(p.model_batch, heads, n_txt, n_img, head_dim,
                        self.dtype, self.device, **extra)
         return [self.fam.kv_buffers(self.model, b, make) for b in blocks]
 

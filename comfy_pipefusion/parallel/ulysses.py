@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import JobCancelled
+from ..models import family
 from ..patches import Span, displaced_spans
 from .runtime import Control, JobRuntime, gather_bands
 
@@ -84,8 +85,7 @@ def run_ulysses(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, dev
     sp = spans[comm.rank]
     control = control or Control()
     rt = JobRuntime(model, problem, dtype, device, first=True, last=True, preview=control.preview)
-    mc = model.config
-    exchange = Exchange(comm, problem.model_batch, mc.num_attention_heads, mc.attention_head_dim, dtype, device)
+    exchange = Exchange(comm, problem.model_batch, *family.attention_shape(model), dtype, device)
     layers = rt.kv_buffers(blocks, UlyssesAttention, spans=spans, exchange=exchange)
     txt = rt.span_txt(sp)
     for item in rt.schedule(sp):  # exact every evaluation: one item each, this rank's band

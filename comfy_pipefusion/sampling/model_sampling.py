@@ -8,6 +8,7 @@ families we run (comfy/supported_models.py, comfy/model_base.py):
                   resolution; the ModelSamplingFlux node sets shift from it, see ``flux_shift_for``)
     flux_schnell  Flux.1 schnell: ModelSamplingDiscreteFlow + CONST, shift 1.0, multiplier 1.0
     sd3           SD3 / SD3.5: ModelSamplingDiscreteFlow + CONST, shift 3.0, multiplier 1000
+    zimage        Z-Image: ModelSamplingDiscreteFlow + CONST, shift 3.0, multiplier 1.0 (Qwen-Image uses "flux")
     pixart        PixArt-alpha / -sigma: ModelSamplingDiscrete + EPS, "sqrt_linear" betas 1e-4 .. 0.02
                   over 1000 steps (linear in beta)
 
@@ -19,7 +20,7 @@ import math
 
 import torch
 
-MODEL_SAMPLINGS = ("flux", "flux_schnell", "sd3", "pixart")
+MODEL_SAMPLINGS = ("flux", "flux_schnell", "sd3", "pixart", "zimage")
 FLUX_BASE_SHIFT, FLUX_MAX_SHIFT = 0.5, 1.15
 FLUX_SHIFT_TOKENS = (256, 4096)
 
@@ -215,6 +216,8 @@ def model_sampling_for(kind: str, shift: float | None = None) -> ModelSampling:
         return DiscreteFlowSampling(1.0, multiplier=1.0) if shift is None else FluxSampling(shift)
     if kind == "sd3":
         return DiscreteFlowSampling(3.0 if shift is None else shift, multiplier=1000)
+    if kind == "zimage":
+        return DiscreteFlowSampling(3.0 if shift is None else shift, multiplier=1.0)
     if kind == "pixart":
         if shift is not None:
             raise ValueError("pixart samples on a discrete beta schedule: it takes no shift")

@@ -1,0 +1,117 @@
+"""strategy=auto in a worker group: the probes, the prediction of every plan, the choice (all ranks agree).
+
+Every rank calls the same methods in the same order (they are collective on the control plane):
+
+- the link is probed once per group, the first time a job needs a prediction (parallel/probe.py);
+- block costs are probed by rank 0 once per model structure, device and dtype (cached as JSON in
+  ``cache_dir``: the group's run directory, or ``PIPEFUSION_PROBE_DIR``) and broadcast, so every rank
+  predicts from the same numbers;
+- memory: each rank checks every candidate against its own budget (the admission estimate), the answers
+  are gathered, and a plan fits where it fits on every rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from .config import ParallelConfig
+from .memory import AdmissionError
+from .parallel.planner import Choice, candidates, choose, predict, workload_of
+from .parallel.probe import cached_blocks, grids_for, machine_costs, probe_link
+from .parallel.simulate import BlockCost, Costs, Link, Prediction
+
+log = logging.getLogger("comfy_pipefusion.autoplan")
+ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PIPEFUSION_PROBE_DIR") or Path.home() / ".cache" / "comfy-pipefusion" / "probes")
+
+
+class GroupPlanner:
+    """One per rank and group: what the group measured, kept between jobs."""
+
+    def __init__(self, comm, device, threads: int, cache_dir: Path | None = None) -> None:
+        self.comm, self.device, self.threads = comm, device, threads
+        self.cache_dir = cache_dir
+        self.link: Link | None = None
+        self.unprobed = False  # the last job's block probe failed (no prediction; auto took the first plan)
+
+    def costs(self, fam, config: dict, dtype, problem) -> Costs | None:
+        """The group's costs for this model and job size (collective); None (on every rank, logged) when
+        the block probe failed."""
+        n_txt, n_img = problem.n_txt, problem.n_img
+        if self.link is None:
+            self.link = probe_link(self.comm)
+            log.info("link: %.3g MB/s, %.3g ms latency", self.link.bandwidth / 1e6, self.link.latency * 1e3)
+        raw = None
+        if self.comm.rank == 0:  # a failure is broadcast too: no rank is left waiting for the numbers
+            try:
+                blocks, outside = cached_blocks(self.cache_dir, fam, config, self.device, dtype, n_txt, self.threads,
+                                                grids_for(problem.rows, problem.cols))
+                raw = {"blocks": {k: vars(v) for k, v in blocks.items()}, "outside": outside}
+            except Exception as exc:  # noqa: BLE001 - every rank raises it below
+                raw = {"error": f"the block probe failed on rank 0: {type(exc).__name__}: {exc}"}
+        raw = self.comm.broadcast_object(raw)
+        self.unprobed = "error" in raw
+        if "error" in raw:
+            log.warning("%s: no prediction for this job", raw["error"])
+            return None
+        blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
+        return machine_costs(blocks, raw["outside"], self.link, n_img)
+
+    def choose(self, par: ParallelConfig, problem, fam, meta, config: dict, dtype: str, fits) -> Choice:
+        """The plan for a job whose ``par`` has strategy 'auto' (collective). ``fits(cfg)`` is this rank's
+        memory check (False, or an AdmissionError, when the plan does not fit here)."""
+        rest = {k: v for k, v in dataclasses.asdict(par).items()
+                if k not in ("strategy", "patches", "stage_split", "world_size")}
+        base = ParallelConfig("pipefusion" if self.comm.world_size > 1 else "serial", self.comm.world_size, **rest)
+        plans = candidates(self.comm.world_size, problem.rows, base.warmup_steps, base, problem.cfg,
+                           meta.config.num_attention_heads)
+        mine = []
+        for cfg in plans:
+            try:
+                mine.append(bool(fits(cfg)))
+            except ValueError as exc:
+                mine.append(str(exc))
+        every = self.comm.gather_object(mine)
+        ok = {i: all(r[i] is True for r in every) for i in range(len(plans))}  # fits on every rank
+        refusals = [r[i] for r in every for i in range(len(plans)) if isinstance(r[i], str)]
+        costs = self.costs(fam, config, dtype_of(dtype), problem)
+        work = workload_of(fam, meta, problem, base.warmup_steps, ELEM[dtype])
+
+        def agreed(cfg: ParallelConfig) -> bool:
+            if not ok[plans.index(cfg)] and refusals and not any(ok.values()):
+                raise AdmissionError(refusals[0])  # none fits: the first plan's refusal, with its way out
+            return ok[plans.index(cfg)]
+
+        if costs is None:  # no numbers to compare: the first plan that fits (PipeFusion's, the least memory)
+            costs = Costs(blocks={k: BlockCost(1.0) for k in work.kinds}, link=Link(1.0))
+            plans = [next((c for c in plans if agreed(c)), plans[0])]
+        choice = choose(plans, work, costs, agreed)
+        log.info("auto: %s", choice.describe())
+        return choice
+
+    def plan_job(self, plan, problem, fam, config: dict, meta, dtype: str, fits):
+        """(plan, Choice or None, predicted seconds, probed link as a dict) of a job whose ``plan`` is
+        predicted, or chosen where its strategy is 'auto' (``fits``: see ``choose``). Collective."""
+        if plan.strategy != "auto":
+            p = self.predict(plan, problem, fam, meta, config, dtype)
+            return plan, None, p.wall_s if p is not None else None, vars(self.link)
+        choice = self.choose(plan, problem, fam, meta, config, dtype, fits)
+        return choice.cfg, choice, None if self.unprobed else choice.prediction.wall_s, vars(self.link)
+
+    def predict(self, cfg: ParallelConfig, problem, fam, meta, config: dict, dtype: str) -> Prediction | None:
+        """The simulator's wall time for a fixed plan (collective)."""
+        costs = self.costs(fam, config, dtype_of(dtype), problem)
+        if costs is None:
+            return None
+        return predict(cfg, workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype]), costs)
+
+
+def dtype_of(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

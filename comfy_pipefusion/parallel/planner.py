@@ -1,0 +1,121 @@
+"""strategy=auto: predict every plan of a group that fits in memory and pick the fastest.
+
+The plans of a group of N ranks: PipeFusion with M = N, 2N, 4N patches (as many as the image has token
+rows), DistriFusion, each with the user's warm-up steps (never fewer: warm-up is a quality setting). Each
+is predicted by the simulator (simulate.py) from the probed costs (probe.py) and checked with the memory
+admission estimate (memory.py) by the caller's ``fits``; the fastest that fits wins, ties going to the
+earlier candidate (PipeFusion first: it sends the least).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import STRATEGIES, ParallelConfig
+from .simulate import Costs, Prediction, Workload, simulate
+
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The plan ``auto`` picked, with every candidate's prediction (seconds) and whether it fits."""
+
+    cfg: ParallelConfig
+    prediction: Prediction
+    table: tuple[tuple[str, float, bool], ...]
+    """(plan label, predicted seconds, fits in memory) per candidate, in candidate order."""
+
+    def describe(self) -> str:
+        return f"{label(self.cfg)} (predicted {self.prediction.wall_s:.2f} s; " + ", ".join(
+            f"{name} {s:.2f} s{'' if ok else ' (does not fit)'}" for name, s, ok in self.table) + ")"
+
+    def as_dict(self) -> dict:
+        return {"plan": label(self.cfg), "strategy": self.cfg.strategy, "patches": self.cfg.num_patches,
+                "warmup_steps": self.cfg.warmup_steps, "predicted_s": self.prediction.wall_s,
+                "candidates": [{"plan": n, "predicted_s": s, "fits": ok} for n, s, ok in self.table]}
+
+
+def label(cfg: ParallelConfig) -> str:
+    if cfg.strategy.endswith("pipefusion"):
+        return f"{cfg.strategy} x{cfg.world_size} M{cfg.num_patches} W{cfg.warmup_steps}"
+    return f"{cfg.strategy} x{cfg.world_size} W{cfg.warmup_steps}"
+
+
+def candidates(world: int, rows: int, warmup: int, base: ParallelConfig | None = None, cfg: bool = False,
+               heads: int = 0) -> list[ParallelConfig]:
+    """The plans ``auto`` considers on ``world`` ranks for an image of ``rows`` token rows (``cfg``: a
+    true-CFG job; ``heads``: the model's attention heads); ``base`` carries the user's other settings
+    (text stream, balance)."""
+    if world == 1:
+        return [ParallelConfig("serial", 1, warmup_steps=warmup)]
+    keep = {} if base is None else {"text_stream": base.text_stream, "balance": base.balance}
+    out = []
+    for m in (world, 2 * world, 4 * world):
+        if m <= rows:
+            out.append(ParallelConfig("pipefusion", world, patches=m, warmup_steps=warmup, **keep))
+    if world <= rows:
+        out.append(ParallelConfig("distrifusion", world, warmup_steps=warmup))
+    return out + exact_candidates(world, rows, warmup, cfg, heads)
+
+
+def exact_candidates(world: int, rows: int, warmup: int, cfg: bool, heads: int) -> list[ParallelConfig]:
+    """The exact methods and hybrids where the engine has them (config.STRATEGIES): Ulysses when the heads
+    split evenly, CFG halves (alone, or around each other method) on a true-CFG job."""
+    out = []
+    names = [s for s in STRATEGIES if s == "ulysses" or s.startswith("cfg")]
+    for s in names:
+        half = world // 2 if s.startswith("cfg") else world
+        if s.startswith("cfg") and not cfg:
+            continue
+        if "ulysses" in s and (not heads or heads % half):
+            continue
+        if s.endswith(("pipefusion", "distrifusion")) and half > rows:
+            continue
+        try:
+            out.append(ParallelConfig(s, world, warmup_steps=warmup))
+        except ValueError:  # not a plan of this many ranks (e.g. cfg alone on 4)
+            continue
+    return out
+
+
+def predict(cfg: ParallelConfig, work: Workload, costs: Costs) -> Prediction:
+    return simulate(cfg.strategy, cfg.world_size, work, costs, patches=cfg.num_patches,
+                    text_stream=cfg.text_stream, stage_split=cfg.stage_split)
+
+
+def choose(plans: list[ParallelConfig], work: Workload, costs: Costs, fits=lambda cfg: True) -> Choice:
+    """The fastest plan that ``fits``; with none fitting, the last refusal's error is raised again
+    (``fits`` may raise memory.AdmissionError instead of returning False: the one of the plan that needs
+    the least memory is the most useful, and PipeFusion's come first)."""
+    if not plans:
+        raise ValueError("no plan to choose from: the image has fewer token rows than the group has ranks")
+    table, best, refusal = [], None, None
+    for cfg in plans:
+        p = predict(cfg, work, costs)
+        try:
+            ok = bool(fits(cfg))
+        except ValueError as exc:  # memory.AdmissionError is a ValueError
+            ok, refusal = False, refusal or exc
+        table.append((label(cfg), p.wall_s, ok))
+        if ok and (best is None or p.wall_s < best[1].wall_s):
+            best = (cfg, p)
+    if best is None:
+        if refusal is not None:
+            raise refusal
+        raise ValueError("none of the plans fits in memory: " + ", ".join(n for n, _, _ in table))
+    return Choice(best[0], best[1], tuple(table))
+
+
+
+def workload_of(fam, meta, problem, warmup_steps: int, elem: int) -> Workload:
+    """The simulator's view of a job (``job.Problem``) on a model (``meta``: its structure)."""
+    from ..job import evaluation_plan
+
+    evals, step_of = evaluation_plan(problem.spec, problem.sampling)
+    blocks = fam.blocks_of(meta)
+    layers = {b.kind: len(fam.kv_buffers(meta, b, lambda kind: kind)) for b in blocks}
+    cfg = meta.config
+    return Workload(kinds=tuple(b.kind for b in blocks), width=cfg.num_attention_heads * cfg.attention_head_dim,
+                    rows=problem.rows, cols=problem.cols, n_txt=problem.n_span_txt, evals=evals,
+                    warmup_evals=sum(1 for k in range(evals) if step_of(k) < warmup_steps), batch=problem.batch,
+                    cfg=problem.cfg, elem=elem, channels=problem.x0.shape[-1], kv_layers=layers,
+                    heads=cfg.num_attention_heads)

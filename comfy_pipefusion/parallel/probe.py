@@ -1,0 +1,164 @@
+"""Short probes of what the simulator needs: each block kind's compute on this device, and each link.
+
+Blocks: one block of each kind of the model's own structure, filled with synthetic weights (timing does
+not depend on the values), runs through the family's patch-wise code (the engine's ``run_blocks``) over a
+whole image of three sizes (the job's, half and a quarter of it); ``t(n) = per_call + per_token (n + n^2 / 6d)`` is fitted to the fastest of a
+few runs per size (``fit``). The result is cached as JSON per model structure, device, dtype, thread count and torch
+version, so a group pays for the probe once.
+
+Links: a ping-pong with rank 0 (small messages: latency; large ones: bandwidth), on the data plane.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import SampleSpec
+from ..job import synthetic_problem
+from ..models import family
+from ..patches import full_span
+from .runtime import JobRuntime
+from .simulate import BlockCost, Costs, Link
+
+log = logging.getLogger("comfy_pipefusion.probe")
+
+
+def grids_for(rows: int, cols: int) -> tuple[tuple[int, int], ...]:
+    """Token rows x cols of the probe images: the job's own size, half and a quarter of it (a size the
+    model takes, e.g. within SD3's position table), at least 2 x 2."""
+    out = []
+    for f in (4, 2, 1):
+        g = (max(2, min(rows, -(-rows // f))), max(2, min(cols, -(-cols // f))))
+        if g not in out:
+            out.append(g)
+    return tuple(out)
+REPEATS = 3
+
+
+def cache_key(config: dict, device: torch.device, dtype: torch.dtype, threads: int) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}"
+    raw = json.dumps([config, name, str(dtype), threads, torch.__version__], sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def fit(samples: list[tuple[int, float]], width: int) -> BlockCost:
+    """Least squares of t = c + a (n + n^2 / (6 width)) over (n tokens, seconds): the attention term keeps
+    its counted share of the FLOPs (4 d per pair against 24 d^2 per token), so that three noisy sizes fit
+    two numbers, not three. A negative overhead is dropped and the slope refitted through the origin."""
+    ns = torch.tensor([float(n) for n, _ in samples], dtype=torch.float64)
+    ts = torch.tensor([t for _, t in samples], dtype=torch.float64)
+    work = ns + ns * ns / (6 * width)
+    a = torch.stack([torch.ones_like(ns), work], 1)
+    c, slope = torch.linalg.lstsq(a, ts[:, None]).solution[:, 0].tolist()
+    if c < 0 or slope <= 0:
+        c, slope = 0.0, float((work * ts).sum() / (work * work).sum())
+    return BlockCost(per_token=slope, per_pair=slope / (6 * width), per_call=c)
+
+
+def _timed(fn, device: torch.device) -> float:
+    best = float("inf")
+    for _ in range(REPEATS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def probe_blocks(fam, config: dict, device: torch.device, dtype: torch.dtype, n_txt: int,
+                 grids: tuple[tuple[int, int], ...]) -> tuple[dict[str, BlockCost], float]:
+    """({block kind: cost}, seconds per evaluation outside the blocks) on ``device``."""
+    model = fam.build_meta(config)
+    blocks = fam.blocks_of(model)
+    one = {}
+    for b in blocks:
+        one.setdefault(b.kind, b)
+    names = [n for n in (*fam.SHARED_MODULES, *fam.FIRST_MODULES, *fam.LAST_MODULES) if family.holds(model, n)]
+    fam.materialize(model, names + [b.prefix for b in one.values()], device, dtype, 0)
+    model.eval().requires_grad_(False)
+    samples: dict[str, list] = {k: [] for k in one}
+    outside = []
+    with torch.inference_mode():
+        for rows, cols in grids:
+            spec = SampleSpec(height=rows * 16, width=cols * 16, steps=1, dtype=str(dtype).removeprefix("torch."))
+            problem = synthetic_problem(fam, config, spec, n_txt)
+            rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
+            span = full_span(problem.n_span_txt, problem.n_img)
+            img = rt.embed_image(rt.x, span, 0)
+            n = problem.n_span_txt + problem.n_img
+            for kind, b in one.items():
+                kvs = rt.kv_buffers([b])
+                samples[kind].append((n, _timed(lambda: rt.run_blocks([b], kvs, span, rt.span_txt(span), img, 0),
+                                                device)))
+            x = rt.x.clone()
+            outside.append(_timed(lambda: (rt.embed_image(x, span, 0), rt.update(0, 0, problem.n_img, img)), device)
+                           / problem.n_img)
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    return {k: fit(v, width) for k, v in samples.items()}, min(outside)
+
+
+def cached_blocks(cache_dir: Path | None, fam, config: dict, device: torch.device, dtype: torch.dtype,
+                  n_txt: int, threads: int, grids: tuple[tuple[int, int], ...]) -> tuple[dict[str, BlockCost], float]:
+    """``probe_blocks``, read from ``cache_dir`` when this model structure and device were probed before
+    (at the same sizes: a job of another size probes again, so each fit covers the sizes it predicts)."""
+    key = cache_key({"config": config, "grids": grids, "n_txt": n_txt}, device, dtype, threads)
+    path = Path(cache_dir) / f"probe-{key}.json" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+            return {k: BlockCost(**v) for k, v in raw["blocks"].items()}, float(raw["per_token_outside"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("probe cache %s unreadable (%s): probing again", path, exc)
+    start = time.perf_counter()
+    blocks, outside = probe_blocks(fam, config, device, dtype, n_txt, grids)
+    log.info("probed %s block kinds on %s in %.1f s", len(blocks), device, time.perf_counter() - start)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"blocks": {k: vars(v) for k, v in blocks.items()},
+                                   "per_token_outside": outside}))
+        os.replace(tmp, path)
+    return blocks, outside
+
+
+def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5) -> Link:
+    """The slowest link from rank 0 to another rank: a ping-pong of ``small`` and ``large`` bytes; every rank
+    calls it (rank 0 talks to each other rank in turn). One rank: a free link."""
+    if comm.world_size == 1:
+        return Link(bandwidth=1e12, latency=0.0)
+    worst = (0.0, 0.0)
+    for peer in range(1, comm.world_size):
+        times = []
+        for nbytes in (small, large):
+            buf = torch.zeros(nbytes, dtype=torch.uint8, device=comm.device)
+            best = float("inf")
+            for _ in range(rounds):
+                comm.barrier()
+                start = time.perf_counter()
+                if comm.rank == 0:
+                    comm.isend(buf, peer).wait()
+                    comm.irecv(buf, peer).wait()
+                elif comm.rank == peer:
+                    comm.irecv(buf, 0).wait()
+                    comm.isend(buf, 0).wait()
+                best = min(best, (time.perf_counter() - start) / 2)
+            times.append(best)
+        latency = times[0]
+        per_byte = max(times[1] - latency, 1e-12) / (large - small)
+        if latency + large * per_byte > worst[0] + large * worst[1]:
+            worst = (latency, per_byte)
+    got = comm.broadcast_object([worst[0], worst[1]])  # rank 0's measurement on every rank
+    return Link(bandwidth=1.0 / got[1], latency=got[0])
+
+
+def machine_costs(blocks: dict[str, BlockCost], outside_per_token: float, link: Link, n_img: int) -> Costs:
+    return Costs(blocks=blocks, link=link, per_eval=outside_per_token * n_img)

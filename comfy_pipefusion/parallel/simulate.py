@@ -1,0 +1,301 @@
+"""A simulator of parallel plans: the predicted wall time of one job under each strategy.
+
+Inputs are measured or assumed costs, never a run of the model:
+
+- ``BlockCost`` per block kind: seconds per query token (the linear layers), per query x context token
+  pair (attention), and per call (launch and Python overhead). A span of ``nq`` query tokens attending
+  over ``nctx`` tokens costs ``per_call + nq * (per_token + per_pair * nctx)`` per image of the model batch.
+- ``Link``: bandwidth (bytes/s) and latency (s) of the link between two ranks; a link carries one message
+  at a time in each direction, and sends overlap compute (receives are posted ahead in the engine).
+
+What is simulated (see parallel/pipefusion.py and distrifusion.py for the schedules themselves):
+
+- ``serial``: every evaluation runs every block over the whole sequence.
+- ``pipefusion``: an event simulation of the ring. Items are the engine's own schedule (schedule.py): the
+  warm-up evaluations one whole-image item each, the rest M bands each. Stage s starts an item when it
+  is free and the item has arrived: from s - 1 (its activations, one hop) or, on stage 0, the same band's
+  new latent from the last stage (the ring). Warm-up, fill and drain fall out of the schedule.
+- ``distrifusion``: each rank computes its band over the whole context; at each attention layer its K/V
+  band goes to every other rank (a ring all-gather: N - 1 hops). Warm-up evaluations wait for every
+  gather; the others overlap the gather with the next evaluation's compute.
+- ``naive_patch``: each rank its band alone; no exchange but the final latent.
+- ``ulysses``: each rank computes 1/N of the tokens through the linear layers and 1/N of the heads over
+  the whole sequence; every attention layer waits for two all-to-alls (q, k, v out; the outputs back).
+- ``cfg`` and ``cfg+X``: the positive and negative branches on two halves, each running X (serial on one
+  rank) on half the model batch; each evaluation the halves swap their outputs (latent-sized) once.
+
+Everything here is pure arithmetic on frozen values: no torch, no process group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ..patches import displaced_spans, full_span, pipefusion_spans, split_even
+from .schedule import make_schedule
+
+SIMULATED = ("serial", "pipefusion", "distrifusion", "naive_patch", "ulysses", "cfg", "cfg+X")
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Compute time of one block kind on one device, per image of the model batch."""
+
+    per_token: float
+    """Seconds per query token (the block's linear layers, norms, MLP)."""
+    per_pair: float = 0.0
+    """Seconds per (query token, context token) pair: attention scores and their weighted sum."""
+    per_call: float = 0.0
+    """Seconds per call, whatever its size (kernel launches, Python)."""
+
+    def __post_init__(self) -> None:
+        if min(self.per_token, self.per_pair, self.per_call) < 0:
+            raise ValueError(f"block costs must be >= 0, got per_token {self.per_token}, per_pair "
+                             f"{self.per_pair}, per_call {self.per_call}")
+
+    def time(self, nq: int, nctx: int, batch: int = 1) -> float:
+        return self.per_call + batch * nq * (self.per_token + self.per_pair * nctx)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One link between two ranks (both directions alike, each direction one message at a time)."""
+
+    bandwidth: float
+    """Bytes per second."""
+    latency: float = 0.0
+    """Seconds from a send's start to its first byte's arrival."""
+
+    def __post_init__(self) -> None:
+        if self.bandwidth <= 0 or self.latency < 0:
+            raise ValueError(f"a link needs bandwidth > 0 B/s and latency >= 0 s, got {self.bandwidth} B/s, "
+                             f"{self.latency} s")
+
+    def time(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What the simulator knows about the machine: compute per block kind, the links, fixed overheads."""
+
+    blocks: dict[str, BlockCost]
+    """Per block kind (``Block.kind``: "double", "single", "joint", ...)."""
+    link: Link
+    """Every rank pair's link (a uniform machine; two machines: the link between them)."""
+    per_eval: float = 0.0
+    """Seconds per model evaluation on every rank besides the blocks (embeddings, final layer, sampler)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One job's shape as the schedule sees it."""
+
+    kinds: tuple[str, ...]
+    """Block kind of every block, in execution order."""
+    width: int
+    """Model width D (hidden size)."""
+    rows: int
+    """Token rows of the image (height / 16)."""
+    cols: int
+    """Tokens per row (width / 16)."""
+    n_txt: int
+    """Text tokens in the attention sequence (0 for cross-attention families such as PixArt)."""
+    evals: int
+    """Model evaluations (steps, or more for samplers that evaluate twice per step)."""
+    warmup_evals: int
+    """Leading evaluations that run synchronously (the warm-up steps' evaluations)."""
+    batch: int = 1
+    """Images in the latent batch."""
+    cfg: bool = False
+    """True CFG: the model batch holds positive and negative (twice the images)."""
+    elem: int = 4
+    """Bytes per activation element (4 float32, 2 bfloat16)."""
+    channels: int = 64
+    """Packed latent channels per image token (sent as float32)."""
+    kv_layers: dict[str, int] = field(default_factory=dict)
+    """Attention layers per block kind that DistriFusion exchanges (default: one per block)."""
+    heads: int = 0
+    """Attention heads (Ulysses needs them divisible by its degree; 0: not checked)."""
+
+    def __post_init__(self) -> None:
+        if not self.kinds or self.rows < 1 or self.cols < 1 or self.evals < 1 or self.n_txt < 0:
+            raise ValueError(f"a workload needs blocks, rows/cols/evals >= 1 and n_txt >= 0, got "
+                             f"{len(self.kinds)} blocks, {self.rows}x{self.cols}, {self.evals} evals, "
+                             f"{self.n_txt} text tokens")
+
+    @property
+    def model_batch(self) -> int:
+        return self.batch * (2 if self.cfg else 1)
+
+    @property
+    def n_img(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def n_ctx(self) -> int:
+        return self.n_txt + self.n_img
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The simulator's answer for one plan."""
+
+    strategy: str
+    world: int
+    patches: int
+    wall_s: float
+    compute_s: float
+    """The busiest rank's compute time."""
+    comm_s: float
+    """The busiest link's (or rank's) transfer time, overlapped or not."""
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("strategy", "world", "patches", "wall_s", "compute_s", "comm_s")}
+
+
+def blocks_time(costs: Costs, kinds, nq: int, nctx: int, batch: int) -> float:
+    total = 0.0
+    for kind in kinds:
+        if kind not in costs.blocks:
+            raise ValueError(f"no cost for block kind {kind!r}: the costs know {', '.join(sorted(costs.blocks))}")
+        total += costs.blocks[kind].time(nq, nctx, batch)
+    return total
+
+
+def stage_sizes(work: Workload, costs: Costs, world: int, split: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Blocks per stage: ``split`` as given, else the contiguous split with the cheapest slowest stage."""
+    if split is not None:
+        if sum(split) != len(work.kinds) or len(split) != world:
+            raise ValueError(f"stage split {list(split)} does not give {len(work.kinds)} blocks to {world} stages")
+        return split
+    from .plan import balanced_split  # the engine's own split (imported here: plan.py loads the models)
+
+    per_block = [blocks_time(costs, [k], work.n_ctx, work.n_ctx, 1) for k in work.kinds]
+    return balanced_split(per_block, world)
+
+
+def simulate(strategy: str, world: int, work: Workload, costs: Costs, patches: int = 0,
+             text_stream: str = "last_patch", stage_split: tuple[int, ...] | None = None) -> Prediction:
+    """Predicted wall time of one job (see the module docstring)."""
+    if strategy.startswith("cfg"):
+        return _cfg(strategy, world, work, costs, patches, text_stream, stage_split)
+    if strategy == "ulysses":
+        return _ulysses(world, work, costs)
+    if strategy == "serial" or world == 1:
+        t = work.evals * (blocks_time(costs, work.kinds, work.n_ctx, work.n_ctx, work.model_batch) + costs.per_eval)
+        return Prediction("serial", 1, 1, t, t, 0.0)
+    if strategy == "pipefusion":
+        return _pipefusion(world, work, costs, patches or world, text_stream, stage_split)
+    if strategy == "distrifusion":
+        return _distrifusion(world, work, costs)
+    if strategy == "naive_patch":
+        return _naive(world, work, costs)
+    raise ValueError(f"the simulator has no model of strategy {strategy!r}: it knows {', '.join(SIMULATED)}")
+
+
+def _pipefusion(world: int, work: Workload, costs: Costs, patches: int, text_stream: str,
+                split: tuple[int, ...] | None) -> Prediction:
+    sizes = stage_sizes(work, costs, world, split)
+    stages, start = [], 0
+    for n in sizes:
+        stages.append(work.kinds[start:start + n])
+        start += n
+    bands = pipefusion_spans(work.rows, work.cols, work.n_txt, patches, text_stream)
+    sched = make_schedule(range(work.evals), work.warmup_evals, full_span(work.n_txt, work.n_img), bands)
+    items = [(it.eval, (it.span.n_txt, it.span.n_img), None if it.warmup else it.patch) for it in sched]
+    sync = sched.warmup_evals
+    free = [0.0] * world
+    link_free = [0.0] * world  # hop s carries s -> s + 1 (the last one: the ring back to stage 0)
+    busy = [0.0] * world
+    sent = [0.0] * world
+    ring_at: dict = {}  # (band or None) -> when the band's latent is back at stage 0
+    last_full = 0.0
+    for t, (nt, ni), band in items:
+        ready = ring_at.get(band, last_full) if t >= sync else last_full
+        for s, kinds in enumerate(stages):
+            c = blocks_time(costs, kinds, nt + ni, work.n_ctx, work.model_batch)
+            if s in (0, world - 1):  # embedding on the first stage; final layer and sampler on the last
+                c += costs.per_eval * ni / work.n_img / 2
+            begin = max(free[s], ready)
+            free[s] = begin + c
+            busy[s] += c
+            nbytes = (work.elem * work.model_batch * work.width * (nt + ni) if s < world - 1
+                      else 4 * work.channels * ni * work.batch)
+            go = max(free[s], link_free[s])
+            dt = costs.link.time(nbytes)
+            link_free[s] = go + nbytes / costs.link.bandwidth
+            sent[s] += dt
+            ready = go + dt
+        if band is None:
+            last_full = ready
+        else:
+            ring_at[band] = ready
+    final_send = costs.link.time(4 * work.channels * work.n_img * work.batch)
+    wall = free[world - 1] + final_send
+    return Prediction("pipefusion", world, patches, wall, max(busy), max(sent))
+
+
+def _kv_tokens(work: Workload, world: int) -> tuple[int, int]:
+    spans = displaced_spans(work.rows, work.cols, work.n_txt, world)
+    return max(s.n_txt + s.n_img for s in spans), max(s.n_img for s in spans)
+
+
+def _distrifusion(world: int, work: Workload, costs: Costs) -> Prediction:
+    spans = displaced_spans(work.rows, work.cols, work.n_txt, world)
+    compute = max(blocks_time(costs, work.kinds, s.n_txt + s.n_img, work.n_ctx, work.model_batch) for s in spans)
+    compute += costs.per_eval / world
+    joint, _ = _kv_tokens(work, world)
+    layers = [work.kv_layers.get(k, 1) for k in work.kinds]
+    per_layer = 2 * work.elem * work.model_batch * work.width * joint
+    gather = sum(layers) * (world - 1) * costs.link.time(per_layer)  # a ring all-gather per attention layer
+    sync = min(work.warmup_evals, work.evals)
+    rest = work.evals - sync
+    # warm-up: every layer waits for its gather; later: evaluation t's gathers overlap evaluation t + 1's
+    # compute and are waited for there; the last evaluation exchanges nothing
+    wall = sync * (compute + gather) + (max(0, rest - 1) * max(compute, gather) + compute if rest else 0.0)
+    wall += costs.link.time(4 * work.channels * work.n_img * work.batch / world)
+    exchanging = work.evals if not rest else work.evals - 1
+    return Prediction("distrifusion", world, world, wall, compute * work.evals, gather * exchanging)
+
+
+def _naive(world: int, work: Workload, costs: Costs) -> Prediction:
+    bands = split_even(work.rows, world)
+    compute = 0.0
+    for r0, r1 in bands:
+        n = (r1 - r0) * work.cols + work.n_txt
+        compute = max(compute, blocks_time(costs, work.kinds, n, n, work.model_batch))
+    compute = work.evals * (compute + costs.per_eval / world)
+    wall = compute + costs.link.time(4 * work.channels * work.n_img / world)
+    return Prediction("naive_patch", world, world, wall, compute, 0.0)
+
+
+def _all_to_all(costs: Costs, world: int, nbytes_per_rank: float) -> float:
+    """An all-to-all where each rank holds ``nbytes_per_rank``: N - 1 messages of 1/N of it each way."""
+    return (world - 1) * costs.link.time(nbytes_per_rank / world)
+
+
+def _ulysses(world: int, work: Workload, costs: Costs) -> Prediction:
+    if work.heads and work.heads % world:
+        raise ValueError(f"ulysses splits {work.heads} heads over {world} ranks: not divisible")
+    n, mb = work.n_ctx, work.model_batch
+    local = -(-n // world)  # the largest band of the joint sequence
+    compute = sum(costs.blocks[k].per_call + mb * local * (costs.blocks[k].per_token + costs.blocks[k].per_pair * n)
+                  for k in work.kinds) + costs.per_eval / world
+    layers = sum(work.kv_layers.get(k, 1) for k in work.kinds)
+    band = work.elem * mb * local * work.width
+    comm = layers * (_all_to_all(costs, world, 3 * band) + _all_to_all(costs, world, band))
+    wall = work.evals * (compute + comm) + costs.link.time(4 * work.channels * work.n_img * work.batch / world)
+    return Prediction("ulysses", world, 1, wall, work.evals * compute, work.evals * comm)
+
+
+def _cfg(strategy: str, world: int, work: Workload, costs: Costs, patches: int, text_stream: str,
+         stage_split) -> Prediction:
+    if not work.cfg:
+        raise ValueError(f"{strategy} needs a true-CFG job (cfg != 1): this one has one branch")
+    if world % 2:
+        raise ValueError(f"{strategy} needs an even world size, got {world}")
+    inner = strategy.partition("+")[2] or "serial"
+    half = replace(work, cfg=False)  # each half: one branch, half the model batch
+    p = simulate(inner, world // 2, half, costs, patches, text_stream, stage_split)
+    swap = work.evals * costs.link.time(4 * work.channels * work.n_img * work.batch / max(1, world // 2))
+    return Prediction(strategy, world, p.patches, p.wall_s + swap, p.compute_s, p.comm_s + swap)

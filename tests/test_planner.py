@@ -1,0 +1,147 @@
+"""The plan simulator and strategy=auto (issue 13): `pytest -k planner`."""
+from __future__ import annotations
+
+import pytest
+
+from comfy_pipefusion.config import ParallelConfig
+from comfy_pipefusion.parallel.planner import candidates, choose, label
+from comfy_pipefusion.parallel.published import XDIT_FLUX_L40, xdit_table
+from comfy_pipefusion.parallel.simulate import BlockCost, Costs, Link, Workload, simulate
+
+
+def test_planner_xdit_flux_l40_within_15_percent():
+    """xDiT's published Flux.1-dev latencies on 8 x L40 (PCIe), 28 steps, calibrated on the 1-GPU 1024^2
+    figure only: every other figure predicted within 15%."""
+    rows = xdit_table()
+    assert len(rows) == sum(len(v) for v in XDIT_FLUX_L40.values())
+    lines = [f"{r['px']}^2 {r['gpus']} GPU(s): published {r['published_s']:.2f} s, predicted "
+             f"{r['predicted_s']:.2f} s ({100 * r['error']:+.1f}%)" for r in rows]
+    print("\n".join(lines))
+    calib = [r for r in rows if r["calibration"]]
+    assert len(calib) == 1 and abs(calib[0]["error"]) < 1e-9
+    bad = [line for r, line in zip(rows, lines) if abs(r["error"]) > 0.15]
+    assert not bad, "off by more than 15%: " + "; ".join(bad)
+
+
+def _flat(per_token=1e-6, per_pair=0.0, bandwidth=1e12, latency=0.0) -> Costs:
+    c = BlockCost(per_token=per_token, per_pair=per_pair)
+    return Costs(blocks={"double": c, "single": c}, link=Link(bandwidth, latency))
+
+
+def _work(steps=28, warmup=1, rows=32, n_txt=64, blocks=12, width=512) -> Workload:
+    return Workload(kinds=("double",) * (blocks // 3) + ("single",) * (blocks - blocks // 3), width=width,
+                    rows=rows, cols=rows, n_txt=n_txt, evals=steps, warmup_evals=warmup)
+
+
+def test_planner_simulator_schedule_arithmetic():
+    """On a free link with linear costs, the schedule's own arithmetic: serial is the sum of the blocks;
+    PipeFusion's warm-up runs the stages one after another, the rest pipelines (fill once, no drain per
+    step); with warm-up = steps every strategy costs at least serial's compute."""
+    work, costs = _work(), _flat()
+    serial = simulate("serial", 1, work, costs).wall_s
+    n = work.n_ctx
+    assert serial == pytest.approx(28 * 12 * n * 1e-6)
+    pf = simulate("pipefusion", 2, work, costs, patches=2)
+    per_step = 12 * n * 1e-6
+    # 1 warm-up step (both stages in turn) + 27 steps pipelined over 2 stages + half a patch of fill
+    assert pf.wall_s == pytest.approx(per_step + 27 * per_step / 2 + per_step / 4, rel=0.02)
+    sync = simulate("pipefusion", 2, _work(warmup=28), costs, patches=2).wall_s
+    assert sync == pytest.approx(serial, rel=1e-3)  # plus the sends on a free link
+    df = simulate("distrifusion", 2, work, costs).wall_s
+    assert df == pytest.approx(serial / 2, rel=0.03)
+
+
+def test_planner_slow_link_hurts_distrifusion_more_than_pipefusion():
+    """The figure that shows why PipeFusion exists: DistriFusion exchanges every layer's K/V, PipeFusion
+    one patch's activations per stage, so on a slow link PipeFusion keeps its speedup and DistriFusion
+    loses it."""
+    work = _work(rows=64, width=1024)
+    fast, slow = _flat(1e-4, bandwidth=10e9 / 8), _flat(1e-4, bandwidth=100e6 / 8, latency=1e-3)  # CPU-like compute
+    serial = simulate("serial", 1, work, fast).wall_s
+    sp = {(s, k): serial / simulate(s, 2, work, c).wall_s
+          for s in ("pipefusion", "distrifusion") for k, c in (("fast", fast), ("slow", slow))}
+    assert sp[("pipefusion", "fast")] > 1.7 and sp[("distrifusion", "fast")] > 1.7
+    assert sp[("pipefusion", "slow")] > 1.4
+    assert sp[("distrifusion", "slow")] < 1.0
+
+
+def test_planner_picks_sensibly_on_synthetic_costs():
+    work = _work(rows=64, width=1024)
+    plans = candidates(2, work.rows, warmup=1)
+    assert [label(c) for c in plans] == ["pipefusion x2 M2 W1", "pipefusion x2 M4 W1", "pipefusion x2 M8 W1",
+                                         "distrifusion x2 W1"]
+    slow = choose(plans, work, _flat(1e-5, bandwidth=100e6 / 8, latency=1e-3))
+    assert slow.cfg.strategy == "pipefusion"
+    # a free link and a large per-call overhead: fewer, larger calls win (distrifusion: one band per rank)
+    heavy = Costs(blocks={k: BlockCost(1e-6, 0.0, per_call=5e-3) for k in ("double", "single")}, link=Link(1e12))
+    picked = choose(plans, work, heavy)
+    assert picked.cfg.num_patches == 2
+    assert picked.prediction.wall_s == min(s for _, s, _ in picked.table)
+    # the user's warm-up is kept in every candidate
+    assert {c.warmup_steps for c in candidates(4, 64, warmup=3)} == {3}
+    assert all(c.num_patches <= 6 for c in candidates(2, 6, warmup=1))
+
+
+def test_planner_never_picks_a_plan_that_does_not_fit():
+    work = _work(rows=64, width=1024)
+    plans = candidates(2, work.rows, warmup=1)
+    costs = _flat(1e-5, bandwidth=1e12)
+    free = choose(plans, work, costs)
+    only_df = choose(plans, work, costs, fits=lambda c: c.strategy == "distrifusion")
+    assert only_df.cfg.strategy == "distrifusion"
+    assert [ok for _, _, ok in only_df.table] == [False, False, False, True]
+    assert free.cfg != only_df.cfg or free.cfg.strategy == "distrifusion"
+
+    def refuse(cfg: ParallelConfig) -> bool:
+        raise ValueError(f"this job does not fit in memory: {label(cfg)}")
+
+    with pytest.raises(ValueError, match="does not fit in memory: pipefusion x2 M2"):
+        choose(plans, work, costs, fits=refuse)
+
+
+def test_planner_real_auto_job_on_two_ranks_reports_its_plan(tmp_path):
+    """A real `auto` job on a 2-rank gloo group: the group probes (blocks cached in the probe folder, the link
+    by ping-pong), picks the fastest candidate that fits, runs it, and reports the plan with predicted and
+    measured time; a second auto job reads the probe from the cache. The result is a finite image of the
+    right shape, and the plan it names is one of the candidates."""
+    from comfy_pipefusion.oneshot import run_jobs
+
+    sample = {"height": 128, "width": 128, "steps": 3, "seed": 5}
+    jobs = [{"name": f"auto{i}", "parallel": {"strategy": "auto", "warmup_steps": 2}, "sample": sample}
+            for i in range(2)]
+    out = run_jobs("tiny", 0, jobs, world_size=2, timeout=180, cpu_only=True,
+                   worker_args=["--probe-dir", str(tmp_path)])
+    probes = list(tmp_path.glob("probe-*.json"))
+    assert len(probes) == 1, "the block probe is cached once per model and device"
+    for name in ("auto0", "auto1"):
+        x, m = out[name]
+        plan = m["plan"]
+        assert x.shape == (1, 16, 16, 16) and bool(x.isfinite().all())
+        names = [c["plan"] for c in plan["auto"]["candidates"]]
+        assert plan["plan"] in names and plan["warmup_steps"] == 2
+        assert names[0] == "pipefusion x2 M2 W2" and "distrifusion x2 W2" in names
+        assert plan["auto"]["predicted_s"] == min(c["predicted_s"] for c in plan["auto"]["candidates"])
+        assert plan["predicted_s"] > 0 and plan["measured_s"] == m["wall_s_median"]
+        assert plan["link"]["bandwidth"] > 0
+
+
+def test_planner_simulates_the_exact_methods():
+    """CFG halves: each half runs one branch (half the model batch) and swaps a latent per evaluation, so a
+    true-CFG job on 2 ranks takes half of serial's compute; cfg+pipefusion on 4 is PipeFusion on 2 per
+    branch. Ulysses: 1/N of the tokens and heads per rank, two all-to-alls per attention layer, waited for:
+    near 1/N of serial on a free link, far slower than PipeFusion on a slow one. A CFG plan of a job without
+    CFG, or Ulysses over heads it cannot split, is an error."""
+    from dataclasses import replace
+
+    work = replace(_work(rows=32, width=512), cfg=True, heads=8)
+    free, slow = _flat(1e-4), _flat(1e-4, bandwidth=100e6 / 8, latency=1e-3)
+    serial = simulate("serial", 1, work, free).wall_s
+    assert simulate("cfg", 2, work, free).wall_s == pytest.approx(serial / 2, rel=0.01)
+    pf2 = simulate("pipefusion", 2, replace(work, cfg=False), free, patches=2).wall_s
+    assert simulate("cfg+pipefusion", 4, work, free, patches=2).wall_s == pytest.approx(pf2, rel=0.01)
+    assert simulate("ulysses", 2, work, free).wall_s == pytest.approx(serial / 2, rel=0.02)
+    assert simulate("ulysses", 2, work, slow).wall_s > 2 * simulate("pipefusion", 2, work, slow, patches=2).wall_s
+    with pytest.raises(ValueError, match="true-CFG"):
+        simulate("cfg", 2, replace(work, cfg=False), free)
+    with pytest.raises(ValueError, match="not divisible"):
+        simulate("ulysses", 3, work, free)

@@ -1,0 +1,93 @@
+"""Speedup over serial at each link speed, measured and predicted: a Markdown table and a PNG.
+
+    python tools/link_table.py OUT.png shm.json 10gbit.json 1gbit.json 100mbit.json
+
+Each JSON is a bench run (`./dev.sh bench --strategies serial,pipefusion,... [--link SPEED] --json ...`);
+the measured speedup is the bench's (against the serial runs around the strategy's), the predicted one the
+simulator's serial time over the strategy's (`predicted_s`, same probes). The plot is drawn with Pillow
+(ComfyUI's requirements bring it; matplotlib is not installed here).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"pipefusion": (31, 119, 180), "distrifusion": (214, 39, 40), "naive_patch": (127, 127, 127),
+           "auto": (44, 160, 44)}
+
+
+def rows_of(paths: list[str]) -> list[dict]:
+    out = []
+    for p in paths:
+        rep = json.loads(Path(p).read_text())
+        link = (rep.get("link") or {}).get("speed", "shared memory")
+        res = {r["name"]: r for r in rep["results"]}
+        serial_pred = res["serial"].get("predicted_s")
+        for name, r in res.items():
+            if name == "serial":
+                continue
+            pred = serial_pred / r["predicted_s"] if serial_pred and r.get("predicted_s") else None
+            out.append({"link": link, "strategy": name, "plan": r.get("plan"), "measured": r["speedup_vs_serial"],
+                        "predicted": pred, "wall_s": r["wall_s"], "predicted_s": r.get("predicted_s")})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| link | strategy (plan) | measured speedup | predicted speedup | wall s | predicted s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        pred = f"{r['predicted']:.2f}x" if r["predicted"] else "-"
+        ps = f"{r['predicted_s']:.2f}" if r["predicted_s"] else "-"
+        lines.append(f"| {r['link']} | {r['strategy']} ({r['plan']}) | {r['measured']:.2f}x | {pred} | "
+                     f"{r['wall_s']:.2f} | {ps} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    w, h, left, bottom, top = 900, 480, 70, 60, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    top_val = max(2.2, max(max(r["measured"], r["predicted"] or 0) for r in rows) * 1.1)
+    y = lambda v: h - bottom - (h - bottom - top) * v / top_val  # noqa: E731
+    for v in [i * 0.5 for i in range(int(top_val / 0.5) + 1)]:
+        d.line([(left, y(v)), (w - 20, y(v))], fill=(225, 225, 225))
+        d.text((10, y(v) - 6), f"{v:.1f}x", fill="black")
+    d.line([(left, y(1)), (w - 20, y(1))], fill=(120, 120, 120))
+    group_w = (w - left - 20) / len(links)
+    bar = group_w / (2 * len(strategies) + 1)
+    for i, link in enumerate(links):
+        x0 = left + i * group_w
+        d.text((x0 + group_w / 2 - 30, h - bottom + 10), link, fill="black")
+        for j, s in enumerate(strategies):
+            r = next((r for r in rows if r["link"] == link and r["strategy"] == s), None)
+            if r is None:
+                continue
+            x = x0 + bar * (2 * j + 0.5)
+            d.rectangle([x, y(r["measured"]), x + bar * 1.2, y(0)], fill=COLOURS.get(s, (0, 0, 0)))
+            if r["predicted"]:  # the prediction: a black tick across the bar
+                d.line([(x - 3, y(r["predicted"])), (x + bar * 1.2 + 3, y(r["predicted"]))], fill="black", width=3)
+    for j, s in enumerate(strategies):
+        d.rectangle([left + j * 170, 12, left + j * 170 + 14, 26], fill=COLOURS.get(s, (0, 0, 0)))
+        d.text((left + j * 170 + 20, 13), s, fill="black")
+    d.text((left + len(strategies) * 170, 13), "bar: measured speedup over serial; tick: predicted", fill="black")
+    img.save(out)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    rows = rows_of(argv[1:])
+    print(table(rows))
+    plot(rows, Path(argv[0]))
+    print(f"wrote {argv[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
