@@ -233,6 +233,7 @@ def plan_report(prep: Prepared, measured_s: float) -> dict:
 
 def rank_stats(prep: Prepared, comm: Comm) -> list[dict]:
     local = {"param_bytes": family.param_bytes(prep.model), "bytes_sent": comm.bytes_sent, "wait_s": comm.wait_s,
+             "transfer_s": comm.transfer_s,
              "pid": os.getpid(), "base_bytes": prep.base_bytes, "peak_bytes": memory_peak(prep.device),
              "load_s": prep.load_s}
     return comm.gather_object(local)

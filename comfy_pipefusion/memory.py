@@ -11,6 +11,8 @@ that would make it fit (each suggestion is the same estimate run again with that
   band under DistriFusion): ``ACT_WIDTHS`` live ``[MB, L, width]`` tensors at a block's peak, the attention
   kernel's working set (``math`` materialises the scores; flash and memory-efficient kernels do not), the
   stage messages in flight (PipeFusion), one fp8 weight cast per call (when no upcast copy is kept);
+- allocator slack: ``SLACK_WIDTHS`` more ``[MB, L, width]`` of that span, the freed activations a caching
+  allocator keeps (glibc's heap on CPU, cached blocks on GPU): part of the need, not of the live bytes;
 - fp8 upcast copy: with ``upcast``, every 8-bit Linear weight once more in the compute dtype (``fp8_compute``
   keeps that copy when the job still fits with it);
 - latent and sampler state: float32 latents, noise and sampler history, text states, the position table.
@@ -34,8 +36,10 @@ from .patches import displaced_spans
 
 GiB = 2 ** 30
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
-ACT_WIDTHS = 32  # [MB, L, width] tensors at a block's peak, as measured on CPU (x, norm, q/k/v, 4x MLP and its
-#                 activation, the 5x concat, and what the allocator keeps between them): tests/test_memory.py
+ACT_WIDTHS = 16  # live [MB, L, width] tensors at a block's peak (x, norm, q/k/v, 4x MLP and its activation, the
+#                 5x concat), measured on CPU with every tensor its own mapping: tests/test_memory.py
+SLACK_WIDTHS = 16  # what a caching allocator keeps besides (glibc's heap, CUDA's cached blocks): freed
+#                   activations not yet reused; with glibc's defaults a CPU rank measured up to this much more
 LATENT_COPIES = 8  # float32 [B, S_img, C]: x0, x, noise, denoised, sampler history, model output, ...
 CPU_PROCESS_BYTES = 400 * 2 ** 20  # RSS of a CPU rank before its weights: python, torch, diffusers
 CUDA_CONTEXT_BYTES = 600 * 2 ** 20  # a CUDA context and NCCL's buffers, per GPU rank
@@ -96,14 +100,22 @@ class RankBytes:
     latent: int
     upcast: int = 0
     """The compute-dtype copy of an fp8 stage's Linear weights (models/fp8.py), when it keeps one."""
+    slack: int = 0
+    """What the allocator may keep besides the live bytes (``SLACK_WIDTHS``): part of the need, not held."""
+
+    @property
+    def live(self) -> int:
+        """The bytes the rank's tensors hold at its peak."""
+        return self.weights + self.kv + self.gathered + self.activations + self.latent + self.upcast
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.gathered + self.activations + self.latent + self.upcast
+        return self.live + self.slack
 
     def describe(self) -> str:
         parts = [("weights", self.weights), ("K/V buffers", self.kv), ("gathered K/V", self.gathered),
-                 ("activations", self.activations), ("latents", self.latent), ("fp8 upcast copy", self.upcast)]
+                 ("activations", self.activations), ("latents", self.latent), ("fp8 upcast copy", self.upcast),
+                 ("allocator slack", self.slack)]
         shown = ", ".join(f"{n} {gib(b)}" for n, b in parts if b >= 2 ** 20)
         return f"{gib(self.total)} ({shown})" if shown else gib(self.total)
 
@@ -196,6 +208,7 @@ def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_
     keys = largest if cfg.strategy == "serial" else (n_txt + kv_img)
     kernel = attention_kernel(device_type, size.dtype, head_dim)
     act = mb * largest * width * elem * ACT_WIDTHS + _attention_bytes(kernel, mb, heads, largest, keys)
+    slack = mb * largest * width * elem * SLACK_WIDTHS
     if not fam.JOINT_TEXT:  # cross-attention to the caption
         act += _attention_bytes(kernel, mb, heads, largest, size.n_txt)
     if cfg.strategy == "pipefusion" and cfg.world_size > 1:  # a receive posted ahead and sends in flight
@@ -205,7 +218,7 @@ def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_
         act += biggest * elem  # one Linear weight cast at a time
     latent = LATENT_COPIES * size.batch * size.n_img * size.channels * 4
     latent += mb * size.n_txt * (size.txt_dim * 4 + width * elem) + 2 * (n_txt + size.n_img) * head_dim * 4
-    return RankBytes(weights, kv, gathered, act, latent, copy)
+    return RankBytes(weights, kv, gathered, act, latent, copy, slack)
 
 
 def _ulysses_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_type: str, fp8: bool,

@@ -239,10 +239,13 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
         stats = rank_stats(prep, comm)
         if conn is not None:
             out = segs[TensorKey.OUT].tensor
+            copied = time.perf_counter()
             out.copy_(samples.reshape(out.shape))
             transport.send(conn, "done", id=jid, wall_s=wall, pids=[s["pid"] for s in stats],
                            param_bytes_per_rank=[s["param_bytes"] for s in stats],
-                           wait_s_per_rank=[s["wait_s"] for s in stats], plan=plan_report(prep, wall))
+                           wait_s_per_rank=[s["wait_s"] for s in stats],
+                           transfer_s_per_rank=[s["transfer_s"] for s in stats],
+                           copy_s=time.perf_counter() - copied, plan=plan_report(prep, wall))
     finally:
         for s in segs.values():
             s.close()

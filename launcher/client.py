@@ -66,17 +66,26 @@ class Launcher:
         self.state, self.detail = "stopped", ""
         self.lock = threading.RLock()
         self.last_used = time.monotonic()  # the end of the last job (or start-up)
-        self.last_job: dict | None = None  # {"wall_s", "compute_s", "wait_s", "plan"} of the last finished job
+        self.last_job: dict | None = None  # job_times of the last finished job (with its plan)
         self.weights: str | None = None  # which weights the group holds (weights_of), once a job loaded them
+        self.exiting = False  # set by kill_now: no state but its "stopped" follows
         atexit.register(_stop_at_exit, weakref.ref(self))
 
-    def _set(self, state: str, detail: str = "") -> None:
+    def _set(self, state: str, detail: str = "", final: bool = False) -> None:
+        if self.exiting and not final:  # the process is being terminated: kill_now's "stopped" is the last word
+            return
         self.state, self.detail = state, detail
         if self.on_state is not None:
             try:
                 self.on_state(state, detail)
             except Exception:
                 pass
+
+    def _ended(self, why: str) -> None:
+        """The group is gone after a failure: "failed" says why, "stopped" that nothing runs any more (a
+        group that ends for any reason is reported "stopped" last)."""
+        self._set("failed", why)
+        self._set("stopped", f"failed: {why}")
 
     def _usable(self, plan: GroupPlan) -> bool:
         """The warm group can take a job of ``plan``; a group that died or hung while idle is reported
@@ -98,7 +107,7 @@ class Launcher:
             g.kill()
             g.stop()
             self.group = None
-            self._set("failed", f"the idle group {why}")
+            self._ended(f"the idle group {why}")
             return True
 
     def ensure(self, plan: GroupPlan, cancelled=None) -> WorkerGroup:
@@ -121,7 +130,7 @@ class Launcher:
             self._set("stopped", "cancelled while starting")
             raise
         except BaseException as exc:
-            self._set("failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._ended(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
         self.last_used = time.monotonic()
         if announce:
@@ -169,7 +178,7 @@ class Launcher:
                 raise
             group.stop()
             self.group = None
-            self._set("failed", str(exc).splitlines()[0] if isinstance(exc, GroupError) else type(exc).__name__)
+            self._ended(str(exc).splitlines()[0] if isinstance(exc, GroupError) else type(exc).__name__)
             raise
         progress.stop()
         self.last_job = job_times(result[1])
@@ -198,7 +207,9 @@ class Launcher:
         """End the group at once without waiting for a job or the lock (ComfyUI is being terminated):
         SIGKILL, reap torchrun, remove the group directory."""
         g = self.group
-        if g is not None:
+        self.exiting = True  # a job's thread that sees its group die says nothing more
+        if g is not None:  # said first: the failed prompt's own message follows the kill
+            self._set("stopped", "ComfyUI is exiting", final=True)
             g.kill()
             shutil.rmtree(g.dir, ignore_errors=True)
 
@@ -213,13 +224,20 @@ def weights_of(job: dict) -> str:
 
 
 def job_times(done: dict) -> dict:
-    """{"wall_s", "compute_s", "wait_s"} of a "done" message: the sampling wall time and, when the ranks
-    reported their time blocked on each other, its mean over ranks and the rest (compute); else None."""
+    """{"wall_s", "compute_s", "wait_s", "transfer_s"} of a "done" message, in seconds, with compute + wait +
+    transfer = wall: ``wall_s`` the sampling time plus the shared-memory copies of the job's tensors (the
+    launcher's inputs and output, rank 0's result: ``copy_s``); ``wait_s`` the ranks' mean time waiting for
+    data from each other; ``transfer_s`` the copies plus the ranks' mean time moving their own data out
+    (sends); ``compute_s`` the rest. Without the ranks' counters (an older worker) only ``wall_s`` is known."""
     wall = done.get("wall_s")
-    waits = done.get("wait_s_per_rank")
-    wait = sum(waits) / len(waits) if waits else None
-    return {"wall_s": wall, "compute_s": (wall - wait) if wall is not None and wait is not None else None,
-            "wait_s": wait, "plan": done.get("plan")}
+    waits, sends = done.get("wait_s_per_rank"), done.get("transfer_s_per_rank")
+    copies = float(done.get("copy_s") or 0.0)
+    if wall is None or not waits:
+        return {"wall_s": wall, "compute_s": None, "wait_s": None, "transfer_s": None, "plan": done.get("plan")}
+    wait = sum(waits) / len(waits)
+    send = sum(sends) / len(sends) if sends else 0.0
+    return {"wall_s": wall + copies, "compute_s": wall - wait - send, "wait_s": wait,
+            "transfer_s": send + copies, "plan": done.get("plan")}
 
 
 def plan_detail(plan: dict | None) -> str:

@@ -25,12 +25,14 @@ class GroupJobs:
     def run(self, job: dict, tensors: dict[str, torch.Tensor], out_shape: tuple[int, ...], on_progress=None,
             cancelled=None, stall_timeout: float = 600.0, on_phase=None,
             on_preview=None) -> tuple[torch.Tensor, dict]:
-        """Run one job; tensors travel in shared memory. Returns (LATENT samples, the done message).
+        """Run one job; tensors travel in shared memory. Returns (LATENT samples, the done message, whose
+        ``copy_s`` adds the time this process spent copying the tensors in and the samples out).
         ``on_preview(step, x0_tokens, steps)``: each step's x0 (comfy_pipefusion/preview.py); None: no preview."""
         if not self.alive():
             raise GroupError("the worker group is not running")
         logfile.rotate(self.log_path)
         segs = {}
+        copy_in = time.perf_counter()
         try:
             for name, t in tensors.items():
                 segs[name] = transport.ShmTensor.from_tensor(t.detach().float().contiguous().cpu())
@@ -44,6 +46,7 @@ class GroupJobs:
             for s in segs.values():
                 s.close()
             raise JobError(str(exc)) from None
+        copy_in = time.perf_counter() - copy_in
         try:
             jid = secrets.token_hex(8)
             self.busy = True  # until the group's last word on this job
@@ -58,7 +61,10 @@ class GroupJobs:
                 watch.preview = preview.PreviewReader(segs[preview.DATA].tensor, segs[preview.STAMP].tensor)
                 watch.on_preview = on_preview
             reply = self._wait(jid, watch)
-            return segs["out"].tensor.clone(), reply
+            copy_out = time.perf_counter()
+            samples = segs["out"].tensor.clone()
+            reply["copy_s"] = float(reply.get("copy_s") or 0.0) + copy_in + time.perf_counter() - copy_out
+            return samples, reply
         finally:
             for s in segs.values():
                 s.close()

@@ -54,6 +54,16 @@ def parse_stage_split(text: str, strategy: str) -> tuple[int, ...] | None:
     return split
 
 
+def check_patches(patches: int, strategy: str) -> None:
+    """``patches`` is PipeFusion's M: any other strategy decides its bands itself, so a value set there
+    would be ignored without a word; it is refused, naming what the strategy does instead."""
+    if patches and "pipefusion" not in strategy.split("+"):
+        does = {"serial": "samples the whole image at once", "auto": "picks the patches per job"}.get(
+            strategy, "splits the image into one band per rank")
+        raise ValueError(f"patches {patches} applies to pipefusion only; {strategy} {does}. Set patches to 0, "
+                         "or choose strategy pipefusion")
+
+
 def place_auto(devices: tuple[int, ...], comfy_device: int | None, rank_bytes: list[int]) -> tuple[int, ...]:
     """``auto`` devices: the rank with the fewest bytes goes on ComfyUI's own GPU (which also holds the text
     encoders and the VAE); the others keep their order."""

@@ -13,10 +13,12 @@ unloaded its own models (one of its models loads on a GPU a group uses) stops th
 like ComfyUI's own models give way. Both are wrapped at run time, looked up by name as main.py and
 model_management do (0.3.52 to 0.3.75), never by editing ComfyUI's files; the /free flags are also
 observed where the server sets them (``hook_free_flags``). On SIGTERM/SIGHUP the groups
-are killed, their directories and our segments removed, then ComfyUI's own handling of the signal runs.
+are killed, their directories and our segments removed, their "stopped" sent to the pages (at most 1.5 s),
+then ComfyUI's own handling of the signal runs.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -129,22 +131,53 @@ def hook_exit_signals(reg: GroupRegistry) -> None:
 
 
 def _on_exit_signal(reg: GroupRegistry, previous, signum, frame) -> None:
-    """Kill every group now (a job may be running), then let the signal do what it did before."""
+    """Kill every group now (a job may be running), let the pages hear their "stopped", then let the
+    signal do what it did before (ComfyUI 0.3.x sets no handler: the process ends as SIGTERM ends it)."""
     try:
-        reg.kill_all()
+        reg.kill_all()  # each group reports "stopped": queued for the websocket
     finally:
         signal.signal(signum, previous if callable(previous) else signal.SIG_DFL)
-        if callable(previous):
-            previous(signum, frame)
-        else:
-            os.kill(os.getpid(), signum)
+        resignal = _once(lambda: os.kill(os.getpid(), signum))
+        if not _flush_then(resignal):
+            resignal()
+
+
+def _once(fn):
+    lock = threading.Lock()
+
+    def call() -> None:
+        if lock.acquire(blocking=False):
+            fn()
+    return call
+
+
+def _flush_then(then, limit_s: float = 1.5) -> bool:
+    """Run ``then`` once the server's loop has sent the queued websocket messages (at most ``limit_s``
+    later, also when the loop never gets to it); False when there is no running loop to wait for."""
+    host = _host()
+    loop = getattr(host, "loop", None)
+    queue = getattr(host, "messages", None)
+    if loop is None or queue is None or not loop.is_running():
+        return False
+
+    async def flush() -> None:
+        deadline = loop.time() + limit_s
+        while not queue.empty() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # the last message taken from the queue is being written
+        then()
+    loop.call_soon_threadsafe(lambda: loop.create_task(flush()))
+    timer = threading.Timer(limit_s + 0.5, then)  # the loop is stuck: end anyway
+    timer.daemon = True
+    timer.start()
+    return True
 
 
 # ------------------------------------------------------------------------------------- routes
 
 def add_routes() -> None:
     """``GET /pipefusion/groups``: {"groups": [{"key", "world_size", "devices", "state", "detail", "pids",
-    "rss_bytes_per_rank", "last_job": {"wall_s", "compute_s", "wait_s"} | null}]}. Called once by the
+    "rss_bytes_per_rank", "last_job": {"wall_s", "compute_s", "wait_s", "transfer_s"} | null}]}. Called once by the
     package's ComfyUI entry (routes must exist before the server starts)."""
     from aiohttp import web
 

@@ -12,7 +12,7 @@ from comfy_pipefusion.models.checkpoint import open_checkpoint
 
 from ..launcher import GroupPlan
 from . import admission
-from .convert import DTYPE_CHOICES, parse_devices, parse_stage_split, place_auto
+from .convert import DTYPE_CHOICES, check_patches, parse_devices, parse_stage_split, place_auto
 from .handle import PipeFusionModel
 from .validate import STRATEGIES, check_plan
 
@@ -59,9 +59,11 @@ class PipeFusionDiTLoader:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, devices, strategy):
-        """At queue time: devices that parse and exist, and enough of them for the strategy."""
-        return check_plan(devices, strategy, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    def VALIDATE_INPUTS(cls, devices, strategy, patches, stage_split=""):
+        """At queue time: devices that parse and exist, enough of them for the strategy, patches only with
+        pipefusion, a stage split with one entry per stage."""
+        return check_plan(devices, strategy, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                          patches, stage_split)
 
     @classmethod
     def IS_CHANGED(cls, unet_name, **_):
@@ -84,6 +86,7 @@ class PipeFusionDiTLoader:
         config = info.config
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         devs, ranks = parse_devices(devices, gpus)
+        check_patches(patches, strategy)
         if strategy == "serial" and ranks != 1:
             devs, ranks = (devs[:1] if devs else None), 1
         parallel = ParallelConfig(strategy=strategy, world_size=ranks, patches=patches, warmup_steps=warmup_steps,

@@ -10,27 +10,39 @@ from __future__ import annotations
 
 from comfy_pipefusion.config import SAMPLERS, SCHEDULERS, ParallelConfig
 
-from .convert import parse_devices
+from .convert import check_patches, parse_devices, parse_stage_split
 
 STRATEGIES = ("auto", "pipefusion", "distrifusion", "serial", "cfg", "ulysses", "cfg+pipefusion",
               "cfg+distrifusion", "cfg+ulysses")
 """The loader's strategies: the engine's (config.STRATEGIES) but the naive-patch quality baseline."""
+PATCHES_MAX = 256  # the loader's widget range
 
 
-def check_plan(devices, strategy, gpu_count: int) -> bool | str:
-    """The loader's devices and strategy: parseable devices that exist, a plan those ranks can run (enough
-    of them, an even number for cfg, ...)."""
+def check_plan(devices, strategy, gpu_count: int, patches=0, stage_split="") -> bool | str:
+    """The loader's plan as far as its widgets tell it: parseable devices that exist, enough ranks for the
+    strategy (an even number for cfg, ...), patches that the strategy uses, a stage split with one entry per
+    stage. What needs the checkpoint (blocks per stage, heads) or the image (patches per token row) is
+    checked when the nodes run."""
     if strategy is not None and strategy not in STRATEGIES:
         return f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}"
-    if devices is None:
-        return True
     try:
-        devs, ranks = parse_devices(str(devices), gpu_count)
-        if strategy is None:
+        if patches is not None:  # ComfyUI leaves the range check to us for the inputs taken here
+            if not isinstance(patches, int) or not 0 <= patches <= PATCHES_MAX:
+                bound = "smaller than min of 0" if isinstance(patches, int) and patches < 0 else \
+                    f"bigger than max of {PATCHES_MAX}"
+                raise ValueError(f"patches: Value {patches} {bound} (0 = one patch per rank)")
+            if strategy is not None:
+                check_patches(patches, strategy)
+        if devices is None or strategy is None:
             return True
+        devs, ranks = parse_devices(str(devices), gpu_count)
         if strategy == "serial":
             ranks = 1  # serial uses the first device only (the loader says so in its docs)
-        ParallelConfig(strategy=strategy, world_size=ranks)
+        if stage_split is None:
+            ParallelConfig(strategy=strategy, world_size=ranks)
+        else:
+            ParallelConfig(strategy=strategy, world_size=ranks,
+                           stage_split=parse_stage_split(str(stage_split), strategy))
     except ValueError as exc:
         return f"PipeFusion DiT Loader: {exc}"
     return True

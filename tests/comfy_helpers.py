@@ -163,12 +163,33 @@ def states(msgs: list) -> list[str]:
     return [m["data"]["state"] for m in msgs if m["type"] == "pipefusion.status"]
 
 
-def flux_prompt(unet: str, steps: int, seed: int, *, strategy="pipefusion", devices="cpu:2", patches=2,
+def group_states(ws, group: str, until: str, timeout: float) -> list[tuple[str, str]]:
+    """(state, detail) of each pipefusion.status event about ``group`` read from the open websocket ``ws``,
+    up to and including the first ``until``; TimeoutError after ``timeout`` s without it."""
+    seen, deadline = [], time.monotonic() + timeout
+    ws.settimeout(0.5)
+    while time.monotonic() < deadline:
+        try:
+            raw = ws.recv()
+        except Exception as exc:  # websocket timeout: check again
+            if "timed out" in str(exc).lower() or type(exc).__name__ == "WebSocketTimeoutException":
+                continue
+            raise
+        msg = json.loads(raw) if isinstance(raw, str) else {}
+        if msg.get("type") == "pipefusion.status" and msg["data"].get("group") == group:
+            seen.append((msg["data"]["state"], msg["data"]["detail"]))
+            if seen[-1][0] == until:
+                return seen
+    raise TimeoutError(f"no {until!r} for group {group} within {timeout} s; heard {seen}")
+
+
+def flux_prompt(unet: str, steps: int, seed: int, *, strategy="pipefusion", devices="cpu:2", patches=None,
                 warmup=1, size=128, prefix="latents/pf", tokens=8, width=32, pooled=32) -> dict:
     return {
         "1": {"class_type": "PipeFusionDiTLoader",
               "inputs": {"unet_name": unet, "weight_dtype": "float32", "devices": devices, "strategy": strategy,
-                         "patches": patches, "warmup_steps": warmup}},
+                         "patches": (2 if strategy == "pipefusion" else 0) if patches is None else patches,
+                         "warmup_steps": warmup}},
         "2": {"class_type": "PipeFusionTestConditioning",
               "inputs": {"tokens": tokens, "width": width, "pooled_width": pooled, "seed": 0, "guidance": 3.5}},
         "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},

@@ -252,7 +252,9 @@ def test_browser_status_panel_lists_the_warm_group(page, server):
     assert "tiny-flux.safetensors" in text and "pipefusion, 2 ranks, float32" in text, text
     assert "ready" in text and "rank 0: " in text and "rank 1: " in text and len(rss) == 2 and min(rss) > 0, text
     job = groups[0]["last_job"]
-    assert f"{job['wall_s']:.2f} s total: compute {job['compute_s']:.2f} s" in text, (text, job)
+    assert f"{job['wall_s']:.2f} s total: compute {job['compute_s']:.2f} s, waiting {job['wait_s']:.2f} s, " \
+           f"transfer {job['transfer_s']:.2f} s" in text, (text, job)
+    assert job["transfer_s"] > 0 and job["wait_s"] > 0 and job["compute_s"] > 0, job  # three measured parts
     page.js("() => { document.querySelector('.comfy-pipefusion-tab-button').click(); return true; }")
     page.wait("() => !document.querySelector('[data-pf=group]')", timeout=10)
     assert page_problems(page.take_events()) == []
@@ -305,7 +307,10 @@ def test_browser_worker_death_reads_well(page, server):
     assert "(the workers' tracebacks and log tail are in ComfyUI's log)" in text
     page.shot("06-worker-died-dialog")
     page.close_dialogs()
-    assert page.wait("() => pfTest.badge(pfTest.ours()[0])").startswith("PipeFusion: failed")
+    # the group is gone: "stopped", with why, in the failure's colour
+    assert page.wait("() => pfTest.badge(pfTest.ours()[0])").startswith(
+        "PipeFusion: stopped · failed: the worker group died")
+    assert page.js("() => pfTest.ours()[0].pipefusionBadge().bgColor") == "#c62828"
     page.shot("06-worker-died-badge")
     log = server.log_path.read_text(errors="replace")
     assert "the worker group died" in log and "worker log:" in log and "traceback:" in log

@@ -114,22 +114,28 @@ def test_bench_refuses_a_job_that_cannot_fit_before_any_process_starts():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["pipefusion", "distrifusion"])
-def test_estimate_within_15_percent_of_measured_peak(mid, strategy):
+def test_estimate_within_15_percent_of_measured_peak(mid, strategy, monkeypatch):
     """The mid model (114 M parameters) at 1024x1024 on two real CPU ranks: each rank's peak RSS growth
-    during load and sampling (its RSS before the load subtracted) against the estimate."""
+    during load and sampling (its RSS before the load subtracted) against the estimate of what it holds.
+
+    Measured steadily: the ranks run with glibc's mmap threshold at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so
+    every tensor is a mapping of its own, returned when freed, and the RSS peak is the peak of live bytes,
+    the same on every run (with glibc's default the peak varied by 20% with how much freed loading memory
+    a job happened to reuse). So it is compared with the estimate's live bytes (``RankBytes.live``): the
+    allocator's slack, which ``total`` adds for admission, is what a caching allocator may keep besides."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
     fam, meta = mid
     job = {"name": "j", "parallel": {"strategy": strategy}, "text_tokens": 256,
            "sample": {"height": 1024, "width": 1024, "steps": 1}}
     _, m = run_jobs("mid", 0, [job], world_size=2, timeout=600)["j"]
     est = memory.estimate(fam, meta, ParallelConfig(strategy, 2), size(1024))
+    ratios = []
     for r in range(2):
         grown = m["peak_bytes_per_rank"][r] - m["base_bytes_per_rank"][r]
-        print(f"\nMEMORY {strategy} rank {r}: measured {grown / 2**20:.0f} MiB, estimated "
-              f"{est[r].total / 2**20:.0f} MiB ({est[r].total / grown:.3f}): {est[r].describe()}")
-        # Issue 10 asks for 15%; the last PipeFusion stage measured 1.01-1.22 across full-suite runs (its RSS
-        # growth varies with how much freed loading memory the job reuses), so the bound is 25% until the
-        # measurement or the estimate is made steady (issue 10 stays open for it).
-        assert 0.85 <= est[r].total / grown <= 1.25, (r, grown, est[r].describe())
+        ratios.append(est[r].live / grown)
+        print(f"\nMEMORY {strategy} rank {r}: measured {grown / 2**20:.0f} MiB, estimated live "
+              f"{est[r].live / 2**20:.0f} MiB ({ratios[-1]:.3f}): {est[r].describe()}")
+    assert all(0.85 <= q <= 1.15 for q in ratios), ratios
 
 
 @pytest.mark.parametrize("stored", [torch.float32, torch.float8_e4m3fn])

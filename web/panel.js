@@ -55,7 +55,8 @@ function groupCard(group) {
   const memory = (group.rss_bytes_per_rank ?? []).map((b, r) => `rank ${r}: ${bytes(b)}`).join(", ") || "–";
   const job = group.last_job;
   const split = job
-    ? `${seconds(job.wall_s)} total: compute ${seconds(job.compute_s)}, waiting and transfer ${seconds(job.wait_s)}`
+    ? `${seconds(job.wall_s)} total: compute ${seconds(job.compute_s)}, waiting ${seconds(job.wait_s)}, ` +
+      `transfer ${seconds(job.transfer_s)}`
     : "no job yet";
   const state = el("span", { "data-pf": "state", style: { background: COLORS[group.state] ?? "#555", color: "#fff",
     borderRadius: "4px", padding: "1px 6px" } }, group.state ?? "?");

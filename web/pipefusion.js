@@ -45,6 +45,12 @@ function stateOf(node, status) {
   return status;
 }
 
+// A group that ended after a failure is "stopped" with the reason "failed: …": it keeps the failure's colour.
+function colorOf(status) {
+  const failed = status.state === "stopped" && status.detail?.startsWith("failed");
+  return COLORS[failed ? "failed" : status.state] ?? "#555555";
+}
+
 function badgeText(status) {
   if (!status.state) return "";
   const text = `PipeFusion: ${status.state}${status.detail ? " · " + status.detail : ""}`;
@@ -58,7 +64,7 @@ function badgeFactory(node, status) {
   const Badge = window.LGraphBadge;
   return guarded("the PipeFusion badge", () => {
     const own = stateOf(node, status);
-    return new Badge({ text: badgeText(own), bgColor: COLORS[own.state] ?? "#555555", fgColor: "#ffffff" });
+    return new Badge({ text: badgeText(own), bgColor: colorOf(own), fgColor: "#ffffff" });
   }, NO_BADGE);
 }
 
@@ -75,7 +81,7 @@ function drawFallback(node, status) {
       ctx.save();
       ctx.font = "12px sans-serif";
       const w = ctx.measureText(text).width + 12;
-      ctx.fillStyle = COLORS[own.state] ?? "#555555";
+      ctx.fillStyle = colorOf(own);
       ctx.fillRect(this.size[0] - w, -title - 22, w, 20);
       ctx.fillStyle = "#ffffff";
       ctx.textBaseline = "middle";
@@ -107,7 +113,7 @@ function show(status, detail) {
   for (const node of app.graph?._nodes ?? []) {
     if (!TYPES.has(node.comfyClass ?? node.type)) continue;
     attach(node, status);
-    node.boxcolor = COLORS[stateOf(node, status).state];
+    node.boxcolor = colorOf(stateOf(node, status));
   }
   app.graph?.setDirtyCanvas?.(true, true);
 }

@@ -10,8 +10,9 @@ strategy's runs, ..., a serial run, each turn with the machine to itself (the ot
 waits in a collective). wall_s is the median of a job's runs (wall_s_min is also written); a strategy's
 speedup is against the two serial runs around it, so a machine whose speed drifts over minutes compares
 like with like. Errors are measured against serial on the returned LATENT; bytes sent are counted per rank
-and compared with the analytic formulas of parallel/costs.py; wait_s_per_rank is each rank's time blocked
-on the others.
+and compared with the analytic formulas of parallel/costs.py; wait_s_per_rank is each rank's time waiting
+for the others' data, transfer_s_per_rank its time sending its own. --timeline PNG draws each job's last
+run from the ranks' own timings (timeline.py).
 """
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ def parse_args(argv):
                          "(half the ranks on each side; root only: see linkns.py)")
     ap.add_argument("--no-predict", dest="predict", action="store_false",
                     help="skip the simulator's prediction beside each measured time (its probes take seconds)")
+    ap.add_argument("--timeline", default=None, metavar="PNG",
+                    help="draw each job's last run here: per rank, each item's compute and waiting (timeline.py)")
     return ap.parse_args(argv)
 
 
@@ -210,7 +213,9 @@ def summarise(args, spec, serial, results) -> dict:
                      "rel_l2_err_vs_serial": float(err.norm() / ref.float().norm()),
                      "param_bytes_per_rank": m["param_bytes_per_rank"],
                      "bytes_sent_per_step_per_rank": [b / spec.steps for b in m["bytes_sent_per_rank"]],
-                     "wait_s_per_rank": m["wait_s_per_rank"], "plan": m["plan"]["plan"],
+                     "wait_s_per_rank": m["wait_s_per_rank"],
+                     "transfer_s_per_rank": m["transfer_s_per_rank"],
+                     "timeline": m["timeline"], "plan": m["plan"]["plan"],
                      "predicted_s": m["plan"]["predicted_s"], "auto": m["plan"]["auto"],
                      "probed_link": m["plan"]["link"],
                      "expected_bytes_per_step_per_rank": None if job.peer else [  # a peer's traffic is its own
@@ -272,7 +277,8 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
         runs = [results["serial"][j.name] for j in serial_jobs]
         walls = [w for _, m in runs for w in m["wall_s_runs"]]
         merged = {**runs[0][1], "wall_s_runs": walls, "wall_s_median": statistics.median(walls),
-                  "wall_s_min": min(walls), "run_spans": [s for _, m in runs for s in m["run_spans"]]}
+                  "wall_s_min": min(walls), "run_spans": [s for _, m in runs for s in m["run_spans"]],
+                  "timeline": runs[-1][1]["timeline"]}  # the last serial run's, like every job's
         return (runs[0][0], merged), results["group"], spans
 
 
@@ -328,6 +334,14 @@ def main(argv=None) -> int:
     report["link"] = None if link is None else {"speed": link.speed, "bits_per_s": link.bits_per_s,
                                                 "latency_s": link.latency_s, "qdisc": link.qdisc}
     print_table(report)
+    if args.timeline:
+        from ..timeline import render
+
+        render([(f"{r['name']}: {r['world_size']} rank(s), M={r['patches']}, warm-up {r['warmup_steps']}, "
+                 f"{r['wall_s_runs'][-1]:.2f} s", r["timeline"]) for r in report["results"]], args.timeline,
+               f"{report['model']['name']}, {report['width']}x{report['height']}, {report['steps']} steps: "
+               "each rank's last run, from its own timings")
+        print(f"timeline: {Path(args.timeline).resolve()}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)

@@ -16,6 +16,7 @@ from ..jobspec import Job
 from ..models import family
 from ..parallel.comm import Comm
 from ..parallel.runtime import Control
+from ..parallel.trace import Trace
 from .turns import Turns
 
 log = logging.getLogger("comfy_pipefusion.bench")
@@ -28,21 +29,28 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
     turns = turns or Turns(None, "", comm.rank)
     walls, spans, samples = [], [], None
     turns.wait()
-    for _ in range(repeats):
+    for i in range(repeats):
         comm.reset_counters()
         comm.barrier()
         begin, start = time.time(), time.perf_counter()
-        samples = execute(prep, comm, device, Control())
+        trace = comm.trace = Trace() if i == repeats - 1 else None  # the last run's timeline
+        samples = execute(prep, comm, device, Control(trace=trace))
+        comm.trace = None
+        if trace is not None:
+            trace.finish()
         comm.barrier()
         walls.append(time.perf_counter() - start)
         spans.append([begin, time.time()])
     turns.done()
     stats = rank_stats(prep, comm)
+    timelines = comm.gather_object(trace.to_json())  # JSON only, every rank's in rank order
     metrics = {"wall_s_runs": walls, "run_spans": spans, "wall_s_median": statistics.median(walls),
                "wall_s_min": min(walls),
                "param_bytes_per_rank": [r["param_bytes"] for r in stats],
                "bytes_sent_per_rank": [r["bytes_sent"] for r in stats],
                "wait_s_per_rank": [r["wait_s"] for r in stats],  # of the last run
+               "transfer_s_per_rank": [r["transfer_s"] for r in stats],  # of the last run
+               "timeline": timelines,  # of the last run: parallel/trace.py
                "base_bytes_per_rank": [r["base_bytes"] for r in stats],  # before the load
                "peak_bytes_per_rank": [r["peak_bytes"] for r in stats],  # load and runs
                "load_s_per_rank": [r["load_s"] for r in stats],

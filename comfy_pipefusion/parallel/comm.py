@@ -9,8 +9,10 @@
   Every rank creates them in the same order when the group starts.
 
 ``bytes_sent`` adds what this rank puts on the data plane (a send's size; an all_gather's own chunk once per
-peer); ``wait_s`` the time it waits for a data-plane request (pipeline bubbles, imbalance, transfer): host
-time on CPU, CUDA events on the waiting stream on GPU, so the figure means the same on both. Control
+peer); ``wait_s`` the time it waits for data from others (a receive, a gather: pipeline bubbles, imbalance,
+and the peers' transfer), ``transfer_s`` the time it spends moving its own data out (packing and issuing a
+send, waiting for a send to complete): host time on CPU, CUDA events on the waiting stream on GPU, so the
+figures mean the same on both. Control
 traffic is counted in ``ops`` only. With ``PIPEFUSION_COMM_RULES=nccl`` every gloo group runs its
 operations through one in-order executor per rank, and a deadlock ends with ``CommHang`` (rules.py).
 """
@@ -60,8 +62,10 @@ class Comm:
         self.monitor = monitor
         self.bytes_sent = 0
         self._wait_host = 0.0
-        self._events: list = []
+        self._transfer_host = 0.0
+        self._events: list = []  # (begin, end, is a send) CUDA events of data-plane waits
         self.ops: Counter = Counter()
+        self.trace = None  # a trace.Trace: each data-plane wait is recorded there too (the bench's timeline)
         self.timeout = timedelta(hours=1)  # of the groups made later (new_channel)
         self.plans: dict = {}  # the sub-groups of each plan this group ran (parallel/groups.py), made once
 
@@ -133,29 +137,45 @@ class Comm:
     # -- counters ---------------------------------------------------------------------------------
     @property
     def wait_s(self) -> float:
-        if self._events:
-            self._events[-1][1].synchronize()
-            self._wait_host += sum(a.elapsed_time(b) for a, b in self._events) / 1000
-            self._events.clear()
+        self._settle_events()
         return self._wait_host
 
+    @property
+    def transfer_s(self) -> float:
+        self._settle_events()
+        return self._transfer_host
+
+    def _settle_events(self) -> None:
+        if self._events:
+            self._events[-1][1].synchronize()
+            for a, b, send in self._events:
+                if send:
+                    self._transfer_host += a.elapsed_time(b) / 1000
+                else:
+                    self._wait_host += a.elapsed_time(b) / 1000
+            self._events.clear()
+
     def reset_counters(self) -> None:
-        self.bytes_sent, self._wait_host, self._events, self.ops = 0, 0.0, [], Counter()
+        self.bytes_sent, self._wait_host, self._transfer_host, self._events, self.ops = 0, 0.0, 0.0, [], Counter()
 
     # -- issue ------------------------------------------------------------------------------------
     def _issue(self, ch: Channel, kind: str, peer, tensor: torch.Tensor, fn) -> "Pending":
         self.ops[ch.name, kind] += 1
         if ch.executor is None:
-            return Pending(fn(), tensor, self, ch.data)
+            return Pending(fn(), tensor, self, ch.data, f"{kind} {ch.name}")
         info = OpInfo(kind, peer, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))
-        return Pending(ch.executor.submit(info, fn), tensor, self, ch.data)
+        return Pending(ch.executor.submit(info, fn), tensor, self, ch.data, f"{kind} {ch.name}")
 
     def isend(self, tensor: torch.Tensor, dst: int, ch: Channel | None = None) -> "Pending":
         ch = ch or self.data
+        start = time.perf_counter()
         tensor = tensor.contiguous()
         if ch.data:
             self.bytes_sent += tensor.numel() * tensor.element_size()
-        return self._issue(ch, "send", dst, tensor, lambda: dist.isend(tensor, dst, group=ch.group))
+        pending = self._issue(ch, "send", dst, tensor, lambda: dist.isend(tensor, dst, group=ch.group))
+        if ch.data:
+            self._transfer_host += time.perf_counter() - start
+        return pending
 
     def irecv(self, tensor: torch.Tensor, src: int, ch: Channel | None = None) -> "Pending":
         ch = ch or self.data
@@ -250,8 +270,8 @@ class Comm:
 class Pending:
     """A request in flight; holds its tensor alive until it completes."""
 
-    def __init__(self, work, tensor: torch.Tensor, comm: Comm, counted: bool) -> None:
-        self.work, self.tensor, self.comm, self.counted = work, tensor, comm, counted
+    def __init__(self, work, tensor: torch.Tensor, comm: Comm, counted: bool, what: str = "") -> None:
+        self.work, self.tensor, self.comm, self.counted, self.what = work, tensor, comm, counted, what
 
     def is_completed(self) -> bool:
         if self.work is None:
@@ -265,13 +285,14 @@ class Pending:
             return self.tensor
         work, self.work = self.work, None
         comm = self.comm
+        send = self.what.startswith("send")
         cuda = self.counted and comm.device.type == "cuda" and hasattr(work, "is_completed")
         if cuda:  # the time the compute stream sits behind the transfer
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             work.wait()
             end.record()
-            comm._events.append((begin, end))
+            comm._events.append((begin, end, send))
             return self.tensor
         start = time.perf_counter()
         if hasattr(work, "done"):
@@ -281,7 +302,14 @@ class Pending:
         elif work is not None:
             work.wait()
         if self.counted:
-            comm._wait_host += time.perf_counter() - start
+            took = time.perf_counter() - start
+            if send:  # this rank's own data leaving
+                comm._transfer_host += took
+            else:
+                comm._wait_host += took
+            if comm.trace is not None:  # the wait just ended, on the trace's clock
+                now = comm.trace.clock()
+                comm.trace.wait(now - took, now, self.what)
         return self.tensor
 
 

@@ -26,7 +26,7 @@ def run_distrifusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype
     kvs = rt.kv_buffers(blocks, DisplacedKV, spans=spans, rank=comm.rank, comm=comm)
     txt = rt.span_txt(sp)
     items = rt.schedule(sp, warmup_steps=cfg.warmup_steps)  # one item per evaluation: this rank's band
-    for item in items:
+    for item in control.track(items):
         t = item.eval
         if item.step_boundary and control.agree_stop(comm):
             _finish(kvs)  # every rank started the same gathers: they complete

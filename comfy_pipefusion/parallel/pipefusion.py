@@ -176,7 +176,7 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
     ring_next = next((it.index for it in items if it.eval > 0), len(items))
     x0 = problem.x0.to(device) if first else None
     nxt = post_recv(0)
-    for item in items:
+    for item in control.track(items):
         i, t, sp = item.index, item.eval, item.span
         if item.eval_boundary:
             if decisions.stop_before(t):

@@ -160,10 +160,15 @@ class Control:
     so the pipeline never drains at a step boundary.
     """
 
-    def __init__(self, on_step=None, cancelled=None, preview=None) -> None:
+    def __init__(self, on_step=None, cancelled=None, preview=None, trace=None) -> None:
         self._on_step = on_step
         self._cancelled = cancelled
         self.preview = preview  # a PreviewWriter, or None: no preview wanted
+        self.trace = trace  # a trace.Trace recording this run's items (the bench's timeline), or None
+
+    def track(self, schedule):
+        """The strategy's loop over its schedule: the items, timed when a trace records this run."""
+        return schedule if self.trace is None else self.trace.track(schedule)
 
     def step_done(self, t: int) -> None:
         if self.preview is not None:

@@ -16,7 +16,7 @@ def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
     control = control or Control()
     rt = JobRuntime(model, problem, dtype, device, first=True, last=True, preview=control.preview)
     txt = problem.txt.to(device, dtype)
-    for item in rt.schedule(full_span(problem.n_span_txt, problem.n_img)):
+    for item in control.track(rt.schedule(full_span(problem.n_span_txt, problem.n_img))):
         k = item.eval
         if item.step_boundary and control.cancelled():
             raise JobCancelled(f"cancelled before step {item.step + 1}")
@@ -46,7 +46,7 @@ def run_local(model, problem, dtype: torch.dtype, device: torch.device, control:
     kvs = rt.kv_buffers(blocks, n_img=i1 - i0)
     local = full_span(problem.n_span_txt, i1 - i0)  # positions in this band's buffers
     where = Span(0, problem.n_span_txt, i0, i1)  # positions in the image
-    for item in rt.schedule(where):
+    for item in control.track(rt.schedule(where)):
         k = item.eval
         if item.step_boundary and (control.agree_stop(comm) if comm else control.cancelled()):
             raise JobCancelled(f"cancelled before step {item.step + 1}")
