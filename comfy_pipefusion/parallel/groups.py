@@ -34,6 +34,7 @@ class SubComm(Comm):
                           lambda self, v: setattr(self.root, "_wait_host", v))
     _events = property(lambda self: self.root._events)
     ops = property(lambda self: self.root.ops)
+    trace = property(lambda self: self.root.trace)  # the bench's timeline records every wait of the rank
 
     def reset_counters(self) -> None:
         self.root.reset_counters()
