@@ -58,7 +58,8 @@ def check_patches(patches: int, strategy: str) -> None:
     """``patches`` is PipeFusion's M: any other strategy decides its bands itself, so a value set there
     would be ignored without a word; it is refused, naming what the strategy does instead."""
     if patches and "pipefusion" not in strategy.split("+"):
-        does = {"serial": "samples the whole image at once", "auto": "picks the patches per job"}.get(
+        does = {"serial": "samples the whole image at once", "auto": "picks the patches per job",
+                "cfg": "runs each branch of the guidance whole on its own rank"}.get(
             strategy, "splits the image into one band per rank")
         raise ValueError(f"patches {patches} applies to pipefusion only; {strategy} {does}. Set patches to 0, "
                          "or choose strategy pipefusion")
