@@ -32,6 +32,8 @@ class SubComm(Comm):
                           lambda self, v: setattr(self.root, "bytes_sent", v))
     _wait_host = property(lambda self: self.root._wait_host,
                           lambda self, v: setattr(self.root, "_wait_host", v))
+    _transfer_host = property(lambda self: self.root._transfer_host,
+                              lambda self, v: setattr(self.root, "_transfer_host", v))
     _events = property(lambda self: self.root._events)
     ops = property(lambda self: self.root.ops)
     trace = property(lambda self: self.root.trace)  # the bench's timeline records every wait of the rank
