@@ -37,6 +37,7 @@ class Problem:
     latent: LatentFormat = LatentFormat(16, 0.3611, 0.1159)
     sampling: str = "flux"  # the model sampling's kind (sampling/model_sampling.py)
     inpaint: "Inpaint | None" = None  # a LATENT's noise mask, as ComfyUI's KSampler applies it
+    branch: object = None  # CFG parallelism: this rank runs one branch (parallel/cfg.py's Branch), else None
 
     @property
     def cfg(self) -> bool:
