@@ -5,9 +5,13 @@ setting is refused before any process group starts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-STRATEGIES = ("serial", "pipefusion", "distrifusion", "naive_patch", "auto")
+STRATEGIES = ("serial", "pipefusion", "distrifusion", "naive_patch", "cfg", "ulysses", "cfg+ulysses",
+              "cfg+pipefusion", "cfg+distrifusion", "auto")
+"""Every strategy a plan may name: the single methods, then the hybrids (methods joined by '+', outermost
+first: CFG halves, then what runs inside each half), and auto (the group picks the plan per job)."""
+METHOD_ORDER = ("cfg", "ulysses", "pipefusion", "distrifusion", "naive_patch", "serial")
 TEXT_STREAMS = ("last_patch", "first_patch", "every_patch")
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
             "lcm")
@@ -36,15 +40,22 @@ def check_seed(seed: int, sampler: str) -> None:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How one image is spread over the ranks of a group."""
+    """The plan: how one image is spread over the ranks of a group.
+
+    ``strategy`` names one method or a hybrid (``cfg+pipefusion``). The degrees multiply to the world size:
+    ``cfg_degree`` (2 when the positive and negative branches run on two halves of the group, else 1) x
+    ``ulysses_degree`` (ranks sharing each attention by heads) x ``stages`` (ranks of the patch method:
+    PipeFusion's stages, DistriFusion's bands). Rank r sits at ``coords(r)`` = (branch, stage, ulysses
+    rank), the CFG branch outermost. The bench, the nodes and the worker pass this one value.
+    """
 
     strategy: str = "pipefusion"
-    """serial | pipefusion | distrifusion | naive_patch | auto (the group picks the fastest plan that fits per
-    job: parallel/planner.py)."""
+    """serial | pipefusion | distrifusion | naive_patch | cfg | ulysses, a hybrid in STRATEGIES, or auto (the
+    group picks the fastest plan that fits per job: parallel/planner.py)."""
     world_size: int = 1
     """Number of ranks (one per GPU, or CPU processes)."""
     patches: int = 0
-    """PipeFusion's M: number of token-row bands per image; 0 means the default (= world_size)."""
+    """PipeFusion's M: number of token-row bands per image; 0 means the default (= its stages)."""
     warmup_steps: int = 1
     """Synchronous full-image steps before the asynchronous (stale K/V) steps start; at least 1."""
     stage_split: tuple[int, ...] | None = None
@@ -54,10 +65,15 @@ class ParallelConfig:
     balance: str = "compute"
     """PipeFusion's automatic split: 'compute' (equal work per stage: fastest) or 'memory' (equal
     parameter bytes per stage: for models that only fit when spread evenly)."""
+    ulysses: int = 0
+    """Ulysses degree (ranks that split each attention's heads); 0: every rank of a CFG branch (the only
+    layout implemented: Ulysses is not yet combined with a patch method). Only with 'ulysses' in the
+    strategy."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+            raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}"
+                             + _hybrid_hint(self.strategy))
         if self.text_stream not in TEXT_STREAMS:
             raise ValueError(f"unknown text_stream {self.text_stream!r}: choose one of {', '.join(TEXT_STREAMS)}")
         if self.balance not in BALANCES:
@@ -70,6 +86,7 @@ class ParallelConfig:
             raise ValueError(
                 f"strategy {self.strategy!r} needs at least 2 ranks, got world_size {self.world_size}; "
                 "use strategy 'serial' on a single device")
+        self._check_degrees()
         if self.patches < 0:
             raise ValueError(f"patches must be 0 (default) or positive, got {self.patches}")
         if self.warmup_steps < 1:
@@ -78,21 +95,97 @@ class ParallelConfig:
             raise ValueError(f"patches {self.patches} with strategy 'auto': auto picks the patches per job; "
                              "set patches 0, or choose pipefusion")
         if self.stage_split is not None:
-            if self.strategy != "pipefusion":
+            if self.patch_method != "pipefusion":
                 raise ValueError(f"stage_split applies to pipefusion only, not {self.strategy!r}")
-            if len(self.stage_split) != self.world_size or min(self.stage_split) < 1:
+            if len(self.stage_split) != self.stages or min(self.stage_split) < 1:
                 raise ValueError(
                     f"stage_split {list(self.stage_split)} must give at least 1 block to each of the "
-                    f"{self.world_size} stages")
+                    f"{self.stages} stages")
+
+    def _check_degrees(self) -> None:
+        w, methods = self.world_size, self.methods
+        if self.ulysses < 0:
+            raise ValueError(f"ulysses degree must be 0 (all ranks of a branch) or positive, got {self.ulysses}")
+        if self.ulysses and "ulysses" not in methods:
+            raise ValueError(f"ulysses degree {self.ulysses} given but strategy {self.strategy!r} has no "
+                             "ulysses; use strategy 'ulysses' or 'cfg+ulysses', or leave ulysses at 0")
+        if "cfg" in methods and w % 2:
+            raise ValueError(f"{self.strategy} runs the positive and negative branches on two halves of the "
+                             f"group: world_size {w} is odd; use {w - 1} or {w + 1} ranks")
+        branch = w // self.cfg_degree
+        if self.strategy == "cfg" and branch != 1:
+            raise ValueError(f"cfg on {w} ranks leaves {branch} ranks per branch with nothing to split them: "
+                             f"use cfg+pipefusion, cfg+distrifusion or cfg+ulysses on {w} ranks, or cfg on 2")
+        if "cfg" in methods and len(methods) > 1 and branch < 2:
+            raise ValueError(f"{self.strategy} on {w} ranks leaves {branch} rank per branch for "
+                             f"{'+'.join(methods[1:])}, which needs at least 2: use {2 * w} ranks, or strategy "
+                             "'cfg'")
+        if self.ulysses and self.ulysses != branch:
+            raise ValueError(f"world_size {w} != cfg {self.cfg_degree} x ulysses {self.ulysses}: Ulysses takes "
+                             f"every rank of a branch ({branch}); set ulysses to {branch} or 0")
+
+    # -- the plan's shape ------------------------------------------------------------------------
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods of the plan, outermost first (``cfg+pipefusion`` -> ('cfg', 'pipefusion'))."""
+        return tuple(self.strategy.split("+"))
+
+    @property
+    def cfg_degree(self) -> int:
+        """2 when the CFG branches run on two halves of the group, else 1."""
+        return 2 if "cfg" in self.methods else 1
+
+    @property
+    def ulysses_degree(self) -> int:
+        """Ranks that share each attention by heads (1: no Ulysses)."""
+        if "ulysses" not in self.methods:
+            return 1
+        return self.ulysses or self.world_size // self.cfg_degree
+
+    @property
+    def patch_method(self) -> str:
+        """What runs over the ranks of one branch and Ulysses lane: pipefusion, distrifusion, naive_patch,
+        or serial (one rank, or Ulysses alone)."""
+        rest = [m for m in self.methods if m not in ("cfg", "ulysses")]
+        return rest[0] if rest else "serial"
+
+    @property
+    def stages(self) -> int:
+        """Ranks of the patch method (PipeFusion's stages, DistriFusion's bands); 1 for serial."""
+        return self.world_size // (self.cfg_degree * self.ulysses_degree)
+
+    @property
+    def branch_strategy(self) -> str:
+        """The strategy each CFG branch runs on its half of the group (the whole plan without CFG)."""
+        rest = [m for m in self.methods if m != "cfg"]
+        return "+".join(rest) if rest else "serial"
+
+    def branch(self) -> "ParallelConfig":
+        """The plan of one CFG branch: this plan without CFG, on half the ranks (itself without CFG)."""
+        if self.cfg_degree == 1:
+            return self
+        return replace(self, strategy=self.branch_strategy, world_size=self.world_size // 2)
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(CFG branch, stage, Ulysses rank) of ``rank``; rank = (branch * stages + stage) * ulysses + u."""
+        u = rank % self.ulysses_degree
+        rest = rank // self.ulysses_degree
+        return rest // self.stages, rest % self.stages, u
+
+    def stage_of(self, rank: int) -> int:
+        return self.coords(rank)[1]
 
     @property
     def num_patches(self) -> int:
-        """M as used by the strategy: distrifusion and naive_patch use one band per rank."""
-        if self.strategy == "pipefusion":
-            return self.patches or self.world_size
-        if self.strategy == "serial":
+        """M as used by the strategy: distrifusion and naive_patch use one band per rank, Ulysses one per
+        rank of a branch."""
+        if self.patch_method == "pipefusion":
+            return self.patches or self.stages
+        if "ulysses" in self.methods:
+            return self.ulysses_degree
+        if self.patch_method == "serial":
             return 1
-        return self.world_size  # distrifusion, naive_patch; auto: at least one band per rank
+        return self.stages  # distrifusion, naive_patch; auto: at least one band per rank
 
     def check_image(self, token_rows: int) -> None:
         """Raise if the image has too few token rows for the bands; before any worker starts."""
@@ -102,18 +195,45 @@ class ParallelConfig:
                 f"{m} patches ({self.strategy}) need at least {m} token rows, but the image has only "
                 f"{token_rows} (height/16); use at most {token_rows} patches/ranks or a taller image")
 
-    def check_model(self, num_blocks: int) -> None:
-        """Raise if the model has too few blocks for the stages; before any worker starts."""
-        if self.strategy != "pipefusion":
+    def check_model(self, num_blocks: int, heads: int | None = None) -> None:
+        """Raise if the model has too few blocks for the stages, or heads that the Ulysses degree does not
+        divide; before any worker starts."""
+        u = self.ulysses_degree
+        if heads is not None and heads % u:
+            fits = [d for d in range(2, heads + 1) if heads % d == 0]
+            raise ValueError(f"{self.strategy} splits the model's {heads} attention heads over {u} ranks, but "
+                             f"{heads} is not divisible by {u}; use a Ulysses degree of "
+                             f"{' or '.join(map(str, fits)) or '1'}, or another strategy")
+        if self.patch_method != "pipefusion":
             return
-        if self.world_size > num_blocks:
+        if self.stages > num_blocks:
             raise ValueError(
-                f"pipefusion with {self.world_size} stages needs at least {self.world_size} blocks, "
-                f"the model has {num_blocks}; use at most {num_blocks} ranks")
+                f"pipefusion with {self.stages} stages needs at least {self.stages} blocks, "
+                f"the model has {num_blocks}; use at most {num_blocks} stages")
         if self.stage_split is not None and sum(self.stage_split) != num_blocks:
             raise ValueError(
                 f"stage_split {list(self.stage_split)} covers {sum(self.stage_split)} blocks, "
                 f"the model has {num_blocks}")
+
+    def check_job(self, cfg_scale: float) -> None:
+        """Raise if the plan needs what the job lacks: CFG parallelism needs a true-CFG job (cfg != 1)."""
+        if self.cfg_degree == 2 and abs(cfg_scale - 1.0) <= 1e-9:
+            raise ValueError(f"strategy {self.strategy} runs the negative branch on half the ranks, but cfg "
+                             f"{cfg_scale:g} has no negative branch; set cfg != 1 (true CFG) or use strategy "
+                             f"{self.branch_strategy if self.branch_strategy != 'serial' else 'pipefusion'}")
+
+
+def _hybrid_hint(strategy: str) -> str:
+    """For an unknown strategy that is made of known methods: the spelling that exists, or what is missing."""
+    parts = strategy.split("+")
+    if len(parts) < 2 or not all(p in METHOD_ORDER for p in parts):
+        return ""
+    ordered = "+".join(sorted(parts, key=METHOD_ORDER.index))
+    if ordered in STRATEGIES:
+        return f" (write it outermost first: {ordered!r})"
+    if "ulysses" in parts:
+        return "; Ulysses is not yet combined with pipefusion or distrifusion (use cfg+ulysses or ulysses)"
+    return "; hybrids combine cfg with one of ulysses, pipefusion, distrifusion"
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ class Prepared:
     choice: object = None  # strategy=auto: the planner's Choice (parallel/planner.py)
     predicted_s: float | None = None  # the simulator's wall time for this plan (auto, or a job asking)
     link: dict | None = None  # the group's probed link (bandwidth B/s, latency s) behind the prediction
+    peer: str | None = None  # another tool's method on this model (peers.py), run instead of the strategy
 
 
 def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = None) -> Prepared:
@@ -147,8 +148,11 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
     if job.weight_update:  # some weights changed (a LoRA's strength): only they are read again
         fam, _, meta = models.describe(source)
         checkpoint.update_modules(model, models.meta.info, job.weight_update, rank_modules(fam, meta, cfg, comm.rank))
+    if job.peer:  # the bench's peer row: a copy of the model with the peer's parallelism applied
+        from .peers import prepare_peer
+        model = prepare_peer(job.peer, model, comm.world_size)
     return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device,
-                    choice, predicted, link)
+                    choice, predicted, link, job.peer)
 
 
 def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models: ModelCache,
@@ -156,7 +160,7 @@ def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models:
     """Refuse a job this rank's memory cannot hold, before anything of it is allocated (memory.py); for an
     fp8 checkpoint, return how its stage computes (models/fp8.py): an upcast copy when it fits."""
     fam, _, meta = models.describe(source)
-    cfg.check_model(len(fam.blocks_of(meta)))  # the stage split below needs enough blocks
+    cfg.check_model(len(fam.blocks_of(meta)), family.attention_shape(meta)[0])  # stages, Ulysses' heads
     loaded, freed = models.holds(source, cfg, comm.rank, dtype)
     budget = memory.rank_budget(models.device, comm.rank, comm.world_size, loaded, freed)
     # from the header read once per source (a checkpoint in shared memory is gone once the ranks loaded it)
@@ -204,7 +208,11 @@ def memory_peak(device: torch.device) -> int:
 def execute(prep: Prepared, comm: Comm, device: torch.device, control: Control) -> torch.Tensor | None:
     """Sample once; returns the LATENT samples on rank 0."""
     with torch.inference_mode():
-        if prep.cfg.strategy == "serial":
+        if prep.peer:
+            from .peers import run_peer
+            x = run_peer(prep.model, prep.problem, prep.dtype, device, control)
+            x = x if comm.rank == 0 else None
+        elif prep.cfg.strategy == "serial":
             x = run_serial(prep.model, prep.problem, prep.dtype, device, control)
         else:
             x = strategy_fn(prep.cfg.strategy)(prep.model, prep.blocks, prep.problem, prep.cfg, comm,

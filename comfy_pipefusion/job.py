@@ -39,6 +39,7 @@ class Problem:
     inpaint: "Inpaint | None" = None  # a LATENT's noise mask, as ComfyUI's KSampler applies it
     refs: tuple = ()  # reference latents (Kontext), each [MB, C, h, w] in the sampling space
     ref_method: str = "offset"  # how they are placed (models/references.py)
+    branch: object = None  # CFG parallelism: this rank runs one branch (parallel/cfg.py's Branch), else None
 
     @property
     def cfg(self) -> bool:

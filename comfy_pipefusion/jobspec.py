@@ -44,7 +44,7 @@ INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS - {TensorKey.RE
 REFERENCE_KEY = re.compile(r"(neg_)?ref\d{1,2}")
 """The names of reference latents: the REF and NEG_REF prefixes with the reference's index."""
 _WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file",
-         "adapters", "predict", "weight_update", "reference_method")
+         "adapters", "predict", "weight_update", "peer", "reference_method")
 _PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
 
 
@@ -76,11 +76,14 @@ class Job:
     weight_update: str | None = None
     """A safetensors file with some of the model's weights in its checkpoint's layout (those a LoRA change on
     the MODEL path touched): the ranks overwrite them in place on the weights they hold."""
+    peer: str | None = None
+    """The benchmark's peer rows: another tool's method on the same model (peers.py) instead of ours."""
     reference_method: str | None = None
     """How reference latents are placed (ComfyUI's reference_latents_method: offset, index, uxo); None: the
     family's default."""
 
     def __post_init__(self) -> None:
+        self.parallel.check_job(self.sample.cfg)  # a CFG plan needs a job with a negative branch
         if self.text_tokens < 1:
             raise ValueError(f"job {self.name!r}: text_tokens must be at least 1, got {self.text_tokens}")
         if self.repeats < 1:
@@ -101,7 +104,7 @@ class Job:
         return {"name": self.name, "model": model, "model_stamp": self.model_stamp, "parallel": par,
                 "sample": sample, "text_tokens": self.text_tokens, "repeats": self.repeats,
                 "tensors_file": self.tensors_file, "adapters": [dataclasses.asdict(a) for a in self.adapters],
-                "predict": self.predict, "weight_update": self.weight_update,
+                "predict": self.predict, "weight_update": self.weight_update, "peer": self.peer,
                 "reference_method": self.reference_method}
 
     @classmethod
@@ -134,7 +137,7 @@ class Job:
             preset = family.find_preset(source.preset)[1]
             sample = {**{k: preset[k] for k in _PRESET_DEFAULTS}, **sample}
         extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "predict",
-                                      "weight_update", "reference_method") if wire.get(k) is not None}
+                                      "weight_update", "peer", "reference_method") if wire.get(k) is not None}
         if not isinstance(extra.get("predict", False), bool):
             raise ValueError(f"job {name!r}: predict must be true or false, got {extra['predict']!r}")
         if not isinstance(extra.get("weight_update", ""), str):

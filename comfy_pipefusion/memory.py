@@ -186,6 +186,11 @@ def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_
                fp8: bool = False, upcast: bool = False) -> RankBytes:
     """Rank ``rank``'s estimated bytes for a job of ``size`` under ``cfg`` (see the module docstring);
     ``upcast``: an fp8 stage keeps a compute-dtype copy of its Linear weights."""
+    if cfg.cfg_degree == 2:  # one branch: the model batch of the images alone, on half the ranks
+        return rank_bytes(fam, meta, cfg.branch(), replace(size, cfg=False), rank % (cfg.world_size // 2),
+                          device_type, fp8, upcast)
+    if "ulysses" in cfg.methods:  # the whole model, a band of the tokens, no buffers; the exchange buffers
+        return _ulysses_bytes(fam, meta, cfg, size, rank, device_type, fp8, upcast)
     heads, head_dim = family.attention_shape(meta)
     width, elem, mb = heads * head_dim, ELEM[size.dtype], size.model_batch
     weights, biggest, linear = _names_bytes(meta, rank_modules(fam, meta, cfg, rank), elem, fp8)
@@ -214,6 +219,20 @@ def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_
     latent = LATENT_COPIES * size.batch * size.n_img * size.channels * 4
     latent += mb * size.n_txt * (size.txt_dim * 4 + width * elem) + 2 * (n_txt + size.n_img) * head_dim * 4
     return RankBytes(weights, kv, gathered, act, latent, copy, slack)
+
+
+def _ulysses_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_type: str, fp8: bool,
+                   upcast: bool) -> RankBytes:
+    """Ulysses: DistriFusion's bands and weights without its K/V buffers and gathers; the all-to-all buffers
+    (q, k, v of every rank's band for this rank's heads, sent and received, and the outputs back)."""
+    like = rank_bytes(fam, meta, replace(cfg, strategy="distrifusion", ulysses=0), size, rank, device_type, fp8,
+                      upcast)
+    heads, head_dim = family.attention_shape(meta)
+    width, elem = heads * head_dim, ELEM[size.dtype]
+    n_txt = size.n_txt if fam.JOINT_TEXT else 0
+    band = max(s.n_txt + s.n_img for s in displaced_spans(size.rows, size.cols, n_txt, cfg.world_size))
+    exchange = 8 * size.model_batch * band * width * elem
+    return RankBytes(like.weights, 0, exchange, like.activations, like.latent, like.upcast)
 
 
 @dataclass(frozen=True)
@@ -329,9 +348,12 @@ def suggestions(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, f
         out.append(f"a smaller batch (at most {b} instead of {size.batch})")
     if cfg.strategy == "distrifusion" and ok(replace(cfg, strategy="pipefusion", patches=0), size):
         out.append("pipefusion instead of distrifusion (each rank holds only its stage)")
-    more = replace(cfg, world_size=cfg.world_size * 2, strategy="pipefusion" if cfg.strategy == "serial"
-                   else cfg.strategy, stage_split=None)
-    if budget.device_type == "cuda" and ok(more, size):
+    try:  # twice the GPUs with the same method ('cfg' alone becomes cfg+pipefusion)
+        more = replace(cfg, world_size=cfg.world_size * 2, strategy={"serial": "pipefusion", "cfg": "cfg+pipefusion"}
+                       .get(cfg.strategy, cfg.strategy), stage_split=None, ulysses=0)
+    except ValueError:
+        more = None
+    if budget.device_type == "cuda" and more is not None and ok(more, size):
         out.append(f"more GPUs ({more.world_size} with {more.strategy})")
     if cfg.strategy == "pipefusion" and ok(replace(cfg, patches=cfg.num_patches * 2), size):
         out.append(f"more patches ({cfg.num_patches * 2})")

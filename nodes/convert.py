@@ -48,7 +48,7 @@ def parse_stage_split(text: str, strategy: str) -> tuple[int, ...] | None:
         split = tuple(int(p) for p in s.split(","))
     except ValueError:
         raise ValueError(f"stage_split {text!r}: write blocks per stage like 10,9, or leave it empty") from None
-    if strategy != "pipefusion":
+    if "pipefusion" not in strategy.split("+"):
         raise ValueError(f"stage_split {text!r} applies to pipefusion only (strategy is {strategy}); "
                          "leave it empty")
     return split
@@ -57,8 +57,9 @@ def parse_stage_split(text: str, strategy: str) -> tuple[int, ...] | None:
 def check_patches(patches: int, strategy: str) -> None:
     """``patches`` is PipeFusion's M: any other strategy decides its bands itself, so a value set there
     would be ignored without a word; it is refused, naming what the strategy does instead."""
-    if patches and strategy != "pipefusion":
-        does = {"serial": "samples the whole image at once", "auto": "picks the patches per job"}.get(
+    if patches and "pipefusion" not in strategy.split("+"):
+        does = {"serial": "samples the whole image at once", "auto": "picks the patches per job",
+                "cfg": "runs each branch of the guidance whole on its own rank"}.get(
             strategy, "splits the image into one band per rank")
         raise ValueError(f"patches {patches} applies to pipefusion only; {strategy} {does}. Set patches to 0, "
                          "or choose strategy pipefusion")

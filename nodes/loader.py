@@ -41,7 +41,11 @@ class PipeFusionDiTLoader:
                                                                   "auto = every GPU (cpu:2 without GPUs)"}),
             "strategy": (list(STRATEGIES), {"default": "auto", "tooltip": "auto = the fastest plan that fits in "
                                                                          "memory, picked per job from measured "
-                                                                         "costs (never fewer warm-up steps)"}),
+                                                                         "costs (never fewer warm-up steps); "
+                                                                         "cfg: the positive and negative prompt "
+                                                                         "on two halves of the devices (cfg != 1); "
+                                                                         "ulysses: exact sequence parallelism "
+                                                                         "over heads; cfg+X: each half runs X"}),
             "patches": ("INT", {"default": 0, "min": 0, "max": 256,
                                 "tooltip": "PipeFusion's patches per image; 0 = one per GPU"}),
             "warmup_steps": ("INT", {"default": 1, "min": 1, "max": 1000,
@@ -87,7 +91,7 @@ class PipeFusionDiTLoader:
             devs, ranks = (devs[:1] if devs else None), 1
         parallel = ParallelConfig(strategy=strategy, world_size=ranks, patches=patches, warmup_steps=warmup_steps,
                                   balance=balance, stage_split=parse_stage_split(stage_split, strategy))
-        parallel.check_model(families.num_blocks(config))
+        parallel.check_model(families.num_blocks(config), config.get("num_attention_heads"))
         admission.check_ranks(parallel, devs)
         dtype = weight_dtype if weight_dtype != "default" else ("bfloat16" if devs else "float32")
         if devs and len(devs) > 1 and devices.strip().lower() == "auto":  # the heaviest stage off ComfyUI's GPU

@@ -12,14 +12,17 @@ from comfy_pipefusion.config import SAMPLERS, SCHEDULERS, ParallelConfig
 
 from .convert import check_patches, parse_devices, parse_stage_split
 
-STRATEGIES = ("auto", "pipefusion", "distrifusion", "serial")
+STRATEGIES = ("auto", "pipefusion", "distrifusion", "serial", "cfg", "ulysses", "cfg+pipefusion",
+              "cfg+distrifusion", "cfg+ulysses")
+"""The loader's strategies: the engine's (config.STRATEGIES) but the naive-patch quality baseline."""
 PATCHES_MAX = 256  # the loader's widget range
 
 
 def check_plan(devices, strategy, gpu_count: int, patches=0, stage_split="") -> bool | str:
     """The loader's plan as far as its widgets tell it: parseable devices that exist, enough ranks for the
-    strategy, patches that the strategy uses, a stage split with one entry per stage. What needs the
-    checkpoint (blocks per stage) or the image (patches per token row) is checked when the nodes run."""
+    strategy (an even number for cfg, ...), patches that the strategy uses, a stage split with one entry per
+    stage. What needs the checkpoint (blocks per stage, heads) or the image (patches per token row) is
+    checked when the nodes run."""
     if strategy is not None and strategy not in STRATEGIES:
         return f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}"
     try:

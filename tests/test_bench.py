@@ -83,3 +83,30 @@ def test_bench_runs_a_checkpoint_with_a_two_evaluation_sampler(tmp_path: Path):
     for r in report["results"]:
         assert r["max_abs_err_vs_serial"] <= 1e-5, r["strategy"]
         assert r["bytes_sent_per_step_per_rank"] == r["expected_bytes_per_step_per_rank"], r["strategy"]
+
+
+@pytest.mark.slow
+def test_bench_hybrid_cfg_ulysses_and_the_diffusers_peer(tmp_path: Path):
+    """--cfg makes a true-CFG job; --strategies takes cfg and ulysses; --peers adds diffusers' own Ulysses,
+    run by the same group in the same turns. All three reproduce serial; bytes match the formulas."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "comfy_pipefusion.bench", "--preset", "tiny", "--steps", "2",
+                           "--repeats", "1", "--cfg", "2", "--strategies", "serial,cfg,ulysses",
+                           "--peers", "diffusers-ulysses", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["cfg"] == 2.0
+    rows = {r["strategy"]: r for r in report["results"]}
+    assert set(rows) == {"serial", "cfg", "ulysses", "diffusers-ulysses"}
+    for name in ("cfg", "ulysses", "diffusers-ulysses"):  # float rounding only (see README: CFG parallelism)
+        assert rows[name]["max_abs_err_vs_serial"] <= 1e-4, (name, rows[name]["max_abs_err_vs_serial"])
+        assert rows[name]["rel_l2_err_vs_serial"] <= 1e-6, (name, rows[name]["rel_l2_err_vs_serial"])
+    for name in ("cfg", "ulysses"):
+        assert rows[name]["bytes_sent_per_step_per_rank"] == rows[name]["expected_bytes_per_step_per_rank"]
+    assert rows["diffusers-ulysses"]["expected_bytes_per_step_per_rank"] is None  # its traffic is its own
+    assert [t["process"] for t in report["turns"]] == ["serial", "group"] * 3 + ["serial"]
+    # a cfg plan without a negative branch is refused before anything starts, with the way out
+    proc = subprocess.run([sys.executable, "-m", "comfy_pipefusion.bench", "--preset", "tiny", "--strategies",
+                           "cfg"], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 2 and "cfg 1 has no negative branch" in proc.stderr, proc.stderr

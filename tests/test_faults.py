@@ -91,6 +91,8 @@ BAD = {
     "non-DiT checkpoint (SD1.5 UNet)": (lambda p: edit(p, "1", unet_name="sd15-unet.safetensors"),
                                         "sd15-unet.safetensors"),
     "not a safetensors file": (lambda p: edit(p, "1", unet_name="notes.safetensors"), "notes.safetensors"),
+    "cfg_parallel without a negative branch (cfg 1)": (lambda p: edit(edit(p, "1", strategy="cfg", patches=0), "4", cfg=1.0),
+                                                      "cfg 1 has no negative branch; set cfg != 1"),
 }
 REFUSED_BY_COMFYUI = {  # out of the widgets' range, or refused by our VALIDATE_INPUTS: HTTP 400 at queue time
     "GPU that does not exist": (lambda p: edit(p, "1", devices="0,1"), "GPU 0 does not exist"),
@@ -108,6 +110,10 @@ REFUSED_BY_COMFYUI = {  # out of the widgets' range, or refused by our VALIDATE_
                                       "stage_split [3, 2, 1] must give at least 1 block to each of the 2 stages"),
     "stage split with distrifusion": (lambda p: edit(p, "1", strategy="distrifusion", patches=0, stage_split="3,3"),
                                       "stage_split '3,3' applies to pipefusion only"),
+    "cfg_parallel on an odd number of ranks": (lambda p: edit(p, "1", strategy="cfg", devices="cpu:3", patches=0),
+                                               "world_size 3 is odd; use 2 or 4 ranks"),
+    "hybrid cfg+pipefusion with 1 rank per branch": (lambda p: edit(p, "1", strategy="cfg+pipefusion", patches=0),
+                                                     "leaves 1 rank per branch"),
 }
 
 

@@ -1,6 +1,6 @@
 """Live previews through the launcher: a real torchrun group (2 CPU ranks), real shared memory. Every step's
-x0 reaches ``on_preview`` once, in order, for PipeFusion (written by the last stage) and DistriFusion (each
-rank writes its band); with no ``on_preview`` no preview segment exists. The ComfyUI side (binary websocket
+x0 reaches ``on_preview`` once, in order, for PipeFusion (written by the last stage), DistriFusion and Ulysses
+(each rank writes its band); with no ``on_preview`` no preview segment exists. The ComfyUI side (binary websocket
 frames per step, as for the stock KSampler) is tests/test_preview_lora_comfy.py."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def launched(tmp_path_factory, serial_model):
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("strategy", ["pipefusion", "distrifusion"])
+@pytest.mark.parametrize("strategy", ["pipefusion", "distrifusion", "ulysses"])
 def test_preview_every_step_once_and_the_last_is_the_result(launched, strategy):
     launcher, ckpt = launched
     spec, t = inputs(steps=STEPS)

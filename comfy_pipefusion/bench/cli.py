@@ -35,6 +35,7 @@ from ..oneshot import end_children, owned_tempdir, run_jobs
 from ..parallel.costs import expected_bytes
 from ..parallel.plan import ModelSource
 from ..sampling.samplers import load_samplers
+from ..peers import PEERS
 from .turns import TurnAborted, conduct
 from ..linkns import LINKS
 
@@ -50,7 +51,13 @@ def parse_args(argv):
     ap.add_argument("--checkpoint", default=None, help="a checkpoint file instead of a preset (any supported "
                     "family and layout; text conditioning is synthetic)")
     ap.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: the preset's, or 256)")
-    ap.add_argument("--strategies", default="serial,pipefusion,distrifusion,naive_patch")
+    ap.add_argument("--strategies", default="serial,pipefusion,distrifusion,naive_patch",
+                    help=f"comma-separated, of: {', '.join(STRATEGIES)}")
+    ap.add_argument("--cfg", type=float, default=1.0,
+                    help="guidance scale of the job: != 1 is true CFG, with a negative conditioning (needed by "
+                         "the cfg strategies)")
+    ap.add_argument("--peers", default="", help=f"other tools' methods run by the group in the same turns, "
+                                                f"comma-separated: {', '.join(PEERS)}")
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--patches", default="0",
                     help="PipeFusion's M (default 0: world size); a comma-separated list runs one job per M")
@@ -102,7 +109,7 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
     spec = SampleSpec(height=args.height or preset["height"], width=args.width or preset["width"],
                       steps=args.steps or preset["steps"], seed=args.seed, dtype=args.dtype,
                       sampler=(load_samplers(args.test_samplers) or {}).get(args.sampler, args.sampler),
-                      scheduler=args.scheduler)
+                      scheduler=args.scheduler, cfg=args.cfg)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
         if s not in STRATEGIES:
@@ -112,7 +119,12 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
         patches = [int(m) for m in str(args.patches).split(",") if m.strip()] or [0]
     except ValueError:
         raise ValueError(f"--patches takes whole numbers separated by commas, got {args.patches!r}") from None
+    peers = [s.strip() for s in args.peers.split(",") if s.strip()]
+    for s in peers:
+        if s not in PEERS:
+            raise ValueError(f"unknown peer {s!r} in --peers: choose from {', '.join(PEERS)}")
     num_blocks = family.num_blocks(config)  # without building the model
+    heads = config.get("num_attention_heads")
     # a test sampler's class travels by its name and is resolved again by the workers (Job.to_wire)
     extra = {"model": ModelSource(**source), "sample": spec, "repeats": args.repeats,
              "text_tokens": preset["text_tokens"], "predict": args.predict}  # predict: the simulator's time
@@ -130,11 +142,16 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
         for stream, m in [(t, m) for t in streams for m in patches] if pf else [("last_patch", 0)]:
             cfg = ParallelConfig(s, args.world_size, patches=m, warmup_steps=args.warmup_steps,
                                  text_stream=stream, balance=args.balance)
-            cfg.check_model(num_blocks)
+            cfg.check_model(num_blocks, heads)
             cfg.check_image(spec.token_rows)
+            cfg.check_job(spec.cfg)
             name = s + (f"-{stream}" if pf and len(streams) > 1 else "") + \
                 (f"-M{m}" if pf and len(patches) > 1 else "")
             par.append(Job(parallel=cfg, name=name, **extra))
+    for peer in peers:  # the whole model on every rank, as our ulysses
+        cfg = ParallelConfig("ulysses", args.world_size, warmup_steps=args.warmup_steps)
+        cfg.check_model(num_blocks, heads)
+        par.append(Job(parallel=cfg, name=peer, peer=peer, **extra))
     admit(args, fam, config, spec, serial, par)
     return spec, serial, par
 
@@ -151,7 +168,7 @@ def admit(args, fam, config: dict, spec: SampleSpec, serial: list[Job], par: lis
     n_txt = serial[0].text_tokens + ref_tokens(model_of(args)[3])
     txt_dim = fam.conditioning_dims(config)[0]
     size = memory.JobSize(spec.token_rows, spec.token_cols, n_txt, txt_dim, dtype=spec.dtype,
-                          channels=4 * fam.latent_format(config).channels)
+                          channels=4 * fam.latent_format(config).channels, cfg=abs(spec.cfg - 1) > 1e-9)
     fp8 = memory.stored_fp8(args.checkpoint)
     ram = memory.available_ram()
     first = memory.admit(fam, meta, ParallelConfig("serial", 1), size, memory.Budget("cpu", (ram,)), fp8)
@@ -184,13 +201,13 @@ def summarise(args, spec, serial, results) -> dict:
                                  patches=m["plan"]["patches"] if m["plan"]["strategy"] == "pipefusion" else 0)
         n = cfg.world_size
         err = (x - ref).float()
-        dims = dict(world=n, batch=1, width=width,
+        dims = dict(world=n, batch=2 if abs(spec.cfg - 1) > 1e-9 else 1, images=1, width=width,
                     n_txt=n_txt, rows=spec.token_rows, cols=spec.token_cols, steps=evals,
                     warmup=sum(1 for k in range(evals) if step_of(k) < cfg.warmup_steps),
                     patches=cfg.num_patches, elem=ELEM[spec.dtype],
                     layers=layers["joint"], image_layers=layers["image"], text_stream=cfg.text_stream,
                     channels=4 * fam.latent_format(cfg_model).channels)
-        rows.append({"strategy": cfg.strategy, "name": name, "text_stream": cfg.text_stream,
+        rows.append({"strategy": job.peer or cfg.strategy, "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
                      "threads_per_rank": args.threads_per_rank,
                      "wall_s": m["wall_s_median"], "wall_s_min": m["wall_s_min"], "wall_s_runs": m["wall_s_runs"],
@@ -207,12 +224,12 @@ def summarise(args, spec, serial, results) -> dict:
                      "timeline": m["timeline"], "plan": m["plan"]["plan"],
                      "predicted_s": m["plan"]["predicted_s"], "auto": m["plan"]["auto"],
                      "probed_link": m["plan"]["link"],
-                     "expected_bytes_per_step_per_rank": [
+                     "expected_bytes_per_step_per_rank": None if job.peer else [  # a peer's traffic is its own
                          expected_bytes(cfg.strategy, rank=r, **dims) / spec.steps for r in range(n)]})
     name = source.get("preset") or source["checkpoint"]
     return {"model": {"name": f"{fam.NAME}-{name}" if "preset" in source else name, "family": fam.NAME,
                       "params": ref_m["params"]}, "steps": spec.steps, "evaluations": evals,
-            "sampler": args.sampler, "scheduler": spec.scheduler,
+            "sampler": args.sampler, "scheduler": spec.scheduler, "cfg": spec.cfg,
             "height": spec.height, "width": spec.width, "seed": spec.seed, "timing": "median of repeats",
             "timing_note": "serial and the parallel strategies timed in turns (serial, one strategy's "
                            "runs, serial, the next's, ..., serial); a strategy's speedup is against the "

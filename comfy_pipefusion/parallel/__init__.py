@@ -10,6 +10,12 @@ def strategy_fn(name: str):
     if name == "distrifusion":
         from .distrifusion import run_distrifusion
         return run_distrifusion
+    if name == "ulysses":
+        from .ulysses import run_ulysses
+        return run_ulysses
+    if name.split("+")[0] == "cfg":
+        from .cfg import run_cfg
+        return run_cfg
     if name == "naive_patch":
         from .naive import run_naive_patch
         return run_naive_patch

@@ -66,6 +66,8 @@ class Comm:
         self._events: list = []  # (begin, end, is a send) CUDA events of data-plane waits
         self.ops: Counter = Counter()
         self.trace = None  # a trace.Trace: each data-plane wait is recorded there too (the bench's timeline)
+        self.timeout = timedelta(hours=1)  # of the groups made later (new_channel)
+        self.plans: dict = {}  # the sub-groups of each plan this group ran (parallel/groups.py), made once
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -84,6 +86,7 @@ class Comm:
             group = dist.new_group(list(ranks), timeout=timeout)
             channels[key] = Channel(name, ranks, group, True) if rank in ranks else None
         comm = cls(rank, world, device=device, channels=channels)
+        comm.timeout = timeout
         if rules.nccl:
             comm._emulate(rules)
         return comm
@@ -178,25 +181,52 @@ class Comm:
         ch = ch or self.data
         return self._issue(ch, "recv", src, tensor, lambda: dist.irecv(tensor, src, group=ch.group))
 
-    def all_gather_into(self, out: torch.Tensor, tensor: torch.Tensor, async_op: bool = False):
-        """All ranks' ``tensor`` [K, ...] into ``out`` [N * K, ...] (rank order) on the data plane: one
-        preallocated buffer, one collective."""
+    def all_gather_into(self, out: torch.Tensor, tensor: torch.Tensor, async_op: bool = False,
+                        ch: Channel | None = None):
+        """All ranks' ``tensor`` [K, ...] into ``out`` [N * K, ...] (rank order) on the data plane (or the
+        data channel ``ch``): one preallocated buffer, one collective."""
         tensor = tensor.contiguous()
-        self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world_size - 1)
-        ch = self.data
+        ch = ch or self.data
+        self.bytes_sent += tensor.numel() * tensor.element_size() * (len(ch.ranks) - 1)
         pending = self._issue(ch, "all_gather", None, out, lambda: _gather_into(out, tensor, ch.group))
         if async_op:
             return pending
         pending.wait()
         return None
 
+    def all_to_all(self, out: torch.Tensor, tensor: torch.Tensor, ch: Channel | None = None) -> torch.Tensor:
+        """Chunk j of ``tensor`` [N, ...] to rank j of the group; chunk j of ``out`` [N, ...] from rank j (one
+        collective, equal chunks: pad uneven ones). Ulysses' exchange of heads for tokens."""
+        ch = ch or self.data
+        tensor = tensor.contiguous()
+        n = len(ch.ranks)
+        if tensor.shape[0] != n or out.shape != tensor.shape:
+            raise ValueError(f"all_to_all over {n} ranks takes [N={n}, ...] chunks, got {list(tensor.shape)} "
+                             f"into {list(out.shape)}")
+        self.bytes_sent += tensor[0].numel() * tensor.element_size() * (n - 1)
+        return self._issue(ch, "all_to_all", None, out,
+                           lambda: dist.all_to_all_single(out, tensor, group=ch.group, async_op=True)).wait()
+
+    def new_channel(self, name: str, ranks: tuple[int, ...], data: bool, timeout: timedelta) -> Channel | None:
+        """A process group over ``ranks`` (global), made by EVERY rank of the world in the same order (a
+        collective of the default group); returns its channel on members, None elsewhere. Control channels
+        are gloo on every device type; under NCCL rules a gloo group gets its executor here."""
+        group = dist.new_group(list(ranks), timeout=timeout, backend=None if data else "gloo")
+        if self.rank not in ranks:
+            return None
+        ch = Channel(name, tuple(ranks), group, data)
+        if self.monitor is not None and dist.get_backend(group) == "gloo":
+            ch.executor = Executor(ch, self.monitor)
+            self.monitor.executors.append(ch.executor)
+        return ch
+
     def all_reduce(self, tensor: torch.Tensor, ch: Channel | None = None) -> torch.Tensor:
         ch = ch or self.data
         return self._issue(ch, "all_reduce", None, tensor,
                            lambda: dist.all_reduce(tensor, group=ch.group, async_op=True)).wait()
 
-    def _broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        ch = self.control
+    def _broadcast(self, tensor: torch.Tensor, src: int = 0, ch: Channel | None = None) -> torch.Tensor:
+        ch = ch or self.control
         return self._issue(ch, "broadcast", src, tensor,
                            lambda: dist.broadcast(tensor, src, group=ch.group, async_op=True)).wait()
 

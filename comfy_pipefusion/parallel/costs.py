@@ -19,6 +19,14 @@ go to each of the N - 1 others; a step exchanges when it is a warm-up step or no
     (SD3.5's second attention);
 plus, for r > 0, its band of the final latent: 4 * B * C * S_i,r.
 naive_patch: only the final latent band of each rank r > 0.
+Ulysses, rank r: at every attention layer of every evaluation, two all_to_alls over its N - 1 peers: q, k, v
+of its padded band for their heads, then the outputs of their bands for its heads:
+    T * e * 4 * B * (D / N) * (N - 1) * (L * Lmax + L' * Lmax'),  Lmax, Lmax' as DistriFusion's;
+plus, for r > 0, its band of the final latent: 4 * b * C * S_i,r (b: the images, B/2 with true CFG).
+cfg+X (B: the model batch 2b of true CFG), rank r = rank r' = r mod N/2 of its branch: X's bytes for r' on
+N/2 ranks at batch b, plus the exchange of its predictions with the other branch at every evaluation for
+the tokens whose latent it updates (all of them for one rank per branch, PipeFusion's last stage, the band
+of a DistriFusion or Ulysses rank): 4 * b * C * T * S_i,r'.
 """
 from __future__ import annotations
 
@@ -27,10 +35,24 @@ from ..patches import displaced_spans, split_even
 
 def expected_bytes(strategy: str, *, rank: int, world: int, batch: int, width: int, n_txt: int, rows: int,
                    cols: int, steps: int, warmup: int, patches: int, layers: int, elem: int,
-                   text_stream: str = "last_patch", channels: int = 64, image_layers: int = 0) -> int:
+                   text_stream: str = "last_patch", channels: int = 64, image_layers: int = 0,
+                   images: int | None = None) -> int:
+    """``batch``: the model batch (2x the images with true CFG); ``images``: the latent's batch (default:
+    ``batch``), what the final latent carries."""
     n_img = rows * cols
+    images = batch if images is None else images
+    dims = dict(batch=batch, images=images, width=width, n_txt=n_txt, rows=rows, cols=cols, steps=steps, warmup=warmup,
+                patches=patches, layers=layers, elem=elem, text_stream=text_stream, channels=channels,
+                image_layers=image_layers)
+    if strategy.split("+")[0] == "cfg":
+        return _cfg_bytes(strategy, rank, world, dims)
     if strategy == "serial":
         return 0
+    if strategy == "ulysses":
+        spans = displaced_spans(rows, cols, n_txt, world)
+        lmax, lmax_img = max(s.n_txt + s.n_img for s in spans), max(s.n_img for s in spans)
+        a2a = steps * elem * 4 * batch * (width // world) * (world - 1) * (layers * lmax + image_layers * lmax_img)
+        return a2a + (4 * images * channels * spans[rank].n_img if rank else 0)
     if strategy == "pipefusion":
         if rank == world - 1:
             return 4 * batch * channels * n_img * steps
@@ -48,3 +70,17 @@ def expected_bytes(strategy: str, *, rank: int, world: int, batch: int, width: i
         r0, r1 = split_even(rows, world)[rank]
         return 4 * batch * channels * (r1 - r0) * cols if rank else 0
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def _cfg_bytes(strategy: str, rank: int, world: int, dims: dict) -> int:
+    half, inner = world // 2, "+".join(strategy.split("+")[1:]) or "serial"
+    local, b = rank % half, dims["batch"] // 2
+    own = expected_bytes(inner, rank=local, world=half, **{**dims, "batch": b, "images": b})
+    rows, cols = dims["rows"], dims["cols"]
+    if inner == "serial":
+        tokens = rows * cols
+    elif inner == "pipefusion":
+        tokens = rows * cols if local == half - 1 else 0
+    else:  # one band per rank: distrifusion, ulysses
+        tokens = displaced_spans(rows, cols, dims["n_txt"], half)[local].n_img
+    return own + 4 * b * dims["channels"] * dims["steps"] * tokens

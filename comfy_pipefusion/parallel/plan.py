@@ -43,27 +43,27 @@ def stage_split(fam, model, cfg: ParallelConfig) -> tuple[int, ...]:
     blocks = fam.blocks_of(model)
     if cfg.stage_split is not None:
         return cfg.stage_split
-    return balanced_split([fam.block_cost(model, b, cfg.balance) for b in blocks], cfg.world_size)
+    return balanced_split([fam.block_cost(model, b, cfg.balance) for b in blocks], cfg.stages)
 
 
 def rank_blocks(fam, model, cfg: ParallelConfig, rank: int) -> list[family.Block]:
-    """The blocks this rank runs: its stage's under pipefusion, all of them otherwise."""
+    """The blocks this rank runs: its stage's under pipefusion (alone or in a hybrid), all of them otherwise."""
     blocks = fam.blocks_of(model)
-    if cfg.strategy != "pipefusion":
+    if cfg.patch_method != "pipefusion":
         return blocks
-    sizes = stage_split(fam, model, cfg)
-    start = sum(sizes[:rank])
-    return blocks[start:start + sizes[rank]]
+    sizes, stage = stage_split(fam, model, cfg), cfg.stage_of(rank)
+    start = sum(sizes[:stage])
+    return blocks[start:start + sizes[stage]]
 
 
 def rank_modules(fam, model, cfg: ParallelConfig, rank: int) -> list[str]:
     """Names of the submodules (or root parameters) this rank materialises."""
-    if cfg.strategy != "pipefusion":
+    if cfg.patch_method != "pipefusion":
         return family.all_names(model)
-    names = list(fam.SHARED_MODULES)
-    if rank == 0:
+    names, stage = list(fam.SHARED_MODULES), cfg.stage_of(rank)
+    if stage == 0:
         names += [n for n in fam.FIRST_MODULES if n not in names]
-    if rank == cfg.world_size - 1:
+    if stage == cfg.stages - 1:
         names += [n for n in fam.LAST_MODULES if n not in names]
     return [n for n in names if family.holds(model, n)] + [b.prefix for b in rank_blocks(fam, model, cfg, rank)]
 
@@ -130,7 +130,7 @@ def load_rank_model(source: ModelSource, cfg: ParallelConfig, rank: int, device:
     raise to abandon the load)."""
     described = described if described is not None and described.meta is not None else source.open()
     fam, model = described.fam, copy.deepcopy(described.meta)  # a copy: the structure stays pure meta
-    cfg.check_model(len(fam.blocks_of(model)))
+    cfg.check_model(len(fam.blocks_of(model)), family.attention_shape(model)[0])
     source.fill(fam, model, rank_modules(fam, model, cfg, rank), device, dtype, progress, described.info)
     model.eval().requires_grad_(False)
     return model, rank_blocks(fam, model, cfg, rank)

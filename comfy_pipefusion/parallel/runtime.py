@@ -119,12 +119,14 @@ class JobRuntime:
         inpaint = self.problem.inpaint
         if inpaint is not None:
             x = inpaint.model_input(self.ms, self.evals[k], x, sl)  # what the model saw (before its scaling)
-        if not self.problem.cfg:
-            den = self.ms.calculate_denoised(self.evals[k], out, x)
-        else:
+        if self.problem.branch is not None:  # CFG parallelism: with the other branch's output, [pos; neg]
+            out = self.problem.branch.both(out)
+        if self.problem.cfg or self.problem.branch is not None:
             pos, neg = out.chunk(2)
             pos, neg = self.ms.calculate_denoised(self.evals[k], pos, x), self.ms.calculate_denoised(self.evals[k], neg, x)
             den = neg + (pos - neg) * self.problem.spec.cfg
+        else:
+            den = self.ms.calculate_denoised(self.evals[k], out, x)
         den = den if inpaint is None else inpaint.denoised(den, sl)
         if self.preview is not None:
             self.preview.put(sl, den)

@@ -1,0 +1,99 @@
+"""Ulysses: sequence parallelism, exact, with an all-to-all over heads at every attention.
+
+Every rank holds the whole model and owns one band of the joint sequence (text band r and image rows band
+r, as DistriFusion's bands): everything but attention is per token, so each rank runs every block on its
+band alone. At each attention layer the ranks trade tokens for heads (one all_to_all): rank r receives
+every rank's q, k and v for its H/N heads, attends over the whole sequence with them, and a second
+all_to_all sends each rank its own tokens' outputs for every head. Positions (RoPE, position embeddings)
+are applied per token before the exchange, and the gathered keys are put in serial's order ([text; image]),
+so attention sums in the same order as serial's. The text stream (Flux's double blocks, SD3's joint
+blocks) stays exact: each rank carries its band of the text tokens through the blocks and every query,
+text or image, sees every key. Bands of different lengths are padded to the longest for the exchange.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import JobCancelled
+from ..models import family
+from ..patches import Span, displaced_spans
+from .runtime import Control, JobRuntime, gather_bands
+
+
+class Exchange:
+    """The fixed buffers of the two all_to_alls, shared by every attention layer of a job: one set per band
+    length (the joint sequence's, and the image tokens' of image-only attentions such as SD3.5's second)."""
+
+    def __init__(self, comm, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        n = comm.world_size
+        if heads % n:
+            raise ValueError(f"ulysses splits {heads} heads over {n} ranks: {heads} is not divisible by {n}")
+        self.comm, self.n, self.local_heads = comm, n, heads // n
+        self.batch, self.head_dim, self.dtype, self.device = batch, head_dim, dtype, device
+        self._sets: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def buffers(self, max_len: int) -> tuple[torch.Tensor, ...]:
+        """(send, recv [N, 3, B, max_len, H/N, Dh]; out_send, out_recv [N, B, max_len, H/N, Dh]): chunk j of a
+        send goes to rank j, chunk j of a receive comes from rank j."""
+        if max_len not in self._sets:
+            shape = (self.n, 3, self.batch, max_len, self.local_heads, self.head_dim)
+            make = lambda s: torch.zeros(s, dtype=self.dtype, device=self.device)  # noqa: E731
+            self._sets[max_len] = (make(shape), make(shape), make(shape[:1] + shape[2:]), make(shape[:1] + shape[2:]))
+        return self._sets[max_len]
+
+
+class UlyssesAttention:
+    """One attention layer under Ulysses (in place of a K/V buffer: ``attend`` is all it needs)."""
+
+    def __init__(self, batch: int, heads: int, n_txt: int, n_img: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, spans: list[Span], exchange: Exchange) -> None:
+        self.spans = [(s.n_txt, s.n_img) for s in spans]  # every rank's text and image tokens at this layer
+        self.ex = exchange
+
+    def attend(self, span: Span, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: [B, L, H, Dh] of this rank's band (text first). Returns [B, L, H * Dh]."""
+        ex, comm = self.ex, self.ex.comm
+        n, hl = ex.n, ex.local_heads
+        send, recv, out_send, out_recv = ex.buffers(max(nt + ni for nt, ni in self.spans))
+        length = q.shape[1]
+        if length != sum(self.spans[comm.rank]):
+            raise ValueError(f"rank {comm.rank} attends {length} tokens, its band has {sum(self.spans[comm.rank])}")
+        for i, t in enumerate((q, k, v)):  # [B, L, H, Dh] -> [N, B, L, H/N, Dh]: heads of rank j in chunk j
+            send[:, i, :, :length] = t.unflatten(2, (n, hl)).permute(2, 0, 1, 3, 4)
+        comm.all_to_all(recv, send)
+        # the whole sequence in serial's order, [text of every rank; image of every rank]: [B, S, H/N, Dh]
+        full = [torch.cat([recv[j, i, :, :nt] for j, (nt, _) in enumerate(self.spans)] +
+                          [recv[j, i, :, nt:nt + ni] for j, (nt, ni) in enumerate(self.spans)], 1)
+                for i in range(3)]
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in full)).transpose(1, 2)
+        t_at, i_at = 0, sum(nt for nt, _ in self.spans)
+        for j, (nt, ni) in enumerate(self.spans):  # each rank's tokens back into its chunk, text first
+            out_send[j, :, :nt] = out[:, t_at:t_at + nt]
+            out_send[j, :, nt:nt + ni] = out[:, i_at:i_at + ni]
+            t_at, i_at = t_at + nt, i_at + ni
+        comm.all_to_all(out_recv, out_send)
+        mine = out_recv[:, :, :length]  # [N, B, L, H/N, Dh]: chunk j holds rank j's heads
+        return mine.permute(1, 2, 0, 3, 4).flatten(2)  # [B, L, H * Dh]
+
+
+def run_ulysses(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, device: torch.device,
+                control: Control | None = None) -> torch.Tensor | None:
+    """This rank's band. Returns the final latent [B, S_img, C] on rank 0, else None."""
+    spans = displaced_spans(problem.rows, problem.cols, problem.n_span_txt, comm.world_size)
+    sp = spans[comm.rank]
+    control = control or Control()
+    rt = JobRuntime(model, problem, dtype, device, first=True, last=True, preview=control.preview)
+    exchange = Exchange(comm, problem.model_batch, *family.attention_shape(model), dtype, device)
+    layers = rt.kv_buffers(blocks, UlyssesAttention, spans=spans, exchange=exchange)
+    txt = rt.span_txt(sp)
+    for item in rt.schedule(sp):  # exact every evaluation: one item each, this rank's band
+        t = item.eval
+        if item.step_boundary and control.agree_stop(comm):
+            raise JobCancelled(f"cancelled before step {item.step + 1}")
+        _, img = rt.run_blocks(blocks, layers, sp, txt, rt.embed_image(rt.x[:, sp.i0:sp.i1], sp, t), t)
+        rt.update(t, sp.i0, sp.i1, img)
+        if item.closes_step:
+            control.step_done(item.step)
+    return gather_bands(comm, rt.x, [(s.i0, s.i1) for s in spans])
