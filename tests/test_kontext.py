@@ -128,3 +128,21 @@ def test_kontext_staleness_is_bounded(world, suite):
 def test_kontext_cfg(suite):
     """[positive; negative], each with its references, in one model batch."""
     suite.check_cfg()
+
+
+def test_kontext_cfg_and_ulysses_strategies(suite):
+    """The strategies main gained beside ours carry the references too: CFG parallelism gives each branch its
+    half of the [positive; negative] reference batch, Ulysses sends them with the text; both equal serial
+    (up to float32 summation order: the branches run batches of one instead of two)."""
+    from comfy_pipefusion.oneshot import run_jobs
+    from family_suite import STEPS, sample
+    from frozen_sampler import WORKER_ARGS
+
+    jobs = [{"name": "cfg", "sample": sample(PRESET, "euler", STEPS, cfg=3.0), "parallel": {"strategy": "cfg"}},
+            {"name": "ulysses", "sample": sample(PRESET, "euler", STEPS), "parallel": {"strategy": "ulysses"}}]
+    out = run_jobs(PRESET, 0, jobs, world_size=2, timeout=300, worker_args=WORKER_ARGS)
+    for name, kw in (("cfg", {"cfg": 3.0}), ("ulysses", {})):
+        ref = suite.serial("euler", STEPS, **kw)
+        assert float(ref.abs().max()) > 0.05
+        rel = float((out[name][0] - ref).abs().max() / ref.abs().max())
+        assert rel <= 1e-5, (name, rel)
