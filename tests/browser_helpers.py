@@ -15,7 +15,8 @@ ARTIFACTS = ROOT / "tests" / ".artifacts" / "browser"
 BROWSER_DIR = Path(os.environ.get("PIPEFUSION_BROWSER_DIR",
                                   Path.home() / ".cache" / "comfy-pipefusion" / "browser"))
 CHROMIUM = os.environ.get("PIPEFUSION_CHROMIUM", "/usr/bin/chromium")
-OUR_TYPES = ("PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload")
+OUR_TYPES = ("PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload", "PipeFusionLoRA",
+             "PipeFusionParallelize")
 
 
 def browser_ready() -> str:
