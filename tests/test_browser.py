@@ -32,7 +32,8 @@ def server(tmp_path_factory, serial_model):
         pytest.skip(why)
     # Weights that take a moment to load (only when a group reads them), so that "loading" can be seen.
     srv = start_model_server(tmp_path_factory, serial_model, UNET, "comfy-browser",
-                             extra_env={"PIPEFUSION_DEBUG_LOAD_DELAY_S": "2.5"})
+                             extra_env={"PIPEFUSION_DEBUG_LOAD_DELAY_S": "2.5"},
+                             args=("--preview-method", "latent2rgb"))
     yield srv
     srv.stop()
 
@@ -178,7 +179,8 @@ def test_browser_workflow_loads_readable(page, path):
 @pytest.mark.slow
 def test_browser_prompt_runs_with_the_page_open(page, server):
     """A PipeFusion prompt (cpu:2) queued from the page: the canvas keeps drawing, our nodes stay painted,
-    the badge shows each state of the group, and the sampler node's progress bar moves."""
+    the badge shows each state of the group, the sampler node's progress bar moves and its live preview
+    (--preview-method latent2rgb) appears in the node."""
     page.load_prompt(flux_prompt(UNET, steps=60, seed=3, prefix="latents/browser"), "pipefusion-run.json")
     page.shot("03-run-before")
     page.queue_recorded(0, wait=False)
@@ -211,6 +213,7 @@ def test_browser_prompt_runs_with_the_page_open(page, server):
     assert rec["badges"][-1].startswith("PipeFusion: ready"), rec["badges"]
     moving = [p for p in rec["progress"] if 0 < p < 1]
     assert len(set(moving)) >= 3, rec["progress"]
+    assert rec["previews"] >= 1, "no live preview appeared in the PipeFusion KSampler node"
     # The same prompt again on the warm group: busy, then ready; no loading flash.
     rec = page.queue_recorded(120)
     assert rec["end"] == "execution_success", server.log_tail(40)
