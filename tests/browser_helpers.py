@@ -15,7 +15,8 @@ ARTIFACTS = ROOT / "tests" / ".artifacts" / "browser"
 BROWSER_DIR = Path(os.environ.get("PIPEFUSION_BROWSER_DIR",
                                   Path.home() / ".cache" / "comfy-pipefusion" / "browser"))
 CHROMIUM = os.environ.get("PIPEFUSION_CHROMIUM", "/usr/bin/chromium")
-OUR_TYPES = ("PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload")
+OUR_TYPES = ("PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload", "PipeFusionLoRA",
+             "PipeFusionParallelize")
 
 
 def browser_ready() -> str:
@@ -162,7 +163,7 @@ PAGE_HELPERS = r"""() => {
 # Records, every animation frame while a prompt runs: the canvas's frame counter (it stops when a draw
 # throws), our badges, the sampler's progress, and whether our nodes' title bars are painted on the canvas.
 RECORD = r"""() => {
-  const rec = { frames: [], badges: [], progress: [], invisible: 0, samples: 0, end: null, statuses: [] };
+  const rec = { frames: [], badges: [], progress: [], invisible: 0, samples: 0, end: null, statuses: [], previews: 0 };
   window.pfRun = rec;
   const { api } = window.comfyAPI.api;
   api.addEventListener("pipefusion.status", (e) => rec.statuses.push(e.detail.state));
@@ -178,6 +179,10 @@ RECORD = r"""() => {
       if (b && rec.badges.at(-1) !== b) rec.badges.push(b);
       if (n.type === "PipeFusionKSampler" && n.progress !== undefined && rec.progress.at(-1) !== n.progress)
         rec.progress.push(n.progress);
+      // The live preview shown in the sampler node (the frontend keeps it per node id, and on the node).
+      if (n.type === "PipeFusionKSampler")
+        rec.previews = Math.max(rec.previews, (app.nodePreviewImages?.[String(n.id)] ?? []).length,
+                                (n.imgs ?? []).filter((i) => i?.naturalWidth > 0).length);
       // The title bar's colour at its right end, in device pixels of the canvas.
       const ds = app.canvas.ds, r = window.devicePixelRatio || 1;
       const x = (n.pos[0] + n.size[0] - 12 + ds.offset[0]) * ds.scale * r;

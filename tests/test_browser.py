@@ -32,7 +32,8 @@ def server(tmp_path_factory, serial_model):
         pytest.skip(why)
     # Weights that take a moment to load (only when a group reads them), so that "loading" can be seen.
     srv = start_model_server(tmp_path_factory, serial_model, UNET, "comfy-browser",
-                             extra_env={"PIPEFUSION_DEBUG_LOAD_DELAY_S": "2.5"})
+                             extra_env={"PIPEFUSION_DEBUG_LOAD_DELAY_S": "2.5"},
+                             args=("--preview-method", "latent2rgb"))
     yield srv
     srv.stop()
 
@@ -132,17 +133,29 @@ def test_browser_templates_show_thumbnails(page, server):
     page.js("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); return true; }")
     ours = "() => [...document.querySelectorAll('.p-dialog *')].filter((e) => e.innerText?.trim() === 'comfy-pipefusion')"
     page.wait(f"() => ({ours})().length > 0")
+    try:
+        _templates_have_pictures(page, ours, listed)
+    finally:
+        page.close_dialogs()
+    assert page_problems(page.take_events()) == []
+
+
+def _templates_have_pictures(page, ours, listed):
     page.js(f"() => {{ ({ours})().at(-1).click(); return true; }}")
     # The frontend fetches each picture and shows it from a blob: URL; a 404 would be in the page's events.
-    sizes = page.wait("""(n) => { const imgs = [...document.querySelectorAll('.p-dialog img')];
-                        return imgs.length === n && imgs.every((i) => i.complete && i.naturalWidth > 0)
-                          && imgs.map((i) => [i.naturalWidth, i.naturalHeight]); }""", len(listed), timeout=30)
+    # It renders the pictures of the cards in view only: each card is scrolled into view, then its picture read.
+    sizes = [page.wait("""(name) => {
+        const cardOf = (img) => { let c = img; while (c && !c.innerText?.trim()) c = c.parentElement; return c; };
+        const img = [...document.querySelectorAll('.p-dialog img')].find((i) => cardOf(i)?.innerText.includes(name));
+        if (!img) { [...document.querySelectorAll('.p-dialog *')].find((e) => e.children.length === 0
+                      && e.innerText?.trim() === name)?.scrollIntoView(); return false; }
+        img.scrollIntoView();
+        return img.complete && img.naturalWidth > 0 && [img.naturalWidth, img.naturalHeight]; }""",
+                       name, timeout=30) for name in listed]
     assert sizes == [[512, 512]] * len(listed)
     text = page.js("() => document.querySelector('.p-dialog').innerText")
     assert all(name in text for name in listed), text
     page.shot("05-templates")
-    page.close_dialogs()
-    assert page_problems(page.take_events()) == []
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
@@ -166,7 +179,8 @@ def test_browser_workflow_loads_readable(page, path):
 @pytest.mark.slow
 def test_browser_prompt_runs_with_the_page_open(page, server):
     """A PipeFusion prompt (cpu:2) queued from the page: the canvas keeps drawing, our nodes stay painted,
-    the badge shows each state of the group, and the sampler node's progress bar moves."""
+    the badge shows each state of the group, the sampler node's progress bar moves and its live preview
+    (--preview-method latent2rgb) appears in the node."""
     page.load_prompt(flux_prompt(UNET, steps=60, seed=3, prefix="latents/browser"), "pipefusion-run.json")
     page.shot("03-run-before")
     page.queue_recorded(0, wait=False)
@@ -199,6 +213,7 @@ def test_browser_prompt_runs_with_the_page_open(page, server):
     assert rec["badges"][-1].startswith("PipeFusion: ready"), rec["badges"]
     moving = [p for p in rec["progress"] if 0 < p < 1]
     assert len(set(moving)) >= 3, rec["progress"]
+    assert rec["previews"] >= 1, "no live preview appeared in the PipeFusion KSampler node"
     # The same prompt again on the warm group: busy, then ready; no loading flash.
     rec = page.queue_recorded(120)
     assert rec["end"] == "execution_success", server.log_tail(40)

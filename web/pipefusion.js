@@ -10,7 +10,8 @@ const EXTENSION = "comfy-pipefusion.status";
 const EVENT = "pipefusion.status";
 const COLORS = { starting: "#a86f00", loading: "#6a1b9a", ready: "#2e7d32", busy: "#1565c0", failed: "#c62828",
   stopped: "#555555" };
-const TYPES = new Set(["PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload"]);
+const TYPES = new Set(["PipeFusionDiTLoader", "PipeFusionKSampler", "PipeFusionUnload", "PipeFusionLoRA",
+  "PipeFusionParallelize"]);
 const MAX_TEXT = 64;
 
 function warn(what, err) {
@@ -33,10 +34,21 @@ function guarded(what, fn, fallback = undefined) {
   };
 }
 
+// The loader a node's PIPEFUSION_MODEL comes from, through any chain of PipeFusion LoRA nodes.
+function loaderOf(node) {
+  let n = node;
+  for (let hops = 0; n && hops < 64; hops++) {
+    if (n.comfyClass === "PipeFusionDiTLoader") return n;
+    n = n === node || n.comfyClass === "PipeFusionLoRA" ? n.getInputNode?.(0) : null;
+  }
+  return null;
+}
+
 // The state of the group a node works with: its loader's checkpoint and strategy name the group (the
-// group key is "<unet_name>|<strategy>|<dtype>", nodes/loader.py); else the last state heard.
+// group key is "<unet_name>|<strategy>|<dtype>", nodes/loader.py); else (the MODEL path's Parallelize
+// node, whose group is named by the model object) the last state heard.
 function stateOf(node, status) {
-  const loader = node.comfyClass === "PipeFusionDiTLoader" ? node : node.getInputNode?.(0);
+  const loader = loaderOf(node);
   const widget = (name) => loader?.widgets?.find((w) => w.name === name)?.value;
   if (loader?.comfyClass === "PipeFusionDiTLoader" && status.groups.size) {
     const prefix = `${widget("unet_name")}|${widget("strategy")}|`;
