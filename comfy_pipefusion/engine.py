@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from . import adapters, memory
 from .config import ParallelConfig, SampleSpec
 from .job import make_problem, preset_problem, sampling_kind, synthetic_problem
-from .jobspec import INPUT_KEYS, Job
+from .jobspec import INPUT_KEYS, REFERENCE_KEY, Job
 from .jobspec import TensorKey as K
-from .models import checkpoint, family, fp8
+from .models import checkpoint, family, fp8, references
 from .parallel import strategy_fn
 from .parallel.comm import Comm
 from .parallel.plan import ModelSource, load_rank_model, rank_modules
@@ -108,7 +108,7 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
         problem = synthetic_problem(fam, config, spec, job.text_tokens)
     else:
         fam, config, _ = models.describe(source)
-        unknown = sorted(set(tensors) - INPUT_KEYS)
+        unknown = sorted(k for k in set(tensors) - INPUT_KEYS if not REFERENCE_KEY.fullmatch(k))
         if unknown:
             raise ValueError(f"job {job.name!r} has tensors named {', '.join(unknown)}; the names are "
                              f"{', '.join(sorted(INPUT_KEYS))}")
@@ -118,7 +118,8 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
         problem = make_problem(spec, tensors[K.TXT], tensors.get(K.POOLED), tensors.get(K.LATENT),
                                tensors.get(K.NOISE), fam=fam.NAME, fmt=fam.latent_format(config),
                                sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get(K.MASK),
-                               sigmas=tensors.get(K.SIGMAS))
+                               refs=references.listed(tensors, K.REF), neg_refs=references.listed(tensors, K.NEG_REF),
+                               ref_method=job.reference_method, sigmas=tensors.get(K.SIGMAS))
     dtype = DTYPES[spec.dtype]
     choice, predicted, link = None, None, None
     if cfg.strategy == "auto" or job.predict:  # collective: every rank of the group gets here with the job

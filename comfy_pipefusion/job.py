@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MAX_SEED, SampleSpec
-from .models import family
+from .models import family, references
 from .models.family import LatentFormat, pack_latent, unpack_latent
 from .sampling.model_sampling import model_sampling_for
 from .sampling.noise import comfy_noise
@@ -37,6 +37,8 @@ class Problem:
     latent: LatentFormat = LatentFormat(16, 0.3611, 0.1159)
     sampling: str = "flux"  # the model sampling's kind (sampling/model_sampling.py)
     inpaint: "Inpaint | None" = None  # a LATENT's noise mask, as ComfyUI's KSampler applies it
+    refs: tuple = ()  # reference latents (Kontext), each [MB, C, h, w] in the sampling space
+    ref_method: str = "offset"  # how they are placed (models/references.py)
     branch: object = None  # CFG parallelism: this rank runs one branch (parallel/cfg.py's Branch), else None
 
     @property
@@ -57,8 +59,14 @@ class Problem:
 
     @property
     def n_span_txt(self) -> int:
-        """Text tokens inside the attention sequence: all of them for joint-text families, else none."""
-        return family.sequence_text(family.get(self.family), self.n_txt)
+        """Tokens of the text stream inside the attention sequence: the text tokens as the sequence holds them
+        and the reference tokens after them for joint-text families, else none."""
+        return family.sequence_text(family.get(self.family), self.n_txt) + self.n_ref if self.joint_text else 0
+
+    @property
+    def n_ref(self) -> int:
+        """Tokens of the reference latents (they ride with the text stream)."""
+        return references.count(self.refs)
 
     @property
     def n_txt(self) -> int:
@@ -109,12 +117,15 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
                  latent: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  fam: str = "flux", fmt: LatentFormat | None = None, sampling: str | None = None,
                  negative: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                 mask: torch.Tensor | None = None, sigmas: torch.Tensor | None = None) -> Problem:
+                 mask: torch.Tensor | None = None, refs=(), neg_refs=None, ref_method: str | None = None,
+                 sigmas: torch.Tensor | None = None) -> Problem:
     """Build a job from conditioning, an optional input LATENT (zeros: text to image), optional noise
     (default: ComfyUI's noise for ``spec.seed``) and, for cfg != 1, the ``negative`` (text, pooled), for a
     model of family ``fam`` with latent format ``fmt`` and model sampling ``sampling``. ``mask``: a noise
-    mask already shaped like the latent (ComfyUI's prepare_mask) for inpainting. ``sigmas``: [steps + 1] given
-    by the caller (ComfyUI's own, from a sampling node), used instead of the spec's scheduler."""
+    mask already shaped like the latent (ComfyUI's prepare_mask) for inpainting. ``refs``: reference LATENTs
+    (ComfyUI's ReferenceLatent), ``neg_refs`` the negative's, placed by ``ref_method`` (default: the family's,
+    as ComfyUI's model). ``sigmas``: [steps + 1] given by the caller (ComfyUI's own, from a sampling node),
+    used instead of the spec's scheduler."""
     fmt = fmt or family.get(fam).LATENT
     sampling = sampling or getattr(family.get(fam), "SAMPLING", fam)
     h, w = spec.height // 8, spec.width // 8
@@ -148,8 +159,34 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
         if spec.sampler == "ddim":  # ComfyUI's ddim keeps the masked area with noise of its own (seed + 1)
             noise = torch.randn(shape, generator=torch.Generator().manual_seed(spec.seed + 1))
         inpaint = Inpaint(pack_latent(mask.float()), pack_latent(image), pack_latent(noise.float()))
+    ref_method = ref_method or getattr(family.get(fam), "REFERENCE_METHOD", "offset")
+    refs = _references(family.get(fam), fmt, spec, refs, neg_refs, ref_method)
     return Problem(spec, sigmas, x0, txt, pooled, guidance, spec.height // 16, spec.width // 16, fam, fmt, sampling,
-                   inpaint)
+                   inpaint, refs, ref_method)
+
+
+def _references(fam, fmt: LatentFormat, spec: SampleSpec, refs, neg_refs, method: str) -> tuple:
+    """Reference LATENTs in the sampling space, batched as the model runs ([positive; negative] under cfg)."""
+    if not refs:
+        return ()
+    references.check_method(method)
+    if not getattr(fam, "REFERENCES", False):
+        raise ValueError(f"the conditioning carries {len(refs)} reference latent(s) (ReferenceLatent), which a "
+                         f"{fam.NAME} model does not take: remove the ReferenceLatent node or load a Kontext model")
+    for i, r in enumerate(refs):
+        if r.ndim != 4 or r.shape[1] != fmt.channels:
+            raise ValueError(f"reference latent {i} has shape {tuple(r.shape)}; this model needs {fmt.channels} "
+                             "channels: encode the reference image with this model's VAE")
+    pos = references.batched([fmt.process_in(r.float()) for r in refs], spec.batch)
+    if abs(spec.cfg - 1.0) <= 1e-9:
+        return pos
+    neg = references.batched([fmt.process_in(r.float()) for r in (neg_refs or ())], spec.batch, "negative reference")
+    if [tuple(r.shape) for r in neg] != [tuple(r.shape) for r in pos]:
+        raise ValueError(f"cfg {spec.cfg} runs positive and negative in one batch, but the positive has "
+                         f"{len(pos)} reference latent(s) of sizes {[tuple(r.shape[-2:]) for r in pos]} and the "
+                         f"negative {[tuple(r.shape[-2:]) for r in neg]}: give the negative the same "
+                         "ReferenceLatent (e.g. through ConditioningZeroOut after it), or set cfg to 1")
+    return tuple(torch.cat([p, n]) for p, n in zip(pos, neg))
 
 
 def given_sigmas(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
@@ -213,15 +250,19 @@ def synthetic_conditioning(config: dict, n_txt: int, batch: int, seed: int,
     return txt, pooled
 
 
-def synthetic_problem(fam, config: dict, spec: SampleSpec, n_txt: int) -> Problem:
+def synthetic_problem(fam, config: dict, spec: SampleSpec, n_txt: int, references_hw=()) -> Problem:
     """A job with text-encoder-like conditioning of the right shapes for ``config`` (benchmarks, tests);
-    with cfg != 1 the negative is another draw."""
+    with cfg != 1 the negative is another draw. ``references_hw``: (h, w) latent sizes of random
+    reference latents (Kontext presets), the same for the negative."""
     txt, pooled = synthetic_conditioning(config, n_txt, spec.batch, spec.seed, fam.NAME)
     negative = synthetic_conditioning(config, n_txt, spec.batch, (spec.seed + 1) & MAX_SEED, fam.NAME)
-    return make_problem(spec, txt, pooled, fam=fam.NAME, fmt=fam.latent_format(config),
-                        sampling=sampling_kind(fam, config), negative=negative)
+    fmt = fam.latent_format(config)
+    g = torch.Generator().manual_seed((spec.seed + 104729) & MAX_SEED)
+    refs = [torch.randn(1, fmt.channels, h, w, generator=g) for h, w in references_hw]
+    return make_problem(spec, txt, pooled, fam=fam.NAME, fmt=fmt, sampling=sampling_kind(fam, config),
+                        negative=negative, refs=refs, neg_refs=refs)
 
 
 def preset_problem(preset: str, spec: SampleSpec) -> Problem:
     fam, p = family.find_preset(preset)  # noqa: F811
-    return synthetic_problem(fam, p["config"], spec, p["text_tokens"])
+    return synthetic_problem(fam, p["config"], spec, p["text_tokens"], p.get("references", ()))

@@ -9,12 +9,14 @@ latent, noise, mask ...) travel beside it in shared memory or a safetensors file
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
 from .adapters.apply import LoraSpec
 from .config import ParallelConfig, SampleSpec
 from .models import family
+from .models.references import METHODS
 from .parallel.plan import ModelSource
 
 
@@ -28,6 +30,8 @@ class TensorKey(StrEnum):
     LATENT = "latent"  # [B, C, H/8, W/8] the input LATENT's samples (img2img, inpainting)
     NOISE = "noise"  # [B, C, H/8, W/8] ComfyUI's noise for the seed
     MASK = "mask"  # the LATENT's noise mask as KSampler shapes it
+    REF = "ref"  # ref0, ref1, ...: [B, C, h, w] reference LATENTs (ReferenceLatent: Kontext), a prefix
+    NEG_REF = "neg_ref"  # neg_ref0, ...: the negative's, with cfg != 1
     SIGMAS = "sigmas"  # [steps + 1] ComfyUI's own schedule (the MODEL path), used instead of the scheduler's
     OUT = "out"  # the segment the sampled LATENT is written into (rank 0)
     PREVIEW = "preview"  # [K, S_img, 4C] each step's x0 for live previews (preview.py), when wanted
@@ -35,9 +39,12 @@ class TensorKey(StrEnum):
 
 
 OUTPUT_KEYS = frozenset({TensorKey.OUT.value, TensorKey.PREVIEW.value, TensorKey.PREVIEW_STAMP.value})
-INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS
+INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS - {TensorKey.REF.value, TensorKey.NEG_REF.value}
+"""Tensors a job may bring by exact name; references come as ref<i> / neg_ref<i> (REFERENCE_KEY)."""
+REFERENCE_KEY = re.compile(r"(neg_)?ref\d{1,2}")
+"""The names of reference latents: the REF and NEG_REF prefixes with the reference's index."""
 _WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file",
-         "adapters", "predict", "weight_update", "peer")
+         "adapters", "predict", "weight_update", "peer", "reference_method")
 _PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
 
 
@@ -71,6 +78,9 @@ class Job:
     the MODEL path touched): the ranks overwrite them in place on the weights they hold."""
     peer: str | None = None
     """The benchmark's peer rows: another tool's method on the same model (peers.py) instead of ours."""
+    reference_method: str | None = None
+    """How reference latents are placed (ComfyUI's reference_latents_method: offset, index, uxo); None: the
+    family's default."""
 
     def __post_init__(self) -> None:
         self.parallel.check_job(self.sample.cfg)  # a CFG plan needs a job with a negative branch
@@ -78,6 +88,9 @@ class Job:
             raise ValueError(f"job {self.name!r}: text_tokens must be at least 1, got {self.text_tokens}")
         if self.repeats < 1:
             raise ValueError(f"job {self.name!r}: repeats must be at least 1, got {self.repeats}")
+        if self.reference_method is not None and self.reference_method not in METHODS:
+            raise ValueError(f"job {self.name!r}: reference_method {self.reference_method!r} is unknown; choose "
+                             f"one of {', '.join(METHODS)}")
 
     def to_wire(self) -> dict:
         """The JSON form (lists, not tuples; a test sampler by its name)."""
@@ -91,7 +104,8 @@ class Job:
         return {"name": self.name, "model": model, "model_stamp": self.model_stamp, "parallel": par,
                 "sample": sample, "text_tokens": self.text_tokens, "repeats": self.repeats,
                 "tensors_file": self.tensors_file, "adapters": [dataclasses.asdict(a) for a in self.adapters],
-                "predict": self.predict, "weight_update": self.weight_update, "peer": self.peer}
+                "predict": self.predict, "weight_update": self.weight_update, "peer": self.peer,
+                "reference_method": self.reference_method}
 
     @classmethod
     def from_wire(cls, wire: dict, world_size: int | None = None, samplers: dict | None = None) -> "Job":
@@ -123,7 +137,7 @@ class Job:
             preset = family.find_preset(source.preset)[1]
             sample = {**{k: preset[k] for k in _PRESET_DEFAULTS}, **sample}
         extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "predict",
-                                      "weight_update", "peer") if wire.get(k) is not None}
+                                      "weight_update", "peer", "reference_method") if wire.get(k) is not None}
         if not isinstance(extra.get("predict", False), bool):
             raise ValueError(f"job {name!r}: predict must be true or false, got {extra['predict']!r}")
         if not isinstance(extra.get("weight_update", ""), str):

@@ -58,7 +58,7 @@ class JobSize:
     cols: int
     """Image token columns (width / 16)."""
     n_txt: int
-    """Text tokens of the conditioning."""
+    """Text tokens of the conditioning, and the reference latents' tokens that ride with them (Kontext)."""
     txt_dim: int
     """Width of the text encoder's states."""
     batch: int = 1
@@ -389,8 +389,8 @@ def check_cpu_ranks(ranks: int) -> None:
 
 def job_size(problem) -> JobSize:
     """The JobSize of a ``job.Problem``."""
-    return JobSize(problem.rows, problem.cols, problem.n_txt, problem.txt.shape[-1], problem.batch, problem.cfg,
-                   problem.x0.shape[-1], problem.spec.dtype)
+    return JobSize(problem.rows, problem.cols, problem.n_txt + problem.n_ref, problem.txt.shape[-1], problem.batch,
+                   problem.cfg, problem.x0.shape[-1], problem.spec.dtype)
 
 
 def stored_fp8(checkpoint_path: str | None) -> bool:

@@ -13,7 +13,7 @@ import torch
 from comfy_pipefusion import memory
 from comfy_pipefusion.config import ParallelConfig
 from comfy_pipefusion.oneshot import visible_devices
-from comfy_pipefusion.models import family
+from comfy_pipefusion.models import family, references
 
 
 def group_state(launcher, plan) -> tuple[bool, int]:
@@ -90,10 +90,12 @@ def check(model, size: memory.JobSize, label: str | None = None, fp8: bool | Non
         memory.admit(fam, meta, model.parallel, size, b, fp8, label)
 
 
-def job_size(model, samples: torch.Tensor, txt: torch.Tensor, cfg: bool) -> memory.JobSize:
-    """The JobSize of a KSampler call: LATENT samples [B, C, h, w], text states [B, S, D]."""
+def job_size(model, samples: torch.Tensor, txt: torch.Tensor, cfg: bool, refs: dict | None = None) -> memory.JobSize:
+    """The JobSize of a KSampler call: LATENT samples [B, C, h, w], text states [B, S, D], reference latents
+    (``ref0``, ...: their tokens ride with the text)."""
     b, c, h, w = samples.shape
-    return memory.JobSize(h // 2, w // 2, txt.shape[1], txt.shape[-1], b, cfg, 4 * c, model.dtype)
+    n_ref = references.count(references.listed(refs or {}, "ref"))
+    return memory.JobSize(h // 2, w // 2, txt.shape[1] + n_ref, txt.shape[-1], b, cfg, 4 * c, model.dtype)
 
 
 def free_comfy_gpus(devices: tuple[int, ...] | None, needs: list[int] | None = None) -> None:

@@ -119,7 +119,9 @@ def conditioning_tensors(cond, family: str, model_cfg: dict, batch: int,
             raise ValueError(f"{which} pooled output {got} does not fit this {family} model, which expects "
                              f"width {pooled_dim}: encode the prompt with {hint}")
         pooled = _batch(pooled, batch, f"{which} pooled output")
-    return _batch(txt, batch, f"{which} conditioning"), pooled, float(extra.get("guidance", 3.5))
+    # ComfyUI's Flux models default the guidance to 3.5, Chroma's to 0 (FluxGuidance sets it for both)
+    guidance = float(extra.get("guidance", getattr(fam, "DEFAULT_GUIDANCE", 3.5)))
+    return _batch(txt, batch, f"{which} conditioning"), pooled, guidance
 
 
 def _frames(family: str) -> bool:

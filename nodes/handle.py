@@ -23,7 +23,7 @@ class PipeFusionModel:
     dtype: str
     slot: str = ""  # a new plan of the same slot (checkpoint) replaces its group
     stamp: str = ""  # the checkpoint file's size, time and inode when the loader ran
-    family: str = "flux"  # flux | sd3 | pixart (models/family.py)
+    family: str = "flux"  # a name of models/family.py's FAMILIES
     adapters: tuple[LoraSpec, ...] = ()  # LoRAs in order (nodes/lora.py), applied by each rank to its stage
 
     @property
@@ -35,8 +35,9 @@ class PipeFusionModel:
         """Stop this plan's group; True when one was there."""
         return groups().stop(self.plan)
 
-    def job(self, sample: dict) -> Job:
-        """The Job of one sampling request (``sample``: SampleSpec's fields but the dtype) on this plan."""
+    def job(self, sample: dict, reference_method: str | None = None) -> Job:
+        """The Job of one sampling request (``sample``: SampleSpec's fields but the dtype) on this plan;
+        ``reference_method``: the conditioning's placement of reference latents (Kontext), if it sets one."""
         return Job(model=ModelSource(checkpoint=self.path), parallel=self.parallel,
                    sample=SampleSpec(**sample, dtype=self.dtype), model_stamp=self.stamp,
-                   adapters=self.adapters)
+                   adapters=self.adapters, reference_method=reference_method)

@@ -14,6 +14,7 @@ from . import admission
 from .convert import check_latent, check_sampler, conditioning_tensors, output_latent
 from .errors import readable
 from .preview import ksampler_preview
+from .references import job_references
 from .validate import check_sampling
 
 
@@ -68,10 +69,12 @@ class PipeFusionKSampler:
                     tensors[K.NEG_POOLED] = neg_pooled
             # before the group starts or allocates: refused with the numbers if it cannot fit; ComfyUI's own
             # models leave the group's GPUs first
-            admission.check(model, admission.job_size(model, samples, txt, K.NEG_TXT in tensors))
+            refs, ref_method = job_references(positive, negative, cfg)
+            tensors.update(refs)
+            admission.check(model, admission.job_size(model, samples, txt, K.NEG_TXT in tensors, refs))
             job = model.job({"height": h * 8, "width": w * 8, "steps": steps, "seed": seed, "batch": batch,
                              "guidance": guidance, "sampler": sampler_name, "scheduler": scheduler,
-                             "denoise": denoise, "cfg": cfg, "shift": shift if shift > 0 else None})
+                             "denoise": denoise, "cfg": cfg, "shift": shift if shift > 0 else None}, ref_method)
         except ValueError as exc:
             raise ValueError(f"PipeFusion KSampler: {exc}") from None
         tensors[K.NOISE] = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))

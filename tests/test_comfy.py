@@ -149,7 +149,8 @@ WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("
 
 
 def widget_names(spec: dict) -> list[str]:
-    """A node's widget inputs in ComfyUI's order, with the seed's control_after_generate widget."""
+    """A node's widget inputs in ComfyUI's order, with the seed's control_after_generate widget and the upload
+    button an ``image_upload`` input brings (LoadImage: its saved value is "image", as the frontend writes it)."""
     names = []
     for group in ("required", "optional"):
         for name, desc in spec["input"].get(group, {}).items():
@@ -158,6 +159,8 @@ def widget_names(spec: dict) -> list[str]:
                 names.append(name)
                 if opts.get("control_after_generate"):
                     names.append(name + ":control")
+                if opts.get("image_upload"):
+                    names.append(name + ":upload")
     return names
 
 

@@ -24,13 +24,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfy_pipefusion.models import family, flux, qwen_image, sd3
-from comfy_pipefusion.models.checkpoint_write import write_checkpoint
+from comfy_pipefusion.models import chroma, family, flux, qwen_image, sd3
+from comfy_pipefusion.models.checkpoint_write import write_checkpoint, write_scaled_fp8
 
 from comfy_helpers import run_prompt, start_server
 
 TOL = 1e-3
-FLUX_FILE, SD3_FILE = "parity-flux.safetensors", "parity-sd35m.safetensors"
+FLUX_FILE, SD3_FILE, CHROMA_FILE = "parity-flux.safetensors", "parity-sd35m.safetensors", "parity-chroma.safetensors"
 FLUX_CONFIG = dict(num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
                    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                    axes_dims_rope=(16, 56, 56))
@@ -38,12 +38,20 @@ SD3_CONFIG = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16,
                   attention_head_dim=64, num_attention_heads=3, joint_attention_dim=4096,
                   caption_projection_dim=192, pooled_projection_dim=2048, pos_embed_max_size=16,
                   dual_attention_layers=(0, 1), qk_norm="rms_norm")
+# ComfyUI's detection fixes Chroma's width (24 heads of 128) and its approximator (64 -> 5120 x 5 layers -> 3072)
+CHROMA_CONFIG = dict(num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+                     joint_attention_dim=4096, axes_dims_rope=(16, 56, 56), approximator_num_channels=64,
+                     approximator_hidden_dim=5120, approximator_layers=5)
 QWEN_FILE = "parity-qwen-image.safetensors"
 QWEN_CONFIG = dict(qwen_image.REAL, num_layers=2)
 # width, pooled width, tokens of the test conditioning; latent size in pixels
 FAMILY = {"flux": dict(file=FLUX_FILE, width=4096, pooled=768, tokens=4, size=64),
           "sd3": dict(file=SD3_FILE, width=4096, pooled=2048, tokens=8, size=128),
           "qwen_image": dict(file=QWEN_FILE, width=3584, pooled=1, tokens=4, size=64, frames=True)}
+FAMILY["kontext"] = FAMILY["flux"]  # Kontext files are Flux.1 dev files; the conditioning decides
+FAMILY["chroma"] = dict(FAMILY["flux"], file=CHROMA_FILE)  # T5 only: Chroma ignores the pooled output
+FLUX_FP8_FILE = "parity-flux-fp8-scaled.safetensors"
+FAMILY["fp8"] = dict(FAMILY["flux"], file=FLUX_FP8_FILE)  # the Flux model as ComfyUI's fp8_scaled file
 STEPS = 3
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
@@ -71,6 +79,18 @@ def _cases() -> dict[str, dict]:
     # inpainting: a noise mask on a non-empty latent (ddim keeps the masked area with noise of its own)
     for sampler, scheduler, denoise in (("euler", "simple", 1.0), ("ddim", "simple", 1.0), ("dpmpp_2m", "karras", 0.8)):
         add("flux", sampler, scheduler, mask=1, denoise=denoise)
+    # Flux.1 Kontext: two ReferenceLatents (one of odd latent height) on the same Flux file, each placement,
+    # and true CFG with the references on the negative too
+    add("kontext", "euler", "simple", refs="offset")
+    add("kontext", "dpmpp_2m", "karras", refs="index")
+    add("kontext", "euler", "simple", refs="uxo", cfg=3.0)
+    # ComfyUI's scaled-fp8 Flux file: computed as stored x scale on both sides
+    add("fp8", "euler", "simple")
+    add("fp8", "dpmpp_2m", "karras", denoise=0.6)
+    # Chroma at its real width: true CFG with a negative (its usual setting), the guidance the conditioning
+    # carries reaching the approximator
+    add("chroma", "euler", "simple", cfg=3.0)
+    add("chroma", "dpmpp_2m", "karras", cfg=3.0, denoise=0.6)
     # SD3 is cheap (width 192): every sampler with CFG and a negative, the schedulers in turn
     for i, sampler in enumerate(SAMPLERS):
         add("sd3", sampler, SCHEDULERS[i % len(SCHEDULERS)], cfg=4.0)
@@ -90,10 +110,14 @@ MEASURED: dict[str, float] = {}
 def _write_models(folder: Path) -> None:
     for fam, config, name, dtype in ((flux, FLUX_CONFIG, FLUX_FILE, torch.bfloat16),
                                      (sd3, SD3_CONFIG, SD3_FILE, torch.float32),
+                                     (chroma, CHROMA_CONFIG, CHROMA_FILE, torch.bfloat16),
                                      (qwen_image, QWEN_CONFIG, QWEN_FILE, torch.bfloat16)):
         model = fam.build_meta(config)
         fam.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
         write_checkpoint(folder / name, model.state_dict(), fam.NAME, dict(model.config), dtype=dtype)
+        if fam is flux:  # every Linear weight float8 with its scale_weight, the scaled_fp8 marker, the prefix
+            write_scaled_fp8(folder / FLUX_FP8_FILE, model.state_dict(), "flux", dict(model.config),
+                             prefix="model.diffusion_model.")
         del model
 
 
@@ -137,6 +161,19 @@ def parity_prompt(case: dict, prefix: str, seed: int = 7) -> dict:
                                                              "x": 0, "y": 0, "operation": "multiply"}},
             "13": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["12", 0]}}}
         sample["latent_image"] = ["13", 0]
+    if case.get("refs"):  # Kontext: ReferenceLatent x2 on both conditionings, then the placement method
+        for i, (w, h) in enumerate(((48, 64), (32, 72))):
+            masked[f"2{i}"] = {"class_type": "PipeFusionTestLatent",
+                               "inputs": {"width": w, "height": h, "batch_size": 1, "channels": 16, "seed": 20 + i,
+                                          "scale": 1.0}}
+        for which, base in (("positive", "3"), ("negative", "4")):
+            first, second, method = f"{base}1", f"{base}2", f"{base}3"
+            masked[first] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [base, 0], "latent": ["20", 0]}}
+            masked[second] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [first, 0], "latent": ["21", 0]}}
+            masked[method] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
+                              "inputs": {"conditioning": [second, 0],
+                                         "reference_latents_method": {"uxo": "uxo/uno"}.get(case["refs"], case["refs"])}}
+            sample[which] = [method, 0]
     return {
         **masked,
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": f["file"], "weight_dtype": "default"}},
@@ -211,3 +248,8 @@ def test_bound_separates_settings(outcome):
     assert rel_l2(img[:1], outcome("flux-euler-simple")[0]) > 20 * TOL
     # the noise mask keeps half of the input latent: the result is not the unmasked one from the same noise
     assert rel_l2(outcome("flux-euler-simple-mask1-denoise1.0")[0], outcome("flux-euler-simple")[0]) > 20 * TOL
+
+
+def test_kontext_references_change_the_stock_result(outcome):
+    """The Kontext cases are not Flux cases in disguise: the stock model's result moves with the references."""
+    assert rel_l2(outcome("kontext-euler-simple-refsoffset")[0], outcome("flux-euler-simple")[0]) > 20 * TOL

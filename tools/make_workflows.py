@@ -1,13 +1,15 @@
 """Writes workflows/*.json (ComfyUI's UI format) and a thumbnail .jpg beside each: Flux.1 dev on 2 and 4
 GPUs, Flux.1 schnell on 2 GPUs, SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on
-2 GPUs, Qwen-Image with true CFG on 4 GPUs, Z-Image Turbo (8 steps) on 2 GPUs, and the built-in trained model on 2 CPU ranks (its own caption and decode nodes: runs anywhere without
-downloads).
+2 GPUs, Flux.1 Kontext editing a loaded image on 2 GPUs, Chroma with true CFG on 2 GPUs, Qwen-Image with true
+CFG on 4 GPUs, Z-Image Turbo (8 steps) on 2 GPUs, and the built-in trained model on 2 CPU ranks (its own
+caption and decode nodes: runs anywhere without downloads).
 
     ./.venv/bin/python tools/make_workflows.py     (needs Pillow, which ComfyUI's requirements bring)
 
 Stock nodes for everything but the DiT: the family's text encoder loader (DualCLIPLoader for Flux,
-TripleCLIPLoader for SD3.5, CLIPLoader type pixart for PixArt) -> CLIPTextEncode (-> FluxGuidance), the
-family's empty latent, VAELoader -> VAEDecode -> SaveImage. widgets_values follow each node's widget
+TripleCLIPLoader for SD3.5, CLIPLoader type pixart or chroma) -> CLIPTextEncode (-> ReferenceLatent of
+LoadImage -> FluxKontextImageScale -> VAEEncode for Kontext) (-> FluxGuidance), the family's empty latent,
+VAELoader -> VAEDecode -> SaveImage. widgets_values follow each node's widget
 inputs in ComfyUI's order.
 """
 from __future__ import annotations
@@ -51,7 +53,9 @@ SIZES = {"DualCLIPLoader": (300, 130), "TripleCLIPLoader": (300, 110), "CLIPLoad
          "EmptySD3LatentImage": (280, 110), "EmptyLatentImage": (280, 110), "PipeFusionKSampler": (300, 290),
          "VAELoader": (280, 60), "VAEDecode": (200, 50), "SaveImage": (300, 300),
          "PipeFusionBuiltinCaption": (380, 80), "PipeFusionBuiltinDecode": (260, 50),
-         "UNETLoader": (300, 80), "PipeFusionParallelize": (300, 220), "KSampler": (300, 290)}
+         "LoadImage": (300, 320), "FluxKontextImageScale": (260, 30), "VAEEncode": (200, 50),
+         "ReferenceLatent": (240, 50), "UNETLoader": (300, 80), "PipeFusionParallelize": (300, 220),
+         "KSampler": (300, 290)}
 # Columns 40 px apart, rows 60 px apart (a title is 30 px); the whole graph is 1,680 x 430 px.
 X = (0, 340, 760, 1080, 1420)
 # The view the workflow opens at: 75% (readable; the frontend stops drawing text below 60%), the graph
@@ -71,13 +75,14 @@ def _encoders(g: Graph, kind: str) -> dict:
     return g.node("CLIPLoader", (X[0], 0), ["t5xxl_fp16.safetensors", "pixart", "default"], outputs=[("CLIP", "CLIP")])
 
 
-# Qwen-Image: Qwen2.5-VL 7B, CLIPLoader type qwen_image; Z-Image: Qwen3 4B, type lumina2 (ComfyUI 0.3.75's names).
+# Qwen-Image: Qwen2.5-VL 7B, CLIPLoader type qwen_image; Z-Image: Qwen3 4B, type lumina2; Chroma: T5 XXL, type
+# chroma (ComfyUI 0.3.75's names).
 TEXT_ENCODERS = {"qwen_image": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image"),
-                 "zimage": ("qwen_3_4b.safetensors", "lumina2")}
+                 "zimage": ("qwen_3_4b.safetensors", "lumina2"), "chroma": ("t5xxl_fp16.safetensors", "chroma")}
 
 
 def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidance: float | None, prompt: str,
-             negative: str, sampler_name: str, scheduler: str, vae_name: str, size: int) -> dict:
+             negative: str, sampler_name: str, scheduler: str, vae_name: str, size: int, reference: str = "") -> dict:
     g = Graph()
     clip = _encoders(g, kind)
     pos = g.node("CLIPTextEncode", (X[1], 0), [prompt], inputs=[("clip", "CLIP")],
@@ -88,10 +93,25 @@ def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidanc
     g.link(clip, 0, pos, "clip")
     g.link(clip, 0, neg, "clip")
     positive = pos
+    vae = g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")]) if reference else None
+    if reference:  # Kontext: the image to edit, scaled to a size the model knows, as a reference latent
+        image = g.node("LoadImage", (X[0], 560), [reference, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
+        scale = g.node("FluxKontextImageScale", (X[1], 560), [], inputs=[("image", "IMAGE")], outputs=[("IMAGE", "IMAGE")])
+        encode = g.node("VAEEncode", (X[2], 560), [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")],
+                        outputs=[("LATENT", "LATENT")])
+        positive = g.node("ReferenceLatent", (X[2], 450), [], inputs=[("conditioning", "CONDITIONING"),
+                                                                     ("latent", "LATENT")],
+                          outputs=[("CONDITIONING", "CONDITIONING")])
+        g.link(image, 0, scale, "image")
+        g.link(scale, 0, encode, "pixels")
+        g.link(vae, 0, encode, "vae")
+        g.link(pos, 0, positive, "conditioning")
+        g.link(encode, 0, positive, "latent")
     if guidance is not None:
+        cond = positive
         positive = g.node("FluxGuidance", (X[2], 0), [guidance], inputs=[("conditioning", "CONDITIONING")],
                           outputs=[("CONDITIONING", "CONDITIONING")])
-        g.link(pos, 0, positive, "conditioning")
+        g.link(cond, 0, positive, "conditioning")
     loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "auto", 0, 1, "compute", ""],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
     if kind == "pixart":
@@ -105,7 +125,7 @@ def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidanc
     g.link(positive, 0, sampler, "positive")
     g.link(neg, 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
-    vae = g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")])
+    vae = vae or g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")])
     decode = g.node("VAEDecode", (X[4], 0), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
                     outputs=[("IMAGE", "IMAGE")])
     g.link(sampler, 0, decode, "samples")
@@ -232,6 +252,12 @@ WORKFLOWS = {
     "PixArt-Sigma 1024 on 2 GPUs (PipeFusion, 20 steps)": (
         workflow("pixart", "PixArt-Sigma-XL-2-1024-MS.safetensors", "0,1", 20, 4.5, None, PROMPT,
                  "blurry, low quality", "euler", "normal", "sdxl_vae.safetensors", 1024), ("PixArt-Sigma", 2, 20, True)),
+    "Flux.1 Kontext dev on 2 GPUs, editing an image (PipeFusion, 20 steps)": (
+        workflow("flux", "flux1-kontext-dev.safetensors", "0,1", 20, 1.0, 2.5, "make it a watercolor painting", "",
+                 "euler", "simple", "ae.safetensors", 1024, reference="example.png"), ("Flux.1 Kontext", 2, 20, False)),
+    "Chroma on 2 GPUs with CFG (PipeFusion, 26 steps)": (
+        workflow("chroma", "chroma-unlocked-v50.safetensors", "0,1", 26, 4.0, None, PROMPT,
+                 "blurry, low quality, watermark", "euler", "beta", "ae.safetensors", 1024), ("Chroma", 2, 26, True)),
     "Qwen-Image on 4 GPUs with CFG (PipeFusion, 30 steps)": (
         workflow("qwen_image", "qwen_image_bf16.safetensors", "0,1,2,3", 30, 2.5, None, PROMPT, " ", "euler", "simple",
                  "qwen_image_vae.safetensors", 1328), ("Qwen-Image", 4, 30, True)),

@@ -2,12 +2,15 @@
 
     python tools/measure_drift.py [--preset small] [--steps 8] [--warmup-steps 1] [--ranks 2]
                                   [--samplers euler,heun,...] [--scheduler simple] [--json drift.json]
+                                  [--text-streams last_patch,first_patch,every_patch]
 
-For every sampler, one real torchrun group (``--ranks`` CPU ranks) runs the serial reference (rank 0 alone),
-PipeFusion, DistriFusion and the naive patch baseline (bands that never see each other: the error that
+For every sampler, this process runs the serial reference and one real torchrun group (``--ranks`` CPU ranks)
+runs PipeFusion, DistriFusion and the naive patch baseline (bands that never see each other: the error that
 staleness is meant to avoid) on the built-in preset, and the relative L2 difference of each returned LATENT
 to serial is printed; ``vs euler`` is the sampler's PipeFusion drift over euler's, to see which samplers
-suffer more from stale K/V. All jobs of a run share one group, so the model loads once.
+suffer more from stale K/V. All jobs of a run share one group, so the model loads once. ``--text-streams``
+adds a PipeFusion column per text-stream scheme (which patch computes the text, and the reference tokens of a
+Kontext preset, that ride with it), e.g. ``--preset kontext-tiny --text-streams last_patch,first_patch,every_patch``.
 """
 from __future__ import annotations
 
@@ -26,15 +29,36 @@ SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_s
 STRATEGIES = ("pipefusion", "distrifusion", "naive_patch")
 
 
-def jobs_for(samplers, scheduler: str, steps: int, warmup: int, seed: int) -> list[dict]:
+def jobs_for(samplers, scheduler: str, steps: int, warmup: int, seed: int, streams=()) -> list[dict]:
     jobs = []
     for s in samplers:
         sample = {"sampler": s, "scheduler": scheduler, "steps": steps, "seed": seed}
-        jobs.append({"name": f"{s}--serial", "sample": sample, "parallel": {"strategy": "serial"}})
         for strategy in STRATEGIES:
             jobs.append({"name": f"{s}--{strategy}", "sample": sample,
                          "parallel": {"strategy": strategy, "warmup_steps": warmup}})
+        for stream in streams:
+            jobs.append({"name": f"{s}--pf-{stream}", "sample": sample,
+                         "parallel": {"strategy": "pipefusion", "warmup_steps": warmup, "text_stream": stream}})
     return jobs
+
+
+def serial(preset: str, sampler: str, scheduler: str, steps: int, seed: int):
+    """The serial reference in this process (a serial job needs a group of one rank)."""
+    import torch
+
+    from comfy_pipefusion.config import ParallelConfig, SampleSpec
+    from comfy_pipefusion.job import preset_problem
+    from comfy_pipefusion.models import family
+    from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
+    from comfy_pipefusion.parallel.serial import run_serial
+
+    p = family.find_preset(preset)[1]
+    model = load_rank_model(ModelSource(preset=preset), ParallelConfig("serial", 1), 0, torch.device("cpu"),
+                            torch.float32)[0]
+    problem = preset_problem(preset, SampleSpec(height=p["height"], width=p["width"], steps=steps, sampler=sampler,
+                                                scheduler=scheduler, seed=seed))
+    with torch.inference_mode():
+        return problem.finish(run_serial(model, problem, torch.float32, torch.device("cpu")))
 
 
 def rel_l2(x, ref) -> float:
@@ -51,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scheduler", default="simple")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the table here")
+    ap.add_argument("--text-streams", default="", help="also PipeFusion with each of these text-stream schemes")
     args = ap.parse_args(argv)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     unknown = [s for s in samplers if s not in SAMPLERS]
@@ -58,21 +83,24 @@ def main(argv=None) -> int:
         print(f"error: unknown sampler(s) {', '.join(unknown)}: choose from {', '.join(SAMPLERS)}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
-    out = run_jobs(args.preset, 0, jobs_for(samplers, args.scheduler, args.steps, args.warmup_steps, args.seed),
-                   world_size=args.ranks, timeout=3600)
+    streams = [s.strip() for s in args.text_streams.split(",") if s.strip()]
+    out = run_jobs(args.preset, 0, jobs_for(samplers, args.scheduler, args.steps, args.warmup_steps, args.seed,
+                                            streams), world_size=args.ranks, timeout=3600)
     rows = []
     for s in samplers:
-        ref = out[f"{s}--serial"][0]
-        rows.append({"sampler": s, **{k: rel_l2(out[f"{s}--{k}"][0], ref) for k in STRATEGIES}})
+        ref = serial(args.preset, s, args.scheduler, args.steps, args.seed)
+        rows.append({"sampler": s, **{k: rel_l2(out[f"{s}--{k}"][0], ref) for k in STRATEGIES},
+                     **{f"pf-{t}": rel_l2(out[f"{s}--pf-{t}"][0], ref) for t in streams}})
     euler = next((r["pipefusion"] for r in rows if r["sampler"] == "euler"), None)
     print(f"preset {args.preset}, {args.ranks} ranks, {args.steps} steps ({args.scheduler}), "
           f"{args.warmup_steps} warm-up step(s), seed {args.seed}: relative L2 vs serial "
           f"({time.monotonic() - t0:.0f} s)")
-    print(f"{'sampler':<17}{'pipefusion':>12}{'distrifusion':>14}{'naive_patch':>13}{'pf vs euler':>13}")
+    print(f"{'sampler':<17}{'pipefusion':>12}{'distrifusion':>14}{'naive_patch':>13}{'pf vs euler':>13}"
+          + "".join(f"{'pf-' + t:>16}" for t in streams))
     for r in rows:
         ratio = f"{r['pipefusion'] / euler:.2f}x" if euler else "-"
         print(f"{r['sampler']:<17}{r['pipefusion']:>12.2e}{r['distrifusion']:>14.2e}{r['naive_patch']:>13.2e}"
-              f"{ratio:>13}")
+              f"{ratio:>13}" + "".join(f"{r['pf-' + t]:>16.2e}" for t in streams))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return 0

@@ -156,11 +156,16 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
     return spec, serial, par
 
 
+def ref_tokens(preset: dict) -> int:
+    """Tokens of a preset's reference latents (Kontext): they ride with the text stream."""
+    return sum(((h + 1) // 2) * ((w + 1) // 2) for h, w in preset.get("references", ()))
+
+
 def admit(args, fam, config: dict, spec: SampleSpec, serial: list[Job], par: list[Job]) -> None:
     """Refuse, before any process starts, a benchmark whose serial process and group cannot both fit in
     this machine's RAM (they run side by side; the group holds one job's memory at a time)."""
     meta = fam.build_meta(config)
-    n_txt = serial[0].text_tokens
+    n_txt = serial[0].text_tokens + ref_tokens(model_of(args)[3])
     txt_dim = fam.conditioning_dims(config)[0]
     size = memory.JobSize(spec.token_rows, spec.token_cols, n_txt, txt_dim, dtype=spec.dtype,
                           channels=4 * fam.latent_format(config).channels, cfg=abs(spec.cfg - 1) > 1e-9)
@@ -182,7 +187,8 @@ def summarise(args, spec, serial, results) -> dict:
     source, fam, cfg_model, preset = model_of(args)
     layers = serial[1]["attention_layers"]  # counted by the worker, which has the model's structure
     width = serial[1]["width"]
-    n_txt = family.sequence_text(fam, preset["text_tokens"])  # as the sequence holds them (Z-Image pads)
+    # as the sequence holds them (Z-Image pads), with a preset's reference tokens (Kontext) after the text
+    n_txt = family.sequence_text(fam, preset["text_tokens"]) + (ref_tokens(preset) if fam.JOINT_TEXT else 0)
     ref, ref_m = serial
     evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
     rows = []

@@ -10,7 +10,9 @@ found), or a diffusers folder holding either. Detection reads headers only; a fi
 with a CheckpointError that names what was found and lists what is supported, before any worker starts.
 
 Loading reads each tensor's bytes straight into the memory that keeps it (``tensorfile``): a rank's resident
-memory grows by its own modules, never by the file. float8 Linear weights stay 8-bit (``fp8``).
+memory grows by its own modules, never by the file. float8 Linear weights stay 8-bit (``fp8``), with their per-tensor scale where the file has one (ComfyUI's
+scaled-fp8 and mixed-precision files: ``scale_weight`` / ``weight_scale``); a scaled weight that cannot stay
+8-bit is dequantised (stored x scale) on load.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import fp8, keys_flux, keys_pixart, keys_qwen_image, keys_sd3, keys_zimage
+from . import fp8, keys_chroma, keys_flux, keys_pixart, keys_qwen_image, keys_sd3, keys_zimage
 from .detect import SUPPORTED, DetectError, identify, strip_prefix
 from . import detect, detect_diffusers
 from .keymap import KeyMap, for_module, sources
@@ -33,7 +35,8 @@ INDEX_SUFFIX = ".safetensors.index.json"
 _SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")
 _SHARD_NAME = re.compile(r"(?!\.)[^/\\\x00-\x1f]{1,200}\.safetensors")  # a bare file name, not hidden
 ORIGINAL_MAPS = {"flux": keys_flux.original_map, "sd3": keys_sd3.original_map, "pixart": keys_pixart.original_map,
-                 "qwen_image": keys_qwen_image.original_map, "zimage": keys_zimage.original_map}
+                 "chroma": keys_chroma.original_map, "qwen_image": keys_qwen_image.original_map,
+                 "zimage": keys_zimage.original_map}
 
 
 class CheckpointError(ValueError):
@@ -162,6 +165,43 @@ def _check_map(name: str, kmap: KeyMap, entries: dict[str, Entry], expected: set
                                f"the row ranges {sorted(spans)} this model's width needs")
 
 
+def _check_scales(name: str, entries: dict[str, Entry]) -> None:
+    """A scaled-fp8 file's scales are one float per float8 weight; anything else is not a file we read."""
+    for key, e in entries.items():
+        if not key.endswith(detect.SCALE_SUFFIXES):
+            continue
+        if math.prod(e.shape) != 1 or e.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise _error(name, f"{key} has shape {list(e.shape)} and dtype {e.dtype}: only per-tensor scales (one "
+                               "float per weight) of ComfyUI's scaled-fp8 files are read")
+        weight = key.rsplit(".", 1)[0] + ".weight"
+        if key.endswith(("weight", "scale_weight")) and weight not in entries:
+            raise _error(name, f"{key} scales {weight}, which the file does not hold")
+
+
+def _scaled_fp8_dtype(entries: dict[str, Entry]) -> torch.dtype | None:
+    """The float8 dtype of a classic scaled-fp8 file (its ``scaled_fp8`` marker's; float32 means e4m3fn, as
+    ComfyUI reads it), or None. ComfyUI builds every Linear of such a model in that dtype, so a bias stored
+    wider is rounded to it on load; the loader does the same so the results agree."""
+    marker = entries.get(detect.SCALED_MARKER)
+    if marker is None:
+        return None
+    return marker.dtype if marker.dtype in fp8.FP8 else torch.float8_e4m3fn
+
+
+def _scale_of(reader: Reader, pieces, entries: dict[str, Entry], device) -> torch.Tensor | None:
+    """The per-tensor scale of the stored weight ``pieces`` come from (scaled-fp8 files), or None."""
+    base, _, leaf = pieces[0][0].rpartition(".")
+    if leaf != "weight":
+        return None
+    for suffix in (".scale_weight", ".weight_scale"):
+        if base + suffix in entries:
+            e = entries[base + suffix]
+            out = torch.empty(e.shape, dtype=torch.float32)
+            reader.fill(out, [(e, 0, e.shape[0] if e.shape else 1)])
+            return out.reshape(()).to(device)
+    return None
+
+
 def _dominant_dtype(entries: dict[str, Entry]) -> torch.dtype:
     count: dict[torch.dtype, int] = {}
     for e in entries.values():
@@ -176,13 +216,15 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
     raw, metadata = read_entries(files, prefix="")
     prefix = strip_prefix(raw)
     entries = {k[len(prefix):]: e for k, e in raw.items() if k.startswith(prefix)}
-    shapes = {k: list(e.shape) for k, e in entries.items()}
+    shapes = {k: list(e.shape) for k, e in entries.items() if k in detect.model_keys(entries)}
     try:
         family, layout = identify(set(shapes))
         if family == "flux":
             config = (detect.flux_original_config if layout == "original" else detect.flux_diffusers_config)(
                 shapes, metadata)
             variant = "Flux.1-dev" if config["guidance_embeds"] else "Flux.1-schnell"
+        elif family == "chroma":
+            config, variant = detect.chroma_config(shapes, metadata, layout), "Chroma"
         elif family == "qwen_image":
             config = keys_qwen_image.config_from_shapes(shapes, metadata)
             variant = keys_qwen_image.variant(config)
@@ -205,6 +247,7 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
                            "a supported variant") from exc
     if layout == "diffusers" and sharded:
         layout = "diffusers-sharded"
+    _check_scales(name, entries)
     info = CheckpointInfo(family, config, layout, _dominant_dtype(entries), files, prefix, variant, entries)
     kmap = key_map(info, entries)
     expected = set(ORIGINAL_MAPS[family](config)) if layout != "original" else set()
@@ -281,6 +324,7 @@ def load_modules(model: nn.Module, info: CheckpointInfo | str | Path, names: lis
     entries = info.entries if info.entries is not None else read_entries(info.files, info.prefix)[0]
     kmap = key_map(info, entries)
     work = [t for name in names for t in _tensors_of(model, name)]
+    rounding = _scaled_fp8_dtype(entries)
     with Reader() as reader, torch.no_grad():
         for i, (key, mod, attr, kind) in enumerate(work):
             if progress is not None:
@@ -294,10 +338,15 @@ def load_modules(model: nn.Module, info: CheckpointInfo | str | Path, names: lis
             current = getattr(mod, attr)
             keep = lambda stored: kind == "param" and fp8.can_keep(mod, attr, stored)  # noqa: E731
             t = _fill(reader, key, current.shape, kmap[key], entries, device, dtype, keep)
+            scale = _scale_of(reader, kmap[key], entries, device) if kind == "param" and attr == "weight" else None
+            if scale is not None and t.dtype not in fp8.FP8:  # dequantised as ComfyUI computes it
+                t = (t.float() * scale).to(dtype)
+            elif rounding is not None and isinstance(mod, nn.Linear) and t.dtype not in fp8.FP8:
+                t = t.to(rounding).to(dtype)  # ComfyUI's scaled-fp8 Linear holds its bias (and any unscaled weight) in fp8
             if kind == "param":
                 mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
                 if t.dtype in fp8.FP8:
-                    fp8.keep_stored(mod)
+                    fp8.keep_stored(mod, scale)
             else:
                 mod._buffers[attr] = t
 

@@ -23,7 +23,7 @@ def _metadata(family: str, config: dict) -> dict[str, str]:
 
         return metadata(config)
     head = config["attention_head_dim"]
-    if family in ("flux", "qwen_image"):
+    if family in ("flux", "chroma", "qwen_image"):
         axes = tuple(config.get("axes_dims_rope", (16, 56, 56)))
         try:
             default = detect.rope_axes(head, {})
@@ -82,3 +82,34 @@ def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], fami
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return index
+
+
+def quantize_scaled(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scale) with per-tensor absmax scaling, as ComfyUI's fp8_scaled files."""
+    scale = (w.float().abs().amax() / 448.0).clamp(min=1e-12)
+    return (w.float() / scale).to(torch.float8_e4m3fn), scale.reshape(())
+
+
+def write_scaled_fp8(path: str | Path, state_dict: dict[str, torch.Tensor], family: str, config: dict, *,
+                     prefix: str = "", mixed: bool = False, small_dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A ComfyUI scaled-fp8 single file (original layout): every Linear weight (2-D) in float8 with its
+    ``scale_weight`` and the ``scaled_fp8`` marker; with ``mixed``, ComfyUI's mixed-precision layout instead:
+    only the double blocks quantised (``weight_scale``, listed in ``_quantization_metadata``), the rest bf16."""
+    path = Path(path)
+    tensors = invert(state_dict, ORIGINAL_MAPS[family](config))
+    out, layers = {}, {}
+    for k, v in tensors.items():
+        quantise = v.dim() == 2 and k.endswith(".weight") and (not mixed or k.startswith("double_blocks."))
+        if quantise:
+            out[k], scale = quantize_scaled(v)
+            out[k[:-len("weight")] + ("weight_scale" if mixed else "scale_weight")] = scale
+            layers[k[:-len(".weight")]] = {"format": "float8_e4m3fn"}
+        else:
+            out[k] = v.to(small_dtype).contiguous()
+    metadata = _metadata(family, config)
+    if mixed:
+        metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
+    else:
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file({prefix + k: v for k, v in out.items()}, str(path), metadata=metadata)
+    return path

@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import re
 
-SUPPORTED = ("Flux.1 dev/schnell (original single file, with or without the 'model.diffusion_model.' prefix; "
-             "diffusers transformer, one file or shards with their index), SD3 medium / SD3.5 medium / SD3.5 "
-             "large (original single file, with or without the prefix; diffusers transformer), PixArt-α 512/1024 "
-             "and PixArt-Σ 512/1024/2K (original layout; diffusers transformer), Qwen-Image (ComfyUI's single file, with or without the prefix, or "
-             "diffusers shards), Z-Image / Z-Image Turbo (ComfyUI's single file, with or without the prefix); "
-             ".safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn")
+SUPPORTED = ("Flux.1 dev/schnell/Kontext (original single file, with or without the 'model.diffusion_model.' "
+             "prefix; diffusers transformer, one file or shards with their index), Chroma (original single file, "
+             "with or without the prefix; diffusers transformer), SD3 medium / SD3.5 medium / SD3.5 large "
+             "(original single file, with or without the prefix; diffusers transformer), PixArt-α 512/1024 and "
+             "PixArt-Σ 512/1024/2K (original layout; diffusers transformer), Qwen-Image (ComfyUI's single file, "
+             "with or without the prefix, or diffusers shards), Z-Image / Z-Image Turbo (ComfyUI's single file, "
+             "with or without the prefix); .safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn, ComfyUI's "
+             "scaled-fp8 and mixed-precision files included")
 PREFIXES = ("model.diffusion_model.", "module.")
 HEAD_DIM_KEY = "pipefusion.attention_head_dim"
 
@@ -44,6 +46,7 @@ def strip_prefix(keys) -> str:
 def _dit_markers(keys) -> bool:
     """Keys only a supported DiT has (what ``identify`` decides the family by)."""
     return ("double_blocks.0.img_attn.qkv.weight" in keys or "single_blocks.0.linear1.weight" in keys
+            or "distilled_guidance_layer.in_proj.weight" in keys
             or _has(keys, "x_embedder.weight", "context_embedder.weight") or _any(keys, "joint_blocks.0.x_block.")
             or (_has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv."))
             or _has(keys, "txt_norm.weight", "img_in.weight") or _has(keys, "cap_embedder.1.weight", "cap_pad_token"))
@@ -71,11 +74,11 @@ def what_else(keys: set[str]) -> str | None:
         return "an LTX-Video model"
     if _any(keys, "t5_y_embedder."):
         return "a Mochi video model"
+    if _any(keys, "nerf_blocks."):
+        return "a Chroma Radiance model (pixel space), which is not supported: use Chroma"
     other = _comfy_family(keys)
     if other:
         return other
-    if "distilled_guidance_layer.in_proj.weight" in keys:
-        return "a Chroma model (a Flux derivative without modulation layers)"
     if _any(keys, "double_stream_modulation_img."):
         return "a Flux.2 model"
     if _dit_markers(keys):
@@ -85,6 +88,18 @@ def what_else(keys: set[str]) -> str | None:
     if _any(keys, "encoder.block.", "text_model.encoder."):
         return "a text encoder"
     return None
+
+
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
+"""Per-tensor scales of ComfyUI's scaled-fp8 files (``scale_weight``, with the marker tensor ``scaled_fp8``) and
+of its mixed-precision files (``weight_scale`` on the quantised layers only, listed in the header's
+``_quantization_metadata``): weight = stored float8 x scale."""
+SCALED_MARKER = "scaled_fp8"
+
+
+def model_keys(keys) -> set[str]:
+    """The keys that are the model's tensors (without scaled-fp8 scales and marker)."""
+    return {k for k in keys if k != SCALED_MARKER and not k.endswith(SCALE_SUFFIXES)}
 
 
 # Families ComfyUI 0.3.75 detects (comfy/model_detection.py, by these keys) that we do not run.
@@ -119,13 +134,14 @@ def _comfy_family(keys) -> str | None:
 
 
 def identify(keys: set[str]) -> tuple[str, str]:
-    """(family, layout) of the unprefixed ``keys``: family flux|sd3|pixart, layout original|diffusers."""
+    """(family, layout) of the unprefixed ``keys``: family flux|chroma|sd3|pixart|qwen_image|zimage, layout
+    original|diffusers."""
     other = what_else(keys)
     if other:
         raise DetectError(f"this is {other}")
-    if "scaled_fp8" in keys or any(k.endswith((".scale_weight", ".scale_input")) for k in keys):
-        raise DetectError("this is a scaled-fp8 file (per-tensor scale_weight tensors), which is not read yet: "
-                          "use the plain float8_e4m3fn, bf16 or fp16 file")
+    keys = model_keys(keys)  # a scaled-fp8 file's scales and marker belong to its weights (checkpoint.py)
+    if "distilled_guidance_layer.in_proj.weight" in keys:  # Chroma: Flux blocks, no modulation layers
+        return "chroma", "original" if _any(keys, "double_blocks.", "single_blocks.") else "diffusers"
     if "double_blocks.0.img_attn.qkv.weight" in keys or "single_blocks.0.linear1.weight" in keys:
         return "flux", "original"
     if _has(keys, "x_embedder.weight", "context_embedder.weight") and _any(keys, "transformer_blocks."):
@@ -170,8 +186,9 @@ BOUNDS = {"num_layers": (0, 512), "num_single_layers": (0, 512), "attention_head
           "num_attention_heads": (1, 256), "in_channels": (1, 1024), "out_channels": (1, 1024),
           "joint_attention_dim": (1, 65536), "pooled_projection_dim": (1, 65536), "caption_projection_dim": (1, 65536),
           "cross_attention_dim": (1, 65536), "caption_channels": (1, 65536), "patch_size": (1, 16),
-          "sample_size": (1, 4096), "pos_embed_max_size": (1, 4096), "dim": (1, 65536), "n_layers": (0, 512),
-          "n_refiner_layers": (0, 64), "n_heads": (1, 256), "cap_feat_dim": (1, 65536)}
+          "sample_size": (1, 4096), "pos_embed_max_size": (1, 4096), "approximator_num_channels": (2, 4096),
+          "approximator_hidden_dim": (1, 65536), "approximator_layers": (1, 64), "dim": (1, 65536),
+          "n_layers": (0, 512), "n_refiner_layers": (0, 64), "n_heads": (1, 256), "cap_feat_dim": (1, 65536)}
 MAX_WIDTH = 65536  # heads x head dimension
 
 
@@ -256,6 +273,35 @@ def flux_diffusers_config(shapes: dict, metadata: dict) -> dict:
     return _flux(width, shapes[norm][0], channels, shapes["proj_out.weight"][0], doubles, singles,
                  shapes["context_embedder.weight"][1], shapes["time_text_embed.text_embedder.linear_1.weight"][1],
                  any(k.startswith("time_text_embed.guidance_embedder.") for k in shapes), metadata)
+
+
+def chroma_config(shapes: dict, metadata: dict, layout: str) -> dict:
+    """ChromaTransformer2DModel's arguments from either layout (the approximator's sizes are in its shapes)."""
+    g = "distilled_guidance_layer"
+    hidden, channels = shapes[f"{g}.in_proj.weight"]
+    if layout == "original":
+        doubles, singles = block_count(shapes, "double_blocks"), block_count(shapes, "single_blocks")
+        width, latent = shapes["img_in.weight"]
+        norm = "double_blocks.0.img_attn.norm.query_norm.scale" if doubles else "single_blocks.0.norm.query_norm.scale"
+        joint, out = shapes["txt_in.weight"][1], shapes["final_layer.linear.weight"][0]
+    else:
+        doubles, singles = block_count(shapes, "transformer_blocks"), block_count(shapes, "single_transformer_blocks")
+        width, latent = shapes["x_embedder.weight"]
+        norm = "transformer_blocks.0.attn.norm_q.weight" if doubles else "single_transformer_blocks.0.attn.norm_q.weight"
+        joint, out = shapes["context_embedder.weight"][1], shapes["proj_out.weight"][0]
+    head_dim = shapes[norm][0]
+    if shapes[f"{g}.out_proj.weight"][0] != width:
+        raise DetectError(f"Chroma's approximator gives width {shapes[f'{g}.out_proj.weight'][0]} for blocks of "
+                          f"width {width}")
+    if head_dim < 1 or width % head_dim:
+        raise DetectError(f"width {width} is not a multiple of the head dimension {head_dim}")
+    config = dict(in_channels=latent, num_layers=doubles, num_single_layers=singles, attention_head_dim=head_dim,
+                  num_attention_heads=width // head_dim, joint_attention_dim=joint,
+                  axes_dims_rope=rope_axes(head_dim, metadata), approximator_num_channels=channels,
+                  approximator_hidden_dim=hidden, approximator_layers=block_count(shapes, f"{g}.layers"))
+    if out != latent:
+        config["out_channels"] = out
+    return config
 
 
 def sd3_original_config(shapes: dict, metadata: dict) -> dict:

@@ -1,8 +1,9 @@
 """What the engine needs from a model family, and the parts every family shares.
 
-A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engine only talks to them:
+A family is a module (``flux``, ``sd3``, ``pixart``, ``chroma``, ``qwen_image``, ``zimage``) with these names; the
+engine only talks to them:
 
-    NAME: str                          "flux" | "sd3" | "pixart"
+    NAME: str                          "flux" | "sd3" | "pixart" | "chroma" | "qwen_image" | "zimage"
     JOINT_TEXT: bool                   text tokens share the attention sequence ([text; image]: Flux, SD3)
                                        or enter by cross-attention (PixArt: spans carry no text tokens)
     SAMPLING: str (optional)           the model sampling's kind when it is not NAME (sampling/model_sampling.py)
@@ -45,6 +46,14 @@ A family is a module (``flux``, ``sd3``, ``pixart``) with these names; the engin
                                        latent; the model sampling turns it into a denoised latent
     forward(model, x, t, txt, pooled, guidance, rows, cols) -> [B, S, C]
                                        diffusers' own forward over the whole latent: the serial reference
+
+Optional: ``REFERENCES = True`` (and ``REFERENCE_METHOD``, ComfyUI's default placement) for a family that takes
+reference latents (ComfyUI's ReferenceLatent: Flux.1 Kontext). Their tokens ride with the text stream: the
+joint sequence is ``[text; references; image]`` and ``Problem.n_span_txt`` counts both, so every strategy
+carries them unchanged; the family gets ``refs`` (each [MB, C, h, w], sampling space) and ``ref_method`` as
+keyword arguments of ``embeddings`` and ``forward`` (only when a job has references), embeds them after
+the text in ``.txt`` and runs them through the right weights in its blocks. ``DEFAULT_GUIDANCE``: the
+guidance ComfyUI gives a conditioning without one (3.5 if absent; Chroma 0).
 """
 from __future__ import annotations
 
@@ -54,7 +63,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-FAMILIES = ("flux", "sd3", "pixart", "qwen_image", "zimage")
+FAMILIES = ("flux", "sd3", "pixart", "chroma", "qwen_image", "zimage")
 
 
 def get(name: str):

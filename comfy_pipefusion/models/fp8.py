@@ -11,6 +11,9 @@ How a stage computes with them is chosen per job (``set_compute``, decided by ``
   quantised to 8 bits per call, so results differ slightly; opt-in, as ComfyUI's ``--fast``). Untested on
   CPU: where the device or a shape does not allow it, the layer casts instead.
 
+A weight of ComfyUI's scaled-fp8 files carries a per-tensor ``scale`` (weight = stored x scale): every mode
+applies it as ComfyUI does (the cast weight times the scale; ``scaled_mm`` passes it as the weight's scale).
+
 Everything else (biases, norms, embeddings) is loaded in the compute dtype.
 """
 from __future__ import annotations
@@ -30,25 +33,32 @@ class StoredFp8Linear(nn.Linear):
 
     upcast: torch.Tensor | None = None
     scaled: bool = False
+    scale: torch.Tensor | None = None  # [] float32: the file's per-tensor scale (scaled-fp8 files)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.upcast is not None and self.upcast.dtype == x.dtype:
             return F.linear(x, self.upcast, bias)
         if self.scaled and _scaled_ok(x, self.weight):
-            return _scaled_linear(x, self.weight, bias)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+            return _scaled_linear(x, self.weight, bias, self.scale)
+        return F.linear(x, self.dequantised(x.dtype), bias)
+
+    def dequantised(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype``: cast, times the scale where the file has one (as ComfyUI computes it)."""
+        w = self.weight.to(dtype)
+        return w if self.scale is None else w * self.scale.to(dtype)
 
 
 def _scaled_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.is_cuda and w.dtype == torch.float8_e4m3fn and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0
 
 
-def _scaled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _scaled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                   w_scale: torch.Tensor | None = None) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])  # [M, in]
     scale = (flat.abs().amax().float() / E4M3_MAX).clamp(min=1e-12)
     xq = (flat / scale.to(flat.dtype)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    one = torch.ones((), device=x.device, dtype=torch.float32)
+    one = torch.ones((), device=x.device, dtype=torch.float32) if w_scale is None else w_scale.float()
     out = torch._scaled_mm(xq, w.t(), scale_a=scale, scale_b=one, out_dtype=x.dtype)  # w.t(): column-major
     out = out[0] if isinstance(out, tuple) else out  # older torch returns (out, amax)
     if bias is not None:
@@ -67,9 +77,11 @@ def can_keep(module: nn.Module, attr: str, stored: torch.dtype) -> bool:
     return stored in FP8 and attr == "weight" and type(module) in (nn.Linear, StoredFp8Linear)
 
 
-def keep_stored(linear: nn.Linear) -> None:
-    """Make ``linear`` compute with its 8-bit weight (its parameters and names are unchanged)."""
+def keep_stored(linear: nn.Linear, scale: torch.Tensor | None = None) -> None:
+    """Make ``linear`` compute with its 8-bit weight (its parameters and names are unchanged), times ``scale``
+    (a scaled-fp8 file's per-tensor scale) where given."""
     linear.__class__ = StoredFp8Linear
+    linear.scale = scale
 
 
 def stored_layers(model: nn.Module) -> list[StoredFp8Linear]:
@@ -91,7 +103,7 @@ def set_compute(model: nn.Module, mode: str, dtype: torch.dtype) -> int:
             if mode == "upcast":
                 if m.upcast is None or m.upcast.dtype != dtype:
                     m.upcast = None  # free the old copy before the new one
-                    m.upcast = m.weight.to(dtype)
+                    m.upcast = m.dequantised(dtype)
             else:
                 m.upcast = None
             m.scaled = mode == "scaled_mm"

@@ -57,14 +57,16 @@ class BranchControl(Control):
 
 
 def branch_problem(problem, index: int, branch: Branch):
-    """The job as one branch runs it: its own conditioning (the model batch is the images alone)."""
+    """The job as one branch runs it: its own conditioning and reference latents (the model batch is the images
+    alone)."""
     if not problem.cfg:
         raise ValueError("CFG parallelism needs a true-CFG job (cfg != 1, with a negative conditioning)")
     b = problem.batch
     rows = slice(index * b, (index + 1) * b)
     return replace(problem, txt=problem.txt[rows], branch=branch,
                    pooled=None if problem.pooled is None else problem.pooled[rows],
-                   guidance=None if problem.guidance is None else problem.guidance[rows])
+                   guidance=None if problem.guidance is None else problem.guidance[rows],
+                   refs=tuple(r[rows] for r in problem.refs))  # reference latents (Kontext): [MB, C, h, w] too
 
 
 def run_cfg(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, device: torch.device,

@@ -41,7 +41,7 @@ class JobRuntime:
         self.guidance = problem.guidance.to(device) if problem.guidance is not None else None
         wants_txt = first or not self.fam.JOINT_TEXT
         self.emb = self.fam.embeddings(model, problem.txt if wants_txt else None, problem.n_txt, problem.rows,
-                                       problem.cols, device, dtype)
+                                       problem.cols, device, dtype, **reference_inputs(problem))
         self.x = problem.x0.to(device).clone() if last else None  # [B, S_img, C] float32
         self._temb: dict[int, object] = {}
         self._pos: dict = {}  # per span: positions (RoPE) on the device, computed once per job
@@ -131,6 +131,12 @@ class JobRuntime:
         if self.preview is not None:
             self.preview.put(sl, den)
         return den
+
+
+def reference_inputs(problem) -> dict:
+    """The reference latents of a job as the family's ``embeddings`` and ``forward`` take them (only when there
+    are any: families without references never see the arguments)."""
+    return {"refs": problem.refs, "ref_method": problem.ref_method} if problem.refs else {}
 
 
 def _image_only(kw: dict) -> dict:

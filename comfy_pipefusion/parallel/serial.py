@@ -7,7 +7,7 @@ import torch
 
 from ..patches import Span, full_span
 from ..errors import JobCancelled
-from .runtime import Control, JobRuntime
+from .runtime import Control, JobRuntime, reference_inputs
 
 
 def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
@@ -16,6 +16,9 @@ def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
     control = control or Control()
     rt = JobRuntime(model, problem, dtype, device, first=True, last=True, preview=control.preview)
     txt = problem.txt.to(device, dtype)
+    refs = reference_inputs(problem)
+    if refs:
+        refs["refs"] = tuple(r.to(device, dtype) for r in refs["refs"])
     for item in control.track(rt.schedule(full_span(problem.n_span_txt, problem.n_img))):
         k = item.eval
         if item.step_boundary and control.cancelled():
@@ -25,7 +28,7 @@ def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
         if problem.cfg:
             x_in = torch.cat([x_in, x_in])
         out = rt.fam.forward(model, x_in.to(dtype), rt.timestep(k), txt, rt.pooled, rt.guidance, problem.rows,
-                             problem.cols).float()
+                             problem.cols, **refs).float()
         rt.x = rt.sampler.step(k, slice(None), rt.x, rt.denoised(k, rt.x, out, slice(None)))
         if item.closes_step:
             control.step_done(item.step)

@@ -1,0 +1,36 @@
+"""Reference latents in a CONDITIONING (ComfyUI's ReferenceLatent: Flux.1 Kontext) as job tensors.
+
+No ComfyUI import here: this reads ComfyUI's plain data. The references travel as ``ref0, ref1, ...`` (the
+positive's) and ``neg_ref0, ...`` (the negative's, under cfg) in LATENT space; the worker moves them into the
+sampling space as ComfyUI's model does.
+"""
+from __future__ import annotations
+
+from comfy_pipefusion.models.references import METHODS
+
+
+def reference_tensors(cond, which: str = "positive", prefix: str = "ref") -> tuple[dict, str | None]:
+    """({prefix0: latent, ...}, the conditioning's reference_latents_method or None) of a CONDITIONING."""
+    extra = cond[0][1] if isinstance(cond, list) and cond else {}
+    refs = extra.get("reference_latents") or []
+    method = extra.get("reference_latents_method")
+    if method is not None and method not in METHODS:
+        raise ValueError(f"{which} conditioning asks for reference latents method {method!r}; implemented: "
+                         f"{', '.join(METHODS)}")
+    out = {}
+    for i, r in enumerate(refs):
+        if getattr(r, "ndim", 0) != 4:
+            raise ValueError(f"{which} reference latent {i} has shape {tuple(getattr(r, 'shape', ()))}; connect "
+                             "a LATENT (VAEEncode of the reference image) to ReferenceLatent")
+        out[f"{prefix}{i}"] = r
+    return out, method
+
+
+def job_references(positive, negative, cfg: float) -> tuple[dict, str | None]:
+    """Every reference tensor of a KSampler call (the negative's only under cfg), and the method."""
+    tensors, method = reference_tensors(positive)
+    if abs(cfg - 1.0) > 1e-6:
+        neg, _ = reference_tensors(negative, "negative", "neg_ref")
+        tensors.update(neg)
+    return tensors, method
+
