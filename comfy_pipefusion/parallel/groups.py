@@ -6,7 +6,7 @@ ranks 0..N/2 - 1. Besides it: one data group per pair of ranks holding the same 
 branches (they exchange the model's prediction once per evaluation), and one control group of the
 branch leaders (local rank 0 of each branch: the ranks that ask whether the job is cancelled).
 
-Every rank makes every group, in one fixed order, the first time the group runs the plan (``dist.new_group``
+Every rank makes every group, in one fixed order, the first time the group runs the plan (making a process group
 is a collective of the whole world); the groups are kept in the ``Comm`` for the next job of that plan.
 """
 from __future__ import annotations
