@@ -216,7 +216,8 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
     raw, metadata = read_entries(files, prefix="")
     prefix = strip_prefix(raw)
     entries = {k[len(prefix):]: e for k, e in raw.items() if k.startswith(prefix)}
-    shapes = {k: list(e.shape) for k, e in entries.items() if k in detect.model_keys(entries)}
+    tensors = detect.model_keys(entries)  # once: a header may name tens of thousands of tensors
+    shapes = {k: list(e.shape) for k, e in entries.items() if k in tensors}
     try:
         family, layout = identify(set(shapes))
         if family == "flux":
