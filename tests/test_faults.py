@@ -478,6 +478,12 @@ def test_shm_full_is_a_clear_error_and_the_group_survives(tmp_path_factory, seri
         assert os.statvfs(shm).f_blocks * os.statvfs(shm).f_frsize <= 256 * 1024
         ok(srv)
         pids = worker_pids(srv.pid)
+        # the first job's segments may still be closing under load: fill only once they are gone, or the space
+        # they free afterwards lets the next job through
+        deadline = time.monotonic() + 30
+        while any(shm.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(shm.iterdir()), [p.name for p in shm.iterdir()]
         filler = shm / "filler"
         with open(filler, "wb", buffering=0) as fh:  # fill it to the last page
             try:
