@@ -6,24 +6,15 @@ true CFG with a negative runs through the pipeline."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from comfy_pipefusion.config import ParallelConfig, SampleSpec
-from comfy_pipefusion.job import preset_problem
 from comfy_pipefusion.models import family
 from comfy_pipefusion.oneshot import run_jobs
-from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
-from comfy_pipefusion.parallel.serial import run_serial
-from frozen_sampler import WORKER_ARGS, resolve
+from frozen_sampler import WORKER_ARGS
+from test_families import _err, _rel, _sample, reference  # noqa: F401  (reference: the shared serial fixture)
 
 PRESETS = ("qwen-image-tiny", "zimage-tiny")
 STEPS, STALE_STEPS = 3, 64
 TOL = 1e-5
-
-
-def _sample(preset: str, sampler: str, steps: int, **kw) -> dict:
-    p = family.find_preset(preset)[1]
-    return {"height": p["height"], "width": p["width"], "steps": steps, "sampler": sampler, **kw}
 
 
 def _jobs(world: int) -> list[dict]:
@@ -49,31 +40,6 @@ def _jobs(world: int) -> list[dict]:
 def results(request):
     world = request.param
     return world, run_jobs(None, 0, _jobs(world), world_size=world, timeout=1200, worker_args=WORKER_ARGS)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    cache, models = {}, {}
-
-    def get(preset: str, sampler: str, steps: int, **kw) -> torch.Tensor:
-        key = (preset, sampler, steps, tuple(sorted(kw.items())))
-        if key not in cache:
-            if preset not in models:
-                models[preset] = load_rank_model(ModelSource(preset=preset), ParallelConfig("serial", 1), 0,
-                                                 torch.device("cpu"), torch.float32)[0]
-            problem = preset_problem(preset, SampleSpec(**_sample(preset, resolve(sampler), steps, **kw)))
-            with torch.inference_mode():
-                cache[key] = problem.finish(run_serial(models[preset], problem, torch.float32, torch.device("cpu")))
-        return cache[key]
-    return get
-
-
-def _err(a, b) -> float:
-    return float((a - b).abs().max())
-
-
-def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("preset", PRESETS)
