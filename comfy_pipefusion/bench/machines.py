@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..jobspec import Job
 from ..multinode import Nodes
 from ..oneshot import owned_tempdir, run_jobs
 
