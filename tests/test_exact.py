@@ -11,7 +11,7 @@ from comfy_pipefusion.job import preset_problem
 from comfy_pipefusion.models import family
 from comfy_pipefusion.oneshot import GroupError, run_jobs
 from comfy_pipefusion.parallel.costs import expected_bytes
-from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
+from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model, stage_layers
 from comfy_pipefusion.parallel.runtime import JobRuntime
 from comfy_pipefusion.parallel.serial import run_serial
 
@@ -42,7 +42,15 @@ JOBS = {
         job("hybrid_cfg_pipefusion_frozen", "cfg+pipefusion", sampler="frozen", warmup=1, patches=3),
         job("hybrid_cfg_distrifusion", "cfg+distrifusion"),
         job("hybrid_cfg_distrifusion_frozen", "cfg+distrifusion", sampler="frozen", warmup=1),
-        job("hybrid_cfg_ulysses", "cfg+ulysses"), job("ulysses_four", "ulysses", cfg=1.0)],
+        job("hybrid_cfg_ulysses", "cfg+ulysses"), job("ulysses_four", "ulysses", cfg=1.0),
+        # Ulysses inside the patch method: 2 stages (bands) x 2 lanes
+        job("hybrid_ulysses_pipefusion", "ulysses+pipefusion", cfg=1.0, ulysses=2),
+        job("hybrid_ulysses_pipefusion_cfg_m3", "ulysses+pipefusion", patches=3),
+        job("hybrid_ulysses_pipefusion_frozen", "ulysses+pipefusion", sampler="frozen", warmup=1, patches=3),
+        job("hybrid_ulysses_pipefusion_sd35", "ulysses+pipefusion", preset="sd3.5m-tiny", sampler="dpmpp_2m"),
+        job("hybrid_ulysses_distrifusion", "ulysses+distrifusion", cfg=1.0),
+        job("hybrid_ulysses_distrifusion_frozen", "ulysses+distrifusion", sampler="frozen", warmup=1),
+        job("hybrid_ulysses_distrifusion_pixart", "ulysses+distrifusion", preset="pixart-tiny")],
 }
 
 
@@ -126,7 +134,9 @@ def expected(j: dict, world: int, metrics: dict) -> list[int]:
                 n_txt=p["text_tokens"] if fam.JOINT_TEXT else 0, rows=p["height"] // 16, cols=p["width"] // 16,
                 steps=EXACT_STEPS, warmup=min(par.warmup_steps, EXACT_STEPS), patches=par.num_patches, elem=4,
                 layers=layers["joint"], image_layers=layers["image"], text_stream=par.text_stream,
-                channels=4 * fam.latent_format(p["config"]).channels)
+                channels=4 * fam.latent_format(p["config"]).channels, ulysses=par.ulysses_degree,
+                stage_layers=stage_layers(fam, fam.build_meta(p["config"]), par) if "+pipefusion" in par.strategy
+                else None)
     return [expected_bytes(par.strategy, rank=r, **dims) for r in range(world)]
 
 
@@ -153,7 +163,12 @@ def test_hybrid_equals_serial_4_ranks(results, reference):
     (dict(strategy="ulysses", world_size=4, ulysses=2), ["world_size 4 != cfg 1 x ulysses 2", "set ulysses to 4"]),
     (dict(strategy="pipefusion", world_size=2, ulysses=2), ["ulysses degree 2", "no ulysses"]),
     (dict(strategy="pipefusion+cfg", world_size=4), ["'cfg+pipefusion'"]),
-    (dict(strategy="ulysses+pipefusion", world_size=4), ["not yet combined"]),
+    (dict(strategy="ulysses+pipefusion", world_size=6, ulysses=4), ["world_size 6 != cfg 1 x ulysses 4 x pipefusion",
+                                                                     "set ulysses to 2 or 3"]),
+    (dict(strategy="ulysses+distrifusion", world_size=3), ["3 ranks per branch do not factor", "4 ranks"]),
+    (dict(strategy="ulysses+pipefusion", world_size=2), ["world_size 2 != cfg 1 x ulysses 2 x pipefusion"]),
+    (dict(strategy="pipefusion+ulysses", world_size=4), ["'ulysses+pipefusion'"]),
+    (dict(strategy="ulysses+naive_patch", world_size=4), ["Ulysses combines with cfg, pipefusion and distrifusion"]),
     (dict(strategy="cfg+pipefusion", world_size=4, stage_split=(3, 2, 1)), ["2 stages"]),
 ])
 def test_hybrid_bad_plans_refused(plan, words):
@@ -167,6 +182,9 @@ def test_ulysses_heads_and_cfg_parallel_job_refused():
     with pytest.raises(ValueError, match="4 attention heads over 3 ranks.*degree of 2 or 4"):
         ParallelConfig("ulysses", 3).check_model(6, heads=4)
     ParallelConfig("ulysses", 3).check_model(6, heads=6)
+    with pytest.raises(ValueError, match="4 attention heads over 3 ranks.*degree of 2 or 4"):
+        ParallelConfig("ulysses+pipefusion", 6, ulysses=3).check_model(6, heads=4)
+    ParallelConfig("ulysses+distrifusion", 6, ulysses=3).check_model(6, heads=6)
     with pytest.raises(ValueError, match="cfg 1 has no negative branch; set cfg != 1.*pipefusion"):
         ParallelConfig("cfg+pipefusion", 4).check_job(1.0)
     ParallelConfig("cfg+pipefusion", 4).check_job(4.5)
