@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 STRATEGIES = ("serial", "pipefusion", "distrifusion", "naive_patch", "cfg", "ulysses", "cfg+ulysses",
-              "cfg+pipefusion", "cfg+distrifusion", "ulysses+pipefusion", "ulysses+distrifusion", "auto")
+              "cfg+pipefusion", "cfg+distrifusion", "ulysses+pipefusion", "ulysses+distrifusion",
+              "cfg+ulysses+pipefusion", "cfg+ulysses+distrifusion", "auto")
 """Every strategy a plan may name: the single methods, then the hybrids (methods joined by '+', outermost
 first: CFG halves, then what runs inside each half), and auto (the group picks the plan per job)."""
 METHOD_ORDER = ("cfg", "ulysses", "pipefusion", "distrifusion", "naive_patch", "serial")

@@ -51,6 +51,9 @@ JOBS = {
         job("hybrid_ulysses_distrifusion", "ulysses+distrifusion", cfg=1.0),
         job("hybrid_ulysses_distrifusion_frozen", "ulysses+distrifusion", sampler="frozen", warmup=1),
         job("hybrid_ulysses_distrifusion_pixart", "ulysses+distrifusion", preset="pixart-tiny")],
+    8: [job("hybrid_cfg_ulysses_pipefusion", "cfg+ulysses+pipefusion"),
+        job("hybrid_cfg_ulysses_pipefusion_frozen", "cfg+ulysses+pipefusion", sampler="frozen", warmup=1, patches=3),
+        job("hybrid_cfg_ulysses_distrifusion", "cfg+ulysses+distrifusion", sampler="dpmpp_2m")],
 }
 
 
@@ -116,10 +119,14 @@ def check_world(world: int, results, reference) -> None:
         assert got.shape == ref.shape, j["name"]
         assert float(ref.abs().max()) > 0.1  # a real image, not the initial latent
         # true CFG amplifies float rounding: its bound is relative to the latent's largest value, as in
-        # test_families.py; CFG parallelism against the per-branch reference is held to 1e-5 absolute
+        # test_families.py; CFG parallelism against the per-branch reference is held to 1e-5 absolute, but
+        # where Ulysses runs inside a patch method of the branch (its lanes' matmuls over fewer rows round
+        # differently, as Ulysses' own do)
         scale = float(ref.abs().max()) if j["sample"]["cfg"] != 1 else 1.0
+        exact_branch = branches and j["parallel"]["strategy"] not in ("cfg+ulysses+pipefusion",
+                                                                      "cfg+ulysses+distrifusion")
         err, err_batched = float((got - ref).abs().max()), float((got - batched).abs().max())
-        if err > (TOL if branches else TOL * scale) or err_batched > max(BATCHED_TOL, TOL * scale):
+        if err > (TOL if exact_branch else TOL * scale) or err_batched > max(BATCHED_TOL, TOL * scale):
             errors[j["name"]] = (err, err_batched, scale)
     assert not errors, f"max abs difference (reference, batched reference, scale) over the bound: {errors}"
     for j in JOBS[world]:  # every byte on the data plane is the analytic formula's (parallel/costs.py)
@@ -154,6 +161,12 @@ def test_ulysses_equals_serial_3_ranks(results, reference):
 
 def test_hybrid_equals_serial_4_ranks(results, reference):
     check_world(4, results, reference)
+
+
+@pytest.mark.slow
+def test_hybrid_cfg_ulysses_patches_equal_serial_8_ranks(results, reference):
+    """cfg x ulysses x pipefusion (distrifusion): 2 branches x 2 stages (bands) x 2 lanes."""
+    check_world(8, results, reference)
 
 
 @pytest.mark.parametrize("plan, words", [
