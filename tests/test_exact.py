@@ -211,7 +211,8 @@ def test_cfg_parallel_refused_by_the_group_without_negative(tmp_path):
 
 def test_hybrid_memory_estimate():
     """Admission sees each rank's part of a hybrid plan: a CFG branch holds what its method holds on half the
-    ranks at the images' batch; Ulysses holds the whole model and no K/V buffers."""
+    ranks at the images' batch; Ulysses holds the whole model and no K/V buffers; Ulysses inside PipeFusion
+    its stage's weights and its heads' share of the stage's buffers."""
     from comfy_pipefusion import memory
 
     fam, p = family.find_preset("tiny")
@@ -225,3 +226,9 @@ def test_hybrid_memory_estimate():
     assert uly[0].kv == 0 and uly[0].weights == memory.estimate(fam, meta, ParallelConfig("serial", 1), size)[0].weights
     for strategy in ("cfg+distrifusion", "cfg+ulysses"):
         assert len(memory.estimate(fam, meta, ParallelConfig(strategy, 4), size)) == 4
+    # Ulysses inside the stages: each lane holds its stage's weights and the K/V of half the heads
+    lanes = memory.estimate(fam, meta, ParallelConfig("ulysses+pipefusion", 4), size)
+    stages = memory.estimate(fam, meta, ParallelConfig("pipefusion", 2), size)
+    assert [r.weights for r in lanes] == [stages[0].weights] * 2 + [stages[1].weights] * 2
+    assert [r.kv for r in lanes] == [stages[0].kv // 2] * 2 + [stages[1].kv // 2] * 2 and lanes[0].kv > 0
+    assert len(memory.estimate(fam, meta, ParallelConfig("cfg+ulysses+distrifusion", 8), size)) == 8
