@@ -1,10 +1,11 @@
 """strategy=auto: predict every plan of a group that fits in memory and pick the fastest.
 
 The plans of a group of N ranks: PipeFusion with M = N, 2N, 4N patches (as many as the image has token
-rows), DistriFusion, each with the user's warm-up steps (never fewer: warm-up is a quality setting). Each
-is predicted by the simulator (simulate.py) from the probed costs (probe.py) and checked with the memory
-admission estimate (memory.py) by the caller's ``fits``; the fastest that fits wins, ties going to the
-earlier candidate (PipeFusion first: it sends the least).
+rows), DistriFusion, the exact methods and hybrids that fit the group (``exact_candidates``), each with the
+user's warm-up steps (never fewer: warm-up is a quality setting). Each is predicted by the simulator
+(simulate.py) from the probed costs (probe.py) and checked with the memory admission estimate (memory.py)
+by the caller's ``fits``; the fastest that fits wins, ties going to the earlier candidate (PipeFusion
+first: it sends the least).
 """
 from __future__ import annotations
 
