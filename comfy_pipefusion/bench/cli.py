@@ -34,7 +34,7 @@ from ..jobspec import Job
 from ..models import family
 from ..oneshot import end_children, owned_tempdir, run_jobs
 from ..parallel.costs import expected_bytes
-from ..parallel.plan import ModelSource
+from ..parallel.plan import ModelSource, stage_layers
 from ..sampling.samplers import load_samplers
 from ..peers import PEERS
 from .turns import TurnAborted, conduct
@@ -221,7 +221,9 @@ def summarise(args, spec, serial, results) -> dict:
                     warmup=sum(1 for k in range(evals) if step_of(k) < cfg.warmup_steps),
                     patches=cfg.num_patches, elem=ELEM[spec.dtype],
                     layers=layers["joint"], image_layers=layers["image"], text_stream=cfg.text_stream,
-                    channels=4 * fam.latent_format(cfg_model).channels)
+                    channels=4 * fam.latent_format(cfg_model).channels, ulysses=cfg.ulysses_degree,
+                    stage_layers=stage_layers(fam, fam.build_meta(cfg_model), cfg.branch())
+                    if "ulysses+pipefusion" in cfg.strategy else None)
         rows.append({"strategy": job.peer or cfg.strategy, "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
                      "threads_per_rank": args.threads_per_rank,
