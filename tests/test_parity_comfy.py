@@ -12,8 +12,9 @@ stored in bf16, computed in float32 by both: the stock loader's "default" is flo
 the server log). SD3's width is 64 x depth: an SD3.5-medium-like model of 3 blocks (width 192, dual attention
 in the first two, RMS qk norm). Qwen-Image is fixed at width 3072 and text width 3584 in the same way: two
 blocks at full width (0.71 B parameters in bf16, computed in float32; two, so that each PipeFusion stage holds
-one), true CFG with a negative, and ComfyUI's one-frame Wan latent [B, 16, 1, h, w]. Run with -s to see the
-table of measured differences.
+one), true CFG with a negative, and ComfyUI's one-frame Wan latent [B, 16, 1, h, w]; the same file takes
+Qwen-Image-Edit's reference latents (one-frame Wan latents through ReferenceLatent, as TextEncodeQwenImageEdit
+adds them). Run with -s to see the table of measured differences.
 """
 from __future__ import annotations
 
@@ -100,6 +101,10 @@ def _cases() -> dict[str, dict]:
     # Qwen-Image: true CFG; img2img moves a latent through the Wan format's per-channel mean and std
     for sampler, scheduler, denoise in (("euler", "simple", 1.0), ("dpmpp_2m", "karras", 0.6)):
         add("qwen_image", sampler, scheduler, cfg=4.0, **({"denoise": denoise} if denoise < 1 else {}))
+    # Qwen-Image-Edit: two reference latents, ComfyUI's default placement for Qwen (index: no method node) with
+    # true CFG, and the offset placement
+    add("qwen_image", "euler", "simple", refs="default", cfg=4.0)
+    add("qwen_image", "dpmpp_2m", "karras", refs="offset")
     return cases
 
 
@@ -161,19 +166,21 @@ def parity_prompt(case: dict, prefix: str, seed: int = 7) -> dict:
                                                              "x": 0, "y": 0, "operation": "multiply"}},
             "13": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["12", 0]}}}
         sample["latent_image"] = ["13", 0]
-    if case.get("refs"):  # Kontext: ReferenceLatent x2 on both conditionings, then the placement method
+    if case.get("refs"):  # Kontext, Qwen-Image-Edit: ReferenceLatent x2 on both conditionings, the placement method
         for i, (w, h) in enumerate(((48, 64), (32, 72))):
             masked[f"2{i}"] = {"class_type": "PipeFusionTestLatent",
                                "inputs": {"width": w, "height": h, "batch_size": 1, "channels": 16, "seed": 20 + i,
-                                          "scale": 1.0}}
+                                          "scale": 1.0, "frames": int(f.get("frames", False))}}
         for which, base in (("positive", "3"), ("negative", "4")):
             first, second, method = f"{base}1", f"{base}2", f"{base}3"
             masked[first] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [base, 0], "latent": ["20", 0]}}
             masked[second] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [first, 0], "latent": ["21", 0]}}
-            masked[method] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
-                              "inputs": {"conditioning": [second, 0],
-                                         "reference_latents_method": {"uxo": "uxo/uno"}.get(case["refs"], case["refs"])}}
-            sample[which] = [method, 0]
+            sample[which] = [second, 0]
+            if case["refs"] != "default":  # else the model's own default placement
+                masked[method] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
+                                  "inputs": {"conditioning": [second, 0], "reference_latents_method":
+                                             {"uxo": "uxo/uno"}.get(case["refs"], case["refs"])}}
+                sample[which] = [method, 0]
     return {
         **masked,
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": f["file"], "weight_dtype": "default"}},
@@ -253,3 +260,9 @@ def test_bound_separates_settings(outcome):
 def test_kontext_references_change_the_stock_result(outcome):
     """The Kontext cases are not Flux cases in disguise: the stock model's result moves with the references."""
     assert rel_l2(outcome("kontext-euler-simple-refsoffset")[0], outcome("flux-euler-simple")[0]) > 20 * TOL
+
+
+def test_qwen_edit_references_change_the_stock_result(outcome):
+    """The Qwen-Image-Edit cases are not Qwen-Image cases in disguise: the stock result moves with the references."""
+    assert rel_l2(outcome("qwen_image-euler-simple-refsdefault-cfg4.0")[0],
+                  outcome("qwen_image-euler-simple-cfg4.0")[0]) > 20 * TOL
