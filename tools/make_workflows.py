@@ -118,14 +118,22 @@ def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidanc
         latent = g.node("EmptyLatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
     else:
         latent = g.node("EmptySD3LatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
-    sampler = g.node("PipeFusionKSampler", (X[3], 0), [0, "randomize", steps, cfg, sampler_name, scheduler, 1.0, 0.0],
+    return _sample_and_save(g, loader, positive, neg, latent, vae or vae_name, [steps, cfg, sampler_name, scheduler])
+
+
+def _sample_and_save(g: Graph, loader: dict, positive: dict, negative: dict, latent: dict, vae: dict | str,
+                     settings: list) -> dict:
+    """PipeFusionKSampler (``settings``: steps, cfg, sampler, scheduler) -> VAEDecode -> SaveImage; the graph.
+    ``vae``: the VAELoader node, or the name of the VAE file for a new one."""
+    sampler = g.node("PipeFusionKSampler", (X[3], 0), [0, "randomize", *settings, 1.0, 0.0],
                      inputs=[("pipefusion_model", "PIPEFUSION_MODEL"), ("positive", "CONDITIONING"),
                              ("negative", "CONDITIONING"), ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
     g.link(loader, 0, sampler, "pipefusion_model")
     g.link(positive, 0, sampler, "positive")
-    g.link(neg, 0, sampler, "negative")
+    g.link(negative, 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
-    vae = vae or g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")])
+    if isinstance(vae, str):
+        vae = g.node("VAELoader", (X[2], 330), [vae], outputs=[("VAE", "VAE")])
     decode = g.node("VAEDecode", (X[4], 0), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
                     outputs=[("IMAGE", "IMAGE")])
     g.link(sampler, 0, decode, "samples")
@@ -202,20 +210,7 @@ def qwen_edit(unet: str, devices: str, steps: int, cfg: float, prompt: str, nega
     g.link(vae, 0, encode, "vae")
     loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "auto", 0, 1, "compute", ""],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
-    sampler = g.node("PipeFusionKSampler", (X[3], 0), [0, "randomize", steps, cfg, "euler", "simple", 1.0, 0.0],
-                     inputs=[("pipefusion_model", "PIPEFUSION_MODEL"), ("positive", "CONDITIONING"),
-                             ("negative", "CONDITIONING"), ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
-    g.link(loader, 0, sampler, "pipefusion_model")
-    g.link(conds[0], 0, sampler, "positive")
-    g.link(conds[1], 0, sampler, "negative")
-    g.link(encode, 0, sampler, "latent_image")
-    decode = g.node("VAEDecode", (X[4], 0), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
-                    outputs=[("IMAGE", "IMAGE")])
-    g.link(sampler, 0, decode, "samples")
-    g.link(vae, 0, decode, "vae")
-    save = g.node("SaveImage", (X[4], 110), ["PipeFusion"], inputs=[("images", "IMAGE")])
-    g.link(decode, 0, save, "images")
-    return g.dump()
+    return _sample_and_save(g, loader, conds[0], conds[1], encode, vae, [steps, cfg, "euler", "simple"])
 
 
 def flux(unet: str, devices: str, steps: int, guidance: float | None, prompt: str) -> dict:
