@@ -76,12 +76,9 @@ def materialize(model, names: list[str], device: torch.device, dtype: torch.dtyp
     family.materialize(model, names, device, dtype, seed, len(blocks_of(model)), _residual)
 
 
-def block_cost(model, block: Block, balance: str) -> float:
-    """'compute': a refiner block runs the image tokens only, a main layer the image and the caption; per
-    image token both are the same block. 'memory': the parameter count."""
-    if balance == "compute":
-        return 1.0
-    return float(sum(p.numel() for p in module_of(model, block).parameters()))
+# a refiner block runs the image tokens only, a main layer the image and the caption: per image token both are
+# the same block
+block_cost = family.uniform_block_cost
 
 
 def latent_format(config: dict) -> LatentFormat:
