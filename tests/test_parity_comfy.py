@@ -16,10 +16,10 @@ one), true CFG with a negative, and ComfyUI's one-frame Wan latent [B, 16, 1, h,
 Qwen-Image-Edit's reference latents (one-frame Wan latents through ReferenceLatent, as TextEncodeQwenImageEdit
 adds them). ComfyUI takes Z-Image only at width 3840 and builds two noise and two context refiner blocks whatever
 the file holds: the smallest file it accepts has one main layer and the four refiners (0.9 B parameters), stored
-as ComfyUI's scaled fp8 (0.9 GB; both sides keep the weights 8-bit and compute stored x scale in float32); it is
-written when its case first runs, and the case is marked slow (measured: 2.2e-6; the test's processes together
-peaked at 7.6 GiB resident, ComfyUI 1.4, our two ranks 3.0 and 2.2; 6.4 min on a loaded 2-core machine). Run with -s to see the table of measured
-differences.
+as ComfyUI's scaled fp8 (0.9 GB; both sides compute stored x scale in float32); it is written when its case
+first runs, and the case is marked slow (measured: 2.2e-6; the test's processes together peaked at 7.6 GiB
+resident, ComfyUI 1.4, our two ranks 3.0 and 2.2; 6.4 min on a loaded 2-core machine). Run with -s to see the
+table of measured differences.
 """
 from __future__ import annotations
 
