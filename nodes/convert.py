@@ -98,10 +98,10 @@ def conditioning_tensors(cond, family: str, model_cfg: dict, batch: int,
         raise ValueError(f"{which} conditioning has {len(cond)} entries (combined/area conditioning); "
                          "only a single conditioning is supported yet")
     txt, extra = cond[0][0], cond[0][1]
-    if extra.get("reference_latents") is not None and family in ("qwen_image", "zimage"):
+    if extra.get("reference_latents") is not None and not getattr(fam, "REFERENCES", False):
         raise ValueError(f"{which} conditioning carries reference latents (an image-editing conditioning such as "
-                         f"TextEncodeQwenImageEdit or ReferenceLatent), which PipeFusion does not run for {family} "
-                         "yet; use the stock KSampler for editing, or a text-only conditioning")
+                         f"TextEncodeQwenImageEdit or ReferenceLatent), which a {family} model does not take; remove "
+                         "the ReferenceLatent node, or load an editing model (Flux.1 Kontext, Qwen-Image-Edit)")
     mask = extra.get("attention_mask")
     if family == "zimage" and mask is not None and torch.numel(mask) != int(mask.sum()):
         raise ValueError(f"{which} conditioning carries an attention mask over padded text tokens, which "

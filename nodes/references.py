@@ -1,8 +1,10 @@
-"""Reference latents in a CONDITIONING (ComfyUI's ReferenceLatent: Flux.1 Kontext) as job tensors.
+"""Reference latents in a CONDITIONING (ComfyUI's ReferenceLatent: Flux.1 Kontext; TextEncodeQwenImageEdit:
+Qwen-Image-Edit) as job tensors.
 
 No ComfyUI import here: this reads ComfyUI's plain data. The references travel as ``ref0, ref1, ...`` (the
-positive's) and ``neg_ref0, ...`` (the negative's, under cfg) in LATENT space; the worker moves them into the
-sampling space as ComfyUI's model does.
+positive's) and ``neg_ref0, ...`` (the negative's, under cfg) in LATENT space, [B, C, h, w] (a video VAE's
+one-frame latent [B, C, 1, h, w], Qwen-Image's, loses its frame axis); the worker moves them into the sampling
+space as ComfyUI's model does.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from comfy_pipefusion.models.references import METHODS
 
 
 def reference_tensors(cond, which: str = "positive", prefix: str = "ref") -> tuple[dict, str | None]:
-    """({prefix0: latent, ...}, the conditioning's reference_latents_method or None) of a CONDITIONING."""
+    """({prefix0: latent [B, C, h, w], ...}, the conditioning's reference_latents_method or None) of a
+    CONDITIONING."""
     extra = cond[0][1] if isinstance(cond, list) and cond else {}
     refs = extra.get("reference_latents") or []
     method = extra.get("reference_latents_method")
@@ -19,6 +22,8 @@ def reference_tensors(cond, which: str = "positive", prefix: str = "ref") -> tup
                          f"{', '.join(METHODS)}")
     out = {}
     for i, r in enumerate(refs):
+        if getattr(r, "ndim", 0) == 5 and r.shape[2] == 1:  # the Wan VAE's one frame (Qwen-Image-Edit)
+            r = r[:, :, 0]
         if getattr(r, "ndim", 0) != 4:
             raise ValueError(f"{which} reference latent {i} has shape {tuple(getattr(r, 'shape', ()))}; connect "
                              "a LATENT (VAEEncode of the reference image) to ReferenceLatent")

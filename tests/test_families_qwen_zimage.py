@@ -1,8 +1,8 @@
-"""Qwen-Image and Z-Image through the engine on real torchrun groups of 2 and 4 ranks,
-against the serial reference (diffusers' own forward): exact when synchronous (warm-up = steps), exact on
-the frozen trajectory; on 2 ranks, with one warm-up step the drift stays at least 3x below naive patches (64
-steps: the tiny random models change a lot per step, and fewer steps leave Z-Image's DistriFusion at 2.5x), and
-true CFG with a negative runs through the pipeline."""
+"""Qwen-Image, Qwen-Image-Edit (two reference latents) and Z-Image through the engine on real torchrun groups
+of 2 and 4 ranks, against the serial reference (diffusers' own forward): exact when synchronous (warm-up =
+steps), exact on the frozen trajectory; on 2 ranks, with one warm-up step the drift stays at least 3x below naive
+patches (64 steps: the tiny random models change a lot per step, and fewer steps leave Z-Image's DistriFusion at
+2.5x), and true CFG with a negative runs through the pipeline."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +12,7 @@ from comfy_pipefusion.oneshot import run_jobs
 from frozen_sampler import WORKER_ARGS
 from test_families import _err, _rel, _sample, reference  # noqa: F401  (reference: the shared serial fixture)
 
-PRESETS = ("qwen-image-tiny", "zimage-tiny")
+PRESETS = ("qwen-image-tiny", "qwen-image-edit-tiny", "zimage-tiny")
 STEPS, STALE_STEPS = 3, 64
 TOL = 1e-5
 

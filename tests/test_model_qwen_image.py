@@ -1,5 +1,7 @@
 """Qwen-Image: patch-wise blocks against diffusers' own forward, its positions and latent format, detection and
-per-stage loading of ComfyUI's single file (with and without the prefix, and as diffusers shards)."""
+per-stage loading of ComfyUI's single file (with and without the prefix, and as diffusers shards); Qwen-Image-Edit's
+reference latents (with the text stream) against diffusers' forward as its QwenImageEditPipeline calls it, and
+their placements as ComfyUI computes them."""
 from __future__ import annotations
 
 import pytest
@@ -7,12 +9,12 @@ import torch
 
 from comfy_pipefusion.attention import StaleKV
 from comfy_pipefusion.job import sampling_kind
-from comfy_pipefusion.models import family, keys_qwen_image, qwen_image as qwen
+from comfy_pipefusion.models import family, keys_qwen_image, qwen_image as qwen, references
 from comfy_pipefusion.models.checkpoint import CheckpointError, load_modules, open_checkpoint
 from comfy_pipefusion.models.checkpoint_write import write_checkpoint
 from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
 from comfy_pipefusion.config import ParallelConfig
-from comfy_pipefusion.patches import Span, full_span, image_bands
+from comfy_pipefusion.patches import Span, displaced_spans, full_span, image_bands, pipefusion_spans
 
 CPU = torch.device("cpu")
 N_TXT = 8
@@ -32,13 +34,14 @@ def inputs(model, rows, cols, seed=0):
     return x, txt, torch.tensor([0.6])  # t = sigma
 
 
-def run_ours(model, x, txt, t, rows, cols, spans, kvs=None):
+def run_ours(model, x, txt, t, rows, cols, spans, kvs=None, refs=(), method="index"):
     blocks = qwen.blocks_of(model)
     cfg = model.config
-    kvs = kvs or [qwen.kv_buffers(model, b, lambda kind: StaleKV(1, cfg.num_attention_heads, N_TXT, rows * cols,
+    emb = qwen.embeddings(model, txt, N_TXT, rows, cols, CPU, torch.float32, refs, method)
+    n_stream = emb.txt.shape[1]  # text and reference tokens
+    kvs = kvs or [qwen.kv_buffers(model, b, lambda kind: StaleKV(1, cfg.num_attention_heads, n_stream, rows * cols,
                                                                  cfg.attention_head_dim, torch.float32, CPU))
                   for b in blocks]
-    emb = qwen.embeddings(model, txt, N_TXT, rows, cols, CPU, torch.float32)
     temb = qwen.time_embedding(model, emb, t, None, None, torch.float32)
     outs = []
     for sp in spans:
@@ -89,6 +92,64 @@ def test_qwen_positions_follow_comfyui():
     vid, txt = model.pos_embed([(1, 4, 6)], max_txt_seq_len=2, device=CPU)
     ours = qwen.rope_table(ids, tuple(CONFIG["axes_dims_rope"]))
     assert torch.allclose(ours, torch.cat([txt, vid]), atol=1e-6)
+
+
+def _refs(*hw, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, 16, h, w, generator=g) for h, w in hw)
+
+
+def test_qwen_edit_one_span_is_diffusers_forward(model):
+    """Two references of even token grids no larger than the image, ComfyUI's default placement (frame index
+    1, 2): our one span, our serial reference and diffusers' forward with its own QwenEmbedRope, called as
+    QwenImageEditPipeline calls it (reference tokens after the image, their shapes in img_shapes), agree."""
+    rows, cols = 8, 8
+    x, txt, t = inputs(model, rows, cols)
+    refs = _refs((8, 12), (12, 8))
+    n = N_TXT + references.count(refs)
+    with torch.inference_mode():
+        own = model(hidden_states=torch.cat([x, references.tokens(refs)], 1), encoder_hidden_states=txt, timestep=t,
+                    img_shapes=[[(1, rows, cols), (1, 4, 6), (1, 6, 4)]], return_dict=False)[0][:, :rows * cols]
+        ref = qwen.forward(model, x, t, txt, None, None, rows, cols, refs)
+        plain = qwen.forward(model, x, t, txt, None, None, rows, cols)
+        ours, _ = run_ours(model, x, txt, t, rows, cols, [full_span(n, rows * cols)], refs=refs)
+    assert n == N_TXT + 24 + 24
+    assert float((ref - own).abs().max()) <= 1e-5
+    assert float((ours - own).abs().max()) <= 1e-5
+    assert float((own - plain).abs().max()) > 0.05  # the references change the prediction
+
+
+def test_qwen_edit_reference_positions_follow_comfyui():
+    """comfy/ldm/qwen_image/model.py: ``index`` (the default) counts frame indices, any other method is Flux's
+    offset (a second reference beside the first: right when that keeps the area square, else below); every
+    grid is centred on its own middle, the odd side padded to whole patches."""
+    a, b = torch.zeros(1, 16, 12, 8), torch.zeros(1, 16, 9, 6)  # 6 x 4 and 5 x 3 tokens
+    off = qwen.reference_ids((a, b), "offset", 8, 8)
+    assert off.shape == (24 + 15, 3)
+    assert off[0].tolist() == [1, -3, -2] and off[23].tolist() == [1, 2, 1]
+    assert off[24].tolist() == [1, -2, 3] and off[-1].tolist() == [1, 2, 5]  # b right of a: w offset 8 px = 4 tokens
+    assert torch.equal(qwen.reference_ids((a, b), "uxo", 8, 8), off)  # ComfyUI's Qwen knows index and offset only
+    idx = qwen.reference_ids((a, b), "index", 8, 8)
+    assert idx[0].tolist() == [1, -3, -2] and idx[24].tolist() == [2, -2, -1] and idx[-1].tolist() == [2, 2, 1]
+
+
+def test_qwen_edit_split_streams_over_filled_buffers(model):
+    """Offset placement and a reference of odd size (padded): one span equals the serial reference; once the
+    buffers hold this input's K/V any split of the text stream (DistriFusion's bands cut it inside the text and
+    inside the references, PipeFusion's carry it whole) is exact."""
+    rows, cols = 8, 8
+    x, txt, t = inputs(model, rows, cols)
+    refs = _refs((12, 8), (9, 6))
+    n = N_TXT + references.count(refs)
+    with torch.inference_mode():
+        ref = qwen.forward(model, x, t, txt, None, None, rows, cols, refs, "offset")
+        ours, kvs = run_ours(model, x, txt, t, rows, cols, [full_span(n, 64)], refs=refs, method="offset")
+        assert float((ours - ref).abs().max()) <= 1e-5
+        assert float((ref - qwen.forward(model, x, t, txt, None, None, rows, cols, refs)).abs().max()) > 1e-3
+        for spans in (displaced_spans(rows, cols, n, 4), displaced_spans(rows, cols, n, 3),
+                      pipefusion_spans(rows, cols, n, 3, "first_patch"), [Span(0, 5, 0, 64), Span(5, n, 0, 0)]):
+            ours, _ = run_ours(model, x, txt, t, rows, cols, spans, kvs=kvs, refs=refs, method="offset")
+            assert float((ours[:, :64] - ref).abs().max()) <= 1e-5, spans
 
 
 def test_qwen_latent_format_sampling_and_conditioning():
@@ -144,17 +205,23 @@ def test_qwen_loaded_file_equals_synthetic_model(tmp_path, model):
     assert torch.equal(a, b)
 
 
-def test_qwen_node_conditioning_and_one_frame_latent():
-    """The nodes' translation (no ComfyUI needed): Qwen's 3584-wide states without a pooled vector, ComfyUI's
-    [B, 16, 1, h, w] LATENT in and out, and an editing conditioning refused rather than ignored."""
+def _node_module(name: str):
+    """nodes/<name>.py, loaded alone: it imports no ComfyUI module (the nodes package does)."""
     import importlib.util
     from pathlib import Path
 
-    # nodes/convert.py imports no ComfyUI module; the nodes package does, so the file is loaded alone
-    spec = importlib.util.spec_from_file_location("pf_nodes_convert_qwen",
-                                                  Path(__file__).resolve().parent.parent / "nodes" / "convert.py")
-    convert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert)
+    spec = importlib.util.spec_from_file_location(f"pf_nodes_{name}_qwen",
+                                                  Path(__file__).resolve().parent.parent / "nodes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_qwen_node_conditioning_and_one_frame_latent():
+    """The nodes' translation (no ComfyUI needed): Qwen's 3584-wide states without a pooled vector, ComfyUI's
+    [B, 16, 1, h, w] LATENT in and out, an editing conditioning's one-frame reference latents taken (a family
+    without references refuses them rather than ignoring them)."""
+    convert, refs = _node_module("convert"), _node_module("references")
     check_latent, conditioning_tensors, output_latent = (convert.check_latent, convert.conditioning_tensors,
                                                          convert.output_latent)
     cfg = dict(qwen.REAL, num_layers=2)
@@ -163,9 +230,15 @@ def test_qwen_node_conditioning_and_one_frame_latent():
     assert txt.shape == (2, 5, 3584) and pooled is None
     with pytest.raises(ValueError, match="width 4096 does not fit this qwen_image model, which expects 3584"):
         conditioning_tensors([[torch.zeros(1, 5, 4096), {}]], "qwen_image", cfg, 1)
-    with pytest.raises(ValueError, match="reference latents.*stock KSampler"):
-        conditioning_tensors([[torch.zeros(1, 5, 3584), {"reference_latents": [torch.zeros(1, 16, 8, 8)]}]],
-                             "qwen_image", cfg, 1)
+    edit = [[torch.zeros(1, 5, 3584), {"reference_latents": [torch.ones(1, 16, 1, 8, 6)]}]]
+    assert conditioning_tensors(edit, "qwen_image", cfg, 1)[0].shape == (1, 5, 3584)
+    tensors, method = refs.job_references(edit, edit, 4.0)
+    assert method is None and set(tensors) == {"ref0", "neg_ref0"} and tensors["ref0"].shape == (1, 16, 8, 6)
+    with pytest.raises(ValueError, match="reference latent 0 has shape \\(1, 16, 2, 8, 6\\)"):
+        refs.reference_tensors([[None, {"reference_latents": [torch.zeros(1, 16, 2, 8, 6)]}]])
+    with pytest.raises(ValueError, match="which a zimage model does not take"):
+        conditioning_tensors([[torch.zeros(1, 5, 2560), {"reference_latents": [torch.zeros(1, 16, 8, 8)]}]],
+                             "zimage", {}, 1)
     lat = torch.randn(1, 16, 1, 8, 6)
     samples = check_latent({"samples": lat}, "qwen_image", cfg)
     assert torch.equal(samples, lat[:, :, 0]) and torch.equal(output_latent(samples, "qwen_image"), lat)

@@ -181,3 +181,28 @@ def test_zimage_block_count_from_the_config_alone():
         fam = family.get(fam_name)
         for preset in fam.PRESETS.values():
             assert family.num_blocks(preset["config"]) == len(fam.blocks_of(fam.build_meta(preset["config"])))
+
+
+def test_zimage_scaled_fp8_file_computes_its_time_embedding_in_the_compute_dtype(tmp_path, model):
+    """ComfyUI's scaled-fp8 Z-Image file: diffusers' TimestepEmbedder casts its input to the weight's dtype, which
+    is float8 there (our patch-wise path failed on it, diffusers' forward rounded the time features to float8).
+    Both run the time MLP in the compute dtype, as ComfyUI does, and agree; the features are not rounded."""
+    from comfy_pipefusion.config import SampleSpec
+    from comfy_pipefusion.job import synthetic_problem
+    from comfy_pipefusion.models.checkpoint_write import write_scaled_fp8
+    from comfy_pipefusion.parallel.serial import run_local, run_serial
+
+    path = write_scaled_fp8(tmp_path / "z_fp8.safetensors", model.state_dict(), "zimage", CONFIG,
+                            prefix="model.diffusion_model.")
+    fp8, _ = load_rank_model(ModelSource(checkpoint=str(path)), ParallelConfig("serial", 1), 0, CPU, torch.float32)
+    assert fp8.t_embedder.mlp[0].weight.dtype == torch.float8_e4m3fn
+    problem = synthetic_problem(zimage, CONFIG, SampleSpec(height=128, width=128, steps=2), 12)
+    with torch.inference_mode():
+        ours = run_local(fp8, problem, torch.float32, CPU)
+        serial = run_serial(fp8, problem, torch.float32, CPU)
+        t = torch.tensor([0.3])
+        te = fp8.t_embedder
+        want = te.mlp(te.timestep_embedding((1 - t) * fp8.config.t_scale, te.frequency_embedding_size))
+        assert torch.equal(zimage.time_embedding(fp8, None, t, None, None, torch.float32), want)
+    assert float(ours.abs().max()) > 0.1
+    assert float((ours - serial).abs().max()) <= 1e-5

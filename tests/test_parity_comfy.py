@@ -12,7 +12,13 @@ stored in bf16, computed in float32 by both: the stock loader's "default" is flo
 the server log). SD3's width is 64 x depth: an SD3.5-medium-like model of 3 blocks (width 192, dual attention
 in the first two, RMS qk norm). Qwen-Image is fixed at width 3072 and text width 3584 in the same way: two
 blocks at full width (0.71 B parameters in bf16, computed in float32; two, so that each PipeFusion stage holds
-one), true CFG with a negative, and ComfyUI's one-frame Wan latent [B, 16, 1, h, w]. Run with -s to see the
+one), true CFG with a negative, and ComfyUI's one-frame Wan latent [B, 16, 1, h, w]; the same file takes
+Qwen-Image-Edit's reference latents (one-frame Wan latents through ReferenceLatent, as TextEncodeQwenImageEdit
+adds them). ComfyUI takes Z-Image only at width 3840 and builds two noise and two context refiner blocks whatever
+the file holds: the smallest file it accepts has one main layer and the four refiners (0.9 B parameters), stored
+as ComfyUI's scaled fp8 (0.9 GB; both sides compute stored x scale in float32); it is written when its case
+first runs, and the case is marked slow (measured: 2.2e-6; the test's processes together peaked at 7.6 GiB
+resident, ComfyUI 1.4, our two ranks 3.0 and 2.2; 6.4 min on a loaded 2-core machine). Run with -s to see the
 table of measured differences.
 """
 from __future__ import annotations
@@ -24,7 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfy_pipefusion.models import chroma, family, flux, qwen_image, sd3
+from comfy_pipefusion.models import chroma, family, flux, qwen_image, sd3, zimage
 from comfy_pipefusion.models.checkpoint_write import write_checkpoint, write_scaled_fp8
 
 from comfy_helpers import run_prompt, start_server
@@ -44,6 +50,8 @@ CHROMA_CONFIG = dict(num_layers=1, num_single_layers=1, attention_head_dim=128, 
                      approximator_hidden_dim=5120, approximator_layers=5)
 QWEN_FILE = "parity-qwen-image.safetensors"
 QWEN_CONFIG = dict(qwen_image.REAL, num_layers=2)
+ZIMAGE_FILE = "parity-zimage-fp8-scaled.safetensors"
+ZIMAGE_CONFIG = dict(zimage.REAL, n_layers=1)
 # width, pooled width, tokens of the test conditioning; latent size in pixels
 FAMILY = {"flux": dict(file=FLUX_FILE, width=4096, pooled=768, tokens=4, size=64),
           "sd3": dict(file=SD3_FILE, width=4096, pooled=2048, tokens=8, size=128),
@@ -52,6 +60,8 @@ FAMILY["kontext"] = FAMILY["flux"]  # Kontext files are Flux.1 dev files; the co
 FAMILY["chroma"] = dict(FAMILY["flux"], file=CHROMA_FILE)  # T5 only: Chroma ignores the pooled output
 FLUX_FP8_FILE = "parity-flux-fp8-scaled.safetensors"
 FAMILY["fp8"] = dict(FAMILY["flux"], file=FLUX_FP8_FILE)  # the Flux model as ComfyUI's fp8_scaled file
+# Z-Image: Qwen3 4B's 2560-wide states; 128 px (64 image tokens: a multiple of its 32-token padding)
+FAMILY["zimage"] = dict(file=ZIMAGE_FILE, width=2560, pooled=1, tokens=8, size=128, slow=True)
 STEPS = 3
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc",
@@ -100,6 +110,12 @@ def _cases() -> dict[str, dict]:
     # Qwen-Image: true CFG; img2img moves a latent through the Wan format's per-channel mean and std
     for sampler, scheduler, denoise in (("euler", "simple", 1.0), ("dpmpp_2m", "karras", 0.6)):
         add("qwen_image", sampler, scheduler, cfg=4.0, **({"denoise": denoise} if denoise < 1 else {}))
+    # Qwen-Image-Edit: two reference latents, ComfyUI's default placement for Qwen (index: no method node) with
+    # true CFG, and the offset placement
+    add("qwen_image", "euler", "simple", refs="default", cfg=4.0)
+    add("qwen_image", "dpmpp_2m", "karras", refs="offset")
+    # Z-Image (Turbo runs at cfg 1): the smallest file ComfyUI detects as Z-Image, scaled fp8
+    add("zimage", "euler", "simple")
     return cases
 
 
@@ -137,6 +153,18 @@ def server(tmp_path_factory):
             print(f"  {name:48s} {rel:.2e}")
 
 
+def _write_zimage(folder: Path) -> None:
+    """The Z-Image file, written when its case first runs: 0.9 B parameters built in float32, then stored as
+    ComfyUI's scaled fp8 with the prefix ComfyUI's own files carry."""
+    if (folder / ZIMAGE_FILE).exists():
+        return
+    model = zimage.build_meta(ZIMAGE_CONFIG)
+    zimage.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
+    write_scaled_fp8(folder / ZIMAGE_FILE, model.state_dict(), "zimage", dict(model.config),
+                     prefix="model.diffusion_model.")
+    del model
+
+
 def parity_prompt(case: dict, prefix: str, seed: int = 7) -> dict:
     f = FAMILY[case["family"]]
     batch, denoise, cfg = case.get("batch", 1), case.get("denoise", 1.0), case.get("cfg", 1.0)
@@ -161,19 +189,21 @@ def parity_prompt(case: dict, prefix: str, seed: int = 7) -> dict:
                                                              "x": 0, "y": 0, "operation": "multiply"}},
             "13": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["12", 0]}}}
         sample["latent_image"] = ["13", 0]
-    if case.get("refs"):  # Kontext: ReferenceLatent x2 on both conditionings, then the placement method
+    if case.get("refs"):  # Kontext, Qwen-Image-Edit: ReferenceLatent x2 on both conditionings, the placement method
         for i, (w, h) in enumerate(((48, 64), (32, 72))):
             masked[f"2{i}"] = {"class_type": "PipeFusionTestLatent",
                                "inputs": {"width": w, "height": h, "batch_size": 1, "channels": 16, "seed": 20 + i,
-                                          "scale": 1.0}}
+                                          "scale": 1.0, "frames": int(f.get("frames", False))}}
         for which, base in (("positive", "3"), ("negative", "4")):
             first, second, method = f"{base}1", f"{base}2", f"{base}3"
             masked[first] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [base, 0], "latent": ["20", 0]}}
             masked[second] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [first, 0], "latent": ["21", 0]}}
-            masked[method] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
-                              "inputs": {"conditioning": [second, 0],
-                                         "reference_latents_method": {"uxo": "uxo/uno"}.get(case["refs"], case["refs"])}}
-            sample[which] = [method, 0]
+            sample[which] = [second, 0]
+            if case["refs"] != "default":  # else the model's own default placement
+                masked[method] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
+                                  "inputs": {"conditioning": [second, 0], "reference_latents_method":
+                                             {"uxo": "uxo/uno"}.get(case["refs"], case["refs"])}}
+                sample[which] = [method, 0]
     return {
         **masked,
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": f["file"], "weight_dtype": "default"}},
@@ -203,6 +233,8 @@ def outcome(server):
 
     def get(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in cache:
+            if CASES[name]["family"] == "zimage":
+                _write_zimage(server.base_dir / "models" / "diffusion_models")
             prefix = f"parity/{name}"
             t0 = time.monotonic()
             status, msgs = run_prompt(server, parity_prompt(CASES[name], prefix), timeout=600)
@@ -217,7 +249,8 @@ def rel_l2(ours: torch.Tensor, stock: torch.Tensor) -> float:
     return float((ours.double() - stock.double()).norm() / stock.double().norm())
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if FAMILY[c["family"]].get("slow") else n
+                                  for n, c in CASES.items()])
 def test_pipefusion_equals_stock_ksampler(name, outcome):
     stock, ours = outcome(name)
     case, f = CASES[name], FAMILY[CASES[name]["family"]]
@@ -253,3 +286,9 @@ def test_bound_separates_settings(outcome):
 def test_kontext_references_change_the_stock_result(outcome):
     """The Kontext cases are not Flux cases in disguise: the stock model's result moves with the references."""
     assert rel_l2(outcome("kontext-euler-simple-refsoffset")[0], outcome("flux-euler-simple")[0]) > 20 * TOL
+
+
+def test_qwen_edit_references_change_the_stock_result(outcome):
+    """The Qwen-Image-Edit cases are not Qwen-Image cases in disguise: the stock result moves with the references."""
+    assert rel_l2(outcome("qwen_image-euler-simple-refsdefault-cfg4.0")[0],
+                  outcome("qwen_image-euler-simple-cfg4.0")[0]) > 20 * TOL

@@ -1,15 +1,15 @@
 """Writes workflows/*.json (ComfyUI's UI format) and a thumbnail .jpg beside each: Flux.1 dev on 2 and 4
 GPUs, Flux.1 schnell on 2 GPUs, SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on
 2 GPUs, Flux.1 Kontext editing a loaded image on 2 GPUs, Chroma with true CFG on 2 GPUs, Qwen-Image with true
-CFG on 4 GPUs, Z-Image Turbo (8 steps) on 2 GPUs, and the built-in trained model on 2 CPU ranks (its own
-caption and decode nodes: runs anywhere without downloads).
+CFG on 4 GPUs, Qwen-Image-Edit editing a loaded image with true CFG on 4 GPUs, Z-Image Turbo (8 steps) on 2 GPUs,
+and the built-in trained model on 2 CPU ranks (its own caption and decode nodes: runs anywhere without downloads).
 
     ./.venv/bin/python tools/make_workflows.py     (needs Pillow, which ComfyUI's requirements bring)
 
 Stock nodes for everything but the DiT: the family's text encoder loader (DualCLIPLoader for Flux,
 TripleCLIPLoader for SD3.5, CLIPLoader type pixart or chroma) -> CLIPTextEncode (-> ReferenceLatent of
 LoadImage -> FluxKontextImageScale -> VAEEncode for Kontext) (-> FluxGuidance), the family's empty latent,
-VAELoader -> VAEDecode -> SaveImage. widgets_values follow each node's widget
+VAELoader -> VAEDecode -> SaveImage; Qwen-Image-Edit encodes prompt and image with TextEncodeQwenImageEdit. widgets_values follow each node's widget
 inputs in ComfyUI's order.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ SIZES = {"DualCLIPLoader": (300, 130), "TripleCLIPLoader": (300, 110), "CLIPLoad
          "PipeFusionBuiltinCaption": (380, 80), "PipeFusionBuiltinDecode": (260, 50),
          "LoadImage": (300, 320), "FluxKontextImageScale": (260, 30), "VAEEncode": (200, 50),
          "ReferenceLatent": (240, 50), "UNETLoader": (300, 80), "PipeFusionParallelize": (300, 220),
-         "KSampler": (300, 290)}
+         "KSampler": (300, 290), "TextEncodeQwenImageEdit": (380, 170), "ImageScaleToTotalPixels": (300, 80)}
 # Columns 40 px apart, rows 60 px apart (a title is 30 px); the whole graph is 1,680 x 430 px.
 X = (0, 340, 760, 1080, 1420)
 # The view the workflow opens at: 75% (readable; the frontend stops drawing text below 60%), the graph
@@ -118,14 +118,22 @@ def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidanc
         latent = g.node("EmptyLatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
     else:
         latent = g.node("EmptySD3LatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
-    sampler = g.node("PipeFusionKSampler", (X[3], 0), [0, "randomize", steps, cfg, sampler_name, scheduler, 1.0, 0.0],
+    return _sample_and_save(g, loader, positive, neg, latent, vae or vae_name, [steps, cfg, sampler_name, scheduler])
+
+
+def _sample_and_save(g: Graph, loader: dict, positive: dict, negative: dict, latent: dict, vae: dict | str,
+                     settings: list) -> dict:
+    """PipeFusionKSampler (``settings``: steps, cfg, sampler, scheduler) -> VAEDecode -> SaveImage; the graph.
+    ``vae``: the VAELoader node, or the name of the VAE file for a new one."""
+    sampler = g.node("PipeFusionKSampler", (X[3], 0), [0, "randomize", *settings, 1.0, 0.0],
                      inputs=[("pipefusion_model", "PIPEFUSION_MODEL"), ("positive", "CONDITIONING"),
                              ("negative", "CONDITIONING"), ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
     g.link(loader, 0, sampler, "pipefusion_model")
     g.link(positive, 0, sampler, "positive")
-    g.link(neg, 0, sampler, "negative")
+    g.link(negative, 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
-    vae = vae or g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")])
+    if isinstance(vae, str):
+        vae = g.node("VAELoader", (X[2], 330), [vae], outputs=[("VAE", "VAE")])
     decode = g.node("VAEDecode", (X[4], 0), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
                     outputs=[("IMAGE", "IMAGE")])
     g.link(sampler, 0, decode, "samples")
@@ -174,6 +182,35 @@ def stock_workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, g
     save = g.node("SaveImage", (X[4], 110), ["PipeFusion"], inputs=[("images", "IMAGE")])
     g.link(decode, 0, save, "images")
     return g.dump()
+
+
+def qwen_edit(unet: str, devices: str, steps: int, cfg: float, prompt: str, negative: str, image_name: str) -> dict:
+    """Qwen-Image-Edit as ComfyUI's own template builds it: TextEncodeQwenImageEdit gives both prompts the image
+    (its vision tokens and its latent as a reference latent, so positive and negative carry the same references),
+    the image scaled to about one megapixel and VAE-encoded is the latent to sample."""
+    g = Graph()
+    clip = _encoders(g, "qwen_image")
+    vae = g.node("VAELoader", (X[2], 330), ["qwen_image_vae.safetensors"], outputs=[("VAE", "VAE")])
+    image = g.node("LoadImage", (X[0], 560), [image_name, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
+    conds = []
+    for i, (text, title) in enumerate(((prompt, "Edit instruction"), (negative, "Negative prompt"))):
+        enc = g.node("TextEncodeQwenImageEdit", (X[1], 230 * i), [text], title=title,
+                     inputs=[("clip", "CLIP"), ("vae", "VAE"), ("image", "IMAGE")],
+                     outputs=[("CONDITIONING", "CONDITIONING")])
+        g.link(clip, 0, enc, "clip")
+        g.link(vae, 0, enc, "vae")
+        g.link(image, 0, enc, "image")
+        conds.append(enc)
+    scale = g.node("ImageScaleToTotalPixels", (X[1], 560), ["lanczos", 1.0], inputs=[("image", "IMAGE")],
+                   outputs=[("IMAGE", "IMAGE")])
+    encode = g.node("VAEEncode", (X[2], 560), [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")],
+                    outputs=[("LATENT", "LATENT")])
+    g.link(image, 0, scale, "image")
+    g.link(scale, 0, encode, "pixels")
+    g.link(vae, 0, encode, "vae")
+    loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "auto", 0, 1, "compute", ""],
+                    outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
+    return _sample_and_save(g, loader, conds[0], conds[1], encode, vae, [steps, cfg, "euler", "simple"])
 
 
 def flux(unet: str, devices: str, steps: int, guidance: float | None, prompt: str) -> dict:
@@ -261,6 +298,9 @@ WORKFLOWS = {
     "Qwen-Image on 4 GPUs with CFG (PipeFusion, 30 steps)": (
         workflow("qwen_image", "qwen_image_bf16.safetensors", "0,1,2,3", 30, 2.5, None, PROMPT, " ", "euler", "simple",
                  "qwen_image_vae.safetensors", 1328), ("Qwen-Image", 4, 30, True)),
+    "Qwen-Image-Edit on 4 GPUs with CFG, editing an image (PipeFusion, 20 steps)": (
+        qwen_edit("qwen_image_edit_bf16.safetensors", "0,1,2,3", 20, 2.5, "make it a watercolor painting", " ",
+                  "example.png"), ("Qwen-Image-Edit", 4, 20, True)),
     "Z-Image Turbo on 2 GPUs (PipeFusion, 8 steps)": (
         workflow("zimage", "z_image_turbo_bf16.safetensors", "0,1", 8, 1.0, None, PROMPT, "", "euler",
                  "simple", "ae.safetensors", 1024), ("Z-Image Turbo", 2, 8, False)),

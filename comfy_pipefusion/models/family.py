@@ -151,6 +151,14 @@ def module_of(model: torch.nn.Module, block: Block) -> torch.nn.Module:
     return model.get_submodule(block.prefix)
 
 
+def uniform_block_cost(model: torch.nn.Module, block: Block, balance: str) -> float:
+    """``block_cost`` of a family whose blocks cost the same per image token: 'compute' 1 for every block,
+    'memory' the block's parameter count."""
+    if balance == "compute":
+        return 1.0
+    return float(sum(p.numel() for p in module_of(model, block).parameters()))
+
+
 def pack_latent(latent: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] latent -> [B, (h/2)(w/2), 4C] tokens, row-major, channels (c, ph, pw)."""
     b, c, h, w = latent.shape

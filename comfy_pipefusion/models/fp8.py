@@ -36,6 +36,8 @@ class StoredFp8Linear(nn.Linear):
     scale: torch.Tensor | None = None  # [] float32: the file's per-tensor scale (scaled-fp8 files)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in FP8:  # code that casts its input to the weight's dtype (diffusers' Z-Image time embedder)
+            x = x.float()
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.upcast is not None and self.upcast.dtype == x.dtype:
             return F.linear(x, self.upcast, bias)

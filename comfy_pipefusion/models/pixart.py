@@ -73,11 +73,7 @@ def materialize(model, names: list[str], device: torch.device, dtype: torch.dtyp
     family.materialize(model, names, device, dtype, seed, len(blocks_of(model)), _residual)
 
 
-def block_cost(model, block: Block, balance: str) -> float:
-    """'compute': every block is the same. 'memory': the block's parameter count."""
-    if balance == "compute":
-        return 1.0
-    return float(sum(p.numel() for p in module_of(model, block).parameters()))
+block_cost = family.uniform_block_cost  # every block is the same
 
 
 def _micro_conditioned(config: dict) -> bool:

@@ -1,4 +1,4 @@
-"""Reference latents: ComfyUI's ReferenceLatent conditioning (Flux.1 Kontext, Flux.2 edits).
+"""Reference latents: ComfyUI's ReferenceLatent conditioning (Flux.1 Kontext, Qwen-Image-Edit, Flux.2 edits).
 
 Each reference is a LATENT of its own size; its 2x2-packed tokens join the attention sequence after the
 image with positions of their own, and go through the image stream's weights. ComfyUI places them with
@@ -51,17 +51,19 @@ def tokens(refs) -> torch.Tensor:
     return torch.cat([pack(r) for r in refs], 1)
 
 
-def _grid_ids(rows: int, cols: int, index: float, row0: int, col0: int, axes: int) -> torch.Tensor:
+def _grid_ids(rows: int, cols: int, index: float, row0: int, col0: int, axes: int, centred: bool) -> torch.Tensor:
     ids = torch.zeros(rows, cols, axes)  # [rows, cols, axes]
     ids[..., 0] = index
-    ids[..., 1] = torch.arange(rows, dtype=torch.float32)[:, None] + row0
-    ids[..., 2] = torch.arange(cols, dtype=torch.float32)[None, :] + col0
+    ids[..., 1] = torch.arange(rows, dtype=torch.float32)[:, None] + row0 - (rows // 2 if centred else 0)
+    ids[..., 2] = torch.arange(cols, dtype=torch.float32)[None, :] + col0 - (cols // 2 if centred else 0)
     return ids.reshape(rows * cols, axes)
 
 
-def positions(refs, method: str, rows: int, cols: int, axes: int = 3, index_scale: float = 1.0) -> torch.Tensor:
+def positions(refs, method: str, rows: int, cols: int, axes: int = 3, index_scale: float = 1.0,
+              centred: bool = False) -> torch.Tensor:
     """RoPE ids of every reference token, [count(refs), axes], for an image of ``rows`` x ``cols`` tokens.
-    Offsets are counted in latent pixels and rounded to tokens, as ComfyUI does."""
+    Offsets are counted in latent pixels and rounded to tokens, as ComfyUI does. ``centred``: each grid's
+    rows and columns count from minus half its own size (Qwen-Image centres every image on its middle)."""
     check_method(method)
     out, h, w, index = [], 0, 0, 0.0
     for ref in refs:
@@ -78,7 +80,7 @@ def positions(refs, method: str, rows: int, cols: int, axes: int = 3, index_scal
             else:
                 h_off = h
             h, w = max(h, rh + h_off), max(w, rw + w_off)
-        out.append(_grid_ids(*token_grid(ref), index, (h_off + 1) // 2, (w_off + 1) // 2, axes))
+        out.append(_grid_ids(*token_grid(ref), index, (h_off + 1) // 2, (w_off + 1) // 2, axes, centred))
     return torch.cat(out) if out else torch.zeros(0, axes)
 
 

@@ -76,12 +76,9 @@ def materialize(model, names: list[str], device: torch.device, dtype: torch.dtyp
     family.materialize(model, names, device, dtype, seed, len(blocks_of(model)), _residual)
 
 
-def block_cost(model, block: Block, balance: str) -> float:
-    """'compute': a refiner block runs the image tokens only, a main layer the image and the caption; per
-    image token both are the same block. 'memory': the parameter count."""
-    if balance == "compute":
-        return 1.0
-    return float(sum(p.numel() for p in module_of(model, block).parameters()))
+# a refiner block runs the image tokens only, a main layer the image and the caption: per image token both are
+# the same block
+block_cost = family.uniform_block_cost
 
 
 def latent_format(config: dict) -> LatentFormat:
@@ -157,8 +154,12 @@ def embeddings(model, txt: torch.Tensor | None, n_txt: int, rows: int, cols: int
 
 
 def time_embedding(model, emb, t: torch.Tensor, pooled, guidance, dtype: torch.dtype) -> torch.Tensor:
-    """adaLN input [MB, 256]: the model's time is 1 - sigma, scaled by t_scale, embedded in float32."""
-    return model.t_embedder((1.0 - t.float()) * model.config.t_scale).to(dtype)
+    """adaLN input [MB, 256]: the model's time is 1 - sigma, scaled by t_scale, embedded in float32, the MLP in
+    the compute dtype, as ComfyUI runs it (diffusers' TimestepEmbedder casts to its weight's dtype, which is
+    float8 in a scaled-fp8 file)."""
+    te = model.t_embedder
+    return te.mlp(te.timestep_embedding((1.0 - t.float()) * model.config.t_scale,
+                                        te.frequency_embedding_size).to(dtype)).to(dtype)
 
 
 def embed_image(model, emb, x: torch.Tensor, span) -> torch.Tensor:
@@ -217,7 +218,16 @@ def final_layer(model, img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
 def forward(model, x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, pooled, guidance,
             rows: int, cols: int) -> torch.Tensor:
     """diffusers' ZImageTransformer2DModel.forward over the whole latent, as ComfyUI calls its model (time
-    1 - sigma, output negated): the serial reference. x: packed [B, S, 4C]."""
+    1 - sigma, output negated): the serial reference. x: packed [B, S, 4C]. With float8 weights (a scaled-fp8 file)
+    the time embedder's MLP runs in the compute dtype, as ComfyUI runs it, not on features rounded to float8."""
     latent = unpack_latent(x, 2 * rows, 2 * cols)
-    out = model([lat.unsqueeze(1) for lat in latent], 1.0 - t, [c for c in txt], return_dict=False)[0]
+    te, hook = model.t_embedder, None
+    if te.mlp[0].weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        hook = te.register_forward_hook(lambda mod, args, out: mod.mlp(
+            mod.timestep_embedding(args[0], mod.frequency_embedding_size).to(x.dtype)))
+    try:
+        out = model([lat.unsqueeze(1) for lat in latent], 1.0 - t, [c for c in txt], return_dict=False)[0]
+    finally:
+        if hook is not None:
+            hook.remove()
     return -pack_latent(torch.stack([o.squeeze(1) for o in out]))
