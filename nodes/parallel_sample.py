@@ -123,9 +123,11 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
             wire = dataclasses.replace(job, weight_update=str(update) if update is not None else None).to_wire()
             setattr(launcher, HELD, None)  # until the job has the weights in place
             on_preview = x0_hook(callback, shape) if callback is not None and previews_on() else None
-            out = _run(model, wire, tensors, shape, len(sigmas) - 1, on_preview)
-            setattr(launcher, HELD, Held(weights_of(wire), str(path), info, fps, weakref.ref(patcher.model)))
-            return out
+            try:
+                return _run(model, wire, tensors, shape, len(sigmas) - 1, on_preview)
+            finally:  # done, or cancelled once sampling began: the ranks hold this job's weights
+                if launcher.weights == weights_of(wire):
+                    setattr(launcher, HELD, Held(weights_of(wire), str(path), info, fps, weakref.ref(patcher.model)))
         except ValueError as exc:
             raise ValueError(f"PipeFusion Parallelize: {exc}") from None
         finally:

@@ -12,16 +12,22 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from comfy_pipefusion import transport
+from comfy_pipefusion.models import family, sd3
+from comfy_pipefusion.models.checkpoint_write import write_scaled_fp8
 
 from comfy_helpers import error_message, run_prompt, saved_latent, start_server, states, worker_pids
 from lora_files import write_kohya, write_lokr, write_peft
-from test_parity_comfy import FAMILY, _write_models, rel_l2
+from test_parity_comfy import FAMILY, SD3_CONFIG, _write_models, rel_l2
 
 TOL = 1e-3
 STEPS = 2
 CFG = {"flux": 1.0, "sd3": 4.0}
+QUANTISED = {"mixed": "parallelize-sd35m-mixed-fp8.safetensors", "scaled": "parallelize-sd35m-fp8-scaled.safetensors"}
+WRITTEN = ("of patched weights written", "changed weights written")  # the log lines of a weights file
 PAR = {"devices": "cpu:2", "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}
 
 
@@ -33,6 +39,7 @@ def server(tmp_path_factory):
     (base / "models" / "diffusion_models").mkdir(parents=True)
     (base / "models" / "loras").mkdir(parents=True)
     _write_models(base / "models" / "diffusion_models")
+    _write_quantised(base / "models" / "diffusion_models")
     for fam in ("flux", "sd3"):
         write_kohya(base / "models" / "loras" / f"{fam}-kohya.safetensors", fam)
         write_peft(base / "models" / "loras" / f"{fam}-peft.safetensors", fam)
@@ -42,11 +49,32 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-def _common(fam: str, loras: list[tuple[str, float]]) -> tuple[dict, list]:
-    """The loader, LoRA chain, conditionings and latent; returns (nodes, the MODEL output)."""
+def _write_quantised(folder) -> None:
+    """The SD3.5 model of test_parity_comfy as ComfyUI 0.3.75's two quantised formats: mixed precision (the
+    joint blocks' Linear weights float8 with ``weight_scale``, declared per layer in the file's
+    ``_quantization_metadata``: ComfyUI holds them as quant_ops.QuantizedTensor) and classic scaled fp8
+    (every Linear weight float8 with ``scale_weight``, the ``scaled_fp8`` marker)."""
+    model = sd3.build_meta(SD3_CONFIG)
+    sd3.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
+    for quant, name in QUANTISED.items():
+        write_scaled_fp8(folder / name, model.state_dict(), "sd3", dict(model.config), mixed=quant == "mixed",
+                         small_dtype=torch.float32)
+    # calibrated mixed files also carry each layer's input_scale (a module parameter in ComfyUI, unlike the
+    # weight_scale, which the QuantizedTensor holds): the group must not take it for a weight scale
+    path = folder / QUANTISED["mixed"]
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors.update({k.replace("weight_scale", "input_scale"): torch.tensor(0.05) for k in list(tensors)
+                    if k.endswith(".weight_scale")})
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _common(fam: str, loras: list[tuple[str, float]], unet: str | None = None) -> tuple[dict, list]:
+    """The loader (of ``unet``, else the family's file), LoRA chain, conditionings and latent; returns (nodes,
+    the MODEL output)."""
     f = FAMILY[fam]
     cond = {"tokens": f["tokens"], "width": f["width"], "pooled_width": f["pooled"], "guidance": 3.5}
-    nodes = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": f["file"], "weight_dtype": "default"}},
+    nodes = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet or f["file"], "weight_dtype": "default"}},
              "3": {"class_type": "PipeFusionTestConditioning", "inputs": {**cond, "seed": 0}},
              "4": {"class_type": "PipeFusionTestConditioning", "inputs": {**cond, "seed": 1}},
              "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": f["size"], "height": f["size"],
@@ -123,6 +151,29 @@ def test_parallelize_lora_formats_equal_stock(server, fam):
     for a, b in (("kohya", "peft"), ("lokr", "lokr2")):
         assert rel_l2(results[a][0], results[b][0]) > 20 * TOL
         assert rel_l2(results[a][1], results[b][1]) > 20 * TOL
+
+
+@pytest.mark.parametrize("quant", list(QUANTISED))
+def test_parallelize_quantised_model_with_lora_equals_stock(server, quant):
+    """ComfyUI's own quantised checkpoints through the stock UNETLoader (mixed precision: QuantizedTensor
+    layers; classic scaled fp8), then with a kohya LoRA on quantised layers, then a peft one: each equals the
+    same chain without our node. ComfyUI patches the dequantised weight and quantises it again with the
+    layer's own rounding; the group gets exactly that weight."""
+    results = {}
+    for label, loras in (("plain", []), ("kohya", [("kohya", 1.0)]), ("peft", [("peft", 0.8)])):
+        nodes, _ = _common("sd3", loras, unet=QUANTISED[quant])
+        prefix = f"par/{quant}-{label}"
+        stock, ours = run_pair(server, _both(nodes, ksampler("sd3"), prefix), prefix)
+        assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
+        rel = rel_l2(ours, stock)
+        assert rel <= TOL, f"{quant} {label}: relative L2 {rel:.3e} > {TOL}"
+        results[label] = stock, ours
+    log = _log(server)
+    assert {"mixed": "Using mixed precision operations", "scaled": "Using scaled fp8"}[quant] in log
+    assert "lora key not loaded" not in log
+    for other in ("kohya", "peft"):  # each LoRA moves both results by far more than the bound
+        assert rel_l2(results[other][0], results["plain"][0]) > 20 * TOL
+        assert rel_l2(results[other][1], results["plain"][1]) > 20 * TOL
 
 
 def test_parallelize_sampler_custom_advanced(server):
@@ -227,7 +278,8 @@ def test_parallelize_never_loads_the_model_in_comfyui(server):
 
 def test_parallelize_cancel_stops_the_job_and_keeps_the_group(server):
     """Cancel (POST /interrupt) during a long KSampler run on the parallelized MODEL: the prompt ends
-    interrupted within a few steps, and the next prompt runs on the same workers."""
+    interrupted within a few steps, and the next prompt runs on the same workers with the weights they hold:
+    no weight is written or read again."""
     nodes, _ = _common("sd3", [])
     nodes["p"]["inputs"]["warmup_steps"] = 1
     nodes["k"] = {**ksampler("sd3")["k"]}
@@ -244,7 +296,10 @@ def test_parallelize_cancel_stops_the_job_and_keeps_the_group(server):
     done = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == "k"]
     assert max(done) <= sent[0] + 2, (sent, done)  # the ranks stop at the next step boundary
     pids = worker_pids(server.pid)
+    written = [_log(server).count(what) for what in WRITTEN]
     nodes["k"]["inputs"]["steps"] = 2
     status, msgs = run_prompt(server, nodes, timeout=600)
     assert status == "execution_success", error_message(msgs)
     assert pids and worker_pids(server.pid) == pids
+    assert "loading" not in states(msgs), states(msgs)
+    assert [_log(server).count(what) for what in WRITTEN] == written, server.log_tail(20)
