@@ -3,9 +3,10 @@ before sampling with a message that names it. ComfyUI's objects are read, never 
 from __future__ import annotations
 
 WRAPPER_KEY = "pipefusion"  # our OUTER_SAMPLE wrapper's key on the MODEL
+REFERENCE_KEYS = ("reference_latents", "reference_latents_method")  # ReferenceLatent (Flux.1 Kontext)
 # Conditioning keys the group uses or that carry nothing for it; any other (area, mask, strength, ControlNet,
 # GLIGEN, hooks, timestep ranges, ...) is refused by name.
-COND_KEYS = {"cross_attn", "pooled_output", "guidance", "model_conds", "uuid"}
+COND_KEYS = {"cross_attn", "pooled_output", "guidance", "model_conds", "uuid", *REFERENCE_KEYS}
 # model_options keys that change nothing the group computes
 NEUTRAL_OPTIONS = {"transformer_options"}
 NEUTRAL_TRANSFORMER_OPTIONS = {"wrappers", "callbacks"}
@@ -84,7 +85,7 @@ def _as_conditioning(conds: list, which: str) -> list:
     if c.get("model_conds"):
         raise Refused(f"{which} conditioning carries model inputs {sorted(c['model_conds'])}, which the worker "
                       "group does not take")
-    return [[c["cross_attn"], {k: v for k, v in c.items() if k in ("pooled_output", "guidance")}]]
+    return [[c["cross_attn"], {k: v for k, v in c.items() if k in ("pooled_output", "guidance", *REFERENCE_KEYS)}]]
 
 
 def sampler_name(sampler) -> str:

@@ -176,6 +176,31 @@ def test_parallelize_quantised_model_with_lora_equals_stock(server, quant):
         assert rel_l2(results[other][1], results["plain"][1]) > 20 * TOL
 
 
+@pytest.mark.slow
+def test_parallelize_kontext_references_equal_stock(server):
+    """Flux.1 Kontext on the MODEL path: two ReferenceLatents (one of odd latent height) with the index
+    placement on both conditionings, true CFG, a LoRA: equals the same chain without our node (that the
+    references move the stock result is test_parity_comfy's test_kontext_references_change_the_stock_result)."""
+    nodes, _ = _common("flux", [("kohya", 1.0)])
+    sample = ksampler("flux")
+    sample["k"]["inputs"]["cfg"] = 3.0
+    for i, (w, h) in enumerate(((48, 64), (32, 72))):
+        nodes[f"r{i}"] = {"class_type": "PipeFusionTestLatent", "inputs": {
+            "width": w, "height": h, "batch_size": 1, "channels": 16, "seed": 20 + i, "scale": 1.0}}
+    for which, base in (("positive", "3"), ("negative", "4")):
+        nodes[f"{base}a"] = {"class_type": "ReferenceLatent",
+                             "inputs": {"conditioning": [base, 0], "latent": ["r0", 0]}}
+        nodes[f"{base}b"] = {"class_type": "ReferenceLatent",
+                             "inputs": {"conditioning": [f"{base}a", 0], "latent": ["r1", 0]}}
+        nodes[f"{base}c"] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
+                             "inputs": {"conditioning": [f"{base}b", 0], "reference_latents_method": "index"}}
+        sample["k"]["inputs"][which] = [f"{base}c", 0]
+    stock, ours = run_pair(server, _both(nodes, sample, "par/kontext"), "par/kontext")
+    assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
+    rel = rel_l2(ours, stock)
+    assert rel <= TOL, f"kontext: relative L2 {rel:.3e} > {TOL}"
+
+
 def test_parallelize_sampler_custom_advanced(server):
     """SamplerCustomAdvanced (RandomNoise, CFGGuider, KSamplerSelect, BasicScheduler -> SplitSigmas, the
     second half) equals its stock run."""
