@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from comfy_pipefusion import transport
-from comfy_pipefusion.models import family, sd3
-from comfy_pipefusion.models.checkpoint_write import write_scaled_fp8
+from comfy_pipefusion.models import family, pixart, sd3
+from comfy_pipefusion.models.checkpoint_write import pixart_extras, write_checkpoint, write_scaled_fp8
 
 from comfy_helpers import error_message, run_prompt, saved_latent, start_server, states, worker_pids
 from lora_files import write_kohya, write_lokr, write_peft
@@ -25,7 +25,14 @@ from test_parity_comfy import FAMILY, SD3_CONFIG, _write_models, rel_l2
 
 TOL = 1e-3
 STEPS = 2
-CFG = {"flux": 1.0, "sd3": 4.0}
+CFG = {"flux": 1.0, "sd3": 4.0, "pixart": 4.5}
+# PixArt-Σ at ComfyUI's fixed width (16 heads of 72), two blocks, the pos_embed table of a 1024 model (ComfyUI
+# reads its position interpolation, 2, from it); 384 px: the smallest size whose positions ComfyUI defines
+PIXART_CONFIG = dict(sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
+                     num_attention_heads=16, attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096,
+                     use_additional_conditions=False)
+FAMILIES = {**FAMILY, "pixart": dict(file="parallelize-pixart-sigma.safetensors", width=4096, pooled=1, tokens=4,
+                                     size=384)}
 QUANTISED = {"mixed": "parallelize-sd35m-mixed-fp8.safetensors", "scaled": "parallelize-sd35m-fp8-scaled.safetensors"}
 WRITTEN = ("of patched weights written", "changed weights written")  # the log lines of a weights file
 PAR = {"devices": "cpu:2", "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}
@@ -40,6 +47,11 @@ def server(tmp_path_factory):
     (base / "models" / "loras").mkdir(parents=True)
     _write_models(base / "models" / "diffusion_models")
     _write_quantised(base / "models" / "diffusion_models")
+    model = pixart.build_meta(PIXART_CONFIG)
+    pixart.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
+    write_checkpoint(base / "models" / "diffusion_models" / FAMILIES["pixart"]["file"], model.state_dict(), "pixart",
+                     PIXART_CONFIG, dtype=torch.float32, extra=pixart_extras(PIXART_CONFIG, 300))
+    del model
     for fam in ("flux", "sd3"):
         write_kohya(base / "models" / "loras" / f"{fam}-kohya.safetensors", fam)
         write_peft(base / "models" / "loras" / f"{fam}-peft.safetensors", fam)
@@ -72,13 +84,13 @@ def _write_quantised(folder) -> None:
 def _common(fam: str, loras: list[tuple[str, float]], unet: str | None = None) -> tuple[dict, list]:
     """The loader (of ``unet``, else the family's file), LoRA chain, conditionings and latent; returns (nodes,
     the MODEL output)."""
-    f = FAMILY[fam]
+    f = FAMILIES[fam]
     cond = {"tokens": f["tokens"], "width": f["width"], "pooled_width": f["pooled"], "guidance": 3.5}
     nodes = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet or f["file"], "weight_dtype": "default"}},
              "3": {"class_type": "PipeFusionTestConditioning", "inputs": {**cond, "seed": 0}},
              "4": {"class_type": "PipeFusionTestConditioning", "inputs": {**cond, "seed": 1}},
-             "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": f["size"], "height": f["size"],
-                                                                   "batch_size": 1}}}
+             "5": {"class_type": "EmptyLatentImage" if fam == "pixart" else "EmptySD3LatentImage",
+                   "inputs": {"width": f["size"], "height": f["size"], "batch_size": 1}}}
     model = ["1", 0]
     for i, (lora, strength) in enumerate(loras):
         nodes[f"l{i}"] = {"class_type": "LoraLoaderModelOnly",
@@ -199,6 +211,16 @@ def test_parallelize_kontext_references_equal_stock(server):
     assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
     rel = rel_l2(ours, stock)
     assert rel <= TOL, f"kontext: relative L2 {rel:.3e} > {TOL}"
+
+
+def test_parallelize_pixart_equals_stock(server):
+    """PixArt-Σ (ComfyUI's EPS model with learned sigma, SDXL latents) through UNETLoader -> Parallelize ->
+    KSampler with CFG and a negative equals the same chain without our node."""
+    nodes, _ = _common("pixart", [])
+    stock, ours = run_pair(server, _both(nodes, ksampler("pixart"), "par/pixart"), "par/pixart")
+    assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
+    rel = rel_l2(ours, stock)
+    assert rel <= TOL, f"pixart: relative L2 {rel:.3e} > {TOL}"
 
 
 def test_parallelize_sampler_custom_advanced(server):
