@@ -41,6 +41,22 @@ def check_model(patcher) -> None:
                       "remove the node that adds it, or sample without PipeFusion Parallelize")
 
 
+def check_pixart_positions(patcher, config: dict) -> None:
+    """ComfyUI's PixArt scales its sin-cos positions by ``pe_interpolation``, read at load from the file's
+    pos_embed table (sample size // 64), or computed per image when the file has none; the ranks take it from
+    the file they read, and ComfyUI's state dict no longer carries that table (so: a 1024 model's, 2).
+    Refused where the two differ, rather than sampling other positions than ComfyUI's."""
+    net = getattr(patcher.model, "diffusion_model", None)
+    theirs = getattr(net, "pe_interpolation", None)
+    ours = config.get("interpolation_scale") or max(int(config.get("sample_size", 128)) // 64, 1)
+    if getattr(net, "pe_precision", None) is None and theirs is not None and float(theirs) == float(ours):
+        return
+    said = f"by {theirs:g}" if theirs is not None else "by a factor computed per image"
+    raise Refused(f"this PixArt model scales its positions {said} in ComfyUI, and the worker group would scale "
+                  f"them by {ours:g} (a 1024 model's): only PixArt models trained at 1024 run on PipeFusion "
+                  "Parallelize yet; use the PipeFusion DiT Loader and PipeFusion KSampler for this one")
+
+
 def _merged(*sources) -> dict:
     out: dict = {}
     for src in sources:

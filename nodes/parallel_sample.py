@@ -27,7 +27,7 @@ from .convert import check_latent, conditioning_tensors, parse_devices, parse_st
 from .errors import readable
 from .handle import PipeFusionModel
 from .hooks import groups
-from .model_checks import Refused, check_model, guider_conds, sampler_name
+from .model_checks import Refused, check_model, check_pixart_positions, guider_conds, sampler_name
 from .preview import previews_on, x0_hook
 from .references import job_references
 
@@ -113,6 +113,8 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
                 info = open_checkpoint(path)
                 log.info("PipeFusion Parallelize: %.1f MiB of patched weights written in %.2f s", size / 2**20,
                          time.perf_counter() - start)
+            if info.family == "pixart":
+                check_pixart_positions(patcher, info.config)
             model = PipeFusionModel(str(path), info.config, parallel, plan, dtype, slot=SLOT, stamp=base,
                                     family=info.family)
             parallel.check_model(info.config.get("num_layers", 0) + info.config.get("num_single_layers", 0))

@@ -31,6 +31,7 @@ CFG = {"flux": 1.0, "sd3": 4.0, "pixart": 4.5}
 PIXART_CONFIG = dict(sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
                      num_attention_heads=16, attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096,
                      use_additional_conditions=False)
+PIXART_512 = "parallelize-pixart-sigma-512.safetensors"
 FAMILIES = {**FAMILY, "pixart": dict(file="parallelize-pixart-sigma.safetensors", width=4096, pooled=1, tokens=4,
                                      size=384)}
 QUANTISED = {"mixed": "parallelize-sd35m-mixed-fp8.safetensors", "scaled": "parallelize-sd35m-fp8-scaled.safetensors"}
@@ -51,6 +52,8 @@ def server(tmp_path_factory):
     pixart.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
     write_checkpoint(base / "models" / "diffusion_models" / FAMILIES["pixart"]["file"], model.state_dict(), "pixart",
                      PIXART_CONFIG, dtype=torch.float32, extra=pixart_extras(PIXART_CONFIG, 300))
+    write_checkpoint(base / "models" / "diffusion_models" / PIXART_512, model.state_dict(), "pixart",  # a 512 model
+                     PIXART_CONFIG, dtype=torch.float32, extra=pixart_extras({**PIXART_CONFIG, "sample_size": 64}, 300))
     del model
     for fam in ("flux", "sd3"):
         write_kohya(base / "models" / "loras" / f"{fam}-kohya.safetensors", fam)
@@ -258,15 +261,17 @@ def test_parallelize_ksampler_advanced(server):
     assert rel_l2(ours, stock_out) <= TOL
 
 
-@pytest.mark.parametrize("what", ["patch", "conditioning", "sampler", "guider"])
+@pytest.mark.parametrize("what", ["patch", "conditioning", "sampler", "guider", "pixart512"])
 def test_parallelize_refuses_what_it_cannot_run(server, what):
-    """A model patch that is not a weight patch, area conditioning, a sampler with options and DualCFGGuider
-    (no supported family takes its third pass) are refused before sampling, each naming itself."""
-    nodes, _ = _common("sd3", [])
-    sample = ksampler("sd3")["k"]
+    """A model patch that is not a weight patch, area conditioning, a sampler with options, DualCFGGuider
+    (no supported family takes its third pass) and a PixArt model whose positions ComfyUI scales otherwise
+    than the group would (a 512 model) are refused before sampling, each naming itself."""
+    fam = "pixart" if what == "pixart512" else "sd3"
+    nodes, _ = _common(fam, [], unet=PIXART_512 if what == "pixart512" else None)
+    sample = ksampler(fam)["k"]
     sample["inputs"]["model"] = ["p", 0]
     expect = {"patch": "sampler_cfg_function", "conditioning": "area", "sampler": "eta",
-              "guider": "Guider_DualCFG"}[what]
+              "guider": "Guider_DualCFG", "pixart512": "scales its positions by 1 in ComfyUI"}[what]
     if what == "patch":
         nodes["r"] = {"class_type": "RescaleCFG", "inputs": {"model": ["p", 0], "multiplier": 0.7}}
         sample["inputs"]["model"] = ["r", 0]
