@@ -155,6 +155,7 @@ class Launcher:
         self.weights = None  # until this job has the weights in place
 
         progress = LoadProgress(group.worker_pids, lambda detail: self._set("loading", detail))
+        loaded = []  # the ranks said "sampling": every rank holds this job's weights
 
         def on_phase(phase: str, msg: dict | None = None) -> None:
             # "loading" when this job's settings name other weights than the group holds, or when rank 0
@@ -163,6 +164,7 @@ class Launcher:
             reading = bool(msg and msg.get("reading"))
             if phase != "loading":
                 progress.stop()
+                loaded.append(phase)
                 self._set("busy")
             elif weights != held or reading:
                 plan = msg.get("plan") if reading else None
@@ -177,11 +179,13 @@ class Launcher:
                                on_phase=on_phase, on_preview=on_preview)
         except (JobCancelled, JobError):
             progress.stop()
+            self._keep(weights, loaded, group)
             self._set("ready")
             raise
         except BaseException as exc:
             progress.stop()
             if group.alive() and not group.busy and not isinstance(exc, GroupError):  # the job ended cleanly
+                self._keep(weights, loaded, group)  # e.g. ComfyUI's interrupt, raised from its progress hook
                 self._set("ready")
                 raise
             group.stop()
@@ -193,6 +197,12 @@ class Launcher:
         self.weights = weights
         self._set("ready", plan_detail(self.last_job.get("plan")))
         return result
+
+    def _keep(self, weights: str, loaded: list, group) -> None:
+        """A job that ended early (a cancel) once the ranks began sampling leaves every rank with its weights
+        (a rank that fails while sampling exits): the next job of the same weights reads none."""
+        if loaded and group.alive() and not group.busy:
+            self.weights = weights
 
     def stop(self) -> None:
         with self.lock:

@@ -3,9 +3,10 @@ before sampling with a message that names it. ComfyUI's objects are read, never 
 from __future__ import annotations
 
 WRAPPER_KEY = "pipefusion"  # our OUTER_SAMPLE wrapper's key on the MODEL
+REFERENCE_KEYS = ("reference_latents", "reference_latents_method")  # ReferenceLatent (Flux.1 Kontext)
 # Conditioning keys the group uses or that carry nothing for it; any other (area, mask, strength, ControlNet,
 # GLIGEN, hooks, timestep ranges, ...) is refused by name.
-COND_KEYS = {"cross_attn", "pooled_output", "guidance", "model_conds", "uuid"}
+COND_KEYS = {"cross_attn", "pooled_output", "guidance", "model_conds", "uuid", *REFERENCE_KEYS}
 # model_options keys that change nothing the group computes
 NEUTRAL_OPTIONS = {"transformer_options"}
 NEUTRAL_TRANSFORMER_OPTIONS = {"wrappers", "callbacks"}
@@ -38,6 +39,22 @@ def check_model(patcher) -> None:
         raise Refused(f"the MODEL carries {'; '.join(sorted(set(found)))}, which the worker group cannot apply "
                       "(it runs the model's weights, with weight patches such as LoRAs, and nothing else); "
                       "remove the node that adds it, or sample without PipeFusion Parallelize")
+
+
+def check_pixart_positions(patcher, config: dict) -> None:
+    """ComfyUI's PixArt scales its sin-cos positions by ``pe_interpolation``, read at load from the file's
+    pos_embed table (sample size // 64), or computed per image when the file has none; the ranks take it from
+    the file they read, and ComfyUI's state dict no longer carries that table (so: a 1024 model's, 2).
+    Refused where the two differ, rather than sampling other positions than ComfyUI's."""
+    net = getattr(patcher.model, "diffusion_model", None)
+    theirs = getattr(net, "pe_interpolation", None)
+    ours = config.get("interpolation_scale") or max(int(config.get("sample_size", 128)) // 64, 1)
+    if getattr(net, "pe_precision", None) is None and theirs is not None and float(theirs) == float(ours):
+        return
+    said = f"by {theirs:g}" if theirs is not None else "by a factor computed per image"
+    raise Refused(f"this PixArt model scales its positions {said} in ComfyUI, and the worker group would scale "
+                  f"them by {ours:g} (a 1024 model's): only PixArt models trained at 1024 run on PipeFusion "
+                  "Parallelize yet; use the PipeFusion DiT Loader and PipeFusion KSampler for this one")
 
 
 def _merged(*sources) -> dict:
@@ -84,7 +101,7 @@ def _as_conditioning(conds: list, which: str) -> list:
     if c.get("model_conds"):
         raise Refused(f"{which} conditioning carries model inputs {sorted(c['model_conds'])}, which the worker "
                       "group does not take")
-    return [[c["cross_attn"], {k: v for k, v in c.items() if k in ("pooled_output", "guidance")}]]
+    return [[c["cross_attn"], {k: v for k, v in c.items() if k in ("pooled_output", "guidance", *REFERENCE_KEYS)}]]
 
 
 def sampler_name(sampler) -> str:

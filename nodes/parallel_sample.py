@@ -27,8 +27,9 @@ from .convert import check_latent, conditioning_tensors, parse_devices, parse_st
 from .errors import readable
 from .handle import PipeFusionModel
 from .hooks import groups
-from .model_checks import Refused, check_model, guider_conds, sampler_name
+from .model_checks import Refused, check_model, check_pixart_positions, guider_conds, sampler_name
 from .preview import previews_on, x0_hook
+from .references import job_references
 
 log = logging.getLogger("comfy_pipefusion")
 SLOT = "pipefusion-parallelize"  # one group for the MODEL path: another base model replaces it
@@ -112,20 +113,25 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
                 info = open_checkpoint(path)
                 log.info("PipeFusion Parallelize: %.1f MiB of patched weights written in %.2f s", size / 2**20,
                          time.perf_counter() - start)
+            if info.family == "pixart":
+                check_pixart_positions(patcher, info.config)
             model = PipeFusionModel(str(path), info.config, parallel, plan, dtype, slot=SLOT, stamp=base,
                                     family=info.family)
             parallel.check_model(info.config.get("num_layers", 0) + info.config.get("num_single_layers", 0))
             job, tensors, shape = _job(model, name, positive, negative, cfg, noise, latent_image, sigmas,
                                        denoise_mask, seed, shift)
             # before the group starts or allocates (ComfyUI's own models leave the group's GPUs first)
-            admission.check(model, admission.job_size(model, tensors[K.LATENT], tensors[K.TXT], K.NEG_TXT in tensors),
-                            fp8=info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+            refs = {k: v for k, v in tensors.items() if k.startswith(("ref", "neg_ref"))}
+            admission.check(model, admission.job_size(model, tensors[K.LATENT], tensors[K.TXT], K.NEG_TXT in tensors,
+                                                      refs), fp8=info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
             wire = dataclasses.replace(job, weight_update=str(update) if update is not None else None).to_wire()
             setattr(launcher, HELD, None)  # until the job has the weights in place
             on_preview = x0_hook(callback, shape) if callback is not None and previews_on() else None
-            out = _run(model, wire, tensors, shape, len(sigmas) - 1, on_preview)
-            setattr(launcher, HELD, Held(weights_of(wire), str(path), info, fps, weakref.ref(patcher.model)))
-            return out
+            try:
+                return _run(model, wire, tensors, shape, len(sigmas) - 1, on_preview)
+            finally:  # done, or cancelled once sampling began: the ranks hold this job's weights
+                if launcher.weights == weights_of(wire):
+                    setattr(launcher, HELD, Held(weights_of(wire), str(path), info, fps, weakref.ref(patcher.model)))
         except ValueError as exc:
             raise ValueError(f"PipeFusion Parallelize: {exc}") from None
         finally:
@@ -154,9 +160,11 @@ def _job(model, name, positive, negative, cfg, noise, latent_image, sigmas, deno
             tensors[K.NEG_POOLED] = neg_pooled.float().contiguous()
     if denoise_mask is not None:
         tensors[K.MASK] = comfy.sampler_helpers.prepare_mask(denoise_mask, samples.shape, "cpu").float().contiguous()
+    refs, ref_method = job_references(positive, negative if negative is not None else [], cfg)
+    tensors.update({k: v.float().cpu().contiguous() for k, v in refs.items()})
     job = model.job({"height": h * 8, "width": w * 8, "steps": len(sigmas) - 1, "seed": int(seed or 0),
                      "batch": batch, "guidance": guidance, "sampler": name, "scheduler": "simple", "denoise": 1.0,
-                     "cfg": cfg, "shift": float(shift) if shift is not None else None})
+                     "cfg": cfg, "shift": float(shift) if shift is not None else None}, ref_method)
     return job, tensors, tuple(samples.shape)
 
 

@@ -11,6 +11,7 @@ ranks' checkpoint reader understands; each rank reads only its stage from it.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import secrets
@@ -25,6 +26,7 @@ PREFIX = "diffusion_model."
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL",
              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+SCALES = ("weight_scale", "input_scale", "scale_weight", "scale_input")  # a quantised layer's scale tensors
 
 
 def weight_keys(patcher) -> list[str]:
@@ -46,7 +48,10 @@ def _stored(patcher, key: str):
 
 def patched_tensor(patcher, key: str) -> torch.Tensor:
     """``key``'s weight as ComfyUI computes with it: its patches applied exactly as ModelPatcher's
-    patch_weight_to_device applies them (on a CPU float32 copy; the model is left as it is)."""
+    patch_weight_to_device applies them (on a CPU float32 copy; the model is left as it is). A quantised
+    layer's patched weight is quantised again by the layer's own ``set_weight`` (its stochastic rounding, a
+    new scale for a mixed-precision layer), as ComfyUI holds it; a mixed-precision result is then dequantised
+    (the file carries float weights for those layers, and not their scales: ``_dropped_scales``)."""
     import comfy.float
     import comfy.lora
     import comfy.model_patcher
@@ -54,24 +59,46 @@ def patched_tensor(patcher, key: str) -> torch.Tensor:
     weight, set_func, convert_func = _stored(patcher, key)
     if key not in patcher.patches:
         return _plain(weight, key)
-    if set_func is not None:  # a quantised layer stores the result its own way: not computed here yet
-        raise ValueError(f"weight {key} is quantised ({type(weight).__name__}) and carries patches; only patches on "
-                         "plain float weights are supported yet: load the model unquantised")
-    temp = weight.detach().to("cpu", torch.float32, copy=True)
+    if _quantised(weight):  # its .to(float32) keeps it quantised: convert_func dequantises it
+        temp = weight.detach()
+    else:
+        temp = weight.detach().to("cpu", torch.float32, copy=True)
     if convert_func is not None:
         temp = convert_func(temp, inplace=True)
     out = comfy.lora.calculate_weight(patcher.patches[key], temp, key)
-    return comfy.float.stochastic_rounding(out, weight.dtype, seed=comfy.model_patcher.string_to_seed(key))
+    seed = comfy.model_patcher.string_to_seed(key)
+    if set_func is None:
+        return comfy.float.stochastic_rounding(out, weight.dtype, seed=seed)
+    if "return_weight" not in inspect.signature(set_func).parameters:
+        raise ValueError(f"weight {key} is quantised ({type(weight).__name__}) and carries patches, and this "
+                         "ComfyUI's quantised layers cannot hand back a patched weight (set_weight has no "
+                         "return_weight): update ComfyUI (0.3.75 or later) or load the model unquantised")
+    return _plain(set_func(out, inplace_update=False, seed=seed, return_weight=True), key)
+
+
+def _quantised(weight) -> bool:
+    """A tensor subclass that stores its values encoded (ComfyUI's QuantizedTensor, ComfyUI-GGUF's tensors)."""
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter) and hasattr(weight, "dequantize")
 
 
 def _plain(weight, key: str) -> torch.Tensor:
-    """An unpatched weight as stored; a quantised tensor (e.g. ComfyUI-GGUF's) dequantised."""
+    """A weight as stored; a quantised tensor (ComfyUI's QuantizedTensor, ComfyUI-GGUF's) dequantised."""
     t = weight.detach()
-    if hasattr(t, "dequantize") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+    if _quantised(t):
         t = t.dequantize()
     if t.dtype not in ST_DTYPES:
         raise ValueError(f"weight {key} has dtype {t.dtype}, which the workers cannot read")
     return t.to("cpu")
+
+
+def _dropped_scales(patcher, keys: list[str]) -> set[str]:
+    """The scale tensors of the layers whose weights are written dequantised: the workers would scale the
+    float weights again. ComfyUI's mixed-precision layers hold them as ``weight_scale`` / ``input_scale``."""
+    out = set()
+    for key in keys:
+        if key.endswith(".weight") and _quantised(_stored(patcher, key)[0]):
+            out.update(key[:-len("weight")] + s for s in SCALES)
+    return out
 
 
 def patch_fingerprints(patcher) -> dict[str, str]:
@@ -114,9 +141,10 @@ def write_blob(path: Path, patcher, keys: list[str]) -> int:
     """Write ``keys`` of the patched model to ``path`` (prefix stripped) as safetensors, one tensor at a time:
     the header first (from shapes and dtypes), then each tensor as it is computed. Returns the bytes."""
     header, offset, shapes = {}, 0, []
-    for key in keys:
+    dropped = _dropped_scales(patcher, keys)
+    for key in (k for k in keys if k not in dropped):
         weight = _stored(patcher, key)[0]
-        plain = type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype in ST_DTYPES
+        plain = not _quantised(weight) and weight.dtype in ST_DTYPES
         dtype = weight.dtype if plain else torch.float32  # a quantised tensor is written dequantised
         n = weight.numel() * torch.empty((), dtype=dtype).element_size()
         header[key[len(PREFIX):]] = {"dtype": ST_DTYPES[dtype], "shape": list(weight.shape),

@@ -1,6 +1,6 @@
 """The built-in trained model in a real ComfyUI server, driven through its HTTP API: the committed workflow
-(workflows/Built-in shapes model on 2 CPU ranks (PipeFusion, 8 steps, no download).json: loader, caption node, PipeFusion KSampler on 2 CPU ranks, decode node,
-SaveImage) runs end to end without downloads and saves the captioned picture; a bad caption is a clear
+(workflows/Built-in shapes model on 2 CPU ranks (PipeFusion nodes, auto plan, 8 steps, no download).json:
+loader, caption node, PipeFusion KSampler on 2 CPU ranks, decode node, SaveImage) runs end to end without downloads and saves the captioned picture; a bad caption is a clear
 node error. One server for the module."""
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from comfy_pipefusion.parallel.serial import run_serial
 from comfy_helpers import error_message, run_prompt, start_server
 
 WORKFLOW = (Path(__file__).resolve().parent.parent / "workflows"
-            / "Built-in shapes model on 2 CPU ranks (PipeFusion, 8 steps, no download).json")
+            / "Built-in shapes model on 2 CPU ranks (PipeFusion nodes, auto plan, 8 steps, no download).json")
 WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 

@@ -12,16 +12,30 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from comfy_pipefusion import transport
+from comfy_pipefusion.models import family, pixart, sd3
+from comfy_pipefusion.models.checkpoint_write import pixart_extras, write_checkpoint, write_scaled_fp8
 
 from comfy_helpers import error_message, run_prompt, saved_latent, start_server, states, worker_pids
 from lora_files import write_kohya, write_lokr, write_peft
-from test_parity_comfy import FAMILY, _write_models, rel_l2
+from test_parity_comfy import FAMILY, SD3_CONFIG, _write_models, rel_l2
 
 TOL = 1e-3
 STEPS = 2
-CFG = {"flux": 1.0, "sd3": 4.0}
+CFG = {"flux": 1.0, "sd3": 4.0, "pixart": 4.5}
+# PixArt-Σ at ComfyUI's fixed width (16 heads of 72), two blocks, the pos_embed table of a 1024 model (ComfyUI
+# reads its position interpolation, 2, from it); 384 px: the smallest size whose positions ComfyUI defines
+PIXART_CONFIG = dict(sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
+                     num_attention_heads=16, attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096,
+                     use_additional_conditions=False)
+PIXART_512 = "parallelize-pixart-sigma-512.safetensors"
+FAMILIES = {**FAMILY, "pixart": dict(file="parallelize-pixart-sigma.safetensors", width=4096, pooled=1, tokens=4,
+                                     size=384)}
+QUANTISED = {"mixed": "parallelize-sd35m-mixed-fp8.safetensors", "scaled": "parallelize-sd35m-fp8-scaled.safetensors"}
+WRITTEN = ("of patched weights written", "changed weights written")  # the log lines of a weights file
 PAR = {"devices": "cpu:2", "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}
 
 
@@ -33,6 +47,14 @@ def server(tmp_path_factory):
     (base / "models" / "diffusion_models").mkdir(parents=True)
     (base / "models" / "loras").mkdir(parents=True)
     _write_models(base / "models" / "diffusion_models")
+    _write_quantised(base / "models" / "diffusion_models")
+    model = pixart.build_meta(PIXART_CONFIG)
+    pixart.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
+    write_checkpoint(base / "models" / "diffusion_models" / FAMILIES["pixart"]["file"], model.state_dict(), "pixart",
+                     PIXART_CONFIG, dtype=torch.float32, extra=pixart_extras(PIXART_CONFIG, 300))
+    write_checkpoint(base / "models" / "diffusion_models" / PIXART_512, model.state_dict(), "pixart",  # a 512 model
+                     PIXART_CONFIG, dtype=torch.float32, extra=pixart_extras({**PIXART_CONFIG, "sample_size": 64}, 300))
+    del model
     for fam in ("flux", "sd3"):
         write_kohya(base / "models" / "loras" / f"{fam}-kohya.safetensors", fam)
         write_peft(base / "models" / "loras" / f"{fam}-peft.safetensors", fam)
@@ -42,15 +64,36 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-def _common(fam: str, loras: list[tuple[str, float]]) -> tuple[dict, list]:
-    """The loader, LoRA chain, conditionings and latent; returns (nodes, the MODEL output)."""
-    f = FAMILY[fam]
+def _write_quantised(folder) -> None:
+    """The SD3.5 model of test_parity_comfy as ComfyUI 0.3.75's two quantised formats: mixed precision (the
+    joint blocks' Linear weights float8 with ``weight_scale``, declared per layer in the file's
+    ``_quantization_metadata``: ComfyUI holds them as quant_ops.QuantizedTensor) and classic scaled fp8
+    (every Linear weight float8 with ``scale_weight``, the ``scaled_fp8`` marker)."""
+    model = sd3.build_meta(SD3_CONFIG)
+    sd3.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
+    for quant, name in QUANTISED.items():
+        write_scaled_fp8(folder / name, model.state_dict(), "sd3", dict(model.config), mixed=quant == "mixed",
+                         small_dtype=torch.float32)
+    # calibrated mixed files also carry each layer's input_scale (a module parameter in ComfyUI, unlike the
+    # weight_scale, which the QuantizedTensor holds): the group must not take it for a weight scale
+    path = folder / QUANTISED["mixed"]
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors.update({k.replace("weight_scale", "input_scale"): torch.tensor(0.05) for k in list(tensors)
+                    if k.endswith(".weight_scale")})
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _common(fam: str, loras: list[tuple[str, float]], unet: str | None = None) -> tuple[dict, list]:
+    """The loader (of ``unet``, else the family's file), LoRA chain, conditionings and latent; returns (nodes,
+    the MODEL output)."""
+    f = FAMILIES[fam]
     cond = {"tokens": f["tokens"], "width": f["width"], "pooled_width": f["pooled"], "guidance": 3.5}
-    nodes = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": f["file"], "weight_dtype": "default"}},
+    nodes = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet or f["file"], "weight_dtype": "default"}},
              "3": {"class_type": "PipeFusionTestConditioning", "inputs": {**cond, "seed": 0}},
              "4": {"class_type": "PipeFusionTestConditioning", "inputs": {**cond, "seed": 1}},
-             "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": f["size"], "height": f["size"],
-                                                                   "batch_size": 1}}}
+             "5": {"class_type": "EmptyLatentImage" if fam == "pixart" else "EmptySD3LatentImage",
+                   "inputs": {"width": f["size"], "height": f["size"], "batch_size": 1}}}
     model = ["1", 0]
     for i, (lora, strength) in enumerate(loras):
         nodes[f"l{i}"] = {"class_type": "LoraLoaderModelOnly",
@@ -125,6 +168,64 @@ def test_parallelize_lora_formats_equal_stock(server, fam):
         assert rel_l2(results[a][1], results[b][1]) > 20 * TOL
 
 
+@pytest.mark.parametrize("quant", list(QUANTISED))
+def test_parallelize_quantised_model_with_lora_equals_stock(server, quant):
+    """ComfyUI's own quantised checkpoints through the stock UNETLoader (mixed precision: QuantizedTensor
+    layers; classic scaled fp8), then with a kohya LoRA on quantised layers, then a peft one: each equals the
+    same chain without our node. ComfyUI patches the dequantised weight and quantises it again with the
+    layer's own rounding; the group gets exactly that weight."""
+    results = {}
+    for label, loras in (("plain", []), ("kohya", [("kohya", 1.0)]), ("peft", [("peft", 0.8)])):
+        nodes, _ = _common("sd3", loras, unet=QUANTISED[quant])
+        prefix = f"par/{quant}-{label}"
+        stock, ours = run_pair(server, _both(nodes, ksampler("sd3"), prefix), prefix)
+        assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
+        rel = rel_l2(ours, stock)
+        assert rel <= TOL, f"{quant} {label}: relative L2 {rel:.3e} > {TOL}"
+        results[label] = stock, ours
+    log = _log(server)
+    assert {"mixed": "Using mixed precision operations", "scaled": "Using scaled fp8"}[quant] in log
+    assert "lora key not loaded" not in log
+    for other in ("kohya", "peft"):  # each LoRA moves both results by far more than the bound
+        assert rel_l2(results[other][0], results["plain"][0]) > 20 * TOL
+        assert rel_l2(results[other][1], results["plain"][1]) > 20 * TOL
+
+
+@pytest.mark.slow
+def test_parallelize_kontext_references_equal_stock(server):
+    """Flux.1 Kontext on the MODEL path: two ReferenceLatents (one of odd latent height) with the index
+    placement on both conditionings, true CFG, a LoRA: equals the same chain without our node (that the
+    references move the stock result is test_parity_comfy's test_kontext_references_change_the_stock_result)."""
+    nodes, _ = _common("flux", [("kohya", 1.0)])
+    sample = ksampler("flux")
+    sample["k"]["inputs"]["cfg"] = 3.0
+    for i, (w, h) in enumerate(((48, 64), (32, 72))):
+        nodes[f"r{i}"] = {"class_type": "PipeFusionTestLatent", "inputs": {
+            "width": w, "height": h, "batch_size": 1, "channels": 16, "seed": 20 + i, "scale": 1.0}}
+    for which, base in (("positive", "3"), ("negative", "4")):
+        nodes[f"{base}a"] = {"class_type": "ReferenceLatent",
+                             "inputs": {"conditioning": [base, 0], "latent": ["r0", 0]}}
+        nodes[f"{base}b"] = {"class_type": "ReferenceLatent",
+                             "inputs": {"conditioning": [f"{base}a", 0], "latent": ["r1", 0]}}
+        nodes[f"{base}c"] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
+                             "inputs": {"conditioning": [f"{base}b", 0], "reference_latents_method": "index"}}
+        sample["k"]["inputs"][which] = [f"{base}c", 0]
+    stock, ours = run_pair(server, _both(nodes, sample, "par/kontext"), "par/kontext")
+    assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
+    rel = rel_l2(ours, stock)
+    assert rel <= TOL, f"kontext: relative L2 {rel:.3e} > {TOL}"
+
+
+def test_parallelize_pixart_equals_stock(server):
+    """PixArt-Σ (ComfyUI's EPS model with learned sigma, SDXL latents) through UNETLoader -> Parallelize ->
+    KSampler with CFG and a negative equals the same chain without our node."""
+    nodes, _ = _common("pixart", [])
+    stock, ours = run_pair(server, _both(nodes, ksampler("pixart"), "par/pixart"), "par/pixart")
+    assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
+    rel = rel_l2(ours, stock)
+    assert rel <= TOL, f"pixart: relative L2 {rel:.3e} > {TOL}"
+
+
 def test_parallelize_sampler_custom_advanced(server):
     """SamplerCustomAdvanced (RandomNoise, CFGGuider, KSamplerSelect, BasicScheduler -> SplitSigmas, the
     second half) equals its stock run."""
@@ -160,15 +261,17 @@ def test_parallelize_ksampler_advanced(server):
     assert rel_l2(ours, stock_out) <= TOL
 
 
-@pytest.mark.parametrize("what", ["patch", "conditioning", "sampler", "guider"])
+@pytest.mark.parametrize("what", ["patch", "conditioning", "sampler", "guider", "pixart512"])
 def test_parallelize_refuses_what_it_cannot_run(server, what):
-    """A model patch that is not a weight patch, area conditioning, a sampler with options and DualCFGGuider
-    (no supported family takes its third pass) are refused before sampling, each naming itself."""
-    nodes, _ = _common("sd3", [])
-    sample = ksampler("sd3")["k"]
+    """A model patch that is not a weight patch, area conditioning, a sampler with options, DualCFGGuider
+    (no supported family takes its third pass) and a PixArt model whose positions ComfyUI scales otherwise
+    than the group would (a 512 model) are refused before sampling, each naming itself."""
+    fam = "pixart" if what == "pixart512" else "sd3"
+    nodes, _ = _common(fam, [], unet=PIXART_512 if what == "pixart512" else None)
+    sample = ksampler(fam)["k"]
     sample["inputs"]["model"] = ["p", 0]
     expect = {"patch": "sampler_cfg_function", "conditioning": "area", "sampler": "eta",
-              "guider": "Guider_DualCFG"}[what]
+              "guider": "Guider_DualCFG", "pixart512": "scales its positions by 1 in ComfyUI"}[what]
     if what == "patch":
         nodes["r"] = {"class_type": "RescaleCFG", "inputs": {"model": ["p", 0], "multiplier": 0.7}}
         sample["inputs"]["model"] = ["r", 0]
@@ -227,7 +330,8 @@ def test_parallelize_never_loads_the_model_in_comfyui(server):
 
 def test_parallelize_cancel_stops_the_job_and_keeps_the_group(server):
     """Cancel (POST /interrupt) during a long KSampler run on the parallelized MODEL: the prompt ends
-    interrupted within a few steps, and the next prompt runs on the same workers."""
+    interrupted within a few steps, and the next prompt runs on the same workers with the weights they hold:
+    no weight is written or read again."""
     nodes, _ = _common("sd3", [])
     nodes["p"]["inputs"]["warmup_steps"] = 1
     nodes["k"] = {**ksampler("sd3")["k"]}
@@ -244,7 +348,10 @@ def test_parallelize_cancel_stops_the_job_and_keeps_the_group(server):
     done = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == "k"]
     assert max(done) <= sent[0] + 2, (sent, done)  # the ranks stop at the next step boundary
     pids = worker_pids(server.pid)
+    written = [_log(server).count(what) for what in WRITTEN]
     nodes["k"]["inputs"]["steps"] = 2
     status, msgs = run_prompt(server, nodes, timeout=600)
     assert status == "execution_success", error_message(msgs)
     assert pids and worker_pids(server.pid) == pids
+    assert "loading" not in states(msgs), states(msgs)
+    assert [_log(server).count(what) for what in WRITTEN] == written, server.log_tail(20)

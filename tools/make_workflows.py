@@ -2,7 +2,10 @@
 GPUs, Flux.1 schnell on 2 GPUs, SD3.5 large with true CFG (positive and negative) on 4 GPUs, PixArt-Σ 1024 on
 2 GPUs, Flux.1 Kontext editing a loaded image on 2 GPUs, Chroma with true CFG on 2 GPUs, Qwen-Image with true
 CFG on 4 GPUs, Qwen-Image-Edit editing a loaded image with true CFG on 4 GPUs, Z-Image Turbo (8 steps) on 2 GPUs,
-and the built-in trained model on 2 CPU ranks (its own caption and decode nodes: runs anywhere without downloads).
+and the built-in trained model on 2 CPU ranks (its own caption and decode nodes: runs anywhere without downloads),
+each with our loader and sampler; and for every family the stock text-to-image workflow (UNETLoader -> KSampler)
+with PipeFusion Parallelize added. Every loader and Parallelize node plans with strategy ``auto`` (the names say
+"auto plan": the planner picks PipeFusion, DistriFusion, CFG split or Ulysses for the machine).
 
     ./.venv/bin/python tools/make_workflows.py     (needs Pillow, which ComfyUI's requirements bring)
 
@@ -81,6 +84,25 @@ TEXT_ENCODERS = {"qwen_image": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_i
                  "zimage": ("qwen_3_4b.safetensors", "lumina2"), "chroma": ("t5xxl_fp16.safetensors", "chroma")}
 
 
+def _reference(g: Graph, pos: dict, reference: str, vae_name: str) -> tuple[dict, dict]:
+    """Kontext: the image to edit, scaled to a size the model knows, as a reference latent on the positive
+    prompt; returns (the positive conditioning node, the VAE loader)."""
+    vae = g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")])
+    image = g.node("LoadImage", (X[0], 560), [reference, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
+    scale = g.node("FluxKontextImageScale", (X[1], 560), [], inputs=[("image", "IMAGE")], outputs=[("IMAGE", "IMAGE")])
+    encode = g.node("VAEEncode", (X[2], 560), [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")],
+                    outputs=[("LATENT", "LATENT")])
+    positive = g.node("ReferenceLatent", (X[2], 450), [], inputs=[("conditioning", "CONDITIONING"),
+                                                                 ("latent", "LATENT")],
+                      outputs=[("CONDITIONING", "CONDITIONING")])
+    g.link(image, 0, scale, "image")
+    g.link(scale, 0, encode, "pixels")
+    g.link(vae, 0, encode, "vae")
+    g.link(pos, 0, positive, "conditioning")
+    g.link(encode, 0, positive, "latent")
+    return positive, vae
+
+
 def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidance: float | None, prompt: str,
              negative: str, sampler_name: str, scheduler: str, vae_name: str, size: int, reference: str = "") -> dict:
     g = Graph()
@@ -92,21 +114,7 @@ def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidanc
                  outputs=[("CONDITIONING", "CONDITIONING")], title=neg_title)
     g.link(clip, 0, pos, "clip")
     g.link(clip, 0, neg, "clip")
-    positive = pos
-    vae = g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")]) if reference else None
-    if reference:  # Kontext: the image to edit, scaled to a size the model knows, as a reference latent
-        image = g.node("LoadImage", (X[0], 560), [reference, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
-        scale = g.node("FluxKontextImageScale", (X[1], 560), [], inputs=[("image", "IMAGE")], outputs=[("IMAGE", "IMAGE")])
-        encode = g.node("VAEEncode", (X[2], 560), [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")],
-                        outputs=[("LATENT", "LATENT")])
-        positive = g.node("ReferenceLatent", (X[2], 450), [], inputs=[("conditioning", "CONDITIONING"),
-                                                                     ("latent", "LATENT")],
-                          outputs=[("CONDITIONING", "CONDITIONING")])
-        g.link(image, 0, scale, "image")
-        g.link(scale, 0, encode, "pixels")
-        g.link(vae, 0, encode, "vae")
-        g.link(pos, 0, positive, "conditioning")
-        g.link(encode, 0, positive, "latent")
+    positive, vae = _reference(g, pos, reference, vae_name) if reference else (pos, None)
     if guidance is not None:
         cond = positive
         positive = g.node("FluxGuidance", (X[2], 0), [guidance], inputs=[("conditioning", "CONDITIONING")],
@@ -144,9 +152,10 @@ def _sample_and_save(g: Graph, loader: dict, positive: dict, negative: dict, lat
 
 
 def stock_workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidance: float | None, prompt: str,
-                   negative: str, sampler_name: str, scheduler: str, vae_name: str, size: int) -> dict:
-    """ComfyUI's own text-to-image workflow (UNETLoader -> KSampler) with one node added: PipeFusion
-    Parallelize between the model loader and the KSampler."""
+                   negative: str, sampler_name: str, scheduler: str, vae_name: str, size: int,
+                   reference: str = "") -> dict:
+    """ComfyUI's own text-to-image workflow (UNETLoader -> KSampler; for Kontext the image to edit as a
+    ReferenceLatent) with one node added: PipeFusion Parallelize between the model loader and the KSampler."""
     g = Graph()
     clip = _encoders(g, kind)
     pos = g.node("CLIPTextEncode", (X[1], 0), [prompt], inputs=[("clip", "CLIP")],
@@ -156,11 +165,12 @@ def stock_workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, g
                  title="Negative (unused at cfg 1)" if cfg == 1.0 else "Negative prompt")
     g.link(clip, 0, pos, "clip")
     g.link(clip, 0, neg, "clip")
-    positive = pos
+    positive, vae = _reference(g, pos, reference, vae_name) if reference else (pos, None)
     if guidance is not None:
+        cond = positive
         positive = g.node("FluxGuidance", (X[2], 0), [guidance], inputs=[("conditioning", "CONDITIONING")],
                           outputs=[("CONDITIONING", "CONDITIONING")])
-        g.link(pos, 0, positive, "conditioning")
+        g.link(cond, 0, positive, "conditioning")
     loader = g.node("UNETLoader", (X[0], 180), [unet, "default"], outputs=[("MODEL", "MODEL")])
     par = g.node("PipeFusionParallelize", (X[0], 300), [devices, "auto", 0, 1, "default", "compute", ""],
                  inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")])
@@ -174,7 +184,7 @@ def stock_workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, g
     g.link(positive, 0, sampler, "positive")
     g.link(neg, 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
-    vae = g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")])
+    vae = vae or g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")])
     decode = g.node("VAEDecode", (X[4], 0), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
                     outputs=[("IMAGE", "IMAGE")])
     g.link(sampler, 0, decode, "samples")
@@ -230,7 +240,7 @@ def thumbnail(path: Path, model: str, gpus: int, steps: int, cfg: bool, unit: st
     d = ImageDraw.Draw(img)
     big, small = ImageFont.load_default(size=40), ImageFont.load_default(size=22)
     d.text((28, 24), model, font=big, fill=(240, 240, 240))
-    d.text((28, 76), f"PipeFusion, {gpus} {unit}s, {steps} steps" + (", CFG" if cfg else ""), font=small,
+    d.text((28, 76), f"auto plan, {gpus} {unit}s, {steps} steps" + (", CFG" if cfg else ""), font=small,
            fill=(190, 190, 200))
     top, side = 130, 340
     band = side / gpus
@@ -277,41 +287,60 @@ def builtin(devices: str, steps: int, caption: str) -> dict:
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
 # The file names are what ComfyUI's template browser shows as each card's title and description.
 WORKFLOWS = {
-    "Flux.1 dev on 2 GPUs (PipeFusion, 20 steps)": (
+    "Flux.1 dev on 2 GPUs (PipeFusion nodes, auto plan, 20 steps)": (
         flux("flux1-dev.safetensors", "0,1", 20, 3.5, PROMPT), ("Flux.1 dev", 2, 20, False)),
-    "Flux.1 dev on 4 GPUs (PipeFusion, 20 steps)": (
+    "Flux.1 dev on 4 GPUs (PipeFusion nodes, auto plan, 20 steps)": (
         flux("flux1-dev.safetensors", "0,1,2,3", 20, 3.5, PROMPT), ("Flux.1 dev", 4, 20, False)),
-    "Flux.1 schnell on 2 GPUs (PipeFusion, 4 steps)": (
+    "Flux.1 schnell on 2 GPUs (PipeFusion nodes, auto plan, 4 steps)": (
         flux("flux1-schnell.safetensors", "0,1", 4, None, PROMPT), ("Flux.1 schnell", 2, 4, False)),
-    "SD3.5 large on 4 GPUs with CFG (PipeFusion, 28 steps)": (
+    "SD3.5 large on 4 GPUs with CFG (PipeFusion nodes, auto plan, 28 steps)": (
         workflow("sd3", "sd3.5_large.safetensors", "0,1,2,3", 28, 4.5, None, PROMPT, "blurry, low quality, watermark",
                  "dpmpp_2m", "sgm_uniform", "sd3.5_vae.safetensors", 1024), ("SD3.5 large", 4, 28, True)),
-    "PixArt-Sigma 1024 on 2 GPUs (PipeFusion, 20 steps)": (
+    "PixArt-Sigma 1024 on 2 GPUs (PipeFusion nodes, auto plan, 20 steps)": (
         workflow("pixart", "PixArt-Sigma-XL-2-1024-MS.safetensors", "0,1", 20, 4.5, None, PROMPT,
                  "blurry, low quality", "euler", "normal", "sdxl_vae.safetensors", 1024), ("PixArt-Sigma", 2, 20, True)),
-    "Flux.1 Kontext dev on 2 GPUs, editing an image (PipeFusion, 20 steps)": (
+    "Flux.1 Kontext dev on 2 GPUs, editing an image (PipeFusion nodes, auto plan, 20 steps)": (
         workflow("flux", "flux1-kontext-dev.safetensors", "0,1", 20, 1.0, 2.5, "make it a watercolor painting", "",
                  "euler", "simple", "ae.safetensors", 1024, reference="example.png"), ("Flux.1 Kontext", 2, 20, False)),
-    "Chroma on 2 GPUs with CFG (PipeFusion, 26 steps)": (
+    "Chroma on 2 GPUs with CFG (PipeFusion nodes, auto plan, 26 steps)": (
         workflow("chroma", "chroma-unlocked-v50.safetensors", "0,1", 26, 4.0, None, PROMPT,
                  "blurry, low quality, watermark", "euler", "beta", "ae.safetensors", 1024), ("Chroma", 2, 26, True)),
-    "Qwen-Image on 4 GPUs with CFG (PipeFusion, 30 steps)": (
+    "Qwen-Image on 4 GPUs with CFG (PipeFusion nodes, auto plan, 30 steps)": (
         workflow("qwen_image", "qwen_image_bf16.safetensors", "0,1,2,3", 30, 2.5, None, PROMPT, " ", "euler", "simple",
                  "qwen_image_vae.safetensors", 1328), ("Qwen-Image", 4, 30, True)),
-    "Qwen-Image-Edit on 4 GPUs with CFG, editing an image (PipeFusion, 20 steps)": (
+    "Qwen-Image-Edit on 4 GPUs with CFG, editing an image (PipeFusion nodes, auto plan, 20 steps)": (
         qwen_edit("qwen_image_edit_bf16.safetensors", "0,1,2,3", 20, 2.5, "make it a watercolor painting", " ",
                   "example.png"), ("Qwen-Image-Edit", 4, 20, True)),
-    "Z-Image Turbo on 2 GPUs (PipeFusion, 8 steps)": (
+    "Z-Image Turbo on 2 GPUs (PipeFusion nodes, auto plan, 8 steps)": (
         workflow("zimage", "z_image_turbo_bf16.safetensors", "0,1", 8, 1.0, None, PROMPT, "", "euler",
                  "simple", "ae.safetensors", 1024), ("Z-Image Turbo", 2, 8, False)),
-    "Flux.1 dev, stock workflow + PipeFusion Parallelize on 2 GPUs (20 steps)": (
+    "Flux.1 dev, stock workflow + PipeFusion Parallelize on 2 GPUs (auto plan, 20 steps)": (
         stock_workflow("flux", "flux1-dev.safetensors", "0,1", 20, 1.0, 3.5, PROMPT, "", "euler", "simple",
                        "ae.safetensors", 1024), ("Flux.1 dev", 2, 20, False)),
-    "SD3.5 large, stock workflow + PipeFusion Parallelize on 4 GPUs (28 steps)": (
+    "SD3.5 large, stock workflow + PipeFusion Parallelize on 4 GPUs (auto plan, 28 steps)": (
         stock_workflow("sd3", "sd3.5_large.safetensors", "0,1,2,3", 28, 4.5, None, PROMPT,
                        "blurry, low quality, watermark", "dpmpp_2m", "sgm_uniform", "sd3.5_vae.safetensors", 1024),
         ("SD3.5 large", 4, 28, True)),
-    "Built-in shapes model on 2 CPU ranks (PipeFusion, 8 steps, no download)": (
+    # the stock workflow + Parallelize for the other families (PixArt, Chroma, Qwen-Image, Z-Image, Kontext)
+    "PixArt-Sigma 1024, stock workflow + PipeFusion Parallelize on 2 GPUs (auto plan, 20 steps)": (
+        stock_workflow("pixart", "PixArt-Sigma-XL-2-1024-MS.safetensors", "0,1", 20, 4.5, None, PROMPT,
+                       "blurry, low quality", "euler", "normal", "sdxl_vae.safetensors", 1024),
+        ("PixArt-Sigma", 2, 20, True)),
+    "Chroma, stock workflow + PipeFusion Parallelize on 2 GPUs (auto plan, 26 steps)": (
+        stock_workflow("chroma", "chroma-unlocked-v50.safetensors", "0,1", 26, 4.0, None, PROMPT,
+                       "blurry, low quality, watermark", "euler", "beta", "ae.safetensors", 1024),
+        ("Chroma", 2, 26, True)),
+    "Qwen-Image, stock workflow + PipeFusion Parallelize on 4 GPUs (auto plan, 30 steps)": (
+        stock_workflow("qwen_image", "qwen_image_bf16.safetensors", "0,1,2,3", 30, 2.5, None, PROMPT, " ", "euler",
+                       "simple", "qwen_image_vae.safetensors", 1328), ("Qwen-Image", 4, 30, True)),
+    "Z-Image Turbo, stock workflow + PipeFusion Parallelize on 2 GPUs (auto plan, 8 steps)": (
+        stock_workflow("zimage", "z_image_turbo_bf16.safetensors", "0,1", 8, 1.0, None, PROMPT, "", "euler", "simple",
+                       "ae.safetensors", 1024), ("Z-Image Turbo", 2, 8, False)),
+    "Flux.1 Kontext dev, stock workflow + PipeFusion Parallelize on 2 GPUs, editing an image (auto plan, 20 steps)": (
+        stock_workflow("flux", "flux1-kontext-dev.safetensors", "0,1", 20, 1.0, 2.5, "make it a watercolor painting",
+                       "", "euler", "simple", "ae.safetensors", 1024, reference="example.png"),
+        ("Flux.1 Kontext", 2, 20, False)),
+    "Built-in shapes model on 2 CPU ranks (PipeFusion nodes, auto plan, 8 steps, no download)": (
         builtin("cpu:2", 8, "red circle middle center stripes"), ("Built-in shapes", 2, 8, False, "CPU")),
 }
 

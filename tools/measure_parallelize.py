@@ -1,7 +1,10 @@
 """The MODEL path's costs on a real ComfyUI server: peak memory of the ComfyUI process and of each rank, and the
 time of a full weight transfer against a LoRA change on the warm group.
 
-    .venv/bin/python tools/measure_parallelize.py [--doubles 1 --singles 1] [--json out.json]
+    .venv/bin/python tools/measure_parallelize.py [--doubles 1 --singles 1] [--bf16] [--json out.json]
+
+``--bf16``: ComfyUI keeps the weights in bf16 (``--bf16-unet``), so the file written to /dev/shm is bf16 too,
+and the ranks hold bf16 stages (Parallelize's weight_dtype): a multi-GB checkpoint in about half the memory.
 
 Writes a synthetic Flux.1 checkpoint at the real width (tools/measure_load_memory.py; bf16 on disk, float32 in
 ComfyUI on the CPU) and a kohya LoRA (tests/lora_files.py), starts the test ComfyUI host, then queues, with only
@@ -38,7 +41,7 @@ def hwm(pid: int) -> int:
     return 0
 
 
-def prompt(unet: str, lora: float | None, out: str) -> dict:
+def prompt(unet: str, lora: float | None, out: str, weight_dtype: str = "default") -> dict:
     cond = {"tokens": 4, "width": 4096, "pooled_width": 768, "guidance": 3.5, "seed": 0}
     nodes = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
              "3": {"class_type": "PipeFusionTestConditioning", "inputs": cond},
@@ -50,7 +53,7 @@ def prompt(unet: str, lora: float | None, out: str) -> dict:
         model = ["l", 0]
     nodes["p"] = {"class_type": "PipeFusionParallelize", "inputs": {"model": model, "devices": "cpu:2",
                                                                     "strategy": "pipefusion", "patches": 2,
-                                                                    "warmup_steps": 1}}
+                                                                    "warmup_steps": 1, "weight_dtype": weight_dtype}}
     nodes["k"] = {"class_type": "KSampler", "inputs": {
         "model": ["p", 0], "seed": 1, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
         "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["5", 0], "denoise": 1.0}}
@@ -62,6 +65,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--doubles", type=int, default=1)
     ap.add_argument("--singles", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true", help="ComfyUI and the ranks keep bf16 weights")
     ap.add_argument("--json")
     args = ap.parse_args()
     from comfy_helpers import run_prompt, start_server, worker_pids
@@ -75,7 +79,8 @@ def main() -> int:
     run_dir.mkdir(mode=0o700)
     size = write_synthetic(base / "models" / "diffusion_models" / "measure.safetensors", args.doubles, args.singles)
     write_kohya(base / "models" / "loras" / "measure-kohya.safetensors", "flux")
-    srv = start_server(base, run_dir, extra_env={"PIPEFUSION_LOG": "INFO"})
+    srv = start_server(base, run_dir, extra_env={"PIPEFUSION_LOG": "INFO"},
+                       args=("--bf16-unet",) if args.bf16 else ())
     rows = []
     try:
         load_only = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "measure.safetensors",
@@ -89,7 +94,8 @@ def main() -> int:
                            ("LoRA removed", None)):
             marks: list = []
             t0 = time.monotonic()
-            status, _ = run_prompt(srv, prompt("measure.safetensors", lora, f"m{len(rows)}"), timeout=1800,
+            status, _ = run_prompt(srv, prompt("measure.safetensors", lora, f"m{len(rows)}",
+                                               "bfloat16" if args.bf16 else "default"), timeout=1800,
                                    on_message=lambda m: marks.append((time.monotonic(), m)))
             wall = time.monotonic() - t0
             st = [(t, m["data"]["state"]) for t, m in marks if m["type"] == "pipefusion.status"]
@@ -111,6 +117,10 @@ def main() -> int:
         print(f"{r['case']:28s} {r['status']:18s} ComfyUI peak RSS {r['comfy_hwm'] / GIB:6.2f} GiB{extra}")
     for what, secs in writes:
         print(f"  ComfyUI wrote {what} in {secs} s")
+    loaded, peak = rows[0]["comfy_hwm"], max(r["comfy_hwm"] for r in rows)
+    stage = max(max(r.get("rank_hwm") or [0]) for r in rows)
+    print(f"ComfyUI's peak grew by {(peak - loaded) / GIB:.2f} GiB over loading the model alone "
+          f"(the largest rank's peak, a stage and its work: {stage / GIB:.2f} GiB)")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "writes": writes, "checkpoint_bytes": size}, indent=1))
     return 0

@@ -84,6 +84,9 @@ def write_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], fami
     return index
 
 
+MIXED_BLOCKS = ("double_blocks.", "joint_blocks.")  # what write_scaled_fp8(mixed=True) quantises
+
+
 def quantize_scaled(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn weight, float32 scale) with per-tensor absmax scaling, as ComfyUI's fp8_scaled files."""
     scale = (w.float().abs().amax() / 448.0).clamp(min=1e-12)
@@ -94,12 +97,13 @@ def write_scaled_fp8(path: str | Path, state_dict: dict[str, torch.Tensor], fami
                      prefix: str = "", mixed: bool = False, small_dtype: torch.dtype = torch.bfloat16) -> Path:
     """A ComfyUI scaled-fp8 single file (original layout): every Linear weight (2-D) in float8 with its
     ``scale_weight`` and the ``scaled_fp8`` marker; with ``mixed``, ComfyUI's mixed-precision layout instead:
-    only the double blocks quantised (``weight_scale``, listed in ``_quantization_metadata``), the rest bf16."""
+    only the transformer blocks quantised (Flux's double blocks, SD3's joint blocks: ``weight_scale``, listed in
+    ``_quantization_metadata``), the rest bf16."""
     path = Path(path)
     tensors = invert(state_dict, ORIGINAL_MAPS[family](config))
     out, layers = {}, {}
     for k, v in tensors.items():
-        quantise = v.dim() == 2 and k.endswith(".weight") and (not mixed or k.startswith("double_blocks."))
+        quantise = v.dim() == 2 and k.endswith(".weight") and (not mixed or k.startswith(MIXED_BLOCKS))
         if quantise:
             out[k], scale = quantize_scaled(v)
             out[k[:-len("weight")] + ("weight_scale" if mixed else "scale_weight")] = scale
