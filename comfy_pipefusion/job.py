@@ -139,14 +139,18 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
     sigmas = sigmas_of(spec, ms) if sigmas is None else given_sigmas(sigmas, spec.steps)
     if len(sigmas) < 2:
         raise ValueError(f"{spec.steps} steps at denoise {spec.denoise} leave nothing to sample")
-    if noise is None:
-        noise = comfy_noise(shape, spec.seed)
+    if noise is None:  # drawn over ComfyUI's LATENT, as prepare_noise draws it
+        noise = fmt.from_comfy(comfy_noise(fmt.comfy_shape(shape), spec.seed))
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} does not match the latent's {shape}")
     # ComfyUI leaves an all-zero (empty) latent as it is, and moves any other into the sampling space.
     image = fmt.process_in(latent.float()) if torch.count_nonzero(latent) else latent.float()
     x0 = pack_latent(ms.start(sigmas, noise, image).float())
     guidance = torch.full((spec.batch,), float(spec.guidance))
+    condition = getattr(family.get(fam), "condition_text", None)  # e.g. Flux.2's padding, before CFG batching
+    if condition is not None:
+        txt = condition(txt)
+        negative = None if negative is None else (condition(negative[0]), negative[1])
     if abs(spec.cfg - 1.0) > 1e-9:
         if negative is None:
             raise ValueError(f"cfg {spec.cfg} needs a negative conditioning (or set cfg to 1)")

@@ -23,6 +23,11 @@ def _metadata(family: str, config: dict) -> dict[str, str]:
 
         return metadata(config)
     head = config["attention_head_dim"]
+    if family == "flux2":
+        from .keys_flux2 import AXES_KEY
+
+        axes = tuple(config.get("axes_dims_rope", (32, 32, 32, 32)))
+        return {} if axes == (head // 4,) * 4 else {AXES_KEY: ",".join(map(str, axes))}
     if family in ("flux", "chroma", "qwen_image"):
         axes = tuple(config.get("axes_dims_rope", (16, 56, 56)))
         try:
@@ -112,4 +117,49 @@ def write_scaled_fp8(path: str | Path, state_dict: dict[str, torch.Tensor], fami
     else:
         out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     save_file({prefix + k: v for k, v in out.items()}, str(path), metadata=metadata)
+    return path
+
+
+_ST_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def write_synthetic_scaled_fp8(path: str | Path, family: str, config: dict, *, prefix: str = "",
+                               seed: int = 0) -> Path:
+    """A ComfyUI scaled-fp8 single file (as ``write_scaled_fp8``) of a model too big to hold as a state dict:
+    synthetic weights (``family.synthetic_value``, by stored name) made, quantised and written one tensor at a
+    time, so memory holds the largest tensor once in float32. Norm scales are stored in bf16."""
+    from . import family as families
+
+    fam = families.get(family)
+    stored = invert(fam.build_meta(config).state_dict(), ORIGINAL_MAPS[family](config))  # meta tensors: shapes
+    plan = {}  # key -> (dtype, shape)
+    for k, v in stored.items():
+        if v.dim() == 2 and k.endswith(".weight"):
+            plan[k], plan[k[:-len("weight")] + "scale_weight"] = (torch.float8_e4m3fn, v.shape), (torch.float32, ())
+        else:
+            plan[k] = (torch.bfloat16, v.shape)
+    plan["scaled_fp8"] = (torch.float8_e4m3fn, (0,))
+    header, offset = {}, 0
+    for k, (dtype, shape) in plan.items():
+        n = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        header[prefix + k] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = _metadata(family, config)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    depth = families.num_blocks(config)
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for k, (dtype, shape) in plan.items():
+            if k == "scaled_fp8" or k.endswith(".scale_weight"):
+                continue  # written with their weight
+            value = families.synthetic_value(k, torch.Size(shape), seed, depth, False)
+            if dtype in (torch.float8_e4m3fn,):
+                q, scale = quantize_scaled(value)
+                f.write(q.view(torch.uint8).numpy().tobytes())
+                f.write(scale.reshape(1).numpy().tobytes())
+            else:
+                f.write(value.to(dtype).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+            del value
     return path
