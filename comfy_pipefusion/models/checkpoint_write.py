@@ -23,15 +23,10 @@ def _metadata(family: str, config: dict) -> dict[str, str]:
 
         return metadata(config)
     head = config["attention_head_dim"]
-    if family == "flux2":
-        from .keys_flux2 import AXES_KEY
-
-        axes = tuple(config.get("axes_dims_rope", (32, 32, 32, 32)))
-        return {} if axes == (head // 4,) * 4 else {AXES_KEY: ",".join(map(str, axes))}
-    if family in ("flux", "chroma", "qwen_image"):
-        axes = tuple(config.get("axes_dims_rope", (16, 56, 56)))
+    if family in ("flux", "chroma", "qwen_image", "flux2"):
+        axes = tuple(config.get("axes_dims_rope", (32,) * 4 if family == "flux2" else (16, 56, 56)))
         try:
-            default = detect.rope_axes(head, {})
+            default = detect.rope_axes(head, {}, len(axes))
         except detect.DetectError:
             default = None
         return {} if axes == default else {"pipefusion.axes_dims_rope": ",".join(map(str, axes))}
@@ -125,9 +120,11 @@ _ST_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32", torch.bfloat
 
 def write_synthetic_scaled_fp8(path: str | Path, family: str, config: dict, *, prefix: str = "",
                                seed: int = 0) -> Path:
-    """A ComfyUI scaled-fp8 single file (as ``write_scaled_fp8``) of a model too big to hold as a state dict:
-    synthetic weights (``family.synthetic_value``, by stored name) made, quantised and written one tensor at a
-    time, so memory holds the largest tensor once in float32. Norm scales are stored in bf16."""
+    """A ComfyUI scaled-fp8 single file (as ``write_scaled_fp8``) of a model too big to hold as a state dict,
+    written one tensor at a time. Weights: one 64 Mi-value pattern of standard normals quantised to float8 once,
+    each matrix a slice of it from its own seeded offset (repeating after 64 Mi values), with the scale
+    ``family.synthetic_value`` gives such a matrix (fan-in ** -0.5); norm scales 1 + 0.05 x noise, in bf16. So a
+    multi-GB file takes as long as its disk writes, not billions of random draws."""
     from . import family as families
 
     fam = families.get(family)
@@ -147,19 +144,24 @@ def write_synthetic_scaled_fp8(path: str | Path, family: str, config: dict, *, p
     header["__metadata__"] = _metadata(family, config)
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    depth = families.num_blocks(config)
+    g = torch.Generator().manual_seed(seed)
+    pattern, unit = quantize_scaled(torch.randn(2**26, generator=g))  # float8 codes of N(0, 1) x 1 / unit
+    codes = pattern.view(torch.uint8)
     path = Path(path)
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
         for k, (dtype, shape) in plan.items():
             if k == "scaled_fp8" or k.endswith(".scale_weight"):
                 continue  # written with their weight
-            value = families.synthetic_value(k, torch.Size(shape), seed, depth, False)
-            if dtype in (torch.float8_e4m3fn,):
-                q, scale = quantize_scaled(value)
-                f.write(q.view(torch.uint8).numpy().tobytes())
-                f.write(scale.reshape(1).numpy().tobytes())
+            n = math.prod(shape)
+            if dtype == torch.float8_e4m3fn:
+                start = int(torch.randint(len(codes), (1,), generator=g))
+                rolled = torch.cat([codes[start:], codes[:start]])
+                for i in range(0, n, len(codes)):
+                    f.write(rolled[:min(len(codes), n - i)].numpy().tobytes())
+                scale = (unit * shape[1] ** -0.5).float().reshape(1)
+                f.write(scale.numpy().tobytes())
             else:
-                f.write(value.to(dtype).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-            del value
+                f.write(families.synthetic_value(k, torch.Size(shape), seed, 1, False).to(dtype)
+                        .view(torch.uint8).numpy().tobytes() if n else b"")
     return path

@@ -227,18 +227,24 @@ def _head_dim(metadata: dict, default: int) -> int:
     return _meta_int(metadata, HEAD_DIM_KEY, default)
 
 
-def rope_axes(head_dim: int, metadata: dict) -> tuple[int, int, int]:
-    """RoPE split of a head: Flux.1's (16, 56, 56) for 128, the same proportions otherwise."""
+def rope_axes(head_dim: int, metadata: dict, count: int = 3) -> tuple[int, ...]:
+    """RoPE split of a head: Flux.1's (16, 56, 56) for 128, the same proportions otherwise; with ``count`` 4,
+    Flux.2's four equal parts ((32, 32, 32, 32) for 128). Small test files give theirs in the metadata."""
     if "pipefusion.axes_dims_rope" in metadata:
         raw = metadata["pipefusion.axes_dims_rope"]
         try:
             axes = tuple(int(v) for v in str(raw).split(","))
         except ValueError:
             axes = ()
-        if len(axes) != 3 or any(a < 2 or a % 2 for a in axes) or sum(axes) != head_dim:
-            raise DetectError(f"metadata pipefusion.axes_dims_rope = {raw!r} is not three even positive sizes "
+        if len(axes) != count or any(a < 2 or a % 2 for a in axes) or sum(axes) != head_dim:
+            raise DetectError(f"metadata pipefusion.axes_dims_rope = {raw!r} is not {count} even positive sizes "
                               f"that sum to the head dimension {head_dim}")
         return axes
+    if count == 4:
+        if head_dim % 8:
+            raise DetectError(f"head dimension {head_dim} has no Flux.2 RoPE split (four equal even parts; Flux.2 "
+                              "uses 128)")
+        return (head_dim // 4,) * 4
     a0 = head_dim // 8
     a1 = (head_dim - a0) // 2
     if a0 % 2 or a1 % 2 or a0 + 2 * a1 != head_dim:

@@ -20,11 +20,9 @@ four equal parts, comes from the header metadata ``pipefusion.axes_dims_rope``.
 """
 from __future__ import annotations
 
-from .detect import DetectError, block_count
+from .detect import DetectError, block_count, rope_axes
 from .keymap import KeyMap, rename, split
 
-MARKER = "double_stream_modulation_img.lin.weight"
-AXES_KEY = "pipefusion.axes_dims_rope"
 ROPE_THETA = 2000  # ComfyUI's (and diffusers') for Flux.2; not in the file
 
 
@@ -78,24 +76,6 @@ def original_map(config: dict) -> KeyMap:
     return out
 
 
-def rope_axes(head_dim: int, metadata: dict) -> tuple[int, int, int, int]:
-    """Flux.2's four RoPE axes: equal parts of the head (ComfyUI's 32 x 4 for 128), or the header's split."""
-    raw = metadata.get(AXES_KEY)
-    if raw is None:
-        if head_dim % 8:
-            raise DetectError(f"head dimension {head_dim} has no Flux.2 RoPE split (four equal even parts; Flux.2 "
-                              "uses 128)")
-        return (head_dim // 4,) * 4
-    try:
-        axes = tuple(int(v) for v in str(raw).split(","))
-    except ValueError:
-        axes = ()
-    if len(axes) != 4 or any(a < 2 or a % 2 for a in axes) or sum(axes) != head_dim:
-        raise DetectError(f"metadata {AXES_KEY} = {raw!r} is not four even positive sizes that sum to the head "
-                          f"dimension {head_dim}")
-    return axes
-
-
 def config_from_shapes(shapes: dict, metadata: dict) -> dict:
     """Flux2Transformer2DModel's keyword arguments from the original layout's tensor shapes."""
     doubles, singles = block_count(shapes, "double_blocks"), block_count(shapes, "single_blocks")
@@ -117,7 +97,7 @@ def config_from_shapes(shapes: dict, metadata: dict) -> dict:
                   attention_head_dim=head_dim, num_attention_heads=width // head_dim,
                   joint_attention_dim=shapes["txt_in.weight"][1],
                   timestep_guidance_channels=shapes["time_in.in_layer.weight"][1], mlp_ratio=float(hidden // width),
-                  axes_dims_rope=rope_axes(head_dim, metadata), rope_theta=ROPE_THETA,
+                  axes_dims_rope=rope_axes(head_dim, metadata, 4), rope_theta=ROPE_THETA,
                   guidance_embeds="guidance_in.in_layer.weight" in shapes)
     out = shapes["final_layer.linear.weight"][0]
     if out != channels:
