@@ -3,10 +3,10 @@ PipeFusionKSampler on the same file, conditioning and EmptyFlux2LatentImage, rel
 
 Width: ComfyUI 0.3.75's detection fixes Flux.2 at 48 heads with RoPE axes (32, 32, 32, 32), so heads of 128 and
 the real width 6144; it reads the depth, the latent channels (128) and the text width (Mistral's 15360) from the
-file. The smallest file it takes at that width with both kinds of block is one double and one single block: 1.98 B
-parameters, ~4 GB in bf16, which ComfyUI computes in float32 on the CPU next to two ranks of ours. So the file is a
+file. The smallest file it takes at that width with both kinds of block is one double and one single block: 2.28 B
+parameters, 4.3 GiB in bf16, which ComfyUI computes in float32 on the CPU next to two ranks of ours. So the file is a
 ComfyUI scaled-fp8 file (every Linear weight float8 with its ``scale_weight``, the ``scaled_fp8`` marker, the
-``model.diffusion_model.`` prefix; ~2 GB), also the issue's scaled-fp8 file of Flux.2: both sides keep the weights
+``model.diffusion_model.`` prefix; 2.1 GiB), also the issue's scaled-fp8 file of Flux.2: both sides keep the weights
 8-bit and compute stored x scale in float32. A 64x64 image (16 image tokens; the text is padded to 512 tokens as
 ComfyUI's model pads it) and one step: still, 528 tokens through 2 B parameters are ~2 TFLOP per forward. Our ranks
 hold one stage each (PipeFusion, 2 patches, warm-up = steps). Measured on the shared 2-core machine under other
