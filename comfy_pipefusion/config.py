@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 STRATEGIES = ("serial", "pipefusion", "distrifusion", "naive_patch", "cfg", "ulysses", "cfg+ulysses",
-              "cfg+pipefusion", "cfg+distrifusion", "auto")
+              "cfg+pipefusion", "cfg+distrifusion", "ulysses+pipefusion", "ulysses+distrifusion",
+              "cfg+ulysses+pipefusion", "cfg+ulysses+distrifusion", "auto")
 """Every strategy a plan may name: the single methods, then the hybrids (methods joined by '+', outermost
 first: CFG halves, then what runs inside each half), and auto (the group picks the plan per job)."""
 METHOD_ORDER = ("cfg", "ulysses", "pipefusion", "distrifusion", "naive_patch", "serial")
@@ -66,9 +67,9 @@ class ParallelConfig:
     """PipeFusion's automatic split: 'compute' (equal work per stage: fastest) or 'memory' (equal
     parameter bytes per stage: for models that only fit when spread evenly)."""
     ulysses: int = 0
-    """Ulysses degree (ranks that split each attention's heads); 0: every rank of a CFG branch (the only
-    layout implemented: Ulysses is not yet combined with a patch method). Only with 'ulysses' in the
-    strategy."""
+    """Ulysses degree (ranks that split each attention's heads); 0: every rank of a CFG branch for Ulysses
+    alone, 2 inside a patch method (``ulysses+pipefusion``: each stage on that many ranks). Only with
+    'ulysses' in the strategy."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -120,9 +121,19 @@ class ParallelConfig:
             raise ValueError(f"{self.strategy} on {w} ranks leaves {branch} rank per branch for "
                              f"{'+'.join(methods[1:])}, which needs at least 2: use {2 * w} ranks, or strategy "
                              "'cfg'")
-        if self.ulysses and self.ulysses != branch:
+        if self.ulysses and self.ulysses != branch and self.patch_method == "serial":
             raise ValueError(f"world_size {w} != cfg {self.cfg_degree} x ulysses {self.ulysses}: Ulysses takes "
                              f"every rank of a branch ({branch}); set ulysses to {branch} or 0")
+        if "ulysses" in methods and self.patch_method != "serial":
+            u = self.ulysses_degree
+            if u < 2 or branch % u or branch // u < 2:
+                fits = [d for d in range(2, branch // 2 + 1) if branch % d == 0]
+                raise ValueError(
+                    f"{self.strategy} on {w} ranks: world_size {w} != cfg {self.cfg_degree} x ulysses {u} x "
+                    f"{self.patch_method} ranks (at least 2); "
+                    + (f"set ulysses to {' or '.join(map(str, fits))}" if fits else
+                       f"{branch} ranks per branch do not factor into ulysses x {self.patch_method}: use "
+                       f"{2 * self.cfg_degree * 2} ranks, or strategy {self.patch_method}"))
 
     # -- the plan's shape ------------------------------------------------------------------------
     @property
@@ -140,7 +151,9 @@ class ParallelConfig:
         """Ranks that share each attention by heads (1: no Ulysses)."""
         if "ulysses" not in self.methods:
             return 1
-        return self.ulysses or self.world_size // self.cfg_degree
+        if self.ulysses:
+            return self.ulysses
+        return 2 if self.patch_method != "serial" else self.world_size // self.cfg_degree
 
     @property
     def patch_method(self) -> str:
@@ -181,11 +194,9 @@ class ParallelConfig:
         rank of a branch."""
         if self.patch_method == "pipefusion":
             return self.patches or self.stages
-        if "ulysses" in self.methods:
-            return self.ulysses_degree
         if self.patch_method == "serial":
-            return 1
-        return self.stages  # distrifusion, naive_patch; auto: at least one band per rank
+            return self.ulysses_degree  # 1 without Ulysses
+        return self.stages  # distrifusion (Ulysses inside: its bands), naive_patch; auto: a band per rank
 
     def check_image(self, token_rows: int) -> None:
         """Raise if the image has too few token rows for the bands; before any worker starts."""
@@ -232,7 +243,7 @@ def _hybrid_hint(strategy: str) -> str:
     if ordered in STRATEGIES:
         return f" (write it outermost first: {ordered!r})"
     if "ulysses" in parts:
-        return "; Ulysses is not yet combined with pipefusion or distrifusion (use cfg+ulysses or ulysses)"
+        return "; Ulysses combines with cfg, pipefusion and distrifusion only (e.g. ulysses+pipefusion)"
     return "; hybrids combine cfg with one of ulysses, pipefusion, distrifusion"
 
 

@@ -36,6 +36,7 @@ class ModelCache:
         self.progress = None  # called before each tensor read (serve: cancel while loading)
         self.planner = None  # strategy=auto's probes and choice, kept for the group (autoplan.py)
         self.probe_dir = None  # where block probes are cached (None: autoplan's default)
+        self.on_read = None  # called with the plan just before this rank reads weights (serve: "loading")
 
     def planner_for(self, comm: Comm):
         if self.planner is None:
@@ -67,6 +68,12 @@ class ModelCache:
     def get(self, source: ModelSource, cfg: ParallelConfig, rank: int, dtype: torch.dtype):
         key = self._key(source, cfg, rank, dtype)
         if key != self.key:
+            from .parallel.planner import label
+
+            log.info("reading this rank's weights for plan %s (%s)", label(cfg),
+                     "none held yet" if self.key is None else "it holds other modules than the last job's")
+            if self.on_read is not None:
+                self.on_read(cfg)
             self.key, self.value = None, None  # a load that raises (a cancel) leaves nothing half-loaded
             self.describe(source)
             self.value = load_rank_model(source, cfg, rank, self.device, dtype, self.progress, self.meta)

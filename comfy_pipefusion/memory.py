@@ -189,6 +189,8 @@ def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_
     if cfg.cfg_degree == 2:  # one branch: the model batch of the images alone, on half the ranks
         return rank_bytes(fam, meta, cfg.branch(), replace(size, cfg=False), rank % (cfg.world_size // 2),
                           device_type, fp8, upcast)
+    if "ulysses" in cfg.methods and cfg.patch_method != "serial":  # Ulysses inside the stages (bands)
+        return _lanes_bytes(fam, meta, cfg, size, rank, device_type, fp8, upcast)
     if "ulysses" in cfg.methods:  # the whole model, a band of the tokens, no buffers; the exchange buffers
         return _ulysses_bytes(fam, meta, cfg, size, rank, device_type, fp8, upcast)
     heads, head_dim = family.attention_shape(meta)
@@ -233,6 +235,20 @@ def _ulysses_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, dev
     band = max(s.n_txt + s.n_img for s in displaced_spans(size.rows, size.cols, n_txt, cfg.world_size))
     exchange = 8 * size.model_batch * band * width * elem
     return RankBytes(like.weights, 0, exchange, like.activations, like.latent, like.upcast)
+
+
+def _lanes_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_type: str, fp8: bool,
+                 upcast: bool) -> RankBytes:
+    """Ulysses inside a patch method: what the rank's stage (band) holds under the patch method alone, its
+    K/V buffers and gathers for 1/u of the heads, and the all-to-all buffers of the largest item's parts
+    (the activations are counted for the whole item: an over-estimate by at most the lanes' share)."""
+    u = cfg.ulysses_degree
+    like = rank_bytes(fam, meta, replace(cfg, strategy=cfg.patch_method, world_size=cfg.stages, ulysses=0), size,
+                      rank // u, device_type, fp8, upcast)
+    heads, head_dim = family.attention_shape(meta)
+    tokens = family.sequence_text(fam, size.n_txt) + size.n_img
+    exchange = 8 * size.model_batch * math.ceil(tokens / u) * heads * head_dim * ELEM[size.dtype]
+    return replace(like, kv=like.kv // u, gathered=like.gathered // u + exchange)
 
 
 @dataclass(frozen=True)

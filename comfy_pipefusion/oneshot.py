@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from . import failure
 from .errors import GroupError
+from .multinode import Nodes
 
 
 def worker_command(world_size: int, args: list[str], store_dir: Path) -> list[str]:
@@ -56,14 +57,8 @@ def node_commands(world_size: int, args: list[str], link, port: int) -> list[lis
         raise ValueError(f"a group across a link needs an even number of ranks (half on each side), "
                          f"got {world_size}")
     run_id = secrets.token_hex(8)
-    return [[*link.exec_prefix(side), sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-             f"--nproc_per_node={world_size // 2}", "--rdzv-backend=c10d",
-             f"--rdzv-endpoint={link.addrs[0]}:{port}", f"--rdzv-id={run_id}", f"--local-addr={link.addrs[side]}",
-             # which side hosts the store: torchrun guesses from the host name, which in a namespace
-             # resolves to the host's own address, not the namespace's
-             f"--rdzv-conf=is_host={int(side == 0)}",
-             "--max_restarts=0", "--monitor_interval=0.5", "-m", "comfy_pipefusion.worker", *args]
-            for side in (0, 1)]
+    return [[*link.exec_prefix(side), *Nodes(2, side, f"{link.addrs[0]}:{port}", run_id, link.addrs[side])
+             .agent_command(world_size // 2, ["-m", "comfy_pipefusion.worker", *args])] for side in (0, 1)]
 
 
 INHERITED_NOT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
@@ -199,14 +194,15 @@ def _wait_all(procs: list, timeout: float | None) -> int:
 def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, threads: int = 1,
              timeout: float | None = None, model: dict | None = None,
              worker_args: list[str] | None = None, cpu_only: bool = False,
-             link=None) -> dict[str, tuple[torch.Tensor, dict]]:
+             link=None, nodes: Nodes | None = None) -> dict[str, tuple[torch.Tensor, dict]]:
     """Run ``jobs`` (``Job.to_wire`` forms; ``Job.from_wire`` fills what a job leaves out) on a fresh group;
     returns {name: (samples, metrics)}. The model is the built-in ``preset`` (random weights from ``seed``)
     unless ``model`` gives another source (e.g. ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no
     limit) bounds the whole group; on timeout or interrupt the group is killed. ``worker_args`` go to every
     rank (e.g. ``--turns DIR --turn-tag TAG``); ``cpu_only`` hides the GPUs from the ranks; ``link``
     (linkns.Shaped) puts half the ranks in each of its two namespaces, joined by torchrun's multi-node
-    rendezvous over the shaped link."""
+    rendezvous over the shaped link; ``nodes`` makes this process one machine's part of a group across
+    machines (its ``world_size // nnodes`` ranks; every machine's first rank writes the results)."""
     sweep_tempdirs()
     with owned_tempdir() as tmp:
         tmp = Path(tmp)
@@ -217,7 +213,13 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
         with open(log, "wb") as fh:
             args = ["--jobs", str(spec), "--out", str(tmp / "out"), "--threads", str(threads), *(worker_args or [])]
             env = worker_env(threads, cpu_only=cpu_only)
-            if link is None:
+            if nodes is not None:
+                if world_size % nodes.nnodes:
+                    raise ValueError(f"{world_size} ranks cannot be shared evenly by {nodes.nnodes} machines: "
+                                     f"give a world size that is a multiple of {nodes.nnodes}")
+                starts = [(nodes.agent_command(world_size // nodes.nnodes, ["-m", "comfy_pipefusion.worker", *args]),
+                           nodes.agent_env(env))]
+            elif link is None:
                 starts = [(worker_command(world_size, args, tmp), env)]
             else:
                 port = 20000 + secrets.randbelow(30000)

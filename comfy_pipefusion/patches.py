@@ -91,3 +91,18 @@ def displaced_spans(rows: int, cols: int, n_txt: int, ranks: int) -> list[Span]:
 
 def full_span(n_txt: int, n_img: int) -> Span:
     return Span(0, n_txt, 0, n_img)
+
+
+def lane_spans(span: Span, lanes: int) -> list[Span]:
+    """Ulysses inside a patch method: the ``lanes`` ranks of one stage (or band) each take a contiguous part of
+    ``span``'s text tokens and of its image tokens, in order, so that joining every lane's text, then every
+    lane's image, gives the span's own ``[text; image]`` order. Text shorter than ``lanes`` goes to lane 0."""
+    if span.n_img < lanes:
+        raise ValueError(f"a patch of {span.n_img} image tokens cannot be split over {lanes} Ulysses ranks: use "
+                         f"fewer patches, a Ulysses degree of at most {span.n_img}, or a larger image")
+    if span.n_txt >= lanes:
+        txt = [(span.t0 + a, span.t0 + b) for a, b in split_even(span.n_txt, lanes)]
+    else:
+        txt = [(span.t0, span.t1)] + [(span.t1, span.t1)] * (lanes - 1)
+    img = [(span.i0 + a, span.i0 + b) for a, b in split_even(span.n_img, lanes)]
+    return [Span(t0, t1, i0, i1) for (t0, t1), (i0, i1) in zip(txt, img)]

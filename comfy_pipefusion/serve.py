@@ -31,6 +31,7 @@ from . import preview, transport
 from .errors import JobCancelled
 from .jobspec import OUTPUT_KEYS, Job, TensorKey
 from .parallel.comm import Comm
+from .parallel.planner import label
 from .parallel.runtime import Control
 from .engine import ModelCache, execute, plan_report, prepare, rank_stats
 
@@ -199,7 +200,13 @@ def _serve_job(job: dict, comm: Comm, device: torch.device, models: ModelCache, 
     try:
         if conn is not None:
             transport.send(conn, "phase", id=jid, phase="loading")
-        prep, err, stopped = _prepare(job, comm, models, segs)
+            # the weights are read (a plan that auto chose may hold other modules than the last job's)
+            models.on_read = lambda cfg: transport.send(conn, "phase", id=jid, phase="loading", reading=True,
+                                                        plan=label(cfg))
+        try:
+            prep, err, stopped = _prepare(job, comm, models, segs)
+        finally:
+            models.on_read = None
         votes = comm.gather_object([err, bool(stopped or (inbox is not None and inbox.cancel_id == jid))])
         first_err = next((e for e, _ in votes if e), None)
         if first_err:

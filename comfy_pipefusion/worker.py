@@ -7,7 +7,8 @@
 Without torchrun (no RANK in the environment) it runs as a single rank with no process group, which is
 how the serial reference is timed in a process of its own. CUDA ranks use NCCL on cuda:LOCAL_RANK, CPU
 ranks use gloo. In job-file mode rank 0 writes ``DIR/NAME.safetensors`` (the LATENT samples) and
-``DIR/NAME.json`` (timings, parameter bytes and bytes sent per rank) for each job.
+``DIR/NAME.json`` (timings, parameter bytes and bytes sent per rank) for each job; in a group across
+machines the first rank of every machine writes them, in its machine's DIR.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def setup_logging(rank: int, world: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", help="JSON file: {'model': {...}, 'jobs': [...]}")
-    ap.add_argument("--out", help="folder for the results of --jobs (rank 0 writes)")
+    ap.add_argument("--out", help="folder for the results of --jobs (rank 0 writes; across machines, the first "
+                    "rank of each)")
     ap.add_argument("--serve", help="group directory of a launcher: serve its jobs until shutdown")
     ap.add_argument("--store", help="file the ranks rendezvous in (set by the launcher)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("PIPEFUSION_THREADS", "1")))
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             die_with_parent()  # a one-shot group's rank ends with its agent (or its owner, for one rank)
             turns = Turns(Path(args.turns), args.turn_tag, comm.rank) if args.turns else None
             run_file(Path(args.jobs), Path(args.out), comm, device, turns, load_samplers(args.test_samplers),
-                     Path(args.probe_dir) if args.probe_dir else None)
+                     Path(args.probe_dir) if args.probe_dir else None, node=os.environ.get("GROUP_RANK", "0"),
+                     writes=int(os.environ.get("LOCAL_RANK", "0")) == 0)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

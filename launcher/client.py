@@ -156,12 +156,20 @@ class Launcher:
 
         progress = LoadProgress(group.worker_pids, lambda detail: self._set("loading", detail))
 
-        def on_phase(phase: str) -> None:
+        def on_phase(phase: str, msg: dict | None = None) -> None:
+            # "loading" when this job's settings name other weights than the group holds, or when rank 0
+            # says it reads weights (``reading``): strategy=auto may pick a plan whose stage split differs
+            # from the last job's, which the job's settings do not show
+            reading = bool(msg and msg.get("reading"))
             if phase != "loading":
                 progress.stop()
                 self._set("busy")
-            elif weights != held:
-                self._set("loading", "reading the weights")
+            elif weights != held or reading:
+                plan = msg.get("plan") if reading else None
+                if reading and weights == held:
+                    log.info("PipeFusion: auto picked %s, whose stage split differs from the weights the group "
+                             "holds: the ranks read them again", plan)
+                self._set("loading", f"reading the weights for {plan}" if plan else "reading the weights")
                 progress.start()
 
         try:

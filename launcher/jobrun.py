@@ -101,7 +101,7 @@ class GroupJobs:
             if kind == "phase":
                 w.phase, w.steps = msg["phase"], msg.get("steps", w.steps)
                 if w.on_phase is not None:
-                    w.on_phase(w.phase)
+                    w.on_phase(w.phase, msg)
             elif kind == "progress":
                 w.step = msg["step"]
                 if w.on_progress is not None and w.raised is None:

@@ -45,7 +45,9 @@ class PipeFusionDiTLoader:
                                                                          "cfg: the positive and negative prompt "
                                                                          "on two halves of the devices (cfg != 1); "
                                                                          "ulysses: exact sequence parallelism "
-                                                                         "over heads; cfg+X: each half runs X"}),
+                                                                         "over heads; cfg+X: each half runs X; "
+                                                                         "ulysses+X: X with each stage (band) "
+                                                                         "on 2 devices sharing its heads"}),
             "patches": ("INT", {"default": 0, "min": 0, "max": 256,
                                 "tooltip": "PipeFusion's patches per image; 0 = one per GPU"}),
             "warmup_steps": ("INT", {"default": 1, "min": 1, "max": 1000,

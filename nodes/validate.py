@@ -8,13 +8,14 @@ check for those. A value coming from a link is unknown (None) at queue time and 
 """
 from __future__ import annotations
 
+from comfy_pipefusion import config
 from comfy_pipefusion.config import SAMPLERS, SCHEDULERS, ParallelConfig
 
 from .convert import check_patches, parse_devices, parse_stage_split
 
-STRATEGIES = ("auto", "pipefusion", "distrifusion", "serial", "cfg", "ulysses", "cfg+pipefusion",
-              "cfg+distrifusion", "cfg+ulysses")
-"""The loader's strategies: the engine's (config.STRATEGIES) but the naive-patch quality baseline."""
+STRATEGIES = ("auto",) + tuple(s for s in config.STRATEGIES if s not in ("auto", "naive_patch"))
+"""The loader's strategies: the engine's (config.STRATEGIES) but the naive-patch quality baseline, auto first
+(the default)."""
 PATCHES_MAX = 256  # the loader's widget range
 
 

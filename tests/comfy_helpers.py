@@ -85,6 +85,16 @@ def start_release_server(tmp_path_factory, model, unet: str, version: str, name:
     return srv
 
 
+def recv_or_none(ws):
+    """The next websocket message, or None when the socket's timeout passed without one."""
+    try:
+        return ws.recv()
+    except Exception as exc:
+        if "timed out" in str(exc).lower() or type(exc).__name__ == "WebSocketTimeoutException":
+            return None
+        raise
+
+
 def run_prompt(srv: ComfyServer, prompt: dict, on_message=None, timeout: float = 300.0,
                frames: list | None = None) -> tuple[str, list]:
     """Queue ``prompt``, read the websocket until it ends; returns (ending message type, all messages).
@@ -96,12 +106,9 @@ def run_prompt(srv: ComfyServer, prompt: dict, on_message=None, timeout: float =
         pid = srv.queue_prompt(prompt, client)
         msgs, deadline = [], time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                raw = ws.recv()
-            except Exception as exc:  # websocket timeout: check again
-                if "timed out" in str(exc).lower() or type(exc).__name__ == "WebSocketTimeoutException":
-                    continue
-                raise
+            raw = recv_or_none(ws)
+            if raw is None:
+                continue
             if not isinstance(raw, str):
                 if frames is not None:
                     frames.append(raw)
@@ -169,12 +176,9 @@ def group_states(ws, group: str, until: str, timeout: float) -> list[tuple[str, 
     seen, deadline = [], time.monotonic() + timeout
     ws.settimeout(0.5)
     while time.monotonic() < deadline:
-        try:
-            raw = ws.recv()
-        except Exception as exc:  # websocket timeout: check again
-            if "timed out" in str(exc).lower() or type(exc).__name__ == "WebSocketTimeoutException":
-                continue
-            raise
+        raw = recv_or_none(ws)
+        if raw is None:
+            continue
         msg = json.loads(raw) if isinstance(raw, str) else {}
         if msg.get("type") == "pipefusion.status" and msg["data"].get("group") == group:
             seen.append((msg["data"]["state"], msg["data"]["detail"]))

@@ -92,7 +92,8 @@ def cancel(comm: Comm) -> int:
 
     device, models, steps = torch.device("cpu"), ModelCache(torch.device("cpu")), 6
     # on 4 ranks also the exact methods (issue 13): Ulysses over 4 heads, and CFG's branches on 2 + 2 ranks
-    extra = ("ulysses", "cfg+pipefusion", "cfg+ulysses") if comm.world_size == 4 else ()
+    extra = ("ulysses", "cfg+pipefusion", "cfg+ulysses", "ulysses+pipefusion", "ulysses+distrifusion") \
+        if comm.world_size == 4 else ()
     for strategy in ("pipefusion", "distrifusion") + extra:
         cfg = 2.0 if strategy.startswith("cfg") else 1.0
         for stop_at in (1, 3):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_pipefusion import transport
-from comfy_pipefusion.config import ParallelConfig, SampleSpec
+from comfy_pipefusion.config import STRATEGIES, ParallelConfig, SampleSpec
 from comfy_pipefusion.job import make_problem, synthetic_conditioning
 from comfy_pipefusion.models import flux
 from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
@@ -53,6 +53,8 @@ def test_nodes_are_registered_with_comfyui_inputs(server):
     loader = info["PipeFusionDiTLoader"]["input"]["required"]
     assert UNET in loader["unet_name"][0]
     assert set(loader) == {"unet_name", "weight_dtype", "devices", "strategy", "patches", "warmup_steps"}
+    # every strategy of the engine (config.STRATEGIES: the hybrids too) but the naive-patch baseline, auto first
+    assert loader["strategy"][0] == ["auto"] + [s for s in STRATEGIES if s not in ("auto", "naive_patch")]
     ours = info["PipeFusionKSampler"]["input"]["required"]
     stock = info["KSampler"]["input"]["required"]
     assert set(ours) - {"pipefusion_model"} == set(stock) - {"model"}

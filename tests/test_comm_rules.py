@@ -67,12 +67,14 @@ def test_a_long_compute_is_not_a_hang(tmp_path):
 @pytest.mark.parametrize("ranks", (3, pytest.param(4, marks=pytest.mark.slow)))
 def test_cancel_leaves_nothing_in_flight_under_nccl_rules(tmp_path, ranks):
     """PipeFusion and DistriFusion cancelled at a step boundary on 3 and 4 ranks under NCCL's rules (on 4 also
-    ulysses, cfg+pipefusion and cfg+ulysses: the branches' leaders share rank 0's decision): every rank
-    stops, and the next job on the same group is exact (nothing left in flight)."""
+    ulysses, cfg+pipefusion, cfg+ulysses, ulysses+pipefusion and ulysses+distrifusion: the branches' and
+    the lanes' leaders share rank 0's decision): every rank stops, and the next job on the same group is
+    exact (nothing left in flight)."""
     rc, out, _ = run_schedule(tmp_path, "cancel", "nccl", ranks=ranks)
     assert rc == 0, out[-3000:]
     # The ranks print to one pipe: a line of one may run into another's, so the reports are matched, not split.
-    exact_methods = ("ulysses", "cfg+pipefusion", "cfg+ulysses") if ranks == 4 else ()
+    exact_methods = ("ulysses", "cfg+pipefusion", "cfg+ulysses", "ulysses+pipefusion", "ulysses+distrifusion") \
+        if ranks == 4 else ()
     for strategy in ("pipefusion", "distrifusion") + exact_methods:
         for stop_at in (1, 3):
             stopped = re.findall(rf"CANCELLED {re.escape(strategy)} {stop_at} rank (\d+) after (\d+)", out)

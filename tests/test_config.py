@@ -65,6 +65,15 @@ def test_bad_sample_spec(kwargs, message):
     (["--patches", "9"], "9 patches"),
     (["--world-size", "7"], "7 stages needs at least 7 blocks, the model has 6"),
     (["--strategies", "serial,tensor"], "unknown strategy 'tensor'"),
+    (["--node-rank", "1"], "--node-rank and --rdzv-endpoint go with --nnodes > 1"),
+    (["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT, node rank 0's address"),
+    (["--nnodes", "2", "--rdzv-endpoint", "10.0.0.1"], "rendezvous endpoint '10.0.0.1': give HOST:PORT"),
+    (["--nnodes", "2", "--world-size", "3", "--rdzv-endpoint", "127.0.0.1:29500"],
+     "--world-size 3 cannot be shared evenly by 2 machines"),
+    (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29500"], "node rank 2 is not one of 0..1"),
+    (["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29500", "--local-addr", "192.0.2.77"],
+     "no network interface of this machine has the address 192.0.2.77"),
+    (["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29500", "--link", "1gbit"], "give one"),
 ])
 def test_bench_refuses_before_starting_anything(argv, message, capsys, monkeypatch):
     started = []

@@ -11,7 +11,7 @@ from comfy_pipefusion.job import preset_problem
 from comfy_pipefusion.models import family
 from comfy_pipefusion.oneshot import GroupError, run_jobs
 from comfy_pipefusion.parallel.costs import expected_bytes
-from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model
+from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model, stage_layers
 from comfy_pipefusion.parallel.runtime import JobRuntime
 from comfy_pipefusion.parallel.serial import run_serial
 
@@ -42,7 +42,18 @@ JOBS = {
         job("hybrid_cfg_pipefusion_frozen", "cfg+pipefusion", sampler="frozen", warmup=1, patches=3),
         job("hybrid_cfg_distrifusion", "cfg+distrifusion"),
         job("hybrid_cfg_distrifusion_frozen", "cfg+distrifusion", sampler="frozen", warmup=1),
-        job("hybrid_cfg_ulysses", "cfg+ulysses"), job("ulysses_four", "ulysses", cfg=1.0)],
+        job("hybrid_cfg_ulysses", "cfg+ulysses"), job("ulysses_four", "ulysses", cfg=1.0),
+        # Ulysses inside the patch method: 2 stages (bands) x 2 lanes
+        job("hybrid_ulysses_pipefusion", "ulysses+pipefusion", cfg=1.0, ulysses=2),
+        job("hybrid_ulysses_pipefusion_cfg_m3", "ulysses+pipefusion", patches=3),
+        job("hybrid_ulysses_pipefusion_frozen", "ulysses+pipefusion", sampler="frozen", warmup=1, patches=3),
+        job("hybrid_ulysses_pipefusion_sd35", "ulysses+pipefusion", preset="sd3.5m-tiny", sampler="dpmpp_2m"),
+        job("hybrid_ulysses_distrifusion", "ulysses+distrifusion", cfg=1.0),
+        job("hybrid_ulysses_distrifusion_frozen", "ulysses+distrifusion", sampler="frozen", warmup=1),
+        job("hybrid_ulysses_distrifusion_pixart", "ulysses+distrifusion", preset="pixart-tiny")],
+    8: [job("hybrid_cfg_ulysses_pipefusion", "cfg+ulysses+pipefusion"),
+        job("hybrid_cfg_ulysses_pipefusion_frozen", "cfg+ulysses+pipefusion", sampler="frozen", warmup=1, patches=3),
+        job("hybrid_cfg_ulysses_distrifusion", "cfg+ulysses+distrifusion", sampler="dpmpp_2m")],
 }
 
 
@@ -108,10 +119,14 @@ def check_world(world: int, results, reference) -> None:
         assert got.shape == ref.shape, j["name"]
         assert float(ref.abs().max()) > 0.1  # a real image, not the initial latent
         # true CFG amplifies float rounding: its bound is relative to the latent's largest value, as in
-        # test_families.py; CFG parallelism against the per-branch reference is held to 1e-5 absolute
+        # test_families.py; CFG parallelism against the per-branch reference is held to 1e-5 absolute, but
+        # where Ulysses runs inside a patch method of the branch (its lanes' matmuls over fewer rows round
+        # differently, as Ulysses' own do)
         scale = float(ref.abs().max()) if j["sample"]["cfg"] != 1 else 1.0
+        exact_branch = branches and j["parallel"]["strategy"] not in ("cfg+ulysses+pipefusion",
+                                                                      "cfg+ulysses+distrifusion")
         err, err_batched = float((got - ref).abs().max()), float((got - batched).abs().max())
-        if err > (TOL if branches else TOL * scale) or err_batched > max(BATCHED_TOL, TOL * scale):
+        if err > (TOL if exact_branch else TOL * scale) or err_batched > max(BATCHED_TOL, TOL * scale):
             errors[j["name"]] = (err, err_batched, scale)
     assert not errors, f"max abs difference (reference, batched reference, scale) over the bound: {errors}"
     for j in JOBS[world]:  # every byte on the data plane is the analytic formula's (parallel/costs.py)
@@ -126,7 +141,9 @@ def expected(j: dict, world: int, metrics: dict) -> list[int]:
                 n_txt=p["text_tokens"] if fam.JOINT_TEXT else 0, rows=p["height"] // 16, cols=p["width"] // 16,
                 steps=EXACT_STEPS, warmup=min(par.warmup_steps, EXACT_STEPS), patches=par.num_patches, elem=4,
                 layers=layers["joint"], image_layers=layers["image"], text_stream=par.text_stream,
-                channels=4 * fam.latent_format(p["config"]).channels)
+                channels=4 * fam.latent_format(p["config"]).channels, ulysses=par.ulysses_degree,
+                stage_layers=stage_layers(fam, fam.build_meta(p["config"]), par) if "+pipefusion" in par.strategy
+                else None)
     return [expected_bytes(par.strategy, rank=r, **dims) for r in range(world)]
 
 
@@ -146,6 +163,12 @@ def test_hybrid_equals_serial_4_ranks(results, reference):
     check_world(4, results, reference)
 
 
+@pytest.mark.slow
+def test_hybrid_cfg_ulysses_patches_equal_serial_8_ranks(results, reference):
+    """cfg x ulysses x pipefusion (distrifusion): 2 branches x 2 stages (bands) x 2 lanes."""
+    check_world(8, results, reference)
+
+
 @pytest.mark.parametrize("plan, words", [
     (dict(strategy="cfg", world_size=3), ["world_size 3 is odd", "2 or 4"]),
     (dict(strategy="cfg", world_size=4), ["cfg on 4 ranks", "cfg+pipefusion"]),
@@ -153,7 +176,12 @@ def test_hybrid_equals_serial_4_ranks(results, reference):
     (dict(strategy="ulysses", world_size=4, ulysses=2), ["world_size 4 != cfg 1 x ulysses 2", "set ulysses to 4"]),
     (dict(strategy="pipefusion", world_size=2, ulysses=2), ["ulysses degree 2", "no ulysses"]),
     (dict(strategy="pipefusion+cfg", world_size=4), ["'cfg+pipefusion'"]),
-    (dict(strategy="ulysses+pipefusion", world_size=4), ["not yet combined"]),
+    (dict(strategy="ulysses+pipefusion", world_size=6, ulysses=4), ["world_size 6 != cfg 1 x ulysses 4 x pipefusion",
+                                                                     "set ulysses to 2 or 3"]),
+    (dict(strategy="ulysses+distrifusion", world_size=3), ["3 ranks per branch do not factor", "4 ranks"]),
+    (dict(strategy="ulysses+pipefusion", world_size=2), ["world_size 2 != cfg 1 x ulysses 2 x pipefusion"]),
+    (dict(strategy="pipefusion+ulysses", world_size=4), ["'ulysses+pipefusion'"]),
+    (dict(strategy="ulysses+naive_patch", world_size=4), ["Ulysses combines with cfg, pipefusion and distrifusion"]),
     (dict(strategy="cfg+pipefusion", world_size=4, stage_split=(3, 2, 1)), ["2 stages"]),
 ])
 def test_hybrid_bad_plans_refused(plan, words):
@@ -167,6 +195,9 @@ def test_ulysses_heads_and_cfg_parallel_job_refused():
     with pytest.raises(ValueError, match="4 attention heads over 3 ranks.*degree of 2 or 4"):
         ParallelConfig("ulysses", 3).check_model(6, heads=4)
     ParallelConfig("ulysses", 3).check_model(6, heads=6)
+    with pytest.raises(ValueError, match="4 attention heads over 3 ranks.*degree of 2 or 4"):
+        ParallelConfig("ulysses+pipefusion", 6, ulysses=3).check_model(6, heads=4)
+    ParallelConfig("ulysses+distrifusion", 6, ulysses=3).check_model(6, heads=6)
     with pytest.raises(ValueError, match="cfg 1 has no negative branch; set cfg != 1.*pipefusion"):
         ParallelConfig("cfg+pipefusion", 4).check_job(1.0)
     ParallelConfig("cfg+pipefusion", 4).check_job(4.5)
@@ -180,7 +211,8 @@ def test_cfg_parallel_refused_by_the_group_without_negative(tmp_path):
 
 def test_hybrid_memory_estimate():
     """Admission sees each rank's part of a hybrid plan: a CFG branch holds what its method holds on half the
-    ranks at the images' batch; Ulysses holds the whole model and no K/V buffers."""
+    ranks at the images' batch; Ulysses holds the whole model and no K/V buffers; Ulysses inside PipeFusion
+    its stage's weights and its heads' share of the stage's buffers."""
     from comfy_pipefusion import memory
 
     fam, p = family.find_preset("tiny")
@@ -194,3 +226,9 @@ def test_hybrid_memory_estimate():
     assert uly[0].kv == 0 and uly[0].weights == memory.estimate(fam, meta, ParallelConfig("serial", 1), size)[0].weights
     for strategy in ("cfg+distrifusion", "cfg+ulysses"):
         assert len(memory.estimate(fam, meta, ParallelConfig(strategy, 4), size)) == 4
+    # Ulysses inside the stages: each lane holds its stage's weights and the K/V of half the heads
+    lanes = memory.estimate(fam, meta, ParallelConfig("ulysses+pipefusion", 4), size)
+    stages = memory.estimate(fam, meta, ParallelConfig("pipefusion", 2), size)
+    assert [r.weights for r in lanes] == [stages[0].weights] * 2 + [stages[1].weights] * 2
+    assert [r.kv for r in lanes] == [stages[0].kv // 2] * 2 + [stages[1].kv // 2] * 2 and lanes[0].kv > 0
+    assert len(memory.estimate(fam, meta, ParallelConfig("cfg+ulysses+distrifusion", 8), size)) == 8

@@ -3,8 +3,16 @@ namespaces joined by a veth pair shaped with tc. `pytest -k link`. Skips, saying
 cannot be made (not root); CI runs as root and runs them."""
 from __future__ import annotations
 
+import json
+import os
+import secrets
 import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -14,6 +22,9 @@ from comfy_pipefusion.oneshot import run_jobs
 REASON = linkns.why_not()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no network namespaces here: {REASON}")
 SAMPLE = {"height": 128, "width": 128, "steps": 3, "seed": 3}
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_S = 240
+GRACE_S = 60
 
 
 def _ns_exists(name: str) -> bool:
@@ -59,3 +70,78 @@ def test_link_group_across_namespaces_equals_serial_and_picks_a_plan(shaped):
     bandwidth = plan["link"]["bandwidth"]
     assert bandwidth <= 1.25 * shaped.bits_per_s / 8, f"probed {bandwidth / 1e6:.1f} MB/s over a 100 Mbit/s link"
     assert torch.isfinite(out["auto"][0]).all()
+
+
+def _benches(link, tmp_path: Path, extra: dict[int, list[str]] | None = None):
+    """The bench on two "machines": node rank 0 in the namespace whose address sorts last (so that c10d gives
+    global rank 0 to the other one), node rank 1 in the other; ``extra``: more arguments per node rank.
+    Returns (endpoint, {node rank: process}, {node rank: output}) once both ended (killed past BENCH_S, or
+    GRACE_S after the other one failed)."""
+    endpoint = f"{link.addrs[1]}:{20000 + secrets.randbelow(30000)}"
+    common = [sys.executable, "-m", "comfy_pipefusion.bench", "--preset", "tiny", "--steps", "2", "--warmup-steps",
+              "2", "--strategies", "serial,pipefusion", "--repeats", "1", "--no-predict", "--nnodes", "2",
+              "--rdzv-endpoint", endpoint, "--rdzv-id", "pf-test", "--rdzv-timeout", "120"]
+    commands = {0: [*link.exec_prefix(1), *common, "--node-rank", "0", "--json", str(tmp_path / "bench.json")],
+                1: [*link.exec_prefix(0), *common, "--node-rank", "1"]}
+    procs = {r: subprocess.Popen([*c, *(extra or {}).get(r, [])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, cwd=ROOT, start_new_session=True) for r, c in commands.items()}
+    deadline = time.monotonic() + BENCH_S
+    try:
+        while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs.values()):  # one side failed: the other should
+                deadline = min(deadline, time.monotonic() + GRACE_S)   # see its peer gone and end too
+            time.sleep(0.5)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    outputs = {r: p.communicate()[0] for r, p in procs.items()}
+    return endpoint, procs, outputs
+
+
+def _nothing_left(endpoint: str, procs: dict) -> None:
+    """No process of the two benches (their agents and ranks name the endpoint or their temporary folders)
+    and no temporary folder of theirs outlived them."""
+    pids = [p.pid for p in procs.values()]
+    marks = [endpoint, *(f"pipefusion-{pid}-" for pid in pids), *(f"pipefusion-bench-{pid}-" for pid in pids)]
+    left = [q.info for q in psutil.process_iter(["pid", "cmdline"])
+            if any(m in " ".join(q.info["cmdline"] or ()) for m in marks)]
+    assert not left, f"processes of the bench outlived it: {left}"
+    dirs = [d for d in Path(tempfile.gettempdir()).glob("pipefusion-*")
+            if any(f"-{pid}-" in d.name for pid in pids)]
+    assert not dirs, f"temporary folders outlived the bench: {dirs}"
+
+
+def test_link_bench_one_command_per_machine_rank0_elsewhere(shaped, tmp_path):
+    """The bench across two "machines" (the namespaces), one command per machine, joined by torchrun's c10d
+    rendezvous, global rank 0 on the machine that is not node rank 0: node rank 0 still runs serial, takes
+    the turns and writes the report, with the results sent to it by the group. Serial and pipefusion at
+    warm-up = steps agree within 1e-5; both commands end within the bound and leave nothing behind."""
+    endpoint, procs, outputs = _benches(shaped, tmp_path)
+    for r, p in procs.items():
+        assert p.returncode == 0, f"node rank {r} ended with {p.returncode} (bound {BENCH_S} s):\n{outputs[r][-3000:]}"
+    rep = json.loads((tmp_path / "bench.json").read_text())
+    assert rep["nodes"]["nnodes"] == 2 and rep["nodes"]["address"] == shaped.addrs[1]
+    assert rep["nodes"]["group_ranks_here"] == [1], "c10d was expected to give rank 0 to the lower address"
+    assert "group ranks [0]" in outputs[1]
+    rows = {r["name"]: r for r in rep["results"]}
+    assert set(rows) == {"serial", "pipefusion"}
+    pf = rows["pipefusion"]
+    assert pf["world_size"] == 2 and pf["warmup_steps"] == 2 == rep["steps"]
+    assert pf["max_abs_err_vs_serial"] <= 1e-5 and rows["serial"]["max_abs_err_vs_serial"] == 0.0
+    assert [t["process"] for t in rep["turns"]] == ["serial", "group", "serial"]
+    assert all(a["end"] <= b["start"] for a, b in zip(rep["turns"], rep["turns"][1:])), "turns overlapped"
+    _nothing_left(endpoint, procs)
+
+
+@pytest.mark.slow
+def test_link_bench_machines_given_different_jobs_are_refused(shaped, tmp_path):
+    """The two commands differ (another seed on node rank 1): the group refuses at its start, on both
+    machines, saying what to fix, and nothing is left behind."""
+    endpoint, procs, outputs = _benches(shaped, tmp_path, {1: ["--seed", "1"]})
+    assert all(p.returncode > 0 for p in procs.values()), (outputs, [p.returncode for p in procs.values()])
+    for r in (0, 1):
+        assert "the machines were given different jobs" in outputs[r], outputs[r][-3000:]
+        assert "run the same command on every machine, only the node rank may differ" in outputs[r]
+    assert not (tmp_path / "bench.json").exists()
+    _nothing_left(endpoint, procs)

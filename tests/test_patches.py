@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_pipefusion.patches import Span, displaced_spans, image_bands, pipefusion_spans, split_even
+from comfy_pipefusion.patches import Span, displaced_spans, image_bands, lane_spans, pipefusion_spans, split_even
 
 
 def test_split_even_covers_and_differs_by_at_most_one():
@@ -59,3 +59,17 @@ def test_balanced_rows_refuses_too_many_bands():
     from comfy_pipefusion.patches import balanced_rows
     with pytest.raises(ValueError, match="cannot split 3 rows into 4"):
         balanced_rows(3, 4, [0, 0, 0, 1])
+
+
+def test_ulysses_lane_spans_cut_a_span_in_order():
+    """Ulysses inside a patch method: each lane a consecutive part of the span's text and of its image
+    tokens; every lane's text, then every lane's image, is the span's own [text; image] order; text shorter
+    than the lanes goes to lane 0; a patch with fewer image tokens than lanes is refused with the numbers."""
+    span = Span(0, 8, 24, 40)
+    parts = lane_spans(span, 3)
+    assert [(p.t0, p.t1, p.i0, p.i1) for p in parts] == [(0, 3, 24, 30), (3, 6, 30, 35), (6, 8, 35, 40)]
+    joined = torch.cat([p.joint_index(64)[:p.n_txt] for p in parts] + [p.joint_index(64)[p.n_txt:] for p in parts])
+    assert torch.equal(joined, span.joint_index(64))
+    assert [(p.n_txt, p.n_img) for p in lane_spans(Span(0, 1, 0, 4), 2)] == [(1, 2), (0, 2)]
+    with pytest.raises(ValueError, match="patch of 3 image tokens cannot be split over 4 Ulysses ranks"):
+        lane_spans(Span(0, 0, 5, 8), 4)

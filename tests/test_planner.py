@@ -145,3 +145,28 @@ def test_planner_simulates_the_exact_methods():
         simulate("cfg", 2, replace(work, cfg=False), free)
     with pytest.raises(ValueError, match="not divisible"):
         simulate("ulysses", 3, work, free)
+
+
+def test_planner_simulates_ulysses_inside_patch_methods():
+    """ulysses+pipefusion on 2 x 2 ranks is PipeFusion on 2 stages whose lanes each take half of every item's
+    tokens (and half the heads over the context): on a free link about half of PipeFusion on 2; likewise
+    ulysses+distrifusion against DistriFusion on 2. On a slow link the all-to-alls at every layer make it
+    slower than PipeFusion on 4 stages. Auto considers them where the heads split over 2 lanes."""
+    from dataclasses import replace
+
+    work = replace(_work(rows=32, width=512), heads=8)
+    free, slow = _flat(1e-4), _flat(1e-4, bandwidth=100e6 / 8, latency=1e-3)
+    pf2 = simulate("pipefusion", 2, work, free, patches=2).wall_s
+    df2 = simulate("distrifusion", 2, work, free).wall_s
+    upf = simulate("ulysses+pipefusion", 4, work, free, patches=2)
+    assert (upf.strategy, upf.world) == ("ulysses+pipefusion", 4)
+    assert upf.wall_s == pytest.approx(pf2 / 2, rel=0.03)
+    assert simulate("ulysses+distrifusion", 4, work, free).wall_s == pytest.approx(df2 / 2, rel=0.03)
+    assert simulate("ulysses+pipefusion", 4, work, slow, patches=2).wall_s > \
+        simulate("pipefusion", 4, work, slow, patches=4).wall_s
+    with pytest.raises(ValueError, match="lanes must divide"):
+        simulate("ulysses+pipefusion", 4, replace(work, heads=3), free, ulysses=2)
+    names = [label(c) for c in candidates(4, 64, warmup=1, heads=8)]
+    assert "ulysses+pipefusion x4 M2 W1" in names and "ulysses+distrifusion x4 W1" in names
+    assert not [label(c) for c in candidates(4, 64, warmup=1, heads=3) if "ulysses" in c.strategy]
+    assert not [c for c in candidates(2, 64, warmup=1, heads=8) if "+" in c.strategy]  # 2 ranks: no hybrid

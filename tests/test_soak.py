@@ -3,6 +3,7 @@ while another is cancelled. Every result is compared with the serial reference (
 every strategy exact)."""
 from __future__ import annotations
 
+import json
 import time
 
 import psutil
@@ -10,7 +11,7 @@ import pytest
 
 from comfy_pipefusion import transport
 
-from comfy_helpers import (END, error_message, flux_prompt, run_prompt, saved_latent, serial_latent,
+from comfy_helpers import (END, error_message, flux_prompt, recv_or_none, run_prompt, saved_latent, serial_latent,
                            start_model_server, worker_pids)
 
 UNET = "tiny-flux.safetensors"
@@ -73,15 +74,9 @@ def test_two_prompts_queued_while_a_third_is_cancelled(server):
         ended, interrupted = {}, False
         deadline = time.monotonic() + 300
         while len(ended) < 3 and time.monotonic() < deadline:
-            try:
-                raw = ws.recv()
-            except Exception as exc:
-                if "timed out" in str(exc).lower() or type(exc).__name__ == "WebSocketTimeoutException":
-                    continue
-                raise
-            if not isinstance(raw, str):
+            raw = recv_or_none(ws)
+            if not isinstance(raw, str):  # a timeout (None) or a preview frame
                 continue
-            import json
             m = json.loads(raw)
             d = m.get("data", {})
             if m["type"] == "progress" and d.get("prompt_id") == long_id and d["value"] >= 2 and not interrupted:

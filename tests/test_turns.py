@@ -11,13 +11,14 @@ import pytest
 from comfy_pipefusion.bench.turns import TurnAborted, Turns, conduct
 
 
-def _process(root: Path, tag: str, ranks: int, runs: int, log: list, busy_s: float = 0.0, die_after: int = -1):
-    """A process of ``ranks`` rank threads taking ``runs`` timed runs; before each it is busy for
-    ``busy_s`` (like loading a model) outside any turn. Logs (tag, event, time)."""
+def _process(root: Path, tag: str, ranks: int, runs: int, log: list, busy_s: float = 0.0, die_after: int = -1,
+             first: int = 0):
+    """A process of ``ranks`` rank threads (numbered from ``first``) taking ``runs`` timed runs; before each
+    it is busy for ``busy_s`` (like loading a model) outside any turn. Logs (tag, event, time)."""
     errors: list = []
 
     def rank(r: int) -> None:
-        turns = Turns(root, tag, r)
+        turns = Turns(root, tag, first + r)
         try:
             for n in range(runs):
                 if n == die_after:
@@ -56,6 +57,23 @@ def test_turns_alternate_and_wait_for_the_other_process_to_be_idle(tmp_path: Pat
     group_busy = [t for tag, ev, t in log if tag == "group" and ev == "busy"]
     serial_starts = [t for tag, ev, t in log if tag == "serial" and ev == "start"]
     assert serial_starts[1] >= group_busy[1] + 0.3
+
+
+def test_turns_count_this_machines_ranks_whatever_their_numbers(tmp_path: Path):
+    """A group across machines: only this machine's ranks see the folder, and c10d may have numbered them
+    2 and 3 (the other machine holds 0 and 1). The conductor counts them: the group's run waits for both,
+    and serial's second run for both to be done."""
+    log: list = []
+    a, _ = _process(tmp_path, "serial", 1, 2, log)
+    b, _ = _process(tmp_path, "group", 2, 1, log, busy_s=0.3, first=2)
+    procs = {"serial": a, "group": b}
+    spans = conduct(tmp_path, ["serial", "group", "serial"], {"serial": 1, "group": 2},
+                    alive=lambda tag: any(t.is_alive() for t in procs[tag]), timeout_s=30)
+    assert [s["process"] for s in spans] == ["serial", "group", "serial"]
+    assert sorted(p.name for p in tmp_path.glob("done-group-0-*")) == ["done-group-0-2", "done-group-0-3"]
+    runs = sorted(((t, tag, ev) for tag, ev, t in log if ev != "busy"))
+    assert [(tag, ev) for _, tag, ev in runs] == [("serial", "start"), ("serial", "end"), ("group", "start"),
+                                                   ("group", "end"), ("serial", "start"), ("serial", "end")]
 
 
 def test_a_process_that_dies_aborts_the_turns_and_nobody_is_left_waiting(tmp_path: Path):

@@ -1,15 +1,26 @@
-"""Speedup over serial at each link speed, measured and predicted: a Markdown table and a PNG.
+"""Speedup over serial at each link speed, measured and predicted: a Markdown table and a PNG; and the
+simulator against measured wall times over a grid of bench cells.
 
     python tools/link_table.py OUT.png shm.json 10gbit.json 1gbit.json 100mbit.json
+    python tools/link_table.py --grid OUT_DIR [--preset tiny] [--steps 4,8] [--cfg 1,4.5] [--link SPEED] \
+        [--strategies serial,pipefusion,distrifusion,ulysses,cfg] [--repeats 1]
 
 Each JSON is a bench run (`./dev.sh bench --strategies serial,pipefusion,... [--link SPEED] --json ...`);
 the measured speedup is the bench's (against the serial runs around the strategy's), the predicted one the
 simulator's serial time over the strategy's (`predicted_s`, same probes). The plot is drawn with Pillow
 (ComfyUI's requirements bring it; matplotlib is not installed here).
+
+``--grid`` runs the bench once per cell (steps x cfg; the cfg strategies only where cfg != 1), keeps each
+cell's JSON in OUT_DIR, and prints every row's measured wall time (median of the repeats), the simulator's
+prediction from the probes of the same run, and the error (predicted / measured - 1). One run of each cell:
+on a shared machine the figures are as noisy as its load.
 """
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,7 +89,65 @@ def plot(rows: list[dict], out: Path) -> None:
     img.save(out)
 
 
+def error_rows(paths: list[Path]) -> list[dict]:
+    """Every row of the bench JSONs at ``paths``: measured and predicted wall time, and the error."""
+    out = []
+    for p in paths:
+        rep = json.loads(Path(p).read_text())
+        cell = f"{rep['steps']} steps, cfg {rep['cfg']:g}" + (f", {rep['link']['speed']}" if rep.get("link") else "")
+        for r in rep["results"]:
+            pred = r.get("predicted_s")
+            out.append({"cell": cell, "name": r["name"], "plan": r.get("plan"), "measured_s": r["wall_s"],
+                        "predicted_s": pred, "error": pred / r["wall_s"] - 1 if pred else None})
+    return out
+
+
+def error_table(rows: list[dict]) -> str:
+    lines = ["| cell | strategy (plan) | measured s | predicted s | error |", "|---|---|---|---|---|"]
+    for r in rows:
+        pred = f"{r['predicted_s']:.3f}" if r["predicted_s"] else "-"
+        err = f"{100 * r['error']:+.1f}%" if r["error"] is not None else "-"
+        lines.append(f"| {r['cell']} | {r['name']} ({r['plan']}) | {r['measured_s']:.3f} | {pred} | {err} |")
+    errs = [abs(r["error"]) for r in rows if r["error"] is not None]
+    if errs:
+        within = sum(e <= 0.10 for e in errs)
+        lines.append(f"\n{within} of {len(errs)} predictions within 10% of the measured time "
+                     f"(largest error {100 * max(errs):.1f}%)")
+    return "\n".join(lines)
+
+
+def run_grid(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="tools/link_table.py --grid")
+    ap.add_argument("out", type=Path, help="folder for each cell's bench JSON")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--steps", default="4,8", help="comma-separated")
+    ap.add_argument("--cfg", default="1", help="comma-separated guidance scales (!= 1: true CFG)")
+    ap.add_argument("--strategies", default="serial,pipefusion,distrifusion,ulysses,cfg")
+    ap.add_argument("--warmup-steps", default="1")
+    ap.add_argument("--repeats", default="1")
+    ap.add_argument("--link", default=None, help="a bench --link speed (root only)")
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for steps, cfg in itertools.product(a.steps.split(","), a.cfg.split(",")):
+        strategies = [s for s in a.strategies.split(",") if float(cfg) != 1 or not s.startswith("cfg")]
+        path = a.out / f"cell-{a.preset}-s{steps}-cfg{cfg}{'-' + a.link if a.link else ''}.json"
+        cmd = [sys.executable, "-m", "comfy_pipefusion.bench", "--preset", a.preset, "--steps", steps, "--cfg", cfg,
+               "--strategies", ",".join(strategies), "--warmup-steps", a.warmup_steps, "--repeats", a.repeats,
+               "--json", str(path), *(["--link", a.link] if a.link else [])]
+        print("$", " ".join(cmd[1:]), flush=True)
+        done = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent)
+        if done.returncode != 0:
+            print(f"the bench failed for {path.name} (exit {done.returncode})", file=sys.stderr)
+            return done.returncode
+        paths.append(path)
+    print(error_table(error_rows(paths)))
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--grid"]:
+        return run_grid(argv[1:])
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2

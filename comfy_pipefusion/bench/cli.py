@@ -2,6 +2,7 @@
 
     python -m comfy_pipefusion.bench --preset small --json bench.json
     python -m comfy_pipefusion.bench --checkpoint flux1-dev.safetensors --height 1024 --width 1024 --steps 28
+    python -m comfy_pipefusion.bench --preset mid --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT  # per machine
 
 Serial runs in a process of its own with 1 thread, the parallel strategies in one torchrun group of
 --world-size ranks, one after another. Both start together, so their imports overlap, but the timed runs
@@ -33,11 +34,13 @@ from ..jobspec import Job
 from ..models import family
 from ..oneshot import end_children, owned_tempdir, run_jobs
 from ..parallel.costs import expected_bytes
-from ..parallel.plan import ModelSource
+from ..parallel.plan import ModelSource, stage_layers
 from ..sampling.samplers import load_samplers
 from ..peers import PEERS
 from .turns import TurnAborted, conduct
 from ..linkns import LINKS
+from ..multinode import Nodes
+from .machines import nodes_of, run_other_node
 
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -80,6 +83,18 @@ def parse_args(argv):
     ap.add_argument("--link", default=None, choices=sorted(LINKS),
                     help="run the group across two network namespaces joined by a link shaped to this speed "
                          "(half the ranks on each side; root only: see linkns.py)")
+    ap.add_argument("--nnodes", type=int, default=1,
+                    help="machines the group spans, with torchrun's c10d rendezvous: run the same command on each, "
+                         "only --node-rank differs (see README, Two machines)")
+    ap.add_argument("--node-rank", type=int, default=0,
+                    help="this machine's: 0 hosts the rendezvous, runs serial, takes the turns and writes the report")
+    ap.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                    help="with --nnodes > 1: node rank 0's address and a free port on it, the same on every machine")
+    ap.add_argument("--rdzv-id", default="pipefusion-bench", help="the rendezvous' name, the same on every machine")
+    ap.add_argument("--local-addr", default=None,
+                    help="this machine's address toward the others (default: the source of the route to the endpoint)")
+    ap.add_argument("--rdzv-timeout", type=float, default=600.0,
+                    help="seconds to wait for the other machines to join (default 600)")
     ap.add_argument("--no-predict", dest="predict", action="store_false",
                     help="skip the simulator's prediction beside each measured time (its probes take seconds)")
     ap.add_argument("--timeline", default=None, metavar="PNG",
@@ -206,7 +221,9 @@ def summarise(args, spec, serial, results) -> dict:
                     warmup=sum(1 for k in range(evals) if step_of(k) < cfg.warmup_steps),
                     patches=cfg.num_patches, elem=ELEM[spec.dtype],
                     layers=layers["joint"], image_layers=layers["image"], text_stream=cfg.text_stream,
-                    channels=4 * fam.latent_format(cfg_model).channels)
+                    channels=4 * fam.latent_format(cfg_model).channels, ulysses=cfg.ulysses_degree,
+                    stage_layers=stage_layers(fam, fam.build_meta(cfg_model), cfg.branch())
+                    if "ulysses+pipefusion" in cfg.strategy else None)
         rows.append({"strategy": job.peer or cfg.strategy, "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
                      "threads_per_rank": args.threads_per_rank,
@@ -237,12 +254,14 @@ def summarise(args, spec, serial, results) -> dict:
             "repeats": args.repeats, "results": rows}
 
 
-def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[Job], link=None):
+def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[Job], link=None,
+                     nodes: Nodes | None = None):
     """Serial in a process of its own (1 thread) and the parallel jobs in one group, started together so
     their start-ups overlap, then timed in turns (turns.py): a serial run, a parallel job's --repeats runs,
     a serial run, the next job's runs, ..., a serial run. Nothing is ever timed beside another process's
     work, and each parallel job is compared with the two serial runs around it, taken in the state the
-    machine was in then. Returns (serial result with every serial run, {name: result}, turn spans)."""
+    machine was in then. With ``nodes`` the group spans machines (this one is node rank 0): serial and the
+    turns stay on this machine. Returns (serial result with every serial run, {name: result}, turn spans)."""
     test_args = ["--test-samplers", args.test_samplers] if args.test_samplers else []
     if not par_jobs:
         return run_jobs(None, args.seed, [j.to_wire() for j in serial_jobs], world_size=1, threads=1, model=source,
@@ -258,6 +277,7 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
                     wires = [j.to_wire() for j in jobs]
                     results[tag] = run_jobs(None, args.seed, wires, world_size=world_size, threads=threads,
                                             link=link if tag == "group" else None, model=source,
+                                            nodes=nodes if tag == "group" else None,
                                             worker_args=["--turns", tmp, "--turn-tag", tag, "--probe-dir",
                                                          str(Path(tmp) / "probes"), *test_args])
                 except BaseException as exc:  # noqa: BLE001 - re-raised below
@@ -271,7 +291,8 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
                    "group": start("group", par_jobs, args.world_size, args.threads_per_rank)}
         aborted = None
         try:
-            spans = conduct(Path(tmp), order, {"serial": 1, "group": args.world_size},
+            here = args.world_size // (nodes.nnodes if nodes else 1)  # the group's ranks on this machine
+            spans = conduct(Path(tmp), order, {"serial": 1, "group": here},
                             alive=lambda tag: threads[tag].is_alive())
         except TurnAborted as exc:
             aborted = exc
@@ -315,10 +336,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         spec, serial_jobs, par_jobs = plan_jobs(args)
+        nodes = nodes_of(args)
+        if nodes is not None and not par_jobs:
+            raise ValueError("--nnodes > 1 needs a parallel strategy in --strategies (serial runs on one machine)")
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     source = model_of(args)[0]
+    if nodes is not None and nodes.node_rank != 0:
+        return run_other_node(args, source, par_jobs, nodes)
     link = None
     if args.link:
         from .. import linkns
@@ -330,7 +356,7 @@ def main(argv=None) -> int:
             print(f"error: --link {args.link}: {exc}", file=sys.stderr)
             return 2
     try:
-        serial, out, spans = run_side_by_side(args, source, serial_jobs, par_jobs, link)
+        serial, out, spans = run_side_by_side(args, source, serial_jobs, par_jobs, link, nodes)
     finally:
         if link is not None:
             link.close()
@@ -339,6 +365,9 @@ def main(argv=None) -> int:
     report["turns"] = spans
     report["link"] = None if link is None else {"speed": link.speed, "bits_per_s": link.bits_per_s,
                                                 "latency_s": link.latency_s, "qdisc": link.qdisc}
+    report["nodes"] = None if nodes is None else {
+        "nnodes": nodes.nnodes, "node_rank": 0, "rdzv_endpoint": nodes.endpoint, "address": nodes.address(),
+        "group_ranks_here": out[par_jobs[0].name][1].get("group_ranks_here")}  # c10d's numbering
     print_table(report)
     if args.timeline:
         from ..timeline import render

@@ -2,14 +2,16 @@
 its samples and metrics written by rank 0; with turns (turns.py) the runs wait for their turn."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ..engine import ModelCache, Prepared, execute, plan_report, prepare, rank_stats
 from ..jobspec import Job
@@ -75,11 +77,24 @@ def attention_layers(model, problem) -> dict[str, int]:
 
 
 def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns: Turns | None = None,
-             samplers: dict | None = None, probe_dir: Path | None = None) -> None:
+             samplers: dict | None = None, probe_dir: Path | None = None, node: str = "0",
+             writes: bool = True) -> None:
     """Run a file of jobs ({"model": {...}, "jobs": [Job wire forms without their model]}); with ``turns``,
     each job's timed runs wait for its turn (see turns.py); ``samplers``: test samplers by name, which the
-    jobs may name besides the production ones (``Job.from_wire``)."""
-    spec = json.loads(jobs_path.read_text())
+    jobs may name besides the production ones (``Job.from_wire``). ``node``: this rank's machine (torchrun's
+    GROUP_RANK); ``writes``: whether this rank writes the results (the first rank of each machine). A group
+    across machines checks that every machine was given the same jobs, and rank 0 sends each job's results
+    to every machine's writer: c10d may have put rank 0 on another machine than the one that reads them."""
+    raw = jobs_path.read_bytes()
+    spec = json.loads(raw)
+    seen = comm.gather_object({"node": node, "jobs": hashlib.sha256(raw).hexdigest()})
+    across = len({s["node"] for s in seen}) > 1
+    if len({s["jobs"] for s in seen}) > 1:
+        differ = sorted({s["node"] for s in seen if s["jobs"] != seen[0]["jobs"]})
+        raise ValueError(f"the machines were given different jobs (the jobs of rank 0's machine differ from "
+                         f"those of machine(s) {', '.join(differ)}): run the same command on every machine, "
+                         "only the node rank may differ")
+    here = [r for r, s in enumerate(seen) if s["node"] == node]
     models = ModelCache(device)
     models.probe_dir = probe_dir  # the planner's block probes (autoplan.py)
     for wire in spec["jobs"]:
@@ -87,7 +102,28 @@ def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns
         log.info("job %s: %s", job.name, job.parallel)
         prep = prepare(job, comm, models)
         samples, metrics = run_timed(prep, comm, device, job.repeats, turns)
-        if comm.rank == 0:
+        if across:
+            samples, metrics = from_rank0(comm, samples, metrics)
+        if writes and (across or comm.rank == 0):
             out.mkdir(parents=True, exist_ok=True)
-            save_file({"samples": samples.contiguous()}, str(out / f"{job.name}.safetensors"))
-            (out / f"{job.name}.json").write_text(json.dumps(metrics))
+            metrics = {**metrics, "group_ranks_here": here}  # this machine's ranks
+            write_atomic(out / f"{job.name}.safetensors", save({"samples": samples.contiguous()}))
+            write_atomic(out / f"{job.name}.json", json.dumps(metrics).encode())
+
+
+def from_rank0(comm: Comm, samples: torch.Tensor | None, metrics: dict | None) -> tuple[torch.Tensor, dict]:
+    """Rank 0's samples and metrics on every rank (the control plane: JSON text and the tensor's bytes)."""
+    head = comm.broadcast_object({"shape": list(samples.shape), "dtype": str(samples.dtype).removeprefix("torch.")}
+                                 if comm.rank == 0 else None)
+    text = comm.broadcast_bytes(json.dumps(metrics).encode() if comm.rank == 0 else None)
+    data = comm.broadcast_bytes(samples.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                                if comm.rank == 0 else None)
+    tensor = torch.frombuffer(bytearray(data), dtype=getattr(torch, head["dtype"])).reshape(head["shape"])
+    return tensor, json.loads(text)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (two machines' writers may share a folder, as namespaces do)."""
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    part.write_bytes(data)
+    os.replace(part, path)

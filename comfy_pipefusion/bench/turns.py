@@ -7,9 +7,14 @@ next strategy's runs, ..., serial) and compares each strategy with the serial ru
 
 - before its n-th turn, every rank of process TAG touches ``waiting-TAG-n-RANK`` and sleeps (a polling
   sleep: no core taken, no collective pending) until ``go-TAG-n`` exists;
-- after its timed runs, rank 0 touches ``done-TAG-n``;
+- after its timed runs (which end with a barrier of all its ranks), every rank touches ``done-TAG-n-RANK``;
 - the conductor gives a process its turn only when every other process is idle: all its ranks wait for
   their next turn, or it has run all its turns and ended; ``abort`` ends every wait with an error.
+
+The conductor counts a process's files rather than naming its ranks: in a group across machines only the
+ranks on the conductor's machine see the folder (c10d numbers the ranks by address, so they need not be
+ranks 0..n-1); the other machines' ranks take no turns of their own and wait at the group's first barrier
+of the timed runs, which the local ranks reach only on their go.
 """
 from __future__ import annotations
 
@@ -42,22 +47,25 @@ class Turns:
             time.sleep(POLL_S)
 
     def done(self) -> None:
-        if self.root is not None and self.rank == 0:
-            (self.root / f"done-{self.tag}-{self.n}").touch()
+        if self.root is not None:
+            (self.root / f"done-{self.tag}-{self.n}-{self.rank}").touch()
         self.n += 1
 
 
 def conduct(root: Path, order: list[str], ranks: dict[str, int], alive, timeout_s: float = 3600.0) -> list[dict]:
     """Give the turns in ``order`` (a list of process tags, one entry per turn). ``ranks``: each tag's
-    number of ranks; ``alive(tag)``: whether that process is still running. Returns when every turn is done,
+    number of ranks on this machine; ``alive(tag)``: whether that process is still running. Returns when every turn is done,
     with the span of each ([{"process", "start", "end"}], ``time.time()`` seconds). A process that ends
     or stalls before its turns are done aborts them all (``TurnAborted``)."""
     total = {tag: order.count(tag) for tag in ranks}
     taken = {tag: 0 for tag in ranks}
     deadline = time.monotonic() + timeout_s
 
+    def count(what: str, tag: str) -> int:
+        return sum(1 for _ in root.glob(f"{what}-{tag}-{taken[tag]}-*"))
+
     def waiting(tag: str) -> bool:
-        return all((root / f"waiting-{tag}-{taken[tag]}-{r}").exists() for r in range(ranks[tag]))
+        return count("waiting", tag) >= ranks[tag]
 
     def idle(tag: str) -> bool:
         return not alive(tag) if taken[tag] == total[tag] else waiting(tag)
@@ -80,7 +88,7 @@ def conduct(root: Path, order: list[str], ranks: dict[str, int], alive, timeout_
                     until(lambda: idle(other), f"idle before run {n} of {tag!r}", other)
             start = time.time()
             (root / f"go-{tag}-{n}").touch()
-            until(lambda: (root / f"done-{tag}-{n}").exists(), f"the end of its run {n}", tag)
+            until(lambda: count("done", tag) >= ranks[tag], f"the end of its run {n}", tag)
             spans.append({"process": tag, "start": start, "end": time.time()})
             taken[tag] += 1
     except BaseException:

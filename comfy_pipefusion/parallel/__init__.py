@@ -10,6 +10,9 @@ def strategy_fn(name: str):
     if name == "distrifusion":
         from .distrifusion import run_distrifusion
         return run_distrifusion
+    if name in ("ulysses+pipefusion", "ulysses+distrifusion"):
+        from .lanes import run_lanes
+        return run_lanes
     if name == "ulysses":
         from .ulysses import run_ulysses
         return run_ulysses

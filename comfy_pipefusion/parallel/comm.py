@@ -248,12 +248,20 @@ class Comm:
 
     def broadcast_object(self, obj, src: int = 0):
         """Rank ``src``'s JSON value on every rank (``src`` gets the decoded copy too, so all ranks agree)."""
+        raw = encode_object(obj).numpy().tobytes() if self.rank == src else None
+        return decode_object(self.broadcast_bytes(raw, src), src)
+
+    def broadcast_bytes(self, raw: bytes | None, src: int = 0) -> bytes:
+        """Rank ``src``'s bytes on every rank (its length first, then the bytes): what the caller decodes,
+        never a pickle (e.g. a result tensor's raw bytes, a JSON text)."""
         if self.world_size == 1:
-            return decode_object(encode_object(obj).numpy().tobytes(), src)
-        data = encode_object(obj) if self.rank == src else None
+            return raw
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if self.rank == src and raw else None
         n = self._broadcast(torch.tensor([0 if data is None else data.numel()], dtype=torch.int64), src)
+        if int(n[0]) == 0:
+            return b""
         buf = data if data is not None else torch.empty(int(n[0]), dtype=torch.uint8)
-        return decode_object(self._broadcast(buf, src).numpy().tobytes(), src)
+        return self._broadcast(buf, src).numpy().tobytes()
 
     def gather_object(self, obj) -> list:
         """Every rank's JSON value, in rank order, on every rank."""

@@ -13,22 +13,27 @@ import torch
 from ..attention import DisplacedKV
 from ..errors import JobCancelled
 from ..patches import displaced_spans
+from .lanes import OneLane
 from .runtime import Control, JobRuntime, gather_bands
 
 
 def run_distrifusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, device: torch.device,
-                     control: Control | None = None) -> torch.Tensor | None:
-    """This rank's band. Returns the final latent [B, S_img, 64] on rank 0, else None."""
+                     control: Control | None = None, lanes=None, whole=None) -> torch.Tensor | None:
+    """This rank's band. Returns the final latent [B, S_img, 64] on rank 0, else None.
+
+    ``lanes`` (``lanes.Lanes``): Ulysses inside each band; ``comm`` is then this rank's lane across the bands
+    (the gathers of its heads' K/V), ``whole`` the group that agrees to stop and collects the final latent."""
+    lanes, whole = lanes or OneLane(), whole or comm
     spans = displaced_spans(problem.rows, problem.cols, problem.n_span_txt, comm.world_size)
-    sp = spans[comm.rank]
+    sp = lanes.enter(spans[comm.rank])  # this lane's part of the band, the same at every step
     control = control or Control()
     rt = JobRuntime(model, problem, dtype, device, first=True, last=True, preview=control.preview)
-    kvs = rt.kv_buffers(blocks, DisplacedKV, spans=spans, rank=comm.rank, comm=comm)
+    kvs = lanes.kv_buffers(rt, blocks, DisplacedKV, spans=spans, rank=comm.rank, comm=comm)
     txt = rt.span_txt(sp)
     items = rt.schedule(sp, warmup_steps=cfg.warmup_steps)  # one item per evaluation: this rank's band
     for item in control.track(items):
         t = item.eval
-        if item.step_boundary and control.agree_stop(comm):
+        if item.step_boundary and control.agree_stop(whole):
             _finish(kvs)  # every rank started the same gathers: they complete
             raise JobCancelled(f"cancelled before step {item.step + 1}")
         for kv in _every(kvs):
@@ -38,7 +43,7 @@ def run_distrifusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype
         if item.closes_step:
             control.step_done(item.step)
     _finish(kvs)
-    return gather_bands(comm, rt.x, [(s.i0, s.i1) for s in spans])
+    return gather_bands(whole, rt.x, lanes.ranges(spans))
 
 
 def _every(kvs: list) -> list:

@@ -21,8 +21,10 @@ from collections import deque
 
 import torch
 
+from ..attention import StaleKV
 from ..errors import JobCancelled
 from ..patches import full_span, pipefusion_spans
+from .lanes import OneLane
 from .runtime import Control, JobRuntime
 
 log = logging.getLogger("comfy_pipefusion.pipefusion")
@@ -124,8 +126,11 @@ class _Decisions:
 
 
 def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, device: torch.device,
-                   control: Control | None = None) -> torch.Tensor | None:
+                   control: Control | None = None, lanes=None) -> torch.Tensor | None:
     """This rank's stage of the ring. Returns the final latent [B, S_img, 64] on rank 0, else None.
+
+    ``lanes`` (``lanes.Lanes``): Ulysses inside each stage; ``comm`` is then this rank's lane across the
+    stages, each item runs on the lane's part of its span, and lane 0 brings the final latent to rank 0.
 
     Groups: activations go s -> s + 1 on hop group s, latent patches N - 1 -> 0 on the ring group; each
     carries one direction only, so under NCCL's in-order streams no receive can sit in front of a send
@@ -134,11 +139,11 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
     is known (``_Decisions``): on cancel no stage has a receive posted that nobody will answer, stage 0
     takes in the ring patches still coming, and every rank raises ``JobCancelled`` with nothing in flight.
     """
-    control = control or Control()
+    control, lanes = control or Control(), lanes or OneLane()
     s, n = comm.rank, comm.world_size
     first, last = s == 0, s == n - 1
     rt = JobRuntime(model, problem, dtype, device, first, last, preview=control.preview)
-    kvs = rt.kv_buffers(blocks)
+    kvs = lanes.kv_buffers(rt, blocks, StaleKV)
     items = rt.schedule(full_span(problem.n_span_txt, problem.n_img),
                         pipefusion_spans(problem.rows, problem.cols, problem.n_span_txt, cfg.num_patches,
                                          cfg.text_stream), cfg.warmup_steps)
@@ -155,7 +160,7 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
         if i >= len(items):
             return None
         item = items[i]
-        sp = item.span
+        sp = lanes.part(item.span)
         if not first:  # activations of item i from the previous stage, text first
             return comm.irecv(acts.take((mb, sp.n_txt + sp.n_img, width)), s - 1, hop_in)
         if item.eval > 0:  # the latent patch the last stage produced at evaluation t - 1
@@ -177,7 +182,7 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
     x0 = problem.x0.to(device) if first else None
     nxt = post_recv(0)
     for item in control.track(items):
-        i, t, sp = item.index, item.eval, item.span
+        i, t = item.index, item.eval
         if item.eval_boundary:
             if decisions.stop_before(t):
                 stop(item, nxt)
@@ -185,6 +190,7 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
                 nxt = post_recv(i)
         cur = nxt
         nxt = post_recv(i + 1) if first or not item.closes_eval else None
+        sp = lanes.enter(item.span)  # this lane's part of the item (the item's own span without lanes)
         if first:
             x_in = x0[:, sp.i0:sp.i1] if cur is None else cur.wait()
             txt, img = rt.span_txt(sp), rt.embed_image(x_in, sp, t)
@@ -201,10 +207,11 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
             msg[:, sp.n_txt:] = img
             sends.add(comm.isend(msg, s + 1, hop_out), acts)
         else:
-            rt.update(t, sp.i0, sp.i1, img)
+            whole = item.span  # every lane samples the whole span: the lanes keep one latent and sampler state
+            rt.step(t, whole.i0, whole.i1, lanes.whole_output(rt.output(t, img), whole))
             # Ring: every patch of step t + 1 whose rows are now all updated goes back to stage 0.
-            while ring_next < len(items) and items[ring_next].eval == t + 1 and items[ring_next].span.i1 <= sp.i1:
-                r = items[ring_next].span
+            while ring_next < len(items) and items[ring_next].eval == t + 1 and items[ring_next].span.i1 <= whole.i1:
+                r = lanes.part(items[ring_next].span)
                 buf = lats.take((b, r.n_img, chans))
                 buf.copy_(rt.x[:, r.i0:r.i1])
                 sends.add(comm.isend(buf, 0, ring), lats)
@@ -217,6 +224,8 @@ def run_pipefusion(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, 
     decisions.finish()
     log.debug("stage %d: %d items through %d activation and %d latent buffers", s, len(items), acts.allocated,
               lats.allocated)
+    if lanes.index:  # lane 0 holds the same latent
+        return None
     if last:
         comm.isend(rt.x, 0, ring).wait()
         return None

@@ -135,3 +135,14 @@ def load_rank_model(source: ModelSource, cfg: ParallelConfig, rank: int, device:
     source.fill(fam, model, rank_modules(fam, model, cfg, rank), device, dtype, progress, described.info)
     model.eval().requires_grad_(False)
     return model, rank_blocks(fam, model, cfg, rank)
+
+
+def stage_layers(fam, model, cfg: ParallelConfig) -> tuple[tuple[int, int], ...]:
+    """(joint, image-only) attention layers of each PipeFusion stage: what the Ulysses exchanges of a stage's
+    lanes count (``costs.expected_bytes`` of ulysses+pipefusion)."""
+    blocks, out, start = fam.blocks_of(model), [], 0
+    for size in stage_split(fam, model, cfg):
+        kinds = [k for b in blocks[start:start + size] for k in fam.kv_buffers(model, b, lambda kind: kind)]
+        out.append((kinds.count("joint"), kinds.count("image")))
+        start += size
+    return tuple(out)

@@ -1,10 +1,11 @@
 """strategy=auto: predict every plan of a group that fits in memory and pick the fastest.
 
 The plans of a group of N ranks: PipeFusion with M = N, 2N, 4N patches (as many as the image has token
-rows), DistriFusion, each with the user's warm-up steps (never fewer: warm-up is a quality setting). Each
-is predicted by the simulator (simulate.py) from the probed costs (probe.py) and checked with the memory
-admission estimate (memory.py) by the caller's ``fits``; the fastest that fits wins, ties going to the
-earlier candidate (PipeFusion first: it sends the least).
+rows), DistriFusion, the exact methods and hybrids that fit the group (``exact_candidates``), each with the
+user's warm-up steps (never fewer: warm-up is a quality setting). Each is predicted by the simulator
+(simulate.py) from the probed costs (probe.py) and checked with the memory admission estimate (memory.py)
+by the caller's ``fits``; the fastest that fits wins, ties going to the earlier candidate (PipeFusion
+first: it sends the least).
 """
 from __future__ import annotations
 
@@ -59,27 +60,28 @@ def candidates(world: int, rows: int, warmup: int, base: ParallelConfig | None =
 
 def exact_candidates(world: int, rows: int, warmup: int, cfg: bool, heads: int) -> list[ParallelConfig]:
     """The exact methods and hybrids where the engine has them (config.STRATEGIES): Ulysses when the heads
-    split evenly, CFG halves (alone, or around each other method) on a true-CFG job."""
+    split evenly (alone, or 2 lanes inside each PipeFusion stage or DistriFusion band), CFG halves (alone, or
+    around each other method) on a true-CFG job."""
     out = []
-    names = [s for s in STRATEGIES if s == "ulysses" or s.startswith("cfg")]
+    names = [s for s in STRATEGIES if "ulysses" in s or s.startswith("cfg")]
     for s in names:
-        half = world // 2 if s.startswith("cfg") else world
         if s.startswith("cfg") and not cfg:
             continue
-        if "ulysses" in s and (not heads or heads % half):
-            continue
-        if s.endswith(("pipefusion", "distrifusion")) and half > rows:
-            continue
         try:
-            out.append(ParallelConfig(s, world, warmup_steps=warmup))
-        except ValueError:  # not a plan of this many ranks (e.g. cfg alone on 4)
+            plan = ParallelConfig(s, world, warmup_steps=warmup)
+        except ValueError:  # not a plan of this many ranks (e.g. cfg alone on 4, 2 lanes x 2 stages on 2)
             continue
+        if "ulysses" in s and (not heads or heads % plan.ulysses_degree):
+            continue
+        if plan.patch_method in ("pipefusion", "distrifusion") and plan.stages > rows:
+            continue
+        out.append(plan)
     return out
 
 
 def predict(cfg: ParallelConfig, work: Workload, costs: Costs) -> Prediction:
     return simulate(cfg.strategy, cfg.world_size, work, costs, patches=cfg.num_patches,
-                    text_stream=cfg.text_stream, stage_split=cfg.stage_split)
+                    text_stream=cfg.text_stream, stage_split=cfg.stage_split, ulysses=cfg.ulysses_degree)
 
 
 def choose(plans: list[ParallelConfig], work: Workload, costs: Costs, fits=lambda cfg: True) -> Choice:

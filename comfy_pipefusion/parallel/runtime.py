@@ -105,12 +105,18 @@ class JobRuntime:
 
     def update(self, k: int, i0: int, i1: int, img: torch.Tensor) -> torch.Tensor:
         """Last layer + sampler step on image tokens [i0, i1); returns the patch's next input."""
-        out = self.fam.final_layer(self.model, img, self.temb(k)).float()  # [MB, L, C]
+        return self.step(k, i0, i1, self.output(k, img))
+
+    def output(self, k: int, img: torch.Tensor) -> torch.Tensor:
+        """The last layer on some image tokens: the model's output [MB, L, C], float32."""
+        return self.fam.final_layer(self.model, img, self.temb(k)).float()
+
+    def step(self, k: int, i0: int, i1: int, out: torch.Tensor) -> torch.Tensor:
+        """The sampler step on image tokens [i0, i1) from the model's output for them; their next input."""
         x = self.x[:, i0:i1]
         new = self.sampler.step(k, slice(i0, i1), x, self.denoised(k, x, out, slice(i0, i1)))
         self.x[:, i0:i1] = new
         return new
-
 
     def denoised(self, k: int, x: torch.Tensor, out: torch.Tensor, sl: slice) -> torch.Tensor:
         """The model's prediction for tokens ``sl`` as a denoised latent, with classifier-free guidance

@@ -21,6 +21,9 @@ What is simulated (see parallel/pipefusion.py and distrifusion.py for the schedu
 - ``naive_patch``: each rank its band alone; no exchange but the final latent.
 - ``ulysses``: each rank computes 1/N of the tokens through the linear layers and 1/N of the heads over
   the whole sequence; every attention layer waits for two all-to-alls (q, k, v out; the outputs back).
+- ``ulysses+pipefusion``, ``ulysses+distrifusion``: the patch method on N / u stages (bands), each item
+  run by u lanes as Ulysses runs it (1/u of the tokens, 1/u of the heads over the context, two
+  all-to-alls per attention layer over the lanes); each lane sends its part on its own link.
 - ``cfg`` and ``cfg+X``: the positive and negative branches on two halves, each running X (serial on one
   rank) on half the model batch; each evaluation the halves swap their outputs (latent-sized) once.
 
@@ -33,7 +36,8 @@ from dataclasses import dataclass, field, replace
 from ..patches import displaced_spans, full_span, pipefusion_spans, split_even
 from .schedule import make_schedule
 
-SIMULATED = ("serial", "pipefusion", "distrifusion", "naive_patch", "ulysses", "cfg", "cfg+X")
+SIMULATED = ("serial", "pipefusion", "distrifusion", "naive_patch", "ulysses", "ulysses+pipefusion",
+             "ulysses+distrifusion", "cfg", "cfg+X")
 
 
 @dataclass(frozen=True)
@@ -175,12 +179,22 @@ def stage_sizes(work: Workload, costs: Costs, world: int, split: tuple[int, ...]
 
 
 def simulate(strategy: str, world: int, work: Workload, costs: Costs, patches: int = 0,
-             text_stream: str = "last_patch", stage_split: tuple[int, ...] | None = None) -> Prediction:
-    """Predicted wall time of one job (see the module docstring)."""
+             text_stream: str = "last_patch", stage_split: tuple[int, ...] | None = None,
+             ulysses: int = 2) -> Prediction:
+    """Predicted wall time of one job (see the module docstring); ``ulysses``: the lanes of a stage (band)
+    of ``ulysses+pipefusion`` / ``ulysses+distrifusion``."""
     if strategy.startswith("cfg"):
-        return _cfg(strategy, world, work, costs, patches, text_stream, stage_split)
+        return _cfg(strategy, world, work, costs, patches, text_stream, stage_split, ulysses)
     if strategy == "ulysses":
         return _ulysses(world, work, costs)
+    if strategy in ("ulysses+pipefusion", "ulysses+distrifusion"):
+        if ulysses < 2 or world % ulysses or work.heads and work.heads % ulysses:
+            raise ValueError(f"{strategy} on {world} ranks with {ulysses} lanes per stage: the lanes must divide "
+                             f"the ranks and the {work.heads} heads")
+        n = world // ulysses
+        p = (_pipefusion(n, work, costs, patches or n, text_stream, stage_split, ulysses)
+             if strategy.endswith("pipefusion") else _distrifusion(n, work, costs, ulysses))
+        return replace(p, strategy=strategy, world=world)
     if strategy == "serial" or world == 1:
         t = work.evals * (blocks_time(costs, work.kinds, work.n_ctx, work.n_ctx, work.model_batch) + costs.per_eval)
         return Prediction("serial", 1, 1, t, t, 0.0)
@@ -194,7 +208,7 @@ def simulate(strategy: str, world: int, work: Workload, costs: Costs, patches: i
 
 
 def _pipefusion(world: int, work: Workload, costs: Costs, patches: int, text_stream: str,
-                split: tuple[int, ...] | None) -> Prediction:
+                split: tuple[int, ...] | None, lanes: int = 1) -> Prediction:
     sizes = stage_sizes(work, costs, world, split)
     stages, start = [], 0
     for n in sizes:
@@ -213,14 +227,14 @@ def _pipefusion(world: int, work: Workload, costs: Costs, patches: int, text_str
     for t, (nt, ni), band in items:
         ready = ring_at.get(band, last_full) if t >= sync else last_full
         for s, kinds in enumerate(stages):
-            c = blocks_time(costs, kinds, nt + ni, work.n_ctx, work.model_batch)
+            c = _lanes_time(costs, work, kinds, nt + ni, lanes)
             if s in (0, world - 1):  # embedding on the first stage; final layer and sampler on the last
                 c += costs.per_eval * ni / work.n_img / 2
             begin = max(free[s], ready)
             free[s] = begin + c
             busy[s] += c
             nbytes = (work.elem * work.model_batch * work.width * (nt + ni) if s < world - 1
-                      else 4 * work.channels * ni * work.batch)
+                      else 4 * work.channels * ni * work.batch) / lanes  # each lane its part, on its link
             go = max(free[s], link_free[s])
             dt = costs.link.time(nbytes)
             link_free[s] = go + nbytes / costs.link.bandwidth
@@ -240,13 +254,13 @@ def _kv_tokens(work: Workload, world: int) -> tuple[int, int]:
     return max(s.n_txt + s.n_img for s in spans), max(s.n_img for s in spans)
 
 
-def _distrifusion(world: int, work: Workload, costs: Costs) -> Prediction:
+def _distrifusion(world: int, work: Workload, costs: Costs, lanes: int = 1) -> Prediction:
     spans = displaced_spans(work.rows, work.cols, work.n_txt, world)
-    compute = max(blocks_time(costs, work.kinds, s.n_txt + s.n_img, work.n_ctx, work.model_batch) for s in spans)
+    compute = max(_lanes_time(costs, work, work.kinds, s.n_txt + s.n_img, lanes) for s in spans)
     compute += costs.per_eval / world
     joint, _ = _kv_tokens(work, world)
     layers = [work.kv_layers.get(k, 1) for k in work.kinds]
-    per_layer = 2 * work.elem * work.model_batch * work.width * joint
+    per_layer = 2 * work.elem * work.model_batch * work.width * joint / lanes  # a lane gathers its heads' K/V
     gather = sum(layers) * (world - 1) * costs.link.time(per_layer)  # a ring all-gather per attention layer
     sync = min(work.warmup_evals, work.evals)
     rest = work.evals - sync
@@ -274,6 +288,19 @@ def _all_to_all(costs: Costs, world: int, nbytes_per_rank: float) -> float:
     return (world - 1) * costs.link.time(nbytes_per_rank / world)
 
 
+def _lanes_time(costs: Costs, work: Workload, kinds, nq: int, lanes: int) -> float:
+    """``kinds`` over ``nq`` query tokens attending over the whole context, on ``lanes`` Ulysses lanes: each
+    lane 1/u of the tokens through the linear layers and 1/u of the heads over the context (what its
+    per-token and per-pair costs both scale with), and two all-to-alls per attention layer."""
+    if lanes == 1:
+        return blocks_time(costs, kinds, nq, work.n_ctx, work.model_batch)
+    local = -(-nq // lanes)
+    band = work.elem * work.model_batch * local * work.width
+    layers = sum(work.kv_layers.get(k, 1) for k in kinds)
+    return (blocks_time(costs, kinds, local, work.n_ctx, work.model_batch)
+            + layers * (_all_to_all(costs, lanes, 3 * band) + _all_to_all(costs, lanes, band)))
+
+
 def _ulysses(world: int, work: Workload, costs: Costs) -> Prediction:
     if work.heads and work.heads % world:
         raise ValueError(f"ulysses splits {work.heads} heads over {world} ranks: not divisible")
@@ -289,13 +316,13 @@ def _ulysses(world: int, work: Workload, costs: Costs) -> Prediction:
 
 
 def _cfg(strategy: str, world: int, work: Workload, costs: Costs, patches: int, text_stream: str,
-         stage_split) -> Prediction:
+         stage_split, ulysses: int = 2) -> Prediction:
     if not work.cfg:
         raise ValueError(f"{strategy} needs a true-CFG job (cfg != 1): this one has one branch")
     if world % 2:
         raise ValueError(f"{strategy} needs an even world size, got {world}")
     inner = strategy.partition("+")[2] or "serial"
     half = replace(work, cfg=False)  # each half: one branch, half the model batch
-    p = simulate(inner, world // 2, half, costs, patches, text_stream, stage_split)
+    p = simulate(inner, world // 2, half, costs, patches, text_stream, stage_split, ulysses)
     swap = work.evals * costs.link.time(4 * work.channels * work.n_img * work.batch / max(1, world // 2))
     return Prediction(strategy, world, p.patches, p.wall_s + swap, p.compute_s, p.comm_s + swap)

@@ -44,38 +44,61 @@ class Exchange:
         return self._sets[max_len]
 
 
+    def to_heads(self, lens: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple]:
+        """This rank's tokens for every head -> every rank's tokens for this rank's heads (one all_to_all).
+
+        q, k, v: [B, lens[rank], H, Dh]. Returns, per rank j, its (q, k, v) [B, lens[j], H/N, Dh]."""
+        send, recv, _, _ = self.buffers(max(lens))
+        length = q.shape[1]
+        if length != lens[self.comm.rank]:
+            raise ValueError(f"rank {self.comm.rank} attends {length} tokens, its band has {lens[self.comm.rank]}")
+        for i, t in enumerate((q, k, v)):  # [B, L, H, Dh] -> [N, B, L, H/N, Dh]: heads of rank j in chunk j
+            send[:, i, :, :length] = t.unflatten(2, (self.n, self.local_heads)).permute(2, 0, 1, 3, 4)
+        self.comm.all_to_all(recv, send)
+        return [tuple(recv[j, i, :, :n] for i in range(3)) for j, n in enumerate(lens)]
+
+    def to_tokens(self, lens: list[int], outs: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse exchange: per rank j, the outputs [B, lens[j], H/N, Dh] of its tokens for this rank's
+        heads -> this rank's tokens for every head, [B, lens[rank], H * Dh]."""
+        _, _, out_send, out_recv = self.buffers(max(lens))
+        for j, out in enumerate(outs):
+            out_send[j, :, :lens[j]] = out
+        self.comm.all_to_all(out_recv, out_send)
+        mine = out_recv[:, :, :lens[self.comm.rank]]  # [N, B, L, H/N, Dh]: chunk j holds rank j's heads
+        return mine.permute(1, 2, 0, 3, 4).flatten(2)
+
+
+def join(spans: list[Span], parts: list[tuple]) -> list[torch.Tensor]:
+    """Every rank's (q, k, v) [B, L_j, h, Dh] of its ``spans[j]`` -> q, k, v of the whole span in its order:
+    [text of every rank; image of every rank] (the ranks' spans are consecutive parts of it)."""
+    return [torch.cat([p[i][:, :s.n_txt] for s, p in zip(spans, parts)] +
+                      [p[i][:, s.n_txt:] for s, p in zip(spans, parts)], 1) for i in range(3)]
+
+
+def split(spans: list[Span], out: torch.Tensor) -> list[torch.Tensor]:
+    """The inverse of ``join``: the whole span's output [B, L, h, Dh] -> each rank's tokens, text first."""
+    t_at, i_at, outs = 0, sum(s.n_txt for s in spans), []
+    for s in spans:
+        outs.append(torch.cat([out[:, t_at:t_at + s.n_txt], out[:, i_at:i_at + s.n_img]], 1))
+        t_at, i_at = t_at + s.n_txt, i_at + s.n_img
+    return outs
+
+
 class UlyssesAttention:
     """One attention layer under Ulysses (in place of a K/V buffer: ``attend`` is all it needs)."""
 
     def __init__(self, batch: int, heads: int, n_txt: int, n_img: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, spans: list[Span], exchange: Exchange) -> None:
-        self.spans = [(s.n_txt, s.n_img) for s in spans]  # every rank's text and image tokens at this layer
+        self.spans = spans  # every rank's text and image tokens at this layer
+        self.lens = [s.n_txt + s.n_img for s in spans]
         self.ex = exchange
 
     def attend(self, span: Span, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: [B, L, H, Dh] of this rank's band (text first). Returns [B, L, H * Dh]."""
-        ex, comm = self.ex, self.ex.comm
-        n, hl = ex.n, ex.local_heads
-        send, recv, out_send, out_recv = ex.buffers(max(nt + ni for nt, ni in self.spans))
-        length = q.shape[1]
-        if length != sum(self.spans[comm.rank]):
-            raise ValueError(f"rank {comm.rank} attends {length} tokens, its band has {sum(self.spans[comm.rank])}")
-        for i, t in enumerate((q, k, v)):  # [B, L, H, Dh] -> [N, B, L, H/N, Dh]: heads of rank j in chunk j
-            send[:, i, :, :length] = t.unflatten(2, (n, hl)).permute(2, 0, 1, 3, 4)
-        comm.all_to_all(recv, send)
         # the whole sequence in serial's order, [text of every rank; image of every rank]: [B, S, H/N, Dh]
-        full = [torch.cat([recv[j, i, :, :nt] for j, (nt, _) in enumerate(self.spans)] +
-                          [recv[j, i, :, nt:nt + ni] for j, (nt, ni) in enumerate(self.spans)], 1)
-                for i in range(3)]
+        full = join(self.spans, self.ex.to_heads(self.lens, q, k, v))
         out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in full)).transpose(1, 2)
-        t_at, i_at = 0, sum(nt for nt, _ in self.spans)
-        for j, (nt, ni) in enumerate(self.spans):  # each rank's tokens back into its chunk, text first
-            out_send[j, :, :nt] = out[:, t_at:t_at + nt]
-            out_send[j, :, nt:nt + ni] = out[:, i_at:i_at + ni]
-            t_at, i_at = t_at + nt, i_at + ni
-        comm.all_to_all(out_recv, out_send)
-        mine = out_recv[:, :, :length]  # [N, B, L, H/N, Dh]: chunk j holds rank j's heads
-        return mine.permute(1, 2, 0, 3, 4).flatten(2)  # [B, L, H * Dh]
+        return self.ex.to_tokens(self.lens, split(self.spans, out))
 
 
 def run_ulysses(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, device: torch.device,
