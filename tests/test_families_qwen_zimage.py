@@ -2,8 +2,7 @@
 against the serial reference (diffusers' own forward): exact when synchronous (warm-up = steps), exact on
 the frozen trajectory; on 2 ranks, with one warm-up step the drift stays at least 3x below naive patches (64
 steps: the tiny random models change a lot per step, and fewer steps leave Z-Image's DistriFusion at 2.5x; Flux.2:
-see DRIFT_FACTOR), and
-true CFG with a negative runs through the pipeline."""
+see DRIFT_FACTOR), and true CFG with a negative runs through the pipeline."""
 from __future__ import annotations
 
 import pytest
