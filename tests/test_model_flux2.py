@@ -196,14 +196,16 @@ def comfy_forward(weights: str, out: str, host: str) -> None:
         default_ref_method="index", ref_index_scale=10.0, operations=comfy.ops.disable_weight_init)
     data = torch.load(weights)
     model.load_state_dict(data["weights"], strict=True)
-    with torch.inference_mode():
-        y = model(data["x"], data["t"], data["txt"], guidance=data["g"])
-    torch.save(y, out)
+    with torch.inference_mode():  # without references, then with them (its default placement, "index")
+        ys = [model(data["x"], data["t"], data["txt"], guidance=data["g"], ref_latents=refs or None)
+              for refs in ([], data["refs"])]
+    torch.save(ys, out)
 
 
 def test_flux2_equals_comfyui_model(tmp_path, model):
     """diffusers' forward through our adapters equals ComfyUI's Flux.2 on the same weights, inputs in ComfyUI's
-    layout (the [B, 128, h, w] LATENT, the padded text)."""
+    layout (the [B, 128, h, w] LATENT, the padded text), without and with two reference latents (ComfyUI's
+    ReferenceLatent, placed by its Flux.2 default "index"); our patch-wise blocks on one span equal both."""
     from comfy_helpers import ensure_host
 
     rows, cols = 4, 6
@@ -212,17 +214,31 @@ def test_flux2_equals_comfyui_model(tmp_path, model):
     comfy_x = torch.randn(1, 128, rows, cols, generator=g)
     txt = flux2.condition_text(torch.randn(1, N_TXT, CONFIG["joint_attention_dim"], generator=g))
     t, gd = torch.tensor([0.6]), torch.tensor([3.5])
+    comfy_refs = [torch.randn(1, 128, 3, 5, generator=g), torch.randn(1, 128, 4, 2, generator=g)]
     stored = invert(dict(model.state_dict()), keys_flux2.original_map(CONFIG))
-    torch.save({"weights": stored, "x": comfy_x, "t": t, "txt": txt, "g": gd}, tmp_path / "in.pt")
+    torch.save({"weights": stored, "x": comfy_x, "t": t, "txt": txt, "g": gd, "refs": comfy_refs}, tmp_path / "in.pt")
     code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import test_model_flux2 as t; "
             "t.comfy_forward(sys.argv[3], sys.argv[4], sys.argv[5])")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(ROOT / "tests"), str(tmp_path / "in.pt"),
                            str(tmp_path / "out.pt"), str(ensure_host())], cwd=str(ROOT),
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    want = torch.load(tmp_path / "out.pt")  # [1, 128, rows, cols]
-    with torch.inference_mode():
-        ours = flux2.forward(model, fmt.pack_comfy(comfy_x), t, txt, None, gd, rows, cols)
-    got = fmt.to_comfy(family.unpack_latent(ours, 2 * rows, 2 * cols))
-    assert got.shape == want.shape and float(want.abs().max()) > 0.1
-    assert float((got - want).abs().max()) <= 1e-5
+    wants = torch.load(tmp_path / "out.pt")  # [1, 128, rows, cols] each
+    assert float((wants[1] - wants[0]).abs().max()) > 1e-3  # the references matter
+    for want, refs in zip(wants, ((), tuple(fmt.from_comfy(r) for r in comfy_refs))):
+        kw = {"refs": refs, "ref_method": "index"} if refs else {}
+        x = fmt.pack_comfy(comfy_x)
+        with torch.inference_mode():
+            ours = flux2.forward(model, x, t, txt, None, gd, rows, cols, **kw)
+            emb = flux2.embeddings(model, txt, txt.shape[1], rows, cols, CPU, torch.float32, **kw)
+            span = full_span(emb.n_txt, rows * cols)
+            kvs = [flux2.kv_buffers(model, b, lambda kind: StaleKV(1, 4, emb.n_txt, rows * cols, 16, torch.float32,
+                                                                   CPU)) for b in flux2.blocks_of(model)]
+            temb = flux2.time_embedding(model, emb, t, None, gd, torch.float32)
+            _, img = flux2.run_blocks(model, flux2.blocks_of(model), kvs, span, emb.txt,
+                                      flux2.embed_image(model, emb, x, span), temb, emb.for_span(span))
+            patchwise = flux2.final_layer(model, img, temb)
+        got = fmt.to_comfy(family.unpack_latent(ours, 2 * rows, 2 * cols))
+        assert got.shape == want.shape and float(want.abs().max()) > 0.1
+        assert float((got - want).abs().max()) <= 1e-5, bool(refs)
+        assert float((patchwise - ours).abs().max()) <= 1e-5, bool(refs)

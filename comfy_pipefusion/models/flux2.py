@@ -18,11 +18,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import diffusers_range, family, flux
+from typing import NamedTuple
+
+from . import diffusers_range, family, flux, references
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 
 NAME = "flux2"
 JOINT_TEXT = True
+REFERENCES = True  # ComfyUI's reference latents (Flux.2 editing): they ride with the text stream, as Kontext's
+REFERENCE_METHOD = "index"  # ComfyUI's default placement for Flux.2: reference i at time index 10 (i + 1)
+REF_INDEX_SCALE = 10.0
 SAMPLING = "flux2"  # ModelSamplingFlux at Flux.2's shift 2.02
 LATENT = LatentFormat(channels=32, scale=1.0, shift=0.0, patched=True, empty_node="EmptyFlux2LatentImage")
 TEXT_ENCODERS = "the Flux.2 text encoder: CLIPLoader type flux2 with a Mistral 3 Small file"
@@ -36,6 +41,11 @@ PRESETS: dict[str, dict] = {
                                    attention_head_dim=16, num_attention_heads=4, joint_attention_dim=48,
                                    axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True),
                        text_tokens=8, height=256, width=256, steps=4),
+    # Flux.2 editing: the tiny model with two reference latents (ComfyUI's [1, 128, h, w]), placed by "index"
+    "flux2-edit-tiny": dict(config=dict(patch_size=1, in_channels=128, num_layers=2, num_single_layers=4,
+                                        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=48,
+                                        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True),
+                            text_tokens=8, height=256, width=256, steps=4, references=((8, 6), (5, 9))),
 }
 
 MODULATIONS = {"double": ("double_stream_modulation_img", "double_stream_modulation_txt"),
@@ -101,25 +111,47 @@ def position_ids(rows: int, cols: int, n_txt: int) -> torch.Tensor:
     return torch.cat([txt, img.reshape(rows * cols, 4)])
 
 
+def reference_ids(refs, method: str, rows: int, cols: int) -> torch.Tensor:
+    """ComfyUI's RoPE ids of the reference tokens [count(refs), 4] (``references.positions``, Flux.2's scale)."""
+    return references.positions(refs, method, rows, cols, axes=4, index_scale=REF_INDEX_SCALE)
+
+
+class Positions(NamedTuple):
+    """A span's RoPE (cos, sin: [L, Dh] each) and how many of its text-stream tokens are text (the rest are
+    reference tokens)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    n_text: int
+
+
 class Embeddings:
-    """Once per job and rank: the embedded text on the first stage, and the RoPE table (cos, sin) of
-    ``[text; image]``."""
+    """Once per job and rank: the embedded text (and reference tokens) on the first stage, and the RoPE table
+    (cos, sin) of ``[text; references; image]``."""
 
     def __init__(self, model, txt: torch.Tensor | None, n_txt: int, rows: int, cols: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        self.n_txt = n_txt
-        self.rope = model.pos_embed(position_ids(rows, cols, n_txt).to(device))  # [S, Dh] each
-        self.txt = None if txt is None else model.context_embedder(txt.to(device, dtype))  # [B, S_t, D]
+                 dtype: torch.dtype, refs=(), ref_method: str = REFERENCE_METHOD) -> None:
+        ref_ids = reference_ids(refs, ref_method, rows, cols)
+        self.n_text, self.n_txt = n_txt, n_txt + len(ref_ids)
+        ids = position_ids(rows, cols, n_txt)
+        ids = torch.cat([ids[:n_txt], ref_ids, ids[n_txt:]]).to(device)
+        self.rope = model.pos_embed(ids)  # [S, Dh] each
+        self.txt = None
+        if txt is not None:
+            self.txt = model.context_embedder(txt.to(device, dtype))  # [B, S_t, D]
+            if refs:  # [B, S_t + S_ref, D]
+                self.txt = torch.cat([self.txt, model.x_embedder(references.tokens(refs).to(device, dtype))], 1)
         self.extra = None
 
-    def for_span(self, span) -> tuple[torch.Tensor, torch.Tensor]:
+    def for_span(self, span) -> Positions:
         idx = span.joint_index(self.n_txt).to(self.rope[0].device)
-        return self.rope[0][idx], self.rope[1][idx]
+        return Positions(self.rope[0][idx], self.rope[1][idx], min(max(self.n_text - span.t0, 0), span.n_txt))
 
 
 def embeddings(model, txt: torch.Tensor | None, n_txt: int, rows: int, cols: int, device: torch.device,
-               dtype: torch.dtype) -> Embeddings:
-    return Embeddings(model, txt, n_txt, rows, cols, device, dtype)
+               dtype: torch.dtype, refs=(), ref_method: str = REFERENCE_METHOD) -> Embeddings:
+    """``refs``: reference latents [MB, C, h, w] in the sampling space, placed by ``ref_method``."""
+    return Embeddings(model, txt, n_txt, rows, cols, device, dtype, refs, ref_method)
 
 
 class Modulation:
@@ -151,7 +183,12 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 def double_block(blk, kv, span, txt, img, mod: Modulation, pos):
-    """A double-stream block on one patch. txt: [B, span.n_txt, D] or None; img: [B, span.n_img, D]."""
+    """A double-stream block on one patch. txt: [B, span.n_txt, D] or None; img: [B, span.n_img, D]. Reference
+    tokens at the end of ``txt`` go through the image stream's weights and modulation (they are image tokens)."""
+    n_ref = 0 if txt is None else txt.shape[1] - pos.n_text
+    if n_ref:
+        txt, img = (txt[:, :pos.n_text] if pos.n_text else None), torch.cat([txt[:, pos.n_text:], img], 1)
+    n_t = 0 if txt is None else txt.shape[1]
     attn = blk.attn
     i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = mod.of(MODULATIONS["double"][0]).chunk(6, dim=-1)  # [B, 1, D] each
     q, k, v = flux._qkv(attn, _modulate(blk.norm1(img), i_sh1, i_sc1), attn.to_q, attn.to_k, attn.to_v,
@@ -163,13 +200,16 @@ def double_block(blk, kv, span, txt, img, mod: Modulation, pos):
         q, k, v = torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1)
     q, k = flux._rope(q, k, pos)
     out = kv.attend(span, q, k, v).to(q.dtype)  # [B, L, D]
-    t_out, i_out = out[:, :span.n_txt], out[:, span.n_txt:]
+    t_out, i_out = out[:, :n_t], out[:, n_t:]
 
     img = img + i_g1 * attn.to_out[0](i_out.contiguous())
     img = flux._clip16(img + i_g2 * blk.ff(_modulate(blk.norm2(img), i_sh2, i_sc2)))
     if txt is not None:
         txt = txt + t_g1 * attn.to_add_out(t_out.contiguous())
         txt = flux._clip16(txt + t_g2 * blk.ff_context(_modulate(blk.norm2_context(txt), t_sh2, t_sc2)))
+    if n_ref:
+        ref, img = img[:, :n_ref], img[:, n_ref:]
+        txt = ref if txt is None else torch.cat([txt, ref], 1)
     return txt, img
 
 
@@ -201,10 +241,16 @@ def final_layer(model, img: torch.Tensor, temb: Modulation) -> torch.Tensor:
 
 
 def forward(model, x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, pooled, guidance: torch.Tensor | None,
-            rows: int, cols: int) -> torch.Tensor:
+            rows: int, cols: int, refs=(), ref_method: str = REFERENCE_METHOD) -> torch.Tensor:
     """diffusers' Flux2Transformer2DModel.forward over the whole packed latent [B, S, 128]: the serial reference
-    (``txt`` as the model takes it, padded by ``condition_text``)."""
-    ids = position_ids(rows, cols, txt.shape[1]).to(x.device)
-    return model(hidden_states=x, encoder_hidden_states=txt, timestep=t, img_ids=ids[txt.shape[1]:],
-                 txt_ids=ids[:txt.shape[1]], guidance=guidance if model.config.guidance_embeds else None,
-                 return_dict=False)[0]
+    (``txt`` as the model takes it, padded by ``condition_text``). Reference latents join the image tokens at
+    their end, as ComfyUI's model places them; their outputs are dropped."""
+    ids = position_ids(rows, cols, txt.shape[1])
+    txt_ids, img_ids = ids[:txt.shape[1]], ids[txt.shape[1]:]
+    if refs:
+        x = torch.cat([x, references.tokens(refs).to(x)], 1)
+        img_ids = torch.cat([img_ids, reference_ids(refs, ref_method, rows, cols)])
+    out = model(hidden_states=x, encoder_hidden_states=txt, timestep=t, img_ids=img_ids.to(x.device),
+                txt_ids=txt_ids.to(x.device), guidance=guidance if model.config.guidance_embeds else None,
+                return_dict=False)[0]
+    return out[:, :rows * cols]
