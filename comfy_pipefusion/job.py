@@ -139,14 +139,18 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
     sigmas = sigmas_of(spec, ms) if sigmas is None else given_sigmas(sigmas, spec.steps)
     if len(sigmas) < 2:
         raise ValueError(f"{spec.steps} steps at denoise {spec.denoise} leave nothing to sample")
-    if noise is None:
-        noise = comfy_noise(shape, spec.seed)
+    if noise is None:  # drawn over ComfyUI's LATENT, as prepare_noise draws it
+        noise = fmt.from_comfy(comfy_noise(fmt.comfy_shape(shape), spec.seed))
     if tuple(noise.shape) != shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} does not match the latent's {shape}")
     # ComfyUI leaves an all-zero (empty) latent as it is, and moves any other into the sampling space.
     image = fmt.process_in(latent.float()) if torch.count_nonzero(latent) else latent.float()
     x0 = pack_latent(ms.start(sigmas, noise, image).float())
     guidance = torch.full((spec.batch,), float(spec.guidance))
+    condition = getattr(family.get(fam), "condition_text", None)  # e.g. Flux.2's padding, before CFG batching
+    if condition is not None:
+        txt = condition(txt)
+        negative = None if negative is None else (condition(negative[0]), negative[1])
     if abs(spec.cfg - 1.0) > 1e-9:
         if negative is None:
             raise ValueError(f"cfg {spec.cfg} needs a negative conditioning (or set cfg to 1)")
@@ -173,14 +177,15 @@ def _references(fam, fmt: LatentFormat, spec: SampleSpec, refs, neg_refs, method
     if not getattr(fam, "REFERENCES", False):
         raise ValueError(f"the conditioning carries {len(refs)} reference latent(s) (ReferenceLatent), which a "
                          f"{fam.NAME} model does not take: remove the ReferenceLatent node or load a Kontext model")
-    for i, r in enumerate(refs):
-        if r.ndim != 4 or r.shape[1] != fmt.channels:
-            raise ValueError(f"reference latent {i} has shape {tuple(r.shape)}; this model needs {fmt.channels} "
+    for i, r in enumerate(refs):  # ComfyUI's LATENTs (Flux.2's with its 2x2 patches folded into 128 channels)
+        if r.ndim != 4 or r.shape[1] != fmt.comfy_channels:
+            raise ValueError(f"reference latent {i} has shape {tuple(r.shape)}; this model needs {fmt.comfy_channels} "
                              "channels: encode the reference image with this model's VAE")
-    pos = references.batched([fmt.process_in(r.float()) for r in refs], spec.batch)
+    pos = references.batched([fmt.process_in(fmt.from_comfy(r.float())) for r in refs], spec.batch)
     if abs(spec.cfg - 1.0) <= 1e-9:
         return pos
-    neg = references.batched([fmt.process_in(r.float()) for r in (neg_refs or ())], spec.batch, "negative reference")
+    neg = references.batched([fmt.process_in(fmt.from_comfy(r.float())) for r in (neg_refs or ())], spec.batch,
+                             "negative reference")
     if [tuple(r.shape) for r in neg] != [tuple(r.shape) for r in pos]:
         raise ValueError(f"cfg {spec.cfg} runs positive and negative in one batch, but the positive has "
                          f"{len(pos)} reference latent(s) of sizes {[tuple(r.shape[-2:]) for r in pos]} and the "
@@ -258,7 +263,7 @@ def synthetic_problem(fam, config: dict, spec: SampleSpec, n_txt: int, reference
     negative = synthetic_conditioning(config, n_txt, spec.batch, (spec.seed + 1) & MAX_SEED, fam.NAME)
     fmt = fam.latent_format(config)
     g = torch.Generator().manual_seed((spec.seed + 104729) & MAX_SEED)
-    refs = [torch.randn(1, fmt.channels, h, w, generator=g) for h, w in references_hw]
+    refs = [torch.randn(1, fmt.comfy_channels, h, w, generator=g) for h, w in references_hw]
     return make_problem(spec, txt, pooled, fam=fam.NAME, fmt=fmt, sampling=sampling_kind(fam, config),
                         negative=negative, refs=refs, neg_refs=refs)
 

@@ -128,9 +128,17 @@ def _frames(family: str) -> bool:
     return getattr(families.get(family), "LATENT_FRAMES", False)
 
 
-def output_latent(samples: torch.Tensor, family: str) -> torch.Tensor:
-    """The sampled [B, C, h, w] as ComfyUI's KSampler returns it for ``family`` ([B, C, 1, h, w] for Wan latents)."""
+def output_latent(samples: torch.Tensor, family: str, model_cfg: dict | None = None) -> torch.Tensor:
+    """The sampled [B, C, h, w] as ComfyUI's KSampler returns it for ``family`` ([B, C, 1, h, w] for Wan latents,
+    2x2 patches folded into the channels for Flux.2's)."""
+    samples = latent_format(family, model_cfg).to_comfy(samples)
     return samples.unsqueeze(2) if _frames(family) else samples
+
+
+def latent_format(family: str, model_cfg: dict | None = None):
+    """The family's LatentFormat: ``from_comfy`` puts a tensor shaped like ComfyUI's LATENT (its noise, a prepared
+    noise mask) in the engine's layout (Flux.2's 128 channels unfolded into 32 at twice the size)."""
+    return families.get(family).latent_format(model_cfg or {})
 
 
 def _batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
@@ -142,8 +150,9 @@ def _batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
 
 
 def check_latent(latent: dict, family: str = "flux", model_cfg: dict | None = None) -> torch.Tensor:
-    """The LATENT's samples as [B, C, h, w]; a video-VAE family's one-frame [B, C, 1, h, w] (Qwen-Image's Wan
-    latent, as ComfyUI's KSampler makes it) loses its frame axis (``output_latent`` puts it back)."""
+    """The LATENT's samples as [B, C, h, w] in the engine's layout; a video-VAE family's one-frame [B, C, 1, h, w]
+    (Qwen-Image's Wan latent, as ComfyUI's KSampler makes it) loses its frame axis, Flux.2's 2x2 patches leave
+    its channels (``output_latent`` puts both back)."""
     samples = latent["samples"]
     if samples.ndim == 5 and _frames(family):
         if samples.shape[2] != 1:
@@ -151,11 +160,12 @@ def check_latent(latent: dict, family: str = "flux", model_cfg: dict | None = No
                              f"{family} model makes one image (1 frame)")
         samples = samples[:, :, 0]
     fmt = families.get(family).latent_format(model_cfg or {})  # e.g. the built-in model's 12-channel latent
-    channels, node = fmt.channels, fmt.empty_node
+    channels, node = fmt.comfy_channels, fmt.empty_node
     if samples.ndim != 4 or samples.shape[1] != channels:
         got = tuple(samples.shape)
         raise ValueError(f"latent of shape {got}: a {family} model needs {channels} channels ({node}); "
                          f"{got[1] if len(got) > 1 else '?'} channels is a latent of another model family")
+    samples = fmt.from_comfy(samples)  # Flux.2: [B, 128, H/16, W/16] -> [B, 32, H/8, W/8]
     h, w = samples.shape[2:]
     if h % 2 or w % 2:
         raise ValueError(f"latent {h}x{w} (image {h * 8}x{w * 8}): the image size must be a multiple of 16")

@@ -23,7 +23,7 @@ from comfy_pipefusion.models.checkpoint import open_checkpoint
 from ..launcher import GroupError, GroupPlan, JobCancelled, JobError
 from ..launcher.client import weights_of
 from . import admission, weights
-from .convert import check_latent, conditioning_tensors, parse_devices, parse_stage_split
+from .convert import check_latent, conditioning_tensors, latent_format, parse_devices, parse_stage_split
 from .errors import readable
 from .handle import PipeFusionModel
 from .hooks import groups
@@ -126,9 +126,10 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
                                                       refs), fp8=info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
             wire = dataclasses.replace(job, weight_update=str(update) if update is not None else None).to_wire()
             setattr(launcher, HELD, None)  # until the job has the weights in place
-            on_preview = x0_hook(callback, shape) if callback is not None and previews_on() else None
+            fmt = latent_format(model.family, model.model_config)
+            on_preview = x0_hook(callback, shape, fmt) if callback is not None and previews_on() else None
             try:
-                return _run(model, wire, tensors, shape, len(sigmas) - 1, on_preview)
+                return fmt.to_comfy(_run(model, wire, tensors, shape, len(sigmas) - 1, on_preview))
             finally:  # done, or cancelled once sampling began: the ranks hold this job's weights
                 if launcher.weights == weights_of(wire):
                     setattr(launcher, HELD, Held(weights_of(wire), str(path), info, fps, weakref.ref(patcher.model)))
@@ -147,8 +148,9 @@ def _job(model, name, positive, negative, cfg, noise, latent_image, sigmas, deno
     batch, _, h, w = samples.shape
     model.parallel.check_image(h // 2)
     txt, pooled, guidance = conditioning_tensors(positive, model.family, model.model_config, batch)
+    fmt = latent_format(model.family, model.model_config)  # noise and mask come shaped like ComfyUI's LATENT
     tensors = {K.TXT: txt.float().contiguous(), K.LATENT: samples.contiguous(), K.SIGMAS: sigmas,
-               K.NOISE: noise.detach().float().cpu().contiguous()}
+               K.NOISE: fmt.from_comfy(noise.detach().float().cpu()).contiguous()}
     if pooled is not None:
         tensors[K.POOLED] = pooled.float().contiguous()
     if abs(cfg - 1.0) > 1e-6:
@@ -159,7 +161,8 @@ def _job(model, name, positive, negative, cfg, noise, latent_image, sigmas, deno
         if neg_pooled is not None:
             tensors[K.NEG_POOLED] = neg_pooled.float().contiguous()
     if denoise_mask is not None:
-        tensors[K.MASK] = comfy.sampler_helpers.prepare_mask(denoise_mask, samples.shape, "cpu").float().contiguous()
+        tensors[K.MASK] = fmt.from_comfy(comfy.sampler_helpers.prepare_mask(
+            denoise_mask, fmt.comfy_shape(samples.shape), "cpu")).float().contiguous()
     refs, ref_method = job_references(positive, negative if negative is not None else [], cfg)
     tensors.update({k: v.float().cpu().contiguous() for k, v in refs.items()})
     job = model.job({"height": h * 8, "width": w * 8, "steps": len(sigmas) - 1, "seed": int(seed or 0),

@@ -11,7 +11,7 @@ from comfy_pipefusion.jobspec import TensorKey as K
 
 from ..launcher import GroupError, JobCancelled, JobError
 from . import admission
-from .convert import check_latent, check_sampler, conditioning_tensors, output_latent
+from .convert import check_latent, check_sampler, conditioning_tensors, latent_format, output_latent
 from .errors import readable
 from .preview import ksampler_preview
 from .references import job_references
@@ -77,9 +77,12 @@ class PipeFusionKSampler:
                              "denoise": denoise, "cfg": cfg, "shift": shift if shift > 0 else None}, ref_method)
         except ValueError as exc:
             raise ValueError(f"PipeFusion KSampler: {exc}") from None
-        tensors[K.NOISE] = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        fmt = latent_format(model.family, model.model_config)  # ComfyUI draws over its own LATENT's shape
+        tensors[K.NOISE] = fmt.from_comfy(comfy.sample.prepare_noise(fmt.to_comfy(samples), seed,
+                                                                     latent_image.get("batch_index")))
         if latent_image.get("noise_mask") is not None:  # inpainting: the mask as KSampler shapes it
-            tensors[K.MASK] = comfy.sampler_helpers.prepare_mask(latent_image["noise_mask"], samples.shape, "cpu")
+            tensors[K.MASK] = fmt.from_comfy(comfy.sampler_helpers.prepare_mask(
+                latent_image["noise_mask"], fmt.comfy_shape(samples.shape), "cpu"))
         bar = comfy.utils.ProgressBar(steps)
         try:
             out, _ = model.launcher.run(model.plan, job.to_wire(), tensors, tuple(samples.shape),
@@ -95,5 +98,5 @@ class PipeFusionKSampler:
         except JobError as exc:  # the workers refused the job with a message meant for the user
             raise RuntimeError(f"PipeFusion: {exc}") from None
         result = {k: v for k, v in latent_image.items() if k != "samples"}
-        result["samples"] = output_latent(out, model.family)
+        result["samples"] = output_latent(out, model.family, model.model_config)
         return (result,)

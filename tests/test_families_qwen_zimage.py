@@ -1,8 +1,8 @@
-"""Qwen-Image, Qwen-Image-Edit (two reference latents) and Z-Image through the engine on real torchrun groups
-of 2 and 4 ranks, against the serial reference (diffusers' own forward): exact when synchronous (warm-up =
+"""Qwen-Image, Qwen-Image-Edit (two reference latents), Z-Image and Flux.2 through the engine on real torchrun
+groups of 2 and 4 ranks, against the serial reference (diffusers' own forward): exact when synchronous (warm-up =
 steps), exact on the frozen trajectory; on 2 ranks, with one warm-up step the drift stays at least 3x below naive
 patches (64 steps: the tiny random models change a lot per step, and fewer steps leave Z-Image's DistriFusion at
-2.5x), and true CFG with a negative runs through the pipeline."""
+2.5x; Flux.2: see DRIFT_FACTOR), and true CFG with a negative runs through the pipeline."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +12,14 @@ from comfy_pipefusion.oneshot import run_jobs
 from frozen_sampler import WORKER_ARGS
 from test_families import _err, _rel, _sample, reference  # noqa: F401  (reference: the shared serial fixture)
 
-PRESETS = ("qwen-image-tiny", "qwen-image-edit-tiny", "zimage-tiny")
+PRESETS = ("qwen-image-tiny", "qwen-image-edit-tiny", "zimage-tiny", "flux2-tiny")
+# Drift of one warm-up step, at least this many times below naive patches (3 unless said). Flux.2 pads its text to
+# 512 tokens, so at flux2-tiny's 256 x 256 (256 image tokens) two thirds of the sequence is text, whose K/V are one
+# step old for the other ranks (DistriFusion) and later stages (PipeFusion's last_patch text stream): measured
+# (tools/measure_drift.py --preset flux2-tiny --steps 64 --samplers euler) PipeFusion 9.7e-3, DistriFusion 9.7e-3,
+# naive 2.0e-2 (2.1x); at 128 x 128 (8x8 image tokens) PipeFusion was above naive. A real Flux.2 image of 1024 x 1024
+# has 4096 image tokens to the 512 of text. PipeFusion with the text stream on every patch: 2.4e-3 (8.5x).
+DRIFT_FACTOR = {"flux2-tiny": 1.8}
 STEPS, STALE_STEPS = 3, 64
 TOL = 1e-5
 
@@ -70,7 +77,7 @@ def test_one_warmup_step_drifts_3x_less_than_naive_patches(preset, results, refe
     naive = _rel(res[f"{preset}--stale_naive_patch"][0], ref)
     for name in ("stale_pipefusion", "stale_distrifusion"):
         err = _rel(res[f"{preset}--{name}"][0], ref)
-        assert 0 < err * 3 <= naive, (name, err, naive)
+        assert 0 < err * DRIFT_FACTOR.get(preset, 3.0) <= naive, (name, err, naive)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -53,7 +53,8 @@ class Graph:
 # frontend computes for the node (LGraphNode.computeSize), e.g. 286 px for the PipeFusion KSampler.
 SIZES = {"DualCLIPLoader": (300, 130), "TripleCLIPLoader": (300, 110), "CLIPLoader": (300, 110),
          "CLIPTextEncode": (380, 130), "FluxGuidance": (280, 60), "PipeFusionDiTLoader": (300, 240),
-         "EmptySD3LatentImage": (280, 110), "EmptyLatentImage": (280, 110), "PipeFusionKSampler": (300, 290),
+         "EmptySD3LatentImage": (280, 110), "EmptyLatentImage": (280, 110), "EmptyFlux2LatentImage": (280, 110),
+         "PipeFusionKSampler": (300, 290),
          "VAELoader": (280, 60), "VAEDecode": (200, 50), "SaveImage": (300, 300),
          "PipeFusionBuiltinCaption": (380, 80), "PipeFusionBuiltinDecode": (260, 50),
          "LoadImage": (300, 320), "FluxKontextImageScale": (260, 30), "VAEEncode": (200, 50),
@@ -79,9 +80,10 @@ def _encoders(g: Graph, kind: str) -> dict:
 
 
 # Qwen-Image: Qwen2.5-VL 7B, CLIPLoader type qwen_image; Z-Image: Qwen3 4B, type lumina2; Chroma: T5 XXL, type
-# chroma (ComfyUI 0.3.75's names).
+# chroma; Flux.2: Mistral 3 Small, type flux2 (ComfyUI 0.3.75's names).
 TEXT_ENCODERS = {"qwen_image": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image"),
-                 "zimage": ("qwen_3_4b.safetensors", "lumina2"), "chroma": ("t5xxl_fp16.safetensors", "chroma")}
+                 "zimage": ("qwen_3_4b.safetensors", "lumina2"), "chroma": ("t5xxl_fp16.safetensors", "chroma"),
+                 "flux2": ("mistral_3_small_flux2_fp8.safetensors", "flux2")}
 
 
 def _reference(g: Graph, pos: dict, reference: str, vae_name: str) -> tuple[dict, dict]:
@@ -124,6 +126,8 @@ def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidanc
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
     if kind == "pixart":
         latent = g.node("EmptyLatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
+    elif kind == "flux2":  # 128 channels at 1/16 of the image
+        latent = g.node("EmptyFlux2LatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
     else:
         latent = g.node("EmptySD3LatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
     return _sample_and_save(g, loader, positive, neg, latent, vae or vae_name, [steps, cfg, sampler_name, scheduler])
@@ -314,6 +318,9 @@ WORKFLOWS = {
     "Z-Image Turbo on 2 GPUs (PipeFusion nodes, auto plan, 8 steps)": (
         workflow("zimage", "z_image_turbo_bf16.safetensors", "0,1", 8, 1.0, None, PROMPT, "", "euler",
                  "simple", "ae.safetensors", 1024), ("Z-Image Turbo", 2, 8, False)),
+    "Flux.2 dev on 2 GPUs (PipeFusion nodes, auto plan, 20 steps)": (
+        workflow("flux2", "flux2_dev_fp8mixed.safetensors", "0,1", 20, 1.0, 4.0, PROMPT, "", "euler", "simple",
+                 "flux2-vae.safetensors", 1024), ("Flux.2 dev", 2, 20, False)),
     "Flux.1 dev, stock workflow + PipeFusion Parallelize on 2 GPUs (auto plan, 20 steps)": (
         stock_workflow("flux", "flux1-dev.safetensors", "0,1", 20, 1.0, 3.5, PROMPT, "", "euler", "simple",
                        "ae.safetensors", 1024), ("Flux.1 dev", 2, 20, False)),

@@ -1,10 +1,12 @@
 """Peak resident memory of each rank while it loads its PipeFusion stage from a big checkpoint.
 
-    .venv/bin/python tools/measure_load_memory.py [--dir /tmp] [--doubles 5 --singles 5] [--world-size 4]
-                                                  [--dtype bfloat16] [--json out.json] [--keep]
+    .venv/bin/python tools/measure_load_memory.py [--family flux|flux2] [--dir /tmp] [--doubles 5 --singles 5]
+                                                  [--world-size 4] [--dtype bfloat16] [--json out.json] [--keep]
 
-Writes a synthetic Flux.1 checkpoint in the original single-file layout at the real width (3072), bf16, with
-``--doubles`` double and ``--singles`` single blocks (5 + 5: 4.9 GB), streamed to disk tensor by tensor; then
+Writes a synthetic Flux.1 (or, with ``--family flux2``, Flux.2) checkpoint in the original single-file layout at
+the real width (3072; Flux.2's 6144 with its 15360-wide text input and shared modulation), bf16, with
+``--doubles`` double and ``--singles`` single blocks (Flux.1 5 + 5: 4.9 GB; Flux.2 2 + 2: 6.2 GB), streamed to
+disk tensor by tensor; then
 starts ``--world-size`` CPU ranks under torchrun, each of which builds the model on the meta device and loads
 its stage with ``load_rank_model`` (balance "compute", as the engine does), while a thread samples its resident
 memory every 2 ms. Each rank reports its stage's bytes, its resident memory before the load, the peak during
@@ -35,17 +37,24 @@ FLUX_WIDTH = dict(in_channels=64, attention_head_dim=128, num_attention_heads=24
                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 
-def write_synthetic(path: Path, doubles: int, singles: int) -> int:
-    """Stream a bf16 original-layout Flux checkpoint to ``path``; returns its size in bytes."""
-    from diffusers import FluxTransformer2DModel
+def real_width(family_name: str) -> dict:
+    """The family's configuration at its real width, without the depth."""
+    if family_name == "flux2":
+        from comfy_pipefusion.models.flux2 import REAL
 
-    from comfy_pipefusion.models.keys_flux import original_map
+        return dict(REAL)
+    return dict(FLUX_WIDTH)
+
+
+def write_synthetic(path: Path, doubles: int, singles: int, family_name: str = "flux") -> int:
+    """Stream a bf16 original-layout checkpoint of ``family_name`` (flux, flux2) to ``path``; returns its size."""
+    from comfy_pipefusion.models import family
+    from comfy_pipefusion.models.checkpoint import ORIGINAL_MAPS
     from comfy_pipefusion.models.keymap import invert
 
-    config = {**FLUX_WIDTH, "num_layers": doubles, "num_single_layers": singles}
-    with torch.device("meta"):
-        meta = FluxTransformer2DModel(**config)
-    shapes = {k: v.shape for k, v in invert(meta.state_dict(), original_map(config)).items()}
+    config = {**real_width(family_name), "num_layers": doubles, "num_single_layers": singles}
+    meta = family.get(family_name).build_meta(config)
+    shapes = {k: v.shape for k, v in invert(meta.state_dict(), ORIGINAL_MAPS[family_name](config)).items()}
     header, offset = {}, 0
     for k, shape in shapes.items():
         n = 2 * shape.numel()
@@ -122,6 +131,7 @@ def rank_main(path: str, out: str, dtype_name: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="flux", choices=("flux", "flux2"), help="Flux.1 (width 3072) or Flux.2 (6144)")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the synthetic checkpoint goes")
     ap.add_argument("--doubles", type=int, default=5)
     ap.add_argument("--singles", type=int, default=5)
@@ -138,9 +148,10 @@ def main() -> int:
     path = Path(args.dir) / f"pipefusion-load-memory-{os.getpid()}.safetensors"
     out = Path(args.dir) / f"pipefusion-load-memory-{os.getpid()}.json"
     try:
-        size = write_synthetic(path, args.doubles, args.singles)
-        print(f"checkpoint: {path} {size / GIB:.2f} GiB ({args.doubles} double + {args.singles} single Flux blocks, "
-              f"width 3072, bf16, original layout)")
+        size = write_synthetic(path, args.doubles, args.singles, args.family)
+        width = 6144 if args.family == "flux2" else 3072
+        print(f"checkpoint: {path} {size / GIB:.2f} GiB ({args.doubles} double + {args.singles} single {args.family} "
+              f"blocks, width {width}, bf16, original layout)")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.world_size}",
                __file__, "--rank-load", str(path), "--out", str(out), "--dtype", args.dtype]
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})

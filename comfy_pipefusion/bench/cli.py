@@ -171,8 +171,11 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
     return spec, serial, par
 
 
-def ref_tokens(preset: dict) -> int:
-    """Tokens of a preset's reference latents (Kontext): they ride with the text stream."""
+def ref_tokens(preset: dict, patched: bool = False) -> int:
+    """Tokens of a preset's reference latents (Kontext, Flux.2): they ride with the text stream. A ``patched``
+    latent (Flux.2's, ``LatentFormat.patched``) holds one token per latent pixel, the others one per 2x2."""
+    if patched:
+        return sum(h * w for h, w in preset.get("references", ()))
     return sum(((h + 1) // 2) * ((w + 1) // 2) for h, w in preset.get("references", ()))
 
 
@@ -180,7 +183,7 @@ def admit(args, fam, config: dict, spec: SampleSpec, serial: list[Job], par: lis
     """Refuse, before any process starts, a benchmark whose serial process and group cannot both fit in
     this machine's RAM (they run side by side; the group holds one job's memory at a time)."""
     meta = fam.build_meta(config)
-    n_txt = serial[0].text_tokens + ref_tokens(model_of(args)[3])
+    n_txt = serial[0].text_tokens + ref_tokens(model_of(args)[3], fam.latent_format(config).patched)
     txt_dim = fam.conditioning_dims(config)[0]
     size = memory.JobSize(spec.token_rows, spec.token_cols, n_txt, txt_dim, dtype=spec.dtype,
                           channels=4 * fam.latent_format(config).channels, cfg=abs(spec.cfg - 1) > 1e-9)
@@ -203,7 +206,8 @@ def summarise(args, spec, serial, results) -> dict:
     layers = serial[1]["attention_layers"]  # counted by the worker, which has the model's structure
     width = serial[1]["width"]
     # as the sequence holds them (Z-Image pads), with a preset's reference tokens (Kontext) after the text
-    n_txt = family.sequence_text(fam, preset["text_tokens"]) + (ref_tokens(preset) if fam.JOINT_TEXT else 0)
+    refs = ref_tokens(preset, fam.latent_format(cfg_model).patched) if fam.JOINT_TEXT else 0
+    n_txt = family.sequence_text(fam, preset["text_tokens"]) + refs
     ref, ref_m = serial
     evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
     rows = []

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import fp8, keys_chroma, keys_flux, keys_pixart, keys_qwen_image, keys_sd3, keys_zimage
+from . import fp8, keys_chroma, keys_flux, keys_flux2, keys_pixart, keys_qwen_image, keys_sd3, keys_zimage
 from .detect import SUPPORTED, DetectError, identify, strip_prefix
 from . import detect, detect_diffusers
 from .keymap import KeyMap, for_module, sources
@@ -36,7 +36,7 @@ _SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")
 _SHARD_NAME = re.compile(r"(?!\.)[^/\\\x00-\x1f]{1,200}\.safetensors")  # a bare file name, not hidden
 ORIGINAL_MAPS = {"flux": keys_flux.original_map, "sd3": keys_sd3.original_map, "pixart": keys_pixart.original_map,
                  "chroma": keys_chroma.original_map, "qwen_image": keys_qwen_image.original_map,
-                 "zimage": keys_zimage.original_map}
+                 "zimage": keys_zimage.original_map, "flux2": keys_flux2.original_map}
 
 
 class CheckpointError(ValueError):
@@ -229,6 +229,9 @@ def open_checkpoint(path: str | Path) -> CheckpointInfo:
         elif family == "qwen_image":
             config = keys_qwen_image.config_from_shapes(shapes, metadata)
             variant = keys_qwen_image.variant(config)
+        elif family == "flux2":
+            config = keys_flux2.config_from_shapes(shapes, metadata)
+            variant = keys_flux2.variant(config)
         elif family == "zimage":
             config = keys_zimage.config_from_shapes(shapes, metadata)
             variant = keys_zimage.variant(config)

@@ -23,10 +23,10 @@ def _metadata(family: str, config: dict) -> dict[str, str]:
 
         return metadata(config)
     head = config["attention_head_dim"]
-    if family in ("flux", "chroma", "qwen_image"):
-        axes = tuple(config.get("axes_dims_rope", (16, 56, 56)))
+    if family in ("flux", "chroma", "qwen_image", "flux2"):
+        axes = tuple(config.get("axes_dims_rope", (32,) * 4 if family == "flux2" else (16, 56, 56)))
         try:
-            default = detect.rope_axes(head, {})
+            default = detect.rope_axes(head, {}, len(axes))
         except detect.DetectError:
             default = None
         return {} if axes == default else {"pipefusion.axes_dims_rope": ",".join(map(str, axes))}
@@ -116,4 +116,56 @@ def write_scaled_fp8(path: str | Path, state_dict: dict[str, torch.Tensor], fami
     else:
         out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     save_file({prefix + k: v for k, v in out.items()}, str(path), metadata=metadata)
+    return path
+
+
+_ST_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def write_synthetic_scaled_fp8(path: str | Path, family: str, config: dict, *, prefix: str = "",
+                               seed: int = 0) -> Path:
+    """A ComfyUI scaled-fp8 single file (as ``write_scaled_fp8``) of a model too big to hold as a state dict,
+    written one tensor at a time. Weights: one 64 Mi-value pattern of standard normals quantised to float8 once,
+    each matrix a slice of it from its own seeded offset (repeating after 64 Mi values), with the scale
+    ``family.synthetic_value`` gives such a matrix (fan-in ** -0.5); norm scales 1 + 0.05 x noise, in bf16. So a
+    multi-GB file takes as long as its disk writes, not billions of random draws."""
+    from . import family as families
+
+    fam = families.get(family)
+    stored = invert(fam.build_meta(config).state_dict(), ORIGINAL_MAPS[family](config))  # meta tensors: shapes
+    plan = {}  # key -> (dtype, shape)
+    for k, v in stored.items():
+        if v.dim() == 2 and k.endswith(".weight"):
+            plan[k], plan[k[:-len("weight")] + "scale_weight"] = (torch.float8_e4m3fn, v.shape), (torch.float32, ())
+        else:
+            plan[k] = (torch.bfloat16, v.shape)
+    plan["scaled_fp8"] = (torch.float8_e4m3fn, (0,))
+    header, offset = {}, 0
+    for k, (dtype, shape) in plan.items():
+        n = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        header[prefix + k] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = _metadata(family, config)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    g = torch.Generator().manual_seed(seed)
+    pattern, unit = quantize_scaled(torch.randn(2**26, generator=g))  # float8 codes of N(0, 1) x 1 / unit
+    codes = pattern.view(torch.uint8)
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for k, (dtype, shape) in plan.items():
+            if k == "scaled_fp8" or k.endswith(".scale_weight"):
+                continue  # written with their weight
+            n = math.prod(shape)
+            if dtype == torch.float8_e4m3fn:
+                start = int(torch.randint(len(codes), (1,), generator=g))
+                rolled = torch.cat([codes[start:], codes[:start]])
+                for i in range(0, n, len(codes)):
+                    f.write(rolled[:min(len(codes), n - i)].numpy().tobytes())
+                scale = (unit * shape[1] ** -0.5).float().reshape(1)
+                f.write(scale.numpy().tobytes())
+            else:
+                f.write(families.synthetic_value(k, torch.Size(shape), seed, 1, False).to(dtype)
+                        .view(torch.uint8).numpy().tobytes() if n else b"")
     return path

@@ -17,8 +17,9 @@ SUPPORTED = ("Flux.1 dev/schnell/Kontext (original single file, with or without 
              "(original single file, with or without the prefix; diffusers transformer), PixArt-α 512/1024 and "
              "PixArt-Σ 512/1024/2K (original layout; diffusers transformer), Qwen-Image (ComfyUI's single file, "
              "with or without the prefix, or diffusers shards), Z-Image / Z-Image Turbo (ComfyUI's single file, "
-             "with or without the prefix); .safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn, ComfyUI's "
-             "scaled-fp8 and mixed-precision files included")
+             "with or without the prefix), Flux.2 dev (ComfyUI's single file, with or without the prefix); "
+             ".safetensors, weights in bf16, fp16, fp32 or float8_e4m3fn, ComfyUI's scaled-fp8 and mixed-precision "
+             "files included")
 PREFIXES = ("model.diffusion_model.", "module.")
 HEAD_DIM_KEY = "pipefusion.attention_head_dim"
 
@@ -45,7 +46,7 @@ def strip_prefix(keys) -> str:
 
 def _dit_markers(keys) -> bool:
     """Keys only a supported DiT has (what ``identify`` decides the family by)."""
-    return ("double_blocks.0.img_attn.qkv.weight" in keys or "single_blocks.0.linear1.weight" in keys
+    return ("double_blocks.0.img_attn.qkv.weight" in keys or "double_stream_modulation_img.lin.weight" in keys or "single_blocks.0.linear1.weight" in keys
             or "distilled_guidance_layer.in_proj.weight" in keys
             or _has(keys, "x_embedder.weight", "context_embedder.weight") or _any(keys, "joint_blocks.0.x_block.")
             or (_has(keys, "t_block.1.weight") and _any(keys, "blocks.0.attn.qkv."))
@@ -79,8 +80,6 @@ def what_else(keys: set[str]) -> str | None:
     other = _comfy_family(keys)
     if other:
         return other
-    if _any(keys, "double_stream_modulation_img."):
-        return "a Flux.2 model"
     if _dit_markers(keys):
         return None
     if _any(keys, "encoder.down.", "decoder.up."):
@@ -134,12 +133,17 @@ def _comfy_family(keys) -> str | None:
 
 
 def identify(keys: set[str]) -> tuple[str, str]:
-    """(family, layout) of the unprefixed ``keys``: family flux|chroma|sd3|pixart|qwen_image|zimage, layout
+    """(family, layout) of the unprefixed ``keys``: family flux|chroma|sd3|pixart|qwen_image|zimage|flux2, layout
     original|diffusers."""
     other = what_else(keys)
     if other:
         raise DetectError(f"this is {other}")
     keys = model_keys(keys)  # a scaled-fp8 file's scales and marker belong to its weights (checkpoint.py)
+    if "double_stream_modulation_img.lin.weight" in keys:  # ComfyUI's Flux.2 marker (it also has Flux.1's keys)
+        return "flux2", "original"
+    if "double_stream_modulation_img.linear.weight" in keys:
+        raise DetectError("this is Flux.2 in diffusers layout, which is not read yet: use ComfyUI's single file "
+                          "(flux2_dev_fp8mixed.safetensors or the bf16 one)")
     if "distilled_guidance_layer.in_proj.weight" in keys:  # Chroma: Flux blocks, no modulation layers
         return "chroma", "original" if _any(keys, "double_blocks.", "single_blocks.") else "diffusers"
     if "double_blocks.0.img_attn.qkv.weight" in keys or "single_blocks.0.linear1.weight" in keys:
@@ -223,18 +227,24 @@ def _head_dim(metadata: dict, default: int) -> int:
     return _meta_int(metadata, HEAD_DIM_KEY, default)
 
 
-def rope_axes(head_dim: int, metadata: dict) -> tuple[int, int, int]:
-    """RoPE split of a head: Flux.1's (16, 56, 56) for 128, the same proportions otherwise."""
+def rope_axes(head_dim: int, metadata: dict, count: int = 3) -> tuple[int, ...]:
+    """RoPE split of a head: Flux.1's (16, 56, 56) for 128, the same proportions otherwise; with ``count`` 4,
+    Flux.2's four equal parts ((32, 32, 32, 32) for 128). Small test files give theirs in the metadata."""
     if "pipefusion.axes_dims_rope" in metadata:
         raw = metadata["pipefusion.axes_dims_rope"]
         try:
             axes = tuple(int(v) for v in str(raw).split(","))
         except ValueError:
             axes = ()
-        if len(axes) != 3 or any(a < 2 or a % 2 for a in axes) or sum(axes) != head_dim:
-            raise DetectError(f"metadata pipefusion.axes_dims_rope = {raw!r} is not three even positive sizes "
+        if len(axes) != count or any(a < 2 or a % 2 for a in axes) or sum(axes) != head_dim:
+            raise DetectError(f"metadata pipefusion.axes_dims_rope = {raw!r} is not {count} even positive sizes "
                               f"that sum to the head dimension {head_dim}")
         return axes
+    if count == 4:
+        if head_dim % 8:
+            raise DetectError(f"head dimension {head_dim} has no Flux.2 RoPE split (four equal even parts; Flux.2 "
+                              "uses 128)")
+        return (head_dim // 4,) * 4
     a0 = head_dim // 8
     a1 = (head_dim - a0) // 2
     if a0 % 2 or a1 % 2 or a0 + 2 * a1 != head_dim:

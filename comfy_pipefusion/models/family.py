@@ -1,9 +1,9 @@
 """What the engine needs from a model family, and the parts every family shares.
 
-A family is a module (``flux``, ``sd3``, ``pixart``, ``chroma``, ``qwen_image``, ``zimage``) with these names; the
-engine only talks to them:
+A family is a module (``flux``, ``sd3``, ``pixart``, ``chroma``, ``qwen_image``, ``zimage``, ``flux2``) with these
+names; the engine only talks to them:
 
-    NAME: str                          "flux" | "sd3" | "pixart" | "chroma" | "qwen_image" | "zimage"
+    NAME: str                          "flux" | "sd3" | "pixart" | "chroma" | "qwen_image" | "zimage" | "flux2"
     JOINT_TEXT: bool                   text tokens share the attention sequence ([text; image]: Flux, SD3)
                                        or enter by cross-attention (PixArt: spans carry no text tokens)
     SAMPLING: str (optional)           the model sampling's kind when it is not NAME (sampling/model_sampling.py)
@@ -16,6 +16,8 @@ engine only talks to them:
     SHARED_MODULES, FIRST_MODULES, LAST_MODULES
                                        names (submodules, or parameters of the root module) that every rank,
                                        the first stage, the last stage hold besides its blocks
+    shared_modules(blocks) (optional)  the SHARED_MODULES a PipeFusion stage running ``blocks`` needs, when it
+                                       is fewer (Flux.2: the double blocks' modulation only where they run)
     build_meta(config) -> nn.Module    the diffusers model on the meta device
     blocks_of(model) -> list[Block]    transformer blocks in execution order
     block_cost(model, block, balance) -> float
@@ -47,7 +49,9 @@ engine only talks to them:
     forward(model, x, t, txt, pooled, guidance, rows, cols) -> [B, S, C]
                                        diffusers' own forward over the whole latent: the serial reference
 
-Optional: ``REFERENCES = True`` (and ``REFERENCE_METHOD``, ComfyUI's default placement) for a family that takes
+Optional: ``condition_text(txt) -> txt``: the text states as the model takes them, applied to the positive and the
+negative before they are batched (ComfyUI's model-side conditioning: Flux.2 pads them to 512 tokens).
+``REFERENCES = True`` (and ``REFERENCE_METHOD``, ComfyUI's default placement) for a family that takes
 reference latents (ComfyUI's ReferenceLatent: Flux.1 Kontext). Their tokens ride with the text stream: the
 joint sequence is ``[text; references; image]`` and ``Problem.n_span_txt`` counts both, so every strategy
 carries them unchanged; the family gets ``refs`` (each [MB, C, h, w], sampling space) and ``ref_method`` as
@@ -63,7 +67,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-FAMILIES = ("flux", "sd3", "pixart", "chroma", "qwen_image", "zimage")
+FAMILIES = ("flux", "sd3", "pixart", "chroma", "qwen_image", "zimage", "flux2")
 
 
 def get(name: str):
@@ -128,6 +132,39 @@ class LatentFormat:
     std: tuple[float, ...] | None = None
     empty_node: str = field(default="EmptyLatentImage", compare=False)
     """The ComfyUI node that makes an empty latent of this format (named in the nodes' errors)."""
+    patched: bool = False
+    """ComfyUI's LATENT holds each 2x2 patch of this latent in its channels (Flux.2: [B, 4C, H/16, W/16], 128 = 32
+    x 2 x 2): ``from_comfy`` unfolds it into the [B, C, H/8, W/8] latent the engine samples in, whose 2x2 packing
+    (``pack_latent``) gives back exactly ComfyUI's per-pixel channel vectors, the model's tokens."""
+
+    @property
+    def comfy_channels(self) -> int:
+        """Channels of ComfyUI's LATENT."""
+        return 4 * self.channels if self.patched else self.channels
+
+    def comfy_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """ComfyUI's LATENT shape for the engine's [B, C, h, w] (where ComfyUI draws its noise)."""
+        b, c, h, w = shape
+        return (b, 4 * c, h // 2, w // 2) if self.patched else tuple(shape)
+
+    def pack_comfy(self, samples: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like ComfyUI's LATENT -> the engine's packed tokens [B, S, 4C]."""
+        return pack_latent(self.from_comfy(samples))
+
+    def from_comfy(self, samples: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like ComfyUI's LATENT (samples, noise, a prepared mask) in the engine's layout."""
+        if not self.patched:
+            return samples
+        b, c, h, w = samples.shape  # channel c * 4 + ph * 2 + pw of pixel (y, x) -> channel c of (2y + ph, 2x + pw)
+        x = samples.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(b, c // 4, 2 * h, 2 * w)
+
+    def to_comfy(self, latent: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``from_comfy``."""
+        if not self.patched:
+            return latent
+        b, c, h, w = latent.shape
+        return pack_latent(latent).transpose(1, 2).reshape(b, 4 * c, h // 2, w // 2)
 
     def _stats(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.channels) + (1,) * (latent.ndim - 2)  # [1, C, 1, 1]

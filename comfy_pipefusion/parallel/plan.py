@@ -60,12 +60,13 @@ def rank_modules(fam, model, cfg: ParallelConfig, rank: int) -> list[str]:
     """Names of the submodules (or root parameters) this rank materialises."""
     if cfg.patch_method != "pipefusion":
         return family.all_names(model)
-    names, stage = list(fam.SHARED_MODULES), cfg.stage_of(rank)
+    blocks, stage = rank_blocks(fam, model, cfg, rank), cfg.stage_of(rank)
+    names = list(fam.shared_modules(blocks) if hasattr(fam, "shared_modules") else fam.SHARED_MODULES)
     if stage == 0:
         names += [n for n in fam.FIRST_MODULES if n not in names]
     if stage == cfg.stages - 1:
         names += [n for n in fam.LAST_MODULES if n not in names]
-    return [n for n in names if family.holds(model, n)] + [b.prefix for b in rank_blocks(fam, model, cfg, rank)]
+    return [n for n in names if family.holds(model, n)] + [b.prefix for b in blocks]
 
 
 @dataclass(frozen=True)

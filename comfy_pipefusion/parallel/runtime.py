@@ -7,7 +7,6 @@ import torch
 from ..attention import StaleKV
 from ..patches import Span
 from ..models import family
-from ..models.family import pack_latent
 from ..sampling.noise import SamplerNoise
 from ..sampling.samplers import make_sampler
 from .schedule import Schedule, make_schedule
@@ -31,8 +30,9 @@ class JobRuntime:
         self.fam = family.get(problem.family)
         self.first, self.last = first, last
         self.ms = problem.model_sampling()
-        noise = SamplerNoise((problem.batch, problem.latent.channels, problem.rows * 2, problem.cols * 2),
-                             problem.spec.seed, pack_latent, device)
+        fmt = problem.latent  # per-step noise drawn over ComfyUI's LATENT, as its samplers draw it
+        noise = SamplerNoise(fmt.comfy_shape((problem.batch, fmt.channels, problem.rows * 2, problem.cols * 2)),
+                             problem.spec.seed, fmt.pack_comfy, device)
         # Every rank builds the sampler for its schedule (evaluations, steps); only the last stage steps it.
         self.sampler = make_sampler(problem.spec.sampler, problem.sigmas, self.ms, noise)
         self.evals = [float(s) for s in self.sampler.evals]

@@ -6,6 +6,7 @@ families we run (comfy/supported_models.py, comfy/model_base.py):
 
     flux          Flux.1 dev: ModelSamplingFlux + CONST, shift 1.15 (the stock loader ignores the
                   resolution; the ModelSamplingFlux node sets shift from it, see ``flux_shift_for``)
+    flux2         Flux.2 dev: ModelSamplingFlux + CONST, shift 2.02 (its sampling_settings)
     flux_schnell  Flux.1 schnell: ModelSamplingDiscreteFlow + CONST, shift 1.0, multiplier 1.0
     sd3           SD3 / SD3.5: ModelSamplingDiscreteFlow + CONST, shift 3.0, multiplier 1000
     zimage        Z-Image: ModelSamplingDiscreteFlow + CONST, shift 3.0, multiplier 1.0 (Qwen-Image uses "flux")
@@ -20,8 +21,9 @@ import math
 
 import torch
 
-MODEL_SAMPLINGS = ("flux", "flux_schnell", "sd3", "pixart", "zimage")
+MODEL_SAMPLINGS = ("flux", "flux2", "flux_schnell", "sd3", "pixart", "zimage")
 FLUX_BASE_SHIFT, FLUX_MAX_SHIFT = 0.5, 1.15
+FLUX2_SHIFT = 2.02
 FLUX_SHIFT_TOKENS = (256, 4096)
 
 
@@ -212,6 +214,8 @@ def model_sampling_for(kind: str, shift: float | None = None) -> ModelSampling:
     """
     if kind == "flux":
         return FluxSampling(FLUX_MAX_SHIFT if shift is None else shift)
+    if kind == "flux2":
+        return FluxSampling(FLUX2_SHIFT if shift is None else shift)
     if kind == "flux_schnell":
         return DiscreteFlowSampling(1.0, multiplier=1.0) if shift is None else FluxSampling(shift)
     if kind == "sd3":

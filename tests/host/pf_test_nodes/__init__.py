@@ -16,7 +16,7 @@ class PipeFusionTestConditioning:
     def INPUT_TYPES(cls):
         return {"required": {
             "tokens": ("INT", {"default": 8, "min": 1, "max": 4096}),
-            "width": ("INT", {"default": 32, "min": 1, "max": 8192}),
+            "width": ("INT", {"default": 32, "min": 1, "max": 16384}),  # Flux.2's Mistral states: 15360
             "pooled_width": ("INT", {"default": 32, "min": 1, "max": 8192}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
             "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0}),
