@@ -24,25 +24,32 @@ def _sample(preset: str, sampler: str, steps: int, **kw) -> dict:
     return {"height": p["height"], "width": p["width"], "steps": steps, "sampler": sampler, **kw}
 
 
-def _jobs() -> list[dict]:
+def family_jobs(presets, steps: int, stale_steps: int, stale: bool = True) -> tuple[list[dict], callable]:
+    """Each preset's exactness jobs (pipefusion and distrifusion synchronous, and on the frozen trajectory) and,
+    with ``stale``, its drift jobs at one warm-up step; returns (jobs, add) where ``add(preset, name, sampler,
+    steps, parallel, **sample)`` appends one more."""
     jobs = []
-    for preset in PRESETS:
-        model = {"preset": preset, "seed": 0}
 
-        def add(name, sampler, steps, parallel, **kw):
-            jobs.append({"name": f"{preset}--{name}", "model": model, "sample": _sample(preset, sampler, steps, **kw),
-                         "parallel": parallel})
-        add("pf_full", "euler", STEPS, {"strategy": "pipefusion", "patches": 3, "warmup_steps": STEPS})
-        add("df_full", "euler", STEPS, {"strategy": "distrifusion", "warmup_steps": STEPS})
-        add("pf_frozen", "frozen", STEPS, {"strategy": "pipefusion", "patches": 3, "warmup_steps": 1})
-        add("df_frozen", "frozen", STEPS, {"strategy": "distrifusion", "warmup_steps": 1})
-        for strategy in ("pipefusion", "distrifusion", "naive_patch"):
-            add(f"stale_{strategy}", "euler", STALE_STEPS, {"strategy": strategy, "warmup_steps": 1})
+    def add(preset, name, sampler, n, parallel, **kw):
+        jobs.append({"name": f"{preset}--{name}", "model": {"preset": preset, "seed": 0},
+                     "sample": _sample(preset, sampler, n, **kw), "parallel": parallel})
+    for preset in presets:
+        add(preset, "pf_full", "euler", steps, {"strategy": "pipefusion", "patches": 3, "warmup_steps": steps})
+        add(preset, "df_full", "euler", steps, {"strategy": "distrifusion", "warmup_steps": steps})
+        add(preset, "pf_frozen", "frozen", steps, {"strategy": "pipefusion", "patches": 3, "warmup_steps": 1})
+        add(preset, "df_frozen", "frozen", steps, {"strategy": "distrifusion", "warmup_steps": 1})
+        for strategy in ("pipefusion", "distrifusion", "naive_patch") if stale else ():
+            add(preset, f"stale_{strategy}", "euler", stale_steps, {"strategy": strategy, "warmup_steps": 1})
+    return jobs, add
+
+
+def _jobs() -> list[dict]:
+    jobs, add = family_jobs(PRESETS, STEPS, STALE_STEPS)
+    preset = PRESETS[-1]
     # true CFG (positive and negative in one model batch) and a sampler with two evaluations per step
-    add("pf_cfg_heun", "heun", STEPS, {"strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}, cfg=4.0)
-    jobs.append({"name": "sd3-tiny--df_cfg", "model": {"preset": "sd3-tiny", "seed": 0},
-                 "sample": _sample("sd3-tiny", "dpmpp_2m", STEPS, cfg=4.0, scheduler="karras"),
-                 "parallel": {"strategy": "distrifusion", "warmup_steps": STEPS}})
+    add(preset, "pf_cfg_heun", "heun", STEPS, {"strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}, cfg=4.0)
+    add("sd3-tiny", "df_cfg", "dpmpp_2m", STEPS, {"strategy": "distrifusion", "warmup_steps": STEPS}, cfg=4.0,
+        scheduler="karras")
     return jobs
 
 

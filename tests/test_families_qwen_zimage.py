@@ -10,7 +10,7 @@ import pytest
 from comfy_pipefusion.models import family
 from comfy_pipefusion.oneshot import run_jobs
 from frozen_sampler import WORKER_ARGS
-from test_families import _err, _rel, _sample, reference  # noqa: F401  (reference: the shared serial fixture)
+from test_families import _err, _rel, family_jobs, reference  # noqa: F401  (reference: the shared serial fixture)
 
 PRESETS = ("qwen-image-tiny", "qwen-image-edit-tiny", "zimage-tiny", "flux2-tiny")
 # Drift of one warm-up step, at least this many times below naive patches (3 unless said). Flux.2 pads its text to
@@ -25,21 +25,10 @@ TOL = 1e-5
 
 
 def _jobs(world: int) -> list[dict]:
-    jobs = []
-    for preset in PRESETS:
-        model = {"preset": preset, "seed": 0}
-
-        def add(name, sampler, steps, parallel, **kw):
-            jobs.append({"name": f"{preset}--{name}", "model": model, "sample": _sample(preset, sampler, steps, **kw),
-                         "parallel": parallel})
-        add("pf_full", "euler", STEPS, {"strategy": "pipefusion", "patches": 3, "warmup_steps": STEPS})
-        add("df_full", "euler", STEPS, {"strategy": "distrifusion", "warmup_steps": STEPS})
-        add("pf_frozen", "frozen", STEPS, {"strategy": "pipefusion", "patches": 3, "warmup_steps": 1})
-        add("df_frozen", "frozen", STEPS, {"strategy": "distrifusion", "warmup_steps": 1})
-        if world == 2:  # the drift of stale activations, and true CFG with a negative (no guidance embedding)
-            for strategy in ("pipefusion", "distrifusion", "naive_patch"):
-                add(f"stale_{strategy}", "euler", STALE_STEPS, {"strategy": strategy, "warmup_steps": 1})
-            add("pf_cfg", "euler", STEPS, {"strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}, cfg=4.0)
+    # on 2 ranks also the drift of stale activations, and true CFG with a negative (no guidance embedding)
+    jobs, add = family_jobs(PRESETS, STEPS, STALE_STEPS, stale=world == 2)
+    for preset in PRESETS if world == 2 else ():
+        add(preset, "pf_cfg", "euler", STEPS, {"strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}, cfg=4.0)
     return jobs
 
 
