@@ -190,7 +190,7 @@ def step_patch_eff(a) -> dict:
                 s = timed(step, a.device, reps)
                 row["patches"][m] = {"step_s": s, "efficiency_vs_full": full / s}
             rows_out.append(row)
-            del kvs
+            kvs = None  # the buffers go before the next size
     summary = "; ".join(f"{r['pixels']}²: full {r['full_forward_s'] * 1e3:.1f} ms, " + ", ".join(
         f"M={m} {v['efficiency_vs_full']:.2f}" for m, v in r["patches"].items()) for r in rows_out)
     return {"width": config["num_attention_heads"] * config["attention_head_dim"], "dtype": str(dtype),
