@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 
 from .config import ParallelConfig
@@ -38,27 +39,37 @@ class GroupPlanner:
         self.cache_dir = cache_dir
         self.link: Link | None = None
         self.unprobed = False  # the last job's block probe failed (no prediction; auto took the first plan)
+        self.probed: dict | None = None  # the last job's block costs as measured or cached (``probes``)
+        self.spans: list[dict] = []  # when this rank probed ({"probe", "start", "end"}, time.time())
 
     def costs(self, fam, config: dict, dtype, problem) -> Costs | None:
         """The group's costs for this model and job size (collective); None (on every rank, logged) when
         the block probe failed."""
         n_txt, n_img = problem.n_txt, problem.n_img
         if self.link is None:
+            self.comm.barrier()  # the probe starts when every rank is here (a rank may wait for its turn)
+            start = time.time()
             self.link = probe_link(self.comm)
+            self.spans.append({"probe": "link", "start": start, "end": time.time()})
             log.info("link: %.3g MB/s, %.3g ms latency", self.link.bandwidth / 1e6, self.link.latency * 1e3)
         raw = None
         if self.comm.rank == 0:  # a failure is broadcast too: no rank is left waiting for the numbers
             try:
-                blocks, outside = cached_blocks(self.cache_dir, fam, config, self.device, dtype, n_txt, self.threads,
-                                                grids_for(problem.rows, problem.cols))
+                start = time.time()
+                blocks, outside, fresh = cached_blocks(self.cache_dir, fam, config, self.device, dtype, n_txt,
+                                                       self.threads, grids_for(problem.rows, problem.cols))
                 raw = {"blocks": {k: vars(v) for k, v in blocks.items()}, "outside": outside}
+                if fresh:
+                    self.spans.append({"probe": "blocks", "start": start, "end": time.time()})
             except Exception as exc:  # noqa: BLE001 - every rank raises it below
                 raw = {"error": f"the block probe failed on rank 0: {type(exc).__name__}: {exc}"}
         raw = self.comm.broadcast_object(raw)
         self.unprobed = "error" in raw
         if "error" in raw:
             log.warning("%s: no prediction for this job", raw["error"])
+            self.probed = None
             return None
+        self.probed = {**raw, "threads": self.threads}
         blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
         return machine_costs(blocks, raw["outside"], self.link, n_img)
 
@@ -69,7 +80,7 @@ class GroupPlanner:
                 if k not in ("strategy", "patches", "stage_split", "world_size")}
         base = ParallelConfig("pipefusion" if self.comm.world_size > 1 else "serial", self.comm.world_size, **rest)
         plans = candidates(self.comm.world_size, problem.rows, base.warmup_steps, base, problem.cfg,
-                           meta.config.num_attention_heads)
+                           meta.config.num_attention_heads, problem.cols)
         mine = []
         for cfg in plans:
             try:
@@ -95,13 +106,21 @@ class GroupPlanner:
         return choice
 
     def plan_job(self, plan, problem, fam, config: dict, meta, dtype: str, fits):
-        """(plan, Choice or None, predicted seconds, probed link as a dict) of a job whose ``plan`` is
-        predicted, or chosen where its strategy is 'auto' (``fits``: see ``choose``). Collective."""
+        """(plan, Choice or None, predicted seconds, probes) of a job whose ``plan`` is predicted, or chosen
+        where its strategy is 'auto' (``fits``: see ``choose``). Collective. See ``probes``."""
         if plan.strategy != "auto":
             p = self.predict(plan, problem, fam, meta, config, dtype)
-            return plan, None, p.wall_s if p is not None else None, vars(self.link)
+            return plan, None, p.wall_s if p is not None else None, self.probes()
         choice = self.choose(plan, problem, fam, meta, config, dtype, fits)
-        return choice.cfg, choice, None if self.unprobed else choice.prediction.wall_s, vars(self.link)
+        return choice.cfg, choice, None if self.unprobed else choice.prediction.wall_s, self.probes()
+
+    def probes(self) -> dict:
+        """What the last prediction was made from, so that it can be made again (bench/repredict.py): the
+        probed link (bandwidth B/s, latency s), the block costs (per kind; ``outside``: seconds per image
+        token outside the blocks; None when the block probe failed) and their thread count, and when this
+        rank ran a probe ({"probe": "link" or "blocks", "start", "end"}, time.time(); cached block costs
+        are not probed again)."""
+        return {"link": vars(self.link), "costs": self.probed, "spans": list(self.spans)}
 
     def predict(self, cfg: ParallelConfig, problem, fam, meta, config: dict, dtype: str) -> Prediction | None:
         """The simulator's wall time for a fixed plan (collective)."""

@@ -96,6 +96,7 @@ class Prepared:
     predicted_s: float | None = None  # the simulator's wall time for this plan (auto, or a job asking)
     link: dict | None = None  # the group's probed link (bandwidth B/s, latency s) behind the prediction
     peer: str | None = None  # another tool's method on this model (peers.py), run instead of the strategy
+    probes: dict | None = None  # what the prediction was made from, and when (autoplan.GroupPlanner.probes)
 
 
 def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = None) -> Prepared:
@@ -128,12 +129,12 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
                                refs=references.listed(tensors, K.REF), neg_refs=references.listed(tensors, K.NEG_REF),
                                ref_method=job.reference_method, sigmas=tensors.get(K.SIGMAS))
     dtype = DTYPES[spec.dtype]
-    choice, predicted, link = None, None, None
+    choice, predicted, probes = None, None, None
     if cfg.strategy == "auto" or job.predict:  # collective: every rank of the group gets here with the job
-        cfg, choice, predicted, link = models.planner_for(comm).plan_job(
+        cfg, choice, predicted, probes = models.planner_for(comm).plan_job(
             cfg, problem, *models.describe(source), spec.dtype,
             lambda c: admit(source, c, problem, comm, models, dtype) or True)
-    cfg.check_image(problem.rows)
+    cfg.check_image(problem.rows, problem.cols)
     mode = admit(source, cfg, problem, comm, models, dtype)
     base, start = memory_now(models.device), time.perf_counter()
     model, blocks = models.get(source, cfg, comm.rank, dtype)
@@ -159,7 +160,7 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
         from .peers import prepare_peer
         model = prepare_peer(job.peer, model, comm.world_size)
     return Prepared(cfg, spec, problem, model, blocks, dtype, base, time.perf_counter() - start, models.device,
-                    choice, predicted, link, job.peer)
+                    choice, predicted, probes and probes["link"], job.peer, probes)
 
 
 def admit(source: ModelSource, cfg: ParallelConfig, problem, comm: Comm, models: ModelCache,
@@ -238,8 +239,10 @@ def plan_report(prep: Prepared, measured_s: float) -> dict:
     from .parallel.planner import label
 
     out = {"plan": label(prep.cfg), "strategy": prep.cfg.strategy, "patches": prep.cfg.num_patches,
-           "warmup_steps": prep.cfg.warmup_steps, "predicted_s": prep.predicted_s, "measured_s": measured_s,
-           "auto": prep.choice.as_dict() if prep.choice is not None else None, "link": prep.link}
+           "warmup_steps": prep.cfg.warmup_steps, "ulysses": prep.cfg.ulysses,
+           "predicted_s": prep.predicted_s, "measured_s": measured_s,
+           "auto": prep.choice.as_dict() if prep.choice is not None else None, "link": prep.link,
+           "probes": prep.probes}
     if prep.predicted_s is not None:
         log.info("plan %s: predicted %.2f s, measured %.2f s", out["plan"], prep.predicted_s, measured_s)
     return out

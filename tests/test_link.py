@@ -145,3 +145,44 @@ def test_link_bench_machines_given_different_jobs_are_refused(shaped, tmp_path):
         assert "run the same command on every machine, only the node rank may differ" in outputs[r]
     assert not (tmp_path / "bench.json").exists()
     _nothing_left(endpoint, procs)
+
+
+def test_link_bench_probes_in_their_turns_and_repredicts(tmp_path):
+    """The bench over a shaped link with predictions: the planner's probes (the link's, and the block costs
+    every prediction scales with) run inside their process's turn, with the machine to itself, as the timed
+    runs do; probed beside the other process's start-up they read compute up to 1.3x slow, and the
+    predictions over a link were 28-42% high, serial's too. Serial's probe is the one every row uses (the
+    group reads it from the cache: one set of numbers for all). The report carries what each prediction
+    was made from, and bench/repredict.py makes every prediction again from it, equal; a report without
+    its block costs is refused with the way out."""
+    from comfy_pipefusion.bench import repredict
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "comfy_pipefusion.bench", "--preset", "tiny", "--steps", "2",
+                           "--link", "10gbit", "--strategies", "serial,pipefusion,ulysses", "--repeats", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=BENCH_S, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    turns = {p: [(t["start"], t["end"]) for t in rep["turns"] if t["process"] == p] for p in ("serial", "group")}
+    rows = {r["name"]: r for r in rep["results"]}
+    costs = {name: r["probes"]["costs"] for name, r in rows.items()}
+    assert all(c and c["blocks"] for c in costs.values()), costs
+    assert costs["pipefusion"] == costs["ulysses"] == costs["serial"], "the rows were predicted from other probes"
+    probed = {"serial": [], "group": []}
+    for name, r in rows.items():
+        process = "serial" if name == "serial" else "group"
+        for span in r["probes"]["spans"]:
+            probed[process].append(span["probe"])
+            assert any(a <= span["start"] and span["end"] <= b for a, b in turns[process]), \
+                f"{name}'s {span['probe']} probe ran outside its turns: {span}, turns {turns}"
+    assert "blocks" in probed["serial"] and "link" in probed["group"], probed
+    assert "blocks" not in probed["group"], "the group probed the blocks again instead of reading serial's"
+    again = repredict.repredict(rep)
+    assert [r["name"] for r in again] == list(rows)
+    for r in again:
+        assert r["own_probes"] and r["predicted_s"] == pytest.approx(rows[r["name"]]["predicted_s"], rel=1e-9), r
+    for r in rep["results"]:
+        r.pop("probes")  # as the reports written before the rows carried their probes
+    with pytest.raises(ValueError, match="run with --probe"):
+        repredict.repredict(rep)
+    assert repredict.repredict(rep, costs["serial"])[0]["predicted_s"] == pytest.approx(again[0]["predicted_s"])

@@ -158,7 +158,7 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
             cfg = ParallelConfig(s, args.world_size, patches=m, warmup_steps=args.warmup_steps,
                                  text_stream=stream, balance=args.balance)
             cfg.check_model(num_blocks, heads)
-            cfg.check_image(spec.token_rows)
+            cfg.check_image(spec.token_rows, spec.token_cols)
             cfg.check_job(spec.cfg)
             name = s + (f"-{stream}" if pf and len(streams) > 1 else "") + \
                 (f"-M{m}" if pf and len(patches) > 1 else "")
@@ -217,7 +217,8 @@ def summarise(args, spec, serial, results) -> dict:
         cfg = job.parallel
         if cfg.strategy == "auto":  # what the group chose
             cfg = ParallelConfig(m["plan"]["strategy"], cfg.world_size, warmup_steps=m["plan"]["warmup_steps"],
-                                 patches=m["plan"]["patches"] if m["plan"]["strategy"] == "pipefusion" else 0)
+                                 patches=m["plan"]["patches"] if m["plan"]["strategy"].endswith("pipefusion") else 0,
+                                 ulysses=m["plan"].get("ulysses", 0))
         n = cfg.world_size
         err = (x - ref).float()
         dims = dict(world=n, batch=2 if abs(spec.cfg - 1) > 1e-9 else 1, images=1, width=width,
@@ -230,6 +231,7 @@ def summarise(args, spec, serial, results) -> dict:
                     if "ulysses+pipefusion" in cfg.strategy else None)
         rows.append({"strategy": job.peer or cfg.strategy, "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
+                     "ulysses_degree": cfg.ulysses_degree if "ulysses" in cfg.strategy else 0,
                      "threads_per_rank": args.threads_per_rank,
                      "wall_s": m["wall_s_median"], "wall_s_min": m["wall_s_min"], "wall_s_runs": m["wall_s_runs"],
                      "run_spans": m["run_spans"],
@@ -245,12 +247,13 @@ def summarise(args, spec, serial, results) -> dict:
                      "timeline": m["timeline"], "plan": m["plan"]["plan"],
                      "predicted_s": m["plan"]["predicted_s"], "auto": m["plan"]["auto"],
                      "probed_link": m["plan"]["link"],
+                     "probes": m["plan"].get("probes"),  # the prediction's inputs (bench/repredict.py)
                      "expected_bytes_per_step_per_rank": None if job.peer else [  # a peer's traffic is its own
                          expected_bytes(cfg.strategy, rank=r, **dims) / spec.steps for r in range(n)]})
     name = source.get("preset") or source["checkpoint"]
     return {"model": {"name": f"{fam.NAME}-{name}" if "preset" in source else name, "family": fam.NAME,
                       "params": ref_m["params"]}, "steps": spec.steps, "evaluations": evals,
-            "sampler": args.sampler, "scheduler": spec.scheduler, "cfg": spec.cfg,
+            "sampler": args.sampler, "scheduler": spec.scheduler, "cfg": spec.cfg, "dtype": spec.dtype,
             "height": spec.height, "width": spec.width, "seed": spec.seed, "timing": "median of repeats",
             "timing_note": "serial and the parallel strategies timed in turns (serial, one strategy's "
                            "runs, serial, the next's, ..., serial); a strategy's speedup is against the "

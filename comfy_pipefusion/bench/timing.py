@@ -27,10 +27,9 @@ log = logging.getLogger("comfy_pipefusion.bench")
 def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
               turns: Turns | None = None) -> tuple[torch.Tensor | None, dict]:
     """Run ``repeats`` times with the model loaded; rank 0 gets the samples and the metrics. With ``turns``,
-    the runs wait for this job's turn (the benchmark takes serial and the group in turns)."""
+    the turn this job's caller waited for before ``prepare`` ends after the runs (see ``run_file``)."""
     turns = turns or Turns(None, "", comm.rank)
     walls, spans, samples = [], [], None
-    turns.wait()
     for i in range(repeats):
         comm.reset_counters()
         comm.barrier()
@@ -95,11 +94,16 @@ def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns
                          f"those of machine(s) {', '.join(differ)}): run the same command on every machine, "
                          "only the node rank may differ")
     here = [r for r, s in enumerate(seen) if s["node"] == node]
+    turns = turns or Turns(None, "", comm.rank)
     models = ModelCache(device)
     models.probe_dir = probe_dir  # the planner's block probes (autoplan.py)
     for wire in spec["jobs"]:
         job = Job.from_wire({"model": spec["model"], **wire}, comm.world_size, samplers)
         log.info("job %s: %s", job.name, job.parallel)
+        # the turn starts before prepare: its load and the planner's probes (a few seconds of timed compute
+        # whose numbers every prediction scales with) get the machine to themselves, like the timed runs.
+        # Probed beside the other process's start-up or probes, the block costs read up to 1.3x slow.
+        turns.wait()
         prep = prepare(job, comm, models)
         samples, metrics = run_timed(prep, comm, device, job.repeats, turns)
         if across:

@@ -107,15 +107,17 @@ def probe_blocks(fam, config: dict, device: torch.device, dtype: torch.dtype, n_
 
 
 def cached_blocks(cache_dir: Path | None, fam, config: dict, device: torch.device, dtype: torch.dtype,
-                  n_txt: int, threads: int, grids: tuple[tuple[int, int], ...]) -> tuple[dict[str, BlockCost], float]:
-    """``probe_blocks``, read from ``cache_dir`` when this model structure and device were probed before
-    (at the same sizes: a job of another size probes again, so each fit covers the sizes it predicts)."""
+                  n_txt: int, threads: int, grids: tuple[tuple[int, int], ...]
+                  ) -> tuple[dict[str, BlockCost], float, bool]:
+    """``probe_blocks`` and True, or (its costs, False) read from ``cache_dir`` when this model structure and
+    device were probed before (at the same sizes: a job of another size probes again, so each fit covers the
+    sizes it predicts)."""
     key = cache_key({"config": config, "grids": grids, "n_txt": n_txt}, device, dtype, threads)
     path = Path(cache_dir) / f"probe-{key}.json" if cache_dir else None
     if path is not None and path.is_file():
         try:
             raw = json.loads(path.read_text())
-            return {k: BlockCost(**v) for k, v in raw["blocks"].items()}, float(raw["per_token_outside"])
+            return {k: BlockCost(**v) for k, v in raw["blocks"].items()}, float(raw["per_token_outside"]), False
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("probe cache %s unreadable (%s): probing again", path, exc)
     start = time.perf_counter()
@@ -127,7 +129,7 @@ def cached_blocks(cache_dir: Path | None, fam, config: dict, device: torch.devic
         tmp.write_text(json.dumps({"blocks": {k: vars(v) for k, v in blocks.items()},
                                    "per_token_outside": outside}))
         os.replace(tmp, path)
-    return blocks, outside
+    return blocks, outside, True
 
 
 def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5) -> Link:

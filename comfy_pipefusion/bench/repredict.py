@@ -1,0 +1,132 @@
+"""A bench report's predictions made again with this code, without timing anything again.
+
+    python -m comfy_pipefusion.bench.repredict bench.json [--probe] [--out new.json]
+
+Each row is predicted by the simulator (parallel/simulate.py) from what the run probed: its ``probes``
+(the block costs per kind, the seconds per image token outside the blocks, and the link), so a change of
+the simulator or of its workload shows on past measurements at once. A report written before the rows
+carried their block costs (only ``probed_link``) cannot be predicted from its own numbers: ``--probe``
+measures the block costs again here (a few seconds of timed compute: on a quiet machine, with the report's
+threads per rank) and keeps each row's probed link. Prints measured against predicted (the report's and
+now); ``--out`` writes the report with the new ``predicted_s`` (and ``predicted_s_before``).
+Built-in presets only (a checkpoint's report does not name its text tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..config import ParallelConfig, SampleSpec
+from ..job import preset_problem
+from ..models import family
+from ..parallel.planner import predict, workload_of
+from ..parallel.probe import grids_for, machine_costs, probe_blocks
+from ..parallel.simulate import BlockCost, Link
+
+ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def preset_of(report: dict) -> str:
+    name, fam = report["model"]["name"], report["model"]["family"]
+    preset = name.removeprefix(f"{fam}-")
+    try:
+        family.find_preset(preset)
+    except (KeyError, ValueError):
+        raise ValueError(f"{name!r} is not a built-in preset's report: repredict takes the reports of --preset "
+                         "runs (a checkpoint's report does not name its text tokens)") from None
+    return preset
+
+
+def problem_of(report: dict, dtype: str = "float32"):
+    """(family, config, meta model, job problem) of the report's job."""
+    preset = preset_of(report)
+    fam, p = family.find_preset(preset)
+    spec = SampleSpec(height=report["height"], width=report["width"], steps=report["steps"], seed=report["seed"],
+                      dtype=dtype, sampler=report["sampler"], scheduler=report["scheduler"],
+                      cfg=report.get("cfg", 1.0))
+    return fam, p["config"], fam.build_meta(p["config"]), preset_problem(preset, spec)
+
+
+def plan_of(row: dict) -> ParallelConfig:
+    """The plan a row ran (auto's: the one it chose)."""
+    strategy, world = row["strategy"], row["world_size"]
+    if strategy not in ("serial", "pipefusion", "distrifusion", "naive_patch") and "ulysses" not in strategy \
+            and not strategy.startswith("cfg"):
+        strategy = "ulysses"  # a peer's row (diffusers-ulysses) is Ulysses on the same group
+    patches = row["patches"] if strategy.endswith("pipefusion") else 0
+    return ParallelConfig(strategy, world, patches=patches, warmup_steps=row["warmup_steps"],
+                          text_stream=row.get("text_stream", "last_patch"),
+                          ulysses=row.get("ulysses_degree", 0) if "ulysses" in strategy else 0)
+
+
+def costs_of(row: dict, probed: dict | None):
+    """The row's own probes, else ``probed`` (block costs measured again), with the row's probed link."""
+    own = (row.get("probes") or {}).get("costs")
+    raw = own or probed
+    if raw is None:
+        raise ValueError(f"row {row['name']!r} carries no block costs (a report older than its probes): "
+                         "run with --probe to measure them again here")
+    blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
+    link = row.get("probed_link") or {"bandwidth": 1e12, "latency": 0.0}
+    return blocks, raw["outside"], Link(link["bandwidth"], link["latency"]), own is not None
+
+
+def probe_here(report: dict, dtype: str = "float32") -> dict:
+    """The block costs of the report's model and job size, measured on this machine now."""
+    import torch
+
+    threads = max(r.get("threads_per_rank", 1) for r in report["results"])
+    torch.set_num_threads(threads)
+    fam, config, _, problem = problem_of(report, dtype)
+    blocks, outside = probe_blocks(fam, config, torch.device("cpu"), getattr(torch, dtype), problem.n_txt,
+                                   grids_for(problem.rows, problem.cols))
+    return {"blocks": {k: vars(v) for k, v in blocks.items()}, "outside": outside, "threads": threads}
+
+
+def repredict(report: dict, probed: dict | None = None, dtype: str = "float32") -> list[dict]:
+    """Per row: name, plan, measured and predicted seconds (before: the report's; now: this code's) and
+    whether the row's own probes were used."""
+    fam, _, meta, problem = problem_of(report, dtype)
+    out = []
+    for row in report["results"]:
+        cfg = plan_of(row)
+        blocks, outside, link, own = costs_of(row, probed)
+        work = workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype])
+        now = predict(cfg, work, machine_costs(blocks, outside, link, problem.n_img)).wall_s
+        out.append({"name": row["name"], "plan": row.get("plan"), "measured_s": row["wall_s"],
+                    "before_s": row.get("predicted_s"), "predicted_s": now, "own_probes": own})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m comfy_pipefusion.bench.repredict", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("report", type=Path, help="a bench JSON (--json)")
+    ap.add_argument("--probe", action="store_true", help="measure the block costs again here, for rows that "
+                                                         "do not carry theirs")
+    ap.add_argument("--out", type=Path, help="write the report with the new predictions here")
+    args = ap.parse_args(argv)
+    try:
+        report = json.loads(args.report.read_text())
+        dtype = report.get("dtype", "float32")
+        rows = repredict(report, probe_here(report, dtype) if args.probe else None, dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {args.report}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'name':<22}{'plan':<30}{'measured_s':>11}{'before_s':>10}{'now_s':>9}{'error_now':>10}  probes")
+    for r in rows:
+        before = f"{r['before_s']:>10.2f}" if r["before_s"] is not None else f"{'-':>10}"
+        print(f"{r['name']:<22}{str(r['plan']):<30}{r['measured_s']:>11.2f}{before}{r['predicted_s']:>9.2f}"
+              f"{r['predicted_s'] / r['measured_s'] - 1:>+10.1%}  {'own' if r['own_probes'] else 'probed here'}")
+    if args.out:
+        for row, r in zip(report["results"], rows):
+            row["predicted_s_before"], row["predicted_s"] = row.get("predicted_s"), r["predicted_s"]
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
