@@ -198,13 +198,27 @@ class ParallelConfig:
             return self.ulysses_degree  # 1 without Ulysses
         return self.stages  # distrifusion (Ulysses inside: its bands), naive_patch; auto: a band per rank
 
-    def check_image(self, token_rows: int) -> None:
-        """Raise if the image has too few token rows for the bands; before any worker starts."""
+    def check_image(self, token_rows: int, token_cols: int | None = None) -> None:
+        """Raise if the image has too few token rows for the bands or, with Ulysses inside a patch method,
+        a patch with fewer image tokens than the lanes that share it (``token_cols`` given: an image
+        narrower than the Ulysses degree); before any worker starts."""
         m = self.num_patches
         if m > token_rows:
             raise ValueError(
                 f"{m} patches ({self.strategy}) need at least {m} token rows, but the image has only "
                 f"{token_rows} (height/16); use at most {token_rows} patches/ranks or a taller image")
+        u = self.ulysses_degree
+        if token_cols is None or u < 2 or self.patch_method == "serial":
+            return
+        rows = token_rows // m  # the shortest of the m bands (patches.split_even)
+        if rows * token_cols < u:
+            wide = -(-u // rows)
+            raise ValueError(
+                f"{self.strategy} shares each of its {m} patches among {u} Ulysses ranks, but the image is "
+                f"{token_rows}x{token_cols} tokens (height/16 x width/16): its smallest patch has "
+                f"{rows * token_cols} image tokens, fewer than {u}; use an image at least {16 * wide} pixels "
+                f"wide, {'fewer patches, ' if self.patch_method == 'pipefusion' else ''}a Ulysses degree of at "
+                f"most {rows * token_cols}, or another strategy")
 
     def check_model(self, num_blocks: int, heads: int | None = None) -> None:
         """Raise if the model has too few blocks for the stages, or heads that the Ulysses degree does not

@@ -345,7 +345,7 @@ def suggestions(fam, meta, cfg: ParallelConfig, size: JobSize, budget: Budget, f
     """The changes that make the job fit, each checked with the same estimate."""
     def ok(c: ParallelConfig, s: JobSize, f8: bool = fp8, b: Budget = budget) -> bool:
         try:
-            c.check_image(s.rows)
+            c.check_image(s.rows, s.cols)
             c.check_model(len(fam.blocks_of(meta)))
         except ValueError:
             return False

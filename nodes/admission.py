@@ -68,7 +68,8 @@ def smallest_job(model) -> memory.JobSize:
     """The smallest image: what the weights and the processes alone need."""
     fam = family.get(model.family)
     rows = max(model.parallel.num_patches, model.parallel.world_size)  # one token row per band
-    return memory.JobSize(rows, 1, 1, fam.conditioning_dims(model.model_config)[0], dtype=model.dtype,
+    cols = model.parallel.ulysses_degree  # a token for each Ulysses rank of a band
+    return memory.JobSize(rows, cols, 1, fam.conditioning_dims(model.model_config)[0], dtype=model.dtype,
                           channels=4 * fam.latent_format(model.model_config).channels)
 
 

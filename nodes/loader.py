@@ -14,7 +14,7 @@ from ..launcher import GroupPlan
 from . import admission
 from .convert import DTYPE_CHOICES, check_patches, parse_devices, parse_stage_split, place_auto
 from .handle import PipeFusionModel
-from .validate import STRATEGIES, check_plan
+from .validate import STRATEGIES, ULYSSES_MAX, check_plan
 
 
 def file_stamp(path: str | None) -> str:
@@ -58,14 +58,20 @@ class PipeFusionDiTLoader:
                                                            "bytes per GPU (for models that only fit so)"}),
             "stage_split": ("STRING", {"default": "", "tooltip": "PipeFusion: blocks per stage, e.g. 10,9 "
                                                                  "(empty = automatic, by balance)"}),
+            "ulysses_degree": ("INT", {"default": 0, "min": 0, "max": ULYSSES_MAX,
+                                       "tooltip": "strategies with ulysses: devices sharing each attention by "
+                                                  "heads; 0 = automatic (every device of a CFG half for ulysses "
+                                                  "alone, 2 per stage inside pipefusion/distrifusion). It must "
+                                                  "divide the devices (of a CFG half), leave at least 2 stages "
+                                                  "inside a patch method, and divide the model's heads"}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, devices, strategy, patches, stage_split=""):
+    def VALIDATE_INPUTS(cls, devices, strategy, patches, stage_split="", ulysses_degree=0):
         """At queue time: devices that parse and exist, enough of them for the strategy, patches only with
-        pipefusion, a stage split with one entry per stage."""
+        pipefusion, a stage split with one entry per stage, a Ulysses degree the plan can take."""
         return check_plan(devices, strategy, torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                          patches, stage_split)
+                          patches, stage_split, ulysses_degree)
 
     @classmethod
     def IS_CHANGED(cls, unet_name, **_):
@@ -74,14 +80,15 @@ class PipeFusionDiTLoader:
         return file_stamp(folder_paths.get_full_path("diffusion_models", unet_name))
 
     def load(self, unet_name, weight_dtype, devices, strategy, patches, warmup_steps, balance="compute",
-             stage_split=""):
+             stage_split="", ulysses_degree=0):
         try:
             return self._load(unet_name, weight_dtype, devices, strategy, patches, warmup_steps, balance,
-                              stage_split)
+                              stage_split, ulysses_degree)
         except ValueError as exc:
             raise ValueError(f"PipeFusion DiT Loader: {exc}") from None
 
-    def _load(self, unet_name, weight_dtype, devices, strategy, patches, warmup_steps, balance, stage_split):
+    def _load(self, unet_name, weight_dtype, devices, strategy, patches, warmup_steps, balance, stage_split,
+              ulysses_degree=0):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         stamp = file_stamp(path)
         info = open_checkpoint(path)  # header only: family, configuration, layout; refuses what we cannot run
@@ -92,7 +99,8 @@ class PipeFusionDiTLoader:
         if strategy == "serial" and ranks != 1:
             devs, ranks = (devs[:1] if devs else None), 1
         parallel = ParallelConfig(strategy=strategy, world_size=ranks, patches=patches, warmup_steps=warmup_steps,
-                                  balance=balance, stage_split=parse_stage_split(stage_split, strategy))
+                                  balance=balance, stage_split=parse_stage_split(stage_split, strategy),
+                                  ulysses=ulysses_degree)
         parallel.check_model(families.num_blocks(config), config.get("num_attention_heads"))
         admission.check_ranks(parallel, devs)
         dtype = weight_dtype if weight_dtype != "default" else ("bfloat16" if devs else "float32")
@@ -103,7 +111,8 @@ class PipeFusionDiTLoader:
         # process (nodes/hooks.py); another plan for the same checkpoint replaces it.
         split = f"|split {','.join(map(str, parallel.stage_split))}" if parallel.stage_split else ""
         plan = GroupPlan(world_size=ranks, devices=devs,
-                         key=f"{unet_name}|{strategy}|{dtype}" + ("" if balance == "compute" else f"|{balance}") + split)
+                         key=f"{unet_name}|{strategy}|{dtype}" + ("" if balance == "compute" else f"|{balance}") + split
+                         + (f"|u{ulysses_degree}" if ulysses_degree else ""))
         model = PipeFusionModel(path, config, parallel, plan, dtype, slot=path, stamp=stamp, family=info.family)
         admission.check(model, admission.smallest_job(model), "its weights and processes alone")
         return (model,)

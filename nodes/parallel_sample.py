@@ -56,7 +56,8 @@ def plan_for(s, blocks: int) -> tuple[ParallelConfig, tuple[int, ...] | None, st
     if s.strategy == "serial" and ranks != 1:
         devs, ranks = (devs[:1] if devs else None), 1
     parallel = ParallelConfig(strategy=s.strategy, world_size=ranks, patches=s.patches, warmup_steps=s.warmup_steps,
-                              balance=s.balance, stage_split=parse_stage_split(s.stage_split, s.strategy))
+                              balance=s.balance, stage_split=parse_stage_split(s.stage_split, s.strategy),
+                              ulysses=s.ulysses_degree)
     if blocks > 1:
         parallel.check_model(blocks)
     dtype = s.weight_dtype if s.weight_dtype != "default" else ("bfloat16" if devs else "float32")
@@ -83,7 +84,8 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
     parallel, devs, dtype = plan_for(settings, 0)
     split = f"|split {','.join(map(str, parallel.stage_split))}" if parallel.stage_split else ""
     plan = GroupPlan(world_size=parallel.world_size, devices=devs,
-                     key=f"model {base}|{settings.strategy}|{dtype}|{settings.balance}{split}")
+                     key=f"model {base}|{settings.strategy}|{dtype}|{settings.balance}{split}"
+                         + (f"|u{settings.ulysses_degree}" if settings.ulysses_degree else ""))
     launcher = groups().launcher(plan, SLOT)
     sigmas = sigmas.detach().float().cpu()
     with launcher.lock:  # what the group holds cannot change between the check and the job
@@ -117,7 +119,8 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
                 check_pixart_positions(patcher, info.config)
             model = PipeFusionModel(str(path), info.config, parallel, plan, dtype, slot=SLOT, stamp=base,
                                     family=info.family)
-            parallel.check_model(info.config.get("num_layers", 0) + info.config.get("num_single_layers", 0))
+            parallel.check_model(info.config.get("num_layers", 0) + info.config.get("num_single_layers", 0),
+                                 info.config.get("num_attention_heads"))
             job, tensors, shape = _job(model, name, positive, negative, cfg, noise, latent_image, sigmas,
                                        denoise_mask, seed, shift)
             # before the group starts or allocates (ComfyUI's own models leave the group's GPUs first)
@@ -146,7 +149,7 @@ def _job(model, name, positive, negative, cfg, noise, latent_image, sigmas, deno
 
     samples = check_latent({"samples": latent_image.float().cpu()}, model.family, model.model_config)
     batch, _, h, w = samples.shape
-    model.parallel.check_image(h // 2)
+    model.parallel.check_image(h // 2, w // 2)
     txt, pooled, guidance = conditioning_tensors(positive, model.family, model.model_config, batch)
     fmt = latent_format(model.family, model.model_config)  # noise and mask come shaped like ComfyUI's LATENT
     tensors = {K.TXT: txt.float().contiguous(), K.LATENT: samples.contiguous(), K.SIGMAS: sigmas,

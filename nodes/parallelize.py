@@ -17,7 +17,7 @@ from .model_checks import WRAPPER_KEY
 from .validate import check_plan
 
 SETTINGS = ("devices", "strategy", "patches", "warmup_steps")
-OPTIONAL = ("weight_dtype", "balance", "stage_split")
+OPTIONAL = ("weight_dtype", "balance", "stage_split", "ulysses_degree")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Settings:
     weight_dtype: str = "default"
     balance: str = "compute"
     stage_split: str = ""
+    ulysses_degree: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,16 @@ class PipeFusionParallelize:
         return {"required": required, "optional": optional}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, devices, strategy):
-        return check_plan(devices, strategy, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    def VALIDATE_INPUTS(cls, devices, strategy, ulysses_degree=0):
+        return check_plan(devices, strategy, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                          ulysses=ulysses_degree)
 
     def parallelize(self, model, devices, strategy, patches, warmup_steps, weight_dtype="default",
-                    balance="compute", stage_split=""):
+                    balance="compute", stage_split="", ulysses_degree=0):
         from .parallel_sample import plan_for
 
-        settings = Settings(devices, strategy, patches, warmup_steps, weight_dtype, balance, stage_split)
+        settings = Settings(devices, strategy, patches, warmup_steps, weight_dtype, balance, stage_split,
+                            ulysses_degree)
         try:
             plan_for(settings, 1)  # the settings parse and fit ParallelConfig (the model's depth is checked later)
         except ValueError as exc:

@@ -55,7 +55,7 @@ class PipeFusionKSampler:
             check_sampler(sampler_name, scheduler, denoise, seed)
             samples = check_latent(latent_image, model.family, model.model_config)
             batch, _, h, w = samples.shape
-            model.parallel.check_image(h // 2)
+            model.parallel.check_image(h // 2, w // 2)  # before the group starts (Ulysses lanes: the columns)
             model.parallel.check_job(cfg)  # CFG parallelism needs a negative branch
             txt, pooled, guidance = conditioning_tensors(positive, model.family, model.model_config, batch)
             tensors = {K.TXT: txt, K.LATENT: samples}

@@ -17,13 +17,15 @@ STRATEGIES = ("auto",) + tuple(s for s in config.STRATEGIES if s not in ("auto",
 """The loader's strategies: the engine's (config.STRATEGIES) but the naive-patch quality baseline, auto first
 (the default)."""
 PATCHES_MAX = 256  # the loader's widget range
+ULYSSES_MAX = 64
 
 
-def check_plan(devices, strategy, gpu_count: int, patches=0, stage_split="") -> bool | str:
+def check_plan(devices, strategy, gpu_count: int, patches=0, stage_split="", ulysses=0) -> bool | str:
     """The loader's plan as far as its widgets tell it: parseable devices that exist, enough ranks for the
     strategy (an even number for cfg, ...), patches that the strategy uses, a stage split with one entry per
-    stage. What needs the checkpoint (blocks per stage, heads) or the image (patches per token row) is
-    checked when the nodes run."""
+    stage, a Ulysses degree (0: automatic) that divides the ranks of a CFG half and leaves a patch method at
+    least 2 stages. What needs the checkpoint (blocks per stage, heads) or the image (patches per token row,
+    image tokens per Ulysses rank) is checked when the nodes run."""
     if strategy is not None and strategy not in STRATEGIES:
         return f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}"
     try:
@@ -34,16 +36,17 @@ def check_plan(devices, strategy, gpu_count: int, patches=0, stage_split="") -> 
                 raise ValueError(f"patches: Value {patches} {bound} (0 = one patch per rank)")
             if strategy is not None:
                 check_patches(patches, strategy)
+        if ulysses is not None and (not isinstance(ulysses, int) or not 0 <= ulysses <= ULYSSES_MAX):
+            bound = "smaller than min of 0" if isinstance(ulysses, int) and ulysses < 0 else \
+                f"bigger than max of {ULYSSES_MAX}"
+            raise ValueError(f"ulysses_degree: Value {ulysses} {bound} (0 = automatic)")
         if devices is None or strategy is None:
             return True
         devs, ranks = parse_devices(str(devices), gpu_count)
         if strategy == "serial":
             ranks = 1  # serial uses the first device only (the loader says so in its docs)
-        if stage_split is None:
-            ParallelConfig(strategy=strategy, world_size=ranks)
-        else:
-            ParallelConfig(strategy=strategy, world_size=ranks,
-                           stage_split=parse_stage_split(str(stage_split), strategy))
+        ParallelConfig(strategy=strategy, world_size=ranks, ulysses=ulysses or 0,
+                       stage_split=None if stage_split is None else parse_stage_split(str(stage_split), strategy))
     except ValueError as exc:
         return f"PipeFusion DiT Loader: {exc}"
     return True

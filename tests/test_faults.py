@@ -114,6 +114,14 @@ REFUSED_BY_COMFYUI = {  # out of the widgets' range, or refused by our VALIDATE_
                                                "world_size 3 is odd; use 2 or 4 ranks"),
     "hybrid cfg+pipefusion with 1 rank per branch": (lambda p: edit(p, "1", strategy="cfg+pipefusion", patches=0),
                                                      "leaves 1 rank per branch"),
+    "ulysses degree beyond the widget": (lambda p: edit(p, "1", strategy="ulysses", patches=0, ulysses_degree=65),
+                                         "ulysses_degree: Value 65 bigger than max of 64 (0 = automatic)"),
+    "ulysses degree without ulysses": (lambda p: edit(p, "1", ulysses_degree=2),
+                                       "ulysses degree 2 given but strategy 'pipefusion' has no ulysses"),
+    "ulysses degree leaving one stage": (lambda p: edit(p, "1", strategy="ulysses+pipefusion", devices="cpu:4",
+                                                        patches=0, ulysses_degree=4),
+                                         "world_size 4 != cfg 1 x ulysses 4 x pipefusion ranks (at least 2); "
+                                         "set ulysses to 2"),
 }
 
 

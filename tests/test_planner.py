@@ -170,3 +170,28 @@ def test_planner_simulates_ulysses_inside_patch_methods():
     assert "ulysses+pipefusion x4 M2 W1" in names and "ulysses+distrifusion x4 W1" in names
     assert not [label(c) for c in candidates(4, 64, warmup=1, heads=3) if "ulysses" in c.strategy]
     assert not [c for c in candidates(2, 64, warmup=1, heads=8) if "+" in c.strategy]  # 2 ranks: no hybrid
+
+
+def test_planner_chooses_the_ulysses_degree_and_skips_narrow_images():
+    """auto considers every Ulysses degree inside a patch method that leaves at least 2 stages (8 ranks: 2
+    lanes x 4 stages, and 4 x 2, labelled U4), each simulated with its own degree; an image whose smallest
+    patch has fewer image tokens than the lanes is no candidate, and a plan given one is refused with the
+    numbers and the way out (ParallelConfig.check_image, as the nodes do before the group starts)."""
+    from comfy_pipefusion.parallel.planner import predict
+
+    names = [label(c) for c in candidates(8, 64, warmup=1, heads=8)]
+    assert "ulysses+pipefusion x8 M4 W1" in names and "ulysses+pipefusion x8 U4 M2 W1" in names
+    assert "ulysses+distrifusion x8 U4 W1" in names
+    assert not [c for c in candidates(8, 64, warmup=1, heads=6) if c.ulysses == 4]  # 6 heads: not by 4
+    work = Workload(kinds=("double",) * 4, width=512, rows=16, cols=16, n_txt=8, evals=4, warmup_evals=1, heads=8)
+    u2, u4 = (predict(ParallelConfig("ulysses+distrifusion", 8, ulysses=u), work, _flat(1e-4)) for u in (0, 4))
+    assert u2.compute_s != u4.compute_s  # the degree reaches the simulator
+    assert [c for c in candidates(4, 8, 1, heads=8, cols=1) if "+" in c.strategy]  # 4 rows x 1 col per patch
+    assert not [c for c in candidates(4, 2, 1, heads=8, cols=1) if "+" in c.strategy]  # 1 token per patch
+    with pytest.raises(ValueError, match=r"ulysses\+pipefusion shares each of its 2 patches among 2 Ulysses ranks, "
+                                         r"but the image is 2x1 tokens .* its smallest patch has 1 image tokens, "
+                                         r"fewer than 2; use an image at least 32 pixels wide, fewer patches"):
+        ParallelConfig("ulysses+pipefusion", 4).check_image(2, 1)
+    with pytest.raises(ValueError, match="at least 64 pixels wide, a Ulysses degree of at most 1"):
+        ParallelConfig("ulysses+distrifusion", 8, ulysses=4).check_image(2, 1)
+    ParallelConfig("ulysses+pipefusion", 4).check_image(2, 2)  # 2 tokens for 2 lanes

@@ -31,21 +31,23 @@ class Choice:
 
     def as_dict(self) -> dict:
         return {"plan": label(self.cfg), "strategy": self.cfg.strategy, "patches": self.cfg.num_patches,
+                "ulysses": self.cfg.ulysses,
                 "warmup_steps": self.cfg.warmup_steps, "predicted_s": self.prediction.wall_s,
                 "candidates": [{"plan": n, "predicted_s": s, "fits": ok} for n, s, ok in self.table]}
 
 
 def label(cfg: ParallelConfig) -> str:
+    u = f" U{cfg.ulysses}" if cfg.ulysses else ""  # a Ulysses degree chosen, not the plan's default
     if cfg.strategy.endswith("pipefusion"):
-        return f"{cfg.strategy} x{cfg.world_size} M{cfg.num_patches} W{cfg.warmup_steps}"
-    return f"{cfg.strategy} x{cfg.world_size} W{cfg.warmup_steps}"
+        return f"{cfg.strategy} x{cfg.world_size}{u} M{cfg.num_patches} W{cfg.warmup_steps}"
+    return f"{cfg.strategy} x{cfg.world_size}{u} W{cfg.warmup_steps}"
 
 
 def candidates(world: int, rows: int, warmup: int, base: ParallelConfig | None = None, cfg: bool = False,
-               heads: int = 0) -> list[ParallelConfig]:
-    """The plans ``auto`` considers on ``world`` ranks for an image of ``rows`` token rows (``cfg``: a
-    true-CFG job; ``heads``: the model's attention heads); ``base`` carries the user's other settings
-    (text stream, balance)."""
+               heads: int = 0, cols: int | None = None) -> list[ParallelConfig]:
+    """The plans ``auto`` considers on ``world`` ranks for an image of ``rows`` x ``cols`` token rows and
+    columns (``cfg``: a true-CFG job; ``heads``: the model's attention heads); ``base`` carries the user's
+    other settings (text stream, balance)."""
     if world == 1:
         return [ParallelConfig("serial", 1, warmup_steps=warmup)]
     keep = {} if base is None else {"text_stream": base.text_stream, "balance": base.balance}
@@ -55,27 +57,31 @@ def candidates(world: int, rows: int, warmup: int, base: ParallelConfig | None =
             out.append(ParallelConfig("pipefusion", world, patches=m, warmup_steps=warmup, **keep))
     if world <= rows:
         out.append(ParallelConfig("distrifusion", world, warmup_steps=warmup))
-    return out + exact_candidates(world, rows, warmup, cfg, heads)
+    return out + exact_candidates(world, rows, warmup, cfg, heads, cols)
 
 
-def exact_candidates(world: int, rows: int, warmup: int, cfg: bool, heads: int) -> list[ParallelConfig]:
+def exact_candidates(world: int, rows: int, warmup: int, cfg: bool, heads: int,
+                     cols: int | None = None) -> list[ParallelConfig]:
     """The exact methods and hybrids where the engine has them (config.STRATEGIES): Ulysses when the heads
-    split evenly (alone, or 2 lanes inside each PipeFusion stage or DistriFusion band), CFG halves (alone, or
-    around each other method) on a true-CFG job."""
+    split evenly (alone, or inside each PipeFusion stage or DistriFusion band with every degree that leaves
+    at least 2 of them: 2 first, the default), CFG halves (alone, or around each other method) on a true-CFG
+    job; none that the image cannot be cut for (``ParallelConfig.check_image``)."""
     out = []
     names = [s for s in STRATEGIES if "ulysses" in s or s.startswith("cfg")]
     for s in names:
         if s.startswith("cfg") and not cfg:
             continue
-        try:
-            plan = ParallelConfig(s, world, warmup_steps=warmup)
-        except ValueError:  # not a plan of this many ranks (e.g. cfg alone on 4, 2 lanes x 2 stages on 2)
-            continue
-        if "ulysses" in s and (not heads or heads % plan.ulysses_degree):
-            continue
-        if plan.patch_method in ("pipefusion", "distrifusion") and plan.stages > rows:
-            continue
-        out.append(plan)
+        branch = world // (2 if s.startswith("cfg") else 1)
+        inside = "ulysses" in s and s.split("+")[-1] in ("pipefusion", "distrifusion")
+        for u in [0] + [d for d in range(3, branch // 2 + 1) if branch % d == 0] if inside else [0]:
+            try:
+                plan = ParallelConfig(s, world, warmup_steps=warmup, ulysses=u)
+                plan.check_image(rows, cols)
+            except ValueError:  # not a plan of this many ranks (cfg alone on 4, 2 lanes x 2 stages on 2), image
+                continue
+            if "ulysses" in s and (not heads or heads % plan.ulysses_degree):
+                continue
+            out.append(plan)
     return out
 
 
