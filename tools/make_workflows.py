@@ -52,13 +52,13 @@ class Graph:
 # Node sizes (body, without the 30 px title) that hold every widget: at least what the ComfyUI 0.3.75
 # frontend computes for the node (LGraphNode.computeSize), e.g. 286 px for the PipeFusion KSampler.
 SIZES = {"DualCLIPLoader": (300, 130), "TripleCLIPLoader": (300, 110), "CLIPLoader": (300, 110),
-         "CLIPTextEncode": (380, 130), "FluxGuidance": (280, 60), "PipeFusionDiTLoader": (300, 240),
+         "CLIPTextEncode": (380, 130), "FluxGuidance": (280, 60), "PipeFusionDiTLoader": (300, 264),
          "EmptySD3LatentImage": (280, 110), "EmptyLatentImage": (280, 110), "EmptyFlux2LatentImage": (280, 110),
          "PipeFusionKSampler": (300, 290),
          "VAELoader": (280, 60), "VAEDecode": (200, 50), "SaveImage": (300, 300),
          "PipeFusionBuiltinCaption": (380, 80), "PipeFusionBuiltinDecode": (260, 50),
          "LoadImage": (300, 320), "FluxKontextImageScale": (260, 30), "VAEEncode": (200, 50),
-         "ReferenceLatent": (240, 50), "UNETLoader": (300, 80), "PipeFusionParallelize": (300, 220),
+         "ReferenceLatent": (240, 50), "UNETLoader": (300, 80), "PipeFusionParallelize": (300, 244),
          "KSampler": (300, 290), "TextEncodeQwenImageEdit": (380, 170), "ImageScaleToTotalPixels": (300, 80)}
 # Columns 40 px apart, rows 60 px apart (a title is 30 px); the whole graph is 1,680 x 430 px.
 X = (0, 340, 760, 1080, 1420)
@@ -122,7 +122,7 @@ def workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, guidanc
         positive = g.node("FluxGuidance", (X[2], 0), [guidance], inputs=[("conditioning", "CONDITIONING")],
                           outputs=[("CONDITIONING", "CONDITIONING")])
         g.link(cond, 0, positive, "conditioning")
-    loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "auto", 0, 1, "compute", ""],
+    loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "auto", 0, 1, "compute", "", 0],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
     if kind == "pixart":
         latent = g.node("EmptyLatentImage", (X[2], 130), [size, size, 1], outputs=[("LATENT", "LATENT")])
@@ -176,7 +176,7 @@ def stock_workflow(kind: str, unet: str, devices: str, steps: int, cfg: float, g
                           outputs=[("CONDITIONING", "CONDITIONING")])
         g.link(cond, 0, positive, "conditioning")
     loader = g.node("UNETLoader", (X[0], 180), [unet, "default"], outputs=[("MODEL", "MODEL")])
-    par = g.node("PipeFusionParallelize", (X[0], 300), [devices, "auto", 0, 1, "default", "compute", ""],
+    par = g.node("PipeFusionParallelize", (X[0], 300), [devices, "auto", 0, 1, "default", "compute", "", 0],
                  inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")])
     g.link(loader, 0, par, "model")
     latent = g.node("EmptyLatentImage" if kind == "pixart" else "EmptySD3LatentImage", (X[2], 130), [size, size, 1],
@@ -222,7 +222,7 @@ def qwen_edit(unet: str, devices: str, steps: int, cfg: float, prompt: str, nega
     g.link(image, 0, scale, "image")
     g.link(scale, 0, encode, "pixels")
     g.link(vae, 0, encode, "vae")
-    loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "auto", 0, 1, "compute", ""],
+    loader = g.node("PipeFusionDiTLoader", (X[0], 220), [unet, "default", devices, "auto", 0, 1, "compute", "", 0],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
     return _sample_and_save(g, loader, conds[0], conds[1], encode, vae, [steps, cfg, "euler", "simple"])
 
@@ -265,7 +265,7 @@ def builtin(devices: str, steps: int, caption: str) -> dict:
     models/diffusion_models): no text encoder, no VAE, no download; runs on CPU ranks."""
     g = Graph()
     loader = g.node("PipeFusionDiTLoader", (X[0], 0), ["shapes-flux.safetensors", "float32", devices, "auto", 0, 1,
-                                                       "compute", ""],
+                                                       "compute", "", 0],
                     outputs=[("pipefusion_model", "PIPEFUSION_MODEL")])
     caption_node = g.node("PipeFusionBuiltinCaption", (X[1], 0), [caption, 1],
                           inputs=[("pipefusion_model", "PIPEFUSION_MODEL")],
