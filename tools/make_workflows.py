@@ -90,9 +90,9 @@ def _reference(g: Graph, pos: dict, reference: str, vae_name: str) -> tuple[dict
     """Kontext: the image to edit, scaled to a size the model knows, as a reference latent on the positive
     prompt; returns (the positive conditioning node, the VAE loader)."""
     vae = g.node("VAELoader", (X[2], 330), [vae_name], outputs=[("VAE", "VAE")])
-    image = g.node("LoadImage", (X[0], 560), [reference, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
-    scale = g.node("FluxKontextImageScale", (X[1], 560), [], inputs=[("image", "IMAGE")], outputs=[("IMAGE", "IMAGE")])
-    encode = g.node("VAEEncode", (X[2], 560), [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")],
+    image = g.node("LoadImage", (X[0], 584), [reference, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
+    scale = g.node("FluxKontextImageScale", (X[1], 584), [], inputs=[("image", "IMAGE")], outputs=[("IMAGE", "IMAGE")])
+    encode = g.node("VAEEncode", (X[2], 584), [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")],
                     outputs=[("LATENT", "LATENT")])
     positive = g.node("ReferenceLatent", (X[2], 450), [], inputs=[("conditioning", "CONDITIONING"),
                                                                  ("latent", "LATENT")],
