@@ -18,6 +18,7 @@ import torch
 
 from comfy_pipefusion import linkns
 from comfy_pipefusion.oneshot import run_jobs
+from test_planner import assert_fastest_or_exact
 
 REASON = linkns.why_not()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no network namespaces here: {REASON}")
@@ -64,9 +65,8 @@ def test_link_group_across_namespaces_equals_serial_and_picks_a_plan(shaped):
     assert crossed >= sum(m["bytes_sent_per_rank"]) > 0
     _, auto = out["auto"]
     plan = auto["plan"]
-    assert plan["strategy"] in ("pipefusion", "distrifusion") and plan["auto"]["candidates"]
-    assert plan["predicted_s"] > 0 and plan["measured_s"] > 0
-    assert plan["auto"]["predicted_s"] == min(c["predicted_s"] for c in plan["auto"]["candidates"] if c["fits"])
+    assert plan["auto"]["candidates"] and plan["predicted_s"] > 0 and plan["measured_s"] > 0
+    assert_fastest_or_exact(plan)
     bandwidth = plan["link"]["bandwidth"]
     assert bandwidth <= 1.25 * shaped.bits_per_s / 8, f"probed {bandwidth / 1e6:.1f} MB/s over a 100 Mbit/s link"
     assert torch.isfinite(out["auto"][0]).all()

@@ -1,14 +1,15 @@
 """A bench report's predictions made again with this code, without timing anything again.
 
-    python -m comfy_pipefusion.bench.repredict bench.json [--probe] [--out new.json]
+    python -m comfy_pipefusion.bench.repredict BENCH.json ... [--probe] [--out DIR]
 
 Each row is predicted by the simulator (parallel/simulate.py) from what the run probed: its ``probes``
 (the block costs per kind, the seconds per image token outside the blocks, and the link), so a change of
 the simulator or of its workload shows on past measurements at once. A report written before the rows
 carried their block costs (only ``probed_link``) cannot be predicted from its own numbers: ``--probe``
 measures the block costs again here (a few seconds of timed compute: on a quiet machine, with the report's
-threads per rank) and keeps each row's probed link. Prints measured against predicted (the report's and
-now); ``--out`` writes the report with the new ``predicted_s`` (and ``predicted_s_before``).
+threads per rank; once per model and image size) and keeps each row's probed link. Prints measured against
+predicted (the report's and now); ``--out DIR`` writes each report there with the new ``predicted_s`` (and
+``predicted_s_before``).
 Built-in presets only (a checkpoint's report does not name its text tokens).
 """
 from __future__ import annotations
@@ -103,28 +104,37 @@ def repredict(report: dict, probed: dict | None = None, dtype: str = "float32") 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m comfy_pipefusion.bench.repredict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("report", type=Path, help="a bench JSON (--json)")
+    ap.add_argument("reports", type=Path, nargs="+", help="bench JSONs (--json)")
     ap.add_argument("--probe", action="store_true", help="measure the block costs again here, for rows that "
-                                                         "do not carry theirs")
-    ap.add_argument("--out", type=Path, help="write the report with the new predictions here")
+                                                         "do not carry theirs (once per model and image size)")
+    ap.add_argument("--out", type=Path, help="a folder: each report is written there, same name, with the new "
+                                             "predictions (and predicted_s_before)")
     args = ap.parse_args(argv)
-    try:
-        report = json.loads(args.report.read_text())
-        dtype = report.get("dtype", "float32")
-        rows = repredict(report, probe_here(report, dtype) if args.probe else None, dtype)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"error: {args.report}: {exc}", file=sys.stderr)
-        return 2
-    print(f"{'name':<22}{'plan':<30}{'measured_s':>11}{'before_s':>10}{'now_s':>9}{'error_now':>10}  probes")
-    for r in rows:
-        before = f"{r['before_s']:>10.2f}" if r["before_s"] is not None else f"{'-':>10}"
-        print(f"{r['name']:<22}{str(r['plan']):<30}{r['measured_s']:>11.2f}{before}{r['predicted_s']:>9.2f}"
-              f"{r['predicted_s'] / r['measured_s'] - 1:>+10.1%}  {'own' if r['own_probes'] else 'probed here'}")
-    if args.out:
-        for row, r in zip(report["results"], rows):
-            row["predicted_s_before"], row["predicted_s"] = row.get("predicted_s"), r["predicted_s"]
-        args.out.write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+    probed: dict = {}
+    print(f"{'report':<34}{'name':<14}{'plan':<28}{'measured_s':>11}{'before_s':>10}{'now_s':>9}{'before':>8}"
+          f"{'now':>8}  probes")
+    for path in args.reports:
+        try:
+            report = json.loads(path.read_text())
+            dtype = report.get("dtype", "float32")
+            key = (report["model"]["name"], report["height"], report["width"], dtype,
+                   max(r.get("threads_per_rank", 1) for r in report["results"]))
+            if args.probe and key not in probed:
+                probed[key] = probe_here(report, dtype)
+            rows = repredict(report, probed.get(key), dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            return 2
+        for r in rows:
+            before = r["before_s"] or float("nan")
+            print(f"{path.stem[:33]:<34}{r['name'][:13]:<14}{str(r['plan'])[:27]:<28}{r['measured_s']:>11.2f}"
+                  f"{before:>10.2f}{r['predicted_s']:>9.2f}{before / r['measured_s'] - 1:>+8.1%}"
+                  f"{r['predicted_s'] / r['measured_s'] - 1:>+8.1%}  {'own' if r['own_probes'] else 'probed here'}")
+        if args.out:
+            for row, r in zip(report["results"], rows):
+                row["predicted_s_before"], row["predicted_s"] = row.get("predicted_s"), r["predicted_s"]
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / path.name).write_text(json.dumps(report, indent=1))
     return 0
 
 

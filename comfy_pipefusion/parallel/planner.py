@@ -5,7 +5,9 @@ rows), DistriFusion, the exact methods and hybrids that fit the group (``exact_c
 user's warm-up steps (never fewer: warm-up is a quality setting). Each is predicted by the simulator
 (simulate.py) from the probed costs (probe.py) and checked with the memory admission estimate (memory.py)
 by the caller's ``fits``; the fastest that fits wins, ties going to the earlier candidate (PipeFusion
-first: it sends the least).
+first: it sends the least), except that an exact plan (one that gives serial's picture: no stale
+activations, ``exact``) predicted within EXACT_MARGIN of a faster stale one is taken instead: a user
+expects the stock picture when it costs next to nothing, and the predictions are not that precise.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from ..config import STRATEGIES, ParallelConfig
 from .simulate import Costs, Prediction, Workload, simulate
 
+EXACT_MARGIN = 0.03
+"""How much slower (predicted) an exact plan may be than the fastest stale one and still be chosen."""
 
 
 @dataclass(frozen=True)
@@ -90,13 +94,20 @@ def predict(cfg: ParallelConfig, work: Workload, costs: Costs) -> Prediction:
                     text_stream=cfg.text_stream, stage_split=cfg.stage_split, ulysses=cfg.ulysses_degree)
 
 
+def exact(cfg: ParallelConfig, work: Workload) -> bool:
+    """Whether ``cfg`` gives serial's result on ``work``: no stale method in it (serial, cfg, ulysses and their
+    hybrids), or every evaluation synchronous (warm-up covering the whole job)."""
+    return cfg.patch_method not in ("pipefusion", "distrifusion") or work.warmup_evals >= work.evals
+
+
 def choose(plans: list[ParallelConfig], work: Workload, costs: Costs, fits=lambda cfg: True) -> Choice:
-    """The fastest plan that ``fits``; with none fitting, the last refusal's error is raised again
-    (``fits`` may raise memory.AdmissionError instead of returning False: the one of the plan that needs
-    the least memory is the most useful, and PipeFusion's come first)."""
+    """The fastest plan that ``fits``, or the fastest exact one within EXACT_MARGIN of it; with none
+    fitting, the last refusal's error is raised again (``fits`` may raise memory.AdmissionError instead of
+    returning False: the one of the plan that needs the least memory is the most useful, and PipeFusion's
+    come first)."""
     if not plans:
         raise ValueError("no plan to choose from: the image has fewer token rows than the group has ranks")
-    table, best, refusal = [], None, None
+    table, best, best_exact, refusal = [], None, None, None
     for cfg in plans:
         p = predict(cfg, work, costs)
         try:
@@ -106,6 +117,10 @@ def choose(plans: list[ParallelConfig], work: Workload, costs: Costs, fits=lambd
         table.append((label(cfg), p.wall_s, ok))
         if ok and (best is None or p.wall_s < best[1].wall_s):
             best = (cfg, p)
+        if ok and exact(cfg, work) and (best_exact is None or p.wall_s < best_exact[1].wall_s):
+            best_exact = (cfg, p)
+    if best_exact is not None and best_exact[1].wall_s <= best[1].wall_s * (1 + EXACT_MARGIN):
+        best = best_exact
     if best is None:
         if refusal is not None:
             raise refusal
