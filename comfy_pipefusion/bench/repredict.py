@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import ParallelConfig, SampleSpec
+from ..config import STRATEGIES, ParallelConfig, SampleSpec
 from ..job import preset_problem
 from ..models import family
 from ..parallel.planner import predict, workload_of
@@ -53,8 +53,7 @@ def problem_of(report: dict, dtype: str = "float32"):
 def plan_of(row: dict) -> ParallelConfig:
     """The plan a row ran (auto's: the one it chose)."""
     strategy, world = row["strategy"], row["world_size"]
-    if strategy not in ("serial", "pipefusion", "distrifusion", "naive_patch") and "ulysses" not in strategy \
-            and not strategy.startswith("cfg"):
+    if strategy not in STRATEGIES:
         strategy = "ulysses"  # a peer's row (diffusers-ulysses) is Ulysses on the same group
     patches = row["patches"] if strategy.endswith("pipefusion") else 0
     return ParallelConfig(strategy, world, patches=patches, warmup_steps=row["warmup_steps"],
