@@ -266,7 +266,7 @@ def test_parallelize_refuses_what_it_cannot_run(server, what):
     """A model patch that is not a weight patch, area conditioning, a sampler with options, DualCFGGuider
     (no supported family takes its third pass), a PixArt model whose positions ComfyUI scales otherwise
     than the group would (a 512 model) and an image narrower than the Ulysses degree of a hybrid (planner:
-    2 Ulysses ranks per PipeFusion stage, each patch one token wide) are refused before sampling, in the
+    3 Ulysses ranks per PipeFusion stage, each patch one token wide) are refused before sampling, in the
     ComfyUI process (no group started), each naming itself."""
     fam = "pixart" if what == "pixart512" else "sd3"
     nodes, _ = _common(fam, [], unet=PIXART_512 if what == "pixart512" else None)
@@ -274,11 +274,11 @@ def test_parallelize_refuses_what_it_cannot_run(server, what):
     sample["inputs"]["model"] = ["p", 0]
     expect = {"patch": "sampler_cfg_function", "conditioning": "area", "sampler": "eta",
               "guider": "Guider_DualCFG", "pixart512": "scales its positions by 1 in ComfyUI",
-              "narrow": "ulysses+pipefusion shares each of its 2 patches among 2 Ulysses ranks, but the image is "
-                        "2x1 tokens (height/16 x width/16): its smallest patch has 1 image tokens, fewer than 2; "
-                        "use an image at least 32 pixels wide"}[what]
-    if what == "narrow":  # 4 ranks: refused before any starts (this machine may have fewer cores)
-        nodes["p"]["inputs"].update(devices="cpu:4", strategy="ulysses+pipefusion", patches=0, ulysses_degree=2)
+              "narrow": "ulysses+pipefusion shares each of its 2 patches among 3 Ulysses ranks, but the image is "
+                        "2x1 tokens (height/16 x width/16): its smallest patch has 1 image tokens, fewer than 3; "
+                        "use an image at least 48 pixels wide"}[what]
+    if what == "narrow":  # 6 ranks (3 heads: degree 3): refused before any starts, whatever the cores here
+        nodes["p"]["inputs"].update(devices="cpu:6", strategy="ulysses+pipefusion", patches=0, ulysses_degree=3)
         nodes["5"]["inputs"].update(width=16, height=32)
     if what == "patch":
         nodes["r"] = {"class_type": "RescaleCFG", "inputs": {"model": ["p", 0], "multiplier": 0.7}}
@@ -311,7 +311,7 @@ def test_parallelize_refuses_what_it_cannot_run(server, what):
     message = error_message(msgs)
     assert "PipeFusion Parallelize" in message and expect in message, message
     if what == "narrow":  # the group's own refusal would name the patch ("cannot be split"), not the image
-        assert len(worker_pids(server.pid)) < 4, "a 4-rank group started for the narrow image"
+        assert len(worker_pids(server.pid)) < 6, "a 6-rank group started for the narrow image"
 
 
 def test_parallelize_never_loads_the_model_in_comfyui(server):
