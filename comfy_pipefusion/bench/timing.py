@@ -102,7 +102,7 @@ def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns
         log.info("job %s: %s", job.name, job.parallel)
         # the turn starts before prepare: its load and the planner's probes (a few seconds of timed compute
         # whose numbers every prediction scales with) get the machine to themselves, like the timed runs.
-        # Probed beside the other process's start-up or probes, the block costs read up to 1.3x slow.
+        # Probed beside the other process's start-up or probes, the block costs read up to 2x slow.
         turns.wait()
         prep = prepare(job, comm, models)
         samples, metrics = run_timed(prep, comm, device, job.repeats, turns)

@@ -132,30 +132,42 @@ def cached_blocks(cache_dir: Path | None, fam, config: dict, device: torch.devic
     return blocks, outside, True
 
 
-def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5) -> Link:
-    """The slowest link from rank 0 to another rank: a ping-pong of ``small`` and ``large`` bytes; every rank
-    calls it (rank 0 talks to each other rank in turn). One rank: a free link."""
+def _ping_pong(comm, peer: int, nbytes: int, rounds: int) -> float:
+    """The fastest of ``rounds`` one-way times of ``nbytes`` between rank 0 and ``peer`` (half a round trip)."""
+    buf = torch.zeros(nbytes, dtype=torch.uint8, device=comm.device)
+    best = float("inf")
+    for _ in range(rounds):
+        comm.barrier()
+        start = time.perf_counter()
+        if comm.rank == 0:
+            comm.isend(buf, peer).wait()
+            comm.irecv(buf, peer).wait()
+        elif comm.rank == peer:
+            comm.irecv(buf, 0).wait()
+            comm.isend(buf, 0).wait()
+        best = min(best, (time.perf_counter() - start) / 2)
+    return best
+
+
+def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5, long_s: float = 0.05,
+               most: int = 64 << 20) -> Link:
+    """The slowest link from rank 0 to another rank: a ping-pong of ``small`` bytes (latency), then of
+    ``large`` bytes, four times larger while one takes less than ``long_s`` (up to ``most``; rank 0 decides
+    for both): a shaped link lets a burst through at the wire's speed (tbf: a few ms' worth), which a 1 MiB
+    message mostly is at 1 Gbit/s, and the bandwidth would read nearly twice the rate. Every rank calls it
+    (rank 0 talks to each other rank in turn). One rank: a free link."""
     if comm.world_size == 1:
         return Link(bandwidth=1e12, latency=0.0)
     worst = (0.0, 0.0)
     for peer in range(1, comm.world_size):
-        times = []
-        for nbytes in (small, large):
-            buf = torch.zeros(nbytes, dtype=torch.uint8, device=comm.device)
-            best = float("inf")
-            for _ in range(rounds):
-                comm.barrier()
-                start = time.perf_counter()
-                if comm.rank == 0:
-                    comm.isend(buf, peer).wait()
-                    comm.irecv(buf, peer).wait()
-                elif comm.rank == peer:
-                    comm.irecv(buf, 0).wait()
-                    comm.isend(buf, 0).wait()
-                best = min(best, (time.perf_counter() - start) / 2)
-            times.append(best)
-        latency = times[0]
-        per_byte = max(times[1] - latency, 1e-12) / (large - small)
+        latency = _ping_pong(comm, peer, small, rounds)
+        size = large
+        while True:
+            took = _ping_pong(comm, peer, size, rounds)
+            if not comm.broadcast_object(took < long_s and size * 4 <= most):
+                break
+            size *= 4
+        per_byte = max(took - latency, 1e-12) / (size - small)
         if latency + large * per_byte > worst[0] + large * worst[1]:
             worst = (latency, per_byte)
     got = comm.broadcast_object([worst[0], worst[1]])  # rank 0's measurement on every rank
