@@ -61,8 +61,9 @@ def plan_of(row: dict) -> ParallelConfig:
                           ulysses=row.get("ulysses_degree", 0) if "ulysses" in strategy else 0)
 
 
-def costs_of(row: dict, probed: dict | None):
-    """The row's own probes, else ``probed`` (block costs measured again), with the row's probed link."""
+def costs_of(row: dict, probed: dict | None, rate: float | None = None):
+    """The row's own probes, else ``probed`` (block costs measured again), with the row's probed link (at
+    most ``rate`` bytes/s where given)."""
     own = (row.get("probes") or {}).get("costs")
     raw = own or probed
     if raw is None:
@@ -70,7 +71,8 @@ def costs_of(row: dict, probed: dict | None):
                          "run with --probe to measure them again here")
     blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
     link = row.get("probed_link") or {"bandwidth": 1e12, "latency": 0.0}
-    return blocks, raw["outside"], Link(link["bandwidth"], link["latency"]), own is not None
+    bandwidth = min(link["bandwidth"], rate) if rate else link["bandwidth"]
+    return blocks, raw["outside"], Link(bandwidth, link["latency"]), own is not None
 
 
 def probe_here(report: dict, dtype: str = "float32") -> dict:
@@ -85,14 +87,16 @@ def probe_here(report: dict, dtype: str = "float32") -> dict:
     return {"blocks": {k: vars(v) for k, v in blocks.items()}, "outside": outside, "threads": threads}
 
 
-def repredict(report: dict, probed: dict | None = None, dtype: str = "float32") -> list[dict]:
+def repredict(report: dict, probed: dict | None = None, dtype: str = "float32", at_rate: bool = False) -> list[dict]:
     """Per row: name, plan, measured and predicted seconds (before: the report's; now: this code's) and
-    whether the row's own probes were used."""
+    whether the row's own probes were used. ``at_rate``: the probed bandwidth at most the rate of the
+    report's shaped link (``--link``), as the link probe now reads it (older probes read a tbf burst)."""
     fam, _, meta, problem = problem_of(report, dtype)
+    rate = report["link"]["bits_per_s"] / 8 if at_rate and report.get("link") else None
     out = []
     for row in report["results"]:
         cfg = plan_of(row)
-        blocks, outside, link, own = costs_of(row, probed)
+        blocks, outside, link, own = costs_of(row, probed, rate if row["world_size"] > 1 else None)
         work = workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype])
         now = predict(cfg, work, machine_costs(blocks, outside, link, problem.n_img)).wall_s
         out.append({"name": row["name"], "plan": row.get("plan"), "measured_s": row["wall_s"],
@@ -106,21 +110,27 @@ def main(argv=None) -> int:
     ap.add_argument("reports", type=Path, nargs="+", help="bench JSONs (--json)")
     ap.add_argument("--probe", action="store_true", help="measure the block costs again here, for rows that "
                                                          "do not carry theirs (once per model and image size)")
+    ap.add_argument("--probes", type=Path, help="with --probe: a JSON file of block costs per model and size, "
+                                                "read when it has the report's, else probed and added to it")
+    ap.add_argument("--at-rate", action="store_true", help="a shaped link's probed bandwidth at most its rate (the "
+                                                           "link probe of older reports read tbf's burst)")
     ap.add_argument("--out", type=Path, help="a folder: each report is written there, same name, with the new "
                                              "predictions (and predicted_s_before)")
     args = ap.parse_args(argv)
-    probed: dict = {}
+    probed: dict = json.loads(args.probes.read_text()) if args.probes and args.probes.is_file() else {}
     print(f"{'report':<34}{'name':<14}{'plan':<28}{'measured_s':>11}{'before_s':>10}{'now_s':>9}{'before':>8}"
           f"{'now':>8}  probes")
     for path in args.reports:
         try:
             report = json.loads(path.read_text())
             dtype = report.get("dtype", "float32")
-            key = (report["model"]["name"], report["height"], report["width"], dtype,
-                   max(r.get("threads_per_rank", 1) for r in report["results"]))
+            key = "|".join(map(str, (report["model"]["name"], report["height"], report["width"], dtype,
+                                      max(r.get("threads_per_rank", 1) for r in report["results"]))))
             if args.probe and key not in probed:
                 probed[key] = probe_here(report, dtype)
-            rows = repredict(report, probed.get(key), dtype)
+                if args.probes:
+                    args.probes.write_text(json.dumps(probed, indent=1))
+            rows = repredict(report, probed.get(key), dtype, args.at_rate)
         except (OSError, ValueError, KeyError) as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             return 2
