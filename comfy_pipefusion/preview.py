@@ -4,7 +4,8 @@ previews (none otherwise: no preview method, no traffic).
 
 ``preview``  float32 [K, S_img, D]: K slots (2..8, up to the job's steps) of x0 in token layout; step t goes
              into slot t % K, so the reader copies finished steps while the writers fill the next ones, and
-             a reader K - 1 steps behind still gets each step's own x0 (further behind: the newest).
+             a reader K - 1 steps behind still gets each step's own x0 (further behind: the newest). A job
+             of at most 8 steps has a slot per step: nothing is overwritten, however late the reader.
 ``preview_stamp`` int64 [world]: per rank, -1 (this rank writes nothing), else the number of steps whose
              tokens it has written. A writer registers (0) when its sampling runtime is built.
 
@@ -76,15 +77,18 @@ class PreviewReader:
         self.stamps.fill_(-1)
         self.delivered = 0
 
-    def poll(self) -> list[tuple[int, torch.Tensor]]:
+    def poll(self, steps: int | None = None) -> list[tuple[int, torch.Tensor]]:
+        """``steps``: the job's step count when known (no writer begins a step past the last one)."""
         stamps = self.stamps.clone()
         writers = stamps[stamps >= 0]
         if not writers.numel() or int(writers.min()) <= self.delivered:
             return []
         done, ahead, slots = int(writers.min()), int(writers.max()), self.data.shape[0]
-        # step s is intact while no writer has begun step s + slots (stamp s + slots means it may have)
+        # step s is intact while no writer has begun step s + slots: stamp s + slots means one may have, unless
+        # the job has no such step (the last step is steps - 1)
+        begun = ahead if steps is None else min(ahead, steps - 1)
         newest = self.data[(done - 1) % slots].clone().unsqueeze(0)
-        out = [(s, self.data[s % slots].clone().unsqueeze(0) if ahead < s + slots and s < done - 1 else newest)
+        out = [(s, self.data[s % slots].clone().unsqueeze(0) if begun < s + slots and s < done - 1 else newest)
                for s in range(self.delivered, done)]
         self.delivered = done
         return out

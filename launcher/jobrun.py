@@ -121,7 +121,7 @@ class GroupJobs:
     @staticmethod
     def _previews(w: "_Watch") -> None:
         """Hand each newly finished step's x0 to ``on_preview`` (an exception there cancels, like progress)."""
-        for step, x0 in w.preview.poll():
+        for step, x0 in w.preview.poll(w.steps if isinstance(w.steps, int) else None):
             if w.raised is None:
                 try:
                     w.on_preview(step, x0, w.steps)

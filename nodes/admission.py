@@ -1,7 +1,8 @@
 """Memory admission in the ComfyUI process, before the worker group starts (header -> config -> estimate),
 and making room on the GPUs the group uses: ComfyUI's own models there are unloaded first.
 
-The estimate is the core's (comfy_pipefusion/memory.py); each rank checks again before it allocates.
+The estimate is the core's (comfy_pipefusion/memory.py; each rank's bytes per plan in footprint.py); each rank
+checks again before it allocates.
 """
 from __future__ import annotations
 

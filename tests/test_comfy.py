@@ -85,7 +85,10 @@ def test_second_prompt_reuses_the_warm_group_and_interrupt_keeps_it(server):
     status, _ = run_prompt(server, flux_prompt(UNET, steps=3, seed=2, warmup=2, patches=3))
     assert status == "execution_success" and worker_pids(server.pid) == pids
 
-    # POST /interrupt while a long job runs: it ends interrupted, within a step
+    # POST /interrupt while a long job runs: it ends interrupted. How many steps ComfyUI reported after this
+    # client saw step 3 is not the ranks' doing: its progress hook raises (and reports nothing more) at the first
+    # step after the interrupt reached the server, so that count is this client's delay in steps (several on a
+    # loaded machine). That the ranks stop at the next step boundary once told is test_comm_rules' (exact steps).
     sent = []
 
     def interrupt_on_progress(m):
@@ -93,9 +96,7 @@ def test_second_prompt_reuses_the_warm_group_and_interrupt_keeps_it(server):
             sent.append(m["data"]["value"])
             server.interrupt()
     status, msgs = run_prompt(server, flux_prompt(UNET, steps=400, seed=3), on_message=interrupt_on_progress)
-    assert status == "execution_interrupted"
-    last_step = max(m["data"]["value"] for m in msgs if m["type"] == "progress")
-    assert last_step <= sent[0] + 2, (sent, last_step)  # the ranks stop at the next step boundary
+    assert status == "execution_interrupted" and sent, (status, sent)
     status, _ = run_prompt(server, flux_prompt(UNET, steps=2, seed=4))
     assert status == "execution_success" and worker_pids(server.pid) == pids
 

@@ -221,6 +221,7 @@ def test_lifecycle_sigterm_mid_job_leaves_nothing(server):
         seen["msgs"].append(m)
         if m["type"] == "progress" and m["data"]["value"] >= 2 and "group" not in seen:
             seen["group"] = worker_pids(server.pid, agent=True) + worker_pids(server.pid)
+            seen["procs"] = [psutil.Process(p) for p in seen["group"]]  # pid and start time: no reused pid
             seen["segments"] = transport.shm_segments(server.pid)
             os.kill(server.pid, signal.SIGTERM)  # ComfyUI's main process only, as `kill PID` does
     server_pid, proc = server.pid, server._proc
@@ -235,10 +236,11 @@ def test_lifecycle_sigterm_mid_job_leaves_nothing(server):
                         "group": f"{FILE_A}|pipefusion|float32|cpu:2"}, told
     assert len(seen["group"]) == 3 and seen["segments"], seen
     assert wait_until(lambda: not running(seen["group"]), 10), running(seen["group"])
-    # not even a zombie, once whoever reaps them (the agent as it ends, or init for orphans) has had a moment:
-    # checked at once, a rank that ended a few ms before its agent was sometimes still an unreaped zombie
-    assert wait_until(lambda: not [p for p in seen["group"] if psutil.pid_exists(p)], 10), \
-        [p for p in seen["group"] if psutil.pid_exists(p)]
+    # not even a zombie, once init has reaped them: the agent is SIGKILLed with its ranks and reaped by ComfyUI,
+    # so the ranks' zombies are orphans that init (or a subreaper) reaps when it gets to it; checked at once, one
+    # was sometimes still there. A process is told apart from a later one with its pid by its start time.
+    assert wait_until(lambda: not [p for p in seen["procs"] if p.is_running()], 10), \
+        [(p.pid, p.status(), p.ppid()) for p in seen["procs"] if p.is_running()]  # (pid, 'zombie', parent)
     assert transport.shm_segments(server_pid) == []
     assert group_dirs(server) == []
 

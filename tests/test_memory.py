@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_pipefusion import memory
+from comfy_pipefusion import footprint, memory
 from comfy_pipefusion.config import ParallelConfig
 from comfy_pipefusion.oneshot import run_jobs
 from comfy_pipefusion.models import family
@@ -156,7 +156,7 @@ def test_weights_estimate_equals_what_a_stage_loads(tmp_path, stored):
     for rank in range(2):
         stage, _ = load_rank_model(ModelSource(checkpoint=str(path)), cfg, rank, torch.device("cpu"), torch.float32)
         held = sum(t.numel() * t.element_size() for t in [*stage.parameters(), *stage.buffers()] if not t.is_meta)
-        est = memory.rank_bytes(fam, meta, cfg, memory.JobSize(2, 2, 8, 32), rank, fp8=fp8)
+        est = footprint.rank_bytes(fam, meta, cfg, memory.JobSize(2, 2, 8, 32), rank, fp8=fp8)
         assert est.weights == held, (rank, est.weights, held)
 
 
@@ -193,9 +193,9 @@ def test_fp8_upcast_copy_is_counted_and_chosen_only_when_it_fits(tmp_path, dtype
         memory.JobSize(4, 4, 8, 32, dtype=name)
     for rank in range(2):
         stage, _ = load_rank_model(ModelSource(checkpoint=path), cfg, rank, torch.device("cpu"), dtype)
-        est = memory.rank_bytes(fam, meta, cfg, job, rank, fp8=True, upcast=True)
+        est = footprint.rank_bytes(fam, meta, cfg, job, rank, fp8=True, upcast=True)
         assert est.upcast == fp8.set_compute(stage, "upcast", dtype) > 0, rank
-        cast = memory.rank_bytes(fam, meta, cfg, job, rank, fp8=True)
+        cast = footprint.rank_bytes(fam, meta, cfg, job, rank, fp8=True)
         assert cast.upcast == 0 and cast.activations < est.activations + est.upcast
     with_copy = sum(r.total for r in memory.estimate(fam, meta, cfg, job, "cpu", True, True))
     without = sum(r.total for r in memory.estimate(fam, meta, cfg, job, "cpu", True))

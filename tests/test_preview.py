@@ -47,7 +47,9 @@ def test_preview_every_step_once_and_the_last_is_the_result(launched, strategy):
     assert progress == list(range(1, STEPS + 1))
     for _, x0, _ in seen:
         assert x0.shape == (1, 64, 64) and torch.isfinite(x0).all()
-    assert not torch.equal(seen[0][1], seen[-1][1])  # the image forms: step 1's x0 is not the last one
+    # the image forms: each step has its own x0 (a slot per step: none is overwritten, however late the launcher
+    # reads them; it once read step 1's x0 as the last one's when the ranks had finished before its first look)
+    assert all(not torch.equal(a, b) for (_, a, _), (_, b, _) in zip(seen, seen[1:]))
     # Euler's last step lands on sigma 0: the result is the last step's x0, in ComfyUI's LATENT space
     last = flux.LATENT.process_out(unpack_latent(seen[-1][1], 16, 16))
     assert float((last - out).abs().max()) <= 1e-5
@@ -83,3 +85,14 @@ def test_preview_reader_reports_each_step_once_from_the_slowest_writer():
     step(writers[0], 6)  # three slots: rank 1 wrote step 6 over step 3 and may be writing step 7 over step 4:
     assert [(s, float(x0.mean())) for s, x0 in reader.poll()] == [(3, 5.0), (4, 5.0), (5, 5.0)]  # the newest
     assert int(segs[preview.STAMP][0]) == -1  # rank 0 never wrote: it is not waited for
+
+    # A job of 3 steps has a slot per step: a reader that first looks once every step is done (a loaded machine)
+    # still gets each step's own x0 when it knows the job's steps, as the launcher does (unknown: stamp 3 may
+    # mean step 3 is being written over step 0, so step 0 gets the newest)
+    for steps, expected in ((3, [(0, 0.0), (1, 1.0), (2, 2.0)]), (None, [(0, 2.0), (1, 1.0), (2, 2.0)])):
+        reader = preview.PreviewReader(segs[preview.DATA], segs[preview.STAMP])
+        for w in writers:
+            w.register()
+            for t in range(3):
+                step(w, t)
+        assert [(s, float(x0.mean())) for s, x0 in reader.poll(steps)] == expected, steps

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from comfy_pipefusion import memory  # noqa: E402
+from comfy_pipefusion import footprint, memory  # noqa: E402
 from comfy_pipefusion.attention import StaleKV  # noqa: E402
 from comfy_pipefusion.config import ParallelConfig  # noqa: E402
 from comfy_pipefusion.oneshot import run_jobs  # noqa: E402
@@ -212,7 +212,7 @@ def step_load_memory(a) -> dict:
             sync(a.device)
             took = time.perf_counter() - t
             peak = _mem_peak(a.device) - before
-            est = memory.rank_bytes(flux, meta, cfg, size, rank, a.device.type).weights
+            est = footprint.rank_bytes(flux, meta, cfg, size, rank, a.device.type).weights
             stages.append({"rank": rank, "load_s": took, "peak_gib": gib(peak), "estimate_gib": gib(est),
                            "file_gib": gib(path.stat().st_size), "ratio": est / max(peak, 1)})
             del model

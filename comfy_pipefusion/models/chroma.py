@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import diffusers_range, family, flux
+from . import family, flux
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 
 NAME = "chroma"
@@ -45,9 +45,7 @@ embeddings = flux.embeddings
 
 
 def build_meta(config: dict):
-    cls = diffusers_range.model_class("ChromaTransformer2DModel")
-    with torch.device("meta"):
-        return cls(**config)
+    return family.meta_model("ChromaTransformer2DModel", config)
 
 
 def materialize(model, names: list[str], device: torch.device, dtype: torch.dtype, seed: int) -> None:

@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import diffusers_range
+
 FAMILIES = ("flux", "sd3", "pixart", "chroma", "qwen_image", "zimage", "flux2")
 
 
@@ -263,6 +265,14 @@ def synthetic_value(name: str, shape: torch.Size, seed: int, depth: int, residua
     if residual:
         scale /= (2 * depth) ** 0.5
     return scale * x
+
+
+def meta_model(class_name: str, config: dict) -> torch.nn.Module:
+    """diffusers' ``class_name`` (the installed release, checked: diffusers_range.py) built from ``config`` on
+    the meta device: the structure only, no memory. A family's ``build_meta``."""
+    cls = diffusers_range.model_class(class_name)
+    with torch.device("meta"):
+        return cls(**config)
 
 
 def materialize(model: torch.nn.Module, names: list[str], device: torch.device, dtype: torch.dtype,

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import diffusers_range, family, references
+from . import family, references
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 
 NAME = "flux"
@@ -71,9 +71,7 @@ LAST_MODULES = ("norm_out", "proj_out")
 
 def build_meta(config: dict):
     """The whole model on the meta device: structure only, no memory."""
-    cls = diffusers_range.model_class("FluxTransformer2DModel")
-    with torch.device("meta"):
-        return cls(**config)
+    return family.meta_model("FluxTransformer2DModel", config)
 
 
 def _residual(name: str) -> bool:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from typing import NamedTuple
 
-from . import diffusers_range, family, flux, references
+from . import family, flux, references
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 
 NAME = "flux2"
@@ -69,9 +69,7 @@ embed_image = flux.embed_image
 
 
 def build_meta(config: dict):
-    cls = diffusers_range.model_class("Flux2Transformer2DModel")
-    with torch.device("meta"):
-        return cls(**config)
+    return family.meta_model("Flux2Transformer2DModel", config)
 
 
 def _residual(name: str) -> bool:

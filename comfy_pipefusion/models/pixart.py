@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import diffusers_range, family
+from . import family
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 
 NAME = "pixart"
@@ -55,9 +55,7 @@ LAST_MODULES = ("scale_shift_table", "proj_out")
 
 def build_meta(config: dict):
     """The whole model on the meta device: structure only, no memory."""
-    cls = diffusers_range.model_class("PixArtTransformer2DModel")
-    with torch.device("meta"):
-        return cls(**config)
+    return family.meta_model("PixArtTransformer2DModel", config)
 
 
 def blocks_of(model) -> list[Block]:

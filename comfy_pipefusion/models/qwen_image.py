@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import diffusers_range, family, references
+from . import family, references
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 
 NAME = "qwen_image"
@@ -69,9 +69,7 @@ LAST_MODULES = ("norm_out", "proj_out")
 def build_meta(config: dict):
     """The whole model on the meta device. Its RoPE module holds plain tensors (no parameters or buffers), so
     it is rebuilt on the CPU: diffusers' forward (the reference) needs its tables."""
-    cls = diffusers_range.model_class("QwenImageTransformer2DModel")
-    with torch.device("meta"):
-        model = cls(**config)
+    model = family.meta_model("QwenImageTransformer2DModel", config)
     model.pos_embed = type(model.pos_embed)(theta=ROPE_THETA, axes_dim=list(model.config.axes_dims_rope),
                                             scale_rope=True)
     return model

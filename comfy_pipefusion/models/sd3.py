@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import diffusers_range, family
+from . import family
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 from ..patches import Span
 
@@ -52,9 +52,7 @@ LAST_MODULES = ("norm_out", "proj_out")
 
 def build_meta(config: dict):
     """The whole model on the meta device: structure only, no memory."""
-    cls = diffusers_range.model_class("SD3Transformer2DModel")
-    with torch.device("meta"):
-        return cls(**config)
+    return family.meta_model("SD3Transformer2DModel", config)
 
 
 def blocks_of(model) -> list[Block]:

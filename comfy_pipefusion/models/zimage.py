@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import diffusers_range, family
+from . import family
 from .family import Block, LatentFormat, module_of, pack_latent, param_bytes, unpack_latent  # noqa: F401
 from ..patches import Span
 
@@ -58,9 +58,7 @@ def text_tokens(n_txt: int) -> int:
 
 
 def build_meta(config: dict):
-    cls = diffusers_range.model_class("ZImageTransformer2DModel")
-    with torch.device("meta"):
-        return cls(**config)
+    return family.meta_model("ZImageTransformer2DModel", config)
 
 
 def blocks_of(model) -> list[Block]:
