@@ -21,8 +21,8 @@ PRESETS = ("qwen-image-tiny", "qwen-image-edit-tiny", "zimage-tiny", "flux2-tiny
 # far off: PipeFusion 9.7e-3, DistriFusion 9.7e-3, naive 2.0e-2 (2.1x; 64 steps). With the smooth time embedding
 # (tools/measure_drift.py --preset flux2-smooth-tiny --steps 64 --samplers euler): PipeFusion 2.6e-3, DistriFusion
 # 2.6e-3, naive 2.8e-2 (10.8x), PipeFusion with the text on every patch 3.9e-4. The random weights at a larger share
-# of image tokens (512 x 512: 1024 image tokens to 512 of text) reach 3.0x (PipeFusion 4.4e-3, DistriFusion 4.3e-3,
-# naive 1.3e-2); README "Drift of stale K/V and random weights".
+# of image tokens stay near 3x (512 x 512: PipeFusion 4.4e-3, DistriFusion 4.3e-3, naive 1.3e-2; 1024 x 1024, 4096
+# image tokens to 512 of text: 2.0e-3, 2.2e-3, 6.0e-3): README "Drift of stale K/V and random weights".
 STALE_PRESET = {"flux2-tiny": "flux2-smooth-tiny"}
 STEPS, STALE_STEPS = 3, 64
 TOL = 1e-5
