@@ -120,7 +120,7 @@ def _buffer_kinds(fam, meta, blocks: list) -> list[str]:
 
 def _spans(fam, cfg: ParallelConfig, size: JobSize, rank: int) -> tuple[int, int, int]:
     """(largest span's tokens this rank runs, image tokens in its K/V buffers, DistriFusion's gather band)."""
-    n_txt = family.sequence_text(fam, size.n_txt)
+    n_txt = family.sequence_text(fam, size.n_txt, size.n_ref)
     full = n_txt + size.n_img
     if cfg.strategy == "pipefusion":
         return full, size.n_img, 0  # warm-up steps run the whole image as one item
@@ -147,7 +147,7 @@ def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_
     heads, head_dim = family.attention_shape(meta)
     width, elem, mb = heads * head_dim, ELEM[size.dtype], size.model_batch
     weights, biggest, linear = _names_bytes(meta, rank_modules(fam, meta, cfg, rank), elem, fp8)
-    n_txt = family.sequence_text(fam, size.n_txt)
+    n_txt = family.sequence_text(fam, size.n_txt, size.n_ref)
     largest, kv_img, band = _spans(fam, cfg, size, rank)
     kinds = _buffer_kinds(fam, meta, rank_blocks(fam, meta, cfg, rank))
     kv = gathered = 0
@@ -170,7 +170,7 @@ def rank_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_
     if fp8 and not upcast:
         act += biggest * elem  # one Linear weight cast at a time
     latent = LATENT_COPIES * size.batch * size.n_img * size.channels * 4
-    latent += mb * size.n_txt * (size.txt_dim * 4 + width * elem) + 2 * (n_txt + size.n_img) * head_dim * 4
+    latent += mb * max(n_txt, size.n_txt) * (size.txt_dim * 4 + width * elem) + 2 * (n_txt + size.n_img) * head_dim * 4
     return RankBytes(weights, kv, gathered, act, latent, copy, slack)
 
 
@@ -182,7 +182,7 @@ def _ulysses_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, dev
                       upcast)
     heads, head_dim = family.attention_shape(meta)
     width, elem = heads * head_dim, ELEM[size.dtype]
-    n_txt = size.n_txt if fam.JOINT_TEXT else 0
+    n_txt = family.sequence_text(fam, size.n_txt, size.n_ref)
     band = max(s.n_txt + s.n_img for s in displaced_spans(size.rows, size.cols, n_txt, cfg.world_size))
     exchange = 8 * size.model_batch * band * width * elem
     return RankBytes(like.weights, 0, exchange, like.activations, like.latent, like.upcast)
@@ -197,7 +197,7 @@ def _lanes_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, devic
     like = rank_bytes(fam, meta, replace(cfg, strategy=cfg.patch_method, world_size=cfg.stages, ulysses=0), size,
                       rank // u, device_type, fp8, upcast)
     heads, head_dim = family.attention_shape(meta)
-    tokens = family.sequence_text(fam, size.n_txt) + size.n_img
+    tokens = family.sequence_text(fam, size.n_txt, size.n_ref) + size.n_img
     exchange = 8 * size.model_batch * math.ceil(tokens / u) * heads * head_dim * ELEM[size.dtype]
     return replace(like, kv=like.kv // u, gathered=like.gathered // u + exchange)
 

@@ -61,7 +61,7 @@ class Problem:
     def n_span_txt(self) -> int:
         """Tokens of the text stream inside the attention sequence: the text tokens as the sequence holds them
         and the reference tokens after them for joint-text families, else none."""
-        return family.sequence_text(family.get(self.family), self.n_txt) + self.n_ref if self.joint_text else 0
+        return family.sequence_text(family.get(self.family), self.n_txt, self.n_ref)
 
     @property
     def n_ref(self) -> int:

@@ -35,7 +35,8 @@ class JobSize:
     cols: int
     """Image token columns (width / 16)."""
     n_txt: int
-    """Text tokens of the conditioning, and the reference latents' tokens that ride with them (Kontext)."""
+    """Text tokens of the conditioning as the text encoder gives them (the model may pad them:
+    ``family.sequence_text``)."""
     txt_dim: int
     """Width of the text encoder's states."""
     batch: int = 1
@@ -46,6 +47,8 @@ class JobSize:
     """Channels of a packed latent token (4x the latent channels)."""
     dtype: str = "float32"
     """Compute dtype."""
+    n_ref: int = 0
+    """Tokens of the reference latents, which ride with the text after its padding (Kontext, Flux.2 editing)."""
 
     def __post_init__(self) -> None:
         for name in ("rows", "cols", "batch"):
@@ -213,8 +216,8 @@ def check_cpu_ranks(ranks: int) -> None:
 
 def job_size(problem) -> JobSize:
     """The JobSize of a ``job.Problem``."""
-    return JobSize(problem.rows, problem.cols, problem.n_txt + problem.n_ref, problem.txt.shape[-1], problem.batch,
-                   problem.cfg, problem.x0.shape[-1], problem.spec.dtype)
+    return JobSize(problem.rows, problem.cols, problem.n_txt, problem.txt.shape[-1], problem.batch,
+                   problem.cfg, problem.x0.shape[-1], problem.spec.dtype, n_ref=problem.n_ref)
 
 
 def stored_fp8(checkpoint_path: str | None) -> bool:

@@ -98,7 +98,7 @@ def job_size(model, samples: torch.Tensor, txt: torch.Tensor, cfg: bool, refs: d
     b, c, h, w = samples.shape
     fmt = family.get(model.family).latent_format(model.model_config)
     n_ref = references.count([fmt.from_comfy(r) for r in references.listed(refs or {}, "ref")])
-    return memory.JobSize(h // 2, w // 2, txt.shape[1] + n_ref, txt.shape[-1], b, cfg, 4 * c, model.dtype)
+    return memory.JobSize(h // 2, w // 2, txt.shape[1], txt.shape[-1], b, cfg, 4 * c, model.dtype, n_ref=n_ref)
 
 
 def free_comfy_gpus(devices: tuple[int, ...] | None, needs: list[int] | None = None) -> None:

@@ -1,6 +1,7 @@
 """The strategies of one built-in preset on real torchrun groups against its serial reference: exact when
 synchronous, exact on the frozen trajectory, and with one warm-up step a drift at least 3x below naive
-patches (used by the test modules of newer families: test_kontext.py, test_chroma.py)."""
+patches (used by the test modules of newer families: test_kontext.py, test_chroma.py). The drift may be measured
+on another preset of the same structure (``stale_preset``: Chroma's with a modulation smooth in sigma)."""
 from __future__ import annotations
 
 import torch
@@ -22,17 +23,18 @@ def sample(preset: str, sampler: str, steps: int, **kw) -> dict:
     return {"height": p["height"], "width": p["width"], "steps": steps, "sampler": sampler, **kw}
 
 
-def jobs(preset: str, world: int) -> list[dict]:
+def jobs(preset: str, world: int, stale_preset: str | None = None, stale_steps: int = STALE_STEPS) -> list[dict]:
     out = []
 
-    def add(name, sampler, steps, parallel, **kw):
-        out.append({"name": name, "sample": sample(preset, sampler, steps, **kw), "parallel": parallel})
+    def add(name, sampler, steps, parallel, model=None, **kw):
+        out.append({"name": name, "sample": sample(preset, sampler, steps, **kw), "parallel": parallel,
+                    **({"model": {"preset": model, "seed": 0}} if model else {})})
     add("pf_full", "euler", STEPS, {"strategy": "pipefusion", "patches": 3, "warmup_steps": STEPS})
     add("df_full", "euler", STEPS, {"strategy": "distrifusion", "warmup_steps": STEPS})
     add("pf_frozen", "frozen", STEPS, {"strategy": "pipefusion", "patches": 3, "warmup_steps": 1})
     add("df_frozen", "frozen", STEPS, {"strategy": "distrifusion", "warmup_steps": 1})
     for strategy in ("pipefusion", "distrifusion", "naive_patch"):
-        add(f"stale_{strategy}", "euler", STALE_STEPS, {"strategy": strategy, "warmup_steps": 1})
+        add(f"stale_{strategy}", "euler", stale_steps, {"strategy": strategy, "warmup_steps": 1}, stale_preset)
     if world == 2:  # true CFG: [positive; negative] in one model batch
         add("pf_cfg", "euler", STEPS, {"strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}, cfg=3.0)
     return out
@@ -41,24 +43,26 @@ def jobs(preset: str, world: int) -> list[dict]:
 class Suite:
     """Group results per world size and serial references, each computed once."""
 
-    def __init__(self, preset: str) -> None:
-        self.preset, self._groups, self._serial, self._model = preset, {}, {}, None
+    def __init__(self, preset: str, stale_preset: str | None = None, stale_steps: int = STALE_STEPS) -> None:
+        self.preset, self.stale_preset, self.stale_steps = preset, stale_preset, stale_steps
+        self._groups, self._serial, self._models = {}, {}, {}
 
     def group(self, world: int) -> dict:
         if world not in self._groups:
-            self._groups[world] = run_jobs(self.preset, 0, jobs(self.preset, world), world_size=world, timeout=900,
-                                           worker_args=WORKER_ARGS)
+            todo = jobs(self.preset, world, self.stale_preset, self.stale_steps)
+            self._groups[world] = run_jobs(self.preset, 0, todo, world_size=world, timeout=900, worker_args=WORKER_ARGS)
         return self._groups[world]
 
-    def serial(self, sampler: str, steps: int, **kw) -> torch.Tensor:
-        key = (sampler, steps, tuple(sorted(kw.items())))
+    def serial(self, sampler: str, steps: int, preset: str | None = None, **kw) -> torch.Tensor:
+        preset = preset or self.preset
+        key = (preset, sampler, steps, tuple(sorted(kw.items())))
         if key not in self._serial:
-            if self._model is None:
-                self._model = load_rank_model(ModelSource(preset=self.preset), ParallelConfig("serial", 1), 0,
-                                              torch.device("cpu"), torch.float32)[0]
-            problem = preset_problem(self.preset, SampleSpec(**sample(self.preset, resolve(sampler), steps, **kw)))
+            if preset not in self._models:
+                self._models[preset] = load_rank_model(ModelSource(preset=preset), ParallelConfig("serial", 1), 0,
+                                                       torch.device("cpu"), torch.float32)[0]
+            problem = preset_problem(preset, SampleSpec(**sample(self.preset, resolve(sampler), steps, **kw)))
             with torch.inference_mode():
-                self._serial[key] = problem.finish(run_serial(self._model, problem, torch.float32,
+                self._serial[key] = problem.finish(run_serial(self._models[preset], problem, torch.float32,
                                                               torch.device("cpu")))
         return self._serial[key]
 
@@ -73,7 +77,7 @@ class Suite:
     def check_staleness(self, world: int, factor: dict | None = None) -> dict:
         """Each strategy's drift at least ``factor[strategy]`` (default 3) times below naive patches; returns
         the measured {strategy: relative L2}."""
-        out, ref = self.group(world), self.serial("euler", STALE_STEPS)
+        out, ref = self.group(world), self.serial("euler", self.stale_steps, self.stale_preset)
         naive = rel(out["stale_naive_patch"][0], ref)
         errs = {}
         for strategy in ("pipefusion", "distrifusion"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,31 @@ def test_weights_estimate_equals_what_a_stage_loads(tmp_path, stored):
         held = sum(t.numel() * t.element_size() for t in [*stage.parameters(), *stage.buffers()] if not t.is_meta)
         est = footprint.rank_bytes(fam, meta, cfg, memory.JobSize(2, 2, 8, 32), rank, fp8=fp8)
         assert est.weights == held, (rank, est.weights, held)
+
+
+@pytest.mark.parametrize("preset,padded", [("flux2-edit-tiny", 512), ("zimage-tiny", 32)])
+def test_estimate_counts_the_text_as_the_model_pads_it(preset, padded):
+    """Flux.2 pads its text to 512 tokens, Z-Image to a multiple of 32, and reference tokens ride after the
+    padded text: every strategy's estimate for the encoder's raw count equals the one for the padded count (the
+    bench, the nodes and the engine pass the raw count, as ComfyUI's conditioning holds it), and the estimate of
+    the preset's own job counts the tokens its sequence holds."""
+    from comfy_pipefusion.config import SampleSpec
+    from comfy_pipefusion.job import preset_problem
+
+    fam, p = family.find_preset(preset)
+    meta = fam.build_meta(p["config"])
+    problem = preset_problem(preset, SampleSpec(height=p["height"], width=p["width"], steps=2))
+    n_txt, n_ref = p["text_tokens"], problem.n_ref
+    assert n_txt < padded and problem.n_span_txt == padded + n_ref
+    assert (n_ref > 0) == (preset == "flux2-edit-tiny")
+    size = memory.job_size(problem)
+    for cfg in (ParallelConfig("serial", 1), ParallelConfig("pipefusion", 2), ParallelConfig("distrifusion", 2),
+                ParallelConfig("naive_patch", 2), ParallelConfig("ulysses", 2), ParallelConfig("cfg+pipefusion", 4)):
+        raw = memory.estimate(fam, meta, cfg, size)
+        assert raw == memory.estimate(fam, meta, cfg, replace(size, n_txt=padded)), cfg.strategy
+        if n_ref:  # the old count (text and references together, padded as text) held fewer tokens
+            old = memory.estimate(fam, meta, cfg, replace(size, n_txt=n_txt + n_ref, n_ref=0))
+            assert sum(r.total for r in old) < sum(r.total for r in raw), cfg.strategy
 
 
 def test_cpu_ranks_of_one_machine_are_checked_once_together(monkeypatch):

@@ -3,6 +3,7 @@
     python tools/measure_drift.py [--preset small] [--steps 8] [--warmup-steps 1] [--ranks 2]
                                   [--samplers euler,heun,...] [--scheduler simple] [--json drift.json]
                                   [--text-streams last_patch,first_patch,every_patch]
+                                  [--height 1024 --width 1024]
 
 For every sampler, this process runs the serial reference and one real torchrun group (``--ranks`` CPU ranks)
 runs PipeFusion, DistriFusion and the naive patch baseline (bands that never see each other: the error that
@@ -11,6 +12,8 @@ to serial is printed; ``vs euler`` is the sampler's PipeFusion drift over euler'
 suffer more from stale K/V. All jobs of a run share one group, so the model loads once. ``--text-streams``
 adds a PipeFusion column per text-stream scheme (which patch computes the text, and the reference tokens of a
 Kontext preset, that ride with it), e.g. ``--preset kontext-tiny --text-streams last_patch,first_patch,every_patch``.
+``--height``/``--width`` sample the preset's model at another image size (the share of the sequence its text
+takes: Flux.2 pads the text to 512 tokens whatever the image).
 """
 from __future__ import annotations
 
@@ -29,10 +32,11 @@ SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_s
 STRATEGIES = ("pipefusion", "distrifusion", "naive_patch")
 
 
-def jobs_for(samplers, scheduler: str, steps: int, warmup: int, seed: int, streams=()) -> list[dict]:
+def jobs_for(samplers, scheduler: str, steps: int, warmup: int, seed: int, streams=(), size=None) -> list[dict]:
     jobs = []
     for s in samplers:
-        sample = {"sampler": s, "scheduler": scheduler, "steps": steps, "seed": seed}
+        sample = {"sampler": s, "scheduler": scheduler, "steps": steps, "seed": seed,
+                  **({"height": size[0], "width": size[1]} if size else {})}
         for strategy in STRATEGIES:
             jobs.append({"name": f"{s}--{strategy}", "sample": sample,
                          "parallel": {"strategy": strategy, "warmup_steps": warmup}})
@@ -42,7 +46,7 @@ def jobs_for(samplers, scheduler: str, steps: int, warmup: int, seed: int, strea
     return jobs
 
 
-def serial(preset: str, sampler: str, scheduler: str, steps: int, seed: int):
+def serial(preset: str, sampler: str, scheduler: str, steps: int, seed: int, size=None):
     """The serial reference in this process (a serial job needs a group of one rank)."""
     import torch
 
@@ -55,7 +59,8 @@ def serial(preset: str, sampler: str, scheduler: str, steps: int, seed: int):
     p = family.find_preset(preset)[1]
     model = load_rank_model(ModelSource(preset=preset), ParallelConfig("serial", 1), 0, torch.device("cpu"),
                             torch.float32)[0]
-    problem = preset_problem(preset, SampleSpec(height=p["height"], width=p["width"], steps=steps, sampler=sampler,
+    height, width = size or (p["height"], p["width"])
+    problem = preset_problem(preset, SampleSpec(height=height, width=width, steps=steps, sampler=sampler,
                                                 scheduler=scheduler, seed=seed))
     with torch.inference_mode():
         return problem.finish(run_serial(model, problem, torch.float32, torch.device("cpu")))
@@ -75,6 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scheduler", default="simple")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the table here")
+    ap.add_argument("--height", type=int, default=0, help="image height (default: the preset's)")
+    ap.add_argument("--width", type=int, default=0, help="image width (default: the preset's)")
     ap.add_argument("--text-streams", default="", help="also PipeFusion with each of these text-stream schemes")
     args = ap.parse_args(argv)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
@@ -84,15 +91,19 @@ def main(argv=None) -> int:
         return 2
     t0 = time.monotonic()
     streams = [s.strip() for s in args.text_streams.split(",") if s.strip()]
+    size = (args.height, args.width) if args.height or args.width else None
+    if size and not (args.height and args.width):
+        print("error: give both --height and --width (or neither: the preset's size)", file=sys.stderr)
+        return 2
     out = run_jobs(args.preset, 0, jobs_for(samplers, args.scheduler, args.steps, args.warmup_steps, args.seed,
-                                            streams), world_size=args.ranks, timeout=3600)
+                                            streams, size), world_size=args.ranks, timeout=3600)
     rows = []
     for s in samplers:
-        ref = serial(args.preset, s, args.scheduler, args.steps, args.seed)
+        ref = serial(args.preset, s, args.scheduler, args.steps, args.seed, size)
         rows.append({"sampler": s, **{k: rel_l2(out[f"{s}--{k}"][0], ref) for k in STRATEGIES},
                      **{f"pf-{t}": rel_l2(out[f"{s}--pf-{t}"][0], ref) for t in streams}})
     euler = next((r["pipefusion"] for r in rows if r["sampler"] == "euler"), None)
-    print(f"preset {args.preset}, {args.ranks} ranks, {args.steps} steps ({args.scheduler}), "
+    print(f"preset {args.preset}{' at %dx%d' % size[::-1] if size else ''}, {args.ranks} ranks, {args.steps} steps ({args.scheduler}), "
           f"{args.warmup_steps} warm-up step(s), seed {args.seed}: relative L2 vs serial "
           f"({time.monotonic() - t0:.0f} s)")
     print(f"{'sampler':<17}{'pipefusion':>12}{'distrifusion':>14}{'naive_patch':>13}{'pf vs euler':>13}"

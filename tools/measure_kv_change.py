@@ -2,7 +2,7 @@
 to the next along a serial euler trajectory, and which part of that change the timestep (through each block's
 modulation) and the latent account for.
 
-    python tools/measure_kv_change.py [--presets tiny,chroma-tiny] [--steps 8]
+    python tools/measure_kv_change.py [--presets tiny,chroma-tiny] [--steps 8] [--part image|text]
 
 For consecutive evaluations (x_k, sigma_k) and (x_k+1, sigma_k+1), the K/V of the second are compared with the
 first (what a stale buffer holds), with (x_k+1, sigma_k) (only the timestep moved: the timestep's part) and with
@@ -25,8 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def image_kv(fam, model, problem, x, sigma):
-    """(K and V of the image tokens of every block, flattened; the model output) for one evaluation."""
+def image_kv(fam, model, problem, x, sigma, part: str = "image"):
+    """(K and V of the image tokens (``part`` "text": of the text stream's tokens) of every block, flattened;
+    the model output) for one evaluation."""
     import torch
 
     from comfy_pipefusion.attention import StaleKV
@@ -44,11 +45,12 @@ def image_kv(fam, model, problem, x, sigma):
     span = full_span(n_span, problem.n_img)
     _, img = fam.run_blocks(model, blocks, kvs, span, emb.txt, fam.embed_image(model, emb, x, span), temb,
                             emb.for_span(span))
-    kv = [t[:, :, n_span:].flatten() for b in kvs for buf in b for t in (buf.k, buf.v)]
+    cut = slice(n_span, None) if part == "image" else slice(0, n_span)
+    kv = [t[:, :, cut].flatten() for b in kvs for buf in b for t in (buf.k, buf.v)]
     return torch.cat(kv), fam.final_layer(model, img, temb)
 
 
-def measure(preset: str, steps: int) -> tuple[float, float, float]:
+def measure(preset: str, steps: int, part: str = "image") -> tuple[float, float, float]:
     """(change per step, the timestep's part, the latent's part), averaged over the steps."""
     import torch
 
@@ -64,11 +66,11 @@ def measure(preset: str, steps: int) -> tuple[float, float, float]:
     sig, x, rows = problem.sigmas, problem.x0, []
     with torch.inference_mode():
         for k in range(steps - 1):
-            stale, v = image_kv(fam, model, problem, x, sig[k])
+            stale, v = image_kv(fam, model, problem, x, sig[k], part)
             x1 = x + (sig[k + 1] - sig[k]) * v  # euler on the velocity
-            fresh = image_kv(fam, model, problem, x1, sig[k + 1])[0]
-            time_held = image_kv(fam, model, problem, x1, sig[k])[0]
-            latent_held = image_kv(fam, model, problem, x, sig[k + 1])[0]
+            fresh = image_kv(fam, model, problem, x1, sig[k + 1], part)[0]
+            time_held = image_kv(fam, model, problem, x1, sig[k], part)[0]
+            latent_held = image_kv(fam, model, problem, x, sig[k + 1], part)[0]
             n = fresh.norm()
             rows.append([float((fresh - a).norm() / n) for a in (stale, time_held, latent_held)])
             x = x1
@@ -79,10 +81,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="tiny,chroma-tiny")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--part", choices=("image", "text"), default="image",
+                    help="whose K/V: the image tokens' or the text stream's")
     args = ap.parse_args(argv)
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-        total, timestep, latent = measure(preset, args.steps)
-        print(f"{preset:16s} {args.steps} steps: image K/V change per step {total:.3f}; the timestep's part "
+        total, timestep, latent = measure(preset, args.steps, args.part)
+        print(f"{preset:16s} {args.steps} steps: {args.part} K/V change per step {total:.3f}; the timestep's part "
               f"{timestep:.3f}, the latent's part {latent:.3f}")
     return 0
 

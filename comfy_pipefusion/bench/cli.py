@@ -183,10 +183,10 @@ def admit(args, fam, config: dict, spec: SampleSpec, serial: list[Job], par: lis
     """Refuse, before any process starts, a benchmark whose serial process and group cannot both fit in
     this machine's RAM (they run side by side; the group holds one job's memory at a time)."""
     meta = fam.build_meta(config)
-    n_txt = serial[0].text_tokens + ref_tokens(model_of(args)[3], fam.latent_format(config).patched)
+    n_ref = ref_tokens(model_of(args)[3], fam.latent_format(config).patched)
     txt_dim = fam.conditioning_dims(config)[0]
-    size = memory.JobSize(spec.token_rows, spec.token_cols, n_txt, txt_dim, dtype=spec.dtype,
-                          channels=4 * fam.latent_format(config).channels, cfg=abs(spec.cfg - 1) > 1e-9)
+    size = memory.JobSize(spec.token_rows, spec.token_cols, serial[0].text_tokens, txt_dim, dtype=spec.dtype,
+                          channels=4 * fam.latent_format(config).channels, cfg=abs(spec.cfg - 1) > 1e-9, n_ref=n_ref)
     fp8 = memory.stored_fp8(args.checkpoint)
     ram = memory.available_ram()
     first = memory.admit(fam, meta, ParallelConfig("serial", 1), size, memory.Budget("cpu", (ram,)), fp8)
@@ -207,7 +207,7 @@ def summarise(args, spec, serial, results) -> dict:
     width = serial[1]["width"]
     # as the sequence holds them (Z-Image pads), with a preset's reference tokens (Kontext) after the text
     refs = ref_tokens(preset, fam.latent_format(cfg_model).patched) if fam.JOINT_TEXT else 0
-    n_txt = family.sequence_text(fam, preset["text_tokens"]) + refs
+    n_txt = family.sequence_text(fam, preset["text_tokens"], refs)
     ref, ref_m = serial
     evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
     rows = []

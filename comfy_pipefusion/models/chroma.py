@@ -26,12 +26,16 @@ TEXT_ENCODERS = "the Chroma text encoder: CLIPLoader type chroma with t5xxl"
 DEFAULT_GUIDANCE = 0.0  # ComfyUI's Chroma embeds a guidance of 0 unless FluxGuidance sets one
 COMFY_ROWS = 344  # ComfyUI's mod_index_length
 
+_TINY = dict(num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+             axes_dims_rope=(4, 6, 6), approximator_num_channels=64, approximator_hidden_dim=32, approximator_layers=2)
 PRESETS: dict[str, dict] = {
-    "chroma-tiny": dict(config=dict(num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=4,
-                                    joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=64,
-                                    approximator_hidden_dim=32, approximator_layers=2),
-                        text_tokens=8, height=128, width=128, steps=4),
+    "chroma-tiny": dict(config=_TINY, text_tokens=8, height=128, width=128, steps=4),
+    # the same weights, the approximator reading sigma through its slow features only (family.smooth_time): the
+    # drift tests' stand-in for a trained Chroma, whose modulation is smooth in sigma
+    "chroma-smooth-tiny": dict(config=_TINY, text_tokens=8, height=128, width=128, steps=4, smooth_time=10.0),
 }
+# the approximator's input [timestep sin/cos (channels / 4) | guidance sin/cos | row index]: see time_embedding
+TIME_FEATURES = (("distilled_guidance_layer.in_proj.weight", 0, 16),)
 
 SHARED_MODULES = ("distilled_guidance_layer",)
 FIRST_MODULES = ("x_embedder", "context_embedder")

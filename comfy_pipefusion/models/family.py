@@ -58,10 +58,15 @@ carries them unchanged; the family gets ``refs`` (each [MB, C, h, w], sampling s
 keyword arguments of ``embeddings`` and ``forward`` (only when a job has references), embeds them after
 the text in ``.txt`` and runs them through the right weights in its blocks. ``DEFAULT_GUIDANCE``: the
 guidance ComfyUI gives a conditioning without one (3.5 if absent; Chroma 0).
+``TIME_FEATURES``: ((Linear weight name, first column, channels), ...) where the model reads sinusoidal features
+of 1000 sigma (diffusers' ``get_timestep_embedding`` with ``flip_sin_to_cos``: cosines, then sines); a preset with
+``smooth_time=R`` gets those weights' columns of features turning faster than R radians per unit of sigma zeroed
+(``smooth_time``), so that its modulation is smooth in sigma as a trained model's is.
 """
 from __future__ import annotations
 
 import importlib
+import math
 import zlib
 from dataclasses import dataclass, field
 
@@ -79,11 +84,14 @@ def get(name: str):
     return importlib.import_module(f"{__package__}.{name}")
 
 
-def sequence_text(fam, n_txt: int) -> int:
-    """Text tokens a span sequence holds for ``n_txt`` conditioning tokens (0 for cross-attention families)."""
+def sequence_text(fam, n_txt: int, n_ref: int = 0) -> int:
+    """Tokens of the text stream a span sequence holds for ``n_txt`` conditioning tokens and ``n_ref`` reference
+    tokens: the text as the model pads it (``text_tokens``: Flux.2 to 512, Z-Image to a multiple of 32), then the
+    references unpadded; 0 for cross-attention families. The one count of these tokens: the problem, the memory
+    estimate and the bench's cost model all take it from here."""
     if not fam.JOINT_TEXT:
         return 0
-    return fam.text_tokens(n_txt) if hasattr(fam, "text_tokens") else n_txt
+    return (fam.text_tokens(n_txt) if hasattr(fam, "text_tokens") else n_txt) + n_ref
 
 
 def attention_shape(model) -> tuple[int, int]:
@@ -285,6 +293,28 @@ def materialize(model: torch.nn.Module, names: list[str], device: torch.device, 
             with torch.no_grad():
                 p.copy_(synthetic_value(pname, p.shape, seed, depth, residual(pname)))
         cast(model, name, dtype)
+
+
+def smooth_time(fam, model: torch.nn.Module, names: list[str], max_rate: float) -> None:
+    """A built-in preset's stand-in for a trained model's smoothness in the timestep (random weights are not).
+
+    A trained DiT's modulation changes little from one sampling step to the next: it is a smooth function of
+    sigma, which is what stale K/V rely on. Random weights read every sinusoidal feature of 1000 sigma alike,
+    and the fast ones turn by radians per step (Chroma's tiny approximator: 1000 rad per unit of sigma at its
+    first frequency, 15 rad per step of 64), so a random model's K/V change about half per step however many
+    steps it takes. Here the columns of ``fam.TIME_FEATURES`` that read features faster than ``max_rate``
+    radians per unit of sigma are zeroed, on the names among ``names`` (this rank's) that hold them: the
+    modulation then depends on sigma through the slow features only, and its change per step shrinks with the
+    step size as a trained one's does. Deterministic, and the same on every rank and for any split."""
+    held = tuple(n + "." for n in names)
+    for weight, start, channels in getattr(fam, "TIME_FEATURES", ()):
+        if not weight.startswith(held):
+            continue
+        half = channels // 2
+        rate = 1000 * torch.exp(-math.log(10000) * torch.arange(half) / half)  # radians per unit of sigma
+        fast = torch.nonzero(torch.cat([rate, rate]) > max_rate).flatten() + start  # [cos | sin] columns
+        with torch.no_grad():
+            model.get_parameter(weight)[:, fast] = 0
 
 
 def param_bytes(model: torch.nn.Module) -> int:

@@ -35,19 +35,19 @@ TEXT_LENGTH = 512  # ComfyUI's Flux2.extra_conds pads shorter text states (at th
 REAL = dict(patch_size=1, in_channels=128, attention_head_dim=128, num_attention_heads=48, joint_attention_dim=15360,
             mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True)  # ComfyUI's
 
+_TINY = dict(patch_size=1, in_channels=128, num_layers=2, num_single_layers=4, attention_head_dim=16,
+             num_attention_heads=4, joint_attention_dim=48, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True)
 PRESETS: dict[str, dict] = {
     # tests and the bench's exactness check: seconds (the text is padded to 512 tokens, as ComfyUI does)
-    "flux2-tiny": dict(config=dict(patch_size=1, in_channels=128, num_layers=2, num_single_layers=4,
-                                   attention_head_dim=16, num_attention_heads=4, joint_attention_dim=48,
-                                   axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True),
-                       text_tokens=8, height=256, width=256, steps=4),
+    "flux2-tiny": dict(config=_TINY, text_tokens=8, height=256, width=256, steps=4),
+    # the same weights, the time embedding reading sigma through its slow features only (family.smooth_time):
+    # the drift tests' stand-in for a trained Flux.2, whose modulation is smooth in sigma
+    "flux2-smooth-tiny": dict(config=_TINY, text_tokens=8, height=256, width=256, steps=4, smooth_time=10.0),
     # Flux.2 editing: the tiny model with two reference latents (ComfyUI's [1, 128, h, w]), placed by "index"
-    "flux2-edit-tiny": dict(config=dict(patch_size=1, in_channels=128, num_layers=2, num_single_layers=4,
-                                        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=48,
-                                        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True),
-                            text_tokens=8, height=256, width=256, steps=4, references=((8, 6), (5, 9))),
+    "flux2-edit-tiny": dict(config=_TINY, text_tokens=8, height=256, width=256, steps=4, references=((8, 6), (5, 9))),
 }
 
+TIME_FEATURES = (("time_guidance_embed.timestep_embedder.linear_1.weight", 0, 256),)  # diffusers' time_proj
 MODULATIONS = {"double": ("double_stream_modulation_img", "double_stream_modulation_txt"),
                "single": ("single_stream_modulation",)}
 SHARED_MODULES = ("time_guidance_embed", *MODULATIONS["double"], *MODULATIONS["single"])

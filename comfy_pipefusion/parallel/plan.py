@@ -105,6 +105,9 @@ class ModelSource:
         ``info``: the checkpoint's header already read (``open``), else it is read here."""
         if self.preset is not None:
             fam.materialize(model, names, device, dtype, self.seed)
+            rate = family.find_preset(self.preset)[1].get("smooth_time")
+            if rate is not None:
+                family.smooth_time(fam, model, names, rate)
         else:  # fp8 weights stay 8-bit (computed in ``dtype``): never cast the loaded model afterwards
             checkpoint.load_modules(model, info or checkpoint.open_checkpoint(self.checkpoint), names, device,
                                     dtype, progress)
