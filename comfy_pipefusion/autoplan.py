@@ -79,7 +79,7 @@ class GroupPlanner:
         rest = {k: v for k, v in dataclasses.asdict(par).items()
                 if k not in ("strategy", "patches", "stage_split", "world_size")}
         base = ParallelConfig("pipefusion" if self.comm.world_size > 1 else "serial", self.comm.world_size, **rest)
-        plans = candidates(self.comm.world_size, problem.rows, base.warmup_steps, base, problem.cfg,
+        plans = candidates(self.comm.world_size, problem.rows, base.warmup_steps, base, problem.branches == 2,
                            meta.config.num_attention_heads, problem.cols)
         mine = []
         for cfg in plans:

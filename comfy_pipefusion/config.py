@@ -20,6 +20,7 @@ SCHEDULERS = ("simple", "normal", "karras", "exponential", "sgm_uniform", "beta"
               "linear_quadratic")
 BALANCES = ("compute", "memory")
 DTYPES = ("float32", "bfloat16", "float16")
+GUIDE_STYLES = ("regular", "nested")  # DualCFGGuider's styles (ComfyUI's Guider_DualCFG)
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # KSampler's widget range; torch's generators take seeds up to 2**64 - 1
 
 
@@ -240,12 +241,20 @@ class ParallelConfig:
                 f"stage_split {list(self.stage_split)} covers {sum(self.stage_split)} blocks, "
                 f"the model has {num_blocks}")
 
-    def check_job(self, cfg_scale: float) -> None:
-        """Raise if the plan needs what the job lacks: CFG parallelism needs a true-CFG job (cfg != 1)."""
-        if self.cfg_degree == 2 and abs(cfg_scale - 1.0) <= 1e-9:
+    def check_job(self, cfg_scale: float, branches: int | None = None) -> None:
+        """Raise if the plan needs what the job lacks: CFG parallelism needs a true-CFG job (cfg != 1) of
+        exactly two branches (``branches``: the job's, SampleSpec.branches; None: from ``cfg_scale``)."""
+        branches = branches if branches is not None else (2 if abs(cfg_scale - 1.0) > 1e-9 else 1)
+        other = self.branch_strategy if self.branch_strategy != "serial" else "pipefusion"
+        if self.cfg_degree == 2 and branches == 1:
             raise ValueError(f"strategy {self.strategy} runs the negative branch on half the ranks, but cfg "
                              f"{cfg_scale:g} has no negative branch; set cfg != 1 (true CFG) or use strategy "
-                             f"{self.branch_strategy if self.branch_strategy != 'serial' else 'pipefusion'}")
+                             f"{other}")
+        if self.cfg_degree == 2 and branches > 2:
+            raise ValueError(f"strategy {self.strategy} runs the two branches of CFG on two halves of the group, "
+                             f"but this job has {branches} (DualCFGGuider: positive, middle and negative), which "
+                             f"do not split evenly in two; use strategy {other} or auto (they carry all "
+                             f"{branches} in one batch)")
 
 
 def _hybrid_hint(strategy: str) -> str:
@@ -291,6 +300,13 @@ class SampleSpec:
     shift: float | None = None
     """Time shift of the flow families (ModelSamplingFlux / ModelSamplingSD3); None: what ComfyUI's stock
     loader uses for the model (Flux.1-dev 1.15, schnell 1, SD3 3)."""
+    cfg_middle: float | None = None
+    """DualCFGGuider's ``cfg_cond2_negative``: the job has a third branch, the middle conditioning (ComfyUI's
+    cond2), guided from the negative by this scale while ``cfg`` (its ``cfg_conds``) guides from the middle to
+    the positive; None: plain CFG."""
+    cfg_style: str = "regular"
+    """How DualCFGGuider combines its two scales (its ``style``, GUIDE_STYLES): ``regular`` adds the two
+    guidances, ``nested`` applies ``cfg_middle`` to the positive-vs-middle result."""
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):
@@ -309,10 +325,23 @@ class SampleSpec:
                              "more of the input latent; 0 would not sample at all")
         if self.cfg < 0:
             raise ValueError(f"cfg {self.cfg} must not be negative (1 disables classifier-free guidance)")
+        if self.cfg_middle is not None and self.cfg_middle < 0:
+            raise ValueError(f"cfg_middle {self.cfg_middle} must not be negative (DualCFGGuider's "
+                             "cfg_cond2_negative; None for plain CFG)")
+        if self.cfg_style not in GUIDE_STYLES:
+            raise ValueError(f"cfg_style {self.cfg_style!r} unknown: choose one of {', '.join(GUIDE_STYLES)}")
         if self.batch < 1:
             raise ValueError(f"batch must be at least 1, got {self.batch}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} unknown: choose one of {', '.join(DTYPES)}")
+
+    @property
+    def branches(self) -> int:
+        """Conditionings the model runs per image and evaluation: [positive; negative; middle] with a middle
+        (DualCFGGuider), [positive; negative] under true CFG (cfg != 1), else the positive alone."""
+        if self.cfg_middle is not None:
+            return 3
+        return 2 if abs(self.cfg - 1.0) > 1e-9 else 1
 
     @property
     def token_rows(self) -> int:

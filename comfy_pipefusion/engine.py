@@ -123,11 +123,13 @@ def prepare(job: Job, comm: Comm, models: ModelCache, tensors: dict | None = Non
         if K.TXT not in tensors:
             raise ValueError(f"job {job.name!r} has no {K.TXT.value!r} tensor (the prompt's text states)")
         negative = (tensors[K.NEG_TXT], tensors.get(K.NEG_POOLED)) if K.NEG_TXT in tensors else None
+        middle = (tensors[K.MID_TXT], tensors.get(K.MID_POOLED)) if K.MID_TXT in tensors else None
         problem = make_problem(spec, tensors[K.TXT], tensors.get(K.POOLED), tensors.get(K.LATENT),
                                tensors.get(K.NOISE), fam=fam.NAME, fmt=fam.latent_format(config),
                                sampling=sampling_kind(fam, config), negative=negative, mask=tensors.get(K.MASK),
                                refs=references.listed(tensors, K.REF), neg_refs=references.listed(tensors, K.NEG_REF),
-                               ref_method=job.reference_method, sigmas=tensors.get(K.SIGMAS))
+                               ref_method=job.reference_method, sigmas=tensors.get(K.SIGMAS), middle=middle,
+                               mid_refs=references.listed(tensors, K.MID_REF))
     dtype = DTYPES[spec.dtype]
     choice, predicted, probes = None, None, None
     if cfg.strategy == "auto" or job.predict:  # collective: every rank of the group gets here with the job

@@ -3,7 +3,8 @@
 The sampler works in the model's sampling space on packed tokens ([B, S_img, 4C]). Latents enter and
 leave in ComfyUI's LATENT convention (the family's latent format), the schedule and the starting point
 come from the model sampling ComfyUI's stock loader gives the model (optionally shifted), and with cfg != 1
-the model runs on the batch [positive; negative], so what a job returns is what ComfyUI's KSampler returns.
+the model runs on the batch [positive; negative] ([positive; negative; middle] for DualCFGGuider), so what a
+job returns is what ComfyUI's KSampler returns.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class Problem:
     spec: SampleSpec
     sigmas: torch.Tensor  # [steps + 1] float32
     x0: torch.Tensor  # [B, S_img, 4C] float32, noised, sampling space
-    txt: torch.Tensor  # [MB, S_txt, joint_dim] text-encoder states; MB = 2B with cfg: [positive; negative]
+    txt: torch.Tensor  # [MB, S_txt, joint_dim] text-encoder states; MB = branches x B: [positive; negative; middle]
     pooled: torch.Tensor | None  # [MB, pooled_dim]; None for families without a pooled vector
     guidance: torch.Tensor | None  # [MB], None for models without a guidance embedding
     rows: int  # image token rows
@@ -42,9 +43,14 @@ class Problem:
     branch: object = None  # CFG parallelism: this rank runs one branch (parallel/cfg.py's Branch), else None
 
     @property
+    def branches(self) -> int:
+        """Conditionings in the model batch: 1, 2 ([positive; negative]) or 3 (and the middle: DualCFGGuider)."""
+        return self.txt.shape[0] // self.batch
+
+    @property
     def cfg(self) -> bool:
-        """Whether the model runs on [positive; negative] (classifier-free guidance)."""
-        return self.txt.shape[0] == 2 * self.batch
+        """Whether the model runs more than the positive (classifier-free guidance)."""
+        return self.branches > 1
 
     @property
     def model_batch(self) -> int:
@@ -118,14 +124,16 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
                  fam: str = "flux", fmt: LatentFormat | None = None, sampling: str | None = None,
                  negative: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                  mask: torch.Tensor | None = None, refs=(), neg_refs=None, ref_method: str | None = None,
-                 sigmas: torch.Tensor | None = None) -> Problem:
+                 sigmas: torch.Tensor | None = None, middle: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 mid_refs=None) -> Problem:
     """Build a job from conditioning, an optional input LATENT (zeros: text to image), optional noise
     (default: ComfyUI's noise for ``spec.seed``) and, for cfg != 1, the ``negative`` (text, pooled), for a
     model of family ``fam`` with latent format ``fmt`` and model sampling ``sampling``. ``mask``: a noise
     mask already shaped like the latent (ComfyUI's prepare_mask) for inpainting. ``refs``: reference LATENTs
     (ComfyUI's ReferenceLatent), ``neg_refs`` the negative's, placed by ``ref_method`` (default: the family's,
     as ComfyUI's model). ``sigmas``: [steps + 1] given by the caller (ComfyUI's own, from a sampling node),
-    used instead of the spec's scheduler."""
+    used instead of the spec's scheduler. ``middle`` (text, pooled) and ``mid_refs``: DualCFGGuider's middle
+    conditioning, the third branch when ``spec.cfg_middle`` is set."""
     fmt = fmt or family.get(fam).LATENT
     sampling = sampling or getattr(family.get(fam), "SAMPLING", fam)
     h, w = spec.height // 8, spec.width // 8
@@ -151,11 +159,14 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
     if condition is not None:
         txt = condition(txt)
         negative = None if negative is None else (condition(negative[0]), negative[1])
-    if abs(spec.cfg - 1.0) > 1e-9:
+        middle = None if middle is None else (condition(middle[0]), middle[1])
+    if spec.branches > 1:
         if negative is None:
             raise ValueError(f"cfg {spec.cfg} needs a negative conditioning (or set cfg to 1)")
-        txt, pooled = _with_negative(txt, pooled, *negative)
-        guidance = torch.cat([guidance, guidance])
+        if spec.branches == 3 and middle is None:
+            raise ValueError(f"cfg_middle {spec.cfg_middle} (DualCFGGuider) needs a middle conditioning (cond2)")
+        txt, pooled = _batched([(txt, pooled), negative, middle][:spec.branches])
+        guidance = guidance.repeat(spec.branches)
     inpaint = None
     if mask is not None:
         if tuple(mask.shape) != shape:
@@ -164,13 +175,14 @@ def make_problem(spec: SampleSpec, txt: torch.Tensor, pooled: torch.Tensor | Non
             noise = torch.randn(shape, generator=torch.Generator().manual_seed(spec.seed + 1))
         inpaint = Inpaint(pack_latent(mask.float()), pack_latent(image), pack_latent(noise.float()))
     ref_method = ref_method or getattr(family.get(fam), "REFERENCE_METHOD", "offset")
-    refs = _references(family.get(fam), fmt, spec, refs, neg_refs, ref_method)
+    refs = _references(family.get(fam), fmt, spec, refs, (neg_refs, mid_refs), ref_method)
     return Problem(spec, sigmas, x0, txt, pooled, guidance, spec.height // 16, spec.width // 16, fam, fmt, sampling,
                    inpaint, refs, ref_method)
 
 
-def _references(fam, fmt: LatentFormat, spec: SampleSpec, refs, neg_refs, method: str) -> tuple:
-    """Reference LATENTs in the sampling space, batched as the model runs ([positive; negative] under cfg)."""
+def _references(fam, fmt: LatentFormat, spec: SampleSpec, refs, others, method: str) -> tuple:
+    """Reference LATENTs in the sampling space, batched as the model runs ([positive; negative] under cfg, and the
+    middle's with DualCFGGuider); ``others``: the negative's and the middle's reference LATENTs."""
     if not refs:
         return ()
     references.check_method(method)
@@ -182,16 +194,17 @@ def _references(fam, fmt: LatentFormat, spec: SampleSpec, refs, neg_refs, method
             raise ValueError(f"reference latent {i} has shape {tuple(r.shape)}; this model needs {fmt.comfy_channels} "
                              "channels: encode the reference image with this model's VAE")
     pos = references.batched([fmt.process_in(fmt.from_comfy(r.float())) for r in refs], spec.batch)
-    if abs(spec.cfg - 1.0) <= 1e-9:
-        return pos
-    neg = references.batched([fmt.process_in(fmt.from_comfy(r.float())) for r in (neg_refs or ())], spec.batch,
-                             "negative reference")
-    if [tuple(r.shape) for r in neg] != [tuple(r.shape) for r in pos]:
-        raise ValueError(f"cfg {spec.cfg} runs positive and negative in one batch, but the positive has "
-                         f"{len(pos)} reference latent(s) of sizes {[tuple(r.shape[-2:]) for r in pos]} and the "
-                         f"negative {[tuple(r.shape[-2:]) for r in neg]}: give the negative the same "
-                         "ReferenceLatent (e.g. through ConditioningZeroOut after it), or set cfg to 1")
-    return tuple(torch.cat([p, n]) for p, n in zip(pos, neg))
+    batch = [pos]
+    for which, given in zip(("negative", "middle"), others[:spec.branches - 1]):
+        more = references.batched([fmt.process_in(fmt.from_comfy(r.float())) for r in (given or ())], spec.batch,
+                                  f"{which} reference")
+        if [tuple(r.shape) for r in more] != [tuple(r.shape) for r in pos]:
+            raise ValueError(f"cfg {spec.cfg} runs positive and {which} in one batch, but the positive has "
+                             f"{len(pos)} reference latent(s) of sizes {[tuple(r.shape[-2:]) for r in pos]} and "
+                             f"the {which} {[tuple(r.shape[-2:]) for r in more]}: give the {which} the same "
+                             "ReferenceLatent (e.g. through ConditioningZeroOut after it), or set cfg to 1")
+        batch.append(more)
+    return tuple(torch.cat(rs) for rs in zip(*batch))
 
 
 def given_sigmas(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
@@ -223,26 +236,27 @@ def evaluation_plan(spec: SampleSpec, sampling: str):
     return len(sampler.evals), sampler.step_of
 
 
-def _with_negative(txt, pooled, neg_txt, neg_pooled):
-    """[positive; negative] as one batch. Text of different lengths is repeated up to their least common
-    multiple when that is at most 4x the shorter (ComfyUI's rule for running them in one batch)."""
-    a, b = txt.shape[1], neg_txt.shape[1]
-    if a != b:
-        n = math.lcm(a, b)
-        if n // min(a, b) > 4:
-            raise ValueError(f"positive and negative prompts encode to {a} and {b} tokens, which ComfyUI "
-                             "would not batch together; make them closer in length (e.g. shorten the longer)")
-        txt, neg_txt = txt.repeat(1, n // a, 1), neg_txt.repeat(1, n // b, 1)
-    if neg_txt.shape[0] != txt.shape[0] or neg_txt.shape[2] != txt.shape[2]:
-        raise ValueError(f"negative conditioning {tuple(neg_txt.shape)} does not fit the positive "
-                         f"{tuple(txt.shape)}: encode both with the same text encoders")
-    both = torch.cat([txt, neg_txt])
-    if pooled is None:
-        return both, None
-    if neg_pooled is None or neg_pooled.shape != pooled.shape:
-        raise ValueError("the negative conditioning has no pooled output matching the positive's; "
-                         "encode both with the same text encoders")
-    return both, torch.cat([pooled, neg_pooled])
+def _batched(conds: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(text, pooled) of [positive; negative] (; middle) as one batch. Text of different lengths is repeated up
+    to their least common multiple when that is at most 4x the shortest (ComfyUI's rule for running them in
+    one batch); repeated text tokens change no attention output of the image."""
+    names = ("positive", "negative", "middle")
+    lengths = [t.shape[1] for t, _ in conds]
+    n = math.lcm(*lengths)
+    if n // min(lengths) > 4:
+        raise ValueError(f"the {', '.join(names[:len(conds)])} prompts encode to {', '.join(map(str, lengths))} "
+                         "tokens, which ComfyUI would not batch together; make them closer in length (e.g. "
+                         "shorten the longer)")
+    txt, pooled = conds[0]
+    for which, (t, p) in zip(names[1:], conds[1:]):
+        if t.shape[0] != txt.shape[0] or t.shape[2] != txt.shape[2]:
+            raise ValueError(f"{which} conditioning {tuple(t.shape)} does not fit the positive "
+                             f"{tuple(txt.shape)}: encode both with the same text encoders")
+        if pooled is not None and (p is None or p.shape != pooled.shape):
+            raise ValueError(f"the {which} conditioning has no pooled output matching the positive's; "
+                             "encode both with the same text encoders")
+    both = torch.cat([t.repeat(1, n // t.shape[1], 1) for t, _ in conds])
+    return both, None if pooled is None else torch.cat([p for _, p in conds])
 
 
 def synthetic_conditioning(config: dict, n_txt: int, batch: int, seed: int,
@@ -257,15 +271,16 @@ def synthetic_conditioning(config: dict, n_txt: int, batch: int, seed: int,
 
 def synthetic_problem(fam, config: dict, spec: SampleSpec, n_txt: int, references_hw=()) -> Problem:
     """A job with text-encoder-like conditioning of the right shapes for ``config`` (benchmarks, tests);
-    with cfg != 1 the negative is another draw. ``references_hw``: (h, w) latent sizes of random
-    reference latents (Kontext presets), the same for the negative."""
+    with cfg != 1 the negative is another draw, and so is the middle with cfg_middle. ``references_hw``: (h, w)
+    latent sizes of random reference latents (Kontext presets), the same for the negative and the middle."""
     txt, pooled = synthetic_conditioning(config, n_txt, spec.batch, spec.seed, fam.NAME)
     negative = synthetic_conditioning(config, n_txt, spec.batch, (spec.seed + 1) & MAX_SEED, fam.NAME)
+    middle = synthetic_conditioning(config, n_txt, spec.batch, (spec.seed + 2) & MAX_SEED, fam.NAME)
     fmt = fam.latent_format(config)
     g = torch.Generator().manual_seed((spec.seed + 104729) & MAX_SEED)
     refs = [torch.randn(1, fmt.comfy_channels, h, w, generator=g) for h, w in references_hw]
     return make_problem(spec, txt, pooled, fam=fam.NAME, fmt=fmt, sampling=sampling_kind(fam, config),
-                        negative=negative, refs=refs, neg_refs=refs)
+                        negative=negative, refs=refs, neg_refs=refs, middle=middle, mid_refs=refs)
 
 
 def preset_problem(preset: str, spec: SampleSpec) -> Problem:

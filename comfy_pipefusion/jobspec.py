@@ -27,11 +27,14 @@ class TensorKey(StrEnum):
     POOLED = "pooled"  # [B, P] pooled text vector (families with one)
     NEG_TXT = "neg_txt"  # the negative prompt's, with cfg != 1
     NEG_POOLED = "neg_pooled"
+    MID_TXT = "mid_txt"  # the middle conditioning's (DualCFGGuider's cond2), with sample.cfg_middle
+    MID_POOLED = "mid_pooled"
     LATENT = "latent"  # [B, C, H/8, W/8] the input LATENT's samples (img2img, inpainting)
     NOISE = "noise"  # [B, C, H/8, W/8] ComfyUI's noise for the seed
     MASK = "mask"  # the LATENT's noise mask as KSampler shapes it
     REF = "ref"  # ref0, ref1, ...: [B, C, h, w] reference LATENTs (ReferenceLatent: Kontext), a prefix
     NEG_REF = "neg_ref"  # neg_ref0, ...: the negative's, with cfg != 1
+    MID_REF = "mid_ref"  # mid_ref0, ...: the middle's, with sample.cfg_middle
     SIGMAS = "sigmas"  # [steps + 1] ComfyUI's own schedule (the MODEL path), used instead of the scheduler's
     OUT = "out"  # the segment the sampled LATENT is written into (rank 0)
     PREVIEW = "preview"  # [K, S_img, 4C] each step's x0 for live previews (preview.py), when wanted
@@ -39,10 +42,11 @@ class TensorKey(StrEnum):
 
 
 OUTPUT_KEYS = frozenset({TensorKey.OUT.value, TensorKey.PREVIEW.value, TensorKey.PREVIEW_STAMP.value})
-INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS - {TensorKey.REF.value, TensorKey.NEG_REF.value}
-"""Tensors a job may bring by exact name; references come as ref<i> / neg_ref<i> (REFERENCE_KEY)."""
-REFERENCE_KEY = re.compile(r"(neg_)?ref\d{1,2}")
-"""The names of reference latents: the REF and NEG_REF prefixes with the reference's index."""
+INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS - {TensorKey.REF.value, TensorKey.NEG_REF.value,
+                                                                     TensorKey.MID_REF.value}
+"""Tensors a job may bring by exact name; references come as ref<i> / neg_ref<i> / mid_ref<i> (REFERENCE_KEY)."""
+REFERENCE_KEY = re.compile(r"(neg_|mid_)?ref\d{1,2}")
+"""The names of reference latents: the REF, NEG_REF and MID_REF prefixes with the reference's index."""
 _WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file",
          "adapters", "predict", "weight_update", "peer", "reference_method")
 _PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
@@ -83,7 +87,7 @@ class Job:
     family's default."""
 
     def __post_init__(self) -> None:
-        self.parallel.check_job(self.sample.cfg)  # a CFG plan needs a job with a negative branch
+        self.parallel.check_job(self.sample.cfg, self.sample.branches)  # a CFG plan needs exactly two branches
         if self.text_tokens < 1:
             raise ValueError(f"job {self.name!r}: text_tokens must be at least 1, got {self.text_tokens}")
         if self.repeats < 1:

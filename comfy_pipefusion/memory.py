@@ -43,6 +43,8 @@ class JobSize:
     """Images per job."""
     cfg: bool = False
     """True classifier-free guidance: the model batch is twice the images."""
+    middle: bool = False
+    """DualCFGGuider's middle conditioning as well (with ``cfg``): the model batch is three times the images."""
     channels: int = 64
     """Channels of a packed latent token (4x the latent channels)."""
     dtype: str = "float32"
@@ -59,7 +61,7 @@ class JobSize:
 
     @property
     def model_batch(self) -> int:
-        return self.batch * (2 if self.cfg else 1)
+        return self.batch * (1 + self.cfg + (self.cfg and self.middle))
 
     @property
     def n_img(self) -> int:
@@ -217,7 +219,7 @@ def check_cpu_ranks(ranks: int) -> None:
 def job_size(problem) -> JobSize:
     """The JobSize of a ``job.Problem``."""
     return JobSize(problem.rows, problem.cols, problem.n_txt, problem.txt.shape[-1], problem.batch,
-                   problem.cfg, problem.x0.shape[-1], problem.spec.dtype, n_ref=problem.n_ref)
+                   problem.cfg, problem.branches == 3, problem.x0.shape[-1], problem.spec.dtype, n_ref=problem.n_ref)
 
 
 def stored_fp8(checkpoint_path: str | None) -> bool:

@@ -92,13 +92,16 @@ def check(model, size: memory.JobSize, label: str | None = None, fp8: bool | Non
         memory.admit(fam, meta, model.parallel, size, b, fp8, label)
 
 
-def job_size(model, samples: torch.Tensor, txt: torch.Tensor, cfg: bool, refs: dict | None = None) -> memory.JobSize:
+def job_size(model, samples: torch.Tensor, txt: torch.Tensor, cfg: bool, refs: dict | None = None,
+             middle: bool = False) -> memory.JobSize:
     """The JobSize of a KSampler call: LATENT samples [B, C, h, w], text states [B, S, D], reference latents
-    (``ref0``, ...: their tokens ride with the text; ComfyUI's LATENTs, unfolded as the latent is for Flux.2)."""
+    (``ref0``, ...: their tokens ride with the text; ComfyUI's LATENTs, unfolded as the latent is for Flux.2);
+    ``middle``: DualCFGGuider's third branch."""
     b, c, h, w = samples.shape
     fmt = family.get(model.family).latent_format(model.model_config)
     n_ref = references.count([fmt.from_comfy(r) for r in references.listed(refs or {}, "ref")])
-    return memory.JobSize(h // 2, w // 2, txt.shape[1], txt.shape[-1], b, cfg, 4 * c, model.dtype, n_ref=n_ref)
+    return memory.JobSize(h // 2, w // 2, txt.shape[1], txt.shape[-1], b, cfg, middle, 4 * c, model.dtype,
+                          n_ref=n_ref)
 
 
 def free_comfy_gpus(devices: tuple[int, ...] | None, needs: list[int] | None = None) -> None:

@@ -2,11 +2,15 @@
 before sampling with a message that names it. ComfyUI's objects are read, never changed."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 WRAPPER_KEY = "pipefusion"  # our OUTER_SAMPLE wrapper's key on the MODEL
 REFERENCE_KEYS = ("reference_latents", "reference_latents_method")  # ReferenceLatent (Flux.1 Kontext)
 # Conditioning keys the group uses or that carry nothing for it; any other (area, mask, strength, ControlNet,
-# GLIGEN, hooks, timestep ranges, ...) is refused by name.
-COND_KEYS = {"cross_attn", "pooled_output", "guidance", "model_conds", "uuid", *REFERENCE_KEYS}
+# GLIGEN, hooks, timestep ranges, ...) is refused by name. prompt_type (DualCFGGuider marks its middle "negative")
+# is read by ComfyUI's SDXL refiner alone.
+COND_KEYS = {"cross_attn", "pooled_output", "guidance", "model_conds", "uuid", "prompt_type", *REFERENCE_KEYS}
 # model_options keys that change nothing the group computes
 NEUTRAL_OPTIONS = {"transformer_options"}
 NEUTRAL_TRANSFORMER_OPTIONS = {"wrappers", "callbacks"}
@@ -66,25 +70,60 @@ def _merged(*sources) -> dict:
     return out
 
 
-def guider_conds(guider) -> tuple[list, list | None, float]:
-    """(positive, negative or None, cfg) of a stock CFGGuider or BasicGuider, each conditioning as the
-    [[tensor, extras]] list a CONDITIONING is; any other guider is refused by name."""
+@dataclass(frozen=True)
+class Guidance:
+    """What a stock guider asks of the group: its conditionings (each the [[tensor, extras]] list a
+    CONDITIONING is) and scales, as SampleSpec takes them (``sample``)."""
+
+    positive: list
+    negative: list | None
+    cfg: float
+    middle: list | None = None  # DualCFGGuider's cond2, when it runs three branches
+    cfg_middle: float | None = None  # its cfg_cond2_negative then
+    style: str = "regular"
+
+    @property
+    def sample(self) -> dict:
+        return {"cfg": self.cfg, "cfg_middle": self.cfg_middle, "cfg_style": self.style}
+
+
+def guider_conds(guider) -> Guidance:
+    """The conditionings and scales of a stock CFGGuider, BasicGuider or DualCFGGuider; any other guider is
+    refused by name."""
     import comfy.samplers
 
     kind = type(guider)
     names = set(guider.conds)
-    basic = kind.__name__ == "Guider_Basic" and kind.__mro__[1] is comfy.samplers.CFGGuider
-    if kind is comfy.samplers.CFGGuider or basic:
+    stock = kind.__mro__[1] is comfy.samplers.CFGGuider and kind.__module__.endswith("nodes_custom_sampler")
+    if stock and kind.__name__ == "Guider_DualCFG":
+        return _dual(guider, names)
+    if kind is comfy.samplers.CFGGuider or (stock and kind.__name__ == "Guider_Basic"):
         if not names <= {"positive", "negative"} or "positive" not in names:
             raise Refused(f"the guider has conditionings {sorted(names)}; only positive and negative are supported")
     else:
         raise Refused(f"guider {kind.__module__}.{kind.__name__} is not supported by the worker group (it runs the "
-                      "stock CFGGuider and BasicGuider; DualCFGGuider needs a third conditioning pass, which no "
-                      "supported family takes); use CFGGuider or BasicGuider")
+                      "stock CFGGuider, BasicGuider and DualCFGGuider); use one of those")
     cfg = float(getattr(guider, "cfg", 1.0))
     positive = _as_conditioning(guider.conds["positive"], "positive")
     negative = _as_conditioning(guider.conds["negative"], "negative") if "negative" in names else None
-    return positive, negative, cfg
+    return Guidance(positive, negative, cfg)
+
+
+def _dual(guider, names: set) -> Guidance:
+    """DualCFGGuider (ComfyUI's Guider_DualCFG: cond1 the positive, cond2 the middle, cfg1 = cfg_conds,
+    cfg2 = cfg_cond2_negative, style regular or nested). Its regular style skips the negative's pass when
+    cfg2 is 1 (leaving CFG of the positive over the middle) and the middle's too when cfg1 is also 1, exactly
+    as here, so those run as the two- and one-branch jobs they are."""
+    if names != {"positive", "middle", "negative"}:
+        raise Refused(f"DualCFGGuider has conditionings {sorted(names)}; it needs cond1, cond2 and negative")
+    cfg1, cfg2, nested = float(guider.cfg1), float(guider.cfg2), bool(getattr(guider, "nested", False))
+    conds = {k: _as_conditioning(guider.conds[k], k) for k in ("positive", "middle", "negative")}
+    if not nested and math.isclose(cfg2, 1.0):
+        if math.isclose(cfg1, 1.0):
+            return Guidance(conds["positive"], None, 1.0)
+        return Guidance(conds["positive"], conds["middle"], cfg1)  # the middle as CFG's negative
+    return Guidance(conds["positive"], conds["negative"], cfg1, conds["middle"], cfg2,
+                    "nested" if nested else "regular")
 
 
 def _as_conditioning(conds: list, which: str) -> list:

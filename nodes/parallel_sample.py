@@ -72,7 +72,7 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
     try:
         check_model(patcher)
         name = sampler_name(sampler)
-        positive, negative, cfg = guider_conds(guider)
+        guide = guider_conds(guider)
         n_keys = len(weights.weight_keys(patcher))
         if n_keys == 0:
             raise Refused("the MODEL has no transformer weights (diffusion_model.*)")
@@ -121,12 +121,12 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
                                     family=info.family)
             parallel.check_model(info.config.get("num_layers", 0) + info.config.get("num_single_layers", 0),
                                  info.config.get("num_attention_heads"))
-            job, tensors, shape = _job(model, name, positive, negative, cfg, noise, latent_image, sigmas,
-                                       denoise_mask, seed, shift)
+            job, tensors, shape = _job(model, name, guide, noise, latent_image, sigmas, denoise_mask, seed, shift)
             # before the group starts or allocates (ComfyUI's own models leave the group's GPUs first)
-            refs = {k: v for k, v in tensors.items() if k.startswith(("ref", "neg_ref"))}
-            admission.check(model, admission.job_size(model, tensors[K.LATENT], tensors[K.TXT], K.NEG_TXT in tensors,
-                                                      refs), fp8=info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
+            refs = {k: v for k, v in tensors.items() if k.startswith(("ref", "neg_ref", "mid_ref"))}
+            size = admission.job_size(model, tensors[K.LATENT], tensors[K.TXT], K.NEG_TXT in tensors, refs,
+                                      K.MID_TXT in tensors)
+            admission.check(model, size, fp8=info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
             wire = dataclasses.replace(job, weight_update=str(update) if update is not None else None).to_wire()
             setattr(launcher, HELD, None)  # until the job has the weights in place
             fmt = latent_format(model.family, model.model_config)
@@ -143,34 +143,38 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
                 Path(p).unlink(missing_ok=True)
 
 
-def _job(model, name, positive, negative, cfg, noise, latent_image, sigmas, denoise_mask, seed, shift):
-    """(job, tensors, output shape) of one sampling call."""
+def _job(model, name, guide, noise, latent_image, sigmas, denoise_mask, seed, shift):
+    """(job, tensors, output shape) of one sampling call (``guide``: the guider's model_checks.Guidance)."""
     import comfy.sampler_helpers
 
     samples = check_latent({"samples": latent_image.float().cpu()}, model.family, model.model_config)
     batch, _, h, w = samples.shape
     model.parallel.check_image(h // 2, w // 2)
-    txt, pooled, guidance = conditioning_tensors(positive, model.family, model.model_config, batch)
+    txt, pooled, guidance = conditioning_tensors(guide.positive, model.family, model.model_config, batch)
     fmt = latent_format(model.family, model.model_config)  # noise and mask come shaped like ComfyUI's LATENT
     tensors = {K.TXT: txt.float().contiguous(), K.LATENT: samples.contiguous(), K.SIGMAS: sigmas,
                K.NOISE: fmt.from_comfy(noise.detach().float().cpu()).contiguous()}
     if pooled is not None:
         tensors[K.POOLED] = pooled.float().contiguous()
-    if abs(cfg - 1.0) > 1e-6:
-        if negative is None:
-            raise ValueError(f"cfg {cfg} needs a negative conditioning")
-        neg_txt, neg_pooled, _ = conditioning_tensors(negative, model.family, model.model_config, batch, "negative")
-        tensors[K.NEG_TXT] = neg_txt.float().contiguous()
-        if neg_pooled is not None:
-            tensors[K.NEG_POOLED] = neg_pooled.float().contiguous()
+    if abs(guide.cfg - 1.0) > 1e-6 or guide.middle is not None:
+        if guide.negative is None:
+            raise ValueError(f"cfg {guide.cfg} needs a negative conditioning")
+        for cond, which, keys in ((guide.negative, "negative", (K.NEG_TXT, K.NEG_POOLED)),
+                                  (guide.middle, "middle", (K.MID_TXT, K.MID_POOLED))):
+            if cond is None:
+                continue
+            more_txt, more_pooled, _ = conditioning_tensors(cond, model.family, model.model_config, batch, which)
+            tensors[keys[0]] = more_txt.float().contiguous()
+            if more_pooled is not None:
+                tensors[keys[1]] = more_pooled.float().contiguous()
     if denoise_mask is not None:
         tensors[K.MASK] = fmt.from_comfy(comfy.sampler_helpers.prepare_mask(
             denoise_mask, fmt.comfy_shape(samples.shape), "cpu")).float().contiguous()
-    refs, ref_method = job_references(positive, negative if negative is not None else [], cfg)
+    refs, ref_method = job_references(guide.positive, guide.negative or [], guide.cfg, guide.middle)
     tensors.update({k: v.float().cpu().contiguous() for k, v in refs.items()})
     job = model.job({"height": h * 8, "width": w * 8, "steps": len(sigmas) - 1, "seed": int(seed or 0),
                      "batch": batch, "guidance": guidance, "sampler": name, "scheduler": "simple", "denoise": 1.0,
-                     "cfg": cfg, "shift": float(shift) if shift is not None else None}, ref_method)
+                     **guide.sample, "shift": float(shift) if shift is not None else None}, ref_method)
     return job, tensors, tuple(samples.shape)
 
 

@@ -2,9 +2,9 @@
 Qwen-Image-Edit) as job tensors.
 
 No ComfyUI import here: this reads ComfyUI's plain data. The references travel as ``ref0, ref1, ...`` (the
-positive's) and ``neg_ref0, ...`` (the negative's, under cfg) in LATENT space, [B, C, h, w] (a video VAE's
-one-frame latent [B, C, 1, h, w], Qwen-Image's, loses its frame axis); the worker moves them into the sampling
-space as ComfyUI's model does.
+positive's), ``neg_ref0, ...`` (the negative's, under cfg) and ``mid_ref0, ...`` (DualCFGGuider's middle) in
+LATENT space, [B, C, h, w] (a video VAE's one-frame latent [B, C, 1, h, w], Qwen-Image's, loses its frame axis);
+the worker moves them into the sampling space as ComfyUI's model does.
 """
 from __future__ import annotations
 
@@ -31,11 +31,14 @@ def reference_tensors(cond, which: str = "positive", prefix: str = "ref") -> tup
     return out, method
 
 
-def job_references(positive, negative, cfg: float) -> tuple[dict, str | None]:
-    """Every reference tensor of a KSampler call (the negative's only under cfg), and the method."""
+def job_references(positive, negative, cfg: float, middle=None) -> tuple[dict, str | None]:
+    """Every reference tensor of a KSampler call (the negative's under cfg or with a middle; the middle's, as
+    ``mid_ref0, ...``, when DualCFGGuider runs one), and the method."""
     tensors, method = reference_tensors(positive)
-    if abs(cfg - 1.0) > 1e-6:
+    if abs(cfg - 1.0) > 1e-6 or middle is not None:
         neg, _ = reference_tensors(negative, "negative", "neg_ref")
         tensors.update(neg)
+    if middle is not None:
+        tensors.update(reference_tensors(middle, "middle", "mid_ref")[0])
     return tensors, method
 

@@ -39,13 +39,15 @@ def test_tiny_prompt_succeeds(server):
 
 def test_parallelize_lora_equals_stock_on_release(server):
     """PipeFusion Parallelize's OUTER_SAMPLE wrapper and weight patches on this release: the small SD3.5 model with
-    a kohya LoRA, stock KSampler with and without our node (tests/test_parallelize_comfy.py on the default host)."""
+    a kohya LoRA, stock KSampler with and without our node, then this release's DualCFGGuider (nested style:
+    three conditionings in the group's batch) on the warm group (tests/test_parallelize_comfy.py on the default
+    host)."""
     import torch
 
     from comfy_pipefusion.models import family, sd3
     from comfy_pipefusion.models.checkpoint_write import write_checkpoint
     from lora_files import write_kohya
-    from test_parallelize_comfy import TOL, _both, _common, ksampler, run_pair
+    from test_parallelize_comfy import TOL, _both, _common, dual_cfg, ksampler, run_pair, with_middle
     from test_parity_comfy import SD3_CONFIG, SD3_FILE, rel_l2
 
     model = sd3.build_meta(SD3_CONFIG)
@@ -59,3 +61,7 @@ def test_parallelize_lora_equals_stock_on_release(server):
     stock, ours = run_pair(server, _both(nodes, ksampler("sd3"), prefix), prefix)
     assert float(stock.abs().max()) > 0.1
     assert rel_l2(ours, stock) <= TOL
+    stock, ours = run_pair(server, _both(with_middle(nodes), dual_cfg("nested", 2.5, 1.5), f"{prefix}_dual"),
+                           f"{prefix}_dual")
+    assert float(stock.abs().max()) > 0.1
+    assert rel_l2(ours, stock) <= TOL, f"DualCFGGuider on {server.version}: {rel_l2(ours, stock):.3e}"

@@ -3,15 +3,19 @@ NCCL's ordering rules (conftest), against the serial reference within 1e-5 in fl
 are refused, with the numbers in the message (issue 13)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from comfy_pipefusion.config import ParallelConfig, SampleSpec
 from comfy_pipefusion.job import preset_problem
+from comfy_pipefusion.jobspec import Job
 from comfy_pipefusion.models import family
 from comfy_pipefusion.oneshot import GroupError, run_jobs
 from comfy_pipefusion.parallel.costs import expected_bytes
 from comfy_pipefusion.parallel.plan import ModelSource, load_rank_model, stage_layers
+from comfy_pipefusion.parallel.planner import candidates
 from comfy_pipefusion.parallel.runtime import JobRuntime
 from comfy_pipefusion.parallel.serial import run_serial
 
@@ -24,9 +28,11 @@ CFG = 2.0  # a true-CFG scale that keeps the tiny random models' latents in rang
 
 
 def job(name: str, strategy: str, preset: str = "tiny", sampler: str = "euler", cfg: float = CFG,
-        warmup: int = EXACT_STEPS, **parallel) -> dict:
+        warmup: int = EXACT_STEPS, middle: float | None = None, style: str = "regular", **parallel) -> dict:
+    """``middle``: DualCFGGuider's cfg_cond2_negative (a third branch, the middle conditioning), ``style`` its."""
+    dual = {"cfg_middle": middle, "cfg_style": style} if middle is not None else {}
     return {"name": name, "model": {"preset": preset, "seed": 0},
-            "sample": {"sampler": sampler, "steps": EXACT_STEPS, "cfg": cfg},
+            "sample": {"sampler": sampler, "steps": EXACT_STEPS, "cfg": cfg, **dual},
             "parallel": {"strategy": strategy, "warmup_steps": warmup, **parallel}}
 
 
@@ -35,7 +41,12 @@ JOBS = {
     2: [job("cfg_parallel_euler", "cfg"), job("cfg_parallel_ancestral", "cfg", sampler="euler_ancestral"),
         job("cfg_parallel_sd35", "cfg", preset="sd3.5m-tiny", sampler="dpmpp_2m"),
         job("ulysses_plain", "ulysses", cfg=1.0), job("ulysses_true_cfg", "ulysses"),
-        job("ulysses_sd35", "ulysses", preset="sd3.5m-tiny"), job("ulysses_pixart", "ulysses", preset="pixart-tiny")],
+        job("ulysses_sd35", "ulysses", preset="sd3.5m-tiny"), job("ulysses_pixart", "ulysses", preset="pixart-tiny"),
+        # DualCFGGuider: [positive; negative; middle] in one model batch, both of its styles
+        job("dual_cfg_pipefusion", "pipefusion", middle=1.5, patches=2),
+        job("dual_cfg_pipefusion_frozen", "pipefusion", sampler="frozen", warmup=1, middle=1.5, patches=3),
+        job("dual_cfg_nested_distrifusion", "distrifusion", sampler="dpmpp_2m", middle=1.5, style="nested"),
+        job("dual_cfg_ulysses_sd35", "ulysses", preset="sd3.5m-tiny", middle=0.5)],
     3: [job("ulysses_h6", "ulysses", preset="tiny-h6", cfg=1.0),
         job("ulysses_h6_cfg", "ulysses", preset="tiny-h6", sampler="dpmpp_2m")],
     4: [job("hybrid_cfg_pipefusion", "cfg+pipefusion"), job("hybrid_cfg_pipefusion_m3", "cfg+pipefusion", patches=3),
@@ -93,14 +104,14 @@ def reference():
 
     def get(j: dict, by_branch: bool = False) -> torch.Tensor:
         preset, s = j["model"]["preset"], j["sample"]
-        key = (preset, s["sampler"], s["cfg"], by_branch)
+        key = (preset, s["sampler"], s["cfg"], s.get("cfg_middle"), s.get("cfg_style"), by_branch)
         if key not in cache:
             if preset not in models:
                 models[preset] = load_rank_model(ModelSource(preset=preset), ParallelConfig("serial", 1), 0,
                                                  torch.device("cpu"), torch.float32)[0]
             p = family.find_preset(preset)[1]
             spec = SampleSpec(height=p["height"], width=p["width"], steps=s["steps"], sampler=resolve(s["sampler"]),
-                              cfg=s["cfg"])
+                              cfg=s["cfg"], cfg_middle=s.get("cfg_middle"), cfg_style=s.get("cfg_style", "regular"))
             problem = preset_problem(preset, spec)
             with torch.inference_mode():
                 x = serial_by_branch(models[preset], problem) if by_branch else \
@@ -137,7 +148,8 @@ def expected(j: dict, world: int, metrics: dict) -> list[int]:
     fam, p = family.find_preset(j["model"]["preset"])
     par = ParallelConfig(world_size=world, **j["parallel"])
     layers = metrics["attention_layers"]
-    dims = dict(world=world, batch=2 if j["sample"]["cfg"] != 1 else 1, images=1, width=metrics["width"],
+    branches = SampleSpec(cfg=j["sample"]["cfg"], cfg_middle=j["sample"].get("cfg_middle")).branches
+    dims = dict(world=world, batch=branches, images=1, width=metrics["width"],
                 n_txt=p["text_tokens"] if fam.JOINT_TEXT else 0, rows=p["height"] // 16, cols=p["width"] // 16,
                 steps=EXACT_STEPS, warmup=min(par.warmup_steps, EXACT_STEPS), patches=par.num_patches, elem=4,
                 layers=layers["joint"], image_layers=layers["image"], text_stream=par.text_stream,
@@ -201,6 +213,21 @@ def test_ulysses_heads_and_cfg_parallel_job_refused():
     with pytest.raises(ValueError, match="cfg 1 has no negative branch; set cfg != 1.*pipefusion"):
         ParallelConfig("cfg+pipefusion", 4).check_job(1.0)
     ParallelConfig("cfg+pipefusion", 4).check_job(4.5)
+    # DualCFGGuider's three branches do not split over two halves: refused with the way out; auto skips CFG halves
+    for strategy, other in (("cfg", "pipefusion"), ("cfg+distrifusion", "distrifusion")):
+        with pytest.raises(ValueError, match=f"this job has 3 .*use strategy {other} or auto"):
+            ParallelConfig(strategy, 2 if strategy == "cfg" else 4).check_job(4.5, 3)
+    spec = SampleSpec(cfg=4.5, cfg_middle=2.0)
+    assert spec.branches == 3
+    with pytest.raises(ValueError, match="this job has 3"):
+        Job(ModelSource(preset="tiny"), ParallelConfig("cfg", 2), spec)
+    problem = preset_problem("tiny", SampleSpec(height=64, width=64, steps=1, cfg=4.5, cfg_middle=2.0))
+    assert problem.branches == 3 and problem.txt.shape[0] == 3
+    plans = candidates(4, problem.rows, 1, cfg=problem.branches == 2, heads=4)
+    assert plans and not [c.strategy for c in plans if c.cfg_degree == 2]
+    assert [c for c in candidates(4, problem.rows, 1, cfg=True, heads=4) if c.cfg_degree == 2]
+    with pytest.raises(ValueError, match="cfg_style 'crossed' unknown: choose one of regular, nested"):
+        SampleSpec(cfg=4.5, cfg_middle=2.0, cfg_style="crossed")
 
 
 def test_cfg_parallel_refused_by_the_group_without_negative(tmp_path):
@@ -232,3 +259,8 @@ def test_hybrid_memory_estimate():
     assert [r.weights for r in lanes] == [stages[0].weights] * 2 + [stages[1].weights] * 2
     assert [r.kv for r in lanes] == [stages[0].kv // 2] * 2 + [stages[1].kv // 2] * 2 and lanes[0].kv > 0
     assert len(memory.estimate(fam, meta, ParallelConfig("cfg+ulysses+distrifusion", 8), size)) == 8
+    # DualCFGGuider's middle: a third of the model batch more in every rank's K/V buffers and activations
+    three = memory.estimate(fam, meta, ParallelConfig("pipefusion", 2), replace(size, middle=True))
+    two = memory.estimate(fam, meta, ParallelConfig("pipefusion", 2), size)
+    assert [2 * r.kv for r in three] == [3 * r.kv for r in two] and two[0].kv > 0
+    assert all(a.activations > b.activations for a, b in zip(three, two))

@@ -14,6 +14,13 @@ sessions' load: 1 step, prompt 156 s (test 217 s with the 38 s file write and th
 peak RSS 16.9 GiB together (ComfyUI 4.5, ranks 8.4 / 4.4 GiB: with that much free memory the ranks keep a float32
 copy of their 8-bit weights, ``fp8.upcast``); at 2 steps with less memory free they cast per call instead: prompt
 582 s, peak 9.0 GiB (ComfyUI 4.8, ranks 3.9 / 3.8), relative L2 4.2e-7. Printed with -s.
+
+The same server and file also drive a Flux.2 reference image (ReferenceLatent on the positive, as Flux.2's edit
+workflow) through our loader, and the MODEL path (stock UNETLoader -> PipeFusion Parallelize -> stock KSampler,
+after our loader's group has left). Measured lightly loaded (one other session's benchmark), the whole module
+166 s: our loader 67 s (relative L2 4.4e-7), reference 31 s (4.4e-7), MODEL path 46 s (4.4e-7); peak RSS over all
+processes 15.5 / 16.6 / 15.6 GiB (the ranks kept their float32 copies: memory allowed it; there is no switch to
+force the per-call cast, which would save ~8 GiB and multiply the prompt time). Needs ~17 GiB free.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import torch
 from comfy_pipefusion.models import flux2
 from comfy_pipefusion.models.checkpoint_write import write_synthetic_scaled_fp8
 
-from comfy_helpers import run_prompt, saved_latent, start_server
+from comfy_helpers import run_prompt, saved_latent, start_server, wait_until, worker_pids
 
 pytestmark = pytest.mark.slow
 TOL, STEPS, SIZE = 1e-3, 1, 64
@@ -100,20 +107,72 @@ def prompt(sampler: str, scheduler: str) -> dict:
     }
 
 
-def test_flux2_fp8_scaled_equals_stock_ksampler(server):
+def with_reference(nodes: dict) -> dict:
+    """A Flux.2 edit as its workflow makes one: a reference image's LATENT (here a seeded random one of 6 x 4
+    tokens, 128 channels: the encoded 64x96 image) through ReferenceLatent on the positive, stock KSampler (node
+    r6) against our loader and KSampler (r7), saved as flux2_ref_stock / flux2_ref_ours."""
+    out = {**nodes,
+           "r0": {"class_type": "PipeFusionTestLatent", "inputs": {"width": 32, "height": 48, "batch_size": 1,
+                                                                 "channels": 128, "seed": 11, "scale": 1.0}},
+           "r3": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["3", 0], "latent": ["r0", 0]}}}
+    for nid, save in (("6", "stock"), ("7", "ours")):
+        out[f"r{nid}"] = {**nodes[nid], "inputs": {**nodes[nid]["inputs"], "positive": ["r3", 0]}}
+        out[f"rs{nid}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"r{nid}", 0],
+                                                                   "filename_prefix": f"flux2_ref_{save}"}}
+    return out
+
+
+def with_parallelize(nodes: dict) -> dict:
+    """The stock MODEL (node 1) through PipeFusion Parallelize to the stock KSampler (node p6), saved as
+    flux2_parallelize; the stock chain is node 6."""
+    out = {**nodes, "p": {"class_type": "PipeFusionParallelize", "inputs": {
+        "model": ["1", 0], "devices": "cpu:2", "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}}}
+    out["p6"] = {**nodes["6"], "inputs": {**nodes["6"]["inputs"], "model": ["p", 0]}}
+    out["p8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["p6", 0], "filename_prefix": "flux2_parallelize"}}
+    return out
+
+
+def run_measured(server, nodes: dict, what: str) -> None:
+    """Run a prompt, print its time and the peak RSS of ComfyUI and its workers (-s)."""
     t0 = time.monotonic()
     with TreePeak(server.pid) as peak:
-        status, msgs = run_prompt(server, prompt("euler", "simple"), timeout=1200)
-    seconds = time.monotonic() - t0
+        status, msgs = run_prompt(server, nodes, timeout=1200)
     assert status == "execution_success", (msgs[-1]["data"], server.log_tail(40))
-    stock, ours = saved_latent(server, "flux2_stock"), saved_latent(server, "flux2_ours")
+    print(f"\nFlux.2 width 6144, 1 + 1 blocks, scaled fp8, {STEPS} step euler, {what}: prompt "
+          f"{time.monotonic() - t0:.0f} s; peak RSS of ComfyUI and its workers together {peak.total / 2**30:.2f} GiB")
+    for name, rss in sorted(peak.each.items(), key=lambda kv: -kv[1])[:4]:
+        print(f"  {name:48s} {rss / 2**30:.2f} GiB")
+
+
+def compare(server, stock_name: str, ours_name: str, what: str) -> None:
+    stock, ours = saved_latent(server, stock_name), saved_latent(server, ours_name)
     assert stock.shape == ours.shape == (1, 128, SIZE // 16, SIZE // 16)  # ComfyUI's Flux.2 LATENT, both
     assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
     rel = float((ours.double() - stock.double()).norm() / stock.double().norm())
+    print(f"  {what}: relative L2 {rel:.2e}")
+    assert rel <= TOL, f"{what}: relative L2 {rel:.3e} > {TOL}"
+
+
+def test_flux2_fp8_scaled_equals_stock_ksampler(server):
+    run_measured(server, prompt("euler", "simple"), "our loader")
+    compare(server, "flux2_stock", "flux2_ours", "our loader")
     log = server.log_path.read_text(errors="replace")
-    print(f"\nFlux.2 width 6144, 1 + 1 blocks, scaled fp8, {STEPS} steps euler: relative L2 {rel:.2e}; prompt "
-          f"{seconds:.0f} s; peak RSS of ComfyUI and its workers together {peak.total / 2**30:.2f} GiB")
-    for name, rss in sorted(peak.each.items(), key=lambda kv: -kv[1])[:4]:
-        print(f"  {name:48s} {rss / 2**30:.2f} GiB")
     assert "model_type FLUX" in log  # ComfyUI ran it as its Flux.2 (a Flux model type)
-    assert rel <= TOL, f"relative L2 {rel:.3e} > {TOL}"
+
+
+def test_flux2_reference_through_loader_equals_stock(server):
+    """A reference image (ReferenceLatent, Flux.2's index placement) through our loader equals the stock
+    KSampler's, and moves the result (the first test's nodes stay in the prompt: ComfyUI's cache, no rerun)."""
+    run_measured(server, with_reference(prompt("euler", "simple")), "a reference through our loader")
+    compare(server, "flux2_ref_stock", "flux2_ref_ours", "reference, our loader")
+    assert float((saved_latent(server, "flux2_ref_stock") - saved_latent(server, "flux2_stock")).abs().max()) > 1e-2
+
+
+def test_flux2_parallelize_equals_stock_ksampler(server):
+    """Flux.2 on the MODEL path: stock UNETLoader -> PipeFusion Parallelize -> stock KSampler against the stock
+    chain (its 128-channel LATENT unfolded for the group and back). Our loader's group leaves first (unload_models
+    keeps ComfyUI's cache, so the stock chain of the first test is not run again)."""
+    server.post_json("/free", {"unload_models": True})
+    assert wait_until(lambda: not worker_pids(server.pid), 60), worker_pids(server.pid)
+    run_measured(server, with_parallelize(prompt("euler", "simple")), "MODEL path")
+    compare(server, "flux2_stock", "flux2_parallelize", "MODEL path")

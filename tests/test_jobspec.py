@@ -62,7 +62,8 @@ def test_job_from_wire_names_the_bad_field(wire, match):
 
 def test_job_tensor_keys_are_the_wire_names():
     assert json.dumps({TensorKey.TXT: 1}) == '{"txt": 1}'
-    assert INPUT_KEYS == {"txt", "pooled", "neg_txt", "neg_pooled", "latent", "noise", "mask", "sigmas"}
+    assert INPUT_KEYS == {"txt", "pooled", "neg_txt", "neg_pooled", "mid_txt", "mid_pooled", "latent", "noise", "mask",
+                          "sigmas"}
 
 
 def test_job_weight_update_travels_and_is_checked():

@@ -261,19 +261,53 @@ def test_parallelize_ksampler_advanced(server):
     assert rel_l2(ours, stock_out) <= TOL
 
 
+def dual_cfg(style: str, cfg_conds: float, cfg_cond2_negative: float, steps: int = STEPS) -> dict:
+    """SamplerCustomAdvanced with DualCFGGuider (cond1 node 3, cond2 node 6, negative node 4) on "MODEL"."""
+    return {
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
+        "guider": {"class_type": "DualCFGGuider", "inputs": {
+            "model": "MODEL", "cond1": ["3", 0], "cond2": ["6", 0], "negative": ["4", 0], "cfg_conds": cfg_conds,
+            "cfg_cond2_negative": cfg_cond2_negative, "style": style}},
+        "sel": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "sched": {"class_type": "BasicScheduler", "inputs": {"model": "MODEL", "scheduler": "simple", "steps": steps,
+                                                             "denoise": 1.0}},
+        "sca": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sel", 0], "sigmas": ["sched", 0],
+            "latent_image": ["5", 0]}},
+    }
+
+
+def with_middle(nodes: dict) -> dict:
+    """The nodes of ``_common`` with DualCFGGuider's middle conditioning (cond2) as node 6: another prompt."""
+    return {**nodes, "6": {**nodes["4"], "inputs": {**nodes["4"]["inputs"], "seed": 2}}}
+
+
+@pytest.mark.parametrize("style, cfg_conds, cfg_cond2_negative",
+                         [("regular", 3.0, 2.0), ("nested", 2.5, 1.5), ("regular", 3.0, 1.0)])
+def test_parallelize_dual_cfg_guider_equals_stock(server, style, cfg_conds, cfg_cond2_negative):
+    """DualCFGGuider in both styles (its three conditionings in one batch of the group: [positive; negative;
+    middle]) and at cfg_cond2_negative 1, where ComfyUI's regular style skips the negative's pass (CFG of the
+    positive over the middle), equals its stock run."""
+    nodes = with_middle(_common("sd3", [("kohya", 1.0)])[0])
+    prefix = f"par/dual_{style}_{cfg_cond2_negative:g}"
+    stock, ours = run_pair(server, _both(nodes, dual_cfg(style, cfg_conds, cfg_cond2_negative), prefix), prefix)
+    assert float(stock.abs().max()) > 0.1
+    assert rel_l2(ours, stock) <= TOL, f"{style}: relative L2 {rel_l2(ours, stock):.3e} > {TOL}"
+
+
 @pytest.mark.parametrize("what", ["patch", "conditioning", "sampler", "guider", "pixart512", "narrow"])
 def test_parallelize_refuses_what_it_cannot_run(server, what):
-    """A model patch that is not a weight patch, area conditioning, a sampler with options, DualCFGGuider
-    (no supported family takes its third pass), a PixArt model whose positions ComfyUI scales otherwise
-    than the group would (a 512 model) and an image narrower than the Ulysses degree of a hybrid (planner:
-    3 Ulysses ranks per PipeFusion stage, each patch one token wide) are refused before sampling, in the
+    """A model patch that is not a weight patch, area conditioning, a sampler with options, a guider other than
+    the stock CFG, Basic and DualCFG guiders (PerpNegGuider), a PixArt model whose positions ComfyUI scales
+    otherwise than the group would (a 512 model) and an image narrower than the Ulysses degree of a hybrid
+    (3 Ulysses ranks per PipeFusion stage, each patch one token wide) are refused before sampling, in the
     ComfyUI process (no group started), each naming itself."""
     fam = "pixart" if what == "pixart512" else "sd3"
     nodes, _ = _common(fam, [], unet=PIXART_512 if what == "pixart512" else None)
     sample = ksampler(fam)["k"]
     sample["inputs"]["model"] = ["p", 0]
     expect = {"patch": "sampler_cfg_function", "conditioning": "area", "sampler": "eta",
-              "guider": "Guider_DualCFG", "pixart512": "scales its positions by 1 in ComfyUI",
+              "guider": "Guider_PerpNeg", "pixart512": "scales its positions by 1 in ComfyUI",
               "narrow": "ulysses+pipefusion shares each of its 2 patches among 3 Ulysses ranks, but the image is "
                         "2x1 tokens (height/16 x width/16): its smallest patch has 1 image tokens, fewer than 3; "
                         "use an image at least 48 pixels wide"}[what]
@@ -295,9 +329,9 @@ def test_parallelize_refuses_what_it_cannot_run(server, what):
         nodes["sc"] = {"class_type": "BasicScheduler", "inputs": {"model": ["p", 0], "scheduler": "simple",
                                                                   "steps": 2, "denoise": 1.0}}
     if what == "guider":
-        nodes["g"] = {"class_type": "DualCFGGuider", "inputs": {
-            "model": ["p", 0], "cond1": ["3", 0], "cond2": ["4", 0], "negative": ["4", 0], "cfg_conds": 4.0,
-            "cfg_cond2_negative": 2.0, "style": "regular"}}
+        nodes["g"] = {"class_type": "PerpNegGuider", "inputs": {
+            "model": ["p", 0], "positive": ["3", 0], "negative": ["4", 0], "empty_conditioning": ["4", 0],
+            "cfg": 4.0, "neg_scale": 1.0}}
         nodes["n"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}}
         nodes["s"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
         nodes["sc"] = {"class_type": "BasicScheduler", "inputs": {"model": ["p", 0], "scheduler": "simple",

@@ -221,7 +221,7 @@ def summarise(args, spec, serial, results) -> dict:
                                  ulysses=m["plan"].get("ulysses", 0))
         n = cfg.world_size
         err = (x - ref).float()
-        dims = dict(world=n, batch=2 if abs(spec.cfg - 1) > 1e-9 else 1, images=1, width=width,
+        dims = dict(world=n, batch=spec.branches, images=1, width=width,
                     n_txt=n_txt, rows=spec.token_rows, cols=spec.token_cols, steps=evals,
                     warmup=sum(1 for k in range(evals) if step_of(k) < cfg.warmup_steps),
                     patches=cfg.num_patches, elem=ELEM[spec.dtype],

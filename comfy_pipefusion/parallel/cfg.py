@@ -59,8 +59,9 @@ class BranchControl(Control):
 def branch_problem(problem, index: int, branch: Branch):
     """The job as one branch runs it: its own conditioning and reference latents (the model batch is the images
     alone)."""
-    if not problem.cfg:
-        raise ValueError("CFG parallelism needs a true-CFG job (cfg != 1, with a negative conditioning)")
+    if problem.branches != 2:
+        raise ValueError(f"CFG parallelism needs a true-CFG job of two branches (cfg != 1, with a negative "
+                         f"conditioning); this one has {problem.branches}")
     b = problem.batch
     rows = slice(index * b, (index + 1) * b)
     return replace(problem, txt=problem.txt[rows], branch=branch,

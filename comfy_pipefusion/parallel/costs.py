@@ -70,7 +70,7 @@ def expected_bytes(strategy: str, *, rank: int, world: int, batch: int, width: i
         return a2a + (4 * images * channels * spans[rank].n_img if rank else 0)
     if strategy == "pipefusion":
         if rank == world - 1:
-            return 4 * batch * channels * n_img * steps
+            return 4 * images * channels * n_img * steps  # the sampled latent, one image per branch batch
         w = min(warmup, steps)
         k = patches if text_stream == "every_patch" else 1
         return elem * batch * width * (steps * n_img + n_txt * (w + (steps - w) * k))
@@ -80,10 +80,10 @@ def expected_bytes(strategy: str, *, rank: int, world: int, batch: int, width: i
         lmax_img = max(s.n_img for s in spans)
         gathers = steps if warmup >= steps else steps - 1
         kv = gathers * elem * 2 * batch * width * (world - 1) * (layers * lmax + image_layers * lmax_img)
-        return kv + (4 * batch * channels * spans[rank].n_img if rank else 0)
+        return kv + (4 * images * channels * spans[rank].n_img if rank else 0)
     if strategy == "naive_patch":
         r0, r1 = split_even(rows, world)[rank]
-        return 4 * batch * channels * (r1 - r0) * cols if rank else 0
+        return 4 * images * channels * (r1 - r0) * cols if rank else 0
     raise ValueError(f"unknown strategy {strategy!r}")
 
 

@@ -50,8 +50,8 @@ def label(cfg: ParallelConfig) -> str:
 def candidates(world: int, rows: int, warmup: int, base: ParallelConfig | None = None, cfg: bool = False,
                heads: int = 0, cols: int | None = None) -> list[ParallelConfig]:
     """The plans ``auto`` considers on ``world`` ranks for an image of ``rows`` x ``cols`` token rows and
-    columns (``cfg``: a true-CFG job; ``heads``: the model's attention heads); ``base`` carries the user's
-    other settings (text stream, balance)."""
+    columns (``cfg``: a true-CFG job of two branches, which CFG halves split: not DualCFGGuider's three;
+    ``heads``: the model's attention heads); ``base`` carries the user's other settings (text stream, balance)."""
     if world == 1:
         return [ParallelConfig("serial", 1, warmup_steps=warmup)]
     keep = {} if base is None else {"text_stream": base.text_stream, "balance": base.balance}
@@ -140,5 +140,5 @@ def workload_of(fam, meta, problem, warmup_steps: int, elem: int) -> Workload:
     return Workload(kinds=tuple(b.kind for b in blocks), width=cfg.num_attention_heads * cfg.attention_head_dim,
                     rows=problem.rows, cols=problem.cols, n_txt=problem.n_span_txt, evals=evals,
                     warmup_evals=sum(1 for k in range(evals) if step_of(k) < warmup_steps), batch=problem.batch,
-                    cfg=problem.cfg, elem=elem, channels=problem.x0.shape[-1], kv_layers=layers,
-                    heads=cfg.num_attention_heads)
+                    cfg=problem.cfg, middle=problem.branches == 3, elem=elem, channels=problem.x0.shape[-1],
+                    kv_layers=layers, heads=cfg.num_attention_heads)

@@ -84,12 +84,12 @@ class JobRuntime:
 
     def embed_image(self, x_patch: torch.Tensor, span, k: int) -> torch.Tensor:
         """Evaluation k's model input for a patch of the latent: scaled as the model sampling wants,
-        doubled for [positive; negative] under cfg, embedded. [B, L, C] -> [MB, L, D]"""
+        repeated for every branch ([positive; negative] under cfg), embedded. [B, L, C] -> [MB, L, D]"""
         if self.problem.inpaint is not None:
             x_patch = self.problem.inpaint.model_input(self.ms, self.evals[k], x_patch, slice(span.i0, span.i1))
         x = self.ms.calculate_input(self.evals[k], x_patch)
         if self.problem.cfg:
-            x = torch.cat([x, x])
+            x = torch.cat([x] * self.problem.branches)
         return self.fam.embed_image(self.model, self.emb, x.to(self.dtype), span)
 
     def run_blocks(self, blocks: list, kvs: list, span, txt, img, k: int, pos_span=None):
@@ -120,23 +120,37 @@ class JobRuntime:
 
     def denoised(self, k: int, x: torch.Tensor, out: torch.Tensor, sl: slice) -> torch.Tensor:
         """The model's prediction for tokens ``sl`` as a denoised latent, with classifier-free guidance
-        applied as ComfyUI does (on the denoised predictions: negative + cfg * (positive - negative)) and
-        the noise mask's clean image where the mask is 0. ``x`` is the sampler's latent of the patch."""
+        applied as ComfyUI does (``guide``, on the denoised predictions) and the noise mask's clean image where
+        the mask is 0. ``x`` is the sampler's latent of the patch."""
         inpaint = self.problem.inpaint
         if inpaint is not None:
             x = inpaint.model_input(self.ms, self.evals[k], x, sl)  # what the model saw (before its scaling)
         if self.problem.branch is not None:  # CFG parallelism: with the other branch's output, [pos; neg]
             out = self.problem.branch.both(out)
         if self.problem.cfg or self.problem.branch is not None:
-            pos, neg = out.chunk(2)
-            pos, neg = self.ms.calculate_denoised(self.evals[k], pos, x), self.ms.calculate_denoised(self.evals[k], neg, x)
-            den = neg + (pos - neg) * self.problem.spec.cfg
+            den = guide(self.problem.spec, [self.ms.calculate_denoised(self.evals[k], o, x)
+                                            for o in out.chunk(self.problem.spec.branches)])
         else:
             den = self.ms.calculate_denoised(self.evals[k], out, x)
         den = den if inpaint is None else inpaint.denoised(den, sl)
         if self.preview is not None:
             self.preview.put(sl, den)
         return den
+
+
+def guide(spec, den: list[torch.Tensor]) -> torch.Tensor:
+    """ComfyUI's guidance of the branches' denoised predictions [positive, negative(, middle)]: CFGGuider's
+    ``negative + (positive - negative) * cfg``; DualCFGGuider's (Guider_DualCFG, ``cfg`` its cfg_conds,
+    ``cfg_middle`` its cfg_cond2_negative) regular ``negative + (middle - negative) * cfg_middle + (positive -
+    middle) * cfg`` or nested ``negative + cfg_middle * (middle + (positive - middle) * cfg - negative)``, in
+    ComfyUI's order of operations."""
+    if len(den) == 2:
+        pos, neg = den
+        return neg + (pos - neg) * spec.cfg
+    pos, neg, mid = den
+    if spec.cfg_style == "nested":
+        return neg + spec.cfg_middle * ((mid + (pos - mid) * spec.cfg) - neg)
+    return (neg + (mid - neg) * spec.cfg_middle) + (pos - mid) * spec.cfg
 
 
 def reference_inputs(problem) -> dict:

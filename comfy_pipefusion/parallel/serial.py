@@ -26,7 +26,7 @@ def run_serial(model, problem, dtype: torch.dtype, device: torch.device,
         x_in = rt.x if problem.inpaint is None else problem.inpaint.model_input(rt.ms, rt.evals[k], rt.x, slice(None))
         x_in = rt.ms.calculate_input(rt.evals[k], x_in)
         if problem.cfg:
-            x_in = torch.cat([x_in, x_in])
+            x_in = torch.cat([x_in] * problem.branches)
         out = rt.fam.forward(model, x_in.to(dtype), rt.timestep(k), txt, rt.pooled, rt.guidance, problem.rows,
                              problem.cols, **refs).float()
         rt.x = rt.sampler.step(k, slice(None), rt.x, rt.denoised(k, rt.x, out, slice(None)))

@@ -112,6 +112,8 @@ class Workload:
     """Images in the latent batch."""
     cfg: bool = False
     """True CFG: the model batch holds positive and negative (twice the images)."""
+    middle: bool = False
+    """DualCFGGuider's middle too (with ``cfg``): the model batch is three times the images; no CFG halves."""
     elem: int = 4
     """Bytes per activation element (4 float32, 2 bfloat16)."""
     channels: int = 64
@@ -129,7 +131,7 @@ class Workload:
 
     @property
     def model_batch(self) -> int:
-        return self.batch * (2 if self.cfg else 1)
+        return self.batch * (1 + self.cfg + (self.cfg and self.middle))
 
     @property
     def n_img(self) -> int:
@@ -317,8 +319,9 @@ def _ulysses(world: int, work: Workload, costs: Costs) -> Prediction:
 
 def _cfg(strategy: str, world: int, work: Workload, costs: Costs, patches: int, text_stream: str,
          stage_split, ulysses: int = 2) -> Prediction:
-    if not work.cfg:
-        raise ValueError(f"{strategy} needs a true-CFG job (cfg != 1): this one has one branch")
+    if not work.cfg or work.middle:
+        raise ValueError(f"{strategy} needs a true-CFG job of two branches (cfg != 1): this one has "
+                         f"{1 + work.cfg + (work.cfg and work.middle)}")
     if world % 2:
         raise ValueError(f"{strategy} needs an even world size, got {world}")
     inner = strategy.partition("+")[2] or "serial"
