@@ -144,11 +144,13 @@ def _templates_have_pictures(page, ours, listed):
     page.js(f"() => {{ ({ours})().at(-1).click(); return true; }}")
     # The frontend fetches each picture and shows it from a blob: URL; a 404 would be in the page's events.
     # It renders the pictures of the cards in view only: each card is scrolled into view, then its picture read.
+    # The card's title is below its picture: the title goes to the bottom of the view (block "end"), which brings
+    # the picture into view whatever the order of the cards (the server lists them in the file system's order).
     sizes = [page.wait("""(name) => {
         const cardOf = (img) => { let c = img; while (c && !c.innerText?.trim()) c = c.parentElement; return c; };
         const img = [...document.querySelectorAll('.p-dialog img')].find((i) => cardOf(i)?.innerText.includes(name));
         if (!img) { [...document.querySelectorAll('.p-dialog *')].find((e) => e.children.length === 0
-                      && e.innerText?.trim() === name)?.scrollIntoView(); return false; }
+                      && e.innerText?.trim() === name)?.scrollIntoView({ block: 'end' }); return false; }
         img.scrollIntoView();
         return img.complete && img.naturalWidth > 0 && [img.naturalWidth, img.naturalHeight]; }""",
                        name, timeout=30) for name in listed]
