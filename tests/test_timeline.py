@@ -98,14 +98,15 @@ def test_timeline_of_a_bench_run(tmp_path):
     png, out = tmp_path / "timeline.png", tmp_path / "bench.json"
     steps, m, warm = 4, 3, 1
     proc = subprocess.run([sys.executable, "-m", "comfy_pipefusion.bench", "--preset", "tiny", "--steps", str(steps),
-                           "--strategies", "pipefusion,distrifusion", "--patches", str(m), "--warmup-steps", str(warm),
+                           "--strategies", "pipefusion,distrifusion,ulysses", "--patches", str(m), "--warmup-steps", str(warm),
                            "--repeats", "1", "--json", str(out), "--timeline", str(png)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"timeline: {png.resolve()}" in proc.stdout
     rows = json.loads(out.read_text())["results"]
-    assert [(r["name"], len(r["timeline"])) for r in rows] == [("serial", 1), ("pipefusion", 2), ("distrifusion", 2)]
-    expected = {"serial": steps, "pipefusion": warm + (steps - warm) * m, "distrifusion": steps}
+    assert [(r["name"], len(r["timeline"])) for r in rows] == [("serial", 1), ("pipefusion", 2), ("distrifusion", 2),
+                                                               ("ulysses", 2)]
+    expected = {"serial": steps, "pipefusion": warm + (steps - warm) * m, "distrifusion": steps, "ulysses": steps}
     for r in rows:  # each job's last run: its ranks' records lie within that run's wall time
         run = max(t["end"] for t in r["timeline"]) - min(t["begin"] for t in r["timeline"])
         assert 0 < run <= r["wall_s_runs"][-1] + 0.05, (r["name"], run, r["wall_s_runs"])
@@ -114,7 +115,8 @@ def test_timeline_of_a_bench_run(tmp_path):
             assert [it["index"] for it in items] == list(range(expected[r["name"]])), (r["name"], rank)
             assert all(a["end"] <= b["start"] for a, b in zip(items, items[1:]))  # one after another
             assert trace["begin"] <= items[0]["start"] and items[-1]["end"] <= trace["end"]
-            assert [it["warmup"] for it in items].count(True) == (warm if r["name"] != "serial" else 0)
+            assert [it["warmup"] for it in items].count(True) == (warm if r["name"] in ("pipefusion", "distrifusion")
+                                                                  else 0)
     # PipeFusion's stages wait on each other: rank 1 waits for rank 0's first patch; waits lie inside the run
     # each stage sends (forward hop, ring): its own transfer time, counted apart from its waits
     assert all(t > 0 for t in rows[1]["transfer_s_per_rank"]) and rows[0]["transfer_s_per_rank"] == [0.0]
@@ -124,3 +126,16 @@ def test_timeline_of_a_bench_run(tmp_path):
     g = timeline.geometry(sections)
     assert Image.open(png).size == (g.width, g.height)
     assert check_picture(png, sections, g) >= 10
+
+
+def test_timeline_follows_a_branch_and_its_lanes():
+    """A CFG branch (and a lane of ulysses+pipefusion, which runs under the branch's control) records its items
+    in the job's trace: the bench's timeline of the hybrids is not empty."""
+    from comfy_pipefusion.parallel.cfg import BranchControl
+    from comfy_pipefusion.parallel.runtime import Control
+
+    tr = Trace(Clock())
+    branch = BranchControl(Control(trace=tr), comm=None, leaders=None)
+    sched = make_schedule([0, 1], 1, Span(0, 2, 0, 8), [Span(0, 2, 0, 8)])
+    assert [it.index for it in branch.track(sched)] == [0, 1]
+    assert [it[0] for it in tr.items] == [0, 1]

@@ -42,7 +42,8 @@ class BranchControl(Control):
     rank 0's, broadcast to the other branch's leader."""
 
     def __init__(self, control: Control, comm, leaders) -> None:
-        super().__init__(preview=control.preview)  # each rank previews the tokens it samples, as without CFG
+        # each rank previews the tokens it samples, as without CFG; the bench's timeline records the branch's items
+        super().__init__(preview=control.preview, trace=control.trace)
         self.inner, self.comm, self.leaders = control, comm, leaders
 
     def step_done(self, t: int) -> None:

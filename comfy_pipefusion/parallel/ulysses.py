@@ -111,7 +111,7 @@ def run_ulysses(model, blocks: list, problem, cfg, comm, dtype: torch.dtype, dev
     exchange = Exchange(comm, problem.model_batch, *family.attention_shape(model), dtype, device)
     layers = rt.kv_buffers(blocks, UlyssesAttention, spans=spans, exchange=exchange)
     txt = rt.span_txt(sp)
-    for item in rt.schedule(sp):  # exact every evaluation: one item each, this rank's band
+    for item in control.track(rt.schedule(sp)):  # exact every evaluation: one item each, this rank's band
         t = item.eval
         if item.step_boundary and control.agree_stop(comm):
             raise JobCancelled(f"cancelled before step {item.step + 1}")
