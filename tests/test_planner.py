@@ -136,6 +136,48 @@ def test_planner_real_auto_job_on_two_ranks_reports_its_plan(tmp_path):
         assert plan["link"]["bandwidth"] > 0
 
 
+def test_planner_collectives_run_at_the_links_duplex_rate():
+    """The collectives load both directions of a link at once (DistriFusion's K/V gathers, Ulysses'
+    all-to-alls, the CFG halves' swap): they run at its ``duplex`` rate, PipeFusion's one-way hops at its
+    bandwidth. Over 1 Gbit/s between two namespaces, Ulysses' all-to-alls moved 2/3 of what a one-way
+    message does (`mid`, 8 steps: waits 0.49 s per evaluation against 0.32 s predicted one way)."""
+    from dataclasses import replace
+
+    work = replace(_work(rows=32, width=512), cfg=True, heads=8)
+    one_way, both = _flat(1e-4, bandwidth=125e6), _flat(1e-4, bandwidth=125e6)
+    both = replace(both, link=Link(125e6, duplex=125e6 / 2))
+    for strategy in ("ulysses", "cfg"):
+        a, b = simulate(strategy, 2, work, one_way), simulate(strategy, 2, work, both)
+        assert b.comm_s == pytest.approx(2 * a.comm_s, rel=1e-6) and b.wall_s > a.wall_s, strategy
+    slow = replace(one_way, link=Link(1e6)), replace(both, link=Link(1e6, duplex=0.5e6))  # gathers not hidden
+    assert simulate("distrifusion", 2, work, slow[1]).comm_s == pytest.approx(
+        2 * simulate("distrifusion", 2, work, slow[0]).comm_s, rel=1e-6)
+    plain = replace(work, cfg=False)
+    assert simulate("pipefusion", 2, plain, both, patches=2) == simulate("pipefusion", 2, plain, one_way, patches=2)
+    with pytest.raises(ValueError, match="duplex, cpu_per_byte >= 0"):
+        Link(1e9, duplex=-1.0)
+
+
+def test_planner_cpu_transport_costs_the_compute_it_overlaps():
+    """On a CPU rank the transport works on the cores that compute: DistriFusion's hidden gathers and
+    PipeFusion's hops cost each rank ``cpu_per_byte`` for every byte it sends or receives (`mid` at 1 Gbit/s:
+    DistriFusion's evaluations ran 0.16 s longer than half of serial's while gathering 34 MB each way); an
+    exposed wait (Ulysses) costs nothing more. On a GPU (0) nothing changes."""
+    from dataclasses import replace
+
+    work = replace(_work(rows=32, width=512), heads=8)
+    gpu = _flat(1e-4, bandwidth=125e6)
+    cpu = replace(gpu, link=Link(125e6, cpu_per_byte=2e-9))
+    df_gpu, df_cpu = simulate("distrifusion", 2, work, gpu), simulate("distrifusion", 2, work, cpu)
+    assert df_gpu.wall_s < df_gpu.compute_s + df_gpu.comm_s  # the gathers were hidden
+    per_layer = 2 * 4 * work.width * work.n_ctx // 2  # K and V of a rank's half, float32
+    moved = len(work.kinds) * 2 * per_layer * 2e-9  # sent and received per evaluation
+    assert df_cpu.wall_s - df_gpu.wall_s == pytest.approx((work.evals - work.warmup_evals - 1) * moved, rel=0.02)
+    assert simulate("pipefusion", 2, work, cpu, patches=2).wall_s > simulate("pipefusion", 2, work, gpu,
+                                                                              patches=2).wall_s
+    assert simulate("ulysses", 2, work, cpu) == simulate("ulysses", 2, work, gpu)
+
+
 def test_planner_simulates_the_exact_methods():
     """CFG halves: each half runs one branch (half the model batch) and swaps a latent per evaluation, so a
     true-CFG job on 2 ranks takes half of serial's compute; cfg+pipefusion on 4 is PipeFusion on 2 per

@@ -72,7 +72,9 @@ def costs_of(row: dict, probed: dict | None, rate: float | None = None):
     blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
     link = row.get("probed_link") or {"bandwidth": 1e12, "latency": 0.0}
     bandwidth = min(link["bandwidth"], rate) if rate else link["bandwidth"]
-    return blocks, raw["outside"], Link(bandwidth, link["latency"]), own is not None
+    duplex = min(link.get("duplex", 0.0), rate) if rate and link.get("duplex") else link.get("duplex", 0.0)
+    return (blocks, raw["outside"], Link(bandwidth, link["latency"], duplex, link.get("cpu_per_byte", 0.0)),
+            own is not None)
 
 
 def probe_here(report: dict, dtype: str = "float32") -> dict:

@@ -6,7 +6,8 @@ whole image of three sizes (the job's, half and a quarter of it); ``t(n) = per_c
 few runs per size (``fit``). The result is cached as JSON per model structure, device, dtype, thread count and torch
 version, so a group pays for the probe once.
 
-Links: a ping-pong with rank 0 (small messages: latency; large ones: bandwidth), on the data plane.
+Links: a ping-pong with rank 0 (small messages: latency; large ones: bandwidth), then both ways at once
+(the collectives' rate), on the data plane.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -149,13 +151,32 @@ def _ping_pong(comm, peer: int, nbytes: int, rounds: int) -> float:
     return best
 
 
+def _gather_step(comm, nbytes: int, rounds: int) -> tuple[float, float]:
+    """All-gathers of ``nbytes`` per rank over the group (each rank sends ``nbytes`` and receives as many at
+    once at every step of its ring: both directions of every link are loaded): the fastest one's seconds
+    per step, and the process's CPU seconds (every thread, user and system) per byte it sent or received."""
+    mine = torch.zeros((1, nbytes), dtype=torch.uint8, device=comm.device)
+    out = torch.empty((comm.world_size, nbytes), dtype=torch.uint8, device=comm.device)
+    best, cpu = float("inf"), []
+    for _ in range(rounds):
+        comm.barrier()
+        start, used = time.perf_counter(), time.process_time()
+        comm.all_gather_into(out, mine)
+        best = min(best, time.perf_counter() - start)
+        cpu.append(time.process_time() - used)
+    steps = comm.world_size - 1
+    return best / steps, statistics.median(cpu) / (2 * steps * nbytes)
+
+
 def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5, long_s: float = 0.05,
                most: int = 64 << 20) -> Link:
     """The slowest link from rank 0 to another rank: a ping-pong of ``small`` bytes (latency), then of
     ``large`` bytes, four times larger while one takes less than ``long_s`` (up to ``most``; rank 0 decides
     for both): a shaped link lets a burst through at the wire's speed (tbf: a few ms' worth), which a 1 MiB
-    message mostly is at 1 Gbit/s, and the bandwidth would read nearly twice the rate. Every rank calls it
-    (rank 0 talks to each other rank in turn). One rank: a free link."""
+    message mostly is at 1 Gbit/s, and the bandwidth would read nearly twice the rate. Then an all-gather of
+    that size (at most ``most`` gathered) over the group, every link loaded both ways at once (``duplex``: what
+    the collectives see), with the CPU time the transport took per byte on a CPU device (``cpu_per_byte``). Every rank calls it (rank 0 talks to each other rank in turn). One rank: a free
+    link."""
     if comm.world_size == 1:
         return Link(bandwidth=1e12, latency=0.0)
     worst = (0.0, 0.0)
@@ -170,8 +191,14 @@ def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5, lon
         per_byte = max(took - latency, 1e-12) / (size - small)
         if latency + large * per_byte > worst[0] + large * worst[1]:
             worst = (latency, per_byte)
-    got = comm.broadcast_object([worst[0], worst[1]])  # rank 0's measurement on every rank
-    return Link(bandwidth=1.0 / got[1], latency=got[0])
+    # both ways: at least the one-way time per byte (a faster reading is the probe's own noise)
+    size = min(size, most // comm.world_size)
+    step, cpu = _gather_step(comm, size, rounds)
+    duplex = max(worst[1], (step - worst[0]) / size)
+    if comm.device.type != "cpu":
+        cpu = 0.0  # NCCL moves the bytes with the GPU's own engines; the host's CPU time is not compute's
+    got = comm.broadcast_object([worst[0], worst[1], duplex, cpu])  # rank 0's measurement on every rank
+    return Link(bandwidth=1.0 / got[1], latency=got[0], duplex=1.0 / got[2], cpu_per_byte=got[3])
 
 
 def machine_costs(blocks: dict[str, BlockCost], outside_per_token: float, link: Link, n_img: int) -> Costs:

@@ -6,7 +6,9 @@ Inputs are measured or assumed costs, never a run of the model:
   pair (attention), and per call (launch and Python overhead). A span of ``nq`` query tokens attending
   over ``nctx`` tokens costs ``per_call + nq * (per_token + per_pair * nctx)`` per image of the model batch.
 - ``Link``: bandwidth (bytes/s) and latency (s) of the link between two ranks; a link carries one message
-  at a time in each direction, and sends overlap compute (receives are posted ahead in the engine).
+  at a time in each direction, and sends overlap compute (receives are posted ahead in the engine). The
+  collectives (all-gather, all-to-all) load both directions at once, at the link's ``duplex`` rate. On a
+  CPU rank the transport's own work (``cpu_per_byte``) is lost from the compute it overlaps.
 
 What is simulated (see parallel/pipefusion.py and distrifusion.py for the schedules themselves):
 
@@ -68,14 +70,26 @@ class Link:
     """Bytes per second."""
     latency: float = 0.0
     """Seconds from a send's start to its first byte's arrival."""
+    duplex: float = 0.0
+    """Bytes per second each way while both directions carry a message at once, as in a collective (each rank
+    sends and receives); 0: ``bandwidth``. A shaped or shared link gives less than one way alone (TCP's
+    acknowledgements queue behind the other direction's data)."""
+    cpu_per_byte: float = 0.0
+    """Seconds of the rank's compute lost per byte it sends or receives while computing: a CPU rank's transport
+    (gloo's threads, the kernel's TCP) runs on the cores that compute; 0 where it does not (NCCL on a GPU)."""
 
     def __post_init__(self) -> None:
-        if self.bandwidth <= 0 or self.latency < 0:
-            raise ValueError(f"a link needs bandwidth > 0 B/s and latency >= 0 s, got {self.bandwidth} B/s, "
-                             f"{self.latency} s")
+        if self.bandwidth <= 0 or min(self.latency, self.duplex, self.cpu_per_byte) < 0:
+            raise ValueError(f"a link needs bandwidth > 0 B/s and latency, duplex, cpu_per_byte >= 0, got "
+                             f"{self.bandwidth} B/s, {self.latency} s, {self.duplex} B/s, {self.cpu_per_byte} s/B")
 
     def time(self, nbytes: float) -> float:
+        """One message one way, the other direction idle (a pipeline hop)."""
         return self.latency + nbytes / self.bandwidth
+
+    def both(self, nbytes: float) -> float:
+        """One message each way at once (every step of an all-gather or all-to-all)."""
+        return self.latency + nbytes / (self.duplex or self.bandwidth)
 
 
 @dataclass(frozen=True)
@@ -224,6 +238,7 @@ def _pipefusion(world: int, work: Workload, costs: Costs, patches: int, text_str
     link_free = [0.0] * world  # hop s carries s -> s + 1 (the last one: the ring back to stage 0)
     busy = [0.0] * world
     sent = [0.0] * world
+    received = [0.0] * world  # bytes arrived since the stage's last item (charged to its next one)
     ring_at: dict = {}  # (band or None) -> when the band's latent is back at stage 0
     last_full = 0.0
     for t, (nt, ni), band in items:
@@ -232,16 +247,19 @@ def _pipefusion(world: int, work: Workload, costs: Costs, patches: int, text_str
             c = _lanes_time(costs, work, kinds, nt + ni, lanes)
             if s in (0, world - 1):  # embedding on the first stage; final layer and sampler on the last
                 c += costs.per_eval * ni / work.n_img / 2
+            nbytes = (work.elem * work.model_batch * work.width * (nt + ni) if s < world - 1
+                      else 4 * work.channels * ni * work.batch) / lanes  # each lane its part, on its link
+            c += (nbytes + received[s]) * costs.link.cpu_per_byte  # the transport's work for what it moves
+            received[s] = 0.0
             begin = max(free[s], ready)
             free[s] = begin + c
             busy[s] += c
-            nbytes = (work.elem * work.model_batch * work.width * (nt + ni) if s < world - 1
-                      else 4 * work.channels * ni * work.batch) / lanes  # each lane its part, on its link
             go = max(free[s], link_free[s])
             dt = costs.link.time(nbytes)
             link_free[s] = go + nbytes / costs.link.bandwidth
             sent[s] += dt
             ready = go + dt
+            received[(s + 1) % world] += nbytes
         if band is None:
             last_full = ready
         else:
@@ -263,12 +281,14 @@ def _distrifusion(world: int, work: Workload, costs: Costs, lanes: int = 1) -> P
     joint, _ = _kv_tokens(work, world)
     layers = [work.kv_layers.get(k, 1) for k in work.kinds]
     per_layer = 2 * work.elem * work.model_batch * work.width * joint / lanes  # a lane gathers its heads' K/V
-    gather = sum(layers) * (world - 1) * costs.link.time(per_layer)  # a ring all-gather per attention layer
+    gather = sum(layers) * (world - 1) * costs.link.both(per_layer)  # a ring all-gather per attention layer
     sync = min(work.warmup_evals, work.evals)
     rest = work.evals - sync
     # warm-up: every layer waits for its gather; later: evaluation t's gathers overlap evaluation t + 1's
-    # compute and are waited for there; the last evaluation exchanges nothing
-    wall = sync * (compute + gather) + (max(0, rest - 1) * max(compute, gather) + compute if rest else 0.0)
+    # compute, which loses the transport's own work on a CPU (sent and received bytes), and are waited for
+    # there; the last evaluation exchanges nothing
+    moved = sum(layers) * 2 * (world - 1) * per_layer * costs.link.cpu_per_byte
+    wall = sync * (compute + gather) + (max(0, rest - 1) * max(compute + moved, gather) + compute if rest else 0.0)
     wall += costs.link.time(4 * work.channels * work.n_img * work.batch / world)
     exchanging = work.evals if not rest else work.evals - 1
     return Prediction("distrifusion", world, world, wall, compute * work.evals, gather * exchanging)
@@ -287,7 +307,7 @@ def _naive(world: int, work: Workload, costs: Costs) -> Prediction:
 
 def _all_to_all(costs: Costs, world: int, nbytes_per_rank: float) -> float:
     """An all-to-all where each rank holds ``nbytes_per_rank``: N - 1 messages of 1/N of it each way."""
-    return (world - 1) * costs.link.time(nbytes_per_rank / world)
+    return (world - 1) * costs.link.both(nbytes_per_rank / world)
 
 
 def _lanes_time(costs: Costs, work: Workload, kinds, nq: int, lanes: int) -> float:
@@ -327,5 +347,5 @@ def _cfg(strategy: str, world: int, work: Workload, costs: Costs, patches: int, 
     inner = strategy.partition("+")[2] or "serial"
     half = replace(work, cfg=False)  # each half: one branch, half the model batch
     p = simulate(inner, world // 2, half, costs, patches, text_stream, stage_split, ulysses)
-    swap = work.evals * costs.link.time(4 * work.channels * work.n_img * work.batch / max(1, world // 2))
+    swap = work.evals * costs.link.both(4 * work.channels * work.n_img * work.batch / max(1, world // 2))
     return Prediction(strategy, world, p.patches, p.wall_s + swap, p.compute_s, p.comm_s + swap)
