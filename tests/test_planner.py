@@ -144,8 +144,8 @@ def test_planner_collectives_run_at_the_links_duplex_rate():
     from dataclasses import replace
 
     work = replace(_work(rows=32, width=512), cfg=True, heads=8)
-    one_way, both = _flat(1e-4, bandwidth=125e6), _flat(1e-4, bandwidth=125e6)
-    both = replace(both, link=Link(125e6, duplex=125e6 / 2))
+    one_way = _flat(1e-4, bandwidth=125e6)
+    both = replace(one_way, link=Link(125e6, duplex=125e6 / 2))
     for strategy in ("ulysses", "cfg"):
         a, b = simulate(strategy, 2, work, one_way), simulate(strategy, 2, work, both)
         assert b.comm_s == pytest.approx(2 * a.comm_s, rel=1e-6) and b.wall_s > a.wall_s, strategy

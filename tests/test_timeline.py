@@ -98,7 +98,8 @@ def test_timeline_of_a_bench_run(tmp_path):
     png, out = tmp_path / "timeline.png", tmp_path / "bench.json"
     steps, m, warm = 4, 3, 1
     proc = subprocess.run([sys.executable, "-m", "comfy_pipefusion.bench", "--preset", "tiny", "--steps", str(steps),
-                           "--strategies", "pipefusion,distrifusion,ulysses", "--patches", str(m), "--warmup-steps", str(warm),
+                           "--strategies", "pipefusion,distrifusion,ulysses", "--patches", str(m),
+                           "--warmup-steps", str(warm),
                            "--repeats", "1", "--json", str(out), "--timeline", str(png)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

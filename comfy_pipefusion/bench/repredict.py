@@ -71,8 +71,8 @@ def costs_of(row: dict, probed: dict | None, rate: float | None = None):
                          "run with --probe to measure them again here")
     blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
     link = row.get("probed_link") or {"bandwidth": 1e12, "latency": 0.0}
-    bandwidth = min(link["bandwidth"], rate) if rate else link["bandwidth"]
-    duplex = min(link.get("duplex", 0.0), rate) if rate and link.get("duplex") else link.get("duplex", 0.0)
+    cap = (lambda v: min(v, rate)) if rate else (lambda v: v)
+    bandwidth, duplex = cap(link["bandwidth"]), cap(link.get("duplex", 0.0))  # duplex 0: the bandwidth
     return (blocks, raw["outside"], Link(bandwidth, link["latency"], duplex, link.get("cpu_per_byte", 0.0)),
             own is not None)
 

@@ -175,8 +175,8 @@ def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5, lon
     for both): a shaped link lets a burst through at the wire's speed (tbf: a few ms' worth), which a 1 MiB
     message mostly is at 1 Gbit/s, and the bandwidth would read nearly twice the rate. Then an all-gather of
     that size (at most ``most`` gathered) over the group, every link loaded both ways at once (``duplex``: what
-    the collectives see), with the CPU time the transport took per byte on a CPU device (``cpu_per_byte``). Every rank calls it (rank 0 talks to each other rank in turn). One rank: a free
-    link."""
+    the collectives see), with the CPU time the transport took per byte on a CPU device (``cpu_per_byte``).
+    Every rank calls it (rank 0 talks to each other rank in turn). One rank: a free link."""
     if comm.world_size == 1:
         return Link(bandwidth=1e12, latency=0.0)
     worst = (0.0, 0.0)
