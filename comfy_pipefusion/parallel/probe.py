@@ -2,9 +2,10 @@
 
 Blocks: one block of each kind of the model's own structure, filled with synthetic weights (timing does
 not depend on the values), runs through the family's patch-wise code (the engine's ``run_blocks``) over a
-whole image of three sizes (the job's, half and a quarter of it); ``t(n) = per_call + per_token (n + n^2 / 6d)`` is fitted to the fastest of a
-few runs per size (``fit``). The result is cached as JSON per model structure, device, dtype, thread count and torch
-version, so a group pays for the probe once.
+whole image of three sizes (the job's, half and a quarter of it), swept once untimed to warm up, then a
+few times timed; ``t(n) = per_call + per_token (n + n^2 / 6d)`` is fitted to each size's median over the
+timed sweeps (``fit``). The result is cached as JSON per model structure, device, dtype, thread count and torch version, so a group pays
+for the probe once.
 
 Links: a ping-pong with rank 0 (small messages: latency; large ones: bandwidth), then both ways at once
 (the collectives' rate), on the data plane.
@@ -40,7 +41,15 @@ def grids_for(rows: int, cols: int) -> tuple[tuple[int, int], ...]:
         if g not in out:
             out.append(g)
     return tuple(out)
-REPEATS = 3
+REPEATS = 2
+"""Runs per size in a timed sweep; the fastest counts."""
+SWEEPS = 3
+"""Timed sweeps over the sizes; each size's time is the median of theirs. A machine's speed wanders over
+seconds (a shared CPU's neighbours, clocks): sweeps spread each size's runs over the probe's whole time, so
+that one slow or fast moment does not set a size's time, nor all of one."""
+SWEEPS_UNTIMED = 1
+"""Sweeps run first, untimed: a young process runs its first calls at each size slower (its allocator's heap
+grows, its pages fault in; on a GPU, kernels load and autotune)."""
 
 
 def cache_key(config: dict, device: torch.device, dtype: torch.dtype, threads: int) -> str:
@@ -63,9 +72,10 @@ def fit(samples: list[tuple[int, float]], width: int) -> BlockCost:
     return BlockCost(per_token=slope, per_pair=slope / (6 * width), per_call=c)
 
 
-def _timed(fn, device: torch.device) -> float:
+def _timed(fn, device: torch.device, timed: bool = True) -> float:
+    """The fastest of REPEATS runs of ``fn`` (one, untimed, when not ``timed``: a warm-up)."""
     best = float("inf")
-    for _ in range(REPEATS):
+    for _ in range(REPEATS if timed else 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -87,23 +97,27 @@ def probe_blocks(fam, config: dict, device: torch.device, dtype: torch.dtype, n_
     names = [n for n in (*fam.SHARED_MODULES, *fam.FIRST_MODULES, *fam.LAST_MODULES) if family.holds(model, n)]
     fam.materialize(model, names + [b.prefix for b in one.values()], device, dtype, 0)
     model.eval().requires_grad_(False)
-    samples: dict[str, list] = {k: [] for k in one}
-    outside = []
+    times: dict[tuple, list[float]] = {}  # (kind or "outside", size) -> each timed sweep's fastest run
     with torch.inference_mode():
-        for rows, cols in grids:
-            spec = SampleSpec(height=rows * 16, width=cols * 16, steps=1, dtype=str(dtype).removeprefix("torch."))
-            problem = synthetic_problem(fam, config, spec, n_txt)
-            rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
-            span = full_span(problem.n_span_txt, problem.n_img)
-            img = rt.embed_image(rt.x, span, 0)
-            n = problem.n_span_txt + problem.n_img
-            for kind, b in one.items():
-                kvs = rt.kv_buffers([b])
-                samples[kind].append((n, _timed(lambda: rt.run_blocks([b], kvs, span, rt.span_txt(span), img, 0),
-                                                device)))
-            x = rt.x.clone()
-            outside.append(_timed(lambda: (rt.embed_image(x, span, 0), rt.update(0, 0, problem.n_img, img)), device)
-                           / problem.n_img)
+        for sweep in range(SWEEPS_UNTIMED + SWEEPS):
+            timed = sweep >= SWEEPS_UNTIMED
+            for rows, cols in grids:
+                spec = SampleSpec(height=rows * 16, width=cols * 16, steps=1, dtype=str(dtype).removeprefix("torch."))
+                problem = synthetic_problem(fam, config, spec, n_txt)
+                rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
+                span = full_span(problem.n_span_txt, problem.n_img)
+                img = rt.embed_image(rt.x, span, 0)
+                n = problem.n_span_txt + problem.n_img
+                for kind, b in one.items():
+                    kvs = rt.kv_buffers([b])
+                    t = _timed(lambda: rt.run_blocks([b], kvs, span, rt.span_txt(span), img, 0), device, timed)
+                    times.setdefault((kind, n), []).append(t)
+                x = rt.x.clone()
+                t = _timed(lambda: (rt.embed_image(x, span, 0), rt.update(0, 0, problem.n_img, img)), device, timed)
+                times.setdefault(("outside", n), []).append(t / problem.n_img)
+    typical = {key: statistics.median(ts[SWEEPS_UNTIMED:]) for key, ts in times.items()}
+    samples = {kind: [(n, t) for (k, n), t in typical.items() if k == kind] for kind in one}
+    outside = [t for (k, _), t in typical.items() if k == "outside"]
     width = model.config.num_attention_heads * model.config.attention_head_dim
     return {k: fit(v, width) for k, v in samples.items()}, min(outside)
 
@@ -114,7 +128,8 @@ def cached_blocks(cache_dir: Path | None, fam, config: dict, device: torch.devic
     """``probe_blocks`` and True, or (its costs, False) read from ``cache_dir`` when this model structure and
     device were probed before (at the same sizes: a job of another size probes again, so each fit covers the
     sizes it predicts)."""
-    key = cache_key({"config": config, "grids": grids, "n_txt": n_txt}, device, dtype, threads)
+    how = {"config": config, "grids": grids, "n_txt": n_txt, "sweeps": [SWEEPS_UNTIMED, SWEEPS, REPEATS]}
+    key = cache_key(how, device, dtype, threads)
     path = Path(cache_dir) / f"probe-{key}.json" if cache_dir else None
     if path is not None and path.is_file():
         try:
