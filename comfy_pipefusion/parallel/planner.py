@@ -4,10 +4,11 @@ The plans of a group of N ranks: PipeFusion with M = N, 2N, 4N patches (as many 
 rows), DistriFusion, the exact methods and hybrids that fit the group (``exact_candidates``), each with the
 user's warm-up steps (never fewer: warm-up is a quality setting). Each is predicted by the simulator
 (simulate.py) from the probed costs (probe.py) and checked with the memory admission estimate (memory.py)
-by the caller's ``fits``; the fastest that fits wins, ties going to the earlier candidate (PipeFusion
-first: it sends the least), except that an exact plan (one that gives serial's picture: no stale
-activations, ``exact``) predicted within EXACT_MARGIN of a faster stale one is taken instead: a user
-expects the stock picture when it costs next to nothing, and the predictions are not that precise.
+by the caller's ``fits``. The fastest that fits wins, except among plans predicted within MARGIN of it
+(closer than the simulator can tell apart): there an exact plan (one that gives serial's picture: no stale
+activations, ``exact``) wins, a user expecting the stock picture when it costs next to nothing; with none
+exact, the plan that sends the least (its busiest link's time), the earlier candidate on a tie (PipeFusion
+first): its time depends least on the link's and the transport's moods, which the simulator reads least well.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 from ..config import STRATEGIES, ParallelConfig
 from .simulate import Costs, Prediction, Workload, simulate
 
-EXACT_MARGIN = 0.03
-"""How much slower (predicted) an exact plan may be than the fastest stale one and still be chosen."""
+MARGIN = 0.03
+"""How much slower (predicted) than the fastest a plan may be and still be chosen: an exact one, or one that
+sends less. The simulator's predictions of the methods on one machine are about this close to each other's
+errors (README: the bench's predicted and measured times)."""
 
 
 @dataclass(frozen=True)
@@ -26,18 +29,19 @@ class Choice:
 
     cfg: ParallelConfig
     prediction: Prediction
-    table: tuple[tuple[str, float, bool], ...]
-    """(plan label, predicted seconds, fits in memory) per candidate, in candidate order."""
+    table: tuple[tuple[str, float, bool, float], ...]
+    """(plan label, predicted seconds, fits in memory, its busiest link's seconds) per candidate, in candidate
+    order."""
 
     def describe(self) -> str:
         return f"{label(self.cfg)} (predicted {self.prediction.wall_s:.2f} s; " + ", ".join(
-            f"{name} {s:.2f} s{'' if ok else ' (does not fit)'}" for name, s, ok in self.table) + ")"
+            f"{name} {s:.2f} s{'' if ok else ' (does not fit)'}" for name, s, ok, _ in self.table) + ")"
 
     def as_dict(self) -> dict:
         return {"plan": label(self.cfg), "strategy": self.cfg.strategy, "patches": self.cfg.num_patches,
                 "ulysses": self.cfg.ulysses,
                 "warmup_steps": self.cfg.warmup_steps, "predicted_s": self.prediction.wall_s,
-                "candidates": [{"plan": n, "predicted_s": s, "fits": ok} for n, s, ok in self.table]}
+                "candidates": [{"plan": n, "predicted_s": s, "fits": ok, "comm_s": c} for n, s, ok, c in self.table]}
 
 
 def label(cfg: ParallelConfig) -> str:
@@ -101,32 +105,32 @@ def exact(cfg: ParallelConfig, work: Workload) -> bool:
 
 
 def choose(plans: list[ParallelConfig], work: Workload, costs: Costs, fits=lambda cfg: True) -> Choice:
-    """The fastest plan that ``fits``, or the fastest exact one within EXACT_MARGIN of it; with none
-    fitting, the last refusal's error is raised again (``fits`` may raise memory.AdmissionError instead of
-    returning False: the one of the plan that needs the least memory is the most useful, and PipeFusion's
-    come first)."""
+    """The plan ``auto`` runs: of those that ``fits``, the ones predicted within MARGIN of the fastest, the
+    fastest exact one among them, or with none exact the one that sends the least. With none fitting, the
+    first refusal's error is raised again (``fits`` may raise memory.AdmissionError instead of returning
+    False: the one of the plan that needs the least memory is the most useful, and PipeFusion's come first)."""
     if not plans:
         raise ValueError("no plan to choose from: the image has fewer token rows than the group has ranks")
-    table, best, best_exact, refusal = [], None, None, None
+    table, ok_plans, refusal = [], [], None
     for cfg in plans:
         p = predict(cfg, work, costs)
         try:
             ok = bool(fits(cfg))
         except ValueError as exc:  # memory.AdmissionError is a ValueError
             ok, refusal = False, refusal or exc
-        table.append((label(cfg), p.wall_s, ok))
-        if ok and (best is None or p.wall_s < best[1].wall_s):
-            best = (cfg, p)
-        if ok and exact(cfg, work) and (best_exact is None or p.wall_s < best_exact[1].wall_s):
-            best_exact = (cfg, p)
-    if best_exact is not None and best_exact[1].wall_s <= best[1].wall_s * (1 + EXACT_MARGIN):
-        best = best_exact
-    if best is None:
+        table.append((label(cfg), p.wall_s, ok, p.comm_s))
+        if ok:
+            ok_plans.append((cfg, p))
+    if not ok_plans:
         if refusal is not None:
             raise refusal
-        raise ValueError("none of the plans fits in memory: " + ", ".join(n for n, _, _ in table))
+        raise ValueError("none of the plans fits in memory: " + ", ".join(row[0] for row in table))
+    fastest = min(p.wall_s for _, p in ok_plans)
+    near = [(cfg, p) for cfg, p in ok_plans if p.wall_s <= fastest * (1 + MARGIN)]
+    exact_near = [(cfg, p) for cfg, p in near if exact(cfg, work)]
+    best = (min(exact_near, key=lambda c: c[1].wall_s) if exact_near
+            else min(near, key=lambda c: c[1].comm_s))  # min keeps the earliest of equals
     return Choice(best[0], best[1], tuple(table))
-
 
 
 def workload_of(fam, meta, problem, warmup_steps: int, elem: int) -> Workload:
