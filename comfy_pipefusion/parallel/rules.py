@@ -172,11 +172,15 @@ class Monitor:
         moved, last = time.monotonic(), float(self.state[:, 1].sum())
         try:
             while not op.done.wait(POLL_S):
-                total = float(self.state[:, 1].sum())
+                # One copy of the shared state per look: read live, a peer's wait could end between the
+                # test that every rank is blocked and the read of the latest start, which would then be
+                # this rank's own (old) one: a hang called on a peer that just got going again.
+                state = self.state.clone()
+                total = float(state[:, 1].sum())
                 if total != last:
                     moved, last = time.monotonic(), total
                     continue
-                since = self.state[:, 0]
+                since = state[:, 0]
                 if bool((since > 0).all()) and time.time() - float(since.max()) >= self.hang_s \
                         and time.monotonic() - moved >= self.hang_s:
                     raise CommHang(self.report(op))
