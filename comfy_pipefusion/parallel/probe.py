@@ -4,8 +4,8 @@ Blocks: one block of each kind of the model's own structure, filled with synthet
 not depend on the values), runs through the family's patch-wise code (the engine's ``run_blocks``) over a
 whole image of three sizes (the job's, half and a quarter of it), swept once untimed to warm up, then a
 few times timed; ``t(n) = per_call + per_token (n + n^2 / 6d)`` is fitted to each size's median over the
-timed sweeps (``fit``). The result is cached as JSON per model structure, device, dtype, thread count and torch version, so a group pays
-for the probe once.
+timed sweeps (``fit``). The result is cached as JSON per model structure, device, dtype, thread count and
+torch version, so a group pays for the probe once.
 
 Links: a ping-pong with rank 0 (small messages: latency; large ones: bandwidth), then both ways at once
 (the collectives' rate), on the data plane.
@@ -97,24 +97,25 @@ def probe_blocks(fam, config: dict, device: torch.device, dtype: torch.dtype, n_
     names = [n for n in (*fam.SHARED_MODULES, *fam.FIRST_MODULES, *fam.LAST_MODULES) if family.holds(model, n)]
     fam.materialize(model, names + [b.prefix for b in one.values()], device, dtype, 0)
     model.eval().requires_grad_(False)
-    times: dict[tuple, list[float]] = {}  # (kind or "outside", size) -> each timed sweep's fastest run
+    sizes = []  # per probe size: (tokens, its runtime, span, embedded image), built once for every sweep
+    times: dict[tuple, list[float]] = {}  # (kind or "outside", tokens) -> each sweep's fastest run
     with torch.inference_mode():
+        for rows, cols in grids:
+            spec = SampleSpec(height=rows * 16, width=cols * 16, steps=1, dtype=str(dtype).removeprefix("torch."))
+            problem = synthetic_problem(fam, config, spec, n_txt)
+            rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
+            span = full_span(problem.n_span_txt, problem.n_img)
+            sizes.append((problem.n_span_txt + problem.n_img, rt, span, rt.embed_image(rt.x, span, 0)))
         for sweep in range(SWEEPS_UNTIMED + SWEEPS):
             timed = sweep >= SWEEPS_UNTIMED
-            for rows, cols in grids:
-                spec = SampleSpec(height=rows * 16, width=cols * 16, steps=1, dtype=str(dtype).removeprefix("torch."))
-                problem = synthetic_problem(fam, config, spec, n_txt)
-                rt = JobRuntime(model, problem, dtype, device, first=True, last=True)
-                span = full_span(problem.n_span_txt, problem.n_img)
-                img = rt.embed_image(rt.x, span, 0)
-                n = problem.n_span_txt + problem.n_img
+            for n, rt, span, img in sizes:
                 for kind, b in one.items():
                     kvs = rt.kv_buffers([b])
                     t = _timed(lambda: rt.run_blocks([b], kvs, span, rt.span_txt(span), img, 0), device, timed)
                     times.setdefault((kind, n), []).append(t)
-                x = rt.x.clone()
-                t = _timed(lambda: (rt.embed_image(x, span, 0), rt.update(0, 0, problem.n_img, img)), device, timed)
-                times.setdefault(("outside", n), []).append(t / problem.n_img)
+                x, n_img = rt.x.clone(), rt.problem.n_img
+                t = _timed(lambda: (rt.embed_image(x, span, 0), rt.update(0, 0, n_img, img)), device, timed)
+                times.setdefault(("outside", n), []).append(t / n_img)
     typical = {key: statistics.median(ts[SWEEPS_UNTIMED:]) for key, ts in times.items()}
     samples = {kind: [(n, t) for (k, n), t in typical.items() if k == kind] for kind in one}
     outside = [t for (k, _), t in typical.items() if k == "outside"]
