@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +16,19 @@ KEYS = {"strategy": str, "world_size": int, "patches": int, "warmup_steps": int,
 
 @pytest.mark.slow
 def test_bench_writes_the_documented_json(tmp_path: Path):
+    """Two rounds of one run each (--rounds 2 --repeats 1): every job's turn taken twice, in order, each round
+    predicted from probes of its own."""
+    from comfy_pipefusion.bench import repredict
+
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "comfy_pipefusion.bench", "--preset", "tiny", "--steps", "3",
-                           "--warmup-steps", "3", "--repeats", "1", "--json", str(out)],
+                           "--warmup-steps", "3", "--repeats", "1", "--rounds", "2", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pipefusion" in proc.stdout and "speedup" in proc.stdout
     report = json.loads(out.read_text())
     assert report["model"]["name"] == "flux-tiny" and report["model"]["params"] > 500_000
-    assert (report["steps"], report["height"], report["width"]) == (3, 128, 128)
+    assert (report["steps"], report["height"], report["width"], report["rounds"]) == (3, 128, 128, 2)
     rows = {r["strategy"]: r for r in report["results"]}
     assert set(rows) == {"serial", "pipefusion", "distrifusion", "naive_patch"}
     for r in rows.values():
@@ -39,19 +44,33 @@ def test_bench_writes_the_documented_json(tmp_path: Path):
     # time blocked on other ranks: none for serial; in synchronous pipefusion each stage waits for the other
     assert rows["serial"]["wait_s_per_rank"] == [0.0]
     assert len(rows["pipefusion"]["wait_s_per_rank"]) == 2 and min(rows["pipefusion"]["wait_s_per_rank"]) > 0
-    # timing honesty: serial and the group took turns (serial, a strategy's runs, serial, ...), and no two
-    # timed runs overlapped
-    assert [t["process"] for t in report["turns"]] == ["serial", "group"] * 3 + ["serial"]
+    # timing honesty: serial and the group took turns (serial, a strategy's runs, serial, ..., twice over), and
+    # no two timed runs overlapped
+    names = ("pipefusion", "distrifusion", "naive_patch")
+    assert [t["process"] for t in report["turns"]] == ["serial", "group"] * 6 + ["serial"]
     runs = sorted([tuple(s) + ("serial",) for s in rows["serial"]["run_spans"]] +
-                  [tuple(s) + (name,) for name in ("pipefusion", "distrifusion", "naive_patch")
-                   for s in rows[name]["run_spans"]])
-    assert [r[2] for r in runs] == ["serial", "pipefusion", "serial", "distrifusion", "serial", "naive_patch",
-                                    "serial"]
+                  [tuple(s) + (name,) for name in names for s in rows[name]["run_spans"]])
+    assert [r[2] for r in runs] == ["serial", "pipefusion", "serial", "distrifusion", "serial", "naive_patch"] * 2 \
+        + ["serial"]
     assert all(a[1] <= b[0] for a, b in zip(runs, runs[1:])), runs
     serial_runs = rows["serial"]["wall_s_runs"]
-    for k, name in enumerate(("pipefusion", "distrifusion", "naive_patch")):  # against the serial runs around it
-        assert rows[name]["serial_wall_s_beside"] == serial_runs[k:k + 2]
-        assert rows[name]["speedup_vs_serial"] == sum(serial_runs[k:k + 2]) / 2 / rows[name]["wall_s"]
+    assert len(serial_runs) == 7 and rows["serial"]["wall_s"] == statistics.median(serial_runs)
+    for k, name in enumerate(names):  # against the serial runs around its turns, its runs' median
+        beside = serial_runs[k:k + 2] + serial_runs[k + 3:k + 5]
+        assert rows[name]["serial_wall_s_beside"] == beside
+        assert len(rows[name]["wall_s_runs"]) == 2 and rows[name]["wall_s"] == statistics.median(rows[name]["wall_s_runs"])
+        assert rows[name]["speedup_vs_serial"] == statistics.median(beside) / rows[name]["wall_s"]
+        # each round predicted from its own probes (the second round's blocks probed by the group itself),
+        # the row's prediction their median, which repredict makes again from the rounds' probes
+        rounds = rows[name]["rounds"]
+        assert [r["measured_s"] for r in rounds] == rows[name]["wall_s_runs"]
+        assert rows[name]["predicted_s"] == statistics.median(r["predicted_s"] for r in rounds)
+        assert any(s["probe"] == "blocks" for s in rounds[1]["probes"]["spans"])
+        assert rounds[0]["probes"]["spans"][0]["start"] < rounds[1]["probes"]["spans"][0]["start"]
+    again = {r["name"]: r for r in repredict.repredict(report)}
+    for name in ("serial", *names):  # serial's from its first turn's probe
+        assert again[name]["own_probes"] and again[name]["predicted_s"] == pytest.approx(rows[name]["predicted_s"])
+
 
 @pytest.mark.slow
 def test_bench_runs_a_checkpoint_with_a_two_evaluation_sampler(tmp_path: Path):

@@ -8,9 +8,11 @@ Serial runs in a process of its own with 1 thread, the parallel strategies in on
 --world-size ranks, one after another. Both start together, so their imports overlap, but the timed runs
 are taken in turns (turns.py): a serial run, one strategy's --repeats runs, a serial run, the next
 strategy's runs, ..., a serial run, each turn with the machine to itself (the other process sleeps; no rank
-waits in a collective). wall_s is the median of a job's runs (wall_s_min is also written); a strategy's
-speedup is against the two serial runs around it, so a machine whose speed drifts over minutes compares
-like with like. Errors are measured against serial on the returned LATENT; bytes sent are counted per rank
+waits in a collective); --rounds R takes that sequence R times over (the group probing afresh each round), so on a
+machine whose speed drifts over minutes every strategy has runs from every stretch of it. wall_s is the
+median of a job's runs over all rounds (wall_s_min is also written), predicted_s the median of its rounds'
+predictions; a strategy's speedup is against the serial runs around its turns, so a drifting machine
+compares like with like. Errors are measured against serial on the returned LATENT; bytes sent are counted per rank
 and compared with the analytic formulas of parallel/costs.py; wait_s_per_rank is each rank's time waiting
 for the others' data, transfer_s_per_rank its time sending its own. --timeline PNG draws each job's last
 run from the ranks' own timings (timeline.py).
@@ -77,7 +79,10 @@ def parse_args(argv):
     ap.add_argument("--text-streams", default="last_patch",
                     help=f"PipeFusion text schemes to run, comma-separated: {', '.join(TEXT_STREAMS)}")
     ap.add_argument("--balance", default="compute", choices=("compute", "memory"))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of a job per turn (default 3)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="take every job's turn this many times over, in order (default 1): on a noisy machine, "
+                         "e.g. --rounds 3 --repeats 1 compares the strategies better than --repeats 3")
     ap.add_argument("--dtype", default="float32", choices=sorted(ELEM))
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--link", default=None, choices=sorted(LINKS),
@@ -125,6 +130,8 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
                       steps=args.steps or preset["steps"], seed=args.seed, dtype=args.dtype,
                       sampler=(load_samplers(args.test_samplers) or {}).get(args.sampler, args.sampler),
                       scheduler=args.scheduler, cfg=args.cfg)
+    if args.rounds < 1 or args.repeats < 1:
+        raise ValueError(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
         if s not in STRATEGIES:
@@ -211,9 +218,11 @@ def summarise(args, spec, serial, results) -> dict:
     ref, ref_m = serial
     evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
     rows = []
+    jobs = len(results) - 1
     for k, (name, (x, m), job) in enumerate(results):
-        # the serial runs taken just before and after this job's runs (all of them for the serial row)
-        beside = ref_m["wall_s_runs"][k - 1:k + 1] if k else ref_m["wall_s_runs"]
+        # the serial runs taken just before and after this job's turns (all of them for the serial row)
+        beside = sorted({r * jobs + k + d for r in range(args.rounds) for d in (-1, 0)}) if k else []
+        beside = [ref_m["wall_s_runs"][i] for i in beside] if k else ref_m["wall_s_runs"]
         cfg = job.parallel
         if cfg.strategy == "auto":  # what the group chose
             cfg = ParallelConfig(m["plan"]["strategy"], cfg.world_size, warmup_steps=m["plan"]["warmup_steps"],
@@ -248,33 +257,39 @@ def summarise(args, spec, serial, results) -> dict:
                      "predicted_s": m["plan"]["predicted_s"], "auto": m["plan"]["auto"],
                      "probed_link": m["plan"]["link"],
                      "probes": m["plan"].get("probes"),  # the prediction's inputs (bench/repredict.py)
+                     "rounds": m["plan"].get("rounds"),  # --rounds > 1: each round's plan, times and probes
                      "expected_bytes_per_step_per_rank": None if job.peer else [  # a peer's traffic is its own
                          expected_bytes(cfg.strategy, rank=r, **dims) / spec.steps for r in range(n)]})
     name = source.get("preset") or source["checkpoint"]
     return {"model": {"name": f"{fam.NAME}-{name}" if "preset" in source else name, "family": fam.NAME,
                       "params": ref_m["params"]}, "steps": spec.steps, "evaluations": evals,
             "sampler": args.sampler, "scheduler": spec.scheduler, "cfg": spec.cfg, "dtype": spec.dtype,
-            "height": spec.height, "width": spec.width, "seed": spec.seed, "timing": "median of repeats",
+            "height": spec.height, "width": spec.width, "seed": spec.seed,
+            "timing": "median of repeats" + (f" over {args.rounds} rounds" if args.rounds > 1 else ""),
             "timing_note": "serial and the parallel strategies timed in turns (serial, one strategy's "
-                           "runs, serial, the next's, ..., serial); a strategy's speedup is against the "
-                           "two serial runs around it (median/median; speedup_vs_serial_min: min/min)",
-            "repeats": args.repeats, "results": rows}
+                           "runs, serial, the next's, ..., serial; --rounds times over); a strategy's speedup "
+                           "is against the serial runs around its turns (median/median; speedup_vs_serial_min: "
+                           "min/min)",
+            "repeats": args.repeats, "rounds": args.rounds, "results": rows}
 
 
 def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[Job], link=None,
                      nodes: Nodes | None = None):
     """Serial in a process of its own (1 thread) and the parallel jobs in one group, started together so
     their start-ups overlap, then timed in turns (turns.py): a serial run, a parallel job's --repeats runs,
-    a serial run, the next job's runs, ..., a serial run. Nothing is ever timed beside another process's
-    work, and each parallel job is compared with the two serial runs around it, taken in the state the
-    machine was in then. With ``nodes`` the group spans machines (this one is node rank 0): serial and the
-    turns stay on this machine. Returns (serial result with every serial run, {name: result}, turn spans)."""
+    a serial run, the next job's runs, ..., a serial run, all that --rounds times over (a serial run between
+    rounds, not two). Nothing is ever timed beside another process's work, and each parallel job is compared
+    with the serial runs around its turns, taken in the state the machine was in then. With ``nodes`` the group
+    spans machines (this one is node rank 0): serial and the turns stay on this machine. Returns (serial result
+    with every serial run, {name: result}, turn spans)."""
     test_args = ["--test-samplers", args.test_samplers] if args.test_samplers else []
     if not par_jobs:
         return run_jobs(None, args.seed, [j.to_wire() for j in serial_jobs], world_size=1, threads=1, model=source,
-                        worker_args=test_args)["serial"], {}, []
-    serial_jobs = [replace(serial_jobs[0], name=f"serial-{i}", repeats=1) for i in range(len(par_jobs) + 1)]
-    order = ["serial", "group"] * len(par_jobs) + ["serial"]
+                        worker_args=test_args, rounds=args.rounds)["serial"], {}, []
+    turns = len(par_jobs) * args.rounds
+    # one serial job per turn, probed once (its first: the group's first round reads that probe)
+    serial_jobs = [replace(serial_jobs[0], name=f"serial-{i}", repeats=1) for i in range(turns + 1)]
+    order = ["serial", "group"] * turns + ["serial"]
     with owned_tempdir("pipefusion-bench-") as tmp:
         results: dict = {}
 
@@ -284,6 +299,7 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
                     wires = [j.to_wire() for j in jobs]
                     results[tag] = run_jobs(None, args.seed, wires, world_size=world_size, threads=threads,
                                             link=link if tag == "group" else None, model=source,
+                                            rounds=args.rounds if tag == "group" else 1,
                                             nodes=nodes if tag == "group" else None,
                                             worker_args=["--turns", tmp, "--turn-tag", tag, "--probe-dir",
                                                          str(Path(tmp) / "probes"), *test_args])

@@ -36,7 +36,7 @@ def run_other_node(args, source: dict, par_jobs: list[Job], nodes: Nodes) -> int
     test_args = ["--test-samplers", args.test_samplers] if args.test_samplers else []
     with owned_tempdir("pipefusion-bench-") as tmp:
         out = run_jobs(None, args.seed, [j.to_wire() for j in par_jobs], world_size=args.world_size,
-                       threads=args.threads_per_rank, model=source, nodes=nodes,
+                       threads=args.threads_per_rank, model=source, nodes=nodes, rounds=args.rounds,
                        worker_args=["--probe-dir", str(Path(tmp) / "probes"), *test_args])
     here = next(iter(out.values()))[1].get("group_ranks_here")
     print(f"node rank {nodes.node_rank} of {nodes.nnodes} (group ranks {here}): ran {', '.join(out)}; "

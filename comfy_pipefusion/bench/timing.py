@@ -1,5 +1,8 @@
 """The job-file mode's timed runs (``worker --jobs``): each job prepared by the engine, run ``repeats`` times,
-its samples and metrics written by rank 0; with turns (turns.py) the runs wait for their turn."""
+its samples and metrics written by rank 0; with turns (turns.py) the runs wait for their turn. A file with
+``"rounds": R`` runs its jobs R times over (job A, B, ..., then A, B, ... again), each round with probes of
+its own: on a machine whose speed drifts over minutes, every job then has runs (and predictions) from every
+stretch of it, not one stretch each."""
 from __future__ import annotations
 
 import hashlib
@@ -96,23 +99,51 @@ def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns
     here = [r for r, s in enumerate(seen) if s["node"] == node]
     turns = turns or Turns(None, "", comm.rank)
     models = ModelCache(device)
-    models.probe_dir = probe_dir  # the planner's block probes (autoplan.py)
-    for wire in spec["jobs"]:
-        job = Job.from_wire({"model": spec["model"], **wire}, comm.world_size, samplers)
-        log.info("job %s: %s", job.name, job.parallel)
-        # the turn starts before prepare: its load and the planner's probes (a few seconds of timed compute
-        # whose numbers every prediction scales with) get the machine to themselves, like the timed runs.
-        # Probed beside the other process's start-up or probes, the block costs read up to 2x slow.
-        turns.wait()
-        prep = prepare(job, comm, models)
-        samples, metrics = run_timed(prep, comm, device, job.repeats, turns)
-        if across:
-            samples, metrics = from_rank0(comm, samples, metrics)
-        if writes and (across or comm.rank == 0):
-            out.mkdir(parents=True, exist_ok=True)
-            metrics = {**metrics, "group_ranks_here": here}  # this machine's ranks
-            write_atomic(out / f"{job.name}.safetensors", save({"samples": samples.contiguous()}))
-            write_atomic(out / f"{job.name}.json", json.dumps(metrics).encode())
+    rounds = int(spec.get("rounds", 1))
+    if rounds < 1:
+        raise ValueError(f"a jobs file's rounds must be >= 1, got {rounds}")
+    done: dict[str, list[dict]] = {}
+    for r in range(rounds):
+        # every round probes again, in a folder of this round and process (the bench's probe folder is its
+        # own: no probe of an earlier run is used; the first round's is shared by the bench's processes)
+        models.planner = None
+        models.probe_dir = probe_dir / f"{turns.tag or 'jobs'}-round-{r}" if probe_dir is not None and r \
+            else probe_dir
+        for wire in spec["jobs"]:
+            job = Job.from_wire({"model": spec["model"], **wire}, comm.world_size, samplers)
+            log.info("job %s (round %d of %d): %s", job.name, r + 1, rounds, job.parallel)
+            # the turn starts before prepare: its load and the planner's probes (a few seconds of timed compute
+            # whose numbers every prediction scales with) get the machine to themselves, like the timed runs.
+            # Probed beside the other process's start-up or probes, the block costs read up to 2x slow.
+            turns.wait()
+            prep = prepare(job, comm, models)
+            samples, metrics = run_timed(prep, comm, device, job.repeats, turns)
+            done.setdefault(job.name, []).append(metrics)
+            if r < rounds - 1:
+                continue
+            metrics = combine(done[job.name])
+            if across:
+                samples, metrics = from_rank0(comm, samples, metrics)
+            if writes and (across or comm.rank == 0):
+                out.mkdir(parents=True, exist_ok=True)
+                metrics = {**metrics, "group_ranks_here": here}  # this machine's ranks
+                write_atomic(out / f"{job.name}.safetensors", save({"samples": samples.contiguous()}))
+                write_atomic(out / f"{job.name}.json", json.dumps(metrics).encode())
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One job's metrics over its rounds (rank 0's; ``run_timed``'s on the other ranks): every run's wall
+    time and span, the median of the rounds' predictions, and each round's plan, prediction, measurement and
+    probes (``plan["rounds"]``); the rest (bytes, waits, timeline, memory, the plan) as of the last round."""
+    if len(rounds) == 1:
+        return rounds[-1]
+    walls = [w for m in rounds for w in m["wall_s_runs"]]
+    predicted = [m["plan"]["predicted_s"] for m in rounds]
+    each = [{k: m["plan"][k] for k in ("plan", "predicted_s", "measured_s", "link", "probes")} for m in rounds]
+    plan = {**rounds[-1]["plan"], "measured_s": statistics.median(walls), "rounds": each,
+            "predicted_s": None if None in predicted else statistics.median(predicted)}
+    return {**rounds[-1], "wall_s_runs": walls, "run_spans": [s for m in rounds for s in m["run_spans"]],
+            "wall_s_median": statistics.median(walls), "wall_s_min": min(walls), "plan": plan}
 
 
 def from_rank0(comm: Comm, samples: torch.Tensor | None, metrics: dict | None) -> tuple[torch.Tensor, dict]:
