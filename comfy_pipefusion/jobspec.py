@@ -47,8 +47,8 @@ INPUT_KEYS = frozenset(k.value for k in TensorKey) - OUTPUT_KEYS - {TensorKey.RE
 """Tensors a job may bring by exact name; references come as ref<i> / neg_ref<i> / mid_ref<i> (REFERENCE_KEY)."""
 REFERENCE_KEY = re.compile(r"(neg_|mid_)?ref\d{1,2}")
 """The names of reference latents: the REF, NEG_REF and MID_REF prefixes with the reference's index."""
-_WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "tensors_file",
-         "adapters", "predict", "weight_update", "peer", "reference_method")
+_WIRE = ("name", "model", "model_stamp", "parallel", "sample", "text_tokens", "repeats", "warmup_runs",
+         "tensors_file", "adapters", "predict", "weight_update", "peer", "reference_method")
 _PRESET_DEFAULTS = ("height", "width", "steps")  # a preset's sample defaults, where the job gives none
 
 
@@ -70,6 +70,8 @@ class Job:
     """Synthetic conditioning's text length (a job without tensors: the benchmark)."""
     repeats: int = 1
     """Job files: timed runs of the job."""
+    warmup_runs: int = 0
+    """Job files: untimed runs of the job before its timed ones (the first run after a load is slower)."""
     tensors_file: str | None = None
     """Job files: a safetensors file with the job's tensors (TensorKey names), e.g. the demo's prompts."""
     adapters: tuple[LoraSpec, ...] = ()
@@ -90,8 +92,9 @@ class Job:
         self.parallel.check_job(self.sample.cfg, self.sample.branches)  # a CFG plan needs exactly two branches
         if self.text_tokens < 1:
             raise ValueError(f"job {self.name!r}: text_tokens must be at least 1, got {self.text_tokens}")
-        if self.repeats < 1:
-            raise ValueError(f"job {self.name!r}: repeats must be at least 1, got {self.repeats}")
+        if self.repeats < 1 or self.warmup_runs < 0:
+            raise ValueError(f"job {self.name!r}: repeats must be at least 1 and warmup_runs at least 0, got "
+                             f"{self.repeats} and {self.warmup_runs}")
         if self.reference_method is not None and self.reference_method not in METHODS:
             raise ValueError(f"job {self.name!r}: reference_method {self.reference_method!r} is unknown; choose "
                              f"one of {', '.join(METHODS)}")
@@ -107,7 +110,8 @@ class Job:
         model = {k: v for k, v in dataclasses.asdict(self.model).items() if v is not None}
         return {"name": self.name, "model": model, "model_stamp": self.model_stamp, "parallel": par,
                 "sample": sample, "text_tokens": self.text_tokens, "repeats": self.repeats,
-                "tensors_file": self.tensors_file, "adapters": [dataclasses.asdict(a) for a in self.adapters],
+                "warmup_runs": self.warmup_runs, "tensors_file": self.tensors_file,
+                "adapters": [dataclasses.asdict(a) for a in self.adapters],
                 "predict": self.predict, "weight_update": self.weight_update, "peer": self.peer,
                 "reference_method": self.reference_method}
 
@@ -140,13 +144,14 @@ class Job:
         if source.preset:
             preset = family.find_preset(source.preset)[1]
             sample = {**{k: preset[k] for k in _PRESET_DEFAULTS}, **sample}
-        extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "tensors_file", "predict",
-                                      "weight_update", "peer", "reference_method") if wire.get(k) is not None}
+        extra = {k: wire[k] for k in ("model_stamp", "text_tokens", "repeats", "warmup_runs", "tensors_file",
+                                      "predict", "weight_update", "peer", "reference_method")
+                 if wire.get(k) is not None}
         if not isinstance(extra.get("predict", False), bool):
             raise ValueError(f"job {name!r}: predict must be true or false, got {extra['predict']!r}")
         if not isinstance(extra.get("weight_update", ""), str):
             raise ValueError(f"job {name!r}: weight_update must be a file path, got {extra['weight_update']!r}")
-        for k in ("text_tokens", "repeats"):
+        for k in ("text_tokens", "repeats", "warmup_runs"):
             if k in extra and not isinstance(extra[k], int):
                 raise ValueError(f"job {name!r}: {k} must be an integer, got {extra[k]!r}")
         adapters = wire.get("adapters") or []

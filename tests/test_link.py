@@ -190,3 +190,35 @@ def test_link_bench_probes_in_their_turns_and_repredicts(tmp_path):
     with pytest.raises(ValueError, match="run with --probe"):
         repredict.repredict(rep)
     assert repredict.repredict(rep, costs["serial"])[0]["predicted_s"] == pytest.approx(again[0]["predicted_s"])
+
+
+def test_link_table_auto_against_the_best_fixed_plan_pools_the_same_plan(tmp_path):
+    """tools/link_table.py --auto: the best fixed plan by the median of all its runs in the report, auto's own
+    median beside it, and auto's plan timed with the fixed row of the same plan pooled (the same computation);
+    a plan auto changed between rounds is not pooled."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import link_table
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+
+    def row(name, plan, runs, rounds=None):
+        return {"name": name, "plan": plan, "wall_s_runs": runs, "wall_s": sorted(runs)[len(runs) // 2],
+                "rounds": rounds}
+
+    pf2, pf4, df = "pipefusion x2 M2 W1", "pipefusion x2 M4 W1", "distrifusion x2 W1"
+    rep = {"height": 512, "steps": 28, "cfg": 1.0, "link": None, "results": [
+        row("serial", "serial x1 W1", [10.0, 10.0, 10.0]), row("pipefusion-M2", pf2, [6.0, 6.6, 7.0]),
+        row("pipefusion-M4", pf4, [6.2, 6.3, 6.4]), row("distrifusion", df, [7.0, 7.0, 7.0]),
+        row("auto", pf2, [6.1, 6.2, 6.5], [{"plan": pf2}] * 3)]}
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(rep))
+    rep["results"][-1] = row("auto", pf2, [6.1, 6.2, 9.0], [{"plan": pf2}, {"plan": df}, {"plan": pf2}])
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps(rep))
+    pooled, mixed = link_table.auto_rows([one, two])
+    assert pooled["best"] == pf4 and pooled["best_s"] == 6.3 and pooled["auto_s"] == 6.2
+    assert pooled["auto_plan_s"] == pytest.approx((6.2 + 6.5) / 2)  # median of 6.0 6.1 6.2 6.5 6.6 7.0
+    assert pooled["plan_vs_best"] == pytest.approx(6.35 / 6.3 - 1) and pooled["auto_plans"] == [pf2]
+    assert mixed["auto_plans"] == [df, pf2] and mixed["auto_plan_s"] == 6.2 == mixed["auto_s"]
+    assert "| 512^2, 28 steps, cfg 1, shared memory | pipefusion x2 M4 W1 6.30 s |" in link_table.auto_table([pooled])

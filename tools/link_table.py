@@ -4,6 +4,7 @@ simulator against measured wall times over a grid of bench cells.
     python tools/link_table.py OUT.png shm.json 10gbit.json 1gbit.json 100mbit.json
     python tools/link_table.py --grid OUT_DIR [--preset tiny] [--steps 4,8] [--cfg 1,4.5] [--link SPEED] \
         [--strategies serial,pipefusion,distrifusion,ulysses,cfg] [--repeats 1]
+    python tools/link_table.py --auto BENCH.json ...     (e.g. tools/speed_targets.sh OUT's auto-*.json)
 
 Each JSON is a bench run (`./dev.sh bench --strategies serial,pipefusion,... [--link SPEED] --json ...`);
 the measured speedup is the bench's (against the serial runs around the strategy's), the predicted one the
@@ -14,12 +15,18 @@ simulator's serial time over the strategy's (`predicted_s`, same probes). The pl
 cell's JSON in OUT_DIR, and prints every row's measured wall time (median of the repeats), the simulator's
 prediction from the probes of the same run, and the error (predicted / measured - 1). One run of each cell:
 on a shared machine the figures are as noisy as its load.
+
+``--auto`` compares each report's ``auto`` row with the best fixed plan of the same run: the auto row's own
+median, and its plan's (where auto ran one plan in every round and a fixed row ran the same plan, both rows'
+runs together: the same computation timed twice as often, which halves what the machine's noise can make of
+the comparison); each fixed plan's time is likewise every run of that plan in the report.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +123,40 @@ def error_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def auto_rows(paths: list[Path]) -> list[dict]:
+    """Per report: the best fixed plan, auto's plan(s), the auto row's median and its plan's (``--auto``)."""
+    out = []
+    for p in paths:
+        rep = json.loads(Path(p).read_text())
+        res = {r["name"]: r for r in rep["results"]}
+        if "auto" not in res:
+            raise ValueError(f"{p}: no auto row (run the bench with auto in --strategies)")
+        auto = res.pop("auto")
+        runs: dict[str, list[float]] = {}
+        for r in res.values():
+            runs.setdefault(r["plan"], []).extend(r["wall_s_runs"])
+        plans = sorted({rd["plan"] for rd in auto.get("rounds") or [{"plan": auto["plan"]}]})
+        if len(plans) == 1 and plans[0] in runs:
+            runs[plans[0]] = runs[plans[0]] + auto["wall_s_runs"]
+        best = min(runs, key=lambda k: statistics.median(runs[k]))
+        own = statistics.median(runs[plans[0]]) if len(plans) == 1 and plans[0] in runs else auto["wall_s"]
+        best_s = statistics.median(runs[best])
+        cell = f"{rep['height']}^2, {rep['steps']} steps, cfg {rep['cfg']:g}, " + \
+            (rep["link"]["speed"] if rep.get("link") else "shared memory")
+        out.append({"cell": cell, "best": best, "best_s": best_s, "auto_plans": plans, "auto_s": auto["wall_s"],
+                    "auto_plan_s": own, "auto_vs_best": auto["wall_s"] / best_s - 1,
+                    "plan_vs_best": own / best_s - 1})
+    return out
+
+
+def auto_table(rows: list[dict]) -> str:
+    lines = ["| cell | best fixed plan | auto ran | auto row vs best | auto's plan vs best |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {r['best']} {r['best_s']:.2f} s | {', '.join(r['auto_plans'])} "
+                     f"{r['auto_s']:.2f} s | {100 * r['auto_vs_best']:+.1f}% | {100 * r['plan_vs_best']:+.1f}% |")
+    return "\n".join(lines)
+
+
 def run_grid(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="tools/link_table.py --grid")
     ap.add_argument("out", type=Path, help="folder for each cell's bench JSON")
@@ -148,6 +189,9 @@ def run_grid(argv: list[str]) -> int:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--grid"]:
         return run_grid(argv[1:])
+    if argv[:1] == ["--auto"]:
+        print(auto_table(auto_rows([Path(a) for a in argv[1:]])))
+        return 0
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2

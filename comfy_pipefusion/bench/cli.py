@@ -6,16 +6,16 @@
 
 Serial runs in a process of its own with 1 thread, the parallel strategies in one torchrun group of
 --world-size ranks, one after another. Both start together, so their imports overlap, but the timed runs
-are taken in turns (turns.py): a serial run, one strategy's --repeats runs, a serial run, the next
-strategy's runs, ..., a serial run, each turn with the machine to itself (the other process sleeps; no rank
-waits in a collective); --rounds R takes that sequence R times over (the group probing afresh each round), so on a
-machine whose speed drifts over minutes every strategy has runs from every stretch of it. wall_s is the
-median of a job's runs over all rounds (wall_s_min is also written), predicted_s the median of its rounds'
-predictions; a strategy's speedup is against the serial runs around its turns, so a drifting machine
-compares like with like. Errors are measured against serial on the returned LATENT; bytes sent are counted per rank
-and compared with the analytic formulas of parallel/costs.py; wait_s_per_rank is each rank's time waiting
-for the others' data, transfer_s_per_rank its time sending its own. --timeline PNG draws each job's last
-run from the ranks' own timings (timeline.py).
+are taken in turns (turns.py): a serial run, one strategy's --repeats runs (after --warmup-runs untimed
+ones), a serial run, the next strategy's runs, ..., a serial run, each turn with the machine to itself (the
+other process sleeps; no rank waits in a collective); --rounds R takes that sequence R times over (the group
+probing afresh each round), so on a machine whose speed drifts over minutes every strategy has runs from
+every stretch of it. wall_s is the median of a job's runs over all rounds (wall_s_min is also written),
+predicted_s the median of its rounds' predictions; a strategy's speedup is against the serial runs around its
+turns, so a drifting machine compares like with like. Errors are measured against serial on the returned
+LATENT; bytes sent are counted per rank and compared with the analytic formulas of parallel/costs.py;
+wait_s_per_rank is each rank's time waiting for the others' data, transfer_s_per_rank its time sending its
+own. --timeline PNG draws each job's last run from the ranks' own timings (timeline.py).
 """
 from __future__ import annotations
 
@@ -80,6 +80,9 @@ def parse_args(argv):
                     help=f"PipeFusion text schemes to run, comma-separated: {', '.join(TEXT_STREAMS)}")
     ap.add_argument("--balance", default="compute", choices=("compute", "memory"))
     ap.add_argument("--repeats", type=int, default=3, help="runs of a job per turn (default 3)")
+    ap.add_argument("--warmup-runs", type=int, default=1,
+                    help="untimed runs of a job at the start of each turn (default 1: the first run after a load "
+                         "is slower, and a turn often loads other weights than the last)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="take every job's turn this many times over, in order (default 1): on a noisy machine, "
                          "e.g. --rounds 3 --repeats 1 compares the strategies better than --repeats 3")
@@ -130,8 +133,9 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
                       steps=args.steps or preset["steps"], seed=args.seed, dtype=args.dtype,
                       sampler=(load_samplers(args.test_samplers) or {}).get(args.sampler, args.sampler),
                       scheduler=args.scheduler, cfg=args.cfg)
-    if args.rounds < 1 or args.repeats < 1:
-        raise ValueError(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
+    if args.rounds < 1 or args.repeats < 1 or args.warmup_runs < 0:
+        raise ValueError(f"--rounds and --repeats must be >= 1 and --warmup-runs >= 0, got {args.rounds}, "
+                         f"{args.repeats} and {args.warmup_runs}")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
         if s not in STRATEGIES:
@@ -148,7 +152,7 @@ def plan_jobs(args) -> tuple[SampleSpec, list[Job], list[Job]]:
     num_blocks = family.num_blocks(config)  # without building the model
     heads = config.get("num_attention_heads")
     # a test sampler's class travels by its name and is resolved again by the workers (Job.to_wire)
-    extra = {"model": ModelSource(**source), "sample": spec, "repeats": args.repeats,
+    extra = {"model": ModelSource(**source), "sample": spec, "repeats": args.repeats, "warmup_runs": args.warmup_runs,
              "text_tokens": preset["text_tokens"], "predict": args.predict}  # predict: the simulator's time
     serial = [Job(parallel=ParallelConfig("serial", 1), name="serial", **extra)]
     par = []
@@ -243,7 +247,7 @@ def summarise(args, spec, serial, results) -> dict:
                      "ulysses_degree": cfg.ulysses_degree if "ulysses" in cfg.strategy else 0,
                      "threads_per_rank": args.threads_per_rank,
                      "wall_s": m["wall_s_median"], "wall_s_min": m["wall_s_min"], "wall_s_runs": m["wall_s_runs"],
-                     "run_spans": m["run_spans"],
+                     "run_spans": m["run_spans"], "warmup_spans": m["warmup_spans"],
                      "speedup_vs_serial": statistics.median(beside) / m["wall_s_median"],
                      "speedup_vs_serial_min": min(beside) / m["wall_s_min"],
                      "serial_wall_s_beside": beside,
@@ -270,7 +274,7 @@ def summarise(args, spec, serial, results) -> dict:
                            "runs, serial, the next's, ..., serial; --rounds times over); a strategy's speedup "
                            "is against the serial runs around its turns (median/median; speedup_vs_serial_min: "
                            "min/min)",
-            "repeats": args.repeats, "rounds": args.rounds, "results": rows}
+            "repeats": args.repeats, "rounds": args.rounds, "warmup_runs": args.warmup_runs, "results": rows}
 
 
 def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[Job], link=None,
@@ -328,6 +332,7 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
         walls = [w for _, m in runs for w in m["wall_s_runs"]]
         merged = {**runs[0][1], "wall_s_runs": walls, "wall_s_median": statistics.median(walls),
                   "wall_s_min": min(walls), "run_spans": [s for _, m in runs for s in m["run_spans"]],
+                  "warmup_spans": [s for _, m in runs for s in m["warmup_spans"]],
                   "timeline": runs[-1][1]["timeline"]}  # the last serial run's, like every job's
         return (runs[0][0], merged), results["group"], spans
 

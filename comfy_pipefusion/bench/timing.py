@@ -28,11 +28,16 @@ log = logging.getLogger("comfy_pipefusion.bench")
 
 
 def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
-              turns: Turns | None = None) -> tuple[torch.Tensor | None, dict]:
-    """Run ``repeats`` times with the model loaded; rank 0 gets the samples and the metrics. With ``turns``,
-    the turn this job's caller waited for before ``prepare`` ends after the runs (see ``run_file``)."""
+              turns: Turns | None = None, warmup_runs: int = 0) -> tuple[torch.Tensor | None, dict]:
+    """Run ``warmup_runs`` times untimed, then ``repeats`` times timed, with the model loaded; rank 0 gets the
+    samples and the metrics. With ``turns``, the turn this job's caller waited for before ``prepare`` ends
+    after the runs (see ``run_file``)."""
     turns = turns or Turns(None, "", comm.rank)
-    walls, spans, samples = [], [], None
+    walls, spans, samples, untimed = [], [], None, []
+    for _ in range(warmup_runs):  # the first run after a load or a reload pays for what later ones reuse
+        begin = time.time()
+        execute(prep, comm, device, Control())
+        untimed.append([begin, time.time()])
     for i in range(repeats):
         comm.reset_counters()
         comm.barrier()
@@ -48,7 +53,8 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
     turns.done()
     stats = rank_stats(prep, comm)
     timelines = comm.gather_object(trace.to_json())  # JSON only, every rank's in rank order
-    metrics = {"wall_s_runs": walls, "run_spans": spans, "wall_s_median": statistics.median(walls),
+    metrics = {"wall_s_runs": walls, "run_spans": spans, "warmup_spans": untimed,
+               "wall_s_median": statistics.median(walls),
                "wall_s_min": min(walls),
                "param_bytes_per_rank": [r["param_bytes"] for r in stats],
                "bytes_sent_per_rank": [r["bytes_sent"] for r in stats],
@@ -117,7 +123,7 @@ def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns
             # Probed beside the other process's start-up or probes, the block costs read up to 2x slow.
             turns.wait()
             prep = prepare(job, comm, models)
-            samples, metrics = run_timed(prep, comm, device, job.repeats, turns)
+            samples, metrics = run_timed(prep, comm, device, job.repeats, turns, job.warmup_runs)
             done.setdefault(job.name, []).append(metrics)
             if r < rounds - 1:
                 continue
@@ -143,6 +149,7 @@ def combine(rounds: list[dict]) -> dict:
     plan = {**rounds[-1]["plan"], "measured_s": statistics.median(walls), "rounds": each,
             "predicted_s": None if None in predicted else statistics.median(predicted)}
     return {**rounds[-1], "wall_s_runs": walls, "run_spans": [s for m in rounds for s in m["run_spans"]],
+            "warmup_spans": [s for m in rounds for s in m["warmup_spans"]],
             "wall_s_median": statistics.median(walls), "wall_s_min": min(walls), "plan": plan}
 
 
