@@ -71,7 +71,8 @@ class Job:
     repeats: int = 1
     """Job files: timed runs of the job."""
     warmup_runs: int = 0
-    """Job files: untimed runs of the job before its timed ones (the first run after a load is slower)."""
+    """Job files: untimed runs before the timed ones where the process has not run this plan yet (its first
+    runs of a plan are slower: the bench measured up to 40%)."""
     tensors_file: str | None = None
     """Job files: a safetensors file with the job's tensors (TensorKey names), e.g. the demo's prompts."""
     adapters: tuple[LoraSpec, ...] = ()

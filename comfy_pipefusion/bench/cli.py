@@ -6,8 +6,8 @@
 
 Serial runs in a process of its own with 1 thread, the parallel strategies in one torchrun group of
 --world-size ranks, one after another. Both start together, so their imports overlap, but the timed runs
-are taken in turns (turns.py): a serial run, one strategy's --repeats runs (after --warmup-runs untimed
-ones), a serial run, the next strategy's runs, ..., a serial run, each turn with the machine to itself (the
+are taken in turns (turns.py): a serial run, one strategy's --repeats runs (the first time, after
+--warmup-runs untimed ones), a serial run, the next strategy's runs, ..., a serial run, each turn with the machine to itself (the
 other process sleeps; no rank waits in a collective); --rounds R takes that sequence R times over (the group
 probing afresh each round), so on a machine whose speed drifts over minutes every strategy has runs from
 every stretch of it. wall_s is the median of a job's runs over all rounds (wall_s_min is also written),
@@ -81,8 +81,8 @@ def parse_args(argv):
     ap.add_argument("--balance", default="compute", choices=("compute", "memory"))
     ap.add_argument("--repeats", type=int, default=3, help="runs of a job per turn (default 3)")
     ap.add_argument("--warmup-runs", type=int, default=1,
-                    help="untimed runs of a job at the start of each turn (default 1: the first run after a load "
-                         "is slower, and a turn often loads other weights than the last)")
+                    help="untimed runs of each plan before its first timed run (default 1: a process's first "
+                         "run of a plan was up to 40%% slower than its next ones here)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="take every job's turn this many times over, in order (default 1): on a noisy machine, "
                          "e.g. --rounds 3 --repeats 1 compares the strategies better than --repeats 3")

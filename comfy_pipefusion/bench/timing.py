@@ -5,6 +5,7 @@ its own: on a machine whose speed drifts over minutes, every job then has runs (
 stretch of it, not one stretch each."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ def run_timed(prep: Prepared, comm: Comm, device: torch.device, repeats: int,
     after the runs (see ``run_file``)."""
     turns = turns or Turns(None, "", comm.rank)
     walls, spans, samples, untimed = [], [], None, []
-    for _ in range(warmup_runs):  # the first run after a load or a reload pays for what later ones reuse
+    for _ in range(warmup_runs):
         begin = time.time()
         execute(prep, comm, device, Control())
         untimed.append([begin, time.time()])
@@ -109,6 +110,7 @@ def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns
     if rounds < 1:
         raise ValueError(f"a jobs file's rounds must be >= 1, got {rounds}")
     done: dict[str, list[dict]] = {}
+    seen: set = set()  # the plans this process has run
     for r in range(rounds):
         # every round probes again, in a folder of this round and process (the bench's probe folder is its
         # own: no probe of an earlier run is used; the first round's is shared by the bench's processes)
@@ -123,7 +125,10 @@ def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns
             # Probed beside the other process's start-up or probes, the block costs read up to 2x slow.
             turns.wait()
             prep = prepare(job, comm, models)
-            samples, metrics = run_timed(prep, comm, device, job.repeats, turns, job.warmup_runs)
+            plan = (json.dumps(dataclasses.asdict(job.parallel), default=str), job.peer)
+            warm = 0 if plan in seen else job.warmup_runs  # a plan's first runs in a process are slower
+            seen.add(plan)
+            samples, metrics = run_timed(prep, comm, device, job.repeats, turns, warm)
             done.setdefault(job.name, []).append(metrics)
             if r < rounds - 1:
                 continue
