@@ -65,7 +65,8 @@ def test_bench_writes_the_documented_json(tmp_path: Path):
     for k, name in enumerate(names):  # against the serial runs around its turns, its runs' median
         beside = serial_runs[k:k + 2] + serial_runs[k + 3:k + 5]
         assert rows[name]["serial_wall_s_beside"] == beside
-        assert len(rows[name]["wall_s_runs"]) == 2 and rows[name]["wall_s"] == statistics.median(rows[name]["wall_s_runs"])
+        walls = rows[name]["wall_s_runs"]
+        assert len(walls) == 2 and rows[name]["wall_s"] == statistics.median(walls)
         assert rows[name]["speedup_vs_serial"] == statistics.median(beside) / rows[name]["wall_s"]
         # each round predicted from its own probes (the second round's blocks probed by the group itself),
         # the row's prediction their median, which repredict makes again from the rounds' probes
