@@ -99,11 +99,11 @@ def repredict(report: dict, probed: dict | None = None, dtype: str = "float32", 
     out = []
     for row in report["results"]:
         cfg = plan_of(row)
+        work = workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype])
         now, owns = [], []
         # a report of --rounds > 1: each round's plan from its own probes, the median of them
         for probes in [{"probes": r["probes"], "probed_link": r["link"]} for r in row.get("rounds") or []] or [{}]:
             blocks, outside, link, own = costs_of({**row, **probes}, probed, rate if row["world_size"] > 1 else None)
-            work = workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype])
             now.append(predict(cfg, work, machine_costs(blocks, outside, link, problem.n_img)).wall_s)
             owns.append(own)
         out.append({"name": row["name"], "plan": row.get("plan"), "measured_s": row["wall_s"],

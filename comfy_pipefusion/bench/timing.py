@@ -5,7 +5,6 @@ its own: on a machine whose speed drifts over minutes, every job then has runs (
 stretch of it, not one stretch each."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -125,7 +124,7 @@ def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns
             # Probed beside the other process's start-up or probes, the block costs read up to 2x slow.
             turns.wait()
             prep = prepare(job, comm, models)
-            plan = (json.dumps(dataclasses.asdict(job.parallel), default=str), job.peer)
+            plan = (job.parallel, job.peer)  # a frozen value
             warm = 0 if plan in seen else job.warmup_runs  # a plan's first runs in a process are slower
             seen.add(plan)
             samples, metrics = run_timed(prep, comm, device, job.repeats, turns, warm)
