@@ -51,8 +51,9 @@ class GroupPlanner:
             start = time.time()
             self.link = probe_link(self.comm)
             self.spans.append({"probe": "link", "start": start, "end": time.time()})
-            log.info("link: %.3g MB/s one way, %.3g MB/s both ways, %.3g ms latency", self.link.bandwidth / 1e6,
-                     self.link.duplex / 1e6, self.link.latency * 1e3)
+            log.info("link: %.3g MB/s one way, %.3g MB/s both ways (%.3g in a train of all-to-alls), %.3g ms "
+                     "latency", self.link.bandwidth / 1e6, self.link.duplex / 1e6, self.link.exchange / 1e6,
+                     self.link.latency * 1e3)
         raw = None
         if self.comm.rank == 0:  # a failure is broadcast too: no rank is left waiting for the numbers
             try:

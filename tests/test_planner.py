@@ -138,7 +138,7 @@ def test_planner_real_auto_job_on_two_ranks_reports_its_plan(tmp_path):
         assert plan["link"]["bandwidth"] > 0
 
 
-def test_planner_collectives_run_at_the_links_duplex_rate():
+def test_planner_collectives_run_at_the_links_duplex_and_exchange_rates():
     """The collectives load both directions of a link at once (DistriFusion's K/V gathers, Ulysses'
     all-to-alls, the CFG halves' swap): they run at its ``duplex`` rate, PipeFusion's one-way hops at its
     bandwidth. Over 1 Gbit/s between two namespaces, Ulysses' all-to-alls moved 2/3 of what a one-way
@@ -156,8 +156,18 @@ def test_planner_collectives_run_at_the_links_duplex_rate():
         2 * simulate("distrifusion", 2, work, slow[0]).comm_s, rel=1e-6)
     plain = replace(work, cfg=False)
     assert simulate("pipefusion", 2, plain, both, patches=2) == simulate("pipefusion", 2, plain, one_way, patches=2)
-    with pytest.raises(ValueError, match="duplex, cpu_per_byte >= 0"):
-        Link(1e9, duplex=-1.0)
+    # a train of all-to-alls waited for one by one (Ulysses, alone or as a PipeFusion stage's lanes) runs at the
+    # link's exchange rate; the gathers in flight together and the CFG swap keep the duplex rate
+    train = replace(both, link=Link(125e6, duplex=125e6 / 2, exchange=125e6 / 4))
+    assert simulate("ulysses", 2, work, train).comm_s == pytest.approx(2 * simulate("ulysses", 2, work, both).comm_s,
+                                                                        rel=1e-6)
+    assert simulate("ulysses+pipefusion", 4, plain, train, patches=2, ulysses=2).wall_s > simulate(
+        "ulysses+pipefusion", 4, plain, both, patches=2, ulysses=2).wall_s
+    for strategy in ("cfg", "distrifusion"):
+        assert simulate(strategy, 2, work, train) == simulate(strategy, 2, work, both), strategy
+    for bad in ({"duplex": -1.0}, {"exchange": -1.0}):
+        with pytest.raises(ValueError, match="duplex, exchange, cpu_per_byte >= 0"):
+            Link(1e9, **bad)
 
 
 def test_planner_cpu_transport_costs_the_compute_it_overlaps():

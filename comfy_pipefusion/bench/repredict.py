@@ -73,8 +73,9 @@ def costs_of(row: dict, probed: dict | None, rate: float | None = None):
     blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
     link = row.get("probed_link") or {"bandwidth": 1e12, "latency": 0.0}
     cap = (lambda v: min(v, rate)) if rate else (lambda v: v)
-    bandwidth, duplex = cap(link["bandwidth"]), cap(link.get("duplex", 0.0))  # duplex 0: the bandwidth
-    return (blocks, raw["outside"], Link(bandwidth, link["latency"], duplex, link.get("cpu_per_byte", 0.0)),
+    # 0 (a report from before the field): duplex falls back to the bandwidth, exchange to duplex
+    rates = {k: cap(link.get(k, 0.0)) for k in ("bandwidth", "duplex", "exchange")}
+    return (blocks, raw["outside"], Link(**rates, latency=link["latency"], cpu_per_byte=link.get("cpu_per_byte", 0.0)),
             own is not None)
 
 

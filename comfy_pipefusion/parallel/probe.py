@@ -167,31 +167,52 @@ def _ping_pong(comm, peer: int, nbytes: int, rounds: int) -> float:
     return best
 
 
-def _gather_step(comm, nbytes: int, rounds: int) -> tuple[float, float]:
-    """All-gathers of ``nbytes`` per rank over the group (each rank sends ``nbytes`` and receives as many at
-    once at every step of its ring: both directions of every link are loaded): the fastest one's seconds
-    per step, and the process's CPU seconds (every thread, user and system) per byte it sent or received."""
+def _gather_train(comm, nbytes: int, count: int, trains: int = 2) -> tuple[float, float]:
+    """``count`` all-gathers of ``nbytes`` per rank issued at once and waited for together, as DistriFusion
+    issues its layers' gathers while it computes (each rank sends ``nbytes`` and receives as many at every
+    step of its ring: both directions of every link are loaded); the fastest of ``trains`` trains. Returns
+    its seconds per gather step and the process's CPU seconds (every thread, user and system) per byte it sent
+    or received."""
     mine = torch.zeros((1, nbytes), dtype=torch.uint8, device=comm.device)
-    out = torch.empty((comm.world_size, nbytes), dtype=torch.uint8, device=comm.device)
+    outs = [torch.empty((comm.world_size, nbytes), dtype=torch.uint8, device=comm.device) for _ in range(count)]
+    comm.all_gather_into(outs[0], mine)  # untimed: the transport's buffers and connections set up
     best, cpu = float("inf"), []
-    for _ in range(rounds):
+    for _ in range(trains):
         comm.barrier()
         start, used = time.perf_counter(), time.process_time()
-        comm.all_gather_into(out, mine)
+        for pending in [comm.all_gather_into(out, mine, async_op=True) for out in outs]:
+            pending.wait()
         best = min(best, time.perf_counter() - start)
         cpu.append(time.process_time() - used)
     steps = comm.world_size - 1
-    return best / steps, statistics.median(cpu) / (2 * steps * nbytes)
+    return best / (count * steps), statistics.median(cpu) / (2 * count * steps * nbytes)
+
+
+def _exchange_train(comm, nbytes: int, count: int, trains: int = 2) -> float:
+    """``count`` all-to-alls of ``nbytes`` to every peer, each waited for before the next (Ulysses' pattern);
+    the fastest of ``trains`` trains' seconds per message each way."""
+    send = torch.zeros((comm.world_size, nbytes), dtype=torch.uint8, device=comm.device)
+    recv = torch.empty_like(send)
+    comm.all_to_all(recv, send)  # untimed
+    best = float("inf")
+    for _ in range(trains):
+        comm.barrier()
+        start = time.perf_counter()
+        for _ in range(count):
+            comm.all_to_all(recv, send)
+        best = min(best, time.perf_counter() - start)
+    return best / (count * (comm.world_size - 1))
 
 
 def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5, long_s: float = 0.05,
-               most: int = 64 << 20) -> Link:
+               most: int = 64 << 20, train: int = 8) -> Link:
     """The slowest link from rank 0 to another rank: a ping-pong of ``small`` bytes (latency), then of
     ``large`` bytes, four times larger while one takes less than ``long_s`` (up to ``most``; rank 0 decides
     for both): a shaped link lets a burst through at the wire's speed (tbf: a few ms' worth), which a 1 MiB
-    message mostly is at 1 Gbit/s, and the bandwidth would read nearly twice the rate. Then an all-gather of
-    that size (at most ``most`` gathered) over the group, every link loaded both ways at once (``duplex``: what
-    the collectives see), with the CPU time the transport took per byte on a CPU device (``cpu_per_byte``).
+    message mostly is at 1 Gbit/s, and the bandwidth would read nearly twice the rate. Then, every link loaded
+    both ways at once, as the collectives load it: ``train`` all-gathers of that size in flight together
+    (``duplex``), with the CPU time the transport took per byte on a CPU device (``cpu_per_byte``), and
+    ``train`` all-to-alls one after the other (``exchange``); both at most ``most`` bytes in all.
     Every rank calls it (rank 0 talks to each other rank in turn). One rank: a free link."""
     if comm.world_size == 1:
         return Link(bandwidth=1e12, latency=0.0)
@@ -208,13 +229,15 @@ def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5, lon
         if latency + large * per_byte > worst[0] + large * worst[1]:
             worst = (latency, per_byte)
     # both ways: at least the one-way time per byte (a faster reading is the probe's own noise)
-    size = min(size, most // comm.world_size)
-    step, cpu = _gather_step(comm, size, rounds)
+    size = max(small, min(size, most // (comm.world_size * train)))
+    step, cpu = _gather_train(comm, size, train)
     duplex = max(worst[1], (step - worst[0]) / size)
+    exchange = max(worst[1], (_exchange_train(comm, size, train) - worst[0]) / size)
     if comm.device.type != "cpu":
         cpu = 0.0  # NCCL moves the bytes with the GPU's own engines; the host's CPU time is not compute's
-    got = comm.broadcast_object([worst[0], worst[1], duplex, cpu])  # rank 0's measurement on every rank
-    return Link(bandwidth=1.0 / got[1], latency=got[0], duplex=1.0 / got[2], cpu_per_byte=got[3])
+    got = comm.broadcast_object([worst[0], worst[1], duplex, exchange, cpu])  # rank 0's, on every rank
+    return Link(bandwidth=1.0 / got[1], latency=got[0], duplex=1.0 / got[2], exchange=1.0 / got[3],
+                cpu_per_byte=got[4])
 
 
 def machine_costs(blocks: dict[str, BlockCost], outside_per_token: float, link: Link, n_img: int) -> Costs:

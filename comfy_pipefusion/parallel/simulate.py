@@ -7,8 +7,9 @@ Inputs are measured or assumed costs, never a run of the model:
   over ``nctx`` tokens costs ``per_call + nq * (per_token + per_pair * nctx)`` per image of the model batch.
 - ``Link``: bandwidth (bytes/s) and latency (s) of the link between two ranks; a link carries one message
   at a time in each direction, and sends overlap compute (receives are posted ahead in the engine). The
-  collectives (all-gather, all-to-all) load both directions at once, at the link's ``duplex`` rate. On a
-  CPU rank the transport's own work (``cpu_per_byte``) is lost from the compute it overlaps.
+  collectives (all-gather, all-to-all) load both directions at once, at the link's ``duplex`` rate (Ulysses'
+  trains of all-to-alls, each waited for before the next, at its ``exchange`` rate). On a CPU rank the
+  transport's own work (``cpu_per_byte``) is lost from the compute it overlaps.
 
 What is simulated (see parallel/pipefusion.py and distrifusion.py for the schedules themselves):
 
@@ -74,14 +75,20 @@ class Link:
     """Bytes per second each way while both directions carry a message at once, as in a collective (each rank
     sends and receives); 0: ``bandwidth``. A shaped or shared link gives less than one way alone (TCP's
     acknowledgements queue behind the other direction's data)."""
+    exchange: float = 0.0
+    """Bytes per second each way in a train of synchronous exchanges, each waited for before the next starts
+    (Ulysses' all-to-alls, two per attention layer); 0: ``duplex``. Over a link with a deep queue such a train
+    gets less than a lone collective: the directions take turns rather than overlap (measured over a tbf-shaped
+    100 Mbit/s veth: 6.6 MB/s each way against 12 for a lone all-gather)."""
     cpu_per_byte: float = 0.0
     """Seconds of the rank's compute lost per byte it sends or receives while computing: a CPU rank's transport
     (gloo's threads, the kernel's TCP) runs on the cores that compute; 0 where it does not (NCCL on a GPU)."""
 
     def __post_init__(self) -> None:
-        if self.bandwidth <= 0 or min(self.latency, self.duplex, self.cpu_per_byte) < 0:
-            raise ValueError(f"a link needs bandwidth > 0 B/s and latency, duplex, cpu_per_byte >= 0, got "
-                             f"{self.bandwidth} B/s, {self.latency} s, {self.duplex} B/s, {self.cpu_per_byte} s/B")
+        if self.bandwidth <= 0 or min(self.latency, self.duplex, self.exchange, self.cpu_per_byte) < 0:
+            raise ValueError(f"a link needs bandwidth > 0 B/s and latency, duplex, exchange, cpu_per_byte >= 0, "
+                             f"got {self.bandwidth} B/s, {self.latency} s, {self.duplex} B/s, {self.exchange} B/s, "
+                             f"{self.cpu_per_byte} s/B")
 
     def time(self, nbytes: float) -> float:
         """One message one way, the other direction idle (a pipeline hop)."""
@@ -90,6 +97,10 @@ class Link:
     def both(self, nbytes: float) -> float:
         """One message each way at once (every step of an all-gather or all-to-all)."""
         return self.latency + nbytes / (self.duplex or self.bandwidth)
+
+    def exchanged(self, nbytes: float) -> float:
+        """One message each way at once, in a train of such exchanges waited for one by one (all-to-alls)."""
+        return self.latency + nbytes / (self.exchange or self.duplex or self.bandwidth)
 
 
 @dataclass(frozen=True)
@@ -306,8 +317,9 @@ def _naive(world: int, work: Workload, costs: Costs) -> Prediction:
 
 
 def _all_to_all(costs: Costs, world: int, nbytes_per_rank: float) -> float:
-    """An all-to-all where each rank holds ``nbytes_per_rank``: N - 1 messages of 1/N of it each way."""
-    return (world - 1) * costs.link.both(nbytes_per_rank / world)
+    """An all-to-all where each rank holds ``nbytes_per_rank``: N - 1 messages of 1/N of it each way, one of a
+    train (Ulysses waits for each before its next)."""
+    return (world - 1) * costs.link.exchanged(nbytes_per_rank / world)
 
 
 def _lanes_time(costs: Costs, work: Workload, kinds, nq: int, lanes: int) -> float:
