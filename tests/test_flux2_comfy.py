@@ -15,10 +15,12 @@ peak RSS 16.9 GiB together (ComfyUI 4.5, ranks 8.4 / 4.4 GiB: with that much fre
 copy of their 8-bit weights, ``fp8.upcast``); at 2 steps with less memory free they cast per call instead: prompt
 582 s, peak 9.0 GiB (ComfyUI 4.8, ranks 3.9 / 3.8), relative L2 4.2e-7. Printed with -s.
 
-The same server and file also drive a Flux.2 reference image (ReferenceLatent on the positive, as Flux.2's edit
-workflow) through our loader, and the MODEL path (stock UNETLoader -> PipeFusion Parallelize -> stock KSampler,
-after our loader's group has left). Measured lightly loaded (one other session's benchmark), the whole module
-166 s: our loader 67 s (relative L2 4.4e-7), reference 31 s (4.4e-7), MODEL path 46 s (4.4e-7); peak RSS over all
+Two prompts, four samplings: our loader with a Flux.2 reference image (ReferenceLatent on the positive, as Flux.2's
+edit workflow) against the stock KSampler with it, then the MODEL path without it (stock UNETLoader -> PipeFusion
+Parallelize -> stock KSampler, after our loader's group has left) against the stock KSampler without it; the
+reference must move the stock result. Measured lightly loaded (one other session's benchmark), when the module
+still ran the loader without the reference too: 166 s, our loader 67 s (relative L2 4.4e-7), reference 31 s
+(4.4e-7), MODEL path 46 s (4.4e-7); peak RSS over all
 processes 15.5 / 16.6 / 15.6 GiB (the ranks kept their float32 copies: memory allowed it; there is no switch to
 force the per-call cast, which would save ~8 GiB and multiply the prompt time). Needs ~17 GiB free.
 """
@@ -110,8 +112,9 @@ def prompt(sampler: str, scheduler: str) -> dict:
 def with_reference(nodes: dict) -> dict:
     """A Flux.2 edit as its workflow makes one: a reference image's LATENT (here a seeded random one of 6 x 4
     tokens, 128 channels: the encoded 64x96 image) through ReferenceLatent on the positive, stock KSampler (node
-    r6) against our loader and KSampler (r7), saved as flux2_ref_stock / flux2_ref_ours."""
-    out = {**nodes,
+    r6) against our loader and KSampler (r7), saved as flux2_ref_stock / flux2_ref_ours; the samplers without
+    the reference (nodes 6 to 9) are left out."""
+    out = {**{k: v for k, v in nodes.items() if k not in ("6", "7", "8", "9")},
            "r0": {"class_type": "PipeFusionTestLatent", "inputs": {"width": 32, "height": 48, "batch_size": 1,
                                                                  "channels": 128, "seed": 11, "scale": 1.0}},
            "r3": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["3", 0], "latent": ["r0", 0]}}}
@@ -124,8 +127,8 @@ def with_reference(nodes: dict) -> dict:
 
 def with_parallelize(nodes: dict) -> dict:
     """The stock MODEL (node 1) through PipeFusion Parallelize to the stock KSampler (node p6), saved as
-    flux2_parallelize; the stock chain is node 6."""
-    out = {**nodes, "p": {"class_type": "PipeFusionParallelize", "inputs": {
+    flux2_parallelize; the stock chain is node 6; our loader and its KSampler (nodes 2, 7, 9) are left out."""
+    out = {**{k: v for k, v in nodes.items() if k not in ("2", "7", "9")}, "p": {"class_type": "PipeFusionParallelize", "inputs": {
         "model": ["1", 0], "devices": "cpu:2", "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}}}
     out["p6"] = {**nodes["6"], "inputs": {**nodes["6"]["inputs"], "model": ["p", 0]}}
     out["p8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["p6", 0], "filename_prefix": "flux2_parallelize"}}
@@ -153,26 +156,26 @@ def compare(server, stock_name: str, ours_name: str, what: str) -> None:
     assert rel <= TOL, f"{what}: relative L2 {rel:.3e} > {TOL}"
 
 
-def test_flux2_fp8_scaled_equals_stock_ksampler(server):
-    run_measured(server, prompt("euler", "simple"), "our loader")
-    compare(server, "flux2_stock", "flux2_ours", "our loader")
+@pytest.fixture(scope="module")
+def with_a_reference(server):
+    """The reference prompt, run once: the stock KSampler and ours, both with the reference, saved."""
+    run_measured(server, with_reference(prompt("euler", "simple")), "our loader, a reference")
+
+
+def test_flux2_fp8_scaled_with_a_reference_equals_stock_ksampler(server, with_a_reference):
+    """Our loader and KSampler on the scaled-fp8 file, with a reference image (ReferenceLatent, Flux.2's index
+    placement) on the positive as Flux.2's edit workflow makes it, equal the stock KSampler's."""
+    compare(server, "flux2_ref_stock", "flux2_ref_ours", "our loader, a reference")
     log = server.log_path.read_text(errors="replace")
     assert "model_type FLUX" in log  # ComfyUI ran it as its Flux.2 (a Flux model type)
 
 
-def test_flux2_reference_through_loader_equals_stock(server):
-    """A reference image (ReferenceLatent, Flux.2's index placement) through our loader equals the stock
-    KSampler's, and moves the result (the first test's nodes stay in the prompt: ComfyUI's cache, no rerun)."""
-    run_measured(server, with_reference(prompt("euler", "simple")), "a reference through our loader")
-    compare(server, "flux2_ref_stock", "flux2_ref_ours", "reference, our loader")
-    assert float((saved_latent(server, "flux2_ref_stock") - saved_latent(server, "flux2_stock")).abs().max()) > 1e-2
-
-
-def test_flux2_parallelize_equals_stock_ksampler(server):
+def test_flux2_parallelize_equals_stock_ksampler(server, with_a_reference):
     """Flux.2 on the MODEL path: stock UNETLoader -> PipeFusion Parallelize -> stock KSampler against the stock
-    chain (its 128-channel LATENT unfolded for the group and back). Our loader's group leaves first (unload_models
-    keeps ComfyUI's cache, so the stock chain of the first test is not run again)."""
+    chain without the reference (its 128-channel LATENT unfolded for the group and back), which the reference
+    moves (so the reference prompt used it). Our loader's group leaves first (memory)."""
     server.post_json("/free", {"unload_models": True})
     assert wait_until(lambda: not worker_pids(server.pid), 60), worker_pids(server.pid)
     run_measured(server, with_parallelize(prompt("euler", "simple")), "MODEL path")
     compare(server, "flux2_stock", "flux2_parallelize", "MODEL path")
+    assert float((saved_latent(server, "flux2_ref_stock") - saved_latent(server, "flux2_stock")).abs().max()) > 1e-2
