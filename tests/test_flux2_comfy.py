@@ -128,8 +128,9 @@ def with_reference(nodes: dict) -> dict:
 def with_parallelize(nodes: dict) -> dict:
     """The stock MODEL (node 1) through PipeFusion Parallelize to the stock KSampler (node p6), saved as
     flux2_parallelize; the stock chain is node 6; our loader and its KSampler (nodes 2, 7, 9) are left out."""
-    out = {**{k: v for k, v in nodes.items() if k not in ("2", "7", "9")}, "p": {"class_type": "PipeFusionParallelize", "inputs": {
-        "model": ["1", 0], "devices": "cpu:2", "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}}}
+    out = {k: v for k, v in nodes.items() if k not in ("2", "7", "9")}
+    out["p"] = {"class_type": "PipeFusionParallelize", "inputs": {
+        "model": ["1", 0], "devices": "cpu:2", "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}}
     out["p6"] = {**nodes["6"], "inputs": {**nodes["6"]["inputs"], "model": ["p", 0]}}
     out["p8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["p6", 0], "filename_prefix": "flux2_parallelize"}}
     return out

@@ -12,10 +12,10 @@ machine to itself (the other process sleeps; no rank waits in a collective); --r
 R times over (the group probing afresh each round), so on a machine whose speed drifts over minutes every
 strategy has runs from every stretch of it. wall_s is the median of a job's runs over all rounds
 (wall_s_min is also written), predicted_s the median of its rounds' predictions; a strategy's speedup is
-against the serial runs around its turns, so a drifting machine compares like with like. Errors are measured against serial on the returned
-LATENT; bytes sent are counted per rank and compared with the analytic formulas of parallel/costs.py;
-wait_s_per_rank is each rank's time waiting for the others' data, transfer_s_per_rank its time sending its
-own. --timeline PNG draws each job's last run from the ranks' own timings (timeline.py).
+against the serial runs around its turns, so a drifting machine compares like with like. Errors are measured
+against serial on the returned LATENT; bytes sent are counted per rank and compared with the analytic formulas
+of parallel/costs.py; wait_s_per_rank is each rank's time waiting for the others' data, transfer_s_per_rank its
+time sending its own. --timeline PNG draws each job's last run from the ranks' own timings (timeline.py).
 """
 from __future__ import annotations
 
