@@ -46,7 +46,8 @@ def server(tmp_path_factory):
     run_dir.chmod(0o700)
     (base / "models" / "diffusion_models").mkdir(parents=True)
     (base / "models" / "loras").mkdir(parents=True)
-    _write_models(base / "models" / "diffusion_models", only=("flux", "sd3"))  # kontext: the flux file
+    _write_models(base / "models" / "diffusion_models", tmp_path_factory.getbasetemp() / "parity-files",
+                  only=("flux", "sd3"))  # kontext: the flux file
     _write_quantised(base / "models" / "diffusion_models")
     model = pixart.build_meta(PIXART_CONFIG)
     pixart.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
