@@ -1,6 +1,7 @@
 """The benchmark command end to end, as README tells a newcomer to run it."""
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import subprocess
@@ -78,6 +79,22 @@ def test_bench_writes_the_documented_json(tmp_path: Path):
     again = {r["name"]: r for r in repredict.repredict(report)}
     for name in ("serial", *names):  # serial's from its first turn's probe
         assert again[name]["own_probes"] and again[name]["predicted_s"] == pytest.approx(rows[name]["predicted_s"])
+    for name in names:
+        assert [(r["strategy"], r["patches"]) for r in rows[name]["rounds"]] == [(name, rows[name]["patches"])] * 2
+    # each round is predicted with the plan it ran (auto may choose another plan in another round): the
+    # pipefusion row's rounds as if they had run distrifusion are predicted as the row run as distrifusion
+    # with the same probes, in the format of a report whose rounds did not name their plans
+    moved = copy.deepcopy(report)
+    row = next(r for r in moved["results"] if r["strategy"] == "pipefusion")
+    for r in row["rounds"]:
+        r.update(strategy="distrifusion", patches=1)
+    plain = copy.deepcopy(moved)
+    row = next(r for r in plain["results"] if r["strategy"] == "pipefusion")
+    row.update(strategy="distrifusion", patches=1)
+    for r in row["rounds"]:
+        del r["strategy"], r["patches"], r["warmup_steps"], r["ulysses"]
+    got, want = ({r["name"]: r for r in repredict.repredict(rep)}["pipefusion"]["predicted_s"] for rep in (moved, plain))
+    assert got == pytest.approx(want) and got != pytest.approx(again["pipefusion"]["predicted_s"])
 
 
 @pytest.mark.slow

@@ -62,6 +62,15 @@ def plan_of(row: dict) -> ParallelConfig:
                           ulysses=row.get("ulysses_degree", 0) if "ulysses" in strategy else 0)
 
 
+def round_of(row: dict, rnd: dict) -> dict:
+    """The row as one of its rounds ran: that round's probes, link and plan (where the round names it)."""
+    out = {**row, "probes": rnd["probes"], "probed_link": rnd["link"]}
+    if rnd.get("strategy") and row["strategy"] in STRATEGIES:  # a peer's row keeps its own name
+        out.update(strategy=rnd["strategy"], patches=rnd["patches"], warmup_steps=rnd["warmup_steps"],
+                   ulysses_degree=rnd.get("ulysses") or 0)
+    return out
+
+
 def costs_of(row: dict, probed: dict | None, rate: float | None = None):
     """The row's own probes, else ``probed`` (block costs measured again), with the row's probed link (at
     most ``rate`` bytes/s where given)."""
@@ -99,12 +108,13 @@ def repredict(report: dict, probed: dict | None = None, dtype: str = "float32", 
     rate = report["link"]["bits_per_s"] / 8 if at_rate and report.get("link") else None
     out = []
     for row in report["results"]:
-        cfg = plan_of(row)
-        work = workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype])
         now, owns = [], []
-        # a report of --rounds > 1: each round's plan from its own probes, the median of them
-        for probes in [{"probes": r["probes"], "probed_link": r["link"]} for r in row.get("rounds") or []] or [{}]:
-            blocks, outside, link, own = costs_of({**row, **probes}, probed, rate if row["world_size"] > 1 else None)
+        # a report of --rounds > 1: each round's plan (auto's may differ between rounds; a report from before
+        # the rounds named theirs: the row's) predicted from the round's own probes, the median of them
+        for each in [round_of(row, r) for r in row.get("rounds") or []] or [row]:
+            cfg = plan_of(each)
+            work = workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype])
+            blocks, outside, link, own = costs_of(each, probed, rate if row["world_size"] > 1 else None)
             now.append(predict(cfg, work, machine_costs(blocks, outside, link, problem.n_img)).wall_s)
             owns.append(own)
         out.append({"name": row["name"], "plan": row.get("plan"), "measured_s": row["wall_s"],

@@ -149,7 +149,8 @@ def combine(rounds: list[dict]) -> dict:
         return rounds[-1]
     walls = [w for m in rounds for w in m["wall_s_runs"]]
     predicted = [m["plan"]["predicted_s"] for m in rounds]
-    each = [{k: m["plan"][k] for k in ("plan", "predicted_s", "measured_s", "link", "probes")} for m in rounds]
+    each = [{k: m["plan"].get(k) for k in ("plan", "strategy", "patches", "warmup_steps", "ulysses", "predicted_s",
+                                            "measured_s", "link", "probes")} for m in rounds]
     plan = {**rounds[-1]["plan"], "measured_s": statistics.median(walls), "rounds": each,
             "predicted_s": None if None in predicted else statistics.median(predicted)}
     return {**rounds[-1], "wall_s_runs": walls, "run_spans": [s for m in rounds for s in m["run_spans"]],
