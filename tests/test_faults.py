@@ -253,6 +253,7 @@ def test_rank_killed_while_idle_is_replaced_by_the_next_prompt(server):
 
 def test_rank_killed_mid_sampling(server):
     ok(server)
+    old = worker_pids(server.pid)
     progress: list = []
     done = kill_when(server, lambda: progress and progress[-1] >= 3)
     status, msgs = run_prompt(server, prompt(steps=400, seed=25), on_message=lambda m: m["type"] == "progress"
@@ -260,10 +261,11 @@ def test_rank_killed_mid_sampling(server):
     took = time.monotonic() - done["at"]
     msg = error_message(msgs)
     report("rank SIGKILLed mid-sampling", took, msg)
-    assert status == "execution_error" and "died" in msg, msg
+    assert status == "execution_error" and "died" in msg and "PipeFusion" in msg, msg
     assert took < 10
-    nothing_leaked(server, [done["pid"]])
+    nothing_leaked(server, old)
     ok(server)
+    assert set(worker_pids(server.pid)).isdisjoint(old)  # the next prompt got a fresh group
 
 
 def test_rank_stopped_mid_sampling_is_named_by_the_watchdog(server):
