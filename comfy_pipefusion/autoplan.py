@@ -52,8 +52,9 @@ class GroupPlanner:
             self.link = probe_link(self.comm)
             self.spans.append({"probe": "link", "start": start, "end": time.time()})
             log.info("link: %.3g MB/s one way, %.3g MB/s both ways (%.3g in a train of all-to-alls), %.3g ms "
-                     "latency", self.link.bandwidth / 1e6, self.link.duplex / 1e6, self.link.exchange / 1e6,
-                     self.link.latency * 1e3)
+                     "latency; the slowest rank %.1f%% behind at a collective", self.link.bandwidth / 1e6,
+                     self.link.duplex / 1e6, self.link.exchange / 1e6, self.link.latency * 1e3,
+                     100 * self.link.straggle)
         raw = None
         if self.comm.rank == 0:  # a failure is broadcast too: no rank is left waiting for the numbers
             try:

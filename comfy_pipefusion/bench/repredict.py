@@ -84,8 +84,8 @@ def costs_of(row: dict, probed: dict | None, rate: float | None = None):
     cap = (lambda v: min(v, rate)) if rate else (lambda v: v)
     # 0 (a report from before the field): duplex falls back to the bandwidth, exchange to duplex
     rates = {k: cap(link.get(k, 0.0)) for k in ("bandwidth", "duplex", "exchange")}
-    return (blocks, raw["outside"], Link(**rates, latency=link["latency"], cpu_per_byte=link.get("cpu_per_byte", 0.0)),
-            own is not None)
+    return (blocks, raw["outside"], Link(**rates, latency=link["latency"], cpu_per_byte=link.get("cpu_per_byte", 0.0),
+                                         straggle=link.get("straggle", 0.0)), own is not None)
 
 
 def probe_here(report: dict, dtype: str = "float32") -> dict:

@@ -8,7 +8,8 @@ timed sweeps (``fit``). The result is cached as JSON per model structure, device
 torch version, so a group pays for the probe once.
 
 Links: a ping-pong with rank 0 (small messages: latency; large ones: bandwidth), then both ways at once
-(the collectives' rate), on the data plane.
+(the collectives' rate), on the data plane; last, the ranks' pace at a collective (the same compute on every
+rank in lockstep: ``straggle``).
 """
 from __future__ import annotations
 
@@ -204,6 +205,36 @@ def _exchange_train(comm, nbytes: int, count: int, trains: int = 2) -> float:
     return best / (count * (comm.world_size - 1))
 
 
+def _lockstep(comm, rounds: int = 16, segment: float = 0.02) -> float:
+    """The group's ``straggle``: every rank runs the same compute (matmuls, ``segment`` seconds on rank 0),
+    then a one-number all-reduce, ``rounds`` times; the mean over rounds of the slowest rank's compute over the
+    ranks' mean, less 1 (0 where they keep pace; a rank of a slower card shows as a lasting excess)."""
+    a = torch.ones((256, 512), device=comm.device)
+    b = torch.ones((512, 512), device=comm.device)
+
+    def work(reps: int) -> float:
+        if comm.device.type == "cuda":
+            torch.cuda.synchronize(comm.device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        if comm.device.type == "cuda":
+            torch.cuda.synchronize(comm.device)
+        return time.perf_counter() - start
+
+    work(4)  # untimed: the kernels and the allocator's first blocks
+    one = min(work(4) for _ in range(3)) / 4
+    reps = comm.broadcast_object(max(1, min(100_000, round(segment / max(one, 1e-9)))))
+    beat = torch.zeros(1, device=comm.device)
+    mine = []
+    comm.barrier()
+    for _ in range(rounds):
+        mine.append(work(reps))
+        comm.all_reduce(beat)
+    every = comm.gather_object(mine)
+    return statistics.mean(max(col) / statistics.mean(col) - 1 for col in zip(*every))
+
+
 def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5, long_s: float = 0.05,
                most: int = 64 << 20, train: int = 8) -> Link:
     """The slowest link from rank 0 to another rank: a ping-pong of ``small`` bytes (latency), then of
@@ -212,7 +243,8 @@ def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5, lon
     message mostly is at 1 Gbit/s, and the bandwidth would read nearly twice the rate. Then, every link loaded
     both ways at once, as the collectives load it: ``train`` all-gathers of that size in flight together
     (``duplex``), with the CPU time the transport took per byte on a CPU device (``cpu_per_byte``), and
-    ``train`` all-to-alls one after the other (``exchange``); both at most ``most`` bytes in all.
+    ``train`` all-to-alls one after the other (``exchange``); both at most ``most`` bytes in all. Last, the
+    ranks' pace at a collective (``straggle``, ``_lockstep``).
     Every rank calls it (rank 0 talks to each other rank in turn). One rank: a free link."""
     if comm.world_size == 1:
         return Link(bandwidth=1e12, latency=0.0)
@@ -235,9 +267,10 @@ def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5, lon
     exchange = max(worst[1], (_exchange_train(comm, size, train) - worst[0]) / size)
     if comm.device.type != "cpu":
         cpu = 0.0  # NCCL moves the bytes with the GPU's own engines; the host's CPU time is not compute's
-    got = comm.broadcast_object([worst[0], worst[1], duplex, exchange, cpu])  # rank 0's, on every rank
+    straggle = _lockstep(comm)
+    got = comm.broadcast_object([worst[0], worst[1], duplex, exchange, cpu, straggle])  # rank 0's, on every rank
     return Link(bandwidth=1.0 / got[1], latency=got[0], duplex=1.0 / got[2], exchange=1.0 / got[3],
-                cpu_per_byte=got[4])
+                cpu_per_byte=got[4], straggle=got[5])
 
 
 def machine_costs(blocks: dict[str, BlockCost], outside_per_token: float, link: Link, n_img: int) -> Costs:

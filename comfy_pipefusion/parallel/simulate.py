@@ -9,7 +9,8 @@ Inputs are measured or assumed costs, never a run of the model:
   at a time in each direction, and sends overlap compute (receives are posted ahead in the engine). The
   collectives (all-gather, all-to-all) load both directions at once, at the link's ``duplex`` rate (Ulysses'
   trains of all-to-alls, each waited for before the next, at its ``exchange`` rate). On a CPU rank the
-  transport's own work (``cpu_per_byte``) is lost from the compute it overlaps.
+  transport's own work (``cpu_per_byte``) is lost from the compute it overlaps. At a collective every rank
+  waits for the slowest (``straggle``).
 
 What is simulated (see parallel/pipefusion.py and distrifusion.py for the schedules themselves):
 
@@ -83,12 +84,18 @@ class Link:
     cpu_per_byte: float = 0.0
     """Seconds of the rank's compute lost per byte it sends or receives while computing: a CPU rank's transport
     (gloo's threads, the kernel's TCP) runs on the cores that compute; 0 where it does not (NCCL on a GPU)."""
+    straggle: float = 0.0
+    """How far the slowest rank's compute between two collectives runs past the ranks' mean, as a fraction of it
+    (the same work on every rank, timed in lockstep by the link probe): at a collective every rank waits for the
+    slowest, so a plan that meets at every attention layer (Ulysses, its lanes) or every evaluation (the CFG
+    halves, synchronous DistriFusion) runs at (1 + straggle) x its compute. A machine's own jitter (this 2-core
+    VM: 2-6% over 20-80 ms of work), or a slower card beside a faster one."""
 
     def __post_init__(self) -> None:
-        if self.bandwidth <= 0 or min(self.latency, self.duplex, self.exchange, self.cpu_per_byte) < 0:
-            raise ValueError(f"a link needs bandwidth > 0 B/s and latency, duplex, exchange, cpu_per_byte >= 0, "
-                             f"got {self.bandwidth} B/s, {self.latency} s, {self.duplex} B/s, {self.exchange} B/s, "
-                             f"{self.cpu_per_byte} s/B")
+        if self.bandwidth <= 0 or min(self.latency, self.duplex, self.exchange, self.cpu_per_byte, self.straggle) < 0:
+            raise ValueError(f"a link needs bandwidth > 0 B/s and latency, duplex, exchange, cpu_per_byte, straggle "
+                             f">= 0, got {self.bandwidth} B/s, {self.latency} s, {self.duplex} B/s, {self.exchange} "
+                             f"B/s, {self.cpu_per_byte} s/B, {self.straggle}")
 
     def time(self, nbytes: float) -> float:
         """One message one way, the other direction idle (a pipeline hop)."""
@@ -299,7 +306,9 @@ def _distrifusion(world: int, work: Workload, costs: Costs, lanes: int = 1) -> P
     # compute, which loses the transport's own work on a CPU (sent and received bytes), and are waited for
     # there; the last evaluation exchanges nothing
     moved = sum(layers) * 2 * (world - 1) * per_layer * costs.link.cpu_per_byte
-    wall = sync * (compute + gather) + (max(0, rest - 1) * max(compute + moved, gather) + compute if rest else 0.0)
+    # a synchronous evaluation meets the other bands at every layer (its lanes' meeting is in ``compute``)
+    paced = compute * (1 + costs.link.straggle) if lanes == 1 else compute
+    wall = sync * (paced + gather) + (max(0, rest - 1) * max(compute + moved, gather) + compute if rest else 0.0)
     wall += costs.link.time(4 * work.channels * work.n_img * work.batch / world)
     exchanging = work.evals if not rest else work.evals - 1
     return Prediction("distrifusion", world, world, wall, compute * work.evals, gather * exchanging)
@@ -331,7 +340,7 @@ def _lanes_time(costs: Costs, work: Workload, kinds, nq: int, lanes: int) -> flo
     local = -(-nq // lanes)
     band = work.elem * work.model_batch * local * work.width
     layers = sum(work.kv_layers.get(k, 1) for k in kinds)
-    return (blocks_time(costs, kinds, local, work.n_ctx, work.model_batch)
+    return (blocks_time(costs, kinds, local, work.n_ctx, work.model_batch) * (1 + costs.link.straggle)
             + layers * (_all_to_all(costs, lanes, 3 * band) + _all_to_all(costs, lanes, band)))
 
 
@@ -345,7 +354,8 @@ def _ulysses(world: int, work: Workload, costs: Costs) -> Prediction:
     layers = sum(work.kv_layers.get(k, 1) for k in work.kinds)
     band = work.elem * mb * local * work.width
     comm = layers * (_all_to_all(costs, world, 3 * band) + _all_to_all(costs, world, band))
-    wall = work.evals * (compute + comm) + costs.link.time(4 * work.channels * work.n_img * work.batch / world)
+    paced = compute * (1 + costs.link.straggle)  # every attention layer waits for the slowest rank
+    wall = work.evals * (paced + comm) + costs.link.time(4 * work.channels * work.n_img * work.batch / world)
     return Prediction("ulysses", world, 1, wall, work.evals * compute, work.evals * comm)
 
 
@@ -360,4 +370,7 @@ def _cfg(strategy: str, world: int, work: Workload, costs: Costs, patches: int, 
     half = replace(work, cfg=False)  # each half: one branch, half the model batch
     p = simulate(inner, world // 2, half, costs, patches, text_stream, stage_split, ulysses)
     swap = work.evals * costs.link.both(4 * work.channels * work.n_img * work.batch / max(1, world // 2))
-    return Prediction(strategy, world, p.patches, p.wall_s + swap, p.compute_s, p.comm_s + swap)
+    # each evaluation's swap waits for the slower half: where the halves meet nowhere else (straggle counts once,
+    # at a plan's finest meeting: Ulysses' layers where it runs inside)
+    wait = costs.link.straggle * p.compute_s if inner == "serial" else 0.0
+    return Prediction(strategy, world, p.patches, p.wall_s + swap + wait, p.compute_s, p.comm_s + swap)
