@@ -46,8 +46,9 @@ def server(tmp_path_factory):
     run_dir.chmod(0o700)
     (base / "models" / "diffusion_models").mkdir(parents=True)
     (base / "models" / "loras").mkdir(parents=True)
+    # kontext: the flux file; the fp8 copy is not run here but made with it (seconds) for the parity module
     _write_models(base / "models" / "diffusion_models", tmp_path_factory.getbasetemp() / "parity-files",
-                  only=("flux", "sd3"))  # kontext: the flux file
+                  only=("flux", "fp8", "sd3"))
     _write_quantised(base / "models" / "diffusion_models")
     model = pixart.build_meta(PIXART_CONFIG)
     pixart.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)

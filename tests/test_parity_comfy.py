@@ -143,9 +143,12 @@ def _write_models(folder: Path, cache: Path,
         if not all((cache / n).exists() for n in names):
             model = fam.build_meta(config)
             fam.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
-            write_checkpoint(cache / f"{name}.part", model.state_dict(), fam.NAME, dict(model.config), dtype=dtype)
-            os.replace(cache / f"{name}.part", cache / name)
-            if FLUX_FP8_FILE in names:  # every Linear weight float8 with its scale_weight, the scaled_fp8 marker
+            if not (cache / name).exists():
+                write_checkpoint(cache / f"{name}.part", model.state_dict(), fam.NAME, dict(model.config),
+                                 dtype=dtype)
+                os.replace(cache / f"{name}.part", cache / name)
+            if FLUX_FP8_FILE in names and not (cache / FLUX_FP8_FILE).exists():  # every Linear weight float8 with
+                # its scale_weight, the scaled_fp8 marker
                 write_scaled_fp8(cache / "fp8.part", model.state_dict(), "flux", dict(model.config),
                                  prefix="model.diffusion_model.")
                 os.replace(cache / "fp8.part", cache / FLUX_FP8_FILE)
