@@ -137,9 +137,9 @@ def _write_models(folder: Path, cache: Path,
                                      (sd3, SD3_CONFIG, SD3_FILE, torch.float32),
                                      (chroma, CHROMA_CONFIG, CHROMA_FILE, torch.bfloat16),
                                      (qwen_image, QWEN_CONFIG, QWEN_FILE, torch.bfloat16)):
-        names = [name] + ([FLUX_FP8_FILE] if fam is flux and "fp8" in only else [])
         if fam.NAME not in only:
             continue
+        names = [name] + ([FLUX_FP8_FILE] if fam is flux and "fp8" in only else [])
         if not all((cache / n).exists() for n in names):
             model = fam.build_meta(config)
             fam.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
