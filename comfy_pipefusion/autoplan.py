@@ -3,9 +3,10 @@
 Every rank calls the same methods in the same order (they are collective on the control plane):
 
 - the link is probed once per group, the first time a job needs a prediction (parallel/probe.py);
-- block costs are probed by rank 0 once per model structure, device and dtype (cached as JSON in
-  ``cache_dir``: the group's run directory, or ``PIPEFUSION_PROBE_DIR``) and broadcast, so every rank
-  predicts from the same numbers;
+- block costs are probed by every rank at once on its own device, once per model structure, device, dtype
+  and group size (cached as JSON in ``cache_dir``: the group's run directory, or ``PIPEFUSION_PROBE_DIR``),
+  and gathered: every rank predicts from the same numbers, the slowest rank's per block kind (a slower card,
+  or ranks sharing one machine's memory, pace the group);
 - memory: each rank checks every candidate against its own budget (the admission estimate), the answers
   are gathered, and a plan fits where it fits on every rank.
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 from .config import ParallelConfig
 from .memory import AdmissionError
 from .parallel.planner import Choice, candidates, choose, predict, workload_of
-from .parallel.probe import cached_blocks, grids_for, machine_costs, probe_link
+from .parallel.probe import (REPEATS, SWEEPS, SWEEPS_UNTIMED, cache_path, device_name, grids_for, machine_costs,
+                              probe_blocks, probe_link, read_cached, slowest, write_cached)
 from .parallel.simulate import BlockCost, Costs, Link, Prediction
 
 log = logging.getLogger("comfy_pipefusion.autoplan")
@@ -55,26 +57,46 @@ class GroupPlanner:
                      "latency; the slowest rank %.1f%% behind at a collective", self.link.bandwidth / 1e6,
                      self.link.duplex / 1e6, self.link.exchange / 1e6, self.link.latency * 1e3,
                      100 * self.link.straggle)
-        raw = None
-        if self.comm.rank == 0:  # a failure is broadcast too: no rank is left waiting for the numbers
-            try:
-                start = time.time()
-                blocks, outside, fresh = cached_blocks(self.cache_dir, fam, config, self.device, dtype, n_txt,
-                                                       self.threads, grids_for(problem.rows, problem.cols))
-                raw = {"blocks": {k: vars(v) for k, v in blocks.items()}, "outside": outside}
-                if fresh:
-                    self.spans.append({"probe": "blocks", "start": start, "end": time.time()})
-            except Exception as exc:  # noqa: BLE001 - every rank raises it below
-                raw = {"error": f"the block probe failed on rank 0: {type(exc).__name__}: {exc}"}
-        raw = self.comm.broadcast_object(raw)
-        self.unprobed = "error" in raw
-        if "error" in raw:
-            log.warning("%s: no prediction for this job", raw["error"])
+        grids = grids_for(problem.rows, problem.cols)
+        how = {"config": config, "grids": grids, "n_txt": n_txt, "sweeps": [SWEEPS_UNTIMED, SWEEPS, REPEATS]}
+        path = cache_path(self.cache_dir, how, self.comm.gather_object(device_name(self.device)), dtype,
+                          self.threads)
+        raw = self.comm.broadcast_object(read_cached(path) if self.comm.rank == 0 else None)
+        if raw is None:
+            raw = self._probe_blocks(fam, config, dtype, n_txt, grids, problem.n_txt + n_img)
+            if raw is not None and self.comm.rank == 0:
+                write_cached(path, raw)
+        self.unprobed = raw is None
+        if raw is None:
             self.probed = None
             return None
-        self.probed = {**raw, "threads": self.threads}
         blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
-        return machine_costs(blocks, raw["outside"], self.link, n_img)
+        outside = raw["outside"]
+        self.probed = {**raw, "threads": self.threads}
+        return machine_costs(blocks, outside, self.link, n_img)
+
+    def _probe_blocks(self, fam, config: dict, dtype, n_txt: int, grids, n: int) -> dict | None:
+        """Every rank probes its device at once (the pace the ranks keep in a job); the group's costs are the
+        slowest rank's per block kind at ``n`` tokens (``slowest``), with every rank's reading. None on every
+        rank (logged) when a rank's probe failed."""
+        self.comm.barrier()
+        try:
+            start = time.time()
+            blocks, outside = probe_blocks(fam, config, self.device, dtype, n_txt, grids)
+            self.spans.append({"probe": "blocks", "start": start, "end": time.time()})
+            log.info("probed %s block kinds on %s in %.1f s", len(blocks), self.device, time.time() - start)
+            mine = {"blocks": {k: vars(v) for k, v in blocks.items()}, "outside": outside}
+        except Exception as exc:  # noqa: BLE001 - every rank learns of it below
+            mine = {"error": f"{type(exc).__name__}: {exc}"}
+        every = self.comm.gather_object(mine)  # a failure is gathered too: no rank is left waiting
+        failed = [f"the block probe failed on rank {r}: {x['error']}" for r, x in enumerate(every) if "error" in x]
+        if failed:
+            log.warning("%s: no prediction for this job", "; ".join(failed))
+            return None
+        readings = [({k: BlockCost(**v) for k, v in x["blocks"].items()}, x["outside"]) for x in every]
+        blocks, outside, who = slowest(readings, n)
+        return {"blocks": {k: vars(v) for k, v in blocks.items()}, "outside": outside, "slowest": who,
+                "ranks": every}
 
     def choose(self, par: ParallelConfig, problem, fam, meta, config: dict, dtype: str, fits) -> Choice:
         """The plan for a job whose ``par`` has strategy 'auto' (collective). ``fits(cfg)`` is this rank's
@@ -120,7 +142,8 @@ class GroupPlanner:
     def probes(self) -> dict:
         """What the last prediction was made from, so that it can be made again (bench/repredict.py): the
         probed link (bandwidth B/s, latency s), the block costs (per kind; ``outside``: seconds per image
-        token outside the blocks; None when the block probe failed) and their thread count, and when this
+        token outside the blocks; None when the block probe failed), their thread count, every rank's reading
+        (``ranks``) and which rank's each kind's costs are (``slowest``), and when this
         rank ran a probe ({"probe": "link" or "blocks", "start", "end"}, time.time(); cached block costs
         are not probed again)."""
         return {"link": vars(self.link), "costs": self.probed, "spans": list(self.spans)}

@@ -137,6 +137,29 @@ def test_planner_real_auto_job_on_two_ranks_reports_its_plan(tmp_path):
         assert plan["predicted_s"] > 0 and plan["measured_s"] == m["wall_s_median"]
         assert plan["link"]["bandwidth"] > 0
         assert 0 <= plan["link"]["straggle"] < 0.5  # two ranks of the same work on two cores keep pace within half
+        # every rank probed its own device at once; the group predicts from the slowest rank per block kind
+        costs, n = plan["probes"]["costs"], 8 * 8 + 8  # the job's image and text tokens
+        assert len(costs["ranks"]) == 2 and set(costs["slowest"]) == set(costs["blocks"]), costs
+        for kind, r in costs["slowest"].items():
+            assert costs["blocks"][kind] == costs["ranks"][r]["blocks"][kind]
+            times = [BlockCost(**x["blocks"][kind]).time(n, n) for x in costs["ranks"]]
+            assert times[r] == max(times), (kind, times)
+        assert costs["outside"] == max(x["outside"] for x in costs["ranks"])
+
+
+def test_planner_group_predicts_from_its_slowest_rank():
+    """Each block kind's costs are the rank's that is slowest at the job's sequence (a rank with more overhead
+    per call but less per token is the slowest on a short sequence only); outside the blocks, the slowest; ranks
+    that probed different block kinds are refused, naming them."""
+    from comfy_pipefusion.parallel.probe import slowest
+
+    calls, tokens = BlockCost(1e-5, per_call=1e-2), BlockCost(2e-5, per_call=0.0)
+    readings = [({"double": calls, "single": BlockCost(1e-5)}, 3e-7),
+                ({"double": tokens, "single": BlockCost(2e-5)}, 1e-7)]
+    assert slowest(readings, 100) == ({"double": calls, "single": BlockCost(2e-5)}, 3e-7, {"double": 0, "single": 1})
+    assert slowest(readings, 10_000)[0]["double"] == tokens
+    with pytest.raises(ValueError, match=r"different block kinds: \[\['double', 'single'\], \['double'\]\]"):
+        slowest([readings[0], ({"double": calls}, 1e-7)], 100)
 
 
 def test_planner_collectives_run_at_the_links_duplex_and_exchange_rates():

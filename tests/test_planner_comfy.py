@@ -52,7 +52,7 @@ def _costs(server, cost: dict) -> None:
     assert len(files) == 1, files
     raw = json.loads(files[0].read_text())
     raw["blocks"] = {kind: dict(cost) for kind in raw["blocks"]}
-    raw["per_token_outside"] = 0.0
+    raw["outside"] = 0.0
     files[0].write_text(json.dumps(raw))
 
 

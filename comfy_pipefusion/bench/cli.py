@@ -291,7 +291,7 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
         return run_jobs(None, args.seed, [j.to_wire() for j in serial_jobs], world_size=1, threads=1, model=source,
                         worker_args=test_args, rounds=args.rounds)["serial"], {}, []
     turns = len(par_jobs) * args.rounds
-    # one serial job per turn, probed once (its first: the group's first round reads that probe)
+    # one serial job per turn, probed once (its first)
     serial_jobs = [replace(serial_jobs[0], name=f"serial-{i}", repeats=1) for i in range(turns + 1)]
     order = ["serial", "group"] * turns + ["serial"]
     with owned_tempdir("pipefusion-bench-") as tmp:

@@ -112,7 +112,8 @@ def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns
     seen: set = set()  # the plans this process has run
     for r in range(rounds):
         # every round probes again, in a folder of this round and process (the bench's probe folder is its
-        # own: no probe of an earlier run is used; the first round's is shared by the bench's processes)
+        # own: no probe of an earlier run is used; in the first round's, the serial process's probe, one rank
+        # alone, and the group's, every rank at once, are cached apart)
         models.planner = None
         models.probe_dir = probe_dir / f"{turns.tag or 'jobs'}-round-{r}" if probe_dir is not None and r \
             else probe_dir

@@ -4,8 +4,11 @@ Blocks: one block of each kind of the model's own structure, filled with synthet
 not depend on the values), runs through the family's patch-wise code (the engine's ``run_blocks``) over a
 whole image of three sizes (the job's, half and a quarter of it), swept once untimed to warm up, then a
 few times timed; ``t(n) = per_call + per_token (n + n^2 / 6d)`` is fitted to each size's median over the
-timed sweeps (``fit``). The result is cached as JSON per model structure, device, dtype, thread count and
-torch version, so a group pays for the probe once.
+timed sweeps (``fit``). Every rank of a group probes its own device at once, as the ranks compute when they
+run a job (on one machine they share its memory bandwidth and caches: one rank probing alone read up to 30%
+faster per token than the group then ran), and the group predicts from the slowest (``slowest``). The group's
+result is cached as JSON per model structure, every rank's device, dtype, thread count and torch version
+(``cache_path``), so a group pays for the probe once.
 
 Links: a ping-pong with rank 0 (small messages: latency; large ones: bandwidth), then both ways at once
 (the collectives' rate), on the data plane; last, the ranks' pace at a collective (the same compute on every
@@ -53,10 +56,41 @@ SWEEPS_UNTIMED = 1
 grows, its pages fault in; on a GPU, kernels load and autotune)."""
 
 
-def cache_key(config: dict, device: torch.device, dtype: torch.dtype, threads: int) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}"
-    raw = json.dumps([config, name, str(dtype), threads, torch.__version__], sort_keys=True, default=str)
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+def device_name(device: torch.device) -> str:
+    """What a probe cache tells devices apart by: the card's name, or the CPU's core count."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}"
+
+
+def cache_path(cache_dir: Path | None, how: dict, devices: list[str], dtype: torch.dtype,
+               threads: int) -> Path | None:
+    """The probe cache file of a group: its model structure and probe sizes (``how``), every rank's device
+    (``device_name``; their number is how many probed at once), dtype, threads per rank and torch version."""
+    if not cache_dir:
+        return None
+    raw = json.dumps([how, devices, str(dtype), threads, torch.__version__], sort_keys=True, default=str)
+    return Path(cache_dir) / f"probe-{hashlib.sha256(raw.encode()).hexdigest()[:16]}.json"
+
+
+def read_cached(path: Path | None) -> dict | None:
+    """A probe cache file's JSON (its "blocks": {kind: BlockCost fields}, "outside": seconds), or None (none
+    there, or unreadable: logged, probed again)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        [BlockCost(**v) for v in raw["blocks"].values()], float(raw["outside"])
+        return raw
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("probe cache %s unreadable (%s): probing again", path, exc)
+        return None
+
+
+def write_cached(path: Path | None, raw: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(raw))
+        os.replace(tmp, path)
 
 
 def fit(samples: list[tuple[int, float]], width: int) -> BlockCost:
@@ -124,31 +158,17 @@ def probe_blocks(fam, config: dict, device: torch.device, dtype: torch.dtype, n_
     return {k: fit(v, width) for k, v in samples.items()}, min(outside)
 
 
-def cached_blocks(cache_dir: Path | None, fam, config: dict, device: torch.device, dtype: torch.dtype,
-                  n_txt: int, threads: int, grids: tuple[tuple[int, int], ...]
-                  ) -> tuple[dict[str, BlockCost], float, bool]:
-    """``probe_blocks`` and True, or (its costs, False) read from ``cache_dir`` when this model structure and
-    device were probed before (at the same sizes: a job of another size probes again, so each fit covers the
-    sizes it predicts)."""
-    how = {"config": config, "grids": grids, "n_txt": n_txt, "sweeps": [SWEEPS_UNTIMED, SWEEPS, REPEATS]}
-    key = cache_key(how, device, dtype, threads)
-    path = Path(cache_dir) / f"probe-{key}.json" if cache_dir else None
-    if path is not None and path.is_file():
-        try:
-            raw = json.loads(path.read_text())
-            return {k: BlockCost(**v) for k, v in raw["blocks"].items()}, float(raw["per_token_outside"]), False
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("probe cache %s unreadable (%s): probing again", path, exc)
-    start = time.perf_counter()
-    blocks, outside = probe_blocks(fam, config, device, dtype, n_txt, grids)
-    log.info("probed %s block kinds on %s in %.1f s", len(blocks), device, time.perf_counter() - start)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"blocks": {k: vars(v) for k, v in blocks.items()},
-                                   "per_token_outside": outside}))
-        os.replace(tmp, path)
-    return blocks, outside, True
+def slowest(readings: list[tuple[dict[str, BlockCost], float]], n: int) -> tuple[dict[str, BlockCost], float,
+                                                                               dict[str, int]]:
+    """The group's pace from each rank's reading (its block costs, seconds per token outside the blocks): per
+    block kind, the costs of the rank slowest at ``n`` tokens (the job's sequence), since the ranks of every
+    parallel plan meet at least once an evaluation and wait for the last; outside, the slowest too. Returns
+    (block costs, outside, {kind: the rank whose costs they are})."""
+    kinds = readings[0][0]
+    if any(r.keys() != kinds.keys() for r, _ in readings):
+        raise ValueError(f"the ranks probed different block kinds: {[sorted(r) for r, _ in readings]}")
+    who = {k: max(range(len(readings)), key=lambda i: (readings[i][0][k].time(n, n), -i)) for k in kinds}
+    return {k: readings[i][0][k] for k, i in who.items()}, max(o for _, o in readings), who
 
 
 def _ping_pong(comm, peer: int, nbytes: int, rounds: int) -> float:
