@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from comfy_pipefusion.config import ParallelConfig
 from comfy_pipefusion.parallel.planner import candidates, choose, label
@@ -160,6 +161,27 @@ def test_planner_group_predicts_from_its_slowest_rank():
     assert slowest(readings, 10_000)[0]["double"] == tokens
     with pytest.raises(ValueError, match=r"different block kinds: \[\['double', 'single'\], \['double'\]\]"):
         slowest([readings[0], ({"double": calls}, 1e-7)], 100)
+
+
+def test_planner_probe_cache_round_trip_and_its_faults(tmp_path, caplog):
+    """A group's probe comes back from its cache file as written; a file that is not JSON, lacks a field or
+    holds a negative cost reads as none (the group probes again), and a folder that cannot be written is
+    logged, not raised (a rank raising there alone would leave the others in the next collective)."""
+    from comfy_pipefusion.parallel.probe import cache_path, read_cached, write_cached
+
+    how = {"config": {"num_layers": 2}, "grids": ((4, 4),)}
+    path = cache_path(tmp_path, how, ["cpu-2", "cpu-2"], torch.float32, 1)
+    assert path != cache_path(tmp_path, how, ["cpu-2"], torch.float32, 1)  # a process alone is cached apart
+    raw = {"blocks": {"double": vars(BlockCost(1e-4, 1e-8, 1e-3))}, "outside": 1e-6, "slowest": {"double": 1}}
+    write_cached(path, raw)
+    assert read_cached(path) == raw and read_cached(tmp_path / "none.json") is None
+    for text in ("{", '{"blocks": {}}', '{"blocks": {"double": {"per_token": -1}}, "outside": 0}'):
+        path.write_text(text)
+        assert read_cached(path) is None
+    assert caplog.text.count("unreadable") == 3
+    (tmp_path / "file").write_text("")
+    write_cached(tmp_path / "file" / "probe.json", raw)
+    assert "not written" in caplog.text
 
 
 def test_planner_collectives_run_at_the_links_duplex_and_exchange_rates():

@@ -78,7 +78,9 @@ def read_cached(path: Path | None) -> dict | None:
         return None
     try:
         raw = json.loads(path.read_text())
-        [BlockCost(**v) for v in raw["blocks"].values()], float(raw["outside"])
+        for v in raw["blocks"].values():
+            BlockCost(**v)  # the fields and their signs
+        float(raw["outside"])
         return raw
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("probe cache %s unreadable (%s): probing again", path, exc)
@@ -86,11 +88,17 @@ def read_cached(path: Path | None) -> dict | None:
 
 
 def write_cached(path: Path | None, raw: dict) -> None:
-    if path is not None:
+    """Keep a group's probe in ``path``; a folder that cannot be written is logged, not raised (the probe is
+    still good for this job, and the next probes again)."""
+    if path is None:
+        return
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(raw))
         os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("probe cache %s not written (%s): the next job of this size probes again", path, exc)
 
 
 def fit(samples: list[tuple[int, float]], width: int) -> BlockCost:
