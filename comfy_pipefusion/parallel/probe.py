@@ -82,7 +82,7 @@ def read_cached(path: Path | None) -> dict | None:
             BlockCost(**v)  # the fields and their signs
         float(raw["outside"])
         return raw
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("probe cache %s unreadable (%s): probing again", path, exc)
         return None
 
