@@ -40,6 +40,7 @@ class GroupPlanner:
         self.comm, self.device, self.threads = comm, device, threads
         self.cache_dir = cache_dir
         self.link: Link | None = None
+        self.devices: list[str] = []  # every rank's device name, gathered with the link probe
         self.unprobed = False  # the last job's block probe failed (no prediction; auto took the first plan)
         self.probed: dict | None = None  # the last job's block costs as measured or cached (``probes``)
         self.spans: list[dict] = []  # when this rank probed ({"probe", "start", "end"}, time.time())
@@ -52,6 +53,7 @@ class GroupPlanner:
             self.comm.barrier()  # the probe starts when every rank is here (a rank may wait for its turn)
             start = time.time()
             self.link = probe_link(self.comm)
+            self.devices = self.comm.gather_object(device_name(self.device))  # every rank's, for the cache
             self.spans.append({"probe": "link", "start": start, "end": time.time()})
             log.info("link: %.3g MB/s one way, %.3g MB/s both ways (%.3g in a train of all-to-alls), %.3g ms "
                      "latency; the slowest rank %.1f%% behind at a collective", self.link.bandwidth / 1e6,
@@ -59,8 +61,7 @@ class GroupPlanner:
                      100 * self.link.straggle)
         grids = grids_for(problem.rows, problem.cols)
         how = {"config": config, "grids": grids, "n_txt": n_txt, "sweeps": [SWEEPS_UNTIMED, SWEEPS, REPEATS]}
-        path = cache_path(self.cache_dir, how, self.comm.gather_object(device_name(self.device)), dtype,
-                          self.threads)
+        path = cache_path(self.cache_dir, how, self.devices, dtype, self.threads)
         raw = self.comm.broadcast_object(read_cached(path) if self.comm.rank == 0 else None)
         if raw is None:
             raw = self._probe_blocks(fam, config, dtype, n_txt, grids, problem.n_txt + n_img)
