@@ -194,7 +194,8 @@ def _wait_all(procs: list, timeout: float | None) -> int:
 def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, threads: int = 1,
              timeout: float | None = None, model: dict | None = None,
              worker_args: list[str] | None = None, cpu_only: bool = False,
-             link=None, nodes: Nodes | None = None, rounds: int = 1) -> dict[str, tuple[torch.Tensor, dict]]:
+             link=None, nodes: Nodes | None = None, rounds: int = 1,
+             probe_at: list[int] | None = None) -> dict[str, tuple[torch.Tensor, dict]]:
     """Run ``jobs`` (``Job.to_wire`` forms; ``Job.from_wire`` fills what a job leaves out) on a fresh group;
     returns {name: (samples, metrics)}. The model is the built-in ``preset`` (random weights from ``seed``)
     unless ``model`` gives another source (e.g. ``{"checkpoint": PATH}``). ``timeout`` (seconds, None: no
@@ -203,13 +204,15 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
     (linkns.Shaped) puts half the ranks in each of its two namespaces, joined by torchrun's multi-node
     rendezvous over the shaped link; ``nodes`` makes this process one machine's part of a group across
     machines (its ``world_size // nnodes`` ranks; every machine's first rank writes the results); ``rounds``:
-    the jobs run that many times over (bench/timing.py), each job's results over all its rounds."""
+    the jobs run that many times over (bench/timing.py), each job's results over all its rounds; ``probe_at``:
+    the indices of the jobs before which the planner probes again (besides each round's first)."""
     sweep_tempdirs()
     with owned_tempdir() as tmp:
         tmp = Path(tmp)
         spec = tmp / "jobs.json"
         source = model or {"preset": preset, "seed": seed}
-        spec.write_text(json.dumps({"model": source, "jobs": jobs, **({"rounds": rounds} if rounds != 1 else {})}))
+        spec.write_text(json.dumps({"model": source, "jobs": jobs, **({"rounds": rounds} if rounds != 1 else {}),
+                                    **({"probe_at": probe_at} if probe_at else {})}))
         log = tmp / "worker.log"
         with open(log, "wb") as fh:
             args = ["--jobs", str(spec), "--out", str(tmp / "out"), "--threads", str(threads), *(worker_args or [])]

@@ -76,8 +76,16 @@ def test_bench_writes_the_documented_json(tmp_path: Path):
         assert rows[name]["predicted_s"] == statistics.median(r["predicted_s"] for r in rounds)
         assert any(s["probe"] == "blocks" for s in rounds[1]["probes"]["spans"])
         assert rounds[0]["probes"]["spans"][0]["start"] < rounds[1]["probes"]["spans"][0]["start"]
+    # serial probed again in the group's second round, before its first turn of it: its first three runs
+    # (the first round's, before each of its turns) and its last four (the second's, and the closing one)
+    rounds = rows["serial"]["rounds"]
+    assert [r["measured_s"] for r in rounds] == [statistics.median(serial_runs[:3]), statistics.median(serial_runs[3:])]
+    assert rows["serial"]["predicted_s"] == statistics.median(r["predicted_s"] for r in rounds)
+    blocks = [s for s in rounds[1]["probes"]["spans"] if s["probe"] == "blocks"]
+    spans = rows["serial"]["run_spans"]
+    assert len(blocks) == 1 and spans[2][1] <= blocks[0]["start"] < spans[3][0]
     again = {r["name"]: r for r in repredict.repredict(report)}
-    for name in ("serial", *names):  # serial's from its first turn's probe
+    for name in ("serial", *names):
         assert again[name]["own_probes"] and again[name]["predicted_s"] == pytest.approx(rows[name]["predicted_s"])
     for name in names:
         assert [(r["strategy"], r["patches"]) for r in rows[name]["rounds"]] == [(name, rows[name]["patches"])] * 2

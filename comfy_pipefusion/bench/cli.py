@@ -43,6 +43,7 @@ from .turns import TurnAborted, conduct
 from ..linkns import LINKS
 from ..multinode import Nodes
 from .machines import nodes_of, run_other_node
+from .timing import combine, pool
 
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -291,8 +292,10 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
         return run_jobs(None, args.seed, [j.to_wire() for j in serial_jobs], world_size=1, threads=1, model=source,
                         worker_args=test_args, rounds=args.rounds)["serial"], {}, []
     turns = len(par_jobs) * args.rounds
-    # one serial job per turn, probed once (its first)
+    # one serial job per turn, probed again at each of the group's rounds (its first turn of each; the last round
+    # has the closing turn too): serial's prediction follows the machine's drift as the group's does
     serial_jobs = [replace(serial_jobs[0], name=f"serial-{i}", repeats=1) for i in range(turns + 1)]
+    starts = [len(par_jobs) * r for r in range(args.rounds)]
     order = ["serial", "group"] * turns + ["serial"]
     with owned_tempdir("pipefusion-bench-") as tmp:
         results: dict = {}
@@ -304,6 +307,7 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
                     results[tag] = run_jobs(None, args.seed, wires, world_size=world_size, threads=threads,
                                             link=link if tag == "group" else None, model=source,
                                             rounds=args.rounds if tag == "group" else 1,
+                                            probe_at=starts[1:] if tag == "serial" else None,
                                             nodes=nodes if tag == "group" else None,
                                             worker_args=["--turns", tmp, "--turn-tag", tag, "--probe-dir",
                                                          str(Path(tmp) / "probes"), *test_args])
@@ -329,12 +333,9 @@ def run_side_by_side(args, source: dict, serial_jobs: list[Job], par_jobs: list[
         if failed or aborted:  # the process that failed says why better than the conductor can
             raise (failed[0] if failed else aborted) from None
         runs = [results["serial"][j.name] for j in serial_jobs]
-        walls = [w for _, m in runs for w in m["wall_s_runs"]]
-        merged = {**runs[0][1], "wall_s_runs": walls, "wall_s_median": statistics.median(walls),
-                  "wall_s_min": min(walls), "run_spans": [s for _, m in runs for s in m["run_spans"]],
-                  "warmup_spans": [s for _, m in runs for s in m["warmup_spans"]],
-                  "timeline": runs[-1][1]["timeline"]}  # the last serial run's, like every job's
-        return (runs[0][0], merged), results["group"], spans
+        # the serial turns between two probes as one round of the serial row (its prediction their median)
+        rounds = [pool([m for _, m in runs[a:b]]) for a, b in zip(starts, [*starts[1:], len(runs)])]
+        return (runs[0][0], combine(rounds)), results["group"], spans
 
 
 def print_table(report: dict) -> None:

@@ -108,6 +108,10 @@ def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns
     rounds = int(spec.get("rounds", 1))
     if rounds < 1:
         raise ValueError(f"a jobs file's rounds must be >= 1, got {rounds}")
+    probe_at = spec.get("probe_at", [])  # also probe again before these jobs (their index in a round)
+    if not all(isinstance(i, int) and 0 < i < len(spec["jobs"]) for i in probe_at):
+        raise ValueError(f"a jobs file's probe_at must list job indices from 1 to {len(spec['jobs']) - 1}, "
+                         f"got {probe_at}")
     done: dict[str, list[dict]] = {}
     seen: set = set()  # the plans this process has run
     for r in range(rounds):
@@ -117,7 +121,10 @@ def run_file(jobs_path: Path, out: Path, comm: Comm, device: torch.device, turns
         models.planner = None
         models.probe_dir = probe_dir / f"{turns.tag or 'jobs'}-round-{r}" if probe_dir is not None and r \
             else probe_dir
-        for wire in spec["jobs"]:
+        for i, wire in enumerate(spec["jobs"]):
+            if i in probe_at:  # e.g. the bench's serial process, one job per turn: a probe per group round
+                models.planner = None
+                models.probe_dir = probe_dir / f"{turns.tag or 'jobs'}-round-{r}-job-{i}" if probe_dir else None
             job = Job.from_wire({"model": spec["model"], **wire}, comm.world_size, samplers)
             log.info("job %s (round %d of %d): %s", job.name, r + 1, rounds, job.parallel)
             # the turn starts before prepare: its load and the planner's probes (a few seconds of timed compute
@@ -148,15 +155,22 @@ def combine(rounds: list[dict]) -> dict:
     probes (``plan["rounds"]``); the rest (bytes, waits, timeline, memory, the plan) as of the last round."""
     if len(rounds) == 1:
         return rounds[-1]
-    walls = [w for m in rounds for w in m["wall_s_runs"]]
+    pooled = pool(rounds)
     predicted = [m["plan"]["predicted_s"] for m in rounds]
     each = [{k: m["plan"].get(k) for k in ("plan", "strategy", "patches", "warmup_steps", "ulysses", "predicted_s",
                                             "measured_s", "link", "probes")} for m in rounds]
-    plan = {**rounds[-1]["plan"], "measured_s": statistics.median(walls), "rounds": each,
-            "predicted_s": None if None in predicted else statistics.median(predicted)}
-    return {**rounds[-1], "wall_s_runs": walls, "run_spans": [s for m in rounds for s in m["run_spans"]],
-            "warmup_spans": [s for m in rounds for s in m["warmup_spans"]],
-            "wall_s_median": statistics.median(walls), "wall_s_min": min(walls), "plan": plan}
+    return {**pooled, "plan": {**pooled["plan"], "rounds": each,
+                               "predicted_s": None if None in predicted else statistics.median(predicted)}}
+
+
+def pool(runs: list[dict]) -> dict:
+    """Several metrics of one plan as one: every run's wall time and span, the median measured; the rest as of
+    the last (a round's runs, or the bench's serial turns, one job each, between two probes)."""
+    walls = [w for m in runs for w in m["wall_s_runs"]]
+    return {**runs[-1], "wall_s_runs": walls, "run_spans": [s for m in runs for s in m["run_spans"]],
+            "warmup_spans": [s for m in runs for s in m["warmup_spans"]],
+            "wall_s_median": statistics.median(walls), "wall_s_min": min(walls),
+            "plan": {**runs[-1]["plan"], "measured_s": statistics.median(walls)}}
 
 
 def from_rank0(comm: Comm, samples: torch.Tensor | None, metrics: dict | None) -> tuple[torch.Tensor, dict]:
