@@ -222,14 +222,13 @@ class ParallelConfig:
                 f"most {rows * token_cols}, or another strategy")
 
     def check_model(self, num_blocks: int, heads: int | None = None) -> None:
-        """Raise if the model has too few blocks for the stages, or heads that the Ulysses degree does not
-        divide; before any worker starts."""
+        """Raise if the model has too few blocks for the stages, or fewer attention heads than the Ulysses
+        degree (a degree that does not divide them splits them unevenly); before any worker starts."""
         u = self.ulysses_degree
-        if heads is not None and heads % u:
-            fits = [d for d in range(2, heads + 1) if heads % d == 0]
+        if heads is not None and heads < u:
             raise ValueError(f"{self.strategy} splits the model's {heads} attention heads over {u} ranks, but "
-                             f"{heads} is not divisible by {u}; use a Ulysses degree of "
-                             f"{' or '.join(map(str, fits)) or '1'}, or another strategy")
+                             f"there are fewer heads than ranks; use a Ulysses degree of at most {heads}, or "
+                             "another strategy")
         if self.patch_method != "pipefusion":
             return
         if self.stages > num_blocks:

@@ -26,7 +26,8 @@ import torch
 from .config import ParallelConfig
 from .models import family
 from .parallel.plan import rank_blocks, rank_modules
-from .patches import displaced_spans
+from .parallel.costs import chunk
+from .patches import displaced_spans, split_even
 
 if TYPE_CHECKING:
     from .memory import JobSize
@@ -184,22 +185,24 @@ def _ulysses_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, dev
     width, elem = heads * head_dim, ELEM[size.dtype]
     n_txt = family.sequence_text(fam, size.n_txt, size.n_ref)
     band = max(s.n_txt + s.n_img for s in displaced_spans(size.rows, size.cols, n_txt, cfg.world_size))
-    exchange = 8 * size.model_batch * band * width * elem
+    exchange = 8 * size.model_batch * band * chunk(width, heads, cfg.world_size) * cfg.world_size * elem
     return RankBytes(like.weights, 0, exchange, like.activations, like.latent, like.upcast)
 
 
 def _lanes_bytes(fam, meta, cfg: ParallelConfig, size: JobSize, rank: int, device_type: str, fp8: bool,
                  upcast: bool) -> RankBytes:
     """Ulysses inside a patch method: what the rank's stage (band) holds under the patch method alone, its
-    K/V buffers and gathers for 1/u of the heads, and the all-to-all buffers of the largest item's parts
-    (the activations are counted for the whole item: an over-estimate by at most the lanes' share)."""
+    K/V buffers and gathers for its lane's share of the heads, and the all-to-all buffers of the largest
+    item's parts (the activations are counted for the whole item: an over-estimate by at most the lanes'
+    share)."""
     u = cfg.ulysses_degree
     like = rank_bytes(fam, meta, replace(cfg, strategy=cfg.patch_method, world_size=cfg.stages, ulysses=0), size,
                       rank // u, device_type, fp8, upcast)
     heads, head_dim = family.attention_shape(meta)
     tokens = family.sequence_text(fam, size.n_txt, size.n_ref) + size.n_img
-    exchange = 8 * size.model_batch * math.ceil(tokens / u) * heads * head_dim * ELEM[size.dtype]
-    return replace(like, kv=like.kv // u, gathered=like.gathered // u + exchange)
+    exchange = 8 * size.model_batch * math.ceil(tokens / u) * chunk(heads * head_dim, heads, u) * u * ELEM[size.dtype]
+    mine = len(range(*split_even(heads, u)[rank % u]))  # this lane's heads
+    return replace(like, kv=like.kv * mine // heads, gathered=like.gathered * mine // heads + exchange)
 
 
 def estimate(fam, meta, cfg: ParallelConfig, size: JobSize, device_type: str = "cpu",

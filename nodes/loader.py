@@ -63,7 +63,8 @@ class PipeFusionDiTLoader:
                                                   "heads; 0 = automatic (every device of a CFG half for ulysses "
                                                   "alone, 2 per stage inside pipefusion/distrifusion). It must "
                                                   "divide the devices (of a CFG half), leave at least 2 stages "
-                                                  "inside a patch method, and divide the model's heads"}),
+                                                  "inside a patch method, and be at most the model's heads "
+                                                  "(heads it does not divide are split unevenly)"}),
         }}
 
     @classmethod

@@ -222,6 +222,8 @@ def summarise(args, spec, serial, results) -> dict:
     n_txt = family.sequence_text(fam, preset["text_tokens"], refs)
     ref, ref_m = serial
     evals, step_of = evaluation_plan(spec, sampling_kind(fam, cfg_model))
+    meta = fam.build_meta(cfg_model)
+    heads = family.attention_shape(meta)[0]
     rows = []
     jobs = len(results) - 1
     for k, (name, (x, m), job) in enumerate(results):
@@ -240,8 +242,8 @@ def summarise(args, spec, serial, results) -> dict:
                     warmup=sum(1 for k in range(evals) if step_of(k) < cfg.warmup_steps),
                     patches=cfg.num_patches, elem=ELEM[spec.dtype],
                     layers=layers["joint"], image_layers=layers["image"], text_stream=cfg.text_stream,
-                    channels=4 * fam.latent_format(cfg_model).channels, ulysses=cfg.ulysses_degree,
-                    stage_layers=stage_layers(fam, fam.build_meta(cfg_model), cfg.branch())
+                    channels=4 * fam.latent_format(cfg_model).channels, ulysses=cfg.ulysses_degree, heads=heads,
+                    stage_layers=stage_layers(fam, meta, cfg.branch())
                     if "ulysses+pipefusion" in cfg.strategy else None)
         rows.append({"strategy": job.peer or cfg.strategy, "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,

@@ -39,6 +39,11 @@ PRESETS: dict[str, dict] = {
                                 joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
                                 axes_dims_rope=(4, 6, 6)),
                     text_tokens=8, height=128, width=128, steps=4),
+    # tests of heads that the ranks do not divide (Ulysses over 2, 3 or 4 ranks): tiny with 5 heads
+    "tiny-h5": dict(config=dict(num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=5,
+                                joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                                axes_dims_rope=(4, 6, 6)),
+                    text_tokens=8, height=128, width=128, steps=4),
     # the default of the benchmark: 4 strategies at 2 ranks well within a minute
     "small": dict(config=dict(num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=8,
                               joint_attention_dim=512, pooled_projection_dim=128, guidance_embeds=True,

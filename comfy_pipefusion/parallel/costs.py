@@ -21,7 +21,8 @@ plus, for r > 0, its band of the final latent: 4 * B * C * S_i,r.
 naive_patch: only the final latent band of each rank r > 0.
 Ulysses, rank r: at every attention layer of every evaluation, two all_to_alls over its N - 1 peers: q, k, v
 of its padded band for their heads, then the outputs of their bands for its heads:
-    T * e * 4 * B * (D / N) * (N - 1) * (L * Lmax + L' * Lmax'),  Lmax, Lmax' as DistriFusion's;
+    T * e * 4 * B * (D / N) * (N - 1) * (L * Lmax + L' * Lmax'),  Lmax, Lmax' as DistriFusion's (where N does
+    not divide the H heads, each chunk is padded to the largest share: D / N becomes ceil(H / N) * D / H);
 plus, for r > 0, its band of the final latent: 4 * b * C * S_i,r (b: the images, B/2 with true CFG).
 ulysses+pipefusion (u lanes per stage, rank r = stage s * u + lane j; each item's span, W' warm-up items of
 the whole sequence then M patches per evaluation, cut into u parts P_j, ``patches.lane_spans``): stage s < N - 1
@@ -33,7 +34,8 @@ part of every item after the first evaluation back to stage 0, 4 * b * C * |P_j|
 latent, 4 * b * C * S_i.
 ulysses+distrifusion (rank r = band * u + lane j, P_j lane j's part of its band): at every evaluation and
 layer, Ulysses' all_to_alls over the band's lanes as above; DistriFusion's gathers over the N bands of lane
-j for its D / u heads (the formula above with D / u, N bands); and, for r > 0, its part of the final latent.
+j for its D / u heads (the formula above with D / u, N bands; where u does not divide the heads, lane j's own
+share of them: ``split_even(H, u)``); and, for r > 0, its part of the final latent.
 cfg+X (B: the model batch 2b of true CFG), rank r = rank r' = r mod N/2 of its branch: X's bytes for r' on
 N/2 ranks at batch b, plus the exchange of its predictions with the other branch at every evaluation for
 the tokens whose latent it updates (all of them for one rank per branch, PipeFusion's last stage, the band
@@ -48,15 +50,16 @@ def expected_bytes(strategy: str, *, rank: int, world: int, batch: int, width: i
                    cols: int, steps: int, warmup: int, patches: int, layers: int, elem: int,
                    text_stream: str = "last_patch", channels: int = 64, image_layers: int = 0,
                    images: int | None = None, ulysses: int = 1,
-                   stage_layers: tuple[tuple[int, int], ...] | None = None) -> int:
+                   stage_layers: tuple[tuple[int, int], ...] | None = None, heads: int = 0) -> int:
     """``batch``: the model batch (2x the images with true CFG); ``images``: the latent's batch (default:
     ``batch``), what the final latent carries; ``ulysses``: the Ulysses degree inside a patch method;
-    ``stage_layers``: (joint, image-only) attention layers of each PipeFusion stage (ulysses+pipefusion)."""
+    ``stage_layers``: (joint, image-only) attention layers of each PipeFusion stage (ulysses+pipefusion);
+    ``heads``: the model's attention heads (0: as many as Ulysses' degree divides evenly)."""
     n_img = rows * cols
     images = batch if images is None else images
     dims = dict(batch=batch, images=images, width=width, n_txt=n_txt, rows=rows, cols=cols, steps=steps, warmup=warmup,
                 patches=patches, layers=layers, elem=elem, text_stream=text_stream, channels=channels,
-                image_layers=image_layers)
+                image_layers=image_layers, heads=heads)
     if strategy.split("+")[0] == "cfg":
         return _cfg_bytes(strategy, rank, world, dims, ulysses, stage_layers)
     if strategy == "serial":
@@ -66,7 +69,8 @@ def expected_bytes(strategy: str, *, rank: int, world: int, batch: int, width: i
     if strategy == "ulysses":
         spans = displaced_spans(rows, cols, n_txt, world)
         lmax, lmax_img = max(s.n_txt + s.n_img for s in spans), max(s.n_img for s in spans)
-        a2a = steps * elem * 4 * batch * (width // world) * (world - 1) * (layers * lmax + image_layers * lmax_img)
+        a2a = (steps * elem * 4 * batch * chunk(width, heads, world) * (world - 1)
+               * (layers * lmax + image_layers * lmax_img))
         return a2a + (4 * images * channels * spans[rank].n_img if rank else 0)
     if strategy == "pipefusion":
         if rank == world - 1:
@@ -85,6 +89,12 @@ def expected_bytes(strategy: str, *, rank: int, world: int, batch: int, width: i
         r0, r1 = split_even(rows, world)[rank]
         return 4 * images * channels * (r1 - r0) * cols if rank else 0
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def chunk(width: int, heads: int, ranks: int) -> int:
+    """Elements per token of one chunk of Ulysses' exchange over ``ranks``: the largest share of the heads
+    (the others are padded to it), ``width // ranks`` when they split evenly or ``heads`` is 0."""
+    return width // ranks if not heads else width // heads * -(-heads // ranks)
 
 
 def _cfg_bytes(strategy: str, rank: int, world: int, dims: dict, u: int, stage_layers) -> int:
@@ -116,13 +126,15 @@ def _lanes_bytes(strategy: str, rank: int, world: int, u: int, stage_layers, d: 
     def a2a(span, joint: int, image: int) -> int:  # Ulysses' two all_to_alls at every layer, one item
         parts = lane_spans(span, u)
         longest = max(p.n_txt + p.n_img for p in parts), max(p.n_img for p in parts)
-        return 4 * e * mb * (width // u) * (u - 1) * (joint * longest[0] + image * longest[1])
+        return 4 * e * mb * chunk(width, d["heads"], u) * (u - 1) * (joint * longest[0] + image * longest[1])
     if strategy == "ulysses+distrifusion":
         spans = displaced_spans(d["rows"], d["cols"], n_txt, n)
         mine = lane_spans(spans[s], u)[j]
         gathers = d["steps"] if d["warmup"] >= d["steps"] else d["steps"] - 1
         lmax, lmax_img = max(p.n_txt + p.n_img for p in spans), max(p.n_img for p in spans)
-        kv = gathers * e * 2 * mb * (width // u) * (n - 1) * (d["layers"] * lmax + d["image_layers"] * lmax_img)
+        share = (width // u if not d["heads"] else
+                 width // d["heads"] * len(range(*split_even(d["heads"], u)[j])))  # lane j's heads
+        kv = gathers * e * 2 * mb * share * (n - 1) * (d["layers"] * lmax + d["image_layers"] * lmax_img)
         return (d["steps"] * a2a(spans[s], d["layers"], d["image_layers"]) + kv
                 + (4 * d["images"] * c * mine.n_img if rank else 0))
     if stage_layers is None or len(stage_layers) != n:

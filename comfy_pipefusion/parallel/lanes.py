@@ -3,9 +3,10 @@
 Each PipeFusion stage (or DistriFusion band) runs on u ranks, its *lanes*. Every item's span (a patch, the
 whole image of a warm-up step, a band) is cut into u consecutive parts (``patches.lane_spans``): lane j runs
 every block on part j alone, and at each attention layer the lanes of a stage trade tokens for heads (the
-all_to_all of ``ulysses.Exchange``). Lane j then holds q, k, v of the whole span for its H/u heads, and the
-patch method's own buffer for those heads: the K/V of the whole sequence, per head shard (PipeFusion's
-stale buffer, DistriFusion's displaced one, whose gathers run between the lanes j of every band). That is
+all_to_all of ``ulysses.Exchange``). Lane j then holds q, k, v of the whole span for its share of the heads
+(H/u; where u does not divide H, the first H mod u lanes one more), and the patch method's own buffer for
+those heads: the K/V of the whole sequence, per head shard (PipeFusion's stale buffer, DistriFusion's
+displaced one, whose gathers run between the lanes j of every band: the same share on each). That is
 what keeps the hybrid as exact as its patch method: at full warm-up every buffer holds every token's fresh
 K/V for its heads, as serial's does.
 
@@ -95,7 +96,7 @@ class LaneAttention:
 
     def __init__(self, batch: int, heads: int, n_txt: int, n_img: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, lanes: Lanes, inner, **inner_kw) -> None:
-        self.inner = inner(batch, heads // lanes.count, n_txt, n_img, head_dim, dtype, device, **inner_kw)
+        self.inner = inner(batch, lanes.exchange.local_heads, n_txt, n_img, head_dim, dtype, device, **inner_kw)
         self.lanes, self.with_text, self.head_dim = lanes, n_txt > 0, head_dim
 
     def __getattr__(self, name: str):  # the inner buffer's own controls (DistriFusion's set_mode, finish)
@@ -114,8 +115,8 @@ class LaneAttention:
                              f"{parts[self.lanes.index]}")
         lens = [p.n_txt + p.n_img for p in parts]
         ex = self.lanes.exchange
-        full = join(parts, ex.to_heads(lens, q, k, v))  # the whole span, this lane's heads: [B, S, H/u, Dh]
-        out = self.inner.attend(whole, *full).unflatten(2, (-1, self.head_dim))  # [B, S, H/u, Dh]
+        full = join(parts, ex.to_heads(lens, q, k, v))  # the whole span, this lane's heads: [B, S, h, Dh]
+        out = self.inner.attend(whole, *full).unflatten(2, (-1, self.head_dim))  # [B, S, h, Dh]
         return ex.to_tokens(lens, split(parts, out))
 
 

@@ -69,10 +69,11 @@ def candidates(world: int, rows: int, warmup: int, base: ParallelConfig | None =
 
 def exact_candidates(world: int, rows: int, warmup: int, cfg: bool, heads: int,
                      cols: int | None = None) -> list[ParallelConfig]:
-    """The exact methods and hybrids where the engine has them (config.STRATEGIES): Ulysses when the heads
-    split evenly (alone, or inside each PipeFusion stage or DistriFusion band with every degree that leaves
-    at least 2 of them: 2 first, the default), CFG halves (alone, or around each other method) on a true-CFG
-    job; none that the image cannot be cut for (``ParallelConfig.check_image``)."""
+    """The exact methods and hybrids where the engine has them (config.STRATEGIES): Ulysses when the model has
+    at least as many heads as its degree, split evenly or not (alone, or inside each PipeFusion stage or
+    DistriFusion band with every degree that leaves at least 2 of them: 2 first, the default), CFG halves
+    (alone, or around each other method) on a true-CFG job; none that the image cannot be cut for
+    (``ParallelConfig.check_image``)."""
     out = []
     names = [s for s in STRATEGIES if "ulysses" in s or s.startswith("cfg")]
     for s in names:
@@ -86,7 +87,7 @@ def exact_candidates(world: int, rows: int, warmup: int, cfg: bool, heads: int,
                 plan.check_image(rows, cols)
             except ValueError:  # not a plan of this many ranks (cfg alone on 4, 2 lanes x 2 stages on 2), image
                 continue
-            if "ulysses" in s and (not heads or heads % plan.ulysses_degree):
+            if "ulysses" in s and (not heads or heads < plan.ulysses_degree):
                 continue
             out.append(plan)
     return out

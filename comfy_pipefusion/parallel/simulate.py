@@ -24,7 +24,9 @@ What is simulated (see parallel/pipefusion.py and distrifusion.py for the schedu
   gather; the others overlap the gather with the next evaluation's compute.
 - ``naive_patch``: each rank its band alone; no exchange but the final latent.
 - ``ulysses``: each rank computes 1/N of the tokens through the linear layers and 1/N of the heads over
-  the whole sequence; every attention layer waits for two all-to-alls (q, k, v out; the outputs back).
+  the whole sequence (where N does not divide the heads, the largest share, ceil(H / N), paces, and the
+  exchange's chunks are padded to it); every attention layer waits for two all-to-alls (q, k, v out; the
+  outputs back).
 - ``ulysses+pipefusion``, ``ulysses+distrifusion``: the patch method on N / u stages (bands), each item
   run by u lanes as Ulysses runs it (1/u of the tokens, 1/u of the heads over the context, two
   all-to-alls per attention layer over the lanes); each lane sends its part on its own link.
@@ -153,7 +155,8 @@ class Workload:
     kv_layers: dict[str, int] = field(default_factory=dict)
     """Attention layers per block kind that DistriFusion exchanges (default: one per block)."""
     heads: int = 0
-    """Attention heads (Ulysses needs them divisible by its degree; 0: not checked)."""
+    """Attention heads (Ulysses needs at least its degree; a degree that does not divide them paces the
+    ranks by the largest share, ``head_share``; 0: not checked, an even split)."""
 
     def __post_init__(self) -> None:
         if not self.kinds or self.rows < 1 or self.cols < 1 or self.evals < 1 or self.n_txt < 0:
@@ -222,9 +225,9 @@ def simulate(strategy: str, world: int, work: Workload, costs: Costs, patches: i
     if strategy == "ulysses":
         return _ulysses(world, work, costs)
     if strategy in ("ulysses+pipefusion", "ulysses+distrifusion"):
-        if ulysses < 2 or world % ulysses or work.heads and work.heads % ulysses:
+        if ulysses < 2 or world % ulysses or work.heads and work.heads < ulysses:
             raise ValueError(f"{strategy} on {world} ranks with {ulysses} lanes per stage: the lanes must divide "
-                             f"the ranks and the {work.heads} heads")
+                             f"the ranks and be at most the {work.heads} heads")
         n = world // ulysses
         p = (_pipefusion(n, work, costs, patches or n, text_stream, stage_split, ulysses)
              if strategy.endswith("pipefusion") else _distrifusion(n, work, costs, ulysses))
@@ -298,7 +301,8 @@ def _distrifusion(world: int, work: Workload, costs: Costs, lanes: int = 1) -> P
     compute += costs.per_eval / world
     joint, _ = _kv_tokens(work, world)
     layers = [work.kv_layers.get(k, 1) for k in work.kinds]
-    per_layer = 2 * work.elem * work.model_batch * work.width * joint / lanes  # a lane gathers its heads' K/V
+    # a lane gathers its heads' K/V (the largest share paces)
+    per_layer = 2 * work.elem * work.model_batch * work.width * joint / lanes * head_share(work.heads, lanes)
     gather = sum(layers) * (world - 1) * costs.link.both(per_layer)  # a ring all-gather per attention layer
     sync = min(work.warmup_evals, work.evals)
     rest = work.evals - sync
@@ -325,6 +329,12 @@ def _naive(world: int, work: Workload, costs: Costs) -> Prediction:
     return Prediction("naive_patch", world, world, wall, compute, 0.0)
 
 
+def head_share(heads: int, ranks: int) -> float:
+    """The largest share of ``heads`` split over ``ranks`` (Ulysses), as a multiple of an even split: 1 when
+    ``ranks`` divides them (or ``heads`` is 0, unknown), else ceil(H / N) * N / H (38 heads over 4: 40 / 38)."""
+    return -(-heads // ranks) * ranks / heads if heads else 1.0
+
+
 def _all_to_all(costs: Costs, world: int, nbytes_per_rank: float) -> float:
     """An all-to-all where each rank holds ``nbytes_per_rank``: N - 1 messages of 1/N of it each way, one of a
     train (Ulysses waits for each before its next)."""
@@ -338,21 +348,23 @@ def _lanes_time(costs: Costs, work: Workload, kinds, nq: int, lanes: int) -> flo
     if lanes == 1:
         return blocks_time(costs, kinds, nq, work.n_ctx, work.model_batch)
     local = -(-nq // lanes)
-    band = work.elem * work.model_batch * local * work.width
+    share = head_share(work.heads, lanes)
+    band = work.elem * work.model_batch * local * work.width * share
     layers = sum(work.kv_layers.get(k, 1) for k in kinds)
-    return (blocks_time(costs, kinds, local, work.n_ctx, work.model_batch) * (1 + costs.link.straggle)
+    return (blocks_time(costs, kinds, local, work.n_ctx * share, work.model_batch) * (1 + costs.link.straggle)
             + layers * (_all_to_all(costs, lanes, 3 * band) + _all_to_all(costs, lanes, band)))
 
 
 def _ulysses(world: int, work: Workload, costs: Costs) -> Prediction:
-    if work.heads and work.heads % world:
-        raise ValueError(f"ulysses splits {work.heads} heads over {world} ranks: not divisible")
-    n, mb = work.n_ctx, work.model_batch
-    local = -(-n // world)  # the largest band of the joint sequence
-    compute = sum(costs.blocks[k].per_call + mb * local * (costs.blocks[k].per_token + costs.blocks[k].per_pair * n)
+    if work.heads and work.heads < world:
+        raise ValueError(f"ulysses splits {work.heads} heads over {world} ranks: fewer heads than ranks")
+    n, mb, share = work.n_ctx, work.model_batch, head_share(work.heads, world)
+    local = -(-n // world)  # the largest band of the joint sequence; the largest share of the heads
+    compute = sum(costs.blocks[k].per_call + mb * local * (costs.blocks[k].per_token +
+                                                           costs.blocks[k].per_pair * n * share)
                   for k in work.kinds) + costs.per_eval / world
     layers = sum(work.kv_layers.get(k, 1) for k in work.kinds)
-    band = work.elem * mb * local * work.width
+    band = work.elem * mb * local * work.width * share  # the exchange's chunks padded to the largest share
     comm = layers * (_all_to_all(costs, world, 3 * band) + _all_to_all(costs, world, band))
     paced = compute * (1 + costs.link.straggle)  # every attention layer waits for the slowest rank
     wall = work.evals * (paced + comm) + costs.link.time(4 * work.channels * work.n_img * work.batch / world)

@@ -17,55 +17,64 @@ import torch.nn.functional as F
 
 from ..errors import JobCancelled
 from ..models import family
-from ..patches import Span, displaced_spans
+from ..patches import Span, displaced_spans, split_even
 from .runtime import Control, JobRuntime, gather_bands
 
 
 class Exchange:
     """The fixed buffers of the two all_to_alls, shared by every attention layer of a job: one set per band
-    length (the joint sequence's, and the image tokens' of image-only attentions such as SD3.5's second)."""
+    length (the joint sequence's, and the image tokens' of image-only attentions such as SD3.5's second).
+
+    Rank j takes heads ``heads_of[j]`` (``patches.split_even``: consecutive, the first H mod N ranks one more
+    when N does not divide H, e.g. 38 heads over 4 ranks as 10, 10, 9, 9); the chunks are padded to the
+    largest share, so the exchange sends ceil(H / N) heads per chunk and each rank attends with its own."""
 
     def __init__(self, comm, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         n = comm.world_size
-        if heads % n:
-            raise ValueError(f"ulysses splits {heads} heads over {n} ranks: {heads} is not divisible by {n}")
-        self.comm, self.n, self.local_heads = comm, n, heads // n
+        if heads < n:
+            raise ValueError(f"ulysses splits {heads} heads over {n} ranks: fewer heads than ranks")
+        self.comm, self.n, self.heads_of = comm, n, split_even(heads, n)
+        self.local_heads = len(range(*self.heads_of[comm.rank]))
+        self.chunk_heads = -(-heads // n)
         self.batch, self.head_dim, self.dtype, self.device = batch, head_dim, dtype, device
         self._sets: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def buffers(self, max_len: int) -> tuple[torch.Tensor, ...]:
-        """(send, recv [N, 3, B, max_len, H/N, Dh]; out_send, out_recv [N, B, max_len, H/N, Dh]): chunk j of a
-        send goes to rank j, chunk j of a receive comes from rank j."""
+        """(send, recv [N, 3, B, max_len, ceil(H/N), Dh]; out_send, out_recv [N, B, max_len, ceil(H/N), Dh]):
+        chunk j of a send goes to rank j, chunk j of a receive comes from rank j (heads past a rank's share
+        stay zero)."""
         if max_len not in self._sets:
-            shape = (self.n, 3, self.batch, max_len, self.local_heads, self.head_dim)
+            shape = (self.n, 3, self.batch, max_len, self.chunk_heads, self.head_dim)
             make = lambda s: torch.zeros(s, dtype=self.dtype, device=self.device)  # noqa: E731
             self._sets[max_len] = (make(shape), make(shape), make(shape[:1] + shape[2:]), make(shape[:1] + shape[2:]))
         return self._sets[max_len]
 
-
     def to_heads(self, lens: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple]:
         """This rank's tokens for every head -> every rank's tokens for this rank's heads (one all_to_all).
 
-        q, k, v: [B, lens[rank], H, Dh]. Returns, per rank j, its (q, k, v) [B, lens[j], H/N, Dh]."""
+        q, k, v: [B, lens[rank], H, Dh]. Returns, per rank j, its (q, k, v) [B, lens[j], h, Dh] (h: this
+        rank's share of the heads)."""
         send, recv, _, _ = self.buffers(max(lens))
         length = q.shape[1]
         if length != lens[self.comm.rank]:
             raise ValueError(f"rank {self.comm.rank} attends {length} tokens, its band has {lens[self.comm.rank]}")
-        for i, t in enumerate((q, k, v)):  # [B, L, H, Dh] -> [N, B, L, H/N, Dh]: heads of rank j in chunk j
-            send[:, i, :, :length] = t.unflatten(2, (self.n, self.local_heads)).permute(2, 0, 1, 3, 4)
+        for i, t in enumerate((q, k, v)):  # chunk j: rank j's heads of this rank's tokens
+            for j, (h0, h1) in enumerate(self.heads_of):
+                send[j, i, :, :length, :h1 - h0] = t[:, :, h0:h1]
         self.comm.all_to_all(recv, send)
-        return [tuple(recv[j, i, :, :n] for i in range(3)) for j, n in enumerate(lens)]
+        h = self.local_heads
+        return [tuple(recv[j, i, :, :n, :h] for i in range(3)) for j, n in enumerate(lens)]
 
     def to_tokens(self, lens: list[int], outs: list[torch.Tensor]) -> torch.Tensor:
-        """The inverse exchange: per rank j, the outputs [B, lens[j], H/N, Dh] of its tokens for this rank's
+        """The inverse exchange: per rank j, the outputs [B, lens[j], h, Dh] of its tokens for this rank's
         heads -> this rank's tokens for every head, [B, lens[rank], H * Dh]."""
         _, _, out_send, out_recv = self.buffers(max(lens))
         for j, out in enumerate(outs):
-            out_send[j, :, :lens[j]] = out
+            out_send[j, :, :lens[j], :self.local_heads] = out
         self.comm.all_to_all(out_recv, out_send)
-        mine = out_recv[:, :, :lens[self.comm.rank]]  # [N, B, L, H/N, Dh]: chunk j holds rank j's heads
-        return mine.permute(1, 2, 0, 3, 4).flatten(2)
+        mine = lens[self.comm.rank]  # chunk j holds rank j's heads of this rank's tokens
+        return torch.cat([out_recv[j, :, :mine, :h1 - h0] for j, (h0, h1) in enumerate(self.heads_of)], 2).flatten(2)
 
 
 def join(spans: list[Span], parts: list[tuple]) -> list[torch.Tensor]:
