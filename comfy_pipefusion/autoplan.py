@@ -6,7 +6,8 @@ Every rank calls the same methods in the same order (they are collective on the 
 - block costs are probed by every rank at once on its own device, once per model structure, device, dtype
   and group size (cached as JSON in ``cache_dir``: the group's run directory, or ``PIPEFUSION_PROBE_DIR``),
   and gathered: every rank predicts from the same numbers, the slowest rank's per block kind (a slower card,
-  or ranks sharing one machine's memory, pace the group);
+  or ranks sharing one machine's memory, pace the group); where the devices differ (``probe.pace_of``), each
+  PipeFusion stage at its own device's pace, and auto also weighs stages sized to the devices;
 - memory: each rank checks every candidate against its own budget (the admission estimate), the answers
   are gathered, and a plan fits where it fits on every rank.
 """
@@ -20,9 +21,9 @@ from pathlib import Path
 
 from .config import ParallelConfig
 from .memory import AdmissionError
-from .parallel.planner import Choice, candidates, choose, predict, workload_of
+from .parallel.planner import Choice, candidates, choose, paced, predict, workload_of
 from .parallel.probe import (REPEATS, SWEEPS, SWEEPS_UNTIMED, cache_path, device_name, grids_for, machine_costs,
-                              probe_blocks, probe_link, read_cached, slowest, write_cached)
+                              pace_of, probe_blocks, probe_link, read_cached, slowest, write_cached)
 from .parallel.simulate import BlockCost, Costs, Link, Prediction
 
 log = logging.getLogger("comfy_pipefusion.autoplan")
@@ -45,9 +46,9 @@ class GroupPlanner:
         self.probed: dict | None = None  # the last job's block costs as measured or cached (``probes``)
         self.spans: list[dict] = []  # when this rank probed ({"probe", "start", "end"}, time.time())
 
-    def costs(self, fam, config: dict, dtype, problem) -> Costs | None:
+    def costs(self, fam, config: dict, dtype, problem, kinds=()) -> Costs | None:
         """The group's costs for this model and job size (collective); None (on every rank, logged) when
-        the block probe failed."""
+        the block probe failed. ``kinds``: the model's blocks, for each rank's pace (``Costs.pace``)."""
         n_txt, n_img = problem.n_txt, problem.n_img
         if self.link is None:
             self.comm.barrier()  # the probe starts when every rank is here (a rank may wait for its turn)
@@ -74,7 +75,8 @@ class GroupPlanner:
         blocks = {k: BlockCost(**v) for k, v in raw["blocks"].items()}
         outside = raw["outside"]
         self.probed = {**raw, "threads": self.threads}
-        return machine_costs(blocks, outside, self.link, n_img)
+        # each rank's pace where the devices differ
+        return machine_costs(blocks, outside, self.link, n_img, pace_of(raw, kinds, problem.n_txt + n_img))
 
     def _probe_blocks(self, fam, config: dict, dtype, n_txt: int, grids, n: int) -> dict | None:
         """Every rank probes its device at once (the pace the ranks keep in a job); the group's costs are the
@@ -105,8 +107,12 @@ class GroupPlanner:
         rest = {k: v for k, v in dataclasses.asdict(par).items()
                 if k not in ("strategy", "patches", "stage_split", "world_size")}
         base = ParallelConfig("pipefusion" if self.comm.world_size > 1 else "serial", self.comm.world_size, **rest)
+        work = workload_of(fam, meta, problem, base.warmup_steps, ELEM[dtype])
+        costs = self.costs(fam, config, dtype_of(dtype), problem, work.kinds)
         plans = candidates(self.comm.world_size, problem.rows, base.warmup_steps, base, problem.branches == 2,
                            meta.config.num_attention_heads, problem.cols)
+        if costs is not None:  # where the devices differ, PipeFusion with stages sized to them too
+            plans = paced(plans, work, costs)
         mine = []
         for cfg in plans:
             try:
@@ -116,8 +122,6 @@ class GroupPlanner:
         every = self.comm.gather_object(mine)
         ok = {i: all(r[i] is True for r in every) for i in range(len(plans))}  # fits on every rank
         refusals = [r[i] for r in every for i in range(len(plans)) if isinstance(r[i], str)]
-        costs = self.costs(fam, config, dtype_of(dtype), problem)
-        work = workload_of(fam, meta, problem, base.warmup_steps, ELEM[dtype])
 
         def agreed(cfg: ParallelConfig) -> bool:
             if not ok[plans.index(cfg)] and refusals and not any(ok.values()):
@@ -151,10 +155,11 @@ class GroupPlanner:
 
     def predict(self, cfg: ParallelConfig, problem, fam, meta, config: dict, dtype: str) -> Prediction | None:
         """The simulator's wall time for a fixed plan (collective)."""
-        costs = self.costs(fam, config, dtype_of(dtype), problem)
+        work = workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype])
+        costs = self.costs(fam, config, dtype_of(dtype), problem, work.kinds)
         if costs is None:
             return None
-        return predict(cfg, workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype]), costs)
+        return predict(cfg, work, costs)
 
 
 def dtype_of(name: str):

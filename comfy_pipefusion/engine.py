@@ -241,7 +241,7 @@ def plan_report(prep: Prepared, measured_s: float) -> dict:
     from .parallel.planner import label
 
     out = {"plan": label(prep.cfg), "strategy": prep.cfg.strategy, "patches": prep.cfg.num_patches,
-           "warmup_steps": prep.cfg.warmup_steps, "ulysses": prep.cfg.ulysses,
+           "warmup_steps": prep.cfg.warmup_steps, "ulysses": prep.cfg.ulysses, "stage_split": prep.cfg.stage_split,
            "predicted_s": prep.predicted_s, "measured_s": measured_s,
            "auto": prep.choice.as_dict() if prep.choice is not None else None, "link": prep.link,
            "probes": prep.probes}

@@ -163,6 +163,42 @@ def test_planner_group_predicts_from_its_slowest_rank():
         slowest([readings[0], ({"double": calls}, 1e-7)], 100)
 
 
+def test_planner_paces_pipefusion_stages_to_mixed_devices():
+    """A group of cards that differ (rank 1 probed twice as slow): each PipeFusion stage computes at its own
+    card's pace, and auto also weighs PipeFusion with the stages sized to the cards (2/3 of the blocks on the
+    faster card), which it picks over the even split that the slower card paces (and over DistriFusion and
+    Ulysses, whose ranks meet at every layer and keep the slower's pace). Ranks within PACE_SPREAD of each
+    other (one machine's cores) keep the slowest's pace for every stage: no plan changes."""
+    from dataclasses import replace
+
+    from comfy_pipefusion.parallel.plan import balanced_split
+    from comfy_pipefusion.parallel.planner import paced
+    from comfy_pipefusion.parallel.probe import pace_of
+
+    fast, slow = BlockCost(1e-4, per_call=1e-3), BlockCost(2e-4, per_call=2e-3)
+    reading = lambda c: {"blocks": {"double": vars(c), "single": vars(c)}, "outside": 0.0}  # noqa: E731
+    work = _work(steps=8, rows=16)
+    assert pace_of({"ranks": [reading(fast), reading(slow)]}, work.kinds, 320) == pytest.approx((0.5, 1.0))
+    near = BlockCost(1.1e-4, per_call=1.1e-3)
+    assert pace_of({"ranks": [reading(fast), reading(near)]}, work.kinds, 320) == ()
+    assert pace_of({"blocks": {}}, work.kinds, 320) == ()  # a cache from before the readings were kept
+    assert balanced_split([1.0] * 12, 2, (0.5, 1.0)) == (8, 4) and balanced_split([1.0] * 12, 2) == (6, 6)
+
+    costs = Costs(blocks={"double": slow, "single": slow}, link=Link(1e12), pace=(0.5, 1.0))
+    even = ParallelConfig("pipefusion", 2, patches=2, warmup_steps=1)
+    sized = replace(even, stage_split=(8, 4))
+    alone = replace(costs, pace=())
+    assert simulate("pipefusion", 2, work, costs, patches=2).wall_s == pytest.approx(
+        simulate("pipefusion", 2, work, alone, patches=2).wall_s, rel=0.1)  # the slow card paces an even split
+    assert simulate("pipefusion", 2, work, costs, patches=2, stage_split=(8, 4)).wall_s < \
+        0.8 * simulate("pipefusion", 2, work, costs, patches=2).wall_s
+    plans = paced(candidates(2, 16, warmup=1, heads=8), work, costs)
+    assert label(sized) == "pipefusion x2 M2 W1 S8/4" and sized in plans
+    assert paced(candidates(2, 16, warmup=1, heads=8), work, alone) == candidates(2, 16, warmup=1, heads=8)
+    choice = choose(plans, work, costs)
+    assert choice.cfg.stage_split == (8, 4) and choice.as_dict()["stage_split"] == (8, 4), choice.describe()
+
+
 def test_planner_probe_cache_round_trip_and_its_faults(tmp_path, caplog):
     """A group's probe comes back from its cache file as written; a file that is not JSON, lacks a field or
     holds a negative cost reads as none (the group probes again), and a folder that cannot be written is

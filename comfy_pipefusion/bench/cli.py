@@ -232,9 +232,10 @@ def summarise(args, spec, serial, results) -> dict:
         beside = [ref_m["wall_s_runs"][i] for i in beside] if k else ref_m["wall_s_runs"]
         cfg = job.parallel
         if cfg.strategy == "auto":  # what the group chose
+            pf = m["plan"]["strategy"].endswith("pipefusion")
             cfg = ParallelConfig(m["plan"]["strategy"], cfg.world_size, warmup_steps=m["plan"]["warmup_steps"],
-                                 patches=m["plan"]["patches"] if m["plan"]["strategy"].endswith("pipefusion") else 0,
-                                 ulysses=m["plan"].get("ulysses", 0))
+                                 patches=m["plan"]["patches"] if pf else 0, ulysses=m["plan"].get("ulysses", 0),
+                                 stage_split=tuple(m["plan"]["stage_split"]) if m["plan"].get("stage_split") else None)
         n = cfg.world_size
         err = (x - ref).float()
         dims = dict(world=n, batch=spec.branches, images=1, width=width,
@@ -248,6 +249,7 @@ def summarise(args, spec, serial, results) -> dict:
         rows.append({"strategy": job.peer or cfg.strategy, "name": name, "text_stream": cfg.text_stream,
                      "world_size": n, "patches": cfg.num_patches, "warmup_steps": cfg.warmup_steps,
                      "ulysses_degree": cfg.ulysses_degree if "ulysses" in cfg.strategy else 0,
+                     "stage_split": cfg.stage_split,
                      "threads_per_rank": args.threads_per_rank,
                      "wall_s": m["wall_s_median"], "wall_s_min": m["wall_s_min"], "wall_s_runs": m["wall_s_runs"],
                      "run_spans": m["run_spans"], "warmup_spans": m["warmup_spans"],

@@ -24,8 +24,8 @@ from ..config import STRATEGIES, ParallelConfig, SampleSpec
 from ..job import preset_problem
 from ..models import family
 from ..parallel.planner import predict, workload_of
-from ..parallel.probe import grids_for, machine_costs, probe_blocks
-from ..parallel.simulate import BlockCost, Link
+from ..parallel.probe import grids_for, machine_costs, pace_of, probe_blocks
+from ..parallel.simulate import BlockCost, Costs, Link
 
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -57,9 +57,11 @@ def plan_of(row: dict) -> ParallelConfig:
     if strategy not in STRATEGIES:
         strategy = "ulysses"  # a peer's row (diffusers-ulysses) is Ulysses on the same group
     patches = row["patches"] if strategy.endswith("pipefusion") else 0
+    split = row.get("stage_split") if strategy == "pipefusion" else None
     return ParallelConfig(strategy, world, patches=patches, warmup_steps=row["warmup_steps"],
                           text_stream=row.get("text_stream", "last_patch"),
-                          ulysses=row.get("ulysses_degree", 0) if "ulysses" in strategy else 0)
+                          ulysses=row.get("ulysses_degree", 0) if "ulysses" in strategy else 0,
+                          stage_split=tuple(split) if split else None)
 
 
 def round_of(row: dict, rnd: dict) -> dict:
@@ -67,13 +69,14 @@ def round_of(row: dict, rnd: dict) -> dict:
     out = {**row, "probes": rnd["probes"], "probed_link": rnd["link"]}
     if rnd.get("strategy") and row["strategy"] in STRATEGIES:  # a peer's row keeps its own name
         out.update(strategy=rnd["strategy"], patches=rnd["patches"], warmup_steps=rnd["warmup_steps"],
-                   ulysses_degree=rnd.get("ulysses") or 0)
+                   ulysses_degree=rnd.get("ulysses") or 0, stage_split=rnd.get("stage_split"))
     return out
 
 
-def costs_of(row: dict, probed: dict | None, rate: float | None = None):
-    """The row's own probes, else ``probed`` (block costs measured again), with the row's probed link (at
-    most ``rate`` bytes/s where given)."""
+def costs_of(row: dict, probed: dict | None, work, problem, rate: float | None = None) -> tuple[Costs, bool]:
+    """The costs of ``work`` (``problem``'s) from the row's own probes (whether it had them), else from
+    ``probed`` (block costs measured again), with the row's probed link (at most ``rate`` bytes/s where
+    given) and its ranks' paces (where their devices differ)."""
     own = (row.get("probes") or {}).get("costs")
     raw = own or probed
     if raw is None:
@@ -84,8 +87,10 @@ def costs_of(row: dict, probed: dict | None, rate: float | None = None):
     cap = (lambda v: min(v, rate)) if rate else (lambda v: v)
     # 0 (a report from before the field): duplex falls back to the bandwidth, exchange to duplex
     rates = {k: cap(link.get(k, 0.0)) for k in ("bandwidth", "duplex", "exchange")}
-    return (blocks, raw["outside"], Link(**rates, latency=link["latency"], cpu_per_byte=link.get("cpu_per_byte", 0.0),
-                                         straggle=link.get("straggle", 0.0)), own is not None)
+    link = Link(**rates, latency=link["latency"], cpu_per_byte=link.get("cpu_per_byte", 0.0),
+                straggle=link.get("straggle", 0.0))
+    pace = pace_of(raw, work.kinds, problem.n_txt + problem.n_img)
+    return machine_costs(blocks, raw["outside"], link, problem.n_img, pace), own is not None
 
 
 def probe_here(report: dict, dtype: str = "float32") -> dict:
@@ -114,8 +119,8 @@ def repredict(report: dict, probed: dict | None = None, dtype: str = "float32", 
         for each in [round_of(row, r) for r in row.get("rounds") or []] or [row]:
             cfg = plan_of(each)
             work = workload_of(fam, meta, problem, cfg.warmup_steps, ELEM[dtype])
-            blocks, outside, link, own = costs_of(each, probed, rate if row["world_size"] > 1 else None)
-            now.append(predict(cfg, work, machine_costs(blocks, outside, link, problem.n_img)).wall_s)
+            costs, own = costs_of(each, probed, work, problem, rate if row["world_size"] > 1 else None)
+            now.append(predict(cfg, work, costs).wall_s)
             owns.append(own)
         out.append({"name": row["name"], "plan": row.get("plan"), "measured_s": row["wall_s"],
                     "before_s": row.get("predicted_s"), "predicted_s": statistics.median(now), "own_probes": all(owns)})

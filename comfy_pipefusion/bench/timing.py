@@ -157,8 +157,8 @@ def combine(rounds: list[dict]) -> dict:
         return rounds[-1]
     pooled = pool(rounds)
     predicted = [m["plan"]["predicted_s"] for m in rounds]
-    each = [{k: m["plan"].get(k) for k in ("plan", "strategy", "patches", "warmup_steps", "ulysses", "predicted_s",
-                                            "measured_s", "link", "probes")} for m in rounds]
+    each = [{k: m["plan"].get(k) for k in ("plan", "strategy", "patches", "warmup_steps", "ulysses", "stage_split",
+                                            "predicted_s", "measured_s", "link", "probes")} for m in rounds]
     return {**pooled, "plan": {**pooled["plan"], "rounds": each,
                                "predicted_s": None if None in predicted else statistics.median(predicted)}}
 

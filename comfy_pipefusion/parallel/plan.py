@@ -10,8 +10,10 @@ from ..config import ParallelConfig
 from ..models import checkpoint, family
 
 
-def balanced_split(costs: list[float], stages: int) -> tuple[int, ...]:
-    """Blocks per stage, contiguous, minimising the most expensive stage (ties: earlier stages lighter).
+def balanced_split(costs: list[float], stages: int, pace: tuple[float, ...] = ()) -> tuple[int, ...]:
+    """Blocks per stage, contiguous, minimising the most expensive stage (ties: earlier stages lighter);
+    ``pace``: each stage's time per unit of cost (its device's speed: a stage on a card twice as fast, 0.5,
+    takes twice the blocks); empty: every stage alike.
 
     Exact dynamic programme over (blocks, stages); a DiT has at most a few hundred blocks.
     """
@@ -29,7 +31,7 @@ def balanced_split(costs: list[float], stages: int) -> tuple[int, ...]:
     for s in range(1, stages + 1):
         for i in range(s, n + 1):
             for j in range(s - 1, i):
-                v = max(best[s - 1][j], prefix[i] - prefix[j])
+                v = max(best[s - 1][j], (prefix[i] - prefix[j]) * (pace[s - 1] if pace else 1.0))
                 if v < best[s][i] - 1e-12:
                     best[s][i], cut[s][i] = v, j
     sizes, i = [], n

@@ -38,7 +38,7 @@ class Choice:
 
     def as_dict(self) -> dict:
         return {"plan": label(self.cfg), "strategy": self.cfg.strategy, "patches": self.cfg.num_patches,
-                "ulysses": self.cfg.ulysses,
+                "ulysses": self.cfg.ulysses, "stage_split": self.cfg.stage_split,
                 "warmup_steps": self.cfg.warmup_steps, "predicted_s": self.prediction.wall_s,
                 "candidates": [{"plan": n, "predicted_s": s, "fits": ok, "comm_s": c} for n, s, ok, c in self.table]}
 
@@ -46,7 +46,8 @@ class Choice:
 def label(cfg: ParallelConfig) -> str:
     u = f" U{cfg.ulysses}" if cfg.ulysses else ""  # a Ulysses degree chosen, not the plan's default
     if cfg.strategy.endswith("pipefusion"):
-        return f"{cfg.strategy} x{cfg.world_size}{u} M{cfg.num_patches} W{cfg.warmup_steps}"
+        split = f" S{'/'.join(map(str, cfg.stage_split))}" if cfg.stage_split else ""  # blocks per stage
+        return f"{cfg.strategy} x{cfg.world_size}{u} M{cfg.num_patches} W{cfg.warmup_steps}{split}"
     return f"{cfg.strategy} x{cfg.world_size}{u} W{cfg.warmup_steps}"
 
 
@@ -90,6 +91,29 @@ def exact_candidates(world: int, rows: int, warmup: int, cfg: bool, heads: int,
             if "ulysses" in s and (not heads or heads < plan.ulysses_degree):
                 continue
             out.append(plan)
+    return out
+
+
+def paced(plans: list[ParallelConfig], work: Workload, costs: Costs) -> list[ParallelConfig]:
+    """``plans`` and, where the ranks' devices differ (``costs.pace``: ``probe.pace_of``),
+    each plain PipeFusion plan again with its stages sized to its devices (``plan.balanced_split`` weighted by
+    each rank's pace: a card twice as fast takes about twice the blocks), where that split differs from the
+    engine's own."""
+    from dataclasses import replace
+
+    from .plan import balanced_split  # imported here: plan.py loads the models
+    from .simulate import blocks_time, stage_sizes
+
+    if not costs.pace:
+        return plans
+    per_block = [blocks_time(costs, [k], work.n_ctx, work.n_ctx, 1) for k in work.kinds]
+    out = list(plans)
+    for cfg in plans:
+        if cfg.strategy != "pipefusion" or cfg.stage_split is not None or cfg.stages > len(work.kinds):
+            continue
+        split = balanced_split(per_block, cfg.stages, costs.pace[:cfg.stages])
+        if split != stage_sizes(work, costs, cfg.stages):
+            out.append(replace(cfg, stage_split=split))
     return out
 
 

@@ -166,6 +166,12 @@ def probe_blocks(fam, config: dict, device: torch.device, dtype: torch.dtype, n_
     return {k: fit(v, width) for k, v in samples.items()}, min(outside)
 
 
+PACE_SPREAD = 1.15
+"""How much slower the slowest rank's device must be than the fastest's before the group predicts each
+PipeFusion stage at its own device's pace and auto also considers stages sized to the devices
+(``planner.paced``); below it every rank keeps the slowest's (ranks of one machine read a few % apart)."""
+
+
 def slowest(readings: list[tuple[dict[str, BlockCost], float]], n: int) -> tuple[dict[str, BlockCost], float,
                                                                                dict[str, int]]:
     """The group's pace from each rank's reading (its block costs, seconds per token outside the blocks): per
@@ -177,6 +183,20 @@ def slowest(readings: list[tuple[dict[str, BlockCost], float]], n: int) -> tuple
         raise ValueError(f"the ranks probed different block kinds: {[sorted(r) for r, _ in readings]}")
     who = {k: max(range(len(readings)), key=lambda i: (readings[i][0][k].time(n, n), -i)) for k in kinds}
     return {k: readings[i][0][k] for k, i in who.items()}, max(o for _, o in readings), who
+
+
+def pace_of(probed: dict, kinds, n: int) -> tuple[float, ...]:
+    """``Costs.pace`` of a group from its probe (``probed["ranks"]``: every rank's reading, ``{"blocks":
+    {kind: BlockCost fields}, ...}``): each rank's time for the blocks ``kinds`` (one entry per block) at ``n``
+    tokens as a fraction of the group's (``slowest``'s per kind), where the slowest rank is PACE_SPREAD
+    slower than the fastest; else (or without the readings: a cache from before them) empty, every rank at
+    the slowest's pace."""
+    if not probed.get("ranks") or not kinds:
+        return ()
+    costs = [{k: BlockCost(**v) for k, v in r["blocks"].items()} for r in probed["ranks"]]
+    group = sum(max(c[k].time(n, n) for c in costs) for k in kinds)
+    pace = tuple(sum(c[k].time(n, n) for k in kinds) / group for c in costs)
+    return pace if max(pace) >= PACE_SPREAD * min(pace) else ()
 
 
 def _ping_pong(comm, peer: int, nbytes: int, rounds: int) -> float:
@@ -301,5 +321,6 @@ def probe_link(comm, small: int = 16, large: int = 1 << 20, rounds: int = 5, lon
                 cpu_per_byte=got[4], straggle=got[5])
 
 
-def machine_costs(blocks: dict[str, BlockCost], outside_per_token: float, link: Link, n_img: int) -> Costs:
-    return Costs(blocks=blocks, link=link, per_eval=outside_per_token * n_img)
+def machine_costs(blocks: dict[str, BlockCost], outside_per_token: float, link: Link, n_img: int,
+                  pace: tuple[float, ...] = ()) -> Costs:
+    return Costs(blocks=blocks, link=link, per_eval=outside_per_token * n_img, pace=pace)

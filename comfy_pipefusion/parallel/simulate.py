@@ -122,6 +122,14 @@ class Costs:
     """Every rank pair's link (a uniform machine; two machines: the link between them)."""
     per_eval: float = 0.0
     """Seconds per model evaluation on every rank besides the blocks (embeddings, final layer, sampler)."""
+    pace: tuple[float, ...] = ()
+    """Per rank, the time its device takes for the job's blocks as a fraction of ``blocks``' (the slowest
+    rank's per kind: at most 1; a faster card less); empty: every rank at ``blocks``' pace. PipeFusion's
+    stages compute each at their own rank's (a stage of lanes at its slowest lane's); the plans whose ranks
+    meet at every layer or evaluation keep the slowest's."""
+
+    def stage_pace(self, stage: int, lanes: int = 1) -> float:
+        return max(self.pace[stage * lanes:(stage + 1) * lanes]) if self.pace else 1.0
 
 
 @dataclass(frozen=True)
@@ -265,7 +273,7 @@ def _pipefusion(world: int, work: Workload, costs: Costs, patches: int, text_str
     for t, (nt, ni), band in items:
         ready = ring_at.get(band, last_full) if t >= sync else last_full
         for s, kinds in enumerate(stages):
-            c = _lanes_time(costs, work, kinds, nt + ni, lanes)
+            c = _lanes_time(costs, work, kinds, nt + ni, lanes) * costs.stage_pace(s, lanes)
             if s in (0, world - 1):  # embedding on the first stage; final layer and sampler on the last
                 c += costs.per_eval * ni / work.n_img / 2
             nbytes = (work.elem * work.model_batch * work.width * (nt + ni) if s < world - 1
@@ -380,6 +388,7 @@ def _cfg(strategy: str, world: int, work: Workload, costs: Costs, patches: int, 
         raise ValueError(f"{strategy} needs an even world size, got {world}")
     inner = strategy.partition("+")[2] or "serial"
     half = replace(work, cfg=False)  # each half: one branch, half the model batch
+    costs = replace(costs, pace=())  # the halves meet at every evaluation: the slowest rank paces both
     p = simulate(inner, world // 2, half, costs, patches, text_stream, stage_split, ulysses)
     swap = work.evals * costs.link.both(4 * work.channels * work.n_img * work.batch / max(1, world // 2))
     # each evaluation's swap waits for the slower half: where the halves meet nowhere else (straggle counts once,
