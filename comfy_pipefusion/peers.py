@@ -32,7 +32,9 @@ def prepare_peer(name: str, model: torch.nn.Module, world_size: int) -> torch.nn
                          "diffusers-ulysses peer runs on the models that have one (Flux)")
     heads = model.config.num_attention_heads
     if heads % world_size:
-        raise ValueError(f"diffusers' Ulysses splits {heads} heads over {world_size} ranks: not divisible")
+        raise ValueError(f"diffusers' Ulysses splits {heads} heads over {world_size} ranks: not divisible, which "
+                         "it needs (our ulysses splits them unevenly); leave the peer out or use a world size "
+                         "that divides the heads")
     peer = copy.deepcopy(model)
     peer.set_attention_backend("native")
     count = torch.accelerator.device_count() if torch.accelerator.is_available() else 0

@@ -46,13 +46,16 @@ def _auto(server, seed: int) -> tuple[str, list[tuple[str, str]]]:
     return plan.group(1), events
 
 
-def _costs(server, cost: dict) -> None:
-    """Rewrite the cached block probe of the (one) model and size the prompts use."""
+def _costs(server, cost: dict, per_rank: tuple[dict, ...] = ()) -> None:
+    """Rewrite the cached block probe of the (one) model and size the prompts use: the group's costs, and
+    each rank's reading (``per_rank``: cards that differ; the group's costs are then the slowest's)."""
     files = list(server.probes.glob("probe-*.json"))
     assert len(files) == 1, files
     raw = json.loads(files[0].read_text())
     raw["blocks"] = {kind: dict(cost) for kind in raw["blocks"]}
     raw["outside"] = 0.0
+    raw["ranks"] = [{"blocks": {kind: dict(c) for kind in raw["blocks"]}, "outside": 0.0}
+                    for c in per_rank or (cost, cost)]
     files[0].write_text(json.dumps(raw))
 
 
@@ -76,3 +79,18 @@ def test_planner_auto_switching_plans_reloads_with_a_loading_badge(server):
     assert loading  # the third prompt reloaded
     log = server.log_path.read_text(errors="replace")
     assert re.search(r"auto picked pipefusion x2 \S+ \S+, whose stage split differs", log), server.log_tail(40)
+
+
+def test_planner_auto_sizes_pipefusion_stages_to_cards_that_differ(server):
+    """Rank 0's card probed 4x as fast as rank 1's (heavy compute, where a full replica won with both alike):
+    auto runs PipeFusion with more blocks on rank 0's stage, the group reloads for that split (the badge says
+    so) and the prompt succeeds; the plan's label carries the split."""
+    fast = {**HEAVY, "per_token": HEAVY["per_token"] / 4}
+    if not list(server.probes.glob("probe-*.json")):  # run alone: a first prompt probes (and writes the cache)
+        _auto(server, 4)
+    _costs(server, HEAVY, per_rank=(fast, HEAVY))
+    plan, events = _auto(server, 5)
+    ready = [d for s, d in events if s == "ready" and d.startswith("last job:")][-1]
+    split = re.search(r" S(\d+)/(\d+) ", ready)
+    assert plan == "pipefusion" and split and int(split.group(1)) > int(split.group(2)), ready
+    assert any("S" + split.group(1) in d for s, d in events if s == "loading"), events
