@@ -110,7 +110,7 @@ class GroupPlanner:
         work = workload_of(fam, meta, problem, base.warmup_steps, ELEM[dtype])
         costs = self.costs(fam, config, dtype_of(dtype), problem, work.kinds)
         plans = candidates(self.comm.world_size, problem.rows, base.warmup_steps, base, problem.branches == 2,
-                           meta.config.num_attention_heads, problem.cols)
+                           work.heads, problem.cols)
         if costs is not None:  # where the devices differ, PipeFusion with stages sized to them too
             plans = paced(plans, work, costs)
         mine = []

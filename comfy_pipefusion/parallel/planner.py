@@ -158,13 +158,14 @@ def choose(plans: list[ParallelConfig], work: Workload, costs: Costs, fits=lambd
 def workload_of(fam, meta, problem, warmup_steps: int, elem: int) -> Workload:
     """The simulator's view of a job (``job.Problem``) on a model (``meta``: its structure)."""
     from ..job import evaluation_plan
+    from ..models import family
 
     evals, step_of = evaluation_plan(problem.spec, problem.sampling)
     blocks = fam.blocks_of(meta)
     layers = {b.kind: len(fam.kv_buffers(meta, b, lambda kind: kind)) for b in blocks}
-    cfg = meta.config
-    return Workload(kinds=tuple(b.kind for b in blocks), width=cfg.num_attention_heads * cfg.attention_head_dim,
+    heads, head_dim = family.attention_shape(meta)  # Z-Image names them otherwise
+    return Workload(kinds=tuple(b.kind for b in blocks), width=heads * head_dim,
                     rows=problem.rows, cols=problem.cols, n_txt=problem.n_span_txt, evals=evals,
                     warmup_evals=sum(1 for k in range(evals) if step_of(k) < warmup_steps), batch=problem.batch,
                     cfg=problem.cfg, middle=problem.branches == 3, elem=elem, channels=problem.x0.shape[-1],
-                    kv_layers=layers, heads=cfg.num_attention_heads)
+                    kv_layers=layers, heads=heads)

@@ -162,8 +162,8 @@ def probe_blocks(fam, config: dict, device: torch.device, dtype: torch.dtype, n_
     typical = {key: statistics.median(ts[SWEEPS_UNTIMED:]) for key, ts in times.items()}
     samples = {kind: [(n, t) for (k, n), t in typical.items() if k == kind] for kind in one}
     outside = [t for (k, _), t in typical.items() if k == "outside"]
-    width = model.config.num_attention_heads * model.config.attention_head_dim
-    return {k: fit(v, width) for k, v in samples.items()}, min(outside)
+    heads, head_dim = family.attention_shape(model)
+    return {k: fit(v, heads * head_dim) for k, v in samples.items()}, min(outside)
 
 
 PACE_SPREAD = 1.15
