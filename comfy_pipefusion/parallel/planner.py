@@ -101,17 +101,15 @@ def paced(plans: list[ParallelConfig], work: Workload, costs: Costs) -> list[Par
     engine's own."""
     from dataclasses import replace
 
-    from .plan import balanced_split  # imported here: plan.py loads the models
-    from .simulate import blocks_time, stage_sizes
+    from .simulate import stage_sizes
 
     if not costs.pace:
         return plans
-    per_block = [blocks_time(costs, [k], work.n_ctx, work.n_ctx, 1) for k in work.kinds]
     out = list(plans)
     for cfg in plans:
         if cfg.strategy != "pipefusion" or cfg.stage_split is not None or cfg.stages > len(work.kinds):
             continue
-        split = balanced_split(per_block, cfg.stages, costs.pace[:cfg.stages])
+        split = stage_sizes(work, costs, cfg.stages, pace=costs.pace[:cfg.stages])
         if split != stage_sizes(work, costs, cfg.stages):
             out.append(replace(cfg, stage_split=split))
     return out

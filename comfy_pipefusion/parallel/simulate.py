@@ -211,8 +211,10 @@ def blocks_time(costs: Costs, kinds, nq: int, nctx: int, batch: int) -> float:
     return total
 
 
-def stage_sizes(work: Workload, costs: Costs, world: int, split: tuple[int, ...] | None = None) -> tuple[int, ...]:
-    """Blocks per stage: ``split`` as given, else the contiguous split with the cheapest slowest stage."""
+def stage_sizes(work: Workload, costs: Costs, world: int, split: tuple[int, ...] | None = None,
+                pace: tuple[float, ...] = ()) -> tuple[int, ...]:
+    """Blocks per stage: ``split`` as given, else the contiguous split with the cheapest slowest stage (each
+    stage's blocks weighted by its ``pace``: the engine's own split has none)."""
     if split is not None:
         if sum(split) != len(work.kinds) or len(split) != world:
             raise ValueError(f"stage split {list(split)} does not give {len(work.kinds)} blocks to {world} stages")
@@ -220,7 +222,7 @@ def stage_sizes(work: Workload, costs: Costs, world: int, split: tuple[int, ...]
     from .plan import balanced_split  # the engine's own split (imported here: plan.py loads the models)
 
     per_block = [blocks_time(costs, [k], work.n_ctx, work.n_ctx, 1) for k in work.kinds]
-    return balanced_split(per_block, world)
+    return balanced_split(per_block, world, pace)
 
 
 def simulate(strategy: str, world: int, work: Workload, costs: Costs, patches: int = 0,
