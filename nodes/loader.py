@@ -102,7 +102,7 @@ class PipeFusionDiTLoader:
         parallel = ParallelConfig(strategy=strategy, world_size=ranks, patches=patches, warmup_steps=warmup_steps,
                                   balance=balance, stage_split=parse_stage_split(stage_split, strategy),
                                   ulysses=ulysses_degree)
-        parallel.check_model(families.num_blocks(config), config.get("num_attention_heads"))
+        parallel.check_model(families.num_blocks(config), families.config_attention(config)[0])
         admission.check_ranks(parallel, devs)
         dtype = weight_dtype if weight_dtype != "default" else ("bfloat16" if devs else "float32")
         if devs and len(devs) > 1 and devices.strip().lower() == "auto":  # the heaviest stage off ComfyUI's GPU

@@ -8,6 +8,7 @@ import dataclasses
 import folder_paths
 
 from comfy_pipefusion.adapters import LoraSpec, aliases
+from comfy_pipefusion.models import family as families
 from comfy_pipefusion.models.checkpoint import ORIGINAL_MAPS
 from comfy_pipefusion.models.tensorfile import read_header
 
@@ -51,8 +52,8 @@ def check_targets(path: str, model: PipeFusionModel) -> None:
         entries, _ = read_header(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file: named with the reason
         raise ValueError(f"PipeFusion LoRA: {path} is not a readable safetensors file ({exc})") from None
-    names = aliases(ORIGINAL_MAPS[model.family](model.model_config), model.family,
-                    model.model_config.get("num_attention_heads", 0) * model.model_config.get("attention_head_dim", 0))
+    heads, head_dim = families.config_attention(model.model_config)
+    names = aliases(ORIGINAL_MAPS[model.family](model.model_config), model.family, (heads or 0) * (head_dim or 0))
     prefixes = {p[0] for p in map(split_key, entries) if p is not None}
     if not prefixes & names.keys():
         raise ValueError(f"PipeFusion LoRA: none of the {len(entries)} keys of {path} targets a weight of this "

@@ -18,6 +18,7 @@ import torch
 
 from comfy_pipefusion.config import ParallelConfig
 from comfy_pipefusion.jobspec import TensorKey as K
+from comfy_pipefusion.models import family as families
 from comfy_pipefusion.models.checkpoint import open_checkpoint
 
 from ..launcher import GroupError, GroupPlan, JobCancelled, JobError
@@ -119,8 +120,7 @@ def sample_on_group(settings, guider, noise, latent_image, sampler, sigmas, deno
                 check_pixart_positions(patcher, info.config)
             model = PipeFusionModel(str(path), info.config, parallel, plan, dtype, slot=SLOT, stamp=base,
                                     family=info.family)
-            parallel.check_model(info.config.get("num_layers", 0) + info.config.get("num_single_layers", 0),
-                                 info.config.get("num_attention_heads"))
+            parallel.check_model(families.num_blocks(info.config), families.config_attention(info.config)[0])
             job, tensors, shape = _job(model, name, guide, noise, latent_image, sigmas, denoise_mask, seed, shift)
             # before the group starts or allocates (ComfyUI's own models leave the group's GPUs first)
             refs = {k: v for k, v in tensors.items() if k.startswith(("ref", "neg_ref", "mid_ref"))}

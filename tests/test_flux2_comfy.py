@@ -18,7 +18,7 @@ copy of their 8-bit weights, ``fp8.upcast``); at 2 steps with less memory free t
 Two prompts. Our loader with a Flux.2 reference image (ReferenceLatent on the positive, as Flux.2's edit
 workflow) against the stock KSampler with it, on that file. Then the MODEL path (stock loader -> PipeFusion
 Parallelize -> stock KSampler, with the reference) against the stock chain with it and without it, which the
-reference must move, on a second file of the same layout 256 wide (2 heads of 128): PipeFusionTestNarrowFlux2 is
+reference must move, on a second file of the same layout 256 wide (2 heads of 128): PipeFusionTestNarrowUNETLoader is
 ComfyUI's own loader letting that width set the heads (tests/host/pf_test_nodes/narrow.py); the MODEL path is the
 same code at any width, and at 6144 it took 135 s of the suite for one step. Measured lightly loaded (one other
 session's benchmark), when the module ran both prompts at full width: 166 s, our loader 67 s (relative L2 4.4e-7),
@@ -136,7 +136,7 @@ def with_parallelize(nodes: dict) -> dict:
     as flux2_narrow_ref) and without it (node 6, flux2_narrow_plain), and the same MODEL through PipeFusion
     Parallelize to the stock KSampler with the reference (p6, flux2_parallelize)."""
     out = {k: v for k, v in nodes.items() if k not in ("2", "r7", "rs7")}
-    out["1"] = {"class_type": "PipeFusionTestNarrowFlux2", "inputs": {"unet_name": NARROW_FILE}}
+    out["1"] = {"class_type": "PipeFusionTestNarrowUNETLoader", "inputs": {"unet_name": NARROW_FILE}}
     out["rs6"] = {**out["rs6"], "inputs": {**out["rs6"]["inputs"], "filename_prefix": "flux2_narrow_ref"}}
     out["6"] = {**out["r6"], "inputs": {**out["r6"]["inputs"], "positive": ["3", 0]}}
     out["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "flux2_narrow_plain"}}

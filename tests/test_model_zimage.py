@@ -124,6 +124,9 @@ def test_zimage_file_detects_and_loads_per_stage(tmp_path, model, prefix):
                                                                     "Z-Image (4 layers)")
     assert {k: info.config[k] for k in CONFIG} == {k: (tuple(v) if isinstance(v, list) else v)
                                                    for k, v in CONFIG.items()}
+    # what the nodes check before any worker starts, from the file's configuration alone (Z-Image's names)
+    assert family.config_attention(info.config) == family.attention_shape(model) == (4, 16)
+    assert family.num_blocks(info.config) == len(zimage.blocks_of(model)) == 6
     part, _ = load_rank_model(ModelSource(checkpoint=str(path)), ParallelConfig("pipefusion", 2, patches=2), 1,
                               CPU, torch.float32)
     held = {n for n, p in part.named_parameters() if not p.is_meta}

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from comfy_pipefusion import transport
-from comfy_pipefusion.models import family, pixart, sd3
+from comfy_pipefusion.models import family, pixart, sd3, zimage
 from comfy_pipefusion.models.checkpoint_write import pixart_extras, write_checkpoint, write_scaled_fp8
 
 from comfy_helpers import error_message, run_prompt, saved_latent, start_server, states, worker_pids
@@ -25,7 +25,7 @@ from test_parity_comfy import FAMILY, SD3_CONFIG, _write_models, rel_l2
 
 TOL = 1e-3
 STEPS = 2
-CFG = {"flux": 1.0, "sd3": 4.0, "pixart": 4.5}
+CFG = {"flux": 1.0, "sd3": 4.0, "pixart": 4.5, "zimage": 1.0}
 # PixArt-Σ at ComfyUI's fixed width (16 heads of 72), two blocks, the pos_embed table of a 1024 model (ComfyUI
 # reads its position interpolation, 2, from it); 384 px: the smallest size whose positions ComfyUI defines
 PIXART_CONFIG = dict(sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
@@ -34,6 +34,12 @@ PIXART_CONFIG = dict(sample_size=128, patch_size=2, in_channels=4, out_channels=
 PIXART_512 = "parallelize-pixart-sigma-512.safetensors"
 FAMILIES = {**FAMILY, "pixart": dict(file="parallelize-pixart-sigma.safetensors", width=4096, pooled=1, tokens=4,
                                      size=384)}
+# Z-Image 1152 wide (9 heads of 128: ComfyUI's head size and RoPE axes; its MLP of 8/3 x 1152 = 3072 rows, a whole
+# multiple of 256 as ComfyUI rounds it; its time embedding min(width, 1024) wide as diffusers' 1024), two main layers
+# and the four refiners: ComfyUI's own loader takes it through the test-only PipeFusionTestNarrowUNETLoader (it
+# takes only 3840)
+ZIMAGE_NARROW = "parallelize-zimage-narrow.safetensors"
+ZIMAGE_CONFIG = dict(zimage.REAL, dim=1152, n_heads=9, n_kv_heads=9, n_layers=2)
 QUANTISED = {"mixed": "parallelize-sd35m-mixed-fp8.safetensors", "scaled": "parallelize-sd35m-fp8-scaled.safetensors"}
 WRITTEN = ("of patched weights written", "changed weights written")  # the log lines of a weights file
 PAR = {"devices": "cpu:2", "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}
@@ -56,6 +62,10 @@ def server(tmp_path_factory):
                      PIXART_CONFIG, dtype=torch.float32, extra=pixart_extras(PIXART_CONFIG, 300))
     write_checkpoint(base / "models" / "diffusion_models" / PIXART_512, model.state_dict(), "pixart",  # a 512 model
                      PIXART_CONFIG, dtype=torch.float32, extra=pixart_extras({**PIXART_CONFIG, "sample_size": 64}, 300))
+    model = zimage.build_meta(ZIMAGE_CONFIG)
+    zimage.materialize(model, family.all_names(model), torch.device("cpu"), torch.float32, 0)
+    write_checkpoint(base / "models" / "diffusion_models" / ZIMAGE_NARROW, model.state_dict(), "zimage",
+                     dict(model.config), dtype=torch.float32, prefix="model.diffusion_model.")
     del model
     for fam in ("flux", "sd3"):
         write_kohya(base / "models" / "loras" / f"{fam}-kohya.safetensors", fam)
@@ -226,6 +236,18 @@ def test_parallelize_pixart_equals_stock(server):
     assert torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
     rel = rel_l2(ours, stock)
     assert rel <= TOL, f"pixart: relative L2 {rel:.3e} > {TOL}"
+
+
+def test_parallelize_zimage_equals_stock(server):
+    """Z-Image (ComfyUI's Lumina 2 model with Z-Image's settings, a 1152-wide file) through its loader ->
+    Parallelize -> KSampler equals the same chain without our node: PipeFusion's two stages split its noise
+    refiner and main layers (the MODEL path counted no blocks in Z-Image's configuration and refused it)."""
+    nodes, _ = _common("zimage", [])
+    nodes["1"] = {"class_type": "PipeFusionTestNarrowUNETLoader", "inputs": {"unet_name": ZIMAGE_NARROW}}
+    stock, ours = run_pair(server, _both(nodes, ksampler("zimage"), "par/zimage"), "par/zimage")
+    assert stock.shape == (1, 16, 16, 16) and torch.isfinite(stock).all() and float(stock.abs().max()) > 0.1
+    rel = rel_l2(ours, stock)
+    assert rel <= TOL, f"zimage: relative L2 {rel:.3e} > {TOL}"
 
 
 def test_parallelize_sampler_custom_advanced(server):

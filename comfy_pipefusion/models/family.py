@@ -95,12 +95,16 @@ def sequence_text(fam, n_txt: int, n_ref: int = 0) -> int:
 
 
 def attention_shape(model) -> tuple[int, int]:
-    """(heads, head dimension) of a family's diffusers model: num_attention_heads and attention_head_dim in
-    most configs, n_heads and dim (the width) in Z-Image's."""
-    cfg = model.config
-    if "n_heads" in cfg and "dim" in cfg:  # Z-Image's (and Lumina's) names
-        return cfg["n_heads"], cfg["dim"] // cfg["n_heads"]
-    return cfg.num_attention_heads, cfg.attention_head_dim
+    """(heads, head dimension) of a family's diffusers model."""
+    return config_attention(model.config)
+
+
+def config_attention(config: dict) -> tuple[int | None, int | None]:
+    """(heads, head dimension) a configuration names, None for what it does not: num_attention_heads and
+    attention_head_dim in most, n_heads and dim (the width) in Z-Image's."""
+    if "n_heads" in config and "dim" in config:  # Z-Image's (and Lumina's) names
+        return config["n_heads"], config["dim"] // config["n_heads"]
+    return config.get("num_attention_heads"), config.get("attention_head_dim")
 
 
 def num_blocks(config: dict) -> int:
