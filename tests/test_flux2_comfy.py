@@ -1,33 +1,33 @@
-"""Flux.2 dev on the real ComfyUI server: stock UNETLoader -> KSampler against our PipeFusionDiTLoader ->
-PipeFusionKSampler on the same file, conditioning and EmptyFlux2LatentImage, relative L2 <= 1e-3.
+"""Flux.2 dev on the real ComfyUI server: ComfyUI's loader -> KSampler against our PipeFusionDiTLoader ->
+PipeFusionKSampler on the same file, conditioning and EmptyFlux2LatentImage, relative L2 <= 1e-3; and the MODEL path
+(the same loader -> PipeFusion Parallelize -> KSampler).
 
 Width: ComfyUI 0.3.75's detection fixes Flux.2 at 48 heads with RoPE axes (32, 32, 32, 32), so heads of 128 and
 the real width 6144; it reads the depth, the latent channels (128) and the text width (Mistral's 15360) from the
-file. The smallest file it takes at that width with both kinds of block is one double and one single block: 2.28 B
-parameters, 4.3 GiB in bf16, which ComfyUI computes in float32 on the CPU next to two ranks of ours. So the file is a
-ComfyUI scaled-fp8 file (every Linear weight float8 with its ``scale_weight``, the ``scaled_fp8`` marker, the
-``model.diffusion_model.`` prefix; 2.1 GiB), also the issue's scaled-fp8 file of Flux.2: both sides keep the weights
-8-bit and compute stored x scale in float32. A 64x64 image (16 image tokens; the text is padded to 512 tokens as
-ComfyUI's model pads it) and one step: still, 528 tokens through 2 B parameters are ~2 TFLOP per forward. Our ranks
-hold one stage each (PipeFusion, 2 patches, warm-up = steps). Measured on the shared 2-core machine under other
-sessions' load: 1 step, prompt 156 s (test 217 s with the 38 s file write and the server start), relative L2 4.4e-7,
-peak RSS 16.9 GiB together (ComfyUI 4.5, ranks 8.4 / 4.4 GiB: with that much free memory the ranks keep a float32
-copy of their 8-bit weights, ``fp8.upcast``); at 2 steps with less memory free they cast per call instead: prompt
-582 s, peak 9.0 GiB (ComfyUI 4.8, ranks 3.9 / 3.8), relative L2 4.2e-7. Printed with -s.
+file. The smallest such file with both kinds of block (one double, one single) has 2.28 B parameters: its prompt
+took 150-230 s of the suite for one step at 528 tokens (the text padded to 512 as ComfyUI's model pads it) and
+~17 GiB of memory. So the file here is 256 wide (2 heads of 128, the real RoPE axes, text width and channels), and
+ComfyUI loads it through PipeFusionTestNarrowUNETLoader, its own load_diffusion_model with the heads read from the
+width (tests/host/pf_test_nodes/narrow.py; at 6144 it is UNETLoader). Every code path of ours and ComfyUI's is the
+one of the real width; test_model_flux2 checks that ComfyUI's detection and ours read a 6144-wide file alike.
+PIPEFUSION_TEST_FLUX2_HEADS=48 runs the module at the real width. The file is a ComfyUI scaled-fp8 file (every
+Linear weight float8 with its ``scale_weight``, the ``scaled_fp8`` marker, the ``model.diffusion_model.`` prefix),
+the issue's scaled-fp8 file of Flux.2: both sides keep the weights 8-bit and compute stored x scale in float32.
+A 64x64 image (16 image tokens), one step; our ranks hold one stage each (PipeFusion, 2 patches, warm-up = steps).
 
-Two prompts. Our loader with a Flux.2 reference image (ReferenceLatent on the positive, as Flux.2's edit
-workflow) against the stock KSampler with it, on that file. Then the MODEL path (stock loader -> PipeFusion
-Parallelize -> stock KSampler, with the reference) against the stock chain with it and without it, which the
-reference must move, on a second file of the same layout 256 wide (2 heads of 128): PipeFusionTestNarrowUNETLoader is
-ComfyUI's own loader letting that width set the heads (tests/host/pf_test_nodes/narrow.py); the MODEL path is the
-same code at any width, and at 6144 it took 135 s of the suite for one step. Measured lightly loaded (one other
-session's benchmark), when the module ran both prompts at full width: 166 s, our loader 67 s (relative L2 4.4e-7),
-reference 31 s (4.4e-7), MODEL path 46 s (4.4e-7); peak RSS over all
-processes 15.5 / 16.6 / 15.6 GiB (the ranks kept their float32 copies: memory allowed it; there is no switch to
-force the per-call cast, which would save ~8 GiB and multiply the prompt time). Needs ~17 GiB free.
+Measured at the real width on the shared 2-core machine: 1 step, prompt 156 s, relative L2 4.4e-7, peak RSS
+16.9 GiB together (ComfyUI 4.5, ranks 8.4 / 4.4 GiB: with that much free memory the ranks keep a float32 copy of
+their 8-bit weights, ``fp8.upcast``); at 2 steps with less memory free they cast per call instead: prompt 582 s,
+peak 9.0 GiB (ComfyUI 4.8, ranks 3.9 / 3.8), relative L2 4.2e-7; the reference prompt 178 s and the MODEL path
+with the reference (the stock result from ComfyUI's cache) 162 s, both 4.4e-7. Printed with -s.
+
+Two prompts: our loader with a Flux.2 reference image (ReferenceLatent on the positive, as Flux.2's edit workflow)
+against the stock KSampler with it; then the MODEL path with it against the same stock result (ComfyUI's cache
+answers the unchanged stock nodes) and the stock chain without it, which the reference must move.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -38,14 +38,13 @@ import torch
 from comfy_pipefusion.models import flux2
 from comfy_pipefusion.models.checkpoint_write import write_synthetic_scaled_fp8
 
-from comfy_helpers import run_prompt, saved_latent, start_server
+from comfy_helpers import run_prompt, saved_latent, start_server, wait_until, worker_pids
 
 pytestmark = pytest.mark.slow
 TOL, STEPS, SIZE = 1e-3, 1, 64
 FILE = "parity-flux2-fp8-scaled.safetensors"
-CONFIG = dict(flux2.REAL, num_layers=1, num_single_layers=1)
-NARROW_FILE = "parity-flux2-narrow-fp8-scaled.safetensors"  # 256 wide: 2 heads of 128, the real RoPE axes
-NARROW_CONFIG = dict(CONFIG, num_attention_heads=2)
+HEADS = int(os.environ.get("PIPEFUSION_TEST_FLUX2_HEADS", "2"))  # of 128; 48: the real width, 6144
+CONFIG = dict(flux2.REAL, num_layers=1, num_single_layers=1, num_attention_heads=HEADS)
 
 
 class TreePeak:
@@ -88,8 +87,6 @@ def server(tmp_path_factory):
     t0 = time.monotonic()
     path = write_synthetic_scaled_fp8(base / "models" / "diffusion_models" / FILE, "flux2", CONFIG,
                                       prefix="model.diffusion_model.")
-    write_synthetic_scaled_fp8(base / "models" / "diffusion_models" / NARROW_FILE, "flux2", NARROW_CONFIG,
-                               prefix="model.diffusion_model.")
     print(f"\nFlux.2 scaled-fp8 file: {path.stat().st_size / 2**30:.2f} GiB written in {time.monotonic() - t0:.1f} s")
     srv = start_server(base, run_dir)
     yield srv
@@ -101,7 +98,7 @@ def prompt(sampler: str, scheduler: str) -> dict:
     sample = {"seed": 5, "steps": STEPS, "cfg": 1.0, "sampler_name": sampler, "scheduler": scheduler,
               "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}
     return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": FILE, "weight_dtype": "default"}},
+        "1": {"class_type": "PipeFusionTestNarrowUNETLoader", "inputs": {"unet_name": FILE}},
         "2": {"class_type": "PipeFusionDiTLoader",
               "inputs": {"unet_name": FILE, "weight_dtype": "float32", "devices": "cpu:2", "strategy": "pipefusion",
                          "patches": 2, "warmup_steps": STEPS}},
@@ -132,14 +129,13 @@ def with_reference(nodes: dict) -> dict:
 
 
 def with_parallelize(nodes: dict) -> dict:
-    """The reference prompt on the narrow file, our loader left out: the stock chain with the reference (r6, saved
-    as flux2_narrow_ref) and without it (node 6, flux2_narrow_plain), and the same MODEL through PipeFusion
-    Parallelize to the stock KSampler with the reference (p6, flux2_parallelize)."""
+    """The reference prompt, our loader left out: the stock chain with the reference (r6, saved as flux2_mp_ref)
+    and without it (node 6, flux2_mp_plain), and the same MODEL through PipeFusion Parallelize to the stock
+    KSampler with the reference (p6, flux2_parallelize)."""
     out = {k: v for k, v in nodes.items() if k not in ("2", "r7", "rs7")}
-    out["1"] = {"class_type": "PipeFusionTestNarrowUNETLoader", "inputs": {"unet_name": NARROW_FILE}}
-    out["rs6"] = {**out["rs6"], "inputs": {**out["rs6"]["inputs"], "filename_prefix": "flux2_narrow_ref"}}
+    out["rs6"] = {**out["rs6"], "inputs": {**out["rs6"]["inputs"], "filename_prefix": "flux2_mp_ref"}}
     out["6"] = {**out["r6"], "inputs": {**out["r6"]["inputs"], "positive": ["3", 0]}}
-    out["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "flux2_narrow_plain"}}
+    out["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "flux2_mp_plain"}}
     out["p"] = {"class_type": "PipeFusionParallelize", "inputs": {
         "model": ["1", 0], "devices": "cpu:2", "strategy": "pipefusion", "patches": 2, "warmup_steps": STEPS}}
     out["p6"] = {**out["r6"], "inputs": {**out["r6"]["inputs"], "model": ["p", 0]}}
@@ -153,7 +149,7 @@ def run_measured(server, nodes: dict, what: str) -> None:
     with TreePeak(server.pid) as peak:
         status, msgs = run_prompt(server, nodes, timeout=1200)
     assert status == "execution_success", (msgs[-1]["data"], server.log_tail(40))
-    print(f"\nFlux.2, 1 + 1 blocks, scaled fp8, {STEPS} step euler, {what}: prompt "
+    print(f"\nFlux.2 width {128 * HEADS}, 1 + 1 blocks, scaled fp8, {STEPS} step euler, {what}: prompt "
           f"{time.monotonic() - t0:.0f} s; peak RSS of ComfyUI and its workers together {peak.total / 2**30:.2f} GiB")
     for name, rss in sorted(peak.each.items(), key=lambda kv: -kv[1])[:4]:
         print(f"  {name:48s} {rss / 2**30:.2f} GiB")
@@ -182,11 +178,13 @@ def test_flux2_fp8_scaled_with_a_reference_equals_stock_ksampler(server, with_a_
     assert "model_type FLUX" in log  # ComfyUI ran it as its Flux.2 (a Flux model type)
 
 
-def test_flux2_parallelize_equals_stock_ksampler(server):
-    """Flux.2 on the MODEL path: stock loader -> PipeFusion Parallelize -> stock KSampler, with the reference,
-    against the stock chain with it (its 128-channel LATENT unfolded for the group and back), on the narrow file;
-    the reference moves the stock result (so both used it)."""
-    run_measured(server, with_parallelize(with_reference(prompt("euler", "simple"))), "MODEL path, narrow, a reference")
-    compare(server, "flux2_narrow_ref", "flux2_parallelize", "MODEL path, narrow, a reference")
-    moved = saved_latent(server, "flux2_narrow_ref") - saved_latent(server, "flux2_narrow_plain")
+def test_flux2_parallelize_equals_stock_ksampler(server, with_a_reference):
+    """Flux.2 on the MODEL path: the loader -> PipeFusion Parallelize -> stock KSampler, with the reference,
+    against the stock chain with it (its 128-channel LATENT unfolded for the group and back); the reference moves
+    the stock result (so both used it). Our loader's group leaves first (memory, at the real width)."""
+    server.post_json("/free", {"unload_models": True})
+    assert wait_until(lambda: not worker_pids(server.pid), 60), worker_pids(server.pid)
+    run_measured(server, with_parallelize(with_reference(prompt("euler", "simple"))), "MODEL path, a reference")
+    compare(server, "flux2_mp_ref", "flux2_parallelize", "MODEL path, a reference")
+    moved = saved_latent(server, "flux2_mp_ref") - saved_latent(server, "flux2_mp_plain")
     assert float(moved.abs().max()) > 1e-2

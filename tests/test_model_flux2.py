@@ -26,6 +26,9 @@ from comfy_pipefusion.sampling.model_sampling import model_sampling_for
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 N_TXT = 8
+PREFIX = "model.diffusion_model."
+DETECTED = ("image_model", "hidden_size", "num_heads", "axes_dim", "depth", "depth_single_blocks", "context_in_dim",
+            "in_channels", "mlp_ratio", "guidance_embed")
 CONFIG = flux2.PRESETS["flux2-tiny"]["config"]
 
 
@@ -199,7 +202,11 @@ def comfy_forward(weights: str, out: str, host: str) -> None:
     with torch.inference_mode():  # without references, then with them (its default placement, "index")
         ys = [model(data["x"], data["t"], data["txt"], guidance=data["g"], ref_latents=refs or None)
               for refs in ([], data["refs"])]
-    torch.save(ys, out)
+    import comfy.model_detection  # what ComfyUI's own loader reads from a file of the real width (shapes only)
+
+    real = {PREFIX + k: torch.empty(shape, device="meta") for k, shape in data["real_shapes"].items()}
+    detected = comfy.model_detection.detect_unet_config(real, PREFIX)
+    torch.save({"ys": ys, "detected": {k: detected[k] for k in DETECTED}}, out)
 
 
 def test_flux2_equals_comfyui_model(tmp_path, model):
@@ -216,14 +223,28 @@ def test_flux2_equals_comfyui_model(tmp_path, model):
     t, gd = torch.tensor([0.6]), torch.tensor([3.5])
     comfy_refs = [torch.randn(1, 128, 3, 5, generator=g), torch.randn(1, 128, 4, 2, generator=g)]
     stored = invert(dict(model.state_dict()), keys_flux2.original_map(CONFIG))
-    torch.save({"weights": stored, "x": comfy_x, "t": t, "txt": txt, "g": gd, "refs": comfy_refs}, tmp_path / "in.pt")
+    real_config = dict(flux2.REAL, num_layers=1, num_single_layers=1)
+    real = invert(dict(flux2.build_meta(real_config).state_dict()), keys_flux2.original_map(real_config))
+    shapes = {k: tuple(v.shape) for k, v in real.items()}
+    torch.save({"weights": stored, "x": comfy_x, "t": t, "txt": txt, "g": gd, "refs": comfy_refs,
+                "real_shapes": shapes}, tmp_path / "in.pt")
     code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import test_model_flux2 as t; "
             "t.comfy_forward(sys.argv[3], sys.argv[4], sys.argv[5])")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(ROOT / "tests"), str(tmp_path / "in.pt"),
                            str(tmp_path / "out.pt"), str(ensure_host())], cwd=str(ROOT),
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    wants = torch.load(tmp_path / "out.pt")  # [1, 128, rows, cols] each
+    result = torch.load(tmp_path / "out.pt")
+    # a 6144-wide file (one block of each kind): ComfyUI's detection (48 heads fixed, the rest read) and ours agree,
+    # so that tests at a narrower width (test_flux2_comfy) stand for it
+    ours, got = keys_flux2.config_from_shapes(shapes, {}), result["detected"]
+    assert got == {"image_model": "flux2", "hidden_size": 6144, "num_heads": ours["num_attention_heads"],
+                   "axes_dim": list(ours["axes_dims_rope"]), "depth": ours["num_layers"],
+                   "depth_single_blocks": ours["num_single_layers"], "context_in_dim": ours["joint_attention_dim"],
+                   "in_channels": ours["in_channels"], "mlp_ratio": ours["mlp_ratio"],
+                   "guidance_embed": ours["guidance_embeds"]}
+    assert ours["num_attention_heads"] * ours["attention_head_dim"] == 6144 and ours["num_attention_heads"] == 48
+    wants = result["ys"]  # [1, 128, rows, cols] each
     assert float((wants[1] - wants[0]).abs().max()) > 1e-3  # the references matter
     for want, refs in zip(wants, ((), tuple(fmt.from_comfy(r) for r in comfy_refs))):
         kw = {"refs": refs, "ref_method": "index"} if refs else {}
