@@ -206,14 +206,15 @@ def test_link_table_auto_against_the_best_fixed_plan_pools_the_same_plan(tmp_pat
     finally:
         sys.path.remove(str(ROOT / "tools"))
 
-    def row(name, plan, runs, rounds=None):
+    def row(name, plan, runs, rounds=None, predicted=None):
         return {"name": name, "plan": plan, "wall_s_runs": runs, "wall_s": sorted(runs)[len(runs) // 2],
-                "rounds": rounds}
+                "rounds": rounds, "predicted_s": predicted}
 
     pf2, pf4, df = "pipefusion x2 M2 W1", "pipefusion x2 M4 W1", "distrifusion x2 W1"
     rep = {"height": 512, "steps": 28, "cfg": 1.0, "link": None, "results": [
         row("serial", "serial x1 W1", [10.0, 10.0, 10.0]), row("pipefusion-M2", pf2, [6.0, 6.6, 7.0]),
-        row("pipefusion-M4", pf4, [6.2, 6.3, 6.4]), row("distrifusion", df, [7.0, 7.0, 7.0]),
+        row("pipefusion-M4", pf4, [6.2, 6.3, 6.4], predicted=5.67),
+        row("distrifusion", df, [7.0, 7.0, 7.0], predicted=7.6),
         row("auto", pf2, [6.1, 6.2, 6.5], [{"plan": pf2}] * 3)]}
     one = tmp_path / "one.json"
     one.write_text(json.dumps(rep))
@@ -225,4 +226,6 @@ def test_link_table_auto_against_the_best_fixed_plan_pools_the_same_plan(tmp_pat
     assert pooled["auto_plan_s"] == pytest.approx((6.2 + 6.5) / 2)  # median of 6.0 6.1 6.2 6.5 6.6 7.0
     assert pooled["plan_vs_best"] == pytest.approx(6.35 / 6.3 - 1) and pooled["auto_plans"] == [pf2]
     assert mixed["auto_plans"] == [df, pf2] and mixed["auto_plan_s"] == 6.2 == mixed["auto_s"]
+    assert pooled["worst"] == (pytest.approx(-0.1), "pipefusion-M4")  # not distrifusion +8.6%
     assert "| 512^2, 28 steps, cfg 1, shared memory | pipefusion x2 M4 W1 6.30 s |" in link_table.auto_table([pooled])
+    assert link_table.auto_table([pooled]).endswith("| -10.0% (pipefusion-M4) |")

@@ -19,7 +19,8 @@ on a shared machine the figures are as noisy as its load.
 ``--auto`` compares each report's ``auto`` row with the best fixed plan of the same run: the auto row's own
 median, and its plan's (where auto ran one plan in every round and a fixed row ran the same plan, both rows'
 runs together: the same computation timed twice as often, which halves what the machine's noise can make of
-the comparison); each fixed plan's time is likewise every run of that plan in the report.
+the comparison); each fixed plan's time is likewise every run of that plan in the report. Its last column is
+the report's row whose prediction missed its measurement the most (predicted / measured - 1).
 """
 from __future__ import annotations
 
@@ -124,10 +125,12 @@ def error_table(rows: list[dict]) -> str:
 
 
 def auto_rows(paths: list[Path]) -> list[dict]:
-    """Per report: the best fixed plan, auto's plan(s), the auto row's median and its plan's (``--auto``)."""
+    """Per report: the best fixed plan, auto's plan(s), the auto row's median and its plan's, and the row the
+    simulator missed most (``--auto``)."""
     out = []
     for p in paths:
         rep = json.loads(Path(p).read_text())
+        errors = [(abs(e["error"]), e["error"], e["name"]) for e in error_rows([p]) if e["error"] is not None]
         res = {r["name"]: r for r in rep["results"]}
         if "auto" not in res:
             raise ValueError(f"{p}: no auto row (run the bench with auto in --strategies)")
@@ -145,15 +148,18 @@ def auto_rows(paths: list[Path]) -> list[dict]:
             (rep["link"]["speed"] if rep.get("link") else "shared memory")
         out.append({"cell": cell, "best": best, "best_s": best_s, "auto_plans": plans, "auto_s": auto["wall_s"],
                     "auto_plan_s": own, "auto_vs_best": auto["wall_s"] / best_s - 1,
-                    "plan_vs_best": own / best_s - 1})
+                    "plan_vs_best": own / best_s - 1, "worst": max(errors)[1:] if errors else None})
     return out
 
 
 def auto_table(rows: list[dict]) -> str:
-    lines = ["| cell | best fixed plan | auto ran | auto row vs best | auto's plan vs best |", "|---|---|---|---|---|"]
+    lines = ["| cell | best fixed plan | auto ran | auto row vs best | auto's plan vs best "
+             "| largest prediction error |", "|---|---|---|---|---|---|"]
     for r in rows:
+        worst = f"{100 * r['worst'][0]:+.1f}% ({r['worst'][1]})" if r["worst"] else "-"
         lines.append(f"| {r['cell']} | {r['best']} {r['best_s']:.2f} s | {', '.join(r['auto_plans'])} "
-                     f"{r['auto_s']:.2f} s | {100 * r['auto_vs_best']:+.1f}% | {100 * r['plan_vs_best']:+.1f}% |")
+                     f"{r['auto_s']:.2f} s | {100 * r['auto_vs_best']:+.1f}% | {100 * r['plan_vs_best']:+.1f}% | "
+                     f"{worst} |")
     return "\n".join(lines)
 
 
