@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -80,15 +81,22 @@ class Nodes:
         raise ValueError(f"no network interface of this machine has the address {addr}: give --local-addr one "
                          f"of this machine's addresses ({have})")
 
-    def agent_command(self, nproc: int, tail: list[str]) -> list[str]:
-        """torchrun's agent for this machine, starting ``nproc`` ranks of ``python tail``."""
+    def agent_command(self, nproc: int, tail: list[str], folder: Path) -> list[str]:
+        """torchrun's agent for this machine, starting ``nproc`` ranks of ``python tail``; its own folder in
+        ``folder`` (``torchrun_dir``)."""
         conf = f"join_timeout={int(self.join_timeout_s)},is_host={int(self.node_rank == 0)}"
         return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nnodes}",
                 f"--nproc_per_node={nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}",
                 f"--rdzv-id={self.run_id}", f"--local-addr={self.address()}", f"--rdzv-conf={conf}",
-                "--max_restarts=0", "--monitor_interval=0.5", *tail]
+                "--max_restarts=0", "--monitor_interval=0.5", torchrun_dir(folder), *tail]
 
     def agent_env(self, env: dict[str, str]) -> dict[str, str]:
         """``env`` with the ranks' peer sockets on this machine's interface toward the others."""
         dev = self.interface()
         return {**env, "GLOO_SOCKET_IFNAME": dev, "NCCL_SOCKET_IFNAME": dev}
+
+
+def torchrun_dir(folder: Path) -> str:
+    """torchrun's argument that puts its per-run folder (the ranks' error files) in ``folder``, a private
+    folder removed with the group, rather than a new one in the system's temporary folder that outlives it."""
+    return f"--log-dir={Path(folder) / 'torchrun'}"

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from . import failure
 from .errors import GroupError
-from .multinode import Nodes
+from .multinode import Nodes, torchrun_dir
 
 
 def worker_command(world_size: int, args: list[str], store_dir: Path) -> list[str]:
@@ -39,7 +39,8 @@ def worker_command(world_size: int, args: list[str], store_dir: Path) -> list[st
     Single-machine groups open no TCP port of their own: torchrun's rendezvous and the process group's
     store are files in ``store_dir`` (a private directory), where ``--standalone`` would bind a TCPStore
     on every network interface. Only the backends' own peer sockets remain, pinned to loopback by
-    ``worker_env``.
+    ``worker_env``. torchrun's own folder (``--log-dir``; by default a new ``torchelastic_*`` in the system's
+    temporary folder at every start, never removed) is in ``store_dir`` too, and goes with it.
     """
     tail = ["-m", "comfy_pipefusion.worker", *args, "--store", str(Path(store_dir) / "pg.store")]
     if world_size == 1:
@@ -47,18 +48,20 @@ def worker_command(world_size: int, args: list[str], store_dir: Path) -> list[st
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={world_size}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={Path(store_dir) / 'rdzv.store'}",
             "--rdzv-conf=store_type=file", f"--rdzv-id={secrets.token_hex(8)}", "--local-addr=127.0.0.1",
-            "--max_restarts=0", "--monitor_interval=0.5", *tail]
+            "--max_restarts=0", "--monitor_interval=0.5", torchrun_dir(store_dir), *tail]
 
 
-def node_commands(world_size: int, args: list[str], link, port: int) -> list[list[str]]:
+def node_commands(world_size: int, args: list[str], link, port: int, folder: Path) -> list[list[str]]:
     """Two torchrun agents, one per namespace of ``link`` (linkns.Shaped), with torchrun's standard
-    multi-node rendezvous (c10d, a TCP store on side 0's address): half the ranks each."""
+    multi-node rendezvous (c10d, a TCP store on side 0's address): half the ranks each (torchrun's folders in
+    ``folder``)."""
     if world_size < 2 or world_size % 2:
         raise ValueError(f"a group across a link needs an even number of ranks (half on each side), "
                          f"got {world_size}")
     run_id = secrets.token_hex(8)
     return [[*link.exec_prefix(side), *Nodes(2, side, f"{link.addrs[0]}:{port}", run_id, link.addrs[side])
-             .agent_command(world_size // 2, ["-m", "comfy_pipefusion.worker", *args])] for side in (0, 1)]
+             .agent_command(world_size // 2, ["-m", "comfy_pipefusion.worker", *args], Path(folder) / f"side{side}")]
+            for side in (0, 1)]
 
 
 INHERITED_NOT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
@@ -221,14 +224,14 @@ def run_jobs(preset: str | None, seed: int, jobs: list[dict], world_size: int, t
                 if world_size % nodes.nnodes:
                     raise ValueError(f"{world_size} ranks cannot be shared evenly by {nodes.nnodes} machines: "
                                      f"give a world size that is a multiple of {nodes.nnodes}")
-                starts = [(nodes.agent_command(world_size // nodes.nnodes, ["-m", "comfy_pipefusion.worker", *args]),
-                           nodes.agent_env(env))]
+                starts = [(nodes.agent_command(world_size // nodes.nnodes, ["-m", "comfy_pipefusion.worker", *args],
+                                               tmp), nodes.agent_env(env))]
             elif link is None:
                 starts = [(worker_command(world_size, args, tmp), env)]
             else:
                 port = 20000 + secrets.randbelow(30000)
                 starts = [(cmd, {**env, "GLOO_SOCKET_IFNAME": dev, "NCCL_SOCKET_IFNAME": dev})
-                          for cmd, dev in zip(node_commands(world_size, args, link, port), link.devs)]
+                          for cmd, dev in zip(node_commands(world_size, args, link, port, tmp), link.devs)]
             procs = [subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=e, start_new_session=True,
                                       preexec_fn=die_with_parent) for cmd, e in starts]
             try:

@@ -62,3 +62,6 @@ def test_hostile_bench_killed_leaves_no_process_and_no_files(tmp_path, monkeypat
         assert sorted(sweep_tempdirs()) == sorted(left)
         left = list(tmp_path.glob("pipefusion-*"))
     assert left == []
+    # nor torchrun's own folder (by default a new torchelastic_* at every start); torch's cache (torchinductor_USER,
+    # one per user, reused by every run) may stay
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")] == []

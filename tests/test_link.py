@@ -8,7 +8,6 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -86,8 +85,12 @@ def _benches(link, tmp_path: Path, extra: dict[int, list[str]] | None = None):
               "--rdzv-endpoint", endpoint, "--rdzv-id", "pf-test", "--rdzv-timeout", "120"]
     commands = {0: [*link.exec_prefix(1), *common, "--node-rank", "0", "--json", str(tmp_path / "bench.json")],
                 1: [*link.exec_prefix(0), *common, "--node-rank", "1"]}
+    for r in commands:  # each "machine" its own temporary folder, which nothing may outlive the bench in
+        (tmp_path / f"tmp-node{r}").mkdir()
     procs = {r: subprocess.Popen([*c, *(extra or {}).get(r, [])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, cwd=ROOT, start_new_session=True) for r, c in commands.items()}
+                                 text=True, cwd=ROOT, start_new_session=True,
+                                 env={**os.environ, "TMPDIR": str(tmp_path / f"tmp-node{r}")})
+             for r, c in commands.items()}
     deadline = time.monotonic() + BENCH_S
     try:
         while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
@@ -102,17 +105,16 @@ def _benches(link, tmp_path: Path, extra: dict[int, list[str]] | None = None):
     return endpoint, procs, outputs
 
 
-def _nothing_left(endpoint: str, procs: dict) -> None:
+def _nothing_left(endpoint: str, procs: dict, tmp_path: Path) -> None:
     """No process of the two benches (their agents and ranks name the endpoint or their temporary folders)
-    and no temporary folder of theirs outlived them."""
+    and nothing in their temporary folders (theirs, torchrun's) outlived them."""
     pids = [p.pid for p in procs.values()]
     marks = [endpoint, *(f"pipefusion-{pid}-" for pid in pids), *(f"pipefusion-bench-{pid}-" for pid in pids)]
     left = [q.info for q in psutil.process_iter(["pid", "cmdline"])
             if any(m in " ".join(q.info["cmdline"] or ()) for m in marks)]
     assert not left, f"processes of the bench outlived it: {left}"
-    dirs = [d for d in Path(tempfile.gettempdir()).glob("pipefusion-*")
-            if any(f"-{pid}-" in d.name for pid in pids)]
-    assert not dirs, f"temporary folders outlived the bench: {dirs}"
+    left = [p for r in procs for p in (tmp_path / f"tmp-node{r}").iterdir()]
+    assert not left, f"temporary folders outlived the bench: {left}"
 
 
 def test_link_bench_one_command_per_machine_rank0_elsewhere(shaped, tmp_path):
@@ -134,7 +136,7 @@ def test_link_bench_one_command_per_machine_rank0_elsewhere(shaped, tmp_path):
     assert pf["max_abs_err_vs_serial"] <= 1e-5 and rows["serial"]["max_abs_err_vs_serial"] == 0.0
     assert [t["process"] for t in rep["turns"]] == ["serial", "group", "serial"]
     assert all(a["end"] <= b["start"] for a, b in zip(rep["turns"], rep["turns"][1:])), "turns overlapped"
-    _nothing_left(endpoint, procs)
+    _nothing_left(endpoint, procs, tmp_path)
 
 
 @pytest.mark.slow
@@ -147,7 +149,7 @@ def test_link_bench_machines_given_different_jobs_are_refused(shaped, tmp_path):
         assert "the machines were given different jobs" in outputs[r], outputs[r][-3000:]
         assert "run the same command on every machine, only the node rank may differ" in outputs[r]
     assert not (tmp_path / "bench.json").exists()
-    _nothing_left(endpoint, procs)
+    _nothing_left(endpoint, procs, tmp_path)
 
 
 def test_link_bench_probes_in_their_turns_and_repredicts(tmp_path):

@@ -153,6 +153,7 @@ def main() -> int:
         print(f"checkpoint: {path} {size / GIB:.2f} GiB ({args.doubles} double + {args.singles} single {args.family} "
               f"blocks, width {width}, bf16, original layout)")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.world_size}",
+               f"--log-dir={os.devnull}",  # no torchelastic_* folder left in the temporary folder
                __file__, "--rank-load", str(path), "--out", str(out), "--dtype", args.dtype]
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         reports = json.loads(out.read_text())
