@@ -6,7 +6,9 @@
 # 2. PipeFusion, DistriFusion and Ulysses over a 1 Gbit/s link (mid, 28 steps)
 # 3. auto against every fixed plan: steps 4 and 28 x cfg 1 and 4.5 x shared memory and 1 Gbit/s, at 512^2
 #    (SIZES="512 1024" adds the 1024^2 half, hours on CPUs); each cell 3 rounds of 1 run per plan
-#    (bench --rounds): on a machine whose speed drifts, every plan's runs from every stretch of the cell
+#    (bench --rounds): on a machine whose speed drifts, every plan's runs from every stretch of the cell;
+#    3 runs per round at 512^2 and 4 steps (runs of about 1 s), 1 round at 1024^2 and 28 steps (runs of
+#    50-200 s: 20-35 min per cell as it is)
 # PARTS="3" runs only part 3 (default "1 2 3").
 set -euo pipefail
 OUT="${1:?usage: tools/speed_targets.sh OUT_DIR}"
@@ -24,6 +26,9 @@ for size in ${SIZES:-512}; do for steps in 4 28; do for link in shm 1gbit; do fo
     strategies=serial,pipefusion,distrifusion,ulysses,auto  # pipefusion: M = 2 and 4 (--patches)
     [ "$cfg" != 1 ] && strategies="$strategies,cfg"
     link_args=(); [ "$link" != shm ] && link_args=(--link "$link")
+    rounds=3; repeats=1
+    [ "$size" = 512 ] && [ "$steps" = 4 ] && repeats=3
+    [ "$size" != 512 ] && [ "$steps" = 28 ] && rounds=1
     bench "auto-$size-s$steps-$link-cfg$cfg" --preset small --height "$size" --width "$size" --steps "$steps" \
-        --cfg "$cfg" "${link_args[@]}" --strategies "$strategies" --patches 2,4 --rounds 3 --repeats 1
+        --cfg "$cfg" "${link_args[@]}" --strategies "$strategies" --patches 2,4 --rounds "$rounds" --repeats "$repeats"
 done; done; done; done
