@@ -15,6 +15,7 @@ from comfy_pipefusion.models.checkpoint import save_checkpoint
 from comfy_helpers import error_message, run_prompt, start_server, worker_pids
 from test_faults import UNET, ok, prompt, report
 
+
 def shm_namespace_python(tmp: Path) -> str | None:
     """A python that runs in a mount namespace of its own with a 256 KiB tmpfs on /dev/shm (root, or
     unprivileged user namespaces), or None where the system allows neither."""
