@@ -151,6 +151,12 @@ def running(pids) -> list[int]:
     return out
 
 
+def left_in(folder: Path) -> list[str]:
+    """What is in a temporary folder that a run had to itself (its ``TMPDIR``), but torch's own cache
+    (``torchinductor_USER``: one per user, reused by every run, not a leftover of one)."""
+    return sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith("torchinductor_"))
+
+
 def wait_until(pred, timeout: float, step: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

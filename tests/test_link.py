@@ -17,6 +17,8 @@ import torch
 
 from comfy_pipefusion import linkns
 from comfy_pipefusion.oneshot import run_jobs
+
+from comfy_helpers import left_in
 from test_planner import assert_auto_rule
 
 REASON = linkns.why_not()
@@ -113,7 +115,7 @@ def _nothing_left(endpoint: str, procs: dict, tmp_path: Path) -> None:
     left = [q.info for q in psutil.process_iter(["pid", "cmdline"])
             if any(m in " ".join(q.info["cmdline"] or ()) for m in marks)]
     assert not left, f"processes of the bench outlived it: {left}"
-    left = [p for r in procs for p in (tmp_path / f"tmp-node{r}").iterdir()]
+    left = [p for r in procs for p in left_in(tmp_path / f"tmp-node{r}")]
     assert not left, f"temporary folders outlived the bench: {left}"
 
 
