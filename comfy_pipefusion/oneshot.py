@@ -54,14 +54,13 @@ def worker_command(world_size: int, args: list[str], store_dir: Path) -> list[st
 def node_commands(world_size: int, args: list[str], link, port: int, folder: Path) -> list[list[str]]:
     """Two torchrun agents, one per namespace of ``link`` (linkns.Shaped), with torchrun's standard
     multi-node rendezvous (c10d, a TCP store on side 0's address): half the ranks each (torchrun's folders in
-    ``folder``)."""
+    ``folder``: each agent makes its own run folder there)."""
     if world_size < 2 or world_size % 2:
         raise ValueError(f"a group across a link needs an even number of ranks (half on each side), "
                          f"got {world_size}")
     run_id = secrets.token_hex(8)
     return [[*link.exec_prefix(side), *Nodes(2, side, f"{link.addrs[0]}:{port}", run_id, link.addrs[side])
-             .agent_command(world_size // 2, ["-m", "comfy_pipefusion.worker", *args], Path(folder) / f"side{side}")]
-            for side in (0, 1)]
+             .agent_command(world_size // 2, ["-m", "comfy_pipefusion.worker", *args], folder)] for side in (0, 1)]
 
 
 INHERITED_NOT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",

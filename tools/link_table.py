@@ -99,14 +99,17 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def error_rows(paths: list[Path]) -> list[dict]:
     """Every row of the bench JSONs at ``paths``: measured and predicted wall time, and the error."""
+    return [row for p in paths for row in report_errors(json.loads(Path(p).read_text()))]
+
+
+def report_errors(rep: dict) -> list[dict]:
+    """Every row of one bench report: measured and predicted wall time, and the error."""
+    cell = f"{rep['steps']} steps, cfg {rep['cfg']:g}" + (f", {rep['link']['speed']}" if rep.get("link") else "")
     out = []
-    for p in paths:
-        rep = json.loads(Path(p).read_text())
-        cell = f"{rep['steps']} steps, cfg {rep['cfg']:g}" + (f", {rep['link']['speed']}" if rep.get("link") else "")
-        for r in rep["results"]:
-            pred = r.get("predicted_s")
-            out.append({"cell": cell, "name": r["name"], "plan": r.get("plan"), "measured_s": r["wall_s"],
-                        "predicted_s": pred, "error": pred / r["wall_s"] - 1 if pred else None})
+    for r in rep["results"]:
+        pred = r.get("predicted_s")
+        out.append({"cell": cell, "name": r["name"], "plan": r.get("plan"), "measured_s": r["wall_s"],
+                    "predicted_s": pred, "error": pred / r["wall_s"] - 1 if pred else None})
     return out
 
 
@@ -130,7 +133,7 @@ def auto_rows(paths: list[Path]) -> list[dict]:
     out = []
     for p in paths:
         rep = json.loads(Path(p).read_text())
-        errors = [(abs(e["error"]), e["error"], e["name"]) for e in error_rows([p]) if e["error"] is not None]
+        errors = [(abs(e["error"]), e["error"], e["name"]) for e in report_errors(rep) if e["error"] is not None]
         res = {r["name"]: r for r in rep["results"]}
         if "auto" not in res:
             raise ValueError(f"{p}: no auto row (run the bench with auto in --strategies)")
