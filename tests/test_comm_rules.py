@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from comfy_pipefusion import transport
+from comfy_pipefusion.multinode import torchrun_dir
 from comfy_pipefusion.oneshot import worker_command, worker_env
 from comfy_pipefusion.parallel.comm import ObjectRefused, decode_object, encode_object
 from comfy_pipefusion.parallel.rules import HANG_ENV, MODE_ENV, Rules
@@ -29,7 +30,8 @@ def run_schedule(tmp_path: Path, order: str, mode: str, *extra: str, ranks: int 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={ranks}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint={tmp_path / 'rdzv.store'}", "--rdzv-conf=store_type=file",
            f"--rdzv-id={os.getpid()}{order}{mode}", "--local-addr=127.0.0.1", "--max_restarts=0",
-           "--monitor_interval=0.5", str(SCRIPT), order, "--store", str(tmp_path / "pg.store"), *extra]
+           "--monitor_interval=0.5", torchrun_dir(tmp_path), str(SCRIPT), order, "--store", str(tmp_path / "pg.store"),
+           *extra]
     start = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start

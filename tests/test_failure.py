@@ -13,6 +13,7 @@ import pytest
 
 from comfy_pipefusion import failure
 from comfy_pipefusion.errors import GroupError
+from comfy_pipefusion.multinode import torchrun_dir
 from comfy_pipefusion.oneshot import run_jobs, worker_env
 from comfy_pipefusion.parallel.rules import HANG_ENV, MODE_ENV
 
@@ -31,8 +32,8 @@ def hang_log(tmp_path_factory) -> Path:
     env = {**worker_env(1, cpu_only=True), MODE_ENV: "nccl", HANG_ENV: "3"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint={tmp / 'rdzv.store'}", "--rdzv-conf=store_type=file", f"--rdzv-id=hang{os.getpid()}",
-           "--local-addr=127.0.0.1", "--max_restarts=0", "--monitor_interval=0.5", str(SCRIPT), "old",
-           "--store", str(tmp / "pg.store")]
+           "--local-addr=127.0.0.1", "--max_restarts=0", "--monitor_interval=0.5", torchrun_dir(tmp), str(SCRIPT),
+           "old", "--store", str(tmp / "pg.store")]
     log = tmp / "worker.log"
     with open(log, "wb") as fh:
         rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=300,
