@@ -13,11 +13,16 @@ Along each lane, in time order:
 
 A white hairline marks where each item begins.
 
+``meetings`` reads the same timings another way: at each synchronous collective (Ulysses' all-to-alls), how
+far apart the ranks arrived, how long the exchange took once the last had, and what the group lost waiting for
+the slowest, as a share of the compute between two meetings (the simulator's ``straggle``, measured in the job).
+
 Times are seconds from the earliest ``begin`` of the section's ranks (one monotonic clock per machine).
 ``geometry`` says where a time and a rank land in the picture, so a test can read the picture back.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +68,49 @@ def segments(rank: dict, zero: float) -> list[Segment]:
             out.append(Segment(kind, t - zero, it["end"] - zero))
     out.append(Segment("drain", items[-1]["end"] - zero, rank["end"] - zero))
     return [s for s in out if s.end > s.start]
+
+
+@dataclass(frozen=True)
+class Meetings:
+    """The ranks' meetings at one synchronous collective channel over one run (seconds)."""
+
+    count: int
+    spread: float
+    """Mean over meetings of the last rank's arrival less the first's."""
+    transfer: float
+    """Mean over meetings of the first return less the last arrival: the exchange itself."""
+    between: float
+    """Median over meetings (but the first) of the ranks' mean time from the previous meeting's return."""
+    straggle: float
+    """What the group lost to the slowest rank (last arrival less the ranks' mean arrival) over the compute
+    between meetings (the ranks' mean), both summed over every meeting but the first."""
+
+
+def meetings(ranks: list[dict], kind: str = "all_to_all") -> dict[str, Meetings]:
+    """Per channel of synchronous ``kind`` waits (``"<kind> <channel>"``), over the ranks that waited on it:
+    their n-th waits there are one meeting (every member of a collective waits for it in the same order).
+    A channel whose members waited a different number of times is left out (not one collective)."""
+    by_channel: dict[str, list[list[dict]]] = {}
+    for rank in ranks:
+        mine: dict[str, list[dict]] = {}
+        for w in sorted(rank["waits"], key=lambda w: w["start"]):
+            if w["what"].split(" ", 1)[0] == kind:
+                mine.setdefault(w["what"], []).append(w)
+        for what, waits in mine.items():
+            by_channel.setdefault(what, []).append(waits)
+    out = {}
+    for what, members in by_channel.items():
+        if len(members) < 2 or len({len(m) for m in members}) != 1:
+            continue
+        met = list(zip(*members))
+        n = len(members)
+        gaps = [sum(w["start"] - p["end"] for w, p in zip(now, prev)) / n for prev, now in zip(met, met[1:])]
+        late = sum(max(w["start"] for w in now) - sum(w["start"] for w in now) / n for now in met[1:])
+        spread = statistics.mean(max(w["start"] for w in m) - min(w["start"] for w in m) for m in met)
+        transfer = statistics.mean(min(w["end"] for w in m) - max(w["start"] for w in m) for m in met)
+        out[what] = Meetings(len(met), spread, transfer, statistics.median(gaps) if gaps else 0.0,
+                             late / sum(gaps) if sum(gaps) > 0 else 0.0)
+    return out
 
 
 @dataclass(frozen=True)

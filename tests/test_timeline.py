@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from comfy_pipefusion import timeline
+from comfy_pipefusion.models import family
 from comfy_pipefusion.parallel.schedule import make_schedule
 from comfy_pipefusion.parallel.trace import Trace
 from comfy_pipefusion.patches import Span
@@ -104,7 +105,8 @@ def test_timeline_of_a_bench_run(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"timeline: {png.resolve()}" in proc.stdout
-    rows = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    rows = report["results"]
     assert [(r["name"], len(r["timeline"])) for r in rows] == [("serial", 1), ("pipefusion", 2), ("distrifusion", 2),
                                                                ("ulysses", 2)]
     expected = {"serial": steps, "pipefusion": warm + (steps - warm) * m, "distrifusion": steps, "ulysses": steps}
@@ -127,6 +129,40 @@ def test_timeline_of_a_bench_run(tmp_path):
     g = timeline.geometry(sections)
     assert Image.open(png).size == (g.width, g.height)
     assert check_picture(png, sections, g) >= 10
+    # tools/meetings.py on the same report: Ulysses' two all-to-alls per attention layer and evaluation, the
+    # only synchronous meetings of the three (PipeFusion's and DistriFusion's waits are on sends and gathers)
+    table = subprocess.run([sys.executable, "tools/meetings.py", str(out)], capture_output=True, text=True,
+                           timeout=60, cwd=ROOT)
+    assert table.returncode == 0, table.stderr
+    lines = [line for line in table.stdout.splitlines() if line.startswith("| bench |")]
+    fam, preset = family.find_preset("tiny")
+    meta = fam.build_meta(preset["config"])
+    layers = sum(len(fam.kv_buffers(meta, b, lambda kind: kind)) for b in fam.blocks_of(meta))
+    meetings = 2 * layers * report["evaluations"]
+    assert len(lines) == 1 and lines[0].startswith(f"| bench | ulysses | data | {meetings} | "), table.stdout
+    straggle = rows[3]["probed_link"]["straggle"]
+    assert lines[0].endswith(f"| {straggle:.1%} |")
+
+
+def test_timeline_meetings_of_a_collective():
+    """``timeline.meetings``: two ranks' all-to-alls (and a third rank's receive, not one of them) as meetings,
+    with the arrival spread, the exchange after the last arrival and the loss to the slowest rank."""
+    def rank(waits):
+        return {"begin": 0.0, "end": 9.0, "items": [], "waits": [dict(zip(("start", "end", "what"), w)) for w in waits]}
+
+    a2a, other = "all_to_all data", "all_to_all ulysses stage 1 data"
+    ranks = [rank([(1.0, 1.3, a2a), (3.0, 3.2, a2a), (5.2, 5.3, a2a), (6.0, 6.5, "recv data"), (7.0, 7.1, other)]),
+             rank([(1.2, 1.35, a2a), (3.1, 3.25, a2a), (5.0, 5.3, a2a)]),
+             rank([(2.0, 2.5, "recv hop 0->1"), (7.1, 7.2, other), (8.0, 8.1, other)])]  # 1 against 2: left out
+    got = timeline.meetings(ranks)
+    assert list(got) == [a2a]
+    m = got[a2a]
+    assert m.count == 3 and m.spread == pytest.approx((0.2 + 0.1 + 0.2) / 3)
+    assert m.transfer == pytest.approx((0.1 + 0.1 + 0.1) / 3)
+    between = [((3.0 - 1.3) + (3.1 - 1.35)) / 2, ((5.2 - 3.2) + (5.0 - 3.25)) / 2]
+    assert m.between == pytest.approx(sum(between) / 2)
+    assert m.straggle == pytest.approx((0.05 + 0.1) / sum(between))
+    assert timeline.meetings(ranks[:1]) == {} and timeline.meetings(ranks, kind="recv") == {}
 
 
 def test_timeline_follows_a_branch_and_its_lanes():
